@@ -1,0 +1,162 @@
+"""Policy-gradient losses: DAPO's clipped surrogate and NPR's on-policy PAPO objective.
+
+Shapes: B responses, T response token positions. ``logprobs`` [B, T] are the current policy's
+log-probabilities of the sampled tokens (with grad), ``mask`` [B, T] is 1 on response tokens
+that carry loss, ``advantages`` are per response [B] or per token [B, T].
+
+Both losses share one keyword call, so that a trainer never branches on the loss name::
+
+    loss, metrics = loss_fn(logprobs=lp, old_logprobs=old, advantages=adv, mask=mask, agg=agg)
+
+with hyperparameters bound in advance by ``get_policy_loss(name, **hyperparameters)``.
+Masked positions are replaced by zeros *before* any arithmetic, so whatever they hold
+(padding, -inf, nan) changes neither the loss nor its gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Callable
+
+import torch
+
+from npr.algos.aggregation import aggregate, token_mean
+
+PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+
+
+def _token_advantages(advantages: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Per-sequence advantages [B] broadcast to tokens [B, T]; [B, T] passes through (detached)."""
+    advantages = advantages.detach()
+    if advantages.shape == shape:
+        return advantages  # [B, T]
+    if advantages.dim() == 1 and advantages.shape[0] == shape[0]:
+        return advantages.unsqueeze(-1).expand(shape)  # [B] -> [B, T]
+    raise ValueError(
+        f"advantages must be [B] or [B, T] = {tuple(shape)}, got {tuple(advantages.shape)}; "
+        "compute one advantage per response (npr.algos.group_advantages) or per token"
+    )
+
+
+def _zero_masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep, values, torch.zeros_like(values))  # [B, T]
+
+
+def _check_shapes(logprobs: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor | None) -> torch.Tensor:
+    if logprobs.dim() != 2 or mask.shape != logprobs.shape:
+        raise ValueError(
+            f"logprobs {tuple(logprobs.shape)} and mask {tuple(mask.shape)} must both be [B, T]"
+        )
+    if old_logprobs is not None and old_logprobs.shape != logprobs.shape:
+        raise ValueError(
+            f"old_logprobs {tuple(old_logprobs.shape)} must match logprobs {tuple(logprobs.shape)}"
+        )
+    return mask.bool()  # [B, T]
+
+
+@torch.no_grad()
+def _ratio_metrics(log_ratio: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
+    """Token-mean importance ratio and k3 KL estimate ``(r - 1) - log r`` (>= 0) of old vs new."""
+    ratio = log_ratio.exp()  # [B, T]
+    return {
+        "ratio_mean": token_mean(ratio, keep).item(),
+        "approx_kl": token_mean(ratio - 1 - log_ratio, keep).item(),
+        "num_tokens": float(keep.sum().item()),
+    }
+
+
+def dapo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO clipped surrogate with DAPO's clip-higher (arXiv 2503.14476 eq. 10).
+
+    Per token: ``max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high))`` with
+    ``r = exp(logprobs - old_logprobs)``; reduced by the aggregation named ``agg`` (DAPO's
+    token-level mean by default). No KL or entropy term (DAPO drops the KL penalty).
+
+    logprobs [B, T] (grad), old_logprobs [B, T] (treated as constants), advantages [B] or
+    [B, T], mask [B, T] -> (loss [], metrics) where metrics (floats, computed without grad)
+    hold ``clip_fraction`` (tokens where the clipped branch is active) split into
+    ``clip_fraction_low`` / ``clip_fraction_high``, ``ratio_mean``, ``approx_kl`` (k3) and
+    ``num_tokens``.
+    """
+    keep = _check_shapes(logprobs, mask, old_logprobs)  # [B, T]
+    adv = _zero_masked(_token_advantages(advantages, logprobs.shape), keep)  # [B, T]
+    log_ratio = _zero_masked(logprobs, keep) - _zero_masked(old_logprobs.detach(), keep)  # [B, T]
+    ratio = log_ratio.exp()  # [B, T]
+    unclipped = -adv * ratio  # [B, T]
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
+    loss = aggregate(torch.maximum(unclipped, clipped), keep, agg)  # []
+
+    with torch.no_grad():
+        active = clipped > unclipped  # [B, T]
+        metrics = _ratio_metrics(log_ratio, keep)
+        metrics["clip_fraction_low"] = token_mean((active & (adv < 0)).float(), keep).item()
+        metrics["clip_fraction_high"] = token_mean((active & (adv > 0)).float(), keep).item()
+        metrics["clip_fraction"] = token_mean(active.float(), keep).item()
+    return loss, metrics
+
+
+def papo_loss(
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    *,
+    old_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """NPR's on-policy PAPO objective (arXiv 2512.07461, Stage 3 PAPO).
+
+    ``ratio = exp(logπ - sg(logπ))`` is exactly 1 in value with gradient ∇logπ, so with
+    ``token-mean`` the loss is ``-Σ_b Σ_t A_b / Σ_b |y_b|`` over every unmasked response token,
+    tag tokens included (NPR keeps gradients on its special tokens), and
+    ``∂loss/∂logprob_{b,t} = -A_b / Σ|y|``. No clipping, no KL, no entropy: PAPO updates
+    strictly on-policy, one step per batch.
+
+    logprobs [B, T] (grad), advantages [B] or [B, T], mask [B, T] -> (loss [], metrics).
+    ``old_logprobs`` [B, T] is not part of the objective; when given, the metrics report the
+    drift between it and ``logprobs`` (e.g. engine vs trainer numerics) as ``ratio_mean`` and
+    ``approx_kl``; without it they read 1 and 0. ``clip_fraction`` is always 0.
+    """
+    keep = _check_shapes(logprobs, mask, old_logprobs)  # [B, T]
+    adv = _zero_masked(_token_advantages(advantages, logprobs.shape), keep)  # [B, T]
+    logprobs = _zero_masked(logprobs, keep)  # [B, T]
+    ratio = (logprobs - logprobs.detach()).exp()  # [B, T], value 1, grad ∇logπ
+    loss = aggregate(-adv * ratio, keep, agg)  # []
+
+    with torch.no_grad():
+        reference = logprobs if old_logprobs is None else _zero_masked(old_logprobs, keep)  # [B, T]
+        metrics = _ratio_metrics(logprobs - reference, keep)
+        metrics.update(clip_fraction=0.0, clip_fraction_low=0.0, clip_fraction_high=0.0)
+    return loss, metrics
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {"dapo": dapo_loss, "papo": papo_loss}
+
+_CALL_ARGUMENTS = ("logprobs", "old_logprobs", "advantages", "mask", "agg")
+
+
+def get_policy_loss(name: str, **hyperparameters: float) -> PolicyLoss:
+    """The loss registered as ``name`` with its ``hyperparameters`` (e.g. ``clip_high``) bound.
+
+    The result is called as ``fn(logprobs=, old_logprobs=, advantages=, mask=, agg=)``.
+    Unknown names, and hyperparameters the loss does not take, raise ValueError.
+    """
+    try:
+        loss_fn = POLICY_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy loss {name!r}; choose one of {sorted(POLICY_LOSSES)}") from None
+    accepted = set(inspect.signature(loss_fn).parameters) - set(_CALL_ARGUMENTS)
+    unknown = sorted(set(hyperparameters) - accepted)
+    if unknown:
+        raise ValueError(
+            f"policy loss {name!r} takes no hyperparameter(s) {unknown}; it accepts {sorted(accepted) or 'none'}"
+        )
+    return functools.partial(loss_fn, **hyperparameters) if hyperparameters else loss_fn
