@@ -13,6 +13,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "version": ("npr.cli.version", "print the npr, torch and transformers versions"),
     "demo": ("npr.cli.demo", "load a model and show a parsed parallel trace with its tree attention mask"),
+    "view": ("npr.cli.view", "render samples.jsonl or parallel traces as a self-contained HTML trajectory viewer"),
 }
 
 DESCRIPTION = """\

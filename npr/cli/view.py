@@ -1,0 +1,31 @@
+"""``npr view``: render sample records or parallel traces as one self-contained HTML viewer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=help_text + ". Reads samples.jsonl from `npr eval`, "
+                       "or JSONL/JSON records with an output/text/response field, or a .txt file with one trace, "
+                       "in the NPR, Multiverse or Parallel-R1 format.")
+    p.add_argument("inputs", nargs="+", metavar="FILE", help="samples.jsonl, a .json or a .txt trace file (several allowed)")
+    p.add_argument("--out", default=None, help="HTML file to write (default: the first input with .html)")
+    p.add_argument("--format", default="auto", choices=("auto", "npr", "multiverse", "parallel-r1"),
+                   help="trace format of records without a parsed trace (default: detected per record)")
+    p.add_argument("--title", default=None, help="page title (default: the input file names)")
+    return p
+
+
+def run(args) -> int:
+    from npr.eval.viewer import read_records, render_viewer_page
+
+    records = []
+    for path in args.inputs:
+        records += read_records(path, args.format)
+    out = Path(args.out) if args.out else Path(args.inputs[0]).with_suffix(".html")
+    title = args.title or "npr view: " + ", ".join(Path(p).name for p in args.inputs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_viewer_page(records, title), encoding="utf-8")
+    print(f"wrote {out} ({len(records)} trace{'s' if len(records) != 1 else ''})")
+    return 0
