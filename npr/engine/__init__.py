@@ -1,0 +1,8 @@
+"""The NPR engine: parallel branch decoding with a shared, paged KV cache on any HF causal LM."""
+
+from npr.engine.config import MODES, EngineConfig, EngineInputError, SamplingParams
+from npr.engine.engine import Engine, EngineEvent, RequestStats, Result
+from npr.engine.forcing import StructureForcer, TokenFuzzer
+
+__all__ = ["MODES", "Engine", "EngineConfig", "EngineEvent", "EngineInputError", "RequestStats", "Result",
+           "SamplingParams", "StructureForcer", "TokenFuzzer"]

@@ -1,0 +1,193 @@
+"""Paged tree attention, plugged into transformers through its public ``AttentionInterface``.
+
+The model runs unchanged on one packed sequence of new tokens (batch 1, ``[1, N]``) with the
+tree position ids. Every attention layer calls ``paged_attention_forward``, which
+
+1. writes the new tokens' keys and values into their pool slots, then
+2. for each attention group (one request: its prompt, sequential part and live branches)
+   gathers the keys the group can see and runs SDPA with the group's tree mask.
+
+Writing first means a token can attend to tokens fed in the same forward: a fork (the shared
+separator plus every branch's scaffold) and a join (the last branch's ``</step>`` plus the
+``<takeaway>``) each take one forward. The mask is the same rule as ``npr.masks``: a token sees
+its own segment causally and every segment in its ancestry, never a sibling branch.
+
+Groups with many query tokens (prefills) run alone; small ones (decode steps) are padded into
+one batched SDPA call. The metadata is built once per forward and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from npr.engine.kv_pool import KVPool, Segment
+
+ATTENTION_NAME = "npr_paged"
+
+
+@dataclass
+class Feed:
+    """Tokens of one segment fed in one forward: ``tokens`` go at offsets ``start…`` of ``segment``.
+
+    ``group`` is the attention group (tokens of one group share their gathered keys); ``logits``
+    asks for the logits at the last fed token.
+    """
+
+    segment: Segment
+    start: int
+    tokens: list[int]
+    group: int
+    logits: bool
+
+
+@dataclass
+class AttentionCall:
+    q_range: tuple[int, int] | None  # set when the queries are packed rows [start, end) with no padding
+    q_index: torch.Tensor  # [G, Qmax] packed row of each query (pads repeat a valid row)
+    q_valid: torch.Tensor  # [G, Qmax] bool
+    key_slots: torch.Tensor  # [G, Nmax] pool slot of each key (pads point at slot 0)
+    bias: torch.Tensor  # [G, 1, Qmax, Nmax] additive mask in the model dtype
+
+
+@dataclass
+class PagedBatch:
+    pool: KVPool
+    write_slots: torch.Tensor  # [N] slot of each packed new token
+    calls: list[AttentionCall]
+
+
+def paged_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
+                            npr_batch: PagedBatch | None = None, **kwargs):
+    """AttentionInterface entry: query [1, H, N, D], key/value [1, Hkv, N, D] -> ([1, N, H, D], None)."""
+    if npr_batch is None:
+        raise RuntimeError("npr_paged attention called without npr_batch; use the Engine (or sdpa) instead")
+    pool, layer = npr_batch.pool, module.layer_idx
+    keys, values = pool.keys[layer], pool.values[layer]  # [slots, Hkv, D]
+    keys.index_copy_(0, npr_batch.write_slots, key[0].transpose(0, 1).to(keys.dtype))
+    values.index_copy_(0, npr_batch.write_slots, value[0].transpose(0, 1).to(values.dtype))
+    q = query[0].transpose(0, 1)  # [N, H, D]
+    out = torch.empty_like(q)  # [N, H, D]
+    for call in npr_batch.calls:
+        g, nmax = call.key_slots.shape
+        flat = call.key_slots.reshape(-1)
+        k = keys.index_select(0, flat).view(g, nmax, *keys.shape[1:]).transpose(1, 2)  # [G, Hkv, Nmax, D]
+        v = values.index_select(0, flat).view(g, nmax, *values.shape[1:]).transpose(1, 2)  # [G, Hkv, Nmax, D]
+        if call.q_range is not None:  # contiguous, unpadded: views instead of gathers
+            start, end = call.q_range
+            qg = q[start:end].view(g, -1, *q.shape[1:]).transpose(1, 2)  # [G, H, Qmax, D]
+        else:
+            qg = q[call.q_index].transpose(1, 2)  # [G, H, Qmax, D]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=call.bias, scale=scaling,
+                                           enable_gqa=k.shape[1] != qg.shape[1])  # [G, H, Qmax, D]
+        if call.q_range is not None:
+            out[start:end] = o.transpose(1, 2).reshape(end - start, *q.shape[1:])
+        else:
+            out[call.q_index[call.q_valid]] = o.transpose(1, 2)[call.q_valid]
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
+
+
+@contextmanager
+def paged_attention(model):
+    """Route the model's attention layers to ``paged_attention_forward`` for the duration."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+def _group_mask(feeds: Sequence[Feed]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key slots [N] and allowed [Q, N] for the feeds of one group (segments already written).
+
+    Built one segment (column block) at a time: a query sees a whole segment of its ancestry,
+    its own segment up to itself, and nothing else.
+    """
+    segments: dict[int, Segment] = {}
+    for f in feeds:
+        for seg in (*f.segment.visible, f.segment):
+            segments.setdefault(seg.id, seg)
+    key_slots = torch.cat([seg.slots(seg.written) for seg in segments.values()])  # [N]
+    rows = []
+    for f in feeds:
+        visible = {s.id for s in f.segment.visible}
+        q_off = torch.arange(f.start, f.start + len(f.tokens))[:, None]  # [q, 1]
+        blocks = []
+        for seg in segments.values():
+            if seg is f.segment:
+                blocks.append(torch.arange(seg.written)[None, :] <= q_off)  # [q, len] causal
+            else:
+                blocks.append(torch.full((len(f.tokens), seg.written), seg.id in visible))  # [q, len]
+        rows.append(torch.cat(blocks, dim=1))
+    return key_slots, torch.cat(rows)
+
+
+def _pad_call(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype, device) -> AttentionCall:
+    """Pad (q_rows [Q], key_slots [N], allowed [Q, N]) of several groups into one SDPA call."""
+    qmax = max(len(q) for q, _, _ in groups)
+    nmax = max(len(k) for _, k, _ in groups)
+    g = len(groups)
+    q_index = torch.zeros(g, qmax, dtype=torch.long)
+    q_valid = torch.zeros(g, qmax, dtype=torch.bool)
+    key_slots = torch.zeros(g, nmax, dtype=torch.long)
+    allowed = torch.zeros(g, qmax, nmax, dtype=torch.bool)
+    for i, (q, k, a) in enumerate(groups):
+        q_index[i, :len(q)] = q
+        q_index[i, len(q):] = q[0]
+        q_valid[i, :len(q)] = True
+        key_slots[i, :len(k)] = k
+        allowed[i, :len(q), :len(k)] = a
+        allowed[i, len(q):, 0] = True  # pad rows see one key: no empty softmax row
+    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    flat = q_index.flatten()
+    contiguous = bool(q_valid.all()) and bool((flat == torch.arange(flat[0], flat[0] + len(flat))).all())
+    q_range = (int(flat[0]), int(flat[0]) + len(flat)) if contiguous else None
+    return AttentionCall(q_range, q_index.to(device), q_valid.to(device), key_slots.to(device),
+                         bias.unsqueeze(1).to(device))
+
+
+def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, device, prefill_group_tokens: int):
+    """Model inputs and attention metadata for one forward over ``feeds``.
+
+    Returns ``input_ids`` [1, N], ``position_ids`` [1, N], the ``PagedBatch`` and ``logit_rows``
+    (LongTensor of packed rows whose logits are needed, in feed order of the feeds that ask).
+    Marks the fed tokens as written.
+    """
+    ids, positions, writes, logit_rows = [], [], [], []
+    by_group: dict[int, list[tuple[Feed, torch.Tensor]]] = {}
+    row = 0
+    for f in feeds:
+        n = len(f.tokens)
+        ids += f.tokens
+        positions.append(torch.arange(f.segment.start_pos + f.start, f.segment.start_pos + f.start + n))
+        writes.append(f.segment.slots(f.start + n)[f.start:])
+        rows = torch.arange(row, row + n)
+        by_group.setdefault(f.group, []).append((f, rows))
+        if f.logits:
+            logit_rows.append(row + n - 1)
+        row += n
+        f.segment.written = f.start + n
+    small, calls = [], []
+    for items in by_group.values():
+        key_slots, allowed = _group_mask([f for f, _ in items])
+        q_rows = torch.cat([r for _, r in items])
+        if len(q_rows) > prefill_group_tokens:
+            calls.append(_pad_call([(q_rows, key_slots, allowed)], dtype, device))
+        else:
+            small.append((q_rows, key_slots, allowed))
+    if small:
+        calls.append(_pad_call(small, dtype, device))
+    batch = PagedBatch(pool, torch.cat(writes).to(device), calls)
+    input_ids = torch.tensor([ids], device=device)
+    position_ids = torch.cat(positions)[None].to(device)
+    return input_ids, position_ids, batch, torch.tensor(logit_rows, dtype=torch.long, device=device)

@@ -1,0 +1,88 @@
+"""Engine and sampling settings (dataclasses; every field says what it does)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from npr.errors import NprError
+
+MODES = ("parallel", "sequential", "plain")
+
+
+class EngineInputError(NprError, ValueError):
+    """Bad input to the engine, found before any work starts."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the NPR engine decodes.
+
+    ``mode``: ``parallel`` forks one branch per plan at ``</guideline>`` and decodes them at once;
+    ``sequential`` runs the same tree, one branch after another (the speedup baseline);
+    ``plain`` is ordinary decoding with no structure (base models, Stage-1 rollouts).
+    """
+
+    mode: str = "parallel"
+    max_branches: int = 5
+    """Most plans a guideline may open; more ends the request as ``invalid_schema`` (NPR uses 5)."""
+    max_depth: int = 8
+    """Most parallel blocks per request; a further ``</guideline>`` ends the request (``length``)."""
+    min_fork_budget: int = 32
+    """No fork when fewer generated tokens than this remain in ``max_new_tokens``; ends as ``length``."""
+    repetition_penalty: float = 1.02
+    """HF-style penalty on tokens already generated in the same step (branch); 1.0 disables. NPR: 1.02."""
+    block_size: int = 16
+    """Tokens per KV block."""
+    kv_cache_tokens: int | None = None
+    """KV pool capacity in tokens; None sizes it from ``kv_cache_gib``."""
+    kv_cache_gib: float = 2.0
+    """KV pool memory when ``kv_cache_tokens`` is None."""
+    max_num_seqs: int = 64
+    """Most requests decoding at once (each may have up to ``max_branches`` live branches)."""
+    prefill_group_tokens: int = 32
+    """Attention groups with more query tokens than this run on their own (no padding waste)."""
+    debug: bool = False
+    """Check after every request that all its KV blocks went back to the pool."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise EngineInputError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if self.max_branches < 1:
+            raise EngineInputError("max_branches must be >= 1")
+        if self.block_size < 1 or self.max_num_seqs < 1 or self.max_depth < 1:
+            raise EngineInputError("block_size, max_num_seqs and max_depth must be >= 1")
+        if self.repetition_penalty <= 0:
+            raise EngineInputError("repetition_penalty must be > 0 (1.0 disables it)")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling for one ``generate`` call. ``temperature == 0`` is greedy and deterministic."""
+
+    max_new_tokens: int = 1024
+    """Budget of generated tokens per request, counting every token of every branch and the
+    scaffold tokens the engine prefills (NPR counted only one branch)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    n: int = 1
+    """Samples per prompt; they share the prompt's KV (stored and prefilled once)."""
+    seed: int | None = 0
+    """Base seed; sample i of prompt j draws from its own generators, so results do not depend
+    on batching or on the mode. None draws a random seed."""
+    stop_token_ids: tuple[int, ...] = ()
+    """Tokens that end a request with finish reason ``stop`` (EOS ends it with ``eos``)."""
+    logits_processors: tuple = field(default=(), compare=False)
+    """Callables ``(stream: StreamView, logits: FloatTensor[V]) -> FloatTensor[V]`` applied
+    before sampling (see ``npr.engine.forcing``)."""
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise EngineInputError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise EngineInputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EngineInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.n < 1:
+            raise EngineInputError("top_k must be >= 0 and n >= 1")
