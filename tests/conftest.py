@@ -50,5 +50,11 @@ def embedded(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads(request):
+    """Seed every test; tiny-model tests run single-threaded (their ops are too small for a thread
+    pool to pay off, and OpenMP threads stall badly when the CPU is shared), slow ones use all cores."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads((os.cpu_count() or 1) if request.node.get_closest_marker("slow") else 1)
+    yield
+    torch.set_num_threads(threads)

@@ -156,9 +156,16 @@ class Scheduler:
     # ------------------------------------------------------------------ admission
 
     def request_blocks(self, params: SamplingParams) -> int:
-        """Blocks one request may need at most: its budget plus one partial block per segment."""
-        max_segments = 1 + self.config.max_depth * (self.config.max_branches + 1)
-        return math.ceil(params.max_new_tokens / self.pool.block_size) + max_segments
+        """Blocks one request may need at most: its budget plus one partial block per segment.
+
+        A block of k branches opens k + 1 segments and costs at least 6k + 4 >= 5(k + 1) tokens
+        (<guideline>, k plan tag pairs, </guideline> and its separator, k step scaffolds of >= 2
+        tokens, k </step> and separators, <takeaway>), so a budget of B tokens opens at most B / 5.
+        """
+        cfg = self.config
+        forks = 0 if cfg.mode == "plain" else min(cfg.max_depth * (cfg.max_branches + 1),
+                                                    math.ceil(params.max_new_tokens / 5))
+        return math.ceil(params.max_new_tokens / self.pool.block_size) + 1 + forks
 
     def group_blocks(self, prompt_len: int, params: SamplingParams) -> int:
         return math.ceil(prompt_len / self.pool.block_size) + params.n * self.request_blocks(params)
