@@ -213,6 +213,9 @@ def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | to
     ``tokenizer`` (from ``load_tokenizer(spec)``) is loaded when not given; it is needed to
     initialise new tag rows from their base words.
     """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # npr shows its own progress; the per-tensor bar is noise
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
     dtype = resolve_dtype(dtype)
     if spec in TINY_SPECS:

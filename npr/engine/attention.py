@@ -52,7 +52,7 @@ class AttentionCall:
     q_index: torch.Tensor  # [G, Qmax] packed row of each query (pads repeat a valid row)
     q_valid: torch.Tensor  # [G, Qmax] bool
     key_slots: torch.Tensor  # [G, Nmax] pool slot of each key (pads point at slot 0)
-    bias: torch.Tensor  # [G, 1, Qmax, Nmax] additive mask in the model dtype
+    bias: torch.Tensor | None  # [G, 1, Qmax, Nmax] additive mask in the model dtype; None: all visible
 
 
 @dataclass
@@ -148,12 +148,15 @@ def _pad_call(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dty
         key_slots[i, :len(k)] = k
         allowed[i, :len(q), :len(k)] = a
         allowed[i, len(q):, 0] = True  # pad rows see one key: no empty softmax row
-    bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+    if bool(allowed.all()):  # e.g. decode steps of plain requests: SDPA runs faster with no mask
+        bias = None
+    else:
+        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        bias = bias.unsqueeze(1).to(device)
     flat = q_index.flatten()
     contiguous = bool(q_valid.all()) and bool((flat == torch.arange(flat[0], flat[0] + len(flat))).all())
     q_range = (int(flat[0]), int(flat[0]) + len(flat)) if contiguous else None
-    return AttentionCall(q_range, q_index.to(device), q_valid.to(device), key_slots.to(device),
-                         bias.unsqueeze(1).to(device))
+    return AttentionCall(q_range, q_index.to(device), q_valid.to(device), key_slots.to(device), bias)
 
 
 def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, device, prefill_group_tokens: int):

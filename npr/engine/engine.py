@@ -172,8 +172,9 @@ class Engine:
         if feeds:
             logits = self._forward(feeds)  # [R, V] float32
             streams = [s for group in samplers for s in group]
-            rows = torch.tensor([r for r, group in enumerate(samplers) for _ in group], dtype=torch.long)
-            tokens, logprobs = self._sample(streams, logits[rows])
+            if len(streams) != len(samplers):  # a prompt's logits serve all its n samples
+                logits = logits[torch.tensor([r for r, group in enumerate(samplers) for _ in group])]
+            tokens, logprobs = self._sample(streams, logits)
             done = self.scheduler.consume(list(zip(streams, tokens, logprobs)))
             event.tokens = sum(len(f.tokens) for f in feeds)
             event.finished = [self._result(r) for r in done]
@@ -197,23 +198,26 @@ class Engine:
     def _sample(self, streams: list[Stream], logits: torch.Tensor) -> tuple[list[int], list[float]]:
         """Process and sample one token per stream; log-probs are of the unprocessed model.
 
-        logits: [S, V] float32, one row per stream.
+        logits: [S, V] float32, one row per stream (processors may edit it in place).
         """
-        logprobs_all = torch.log_softmax(logits, dim=-1)  # [S, V]
+        log_norm = torch.logsumexp(logits, dim=-1)  # [S]
         processed = logits.clone()
         penalty = self.config.repetition_penalty
         for i, stream in enumerate(streams):
             if stream.kind == "branch":  # NPR damps repetition inside steps only
                 apply_repetition_penalty(processed[i], stream.history, penalty)
             for processor in stream.request.params.logits_processors:
-                processed[i] = processor(stream, processed[i])
+                row = processed[i]
+                out = processor(stream, row)
+                if out is not row:
+                    processed[i] = out
         tokens = processed.argmax(-1).tolist()  # greedy rows keep these
         for i, stream in enumerate(streams):
             params = stream.request.params
             if params.temperature > 0:
                 tokens[i] = int(sample_rows(processed[i:i + 1], params.temperature, params.top_k, params.top_p,
                                             [stream.generator])[0])
-        chosen = logprobs_all.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+        chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0] - log_norm  # [S]
         return tokens, chosen.tolist()
 
     def _result(self, req: Request) -> Result:

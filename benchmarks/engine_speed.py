@@ -1,0 +1,196 @@
+"""Engine speed: ratios measured in one run (docs/performance.md records the output).
+
+1. Sequential decoding (``plain`` mode) tokens/s vs HF ``generate`` with its KV cache, same
+   model and dtype, batch 1 and 32, the same number of new tokens (EOS suppressed in both).
+2. Parallel speedup: wall time of ``sequential`` mode over ``parallel`` mode on the same forced
+   trajectories (k branches of equal length), next to the ideal (total / critical-path tokens).
+3. KV bytes held for one request with k branches vs k separate requests of the same trace.
+
+    python benchmarks/engine_speed.py --model embedded --dtype bfloat16
+    python benchmarks/engine_speed.py --model random:qwen3-0.6b --dtype bfloat16 --device cuda --batches 1,16,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
+
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 tie_word_embeddings=True, rope_theta=1_000_000.0)
+
+
+def load(spec: str, dtype: str, device: str):
+    """A model by npr spec, or ``random:qwen3-0.6b``: a random-init model of Qwen3-0.6B's shape."""
+    from npr.models import load_model_and_tokenizer, load_tokenizer, resolve_dtype
+
+    if spec == "random:qwen3-0.6b":
+        from transformers import AutoModelForCausalLM, Qwen3Config
+
+        tok = load_tokenizer("tiny-random-qwen3")  # ids only: the forcer needs the tags, text is irrelevant
+        config = Qwen3Config(**QWEN3_06B, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+        return model.eval(), tok
+    return load_model_and_tokenizer(spec, dtype=dtype, device=device)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prompts_for(tok, batch: int, length: int) -> list[list[int]]:
+    """Distinct prompts of equal length (no padding in HF generate)."""
+    base = tok.encode("Question: what is the sum of the numbers below? ", add_special_tokens=False)
+    out = []
+    for i in range(batch):
+        ids = (base + tok.encode(" ".join(str(i * 7 + j) for j in range(length)), add_special_tokens=False))[:length]
+        out.append(ids + [ids[-1]] * (length - len(ids)))
+    return out
+
+
+def bench_vs_hf(model, tok, device, batches, new_tokens, prompt_len, repeats):
+    eos = tok.eos_token_id
+
+    def no_eos(stream, logits):
+        logits[eos] = float("-inf")
+        return logits
+
+    rows = []
+    for batch in batches:
+        prompts = prompts_for(tok, batch, prompt_len)
+        ids = torch.tensor(prompts, device=device)
+
+        def hf():
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               do_sample=False, suppress_tokens=[eos], pad_token_id=tok.pad_token_id)
+
+        engine = Engine(model, tok, EngineConfig(mode="plain", max_num_seqs=max(batch, 1),
+                                                 kv_cache_tokens=batch * (prompt_len + new_tokens + 64)))
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0, logits_processors=(no_eos,))
+        check = engine.generate(prompts[:1], params)[0].token_ids
+
+        def ours():
+            engine.generate(prompts, params)
+
+        t_hf, t_ours = timed(hf, device, repeats), timed(ours, device, repeats)
+        with torch.no_grad():
+            ref = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=new_tokens,
+                                 do_sample=False, suppress_tokens=[eos], pad_token_id=tok.pad_token_id)
+        same = ref[0, prompt_len:].tolist() == check
+        tokens = batch * new_tokens
+        rows.append((batch, tokens / t_hf, tokens / t_ours, t_hf / t_ours, same))
+    return rows
+
+
+def bench_parallel(model, tok, device, ks, branch_len, prompt_len, repeats):
+    rows = []
+    prompt = prompts_for(tok, 1, prompt_len)
+    for k in ks:
+        forcer = StructureForcer(tok, [[branch_len] * k], prefix_tokens=0, plan_tokens=4, takeaway_tokens=8,
+                                 final_tokens=8)
+        params = SamplingParams(max_new_tokens=k * (branch_len + 16) + 256, temperature=0,
+                                logits_processors=(forcer,))
+        walls, results = {}, {}
+        for mode in ("sequential", "parallel"):
+            engine = Engine(model, tok, EngineConfig(mode=mode, max_branches=max(k, 5), kv_cache_tokens=16384,
+                                                     repetition_penalty=1.0))
+            results[mode] = engine.generate(prompt, params)[0]
+            walls[mode] = timed(lambda e=engine: e.generate(prompt, params), device, repeats)
+        par, seq = results["parallel"], results["sequential"]
+        # the forcer fixes the structure and lengths, so both modes do the same work; in bf16 the
+        # text tokens may differ where batched and unbatched arithmetic round differently
+        assert par.position_ids == seq.position_ids, "parallel and sequential modes built different trees"
+        ideal = par.stats.ideal_speedup
+        speedup = walls["sequential"] / walls["parallel"]
+        rows.append((k, par.stats.generated_tokens, par.stats.critical_path_tokens, ideal, speedup, speedup / ideal,
+                     par.token_ids == seq.token_ids))
+    return rows
+
+
+def bench_kv(model, tok, device, ks, branch_len, prompt_len):
+    rows = []
+    prompt = prompts_for(tok, 1, prompt_len)
+    for k in ks:
+        forcer = StructureForcer(tok, [[branch_len] * k], prefix_tokens=0)
+        params = SamplingParams(max_new_tokens=k * (branch_len + 16) + 256, temperature=0,
+                                logits_processors=(forcer,))
+        engine = Engine(model, tok, EngineConfig(mode="parallel", max_branches=max(k, 5), kv_cache_tokens=65536))
+        engine.submit(prompt, params)
+        peak = 0
+        while engine.scheduler.has_work():
+            engine.step()
+            peak = max(peak, engine.pool.used_blocks)
+        one = peak * engine.pool.bytes_per_block()
+        # k separate requests each hold the prompt and the shared guideline themselves
+        result = engine.generate(prompt, params)[0]
+        shared = prompt_len + result.blocks[0][0][0]
+        branch = result.blocks[0][0][1] - result.blocks[0][0][0]
+        per_token = engine.pool.bytes_per_block() / engine.pool.block_size
+        separate = k * (shared + branch) * per_token
+        rows.append((k, one / 2**20, separate / 2**20, separate / one))
+    return rows
+
+
+def table(title: str, header: list[str], rows) -> str:
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="embedded")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--branches", default="2,4,8")
+    ap.add_argument("--branch-len", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load(args.model, args.dtype, args.device)
+    batches = [int(b) for b in args.batches.split(",")]
+    ks = [int(k) for k in args.branches.split(",")]
+    where = f"{args.model}, {args.dtype}, {args.device}, torch threads {torch.get_num_threads()}"
+    print(f"# engine_speed: {where}")
+    rows = bench_vs_hf(model, tok, args.device, batches, args.new_tokens, args.prompt_len, args.repeats)
+    print(table(f"1. plain decoding vs HF generate ({args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
+                "greedy, median of repeats)",
+                ["batch", "HF tok/s", "npr tok/s", "npr / HF", "same tokens"], rows))
+    rows = bench_parallel(model, tok, args.device, ks, args.branch_len, args.prompt_len, args.repeats)
+    print(table(f"2. parallel vs sequential mode, same forced trajectory (branches of {args.branch_len} text tokens)",
+                ["k", "tokens", "critical path", "ideal", "speedup", "speedup / ideal", "same tokens"], rows))
+    rows = bench_kv(model, tok, args.device, ks, args.branch_len, args.prompt_len)
+    print(table("3. KV held: one request with k branches vs k separate requests",
+                ["k", "one request MiB", "k requests MiB", "saving"], rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""``npr generate``: decode one prompt with the NPR engine and print the answer (and the branch tree)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_parser(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text, description=help_text + ". The prompt goes through the model's chat "
+                       "template with the NPR format instruction (--style npr) or a plain step-by-step request.")
+    p.add_argument("--model", default="embedded", help="embedded (default), tiny-random-llama, tiny-random-qwen3, "
+                   "a local directory (e.g. a run's final/) or an HF hub id")
+    p.add_argument("--prompt", required=True, help="the question; '-' reads it from stdin")
+    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential", "plain"],
+                   help="parallel: branches decoded at once; sequential: same tree, one branch at a time; "
+                   "plain: ordinary decoding (default: parallel)")
+    p.add_argument("--style", default="npr", choices=["npr", "plain"], help="prompt style (default: npr)")
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="budget over all branches (default: 1024)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=1, help="samples (they share the prompt's KV)")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, faster on CPU) or float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tree", action="store_true", help="print each sample's branch tree and engine stats")
+    return p
+
+
+def print_tree(console, result) -> None:
+    from rich.tree import Tree
+
+    from npr.schema import parse
+
+    trace = parse(result.text, strict=False)
+    s = result.stats
+    root = Tree(f"[bold]sample {result.sample_index}[/] finish={result.finish_reason}"
+                f"{' (' + result.diagnostic + ')' if result.diagnostic else ''} · {s.generated_tokens} tokens, "
+                f"critical path {s.critical_path_tokens} (ideal speedup {s.ideal_speedup:.2f}x), "
+                f"{s.forward_passes} forwards, {s.wall_time_s:.1f}s")
+    executed = result.branches_per_block
+    for b, block in enumerate(trace.blocks):
+        how = f"{executed[b]} parallel branches" if b < len(executed) else "not executed as branches"
+        node = root.add(f"[bold]block {b + 1}[/]: {how}")
+        for i, step in enumerate(block.steps):
+            plan = block.plans[i].text if i < len(block.plans) else ""
+            branch = node.add(f"[cyan]plan {i + 1}[/] {plan}")
+            branch.add(f"[green]step[/] {step.text}")
+        node.add(f"[magenta]takeaway[/] {block.takeaway}")
+    root.add(f"[yellow]answer[/] {trace.answer}")
+    console.print(root)
+
+
+def run(args) -> int:
+    import time
+
+    from rich.console import Console
+
+    from npr.engine import Engine, EngineConfig, SamplingParams
+    from npr.models import load_model_and_tokenizer
+    from npr.prompts import encode_prompt
+
+    console = Console(stderr=True)
+    question = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, n=args.n, seed=args.seed)
+    config = EngineConfig(mode=args.mode)
+    with console.status(f"loading {args.model}"):
+        model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine(model, tok, config)
+    prompt = encode_prompt(tok, question, style=args.style)
+    results, tokens, start = [], 0, time.perf_counter()
+    with console.status("decoding") as status:
+        for event in engine.generate_stream([prompt], params):
+            results += event.finished
+            tokens += event.tokens
+            elapsed = time.perf_counter() - start
+            status.update(f"decoding: {tokens} tokens, {tokens / elapsed:.0f} tok/s, "
+                          f"{len(results)}/{args.n} samples done")
+    out = Console()
+    for result in sorted(results, key=lambda r: r.sample_index):
+        if args.tree:
+            print_tree(out, result)
+        out.print(result.text, markup=False, highlight=False)
+    return 0
