@@ -14,6 +14,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "version": ("npr.cli.version", "print the npr, torch and transformers versions"),
     "demo": ("npr.cli.demo", "load a model and show a parsed parallel trace with its tree attention mask"),
     "generate": ("npr.cli.generate", "decode a prompt with the NPR engine (parallel, sequential or plain)"),
+    "eval": ("npr.cli.eval", "evaluate a model on benchmarks through the engine: avg@k, best@k, trigger rate, speedup"),
     "view": ("npr.cli.view", "render samples.jsonl or parallel traces as a self-contained HTML trajectory viewer"),
     "train": ("npr.cli.train", "train an NPR stage: stage1 (NPR-Zero, DAPO), stage2 (NPR-Beta, parallel SFT), stage3 (PAPO)"),
     "sample": ("npr.cli.sample", "rejection-sample correct, format-valid traces from a Stage-1 model for Stage 2"),

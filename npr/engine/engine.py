@@ -131,24 +131,28 @@ class Engine:
 
     # ------------------------------------------------------------------ API
 
-    def submit(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams, first_index: int = 0) -> None:
+    def submit(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams, first_index: int = 0,
+               prompt_indices: Sequence[int] | None = None) -> None:
         """Queue prompts (token ids, or text tokenized as-is: apply the chat template first, see
-        ``npr.prompts``). Every check runs before anything is queued."""
+        ``npr.prompts``). Prompt i gets index ``prompt_indices[i]`` (default ``first_index + i``),
+        which keys its results and its seeds. Every check runs before anything is queued."""
+        indices = list(prompt_indices) if prompt_indices is not None else [first_index + i for i in range(len(prompts))]
+        if len(indices) != len(prompts):
+            raise EngineInputError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
         encoded = []
-        for i, p in enumerate(prompts):
+        for index, p in zip(indices, prompts):
             ids = list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str) else [int(t) for t in p]
             if not ids:
-                raise EngineInputError(f"prompt {first_index + i} is empty")
+                raise EngineInputError(f"prompt {index} is empty")
             if self.context_length and len(ids) + params.max_new_tokens > self.context_length:
                 raise EngineInputError(
-                    f"prompt {first_index + i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
+                    f"prompt {index} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
                     f"it exceeds the model context of {self.context_length}; shorten it or lower max_new_tokens")
+            self.scheduler.check_fits(index, len(ids), params)
             encoded.append(ids)
-        for i, ids in enumerate(encoded):
-            self.scheduler.check_fits(first_index + i, len(ids), params)
         base_seed = params.seed if params.seed is not None else random.randrange(2**31)
-        for i, ids in enumerate(encoded):
-            self.scheduler.submit(first_index + i, ids, params, base_seed + first_index + i)
+        for index, ids in zip(indices, encoded):
+            self.scheduler.submit(index, ids, params, base_seed + index)
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
         """Decode every prompt (``params.n`` samples each); results ordered by prompt, then sample."""
