@@ -69,27 +69,36 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
         raise RuntimeError("npr_paged attention called without npr_batch; use the Engine (or sdpa) instead")
     pool, layer = npr_batch.pool, module.layer_idx
     keys, values = pool.keys[layer], pool.values[layer]  # [slots, Hkv, D]
-    keys.index_copy_(0, npr_batch.write_slots, key[0].transpose(0, 1).to(keys.dtype))
-    values.index_copy_(0, npr_batch.write_slots, value[0].transpose(0, 1).to(values.dtype))
+    keys.index_copy_(0, npr_batch.write_slots, key[0].transpose(0, 1))
+    values.index_copy_(0, npr_batch.write_slots, value[0].transpose(0, 1))
     q = query[0].transpose(0, 1)  # [N, H, D]
+    calls = npr_batch.calls
+    if len(calls) == 1 and calls[0].q_range == (0, q.shape[0]):  # the common decode step: no scatter
+        return _attend(calls[0], q, keys, values, scaling).transpose(1, 2).reshape(1, *q.shape), None
     out = torch.empty_like(q)  # [N, H, D]
-    for call in npr_batch.calls:
-        g, nmax = call.key_slots.shape
-        flat = call.key_slots.reshape(-1)
-        k = keys.index_select(0, flat).view(g, nmax, *keys.shape[1:]).transpose(1, 2)  # [G, Hkv, Nmax, D]
-        v = values.index_select(0, flat).view(g, nmax, *values.shape[1:]).transpose(1, 2)  # [G, Hkv, Nmax, D]
-        if call.q_range is not None:  # contiguous, unpadded: views instead of gathers
-            start, end = call.q_range
-            qg = q[start:end].view(g, -1, *q.shape[1:]).transpose(1, 2)  # [G, H, Qmax, D]
-        else:
-            qg = q[call.q_index].transpose(1, 2)  # [G, H, Qmax, D]
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=call.bias, scale=scaling,
-                                           enable_gqa=k.shape[1] != qg.shape[1])  # [G, H, Qmax, D]
+    for call in calls:
+        o = _attend(call, q, keys, values, scaling)  # [G, H, Qmax, D]
         if call.q_range is not None:
+            start, end = call.q_range
             out[start:end] = o.transpose(1, 2).reshape(end - start, *q.shape[1:])
         else:
             out[call.q_index[call.q_valid]] = o.transpose(1, 2)[call.q_valid]
     return out.unsqueeze(0), None
+
+
+def _attend(call: AttentionCall, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
+    """SDPA of one call's queries over its gathered keys: q [N, H, D] packed -> [G, H, Qmax, D]."""
+    g, nmax = call.key_slots.shape
+    flat = call.key_slots.reshape(-1)
+    k = keys.index_select(0, flat).view(g, nmax, *keys.shape[1:]).transpose(1, 2)  # [G, Hkv, Nmax, D]
+    v = values.index_select(0, flat).view(g, nmax, *values.shape[1:]).transpose(1, 2)  # [G, Hkv, Nmax, D]
+    if call.q_range is not None:  # contiguous, unpadded: a view instead of a gather
+        start, end = call.q_range
+        qg = q[start:end].view(g, -1, *q.shape[1:]).transpose(1, 2)  # [G, H, Qmax, D]
+    else:
+        qg = q[call.q_index].transpose(1, 2)  # [G, H, Qmax, D]
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=call.bias, scale=scaling,
+                                          enable_gqa=k.shape[1] != qg.shape[1])
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
