@@ -1,0 +1,283 @@
+"""Training configs: one frozen, documented dataclass per command (NPR arXiv 2512.07461 §3).
+
+Defaults are the paper's settings for Qwen3-4B-Instruct; ``npr.train.presets`` holds the
+``smoke`` and ``tiny`` presets beside them. The object built here is the object every stage
+uses and the one written to ``RUN/config.yaml``: there is no second copy of a setting.
+
+Resolution order (``npr.train.overrides``): dataclass defaults < ``--preset`` < ``--config
+x.yaml`` < ``--field value`` flags. Every field's help text below is also its ``--help`` line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from npr.algos import AGGREGATIONS, ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+from npr.errors import NprError
+
+FORCING_CHOICES = ("none", "structure")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16")
+MIXED_PRECISION = ("no", "bf16")
+
+
+CPU_THREADS_HELP = ("torch CPU threads per process (torch.set_num_threads); None keeps torch's default. 1 keeps "
+                    "decoding fast when other processes share the cores (2 spinning threads can be 30x slower then)")
+
+
+class ConfigError(NprError, ValueError):
+    """A config value, file or flag that cannot be used; the message names it and the fix."""
+
+
+def option(default: Any = MISSING, help: str = "", choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field carrying its ``--help`` text (and allowed values) in its metadata."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def field_help(cls: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(cls) if f.name == name)
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config field {name!r}: {message}")
+
+
+def _check_choices(config: Any) -> None:
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        _check(not choices or value in choices, f.name, f"{value!r} is not one of {', '.join(map(str, choices or ()))}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings every training stage shares: model, data, optimiser, schedule, checkpoints."""
+
+    model: str = option("", "model to train: the previous stage's RUN/final, embedded, tiny-random-llama, "
+                        "tiny-random-qwen3, a local HF directory or an HF hub id; required")
+    train_data: str = option("", "training data: rg:<task>?… (reasoning-gym), a .jsonl file ({id, problem, answer} per "
+                             "line, e.g. ../shared/benchmarks/train_math.jsonl) or hf:<dataset id>; required")
+    train_limit: int | None = option(None, "use only the first N problems/examples of train_data (None: all)")
+    seed: int = option(0, "seed of the data order, the rollout sampling and torch's RNG")
+    dtype: str = option("float32", "dtype of the trained (master) weights and of checkpoints", DTYPES)
+    mixed_precision: str = option("no", "autocast the training forward/backward: no, or bf16 (fp32 master weights "
+                                  "stay exact; bf16 is 1.5-3x faster on recent CPUs)", MIXED_PRECISION)
+    learning_rate: float = option(1e-6, "peak AdamW learning rate (NPR Stage 1: 1e-6)")
+    lr_schedule: str = option("cosine", "decay after warm-up: cosine, linear or constant (NPR: cosine)", SCHEDULES)
+    min_learning_rate: float = option(0.0, "learning rate at the end of the decay")
+    warmup_steps: int = option(0, "linear warm-up steps; step k < warmup_steps uses lr * (k+1) / warmup_steps")
+    weight_decay: float = option(0.1, "AdamW decoupled weight decay on every parameter (NPR: 0.1)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (NPR: 1.0); 0 disables clipping")
+    max_steps: int = option(100, "optimizer steps of the run (the schedule spans them)")
+    micro_batch_size: int = option(4, "sequences per forward/backward pass; gradients accumulate over micro-batches "
+                                   "(memory knob only: the update does not depend on it)")
+    save_every: int = option(0, "write checkpoints/step-N every N steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "keep the newest K checkpoints/step-N directories (0: keep all)")
+    stop_after: int | None = option(None, "end the process after this global step as if interrupted (a checkpoint is "
+                                    "written); the schedule still spans max_steps. Continue with --resume")
+    tensorboard: bool = option(False, "also write TensorBoard events under RUN/tensorboard (needs `tensorboard`)")
+    cpu_threads: int | None = option(None, CPU_THREADS_HELP)
+
+    def __post_init__(self):
+        _check_choices(self)
+        _check(bool(self.train_data.strip()), "train_data",
+               "is required: pass --train-data rg:chain_sum?size=200&terms=2, a .jsonl path or hf:<dataset id>")
+        _check(bool(self.model.strip()), "model", "is required: pass --model RUN/final from the previous stage "
+               "(or embedded, tiny-random-llama, a local HF directory, an HF hub id)")
+        _check(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        _check(0 <= self.min_learning_rate <= self.learning_rate, "min_learning_rate",
+               f"must lie in [0, learning_rate={self.learning_rate}], got {self.min_learning_rate}")
+        self._check_steps()
+        _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay/max_grad_norm", "must be >= 0")
+        _check(self.save_every >= 0 and self.keep_checkpoints >= 0, "save_every/keep_checkpoints", "must be >= 0")
+        _check(self.stop_after is None or 1 <= self.stop_after, "stop_after", "must be >= 1 or None")
+        _check(self.train_limit is None or self.train_limit >= 1, "train_limit", "must be >= 1 or None")
+        _check(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "must be >= 1 or None")
+
+    def _check_steps(self):
+        _check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        _check(0 <= self.warmup_steps <= self.max_steps, "warmup_steps", f"must lie in [0, max_steps], got {self.warmup_steps}")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """How rollouts are drawn from the NPR engine (shared by Stage 1, Stage 3 and ``npr sample``)."""
+
+    max_new_tokens: int = option(8192, "response budget per rollout, every branch and scaffold token counted")
+    temperature: float = option(1.0, "sampling temperature (NPR: 1.0)")
+    top_p: float = option(1.0, "nucleus sampling mass (1.0: off)")
+    top_k: int = option(0, "top-k sampling (0: off)")
+    rollout_dtype: str | None = option(None, "dtype of the engine's copy of the weights (None: the trained weights "
+                                       "themselves; npr sample: float32); bfloat16 keeps a bf16 copy synced after "
+                                       "every step", (None, *DTYPES))
+    kv_cache_tokens: int | None = option(None, "engine KV pool size in tokens (None: from kv_cache_gib)")
+    kv_cache_gib: float = option(2.0, "engine KV pool memory when kv_cache_tokens is None")
+    max_num_seqs: int = option(64, "most sequences the engine decodes at once")
+    rollout_forcing: str = option("none", "smoke/test only: structure makes a random model write well-formed "
+                                  "parallel traces (npr.engine.StructureForcer); never for real runs", FORCING_CHOICES)
+
+    def _check_rollout(self):
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(self.temperature >= 0 and 0 < self.top_p <= 1 and self.top_k >= 0, "temperature/top_p/top_k",
+               "need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+        _check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RLConfig(RolloutConfig, TrainConfig):
+    """Settings shared by the two RL stages: batch shape, loss and evaluation."""
+
+    prompts_per_step: int = option(32, "prompts per optimizer step, across all processes (NPR Stage 1: 32)")
+    samples_per_prompt: int = option(16, "rollouts per prompt, the group size G (NPR: 16)")
+    policy_loss: str = option("dapo", "policy loss from npr.algos.POLICY_LOSSES", tuple(POLICY_LOSSES))
+    advantage: str = option("grpo", "advantage estimator from npr.algos.ADVANTAGE_ESTIMATORS", tuple(ADVANTAGE_ESTIMATORS))
+    loss_agg: str = option("token-mean", "loss aggregation over the GLOBAL batch: token-mean (DAPO §3.3, PAPO's "
+                           "1/Σ|y|), seq-mean-token-mean or seq-mean-token-sum", tuple(AGGREGATIONS))
+    loss_on_prefilled: bool = option(False, "also put loss on the scaffold tokens the engine prefilled (the newline "
+                                     "after </guideline>, '<step>\\nk:', the newline after </step>, <takeaway>); by "
+                                     "default only tokens the model sampled are policy actions and carry loss")
+    eval_data: str | None = option(None, "held-out problems evaluated before the first and after the last step "
+                                   "(eval_* metrics in metrics.jsonl); None skips evaluation")
+    eval_limit: int = option(32, "evaluate only the first N eval_data problems")
+    eval_samples: int = option(1, "samples per eval problem (at the rollout temperature)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_rollout()
+        _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
+        _check(self.eval_limit >= 1 and self.eval_samples >= 1, "eval_limit/eval_samples", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Stage1Config(RLConfig):
+    """Stage 1, NPR-Zero (arXiv 2512.07461 §3.1): DAPO on the instruct model with the NPR instruction.
+
+    Rollouts in the engine's ``plain`` mode; reward = format penalty when the format is invalid,
+    else ±1 accuracy (``npr.rewards.stage1_reward``), plus DAPO's soft overlong penalty; dynamic
+    sampling drops groups with equal rewards; clip-higher; token-mean; no KL, no reference model.
+    """
+
+    model: str = option("Qwen/Qwen3-4B-Instruct-2507", "seed instruct model (NPR: Qwen3-4B-Instruct-2507); any spec "
+                        "as for the other stages")
+    learning_rate: float = option(1e-6, "peak learning rate (NPR Stage 1: 1e-6, cosine, warm-up)")
+    warmup_steps: int = option(10, "linear warm-up steps (our choice; NPR warms up without saying how long)")
+    policy_loss: str = option("dapo", "DAPO clipped surrogate (arXiv 2503.14476 eq. 10)", tuple(POLICY_LOSSES))
+    advantage: str = option("grpo", "group-normalised advantage (DAPO eq. 9)", tuple(ADVANTAGE_ESTIMATORS))
+    clip_low: float = option(0.2, "DAPO lower clip epsilon (eq. 10)")
+    clip_high: float = option(0.28, "DAPO clip-higher epsilon (eq. 10, §3.1)")
+    dynamic_sampling: bool = option(True, "drop prompt groups whose rewards are all equal (DAPO §3.2); the batch is not "
+                                    "refilled, so a step may train on fewer groups or skip the update")
+    overlong_buffer: int = option(1024, "DAPO soft overlong punishment (§3.4, eq. 13): the reward falls linearly "
+                                  "over the last N tokens of max_new_tokens; 0 makes it a step at the budget")
+    overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(0 <= self.clip_low < 1 and self.clip_high >= 0, "clip_low/clip_high", "need 0 <= clip_low < 1, clip_high >= 0")
+        _check(0 <= self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
+               f"must lie in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
+        _check(self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Stage2Config(TrainConfig):
+    """Stage 2, NPR-Beta (arXiv 2512.07461 §3.2): parallel SFT on the self-distilled dataset.
+
+    Each example's prompt + canonical response gets the tree attention mask and position ids
+    of ``npr.masks.parallel_mask_and_positions``; the loss is the token-mean negative
+    log-likelihood of every response token (plans, steps, takeaways, tags and the scaffold:
+    the data is text) and never of prompt tokens. Examples whose structure fails are dropped
+    and counted.
+    """
+
+    learning_rate: float = option(1e-6, "peak learning rate (NPR Stage 2: 1e-6, decaying to 5e-7)")
+    min_learning_rate: float = option(5e-7, "final learning rate (NPR Stage 2: 5e-7)")
+    lr_schedule: str = option("linear", "decay from learning_rate to min_learning_rate (our reading of NPR: linear)",
+                              SCHEDULES)
+    warmup_steps: int = option(0, "linear warm-up steps")
+    batch_size: int = option(64, "examples per optimizer step, across all processes (our choice for Qwen3-4B)")
+    num_epochs: int = option(2, "passes over the dataset when max_steps is 0 (our choice)")
+    max_steps: int = option(0, "optimizer steps; 0 derives them from num_epochs and batch_size")
+    max_seq_len: int = option(16384, "longest prompt + response kept; longer examples are dropped and counted")
+
+    def _check_steps(self):
+        _check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: from num_epochs), got {self.max_steps}")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.batch_size >= 1 and self.num_epochs >= 1 and self.max_seq_len >= 8, "batch_size/num_epochs/max_seq_len",
+               "must be >= 1 (max_seq_len >= 8)")
+
+
+@dataclass(frozen=True)
+class Stage3Config(RLConfig):
+    """Stage 3, NPR (arXiv 2512.07461 §3.3): PAPO with rollouts from the engine's ``parallel`` mode.
+
+    Schema-level filtering instead of a format reward: rollouts that do not end with EOS, whose
+    tokens do not form the parallel structure, or whose text breaks the schema's structure are
+    dropped and counted by reason. Accuracy-only reward (±1), ``papo_advantages`` (group mean,
+    batch std), log-probs recomputed by one flat tree-masked forward, ``papo_loss`` strictly
+    on-policy with one update per batch; no reference model, no KL.
+    """
+
+    learning_rate: float = option(1e-7, "peak learning rate (NPR Stage 3: 1e-7)")
+    lr_schedule: str = option("constant", "schedule after warm-up (our choice: constant)", SCHEDULES)
+    prompts_per_step: int = option(16, "prompts per optimizer step (NPR Stage 3: 16)")
+    samples_per_prompt: int = option(16, "rollouts per prompt (NPR Stage 3: 16)")
+    policy_loss: str = option("papo", "PAPO on-policy objective (npr.algos.papo_loss)", tuple(POLICY_LOSSES))
+    advantage: str = option("papo", "PAPO advantage: group mean, batch-level std", tuple(ADVANTAGE_ESTIMATORS))
+    require_parallel: bool = option(True, "drop rollouts with no parallel block at all (schema kind no_block), as "
+                                    "NPR's schema-level filter does; False trains on them too")
+    drop_any_schema_error: bool = option(False, "drop rollouts with any npr.schema.validate error, not only those that "
+                                         "break the structure (short steps, a missing answer, … then also drop)")
+
+
+@dataclass(frozen=True)
+class SampleConfig(RolloutConfig):
+    """``npr sample``: rejection sampling for Stage 2 (arXiv 2512.07461 §3.2).
+
+    From the NPR-Zero checkpoint draw ``tries`` samples per problem (plain mode, NPR prompt);
+    keep those that are correct AND format-valid (``format_score == 0``), render them in the
+    canonical form and write a JSONL dataset with provenance; every other sample is counted
+    under the reason it was dropped.
+    """
+
+    model: str = option("", "model to sample from: the Stage-1 run's RUN/final (or any spec); required")
+    train_data: str = option("", "problems: rg:<task>?…, a .jsonl file or hf:<dataset id>; required")
+    train_limit: int | None = option(None, "sample only the first N problems (None: all)")
+    seed: int = option(0, "sampling seed (sample t of problem i is reproducible)")
+    tries: int = option(8, "samples drawn per problem (NPR's max_sample_trial: 8)")
+    max_kept_per_problem: int | None = option(None, "keep at most K accepted samples per problem (None: all)")
+    require_correct: bool = option(True, "keep only correct samples; smoke/test presets turn it off so that a random "
+                                   "model's format-valid traces can exercise the pipeline")
+    prompts_per_batch: int = option(16, "problems submitted to the engine at once")
+    cpu_threads: int | None = option(None, CPU_THREADS_HELP)
+
+    def __post_init__(self):
+        _check_choices(self)
+        self._check_rollout()
+        _check(bool(self.model.strip()), "model", "is required: pass --model RUN/final from `npr train stage1`")
+        _check(bool(self.train_data.strip()), "train_data", "is required: pass --train-data (a spec or .jsonl path)")
+        _check(self.tries >= 1 and self.prompts_per_batch >= 1, "tries/prompts_per_batch", "must be >= 1")
+        _check(self.max_kept_per_problem is None or self.max_kept_per_problem >= 1, "max_kept_per_problem",
+               "must be >= 1 or None")
+        _check(self.train_limit is None or self.train_limit >= 1, "train_limit", "must be >= 1 or None")
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "stage1": Stage1Config,
+    "stage2": Stage2Config,
+    "stage3": Stage3Config,
+    "sample": SampleConfig,
+}
+
+# Fields that may change when a run is resumed: they do not change what is computed.
+RESUMABLE_FIELDS = frozenset({"stop_after", "save_every", "keep_checkpoints", "tensorboard"})

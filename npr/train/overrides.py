@@ -1,0 +1,189 @@
+"""Config resolution: defaults < preset < YAML file < command-line flags, with clear errors.
+
+Flags are generated from the dataclass fields (``--learning-rate`` and ``--learning_rate``
+both work) and carry the field's help text. A YAML file is a flat mapping of field names to
+values (the layout of ``RUN/config.yaml``). An unknown field, in a file or on the command line,
+is an error that names it, where it was found, and the closest valid name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import types
+import typing
+from dataclasses import MISSING, asdict, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from npr.train.config import ConfigError
+from npr.train.presets import PRESETS
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+_NONE = ("none", "null", "~")
+
+
+def _field_type(cls: type, name: str) -> tuple[type, bool]:
+    """(base type, accepts None) of a config field, from its annotation."""
+    hint = typing.get_type_hints(cls)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_field(cls: type, name: str, where: str) -> None:
+    """Raise ``ConfigError`` when ``name`` is not a field of ``cls``; ``where`` says where it was found."""
+    valid = [f.name for f in fields(cls)]
+    if name not in valid:
+        raise ConfigError(f"{where}: unknown config field {name!r} for {cls.__name__}{_suggest(name, valid)}; "
+                          f"valid fields: {', '.join(valid)}")
+
+
+def convert_value(cls: type, name: str, value: Any, where: str) -> Any:
+    """``value`` (a string from the command line or a YAML scalar) as the type of field ``name``."""
+    base, optional = _field_type(cls, name)
+    text = value.strip().lower() if isinstance(value, str) else None
+    if value is None or (optional and text in _NONE):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: config field {name!r} cannot be empty (null); give a {base.__name__}")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except ValueError:
+        pass
+    else:
+        return value
+    kind = "true or false" if base is bool else f"a {base.__name__}"
+    raise ConfigError(f"{where}: config field {name!r} must be {kind}{' or null' if optional else ''}, got {value!r}")
+
+
+def read_yaml_overrides(path: str | Path, cls: type) -> dict[str, Any]:
+    """The fields set by a YAML file (a flat mapping), typed; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; pass --config with a YAML file of `field: value` lines")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if node is None:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: expected a mapping of `field: value` lines")
+    values = yaml.safe_load(text)
+    result = {}
+    for key_node, _ in node.value:
+        key = key_node.value
+        where = f"{path}:{key_node.start_mark.line + 1}"
+        check_field(cls, key, where)
+        result[key] = convert_value(cls, key, values[key], where)
+    return result
+
+
+def preset_overrides(stage: str, preset: str | None, cls: type) -> dict[str, Any]:
+    if preset is None:
+        return {}
+    presets = PRESETS[stage]
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r} for {stage}; choose one of {', '.join(presets)}")
+    for name in presets[preset]:
+        check_field(cls, name, f"preset {preset!r}")
+    return dict(presets[preset])
+
+
+def build_config(cls: type, *layers: dict[str, Any]) -> Any:
+    """``cls`` from its defaults with each layer of overrides applied in turn."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    return cls(**merged)
+
+
+def resolve_config(stage: str, cls: type, preset: str | None = None, config_path: str | Path | None = None,
+                   flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> Any:
+    """The config of ``stage``: ``base`` (or defaults) < preset < YAML < flags."""
+    layers = [base or {}, preset_overrides(stage, preset, cls)]
+    if config_path is not None:
+        layers.append(read_yaml_overrides(config_path, cls))
+    layers.append({k: convert_value(cls, k, v, f"--{k.replace('_', '-')}") for k, v in (flags or {}).items()})
+    return build_config(cls, *layers)
+
+
+# ----------------------------------------------------------------------------- argparse
+
+
+FLAG_PREFIX = "cfg__"
+
+
+def _metavar(cls: type, name: str) -> str:
+    base, optional = _field_type(cls, name)
+    return {bool: "BOOL", int: "INT", float: "FLOAT"}.get(base, "STR") + ("|none" if optional else "")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--field-name`` flag (alias ``--field_name``) per config field, with its help text."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (override the preset and --config)")
+    for f in fields(cls):
+        names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
+        default = f.default if f.default is not MISSING else None
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "") + f" [default: {default}" + (
+            f"; one of {', '.join(map(str, choices))}]" if choices else "]")
+        group.add_argument(*names, dest=FLAG_PREFIX + f.name, default=argparse.SUPPRESS,
+                           metavar=_metavar(cls, f.name), help=help_text.replace("%", "%%"))
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, str]:
+    """The config fields given on the command line, as raw strings."""
+    return {k[len(FLAG_PREFIX):]: v for k, v in vars(args).items() if k.startswith(FLAG_PREFIX)}
+
+
+def unknown_flag_error(unknown: list[str], cls: type, command: str) -> ConfigError:
+    """A ``ConfigError`` for flags argparse did not recognise, with the closest field name."""
+    flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+    name = flag.lstrip("-").split("=")[0].replace("-", "_")
+    valid = [f.name for f in fields(cls)]
+    return ConfigError(f"{command}: unknown flag {flag!r}: {cls.__name__} has no field {name!r}{_suggest(name, valid)}; "
+                       f"see `{command} --help` for the fields")
+
+
+# ----------------------------------------------------------------------------- YAML out
+
+
+def config_to_yaml(config: Any, header: str = "") -> str:
+    """A flat ``field: value`` YAML of ``config`` (readable back by ``--config``)."""
+    comment = "".join(f"# {line}\n" for line in header.splitlines())
+    return comment + yaml.safe_dump(asdict(config), sort_keys=False, allow_unicode=True)
+
+
+def config_differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
+    """field -> (value in a, value in b) for every field that differs."""
+    da, db = asdict(a), asdict(b)
+    return {k: (da[k], db.get(k)) for k in da if da[k] != db.get(k)}

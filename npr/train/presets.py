@@ -1,0 +1,62 @@
+"""Presets: named overrides of the paper defaults in ``npr.train.config``.
+
+- ``smoke``: a tiny random model built locally; seconds on a CPU; for CI and tests. Rollouts
+  of Stage 3 and ``npr sample`` are forced (``rollout_forcing``) because a random model never
+  writes the NPR structure; Stage 1's random rollouts differ in length and stray tags, which
+  is enough reward variance to exercise the DAPO update.
+- ``tiny``: the embedded SmolLM2-135M-Instruct on 2-term, 1-digit ``chain_sum`` from
+  reasoning-gym; a few minutes per stage on a 2-core CPU. Its learning rates are tiny-preset
+  choices (a 135M model over a handful of steps), far above the paper's.
+- ``qwen3-4b``: the paper's settings on Qwen3-4B-Instruct-2507, for GPUs (``accelerate launch``).
+
+Stages after the first need ``--model RUN/final`` from the previous stage (the ``smoke``
+presets start from a fresh tiny random model so that each command runs on its own), and
+Stage 2 needs ``--train-data`` from ``npr sample``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_CHAIN_SUM = "rg:chain_sum?size=256&seed=1&terms=2&digits=1"
+_CHAIN_SUM_EVAL = "rg:chain_sum?size=64&seed=2&terms=2&digits=1"
+_SMOKE_DATA = "rg:chain_sum?size=16&seed=1&terms=2&digits=1"
+
+_SMOKE_COMMON: dict[str, Any] = dict(model="tiny-random-llama", learning_rate=1e-3, warmup_steps=0, max_steps=3,
+                                     micro_batch_size=4, keep_checkpoints=0)
+_SMOKE_RL: dict[str, Any] = dict(_SMOKE_COMMON, train_data=_SMOKE_DATA, prompts_per_step=4, samples_per_prompt=4,
+                                 kv_cache_tokens=32768, max_num_seqs=16)
+_TINY_RL: dict[str, Any] = dict(train_data=_CHAIN_SUM, rollout_dtype="bfloat16", mixed_precision="bf16",
+                                kv_cache_tokens=65536, max_num_seqs=64, eval_data=_CHAIN_SUM_EVAL, eval_limit=16,
+                                eval_samples=2, warmup_steps=0, lr_schedule="constant")
+_QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20)
+_QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache_gib=20.0, max_num_seqs=256)
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "stage1": {
+        "smoke": dict(_SMOKE_RL, max_new_tokens=48, overlong_buffer=16),  # random tags and lengths vary the reward
+        "tiny": dict(_TINY_RL, model="embedded", prompts_per_step=8, samples_per_prompt=8, max_new_tokens=256,
+                     overlong_buffer=64, learning_rate=2e-5, max_steps=4, micro_batch_size=8),
+        "qwen3-4b": dict(_QWEN_GPU, model="Qwen/Qwen3-4B-Instruct-2507", max_new_tokens=8192, overlong_buffer=1024),
+    },
+    "sample": {
+        "smoke": dict(model="tiny-random-llama", train_data=_SMOKE_DATA, train_limit=4, tries=2, max_new_tokens=96,
+                      rollout_forcing="structure", require_correct=False, kv_cache_tokens=32768, max_num_seqs=16),
+        "tiny": dict(train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=256, rollout_dtype="bfloat16",
+                     kv_cache_tokens=65536, max_num_seqs=64, prompts_per_batch=16),
+        "qwen3-4b": dict(rollout_dtype="bfloat16", kv_cache_gib=40.0, max_num_seqs=256, prompts_per_batch=64),
+    },
+    "stage2": {
+        "smoke": dict(_SMOKE_COMMON, train_data="synthetic:arith?n=12&seed=0", batch_size=4, micro_batch_size=2,
+                      min_learning_rate=5e-4, max_seq_len=4096),
+        "tiny": dict(learning_rate=2e-5, min_learning_rate=1e-5, batch_size=8, micro_batch_size=4, num_epochs=2,
+                     mixed_precision="bf16", max_seq_len=1024),
+        "qwen3-4b": dict(_QWEN_TRAIN),
+    },
+    "stage3": {
+        "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure"),
+        "tiny": dict(_TINY_RL, prompts_per_step=8, samples_per_prompt=4, max_new_tokens=320, learning_rate=1e-5,
+                     max_steps=4, micro_batch_size=8),
+        "qwen3-4b": dict(_QWEN_GPU, max_new_tokens=8192),
+    },
+}

@@ -1,0 +1,141 @@
+"""Training configs: presets, YAML and flag overrides, clear errors; schedule and data order."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields
+
+import pytest
+
+from npr.train.config import STAGE_CONFIGS, ConfigError, Stage1Config, Stage2Config, Stage3Config
+from npr.train.data import BatchOrder, rollout_seed, shard
+from npr.train.overrides import config_to_yaml, read_yaml_overrides, resolve_config
+from npr.train.presets import PRESETS
+from npr.train.schedule import learning_rate_at
+
+REQUIRED = {"model": "tiny-random-llama", "train_data": "rg:chain_sum?size=4&terms=2"}
+
+
+def test_paper_defaults():
+    c = Stage1Config(train_data="x")
+    assert (c.learning_rate, c.weight_decay, c.max_grad_norm, c.lr_schedule) == (1e-6, 0.1, 1.0, "cosine")
+    assert (c.prompts_per_step, c.samples_per_prompt, c.temperature) == (32, 16, 1.0)
+    assert (c.clip_low, c.clip_high, c.loss_agg, c.dynamic_sampling) == (0.2, 0.28, "token-mean", True)
+    s2 = Stage2Config(**REQUIRED)
+    assert (s2.learning_rate, s2.min_learning_rate, s2.weight_decay) == (1e-6, 5e-7, 0.1)
+    s3 = Stage3Config(**REQUIRED)
+    assert (s3.learning_rate, s3.prompts_per_step, s3.samples_per_prompt) == (1e-7, 16, 16)
+    assert (s3.policy_loss, s3.advantage, s3.loss_on_prefilled) == ("papo", "papo", False)
+
+
+def test_every_field_has_help():
+    for cls in STAGE_CONFIGS.values():
+        missing = [f.name for f in fields(cls) if not f.metadata.get("help")]
+        assert not missing, f"{cls.__name__} fields without help: {missing}"
+
+
+@pytest.mark.parametrize("stage", sorted(PRESETS))
+@pytest.mark.parametrize("preset", ["smoke", "tiny", "qwen3-4b"])
+def test_presets_resolve(stage, preset):
+    flags = {"model": "runs/x/final", "train_data": "runs/sample/data.jsonl"}
+    config = resolve_config(stage, STAGE_CONFIGS[stage], preset, flags=flags)
+    assert config.model == "runs/x/final"
+
+
+def test_order_defaults_preset_yaml_flags(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("learning_rate: 3e-5\nmax_steps: 7\nrollout_dtype: null\n")
+    config = resolve_config("stage1", Stage1Config, "tiny", yaml_file, {"max_steps": "9"})
+    assert config.model == "embedded"  # preset
+    assert config.learning_rate == 3e-5  # yaml over preset (and "3e-5", a YAML string, becomes a float)
+    assert config.rollout_dtype is None  # yaml null over the preset's bfloat16
+    assert config.max_steps == 9  # flag over yaml
+    assert config.weight_decay == 0.1  # default
+
+
+def test_yaml_round_trip(tmp_path):
+    config = resolve_config("stage3", Stage3Config, "smoke", flags={"eval_data": "rg:chain_sum?size=3"})
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(config, "header line"))
+    assert path.read_text().startswith("# header line\n")
+    assert resolve_config("stage3", Stage3Config, config_path=path) == config
+
+
+def test_unknown_yaml_field_names_file_line_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: embedded\n\nlearning_rat: 1e-5\n")
+    with pytest.raises(ConfigError) as err:
+        read_yaml_overrides(path, Stage1Config)
+    message = str(err.value)
+    assert f"{path}:3" in message and "'learning_rat'" in message and "did you mean 'learning_rate'" in message
+
+
+def test_bad_values_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="'max_steps' must be a int"):
+        resolve_config("stage1", Stage1Config, "smoke", flags={"max_steps": "many"})
+    with pytest.raises(ConfigError, match="'lr_schedule'.*cosine, linear, constant"):
+        resolve_config("stage1", Stage1Config, "smoke", flags={"lr_schedule": "exp"})
+    with pytest.raises(ConfigError, match="'dynamic_sampling' must be true or false"):
+        resolve_config("stage1", Stage1Config, "smoke", flags={"dynamic_sampling": "maybe"})
+    with pytest.raises(ConfigError, match="'train_data': is required"):
+        resolve_config("stage1", Stage1Config, "smoke", flags={"train_data": ""})
+    with pytest.raises(ConfigError, match="'overlong_buffer'"):
+        resolve_config("stage1", Stage1Config, "smoke", flags={"overlong_buffer": "100"})  # > max_new_tokens 48
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        resolve_config("stage1", Stage1Config, "huge")
+
+
+def test_model_is_required_after_stage1():
+    with pytest.raises(ConfigError, match="'model': is required"):
+        resolve_config("stage3", Stage3Config, "tiny")
+
+
+def test_unknown_cli_flag_is_a_clear_error(tmp_path, capsys):
+    from npr.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "stage1", "--preset", "smoke", "--out", str(tmp_path / "run"), "--learning-rat", "1e-5"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "'--learning-rat'" in err and "did you mean 'learning_rate'" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),  # warm-up 2 steps, then peak 1 -> 0 over the 4 left
+    ("cosine", [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]),
+])
+def test_learning_rate_schedule(schedule, expected):
+    got = [learning_rate_at(s, 6, 1.0, 0.0, 2, schedule) for s in range(6)]
+    assert got == pytest.approx(expected)
+
+
+def test_linear_decay_to_final():
+    # Stage 2: 1e-6 -> 5e-7, no warm-up, 4 steps: 1e-6, 8.75e-7, 7.5e-7, 6.25e-7
+    got = [learning_rate_at(s, 4, 1e-6, 5e-7, 0, "linear") for s in range(4)]
+    assert got == pytest.approx([1e-6, 8.75e-7, 7.5e-7, 6.25e-7])
+
+
+def test_batch_order_is_a_pure_function_of_step():
+    order = BatchOrder(num_examples=5, batch_size=2, seed=3)
+    batches = [order.batch(s) for s in range(5)]  # 10 indices = exactly two epochs
+    flat = [i for b in batches for i in b]
+    assert sorted(flat[:5]) == list(range(5)) and sorted(flat[5:]) == list(range(5))
+    assert flat[:5] == order.epoch_permutation(0) and flat[5:] == order.epoch_permutation(1)
+    assert batches == [BatchOrder(5, 2, 3).batch(s) for s in range(5)]  # no hidden state
+    big = BatchOrder(num_examples=50, batch_size=4, seed=3)
+    assert big.epoch_permutation(0) != big.epoch_permutation(1)  # reshuffled every epoch
+    assert big.epoch_permutation(0) != BatchOrder(50, 4, 4).epoch_permutation(0)  # and per seed
+
+
+def test_shard_is_contiguous_and_covers():
+    items = list(range(8))
+    parts = [shard(items, r, 4) for r in range(4)]
+    assert [p for p, _ in parts] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [first for _, first in parts] == [0, 2, 4, 6]
+
+
+def test_rollout_seeds_differ_per_step():
+    seeds = {rollout_seed(0, s) for s in range(100)}
+    assert len(seeds) == 100 and min(b - a for a, b in zip(sorted(seeds), sorted(seeds)[1:])) >= 100_000
