@@ -1,0 +1,154 @@
+"""One optimizer update from a batch of sequences: SFT or policy-gradient, on 1 or N processes.
+
+Distributed exactness: every loss here is normalised by the GLOBAL count of loss units
+(tokens for token-mean, sequences for the seq-mean aggregations), all-reduced before the
+forward passes, and multiplied by the number of processes, so that DDP's gradient average
+reproduces the single-process gradient of the whole batch. Every rank runs the same number of
+forward/backward passes (padding with zero-weight passes) because DDP and FSDP communicate
+inside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from npr.train.logprobs import TokenSequence, response_logprobs
+
+
+@dataclass
+class PolicyBatch:
+    """This rank's rollouts for one RL update.
+
+    ``sequences``: B ``TokenSequence``; ``loss_masks``: B BoolTensor[T_b] over each response
+    (True where the token carries loss); ``advantages`` FloatTensor[B]; ``sampler_logprobs``:
+    B FloatTensor[T_b] of the engine's log-probs (NaN where prefilled), for the drift metric.
+    """
+
+    sequences: list[TokenSequence]
+    loss_masks: list[torch.Tensor]
+    advantages: torch.Tensor
+    sampler_logprobs: list[torch.Tensor]
+
+
+def padded(rows: Sequence[torch.Tensor], width: int, value=0) -> torch.Tensor:
+    """Stack 1-D tensors right-padded with ``value`` to ``width``: -> [B, width]."""
+    return torch.stack([torch.nn.functional.pad(r, (0, width - len(r)), value=value) for r in rows])
+
+
+def aggregation_units(loss_mask: torch.Tensor, agg: str) -> float:
+    """What the aggregation ``agg`` divides by for ``loss_mask`` [B, T]: tokens for token-mean,
+    sequences holding a loss token for the seq-mean aggregations."""
+    return float(loss_mask.sum()) if agg == "token-mean" else float(loss_mask.any(-1).sum())
+
+
+def global_sum(accelerator, values: Sequence[float]) -> list[float]:
+    """Element-wise sum of ``values`` over all processes (float64)."""
+    tensor = torch.tensor(list(values), dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        tensor = accelerator.reduce(tensor, reduction="sum")
+    return tensor.tolist()
+
+
+def global_max(accelerator, value: int) -> int:
+    if accelerator.num_processes == 1:
+        return value
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
+
+
+def _zero_loss(model) -> torch.Tensor:
+    """A zero-weight forward, so a rank without data still joins DDP/FSDP's collectives."""
+    ids = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
+    return model(input_ids=ids, use_cache=False).logits.float().sum() * 0.0
+
+
+def backward_micro_batches(accelerator, model, num_items: int, micro_batch_size: int,
+                           micro_loss: Callable[[list[int]], torch.Tensor]) -> None:
+    """Backward ``micro_loss(indices)`` over this rank's items in micro-batches; gradients are
+    synchronised once, on the last pass, which every rank makes together."""
+    chunks = [list(range(i, min(i + micro_batch_size, num_items))) for i in range(0, num_items, micro_batch_size)]
+    passes = global_max(accelerator, len(chunks))
+    for i in range(passes):
+        last = i == passes - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            loss = micro_loss(chunks[i]) if i < len(chunks) else _zero_loss(model)
+            accelerator.backward(loss)
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> dict[str, float]:
+    """Clip, step, advance the schedule; returns the pre-clip gradient norm and the lr used."""
+    lr = optimizer.param_groups[0]["lr"]
+    if max_grad_norm > 0:
+        norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+    else:
+        norm = float(torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"grad_norm": norm, "lr": lr}
+
+
+def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_token_id: int,
+                 micro_batch_size: int) -> dict[str, float]:
+    """Gradients of the token-mean NLL of every response token over the global batch.
+
+    Returns ``loss`` (global token-mean NLL) and ``tokens`` (global response tokens).
+    """
+    local_tokens = sum(s.response_length for s in sequences)
+    total_tokens, = global_sum(accelerator, [local_tokens])
+    scale = accelerator.num_processes / max(total_tokens, 1.0)
+    nll_sum = 0.0
+
+    def micro_loss(indices: list[int]) -> torch.Tensor:
+        nonlocal nll_sum
+        logprobs, mask = response_logprobs(model, [sequences[i] for i in indices], pad_token_id)  # [b, T]
+        nll = -torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum()  # []
+        nll_sum += float(nll.detach())
+        return nll * scale
+
+    backward_micro_batches(accelerator, model, len(sequences), micro_batch_size, micro_loss)
+    global_nll, = global_sum(accelerator, [nll_sum])
+    return {"loss": global_nll / max(total_tokens, 1.0), "tokens": total_tokens}
+
+
+def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, pad_token_id: int,
+                    micro_batch_size: int) -> dict[str, float]:
+    """Gradients of the policy loss ``loss_fn`` aggregated by ``agg`` over the global batch.
+
+    On-policy (one update per rollout batch, the paper's setting): the old log-probs are the
+    recomputed ones, detached. Metrics are unit-weighted means over the global batch, plus
+    ``logprob_drift``: mean |trainer - engine| log-prob over sampled loss tokens.
+    """
+    units = [aggregation_units(m[None], agg) for m in batch.loss_masks]
+    total_units, = global_sum(accelerator, [sum(units)])
+    scale = accelerator.num_processes / max(total_units, 1.0)
+    sums: dict[str, float] = {}
+
+    def micro_loss(indices: list[int]) -> torch.Tensor:
+        logprobs, mask = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id)  # [b, T]
+        width = logprobs.shape[1]
+        loss_mask = padded([batch.loss_masks[i] for i in indices], width, False).to(mask.device) & mask  # [b, T]
+        loss, metrics = loss_fn(logprobs=logprobs, old_logprobs=logprobs.detach(),
+                                advantages=batch.advantages[indices].to(logprobs.device), mask=loss_mask, agg=agg)
+        weight = aggregation_units(loss_mask, agg)
+        engine = padded([batch.sampler_logprobs[i] for i in indices], width, float("nan")).to(logprobs.device)
+        seen = loss_mask & ~engine.isnan()  # [b, T]
+        drift = (logprobs.detach() - engine).abs()[seen].sum()
+        for key, value in (*metrics.items(), ("loss", float(loss.detach()))):
+            if key != "num_tokens":
+                sums[key] = sums.get(key, 0.0) + value * weight
+        sums["logprob_drift"] = sums.get("logprob_drift", 0.0) + float(drift)
+        sums["drift_tokens"] = sums.get("drift_tokens", 0.0) + float(seen.sum())
+        return loss * weight * scale
+
+    backward_micro_batches(accelerator, model, len(batch.sequences), micro_batch_size, micro_loss)
+    keys = sorted(["loss", "ratio_mean", "approx_kl", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
+                   "logprob_drift", "drift_tokens"])
+    reduced = dict(zip(keys, global_sum(accelerator, [sums.get(k, 0.0) for k in keys])))
+    out = {k: reduced[k] / max(total_units, 1.0) for k in keys if k not in ("logprob_drift", "drift_tokens")}
+    out["logprob_drift"] = reduced["logprob_drift"] / max(reduced["drift_tokens"], 1.0)
+    out["loss_units"] = total_units
+    return out

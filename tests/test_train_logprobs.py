@@ -1,0 +1,175 @@
+"""The flat masked log-prob forward, the SFT and policy-gradient updates, loss masks.
+
+Tiny random Llama built locally, fp32. The batched forward must equal a loop over single
+sequences; losses must cover response tokens only; micro-batching must not change the update.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from npr.algos import get_policy_loss
+from npr.tokens import tag_token_ids
+from npr.train.logprobs import causal_sequence, response_logprobs, structured_sequence
+from npr.train.session import make_accelerator
+from npr.train.update import PolicyBatch, aggregation_units, policy_backward, sft_backward
+
+TRACE = ("<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
+         "<step>\n2: 3+4=7 and more\n</step>\n<takeaway>\n57\n</takeaway>\nSo \\boxed{57}.")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from npr.models import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer("tiny-random-llama")
+    return model.train(), tok
+
+
+def _sequences(tok):
+    tags = tag_token_ids(tok)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    return [
+        structured_sequence(enc("Q: 23+34?\n"), enc(TRACE) + [tok.eos_token_id], tags),
+        causal_sequence(enc("Q: what is 2+2? Think.\n"), enc("It is \\boxed{4}.")),
+        structured_sequence(enc("Q: 1?\n"), enc(TRACE.replace("57", "58")), tags),
+    ]
+
+
+def _single(model, seq):
+    """Reference: one sequence, no padding, the full-logit log-softmax read at response positions."""
+    from npr.masks import attention_bias
+
+    bias = attention_bias(seq.allowed, model.dtype)[None, None]
+    logits = model(input_ids=seq.input_ids[None], position_ids=seq.position_ids[None], attention_mask=bias).logits[0]
+    logp = logits[:-1].float().log_softmax(-1).gather(-1, seq.input_ids[1:, None])[:, 0]  # predicts tokens 1..L-1
+    return logp[seq.response_start - 1:]
+
+
+def test_batched_forward_equals_loop(llama):
+    model, tok = llama
+    seqs = _sequences(tok)
+    with torch.no_grad():
+        logprobs, mask = response_logprobs(model, seqs, tok.pad_token_id)
+        assert logprobs.shape == (3, max(s.response_length for s in seqs))
+        for b, seq in enumerate(seqs):
+            ref = _single(model, seq)
+            assert mask[b].sum() == seq.response_length
+            assert torch.allclose(logprobs[b, :seq.response_length], ref, atol=1e-5)
+            assert (logprobs[b, seq.response_length:] == 0).all()
+
+
+def test_causal_sequence_matches_plain_forward(llama):
+    model, tok = llama
+    seq = _sequences(tok)[1]
+    with torch.no_grad():
+        logprobs, _ = response_logprobs(model, [seq], tok.pad_token_id)
+        logits = model(input_ids=seq.input_ids[None]).logits[0]  # no mask, no positions: HF's causal default
+    ref = logits[:-1].log_softmax(-1).gather(-1, seq.input_ids[1:, None])[seq.response_start - 1:, 0]
+    assert torch.allclose(logprobs[0], ref, atol=1e-5)
+
+
+def test_sft_loss_is_token_mean_nll_of_response_only(llama):
+    model, tok = llama
+    seqs = _sequences(tok)
+    acc = make_accelerator()
+    model.zero_grad()
+    metrics = sft_backward(acc, model, seqs, tok.pad_token_id, micro_batch_size=2)
+    with torch.no_grad():
+        nll = -torch.cat([_single(model, s) for s in seqs])
+    tokens = sum(s.response_length for s in seqs)
+    assert metrics["tokens"] == tokens and metrics["loss"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    # prompt tokens carry no loss: changing a prompt token's *target* cannot be seen, but the loss
+    # over a longer prompt with the same response counts the same number of tokens
+    longer = causal_sequence([5, 6, 7, 8, 9] + seqs[1].input_ids[:seqs[1].response_start].tolist(),
+                             seqs[1].input_ids[seqs[1].response_start:].tolist())
+    assert sft_backward(acc, model, [longer], tok.pad_token_id, 1)["tokens"] == seqs[1].response_length
+    model.zero_grad()
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _policy_batch(seqs, prefilled_at=()):
+    masks = []
+    for s in seqs:
+        m = torch.ones(s.response_length, dtype=torch.bool)
+        for i in prefilled_at:
+            if i < s.response_length:
+                m[i] = False
+        masks.append(m)
+    return PolicyBatch(seqs, masks, torch.tensor([1.0, -0.5, 0.25]),
+                       [torch.zeros(s.response_length) for s in seqs])
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batching_does_not_change_the_update(llama, agg):
+    model, tok = llama
+    seqs = _sequences(tok)
+    acc = make_accelerator()
+    loss_fn = get_policy_loss("dapo", clip_high=0.28)
+    grads = []
+    for micro in (1, 2, 3):
+        model.zero_grad()
+        policy_backward(acc, model, _policy_batch(seqs), loss_fn, agg, tok.pad_token_id, micro)
+        grads.append(_grads(model))
+    for other in grads[1:]:
+        for name in grads[0]:
+            assert torch.allclose(grads[0][name], other[name], atol=1e-6), name
+    model.zero_grad()
+
+
+def test_policy_gradient_is_minus_advantage_grad_logprob(llama):
+    """On-policy DAPO/PAPO with token-mean: loss = -Σ A_b Σ_t logπ / Σ|y| in gradient."""
+    model, tok = llama
+    seqs = _sequences(tok)
+    batch = _policy_batch(seqs, prefilled_at=(0, 3))
+    acc = make_accelerator()
+    for name in ("dapo", "papo"):
+        model.zero_grad()
+        metrics = policy_backward(acc, model, batch, get_policy_loss(name), "token-mean", tok.pad_token_id, 2)
+        got = _grads(model)
+        model.zero_grad()
+        logprobs = [_single(model, s) for s in seqs]
+        total = sum(int(m.sum()) for m in batch.loss_masks)
+        surrogate = -sum(a * lp[m].sum() for a, lp, m in zip(batch.advantages, logprobs, batch.loss_masks)) / total
+        surrogate.backward()
+        ref = _grads(model)
+        for n in ref:
+            assert torch.allclose(got[n], ref[n], atol=1e-6), (name, n)
+        assert metrics["loss_units"] == total
+
+
+def test_prefilled_tokens_carry_no_gradient(llama):
+    """A token masked out of the loss (engine scaffold) changes nothing, whatever its advantage."""
+    model, tok = llama
+    seq = _sequences(tok)[0]
+    acc = make_accelerator()
+    loss_fn = get_policy_loss("papo")
+    grads = []
+    for adv in (1.0, 1.0):
+        mask = torch.zeros(seq.response_length, dtype=torch.bool)
+        mask[:5] = True
+        model.zero_grad()
+        policy_backward(acc, model, PolicyBatch([seq], [mask], torch.tensor([adv]), [torch.zeros(seq.response_length)]),
+                        loss_fn, "token-mean", tok.pad_token_id, 1)
+        grads.append(_grads(model))
+    # the same 5 loss tokens, a longer masked tail: identical gradient
+    short = causal_sequence(seq.input_ids[:seq.response_start].tolist(),
+                            seq.input_ids[seq.response_start:seq.response_start + 5].tolist())
+    model.zero_grad()
+    policy_backward(acc, model, PolicyBatch([short], [torch.ones(5, dtype=torch.bool)], torch.tensor([1.0]),
+                                            [torch.zeros(5)]), loss_fn, "token-mean", tok.pad_token_id, 1)
+    # `short` is causal while `seq` is tree-masked, but the first 5 response tokens precede any branch
+    for n, g in _grads(model).items():
+        assert torch.allclose(g, grads[0][n], atol=1e-6), n
+    model.zero_grad()
+
+
+def test_aggregation_units():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0]], dtype=torch.bool)
+    assert aggregation_units(mask, "token-mean") == 3.0
+    assert aggregation_units(mask, "seq-mean-token-mean") == 2.0
+    assert aggregation_units(mask, "seq-mean-token-sum") == 2.0
