@@ -1,0 +1,148 @@
+"""What the two RL stages share: setup, rollout collection, the policy batch, the update and
+the held-out evaluation. ``stage1`` and ``stage3`` differ only in how rollouts are scored and
+selected (DAPO's dynamic sampling vs PAPO's schema filter)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from npr.algos import POLICY_LOSSES, get_policy_loss
+from npr.data import Problem
+from npr.prompts import encode_prompt
+from npr.rewards import accuracy_reward
+from npr.tokens import tag_token_ids
+from npr.train.config import ConfigError, RLConfig
+from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
+from npr.train.logprobs import TokenSequence, causal_sequence, structured_sequence
+from npr.train.rollout import Rollout, RolloutWorker, append_rollouts, rollout_metrics, rollout_sums, score
+from npr.train.session import RunOptions, TrainSession, open_session
+from npr.train.update import PolicyBatch, global_sum, optimizer_step, policy_backward
+
+EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
+
+
+@dataclass
+class RLRun:
+    """A session plus what every RL step reads: the engine worker, prompts, data order, loss."""
+
+    session: TrainSession
+    worker: RolloutWorker
+    problems: list[Problem]
+    prompts: list[list[int]]
+    order: BatchOrder
+    loss_fn: Callable
+    eval_problems: list[Problem]
+
+
+def policy_loss_fn(config: RLConfig) -> Callable:
+    """``get_policy_loss(config.policy_loss)`` with the config's hyperparameters it accepts."""
+    accepted = inspect.signature(POLICY_LOSSES[config.policy_loss]).parameters
+    hparams = {k: getattr(config, k) for k in ("clip_low", "clip_high") if k in accepted and hasattr(config, k)}
+    return get_policy_loss(config.policy_loss, **hparams)
+
+
+def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -> RLRun:
+    """Load the data (errors before any compute), open the session, build the engine."""
+    problems = load_train_problems(config.train_data, config.train_limit)
+    eval_problems = (load_train_problems(config.eval_data, config.eval_limit, "eval_data")
+                     if config.eval_data else [])
+    session = open_session(stage, config, options, config.max_steps)
+    world = session.accelerator.num_processes
+    if config.prompts_per_step % world:
+        raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
+                          f"{world} processes; use a multiple of {world}")
+    worker = RolloutWorker(session.unwrapped, session.tokenizer, config, mode)
+    prompts = [encode_prompt(session.tokenizer, p.problem, "npr") for p in problems]
+    order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
+    return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems)
+
+
+def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], float]) -> tuple[list[Rollout], dict]:
+    """This rank's share of step ``step``'s rollouts, scored; plus global rollout metrics."""
+    session, config = run.session, run.session.config
+    acc = session.accelerator
+    indices, first = shard(run.order.batch(step), acc.process_index, acc.num_processes)
+    params = run.worker.sampling_params(config.samples_per_prompt, rollout_seed(config.seed, step))
+    started = time.perf_counter()
+    results = run.worker.generate([run.prompts[i] for i in indices], first, params)
+    wall = time.perf_counter() - started
+    rollouts = score(results, [run.problems[i] for i in indices], first, reward)
+    totals = global_sum(acc, rollout_sums(rollouts))
+    metrics = rollout_metrics(totals)
+    metrics["rollout_tokens_per_s"] = metrics["response_length"] * metrics["rollouts"] / max(wall, 1e-9)
+    suffix = f".rank{acc.process_index}" if acc.num_processes > 1 else ""
+    append_rollouts(session.run_dir / f"rollouts{suffix}.jsonl", step + 1, rollouts)
+    return rollouts, metrics
+
+
+def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structured: bool, tag_ids: dict[str, int],
+                 loss_on_prefilled: bool) -> PolicyBatch:
+    """Token sequences, loss masks and advantages of the selected rollouts.
+
+    ``structured``: tree mask + positions from the schema (parallel rollouts), else causal.
+    The recomputed positions must equal the engine's: any difference is a bug, not data.
+    """
+    sequences: list[TokenSequence] = []
+    for r in rollouts:
+        res = r.result
+        seq = (structured_sequence(res.prompt_ids, res.token_ids, tag_ids) if structured
+               else causal_sequence(res.prompt_ids, res.token_ids))
+        if seq.position_ids[seq.response_start:].tolist() != list(res.position_ids):
+            raise RuntimeError(f"rollout of prompt {res.prompt_index} sample {res.sample_index}: the mask's position "
+                               "ids differ from the engine's; npr.masks and npr.engine disagree on the layout")
+        sequences.append(seq)
+    masks = [torch.ones(len(r.result.token_ids), dtype=torch.bool) if loss_on_prefilled
+             else torch.tensor(r.result.sampled, dtype=torch.bool) for r in rollouts]
+    engine_logprobs = [torch.tensor(r.result.logprobs, dtype=torch.float32) for r in rollouts]
+    return PolicyBatch(sequences, masks, advantages.float(), engine_logprobs)
+
+
+def apply_update(run: RLRun, batch: PolicyBatch) -> dict[str, float]:
+    """One on-policy update from ``batch`` (this rank's share); skipped on every rank when the
+    global batch is empty. The schedule advances either way, so lr follows the step index."""
+    session, config = run.session, run.session.config
+    acc = session.accelerator
+    total, = global_sum(acc, [len(batch.sequences)])
+    if total == 0:
+        session.scheduler.step()
+        return {"updated": 0.0, "trained_rollouts": 0.0}
+    pad = session.tokenizer.pad_token_id
+    metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, config.micro_batch_size)
+    metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
+    run.worker.sync()
+    return {**metrics, "updated": 1.0, "trained_rollouts": total}
+
+
+def evaluate(run: RLRun) -> dict[str, float]:
+    """Accuracy, format-valid and trigger rates on ``eval_problems`` (sharded over processes)."""
+    session, config = run.session, run.session.config
+    acc = session.accelerator
+    problems = run.eval_problems
+    per_rank = -(-len(problems) // acc.num_processes)
+    first = acc.process_index * per_rank
+    mine = problems[first:first + per_rank]
+    prompts = [encode_prompt(session.tokenizer, p.problem, "npr") for p in mine]
+    params = run.worker.sampling_params(config.eval_samples, config.seed + EVAL_SEED_OFFSET)
+    results = run.worker.generate(prompts, first, params)
+    totals = global_sum(acc, rollout_sums(score(results, mine, first, accuracy_reward)))
+    return rollout_metrics(totals, prefix="eval_")
+
+
+def run_eval_if_due(run: RLRun, when: str) -> None:
+    """Evaluate ``before`` a fresh run's first step and ``after`` its last (with eval_data)."""
+    session = run.session
+    if not run.eval_problems:
+        return
+    if when == "before" and session.start_step == 0:
+        session.record(0, evaluate(run))
+    elif when == "after" and session.end_step == session.total_steps and session.start_step < session.total_steps:
+        session.record(session.total_steps, evaluate(run))
+
+
+def tag_ids_of(run: RLRun) -> dict[str, int]:
+    return tag_token_ids(run.session.tokenizer)

@@ -1,0 +1,139 @@
+"""Rejection sampling for Stage 2 (arXiv 2512.07461 §3.2): ``npr sample``.
+
+From the NPR-Zero model, draw ``tries`` samples per problem (engine ``plain`` mode, NPR
+prompt). A sample is kept when it is correct AND format-valid (``format_score == 0``); it is
+rendered in the canonical form (``npr.schema.render``) and written with its provenance. Every
+other sample is counted under the first reason that applies: ``truncated`` (hit the token
+budget), ``format_invalid``, ``wrong``, ``over_quota`` (``max_kept_per_problem`` reached).
+
+Output directory: ``data.jsonl`` (Stage 2's ``--train-data``), ``summary.json`` (counts),
+``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from npr.data import Problem
+from npr.engine import Result
+from npr.models import load_model_and_tokenizer
+from npr.prompts import encode_prompt
+from npr.rewards import is_correct
+from npr.schema import parse, render, validate
+from npr.train.config import SampleConfig
+from npr.train.data import load_train_problems
+from npr.train.overrides import config_to_yaml
+from npr.train.rollout import RolloutWorker
+from npr.train.sft_data import SAMPLE_FILE
+from npr.train.update import global_sum
+
+DROP_REASONS = ("truncated", "format_invalid", "wrong", "over_quota")
+SUMMARY_FILE = "summary.json"
+
+
+def judge(result: Result, problem: Problem, require_correct: bool) -> tuple[str | None, str | None, bool, bool]:
+    """(drop reason or None, first format-error kind or None, correct, format-valid) of one sample."""
+    correct = is_correct(result.text, problem)
+    errors = validate(result.text)
+    if result.finish_reason == "length":
+        return "truncated", None, correct, not errors
+    if errors:
+        return "format_invalid", errors[0].kind, correct, False
+    if require_correct and not correct:
+        return "wrong", None, correct, True
+    return None, None, correct, True
+
+
+def sample_record(result: Result, problem: Problem, config: SampleConfig, correct: bool) -> dict[str, Any]:
+    """One line of data.jsonl: the canonical response and where it came from."""
+    return {"id": f"{problem.id}/try{result.sample_index}", "problem_id": problem.id, "try": result.sample_index,
+            "problem": problem.problem, "answer": problem.answer, "response": render(parse(result.text)),
+            "reward": 1.0 if correct else -1.0, "source": problem.source, "model": config.model, "seed": config.seed}
+
+
+def select(results: Sequence[Result], problems: Sequence[Problem], first: int, config: SampleConfig,
+           counts: Counter, format_errors: Counter) -> list[dict]:
+    """Kept records of one batch of results (ordered by problem, then try); updates the counts."""
+    kept: list[dict] = []
+    per_problem: Counter = Counter()
+    for r in results:
+        problem = problems[r.prompt_index - first]
+        reason, error_kind, correct, valid = judge(r, problem, config.require_correct)
+        counts["samples"] += 1
+        counts["correct"] += correct
+        counts["format_valid"] += valid
+        if reason is None and config.max_kept_per_problem is not None \
+                and per_problem[problem.id] >= config.max_kept_per_problem:
+            reason = "over_quota"
+        if reason is not None:
+            counts[reason] += 1
+            if error_kind:
+                format_errors[error_kind] += 1
+            continue
+        per_problem[problem.id] += 1
+        kept.append(sample_record(r, problem, config, correct))
+    counts["problems_with_kept"] += len(per_problem)
+    return kept
+
+
+def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=None) -> dict[str, Any]:
+    """Sample, filter, write ``out_dir/data.jsonl`` and ``summary.json``; returns the summary."""
+    from npr.train.session import make_accelerator, set_cpu_threads
+
+    problems = load_train_problems(config.train_data, config.train_limit)
+    set_cpu_threads(config.cpu_threads)
+    accelerator = make_accelerator()
+    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.rollout_dtype or "float32",
+                                                device=accelerator.device)
+    worker = RolloutWorker(model, tokenizer, config, mode="plain")
+    per_rank = -(-len(problems) // accelerator.num_processes)
+    start = accelerator.process_index * per_rank
+    mine = problems[start:start + per_rank]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    part = out_dir / f".{SAMPLE_FILE}.rank{accelerator.process_index}"
+    counts, format_errors = Counter(), Counter()
+    with part.open("w", encoding="utf-8") as f:
+        for lo in range(0, len(mine), config.prompts_per_batch):
+            batch = mine[lo:lo + config.prompts_per_batch]
+            prompts = [encode_prompt(tokenizer, p.problem, "npr") for p in batch]
+            results = worker.generate(prompts, start + lo, worker.sampling_params(config.tries, config.seed))
+            for record in select(results, batch, start + lo, config, counts, format_errors):
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            if progress is not None:
+                progress(len(batch))
+    keys = ["samples", "correct", "format_valid", "problems_with_kept", *DROP_REASONS]
+    totals = dict(zip(keys, global_sum(accelerator, [float(counts[k]) for k in keys])))
+    accelerator.wait_for_everyone()
+    summary = _summary(totals, format_errors, len(problems), config)
+    if accelerator.is_main_process:
+        _merge_parts(out_dir, accelerator.num_processes)
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        (out_dir / "config.yaml").write_text(config_to_yaml(config, f"npr sample: resolved config\n{command}"),
+                                             encoding="utf-8")
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def _summary(totals: dict[str, float], format_errors: Counter, num_problems: int, config: SampleConfig) -> dict:
+    samples = max(totals["samples"], 1.0)
+    dropped = {k: int(totals[k]) for k in DROP_REASONS}
+    return {"problems": num_problems, "samples": int(totals["samples"]),
+            "kept": int(totals["samples"]) - sum(dropped.values()), "dropped": dropped,
+            "problems_with_kept": int(totals["problems_with_kept"]),
+            "format_valid_rate": totals["format_valid"] / samples, "accuracy": totals["correct"] / samples,
+            "format_errors_main_process": dict(format_errors.most_common()), "tries": config.tries,
+            "model": config.model}
+
+
+def _merge_parts(out_dir: Path, num_processes: int) -> None:
+    """Concatenate the per-process parts, in process (= problem) order, into data.jsonl."""
+    target = out_dir / SAMPLE_FILE
+    with target.open("w", encoding="utf-8") as out:
+        for rank in range(num_processes):
+            part = out_dir / f".{SAMPLE_FILE}.rank{rank}"
+            out.write(part.read_text(encoding="utf-8"))
+            part.unlink()

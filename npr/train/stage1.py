@@ -1,0 +1,70 @@
+"""Stage 1, NPR-Zero (arXiv 2512.07461 §3.1): DAPO teaches the instruct model the NPR format.
+
+One step::
+
+    rollouts = collect_rollouts(...)        # engine, plain mode, NPR prompt, G samples per prompt
+    rewards  = stage-1 reward + overlong    # format penalty or ±1 accuracy; DAPO eq. 13
+    kept     = dynamic sampling             # drop groups whose rewards are all equal (DAPO §3.2)
+    batch    = causal sequences, group advantages, loss on sampled tokens
+    update   = DAPO clipped surrogate, token-mean over the global batch, one optimizer step
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from npr.algos import dynamic_sampling_filter, get_advantage_estimator, overlong_penalty
+from npr.rewards import stage1_reward
+from npr.train.config import Stage1Config
+from npr.train.rl import apply_update, collect_rollouts, policy_batch, run_eval_if_due, start_rl_run, tag_ids_of
+from npr.train.rollout import Rollout
+from npr.train.session import RunOptions, StepTimer
+from npr.train.update import global_sum
+
+
+def shaped_rewards(rollouts: Sequence[Rollout], config: Stage1Config) -> torch.Tensor:
+    """Stage-1 reward plus DAPO's soft overlong penalty on the response length. -> FloatTensor[N]."""
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)  # [N]
+    if config.overlong_penalty > 0 and rollouts:
+        lengths = torch.tensor([len(r.result.token_ids) for r in rollouts])  # [N]
+        rewards = rewards + overlong_penalty(lengths, config.max_new_tokens, config.overlong_buffer,
+                                             config.overlong_penalty)
+    return rewards
+
+
+def select_dapo(rollouts: Sequence[Rollout], rewards: torch.Tensor, config: Stage1Config
+                ) -> tuple[list[Rollout], torch.Tensor]:
+    """Dynamic sampling (when on) and group-normalised advantages of the kept rollouts."""
+    if not rollouts:
+        return [], torch.zeros(0)
+    groups = torch.tensor([r.group for r in rollouts])  # [N]
+    keep = dynamic_sampling_filter(rewards, groups) if config.dynamic_sampling else torch.ones(len(rollouts), dtype=torch.bool)
+    kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
+    advantages = get_advantage_estimator(config.advantage)(rewards[keep], groups[keep])  # [K]
+    return kept, advantages
+
+
+def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
+    """Run (or resume) Stage 1; returns ``RUN/final`` or None when stopped early by ``stop_after``."""
+    run = start_rl_run("stage1", config, options, mode="plain")
+    session, acc = run.session, run.session.accelerator
+    tags = tag_ids_of(run)
+    run_eval_if_due(run, "before")
+    for step in session.steps():
+        timer = StepTimer()
+        rollouts, metrics = collect_rollouts(run, step, stage1_reward)
+        timer.lap("rollout")
+        rewards = shaped_rewards(rollouts, config)
+        kept, advantages = select_dapo(rollouts, rewards, config)
+        shaped_sum, kept_count = global_sum(acc, [float(rewards.sum()), float(len(kept))])
+        batch = policy_batch(kept, advantages, structured=False, tag_ids=tags, loss_on_prefilled=config.loss_on_prefilled)
+        update = apply_update(run, batch)
+        timer.lap("update")
+        metrics.update(shaped_reward=shaped_sum / max(metrics["rollouts"], 1.0),
+                       kept_rate=kept_count / max(metrics["rollouts"], 1.0), **update, **timer.times)
+        session.after_step(step, metrics)
+    run_eval_if_due(run, "after")
+    return session.finish()

@@ -1,0 +1,91 @@
+"""Stage 3, NPR (arXiv 2512.07461 §3.3): PAPO on rollouts decoded in parallel by the engine.
+
+One step::
+
+    rollouts = collect_rollouts(...)   # engine, parallel mode: branches forked at </guideline>
+    kept     = schema filter           # drop rollouts whose structure fails, counted by reason
+    rewards  = accuracy only (±1)      # no format reward: the filter replaces it
+    advs     = papo_advantages         # group mean baseline, batch-level std
+    update   = papo_loss on one flat tree-masked forward, strictly on-policy, no KL
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from npr.algos import get_advantage_estimator
+from npr.masks import StructureError, scan_blocks
+from npr.rewards import accuracy_reward
+from npr.schema import validate
+from npr.train.config import Stage3Config
+from npr.train.rl import apply_update, collect_rollouts, policy_batch, run_eval_if_due, start_rl_run, tag_ids_of
+from npr.train.rollout import Rollout
+from npr.train.session import RunOptions, StepTimer
+from npr.train.update import global_sum
+
+# Why a rollout is dropped, in the order checked (a fixed list: every rank reports every key).
+DROP_REASONS = ("finish_length", "finish_invalid_schema", "finish_stop", "structure", "schema_structural",
+                "schema_no_block", "schema_other")
+
+
+def drop_reason(rollout: Rollout, tag_ids: dict[str, int], config: Stage3Config) -> str | None:
+    """None when the rollout trains, else the first reason in ``DROP_REASONS`` that applies."""
+    result = rollout.result
+    if result.finish_reason != "eos":
+        return f"finish_{result.finish_reason}"
+    try:
+        scan_blocks(result.prompt_ids + result.token_ids, tag_ids, len(result.prompt_ids))
+    except StructureError:
+        return "structure"
+    errors = validate(result.text)
+    if any(e.structural for e in errors):
+        return "schema_structural"
+    if config.require_parallel and any(e.kind == "no_block" for e in errors):
+        return "schema_no_block"
+    if config.drop_any_schema_error and errors:
+        return "schema_other"
+    return None
+
+
+def select_papo(rollouts: Sequence[Rollout], tag_ids: dict[str, int], config: Stage3Config
+                ) -> tuple[list[Rollout], torch.Tensor, dict[str, int]]:
+    """Schema-level filter, then PAPO advantages of the kept rollouts' accuracy rewards."""
+    drops = dict.fromkeys(DROP_REASONS, 0)
+    kept = []
+    for r in rollouts:
+        reason = drop_reason(r, tag_ids, config)
+        if reason is None:
+            kept.append(r)
+        else:
+            drops[reason] += 1
+    if not kept:
+        return [], torch.zeros(0), drops
+    rewards = torch.tensor([r.reward for r in kept], dtype=torch.float32)  # [K]
+    groups = torch.tensor([r.group for r in kept])  # [K]
+    return kept, get_advantage_estimator(config.advantage)(rewards, groups), drops
+
+
+def train_stage3(config: Stage3Config, options: RunOptions) -> Path | None:
+    """Run (or resume) Stage 3; returns ``RUN/final`` or None when stopped early by ``stop_after``."""
+    run = start_rl_run("stage3", config, options, mode="parallel")
+    session, acc = run.session, run.session.accelerator
+    tags = tag_ids_of(run)
+    run_eval_if_due(run, "before")
+    for step in session.steps():
+        timer = StepTimer()
+        rollouts, metrics = collect_rollouts(run, step, accuracy_reward)
+        timer.lap("rollout")
+        kept, advantages, drops = select_papo(rollouts, tags, config)
+        totals = global_sum(acc, [float(len(kept)), *(float(drops[k]) for k in DROP_REASONS)])
+        batch = policy_batch(kept, advantages, structured=True, tag_ids=tags, loss_on_prefilled=config.loss_on_prefilled)
+        update = apply_update(run, batch)
+        timer.lap("update")
+        metrics["kept_rate"] = totals[0] / max(metrics["rollouts"], 1.0)
+        metrics.update({f"dropped_{k}": v for k, v in zip(DROP_REASONS, totals[1:])})
+        metrics.update(**update, **timer.times)
+        session.after_step(step, metrics)
+    run_eval_if_due(run, "after")
+    return session.finish()

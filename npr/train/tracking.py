@@ -1,0 +1,128 @@
+"""Metrics of a run: ``RUN/metrics.jsonl`` (one JSON object per step), a rich live display,
+and optional TensorBoard events. Only the main process writes or draws.
+
+Wall-clock fields (``time_*``, ``*_per_s``) are the only fields of a metrics line that differ
+between two runs of the same config; ``deterministic_fields`` drops them for comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# what the live display shows, in order: metric key -> label
+DISPLAY = {"reward": "reward", "accuracy": "acc", "format_valid_rate": "fmt-valid", "trigger_rate": "trigger",
+           "loss": "loss", "kept_rate": "kept", "tokens_per_s": "tok/s"}
+
+
+def is_wall_clock(key: str) -> bool:
+    return key.startswith("time_") or key.endswith("_per_s")
+
+
+def deterministic_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """A metrics line without its wall-clock fields."""
+    return {k: v for k, v in record.items() if not is_wall_clock(k)}
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop lines logged after ``last_step`` (a run resumed from that step logs them again)."""
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLog:
+    """Appends metrics lines, mirrors them to TensorBoard and the live display (main process only)."""
+
+    def __init__(self, run_dir: Path, stage: str, total_steps: int, enabled: bool, quiet: bool, tensorboard: bool):
+        self.path = run_dir / "metrics.jsonl"
+        self.stage, self.total, self.enabled = stage, total_steps, enabled
+        self.display = LiveDisplay(stage, total_steps) if enabled and not quiet and sys.stdout.isatty() else None
+        self.plain = enabled and not quiet and self.display is None
+        self.writer = _tensorboard_writer(run_dir) if enabled and tensorboard else None
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {k: _clean(v) for k, v in record.items()}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(f"{self.stage}/{key}", value, record.get("step", 0))
+        if self.display is not None:
+            self.display.update(record)
+        elif self.plain:
+            print(summary_line(self.stage, record, self.total), flush=True)
+
+    def note(self, text: str) -> None:
+        """A one-off message (dropped samples, checkpoints) shown above the live display."""
+        if not self.enabled:
+            return
+        if self.display is not None:
+            self.display.console.print(text)
+        elif self.plain:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.display is not None:
+            self.display.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def summary_line(stage: str, record: dict[str, Any], total: int) -> str:
+    parts = [f"{stage} step {record.get('step', '?')}/{total}"]
+    for key, label in DISPLAY.items():
+        value = record.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{label} {value:.3g}")
+    return "  ".join(parts)
+
+
+def _tensorboard_writer(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed (pip install tensorboard); metrics go to metrics.jsonl only", file=sys.stderr)
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class LiveDisplay:
+    """A rich progress bar (step/total, ETA) with the latest metrics beside it."""
+
+    def __init__(self, stage: str, total_steps: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = Console()
+        self.progress = Progress(TextColumn(f"[bold]{stage}[/]"), BarColumn(), MofNCompleteColumn(),
+                                 TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=self.console)
+        self.task = self.progress.add_task(stage, total=total_steps, metrics="rolling out…")
+        self.progress.start()
+        self.started = time.perf_counter()
+
+    def update(self, record: dict[str, Any]) -> None:
+        text = summary_line("", record, 0).split("  ", 1)[-1] if len(record) > 1 else ""
+        self.progress.update(self.task, completed=record.get("step", 0), metrics=text)
+
+    def stop(self) -> None:
+        self.progress.stop()

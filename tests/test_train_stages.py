@@ -1,0 +1,208 @@
+"""The three stages and rejection sampling end to end with the smoke preset (tiny random model),
+bit-identical resume, the 2-process update, and bad input caught before any compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from npr.cli.main import main
+from npr.schema import TAGS
+from npr.train.tracking import deterministic_fields, read_metrics
+
+
+def npr(*args: str) -> int:
+    return main([*args])
+
+
+def npr_subprocess(*args: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = (launcher or [sys.executable]) + ["-m", "npr.cli.main", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def _check_vanilla_load(final: Path):
+    """final/ loads with vanilla transformers, the 8 tags as single special tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tok = AutoTokenizer.from_pretrained(final)
+    for tag in TAGS:
+        ids = tok.encode(tag, add_special_tokens=False)
+        assert len(ids) == 1 and ids[0] < model.get_input_embeddings().weight.shape[0], tag
+        assert tag in tok.all_special_tokens
+    return model, tok
+
+
+def test_stage1_smoke(tmp_path):
+    run = tmp_path / "s1"
+    assert npr("train", "stage1", "--preset", "smoke", "--out", str(run), "--quiet") == 0
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(m["rollouts"] == 16 for m in metrics)  # 4 prompts x 4 samples
+    assert any(m["updated"] == 1.0 and m["grad_norm"] > 0 for m in metrics)  # DAPO trained on kept groups
+    assert all(abs(m["logprob_drift"]) < 1e-4 for m in metrics if m["updated"])  # engine == trainer log-probs
+    assert (run / "checkpoints" / "step-3" / "trainer_state.pt").is_file()
+    assert len((run / "rollouts.jsonl").read_text().splitlines()) == 48
+    _check_vanilla_load(run / "final")
+
+
+def test_sample_then_stage2_smoke(tmp_path):
+    out = tmp_path / "sample"
+    assert npr("sample", "--preset", "smoke", "--out", str(out), "--quiet") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 8 and summary["kept"] + sum(summary["dropped"].values()) == 8
+    run = tmp_path / "s2"
+    assert npr("train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet") == 0
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3] and metrics[-1]["loss"] < metrics[0]["loss"]
+    model, tok = _check_vanilla_load(run / "final")
+    assert model.config.architectures == ["LlamaForCausalLM"]
+
+
+def test_stage3_smoke(tmp_path):
+    run = tmp_path / "s3"
+    assert npr("train", "stage3", "--preset", "smoke", "--out", str(run), "--quiet",
+               "--eval-data", "rg:chain_sum?size=4&seed=5&terms=2", "--eval-limit", "2") == 0
+    metrics = read_metrics(run / "metrics.jsonl")
+    steps = [m for m in metrics if "kept_rate" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    assert all(m["trigger_rate"] == 1.0 and m["kept_rate"] == 1.0 for m in steps)  # forced, well-formed traces
+    assert all(m["logprob_drift"] < 1e-4 for m in steps)  # tree-masked recompute == engine's parallel decode
+    evals = [m for m in metrics if "eval_accuracy" in m]
+    assert [m["step"] for m in evals] == [0, 3] and evals[0]["eval_rollouts"] == 2
+    _check_vanilla_load(run / "final")
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_resume_is_bit_identical(tmp_path, stage):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert npr("train", stage, "--preset", "smoke", "--out", str(straight), "--quiet") == 0
+    assert npr("train", stage, "--preset", "smoke", "--out", str(resumed), "--quiet", "--stop-after", "1") == 0
+    assert not (resumed / "final").exists() and (resumed / "checkpoints" / "step-1").is_dir()
+    assert npr("train", stage, "--preset", "smoke", "--out", str(resumed), "--quiet", "--resume") == 0
+    a, b = _weights(straight / "final"), _weights(resumed / "final")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = [deterministic_fields(m) for m in read_metrics(straight / "metrics.jsonl")]
+    mb = [deterministic_fields(m) for m in read_metrics(resumed / "metrics.jsonl")]
+    assert ma == mb and len(ma) == 3
+
+
+def npr_error(capsys, *args: str) -> str:
+    """Run npr in-process expecting a user-input error (exit 2); return its stderr."""
+    capsys.readouterr()
+    assert npr(*args) == 2
+    return capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_config(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert npr("train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet", "--stop-after", "1") == 0
+    err = npr_error(capsys, "train", "stage2", "--preset", "smoke", "--out", str(run), "--resume", "--learning-rate", "0.5")
+    assert "learning_rate: 0.001 -> 0.5" in err
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_same_update(tmp_path):
+    """Stage-2 SFT, global batch 4 split 2+2 over two gloo processes vs one process: same update."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["train", "stage2", "--preset", "smoke", "--max-steps", "2", "--quiet"]
+    assert npr(*args, "--out", str(one)) == 0
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    out = npr_subprocess(*args, "--out", str(two), launcher=launcher)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (two / "checkpoints" / "step-2" / "rng_state_rank1.pt").is_file()  # really two processes
+    m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
+    for a, b in zip(m1, m2):
+        assert a["tokens"] == b["tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    w1, w2 = _weights(one / "final"), _weights(two / "final")
+    lr = 1e-3
+    for k in w1:  # Adam's first steps move each weight by about lr: compare far below that
+        assert torch.allclose(w1[k], w2[k], atol=0.02 * lr, rtol=0), k
+
+
+def test_missing_model_is_a_clear_error_before_compute(tmp_path):
+    """In a fresh interpreter: the message, exit status 2 and no traceback."""
+    out = npr_subprocess("train", "stage3", "--preset", "smoke", "--model", str(tmp_path / "nope" / "final"),
+                         "--out", str(tmp_path / "run"))
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    err = npr_error(capsys, "train", "stage1", "--preset", "smoke", "--out", str(tmp_path / "empty"), "--resume")
+    assert "--resume" in err and "config.yaml does not exist" in err
+
+
+def test_fresh_run_refuses_an_existing_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert npr("train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet", "--max-steps", "1") == 0
+    assert "already holds a run" in npr_error(capsys, "train", "stage2", "--preset", "smoke", "--out", str(run))
+
+
+def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "data.jsonl"
+    empty.write_text("\n")
+    run = str(tmp_path / "r")
+    assert "empty dataset" in npr_error(capsys, "train", "stage2", "--preset", "smoke", "--train-data", str(empty),
+                                        "--out", run)
+    assert "no problems" in npr_error(capsys, "train", "stage1", "--preset", "smoke", "--train-data", str(empty),
+                                      "--out", run)
+    assert not Path(run).exists()
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_dataset_line_without_answer_names_file_line_field(tmp_path, capsys, stage):
+    data = tmp_path / "data.jsonl"
+    good = {"id": "a", "problem": "What is 1+1?", "answer": "2", "response": "<guideline>…"}
+    bad = {"id": "b", "problem": "What is 2+2?", "response": "x"}
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    err = npr_error(capsys, "train", stage, "--preset", "smoke", "--train-data", str(data), "--out", str(tmp_path / "r"))
+    assert f"{data}:2: field 'answer'" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_unknown_yaml_field_is_a_clear_error(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("max_steps: 2\nclip_hihg: 0.3\n")
+    err = npr_error(capsys, "train", "stage1", "--preset", "smoke", "--config", str(cfg), "--out", str(tmp_path / "r"))
+    assert f"{cfg}:2" in err and "'clip_hihg'" in err and "did you mean 'clip_high'" in err
+
+
+def test_sft_drops_malformed_samples_and_counts_them(tmp_path):
+    from npr.train.sft_data import synthetic_examples
+
+    rows = [{"id": e.id, "problem": e.problem, "answer": e.answer, "response": e.response}
+            for e in synthetic_examples("synthetic:arith?n=4")]
+    rows.append({**rows[0], "id": "tags-out-of-order", "response": "<step>\n1: x\n</step>\n<guideline>\\boxed{1}"})
+    rows.append({**rows[0], "id": "unclosed", "response": "<guideline>\n<plan>1: a plan</plan>\n</guideline>\n"
+                 "<step>\n1: never closed\n\\boxed{1}"})
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert npr("train", "stage2", "--preset", "smoke", "--train-data", str(data), "--out", str(run), "--quiet",
+               "--max-steps", "1") == 0
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert metrics[0]["examples"] == 4 and metrics[0]["dropped"] == 2
+
+
+def test_tensorboard_flag_without_tensorboard_still_trains(tmp_path):
+    run = tmp_path / "run"
+    assert npr("train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet", "--max-steps", "1",
+               "--tensorboard", "true") == 0
+    assert (run / "final").is_dir()
+    shutil.rmtree(run)
