@@ -11,7 +11,8 @@ import torch
 
 from npr.algos import get_policy_loss
 from npr.tokens import tag_token_ids
-from npr.train.logprobs import causal_sequence, response_logprobs, structured_sequence
+from npr.train.logprobs import (causal_sequence, pack_in_budget, pack_responses, response_logprobs,
+                                 structured_sequence)
 from npr.train.session import make_accelerator
 from npr.train.update import PolicyBatch, aggregation_units, policy_backward, sft_backward
 
@@ -37,6 +38,16 @@ def _sequences(tok):
     ]
 
 
+def _group(tok):
+    """Three responses to one prompt: two parallel traces and a plain one."""
+    tags = tag_token_ids(tok)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    prompt = enc("Q: 23+34? Answer in the parallel format.\n")
+    return [structured_sequence(prompt, enc(TRACE) + [tok.eos_token_id], tags),
+            causal_sequence(prompt, enc("57, so \\boxed{57}")),
+            structured_sequence(prompt, enc(TRACE.replace("tens", "the tens digits")), tags)]
+
+
 def _single(model, seq):
     """Reference: one sequence, no padding, the full-logit log-softmax read at response positions."""
     from npr.masks import attention_bias
@@ -58,6 +69,30 @@ def test_batched_forward_equals_loop(llama):
             assert mask[b].sum() == seq.response_length
             assert torch.allclose(logprobs[b, :seq.response_length], ref, atol=1e-5)
             assert (logprobs[b, seq.response_length:] == 0).all()
+
+
+def test_packed_responses_equal_separate_forwards(llama):
+    """Responses packed behind one prompt copy: each sees the prompt and itself only."""
+    model, tok = llama
+    group = _group(tok)
+    packed = pack_responses(group)
+    assert len(packed.input_ids) == group[0].context_end + sum(s.response_length for s in group)
+    with torch.no_grad():
+        together, mask = response_logprobs(model, [packed], tok.pad_token_id)
+        apart, apart_mask = response_logprobs(model, group, tok.pad_token_id)
+    assert together.shape == apart.shape and torch.equal(mask, apart_mask)
+    assert torch.allclose(together, apart, atol=1e-5)
+
+
+def test_pack_in_budget_keeps_order_and_budget(llama):
+    _, tok = llama
+    group = _group(tok)
+    prompt = group[0].context_end
+    budget = prompt + group[0].response_length + group[1].response_length
+    packs = pack_in_budget(group + _sequences(tok)[1:2], budget)
+    assert [len(p.spans) for p in packs] == [2, 1, 1]  # budget splits the group; a new prompt starts a pack
+    assert all(len(p.input_ids) <= budget for p in packs[:2])
+    assert pack_in_budget(group, 0) == group
 
 
 def test_causal_sequence_matches_plain_forward(llama):
@@ -102,6 +137,23 @@ def _policy_batch(seqs, prefilled_at=()):
         masks.append(m)
     return PolicyBatch(seqs, masks, torch.tensor([1.0, -0.5, 0.25]),
                        [torch.zeros(s.response_length) for s in seqs])
+
+
+def test_packing_does_not_change_the_update(llama):
+    model, tok = llama
+    group = _group(tok)
+    acc = make_accelerator()
+    loss_fn = get_policy_loss("papo")
+    grads = []
+    for sequences in (group, [pack_responses(group)]):
+        model.zero_grad()
+        batch = _policy_batch(group, prefilled_at=(2,))
+        batch.sequences = sequences
+        policy_backward(acc, model, batch, loss_fn, "token-mean", tok.pad_token_id, 1)
+        grads.append(_grads(model))
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+    model.zero_grad()
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])

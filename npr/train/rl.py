@@ -18,7 +18,7 @@ from npr.rewards import accuracy_reward
 from npr.tokens import tag_token_ids
 from npr.train.config import ConfigError, RLConfig
 from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
-from npr.train.logprobs import TokenSequence, causal_sequence, structured_sequence
+from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
 from npr.train.rollout import Rollout, RolloutWorker, append_rollouts, rollout_metrics, rollout_sums, score
 from npr.train.session import RunOptions, TrainSession, open_session
 from npr.train.update import PolicyBatch, global_sum, optimizer_step, policy_backward
@@ -81,11 +81,12 @@ def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], flo
 
 
 def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structured: bool, tag_ids: dict[str, int],
-                 loss_on_prefilled: bool) -> PolicyBatch:
+                 loss_on_prefilled: bool, pack_tokens: int = 0) -> PolicyBatch:
     """Token sequences, loss masks and advantages of the selected rollouts.
 
     ``structured``: tree mask + positions from the schema (parallel rollouts), else causal.
     The recomputed positions must equal the engine's: any difference is a bug, not data.
+    ``pack_tokens`` > 0 packs each prompt's responses behind one copy of the prompt.
     """
     sequences: list[TokenSequence] = []
     for r in rollouts:
@@ -99,7 +100,7 @@ def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structur
     masks = [torch.ones(len(r.result.token_ids), dtype=torch.bool) if loss_on_prefilled
              else torch.tensor(r.result.sampled, dtype=torch.bool) for r in rollouts]
     engine_logprobs = [torch.tensor(r.result.logprobs, dtype=torch.float32) for r in rollouts]
-    return PolicyBatch(sequences, masks, advantages.float(), engine_logprobs)
+    return PolicyBatch(pack_in_budget(sequences, pack_tokens), masks, advantages.float(), engine_logprobs)
 
 
 def apply_update(run: RLRun, batch: PolicyBatch) -> dict[str, float]:

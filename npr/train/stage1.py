@@ -41,7 +41,8 @@ def select_dapo(rollouts: Sequence[Rollout], rewards: torch.Tensor, config: Stag
     if not rollouts:
         return [], torch.zeros(0)
     groups = torch.tensor([r.group for r in rollouts])  # [N]
-    keep = dynamic_sampling_filter(rewards, groups) if config.dynamic_sampling else torch.ones(len(rollouts), dtype=torch.bool)
+    keep = (dynamic_sampling_filter(rewards, groups) if config.dynamic_sampling
+            else torch.ones(len(rollouts), dtype=torch.bool))  # [N]
     kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
     advantages = get_advantage_estimator(config.advantage)(rewards[keep], groups[keep])  # [K]
     return kept, advantages
@@ -60,7 +61,8 @@ def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
         rewards = shaped_rewards(rollouts, config)
         kept, advantages = select_dapo(rollouts, rewards, config)
         shaped_sum, kept_count = global_sum(acc, [float(rewards.sum()), float(len(kept))])
-        batch = policy_batch(kept, advantages, structured=False, tag_ids=tags, loss_on_prefilled=config.loss_on_prefilled)
+        batch = policy_batch(kept, advantages, structured=False, tag_ids=tags,
+                             loss_on_prefilled=config.loss_on_prefilled, pack_tokens=config.pack_group_tokens)
         update = apply_update(run, batch)
         timer.lap("update")
         metrics.update(shaped_reward=shaped_sum / max(metrics["rollouts"], 1.0),

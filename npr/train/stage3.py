@@ -80,7 +80,8 @@ def train_stage3(config: Stage3Config, options: RunOptions) -> Path | None:
         timer.lap("rollout")
         kept, advantages, drops = select_papo(rollouts, tags, config)
         totals = global_sum(acc, [float(len(kept)), *(float(drops[k]) for k in DROP_REASONS)])
-        batch = policy_batch(kept, advantages, structured=True, tag_ids=tags, loss_on_prefilled=config.loss_on_prefilled)
+        batch = policy_batch(kept, advantages, structured=True, tag_ids=tags,
+                             loss_on_prefilled=config.loss_on_prefilled, pack_tokens=config.pack_group_tokens)
         update = apply_update(run, batch)
         timer.lap("update")
         metrics["kept_rate"] = totals[0] / max(metrics["rollouts"], 1.0)

@@ -23,15 +23,23 @@ from npr.train.logprobs import TokenSequence, response_logprobs
 class PolicyBatch:
     """This rank's rollouts for one RL update.
 
-    ``sequences``: B ``TokenSequence``; ``loss_masks``: B BoolTensor[T_b] over each response
-    (True where the token carries loss); ``advantages`` FloatTensor[B]; ``sampler_logprobs``:
-    B FloatTensor[T_b] of the engine's log-probs (NaN where prefilled), for the drift metric.
+    ``sequences``: ``TokenSequence`` rows holding R responses in all (several per row when
+    packed), in order; per response r: ``loss_masks[r]`` BoolTensor[T_r] (True where the token
+    carries loss), ``advantages[r]`` (FloatTensor[R]) and ``sampler_logprobs[r]``
+    FloatTensor[T_r], the engine's log-probs (NaN where prefilled), for the drift metric.
     """
 
     sequences: list[TokenSequence]
     loss_masks: list[torch.Tensor]
     advantages: torch.Tensor
     sampler_logprobs: list[torch.Tensor]
+
+    def response_rows(self, indices: Sequence[int]) -> list[int]:
+        """Response indices held by the sequences ``indices``."""
+        starts = [0]
+        for s in self.sequences:
+            starts.append(starts[-1] + len(s.spans))
+        return [r for i in indices for r in range(starts[i], starts[i + 1])]
 
 
 def padded(rows: Sequence[torch.Tensor], width: int, value=0) -> torch.Tensor:
@@ -96,6 +104,7 @@ def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_tok
     """Gradients of the token-mean NLL of every response token over the global batch.
 
     Returns ``loss`` (global token-mean NLL) and ``tokens`` (global response tokens).
+    ``micro_batch_size`` counts sequences (a packed sequence holds several responses).
     """
     local_tokens = sum(s.response_length for s in sequences)
     total_tokens, = global_sum(accelerator, [local_tokens])
@@ -128,14 +137,15 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
     sums: dict[str, float] = {}
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
-        logprobs, mask = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id)  # [b, T]
+        rows = batch.response_rows(indices)
+        logprobs, mask = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id)  # [r, T]
         width = logprobs.shape[1]
-        loss_mask = padded([batch.loss_masks[i] for i in indices], width, False).to(mask.device) & mask  # [b, T]
+        loss_mask = padded([batch.loss_masks[r] for r in rows], width, False).to(mask.device) & mask  # [r, T]
         loss, metrics = loss_fn(logprobs=logprobs, old_logprobs=logprobs.detach(),
-                                advantages=batch.advantages[indices].to(logprobs.device), mask=loss_mask, agg=agg)
+                                advantages=batch.advantages[rows].to(logprobs.device), mask=loss_mask, agg=agg)
         weight = aggregation_units(loss_mask, agg)
-        engine = padded([batch.sampler_logprobs[i] for i in indices], width, float("nan")).to(logprobs.device)
-        seen = loss_mask & ~engine.isnan()  # [b, T]
+        engine = padded([batch.sampler_logprobs[r] for r in rows], width, float("nan")).to(logprobs.device)
+        seen = loss_mask & ~engine.isnan()  # [r, T]
         drift = (logprobs.detach() - engine).abs()[seen].sum()
         for key, value in (*metrics.items(), ("loss", float(loss.detach()))):
             if key != "num_tokens":
