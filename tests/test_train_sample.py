@@ -19,9 +19,9 @@ PROBLEMS = [Problem("p0", "What is 23 + 34?", "57", "test"), Problem("p1", "What
 def _result(prompt: int, sample: int, text: str, finish: str = "eos") -> Result:
     stats = RequestStats(generated_tokens=3, critical_path_tokens=3, forward_passes=3, wall_time_s=0.0,
                          parallel_blocks=0)
-    return Result(prompt_index=prompt, sample_index=sample, prompt_ids=[1], token_ids=[5, 6, 7], position_ids=[1, 2, 3],
-                  logprobs=[0.0] * 3, sampled=[True] * 3, text=text, finish_reason=finish, diagnostic=None, mode="plain",
-                  blocks=[], stats=stats)
+    return Result(prompt_index=prompt, sample_index=sample, prompt_ids=[1], token_ids=[5, 6, 7],
+                  position_ids=[1, 2, 3], logprobs=[0.0] * 3, sampled=[True] * 3, text=text, finish_reason=finish,
+                  diagnostic=None, mode="plain", blocks=[], stats=stats)
 
 
 def test_keeps_correct_valid_samples_and_counts_the_rest():

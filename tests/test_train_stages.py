@@ -111,7 +111,8 @@ def npr_error(capsys, *args: str) -> str:
 def test_resume_refuses_a_changed_config(tmp_path, capsys):
     run = tmp_path / "run"
     assert npr("train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet", "--stop-after", "1") == 0
-    err = npr_error(capsys, "train", "stage2", "--preset", "smoke", "--out", str(run), "--resume", "--learning-rate", "0.5")
+    err = npr_error(capsys, "train", "stage2", "--preset", "smoke", "--out", str(run), "--resume",
+                    "--learning-rate", "0.5")
     assert "learning_rate: 0.001 -> 0.5" in err
 
 
@@ -128,7 +129,8 @@ def test_two_processes_make_the_same_update(tmp_path):
     m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     for a, b in zip(m1, m2):
         assert a["tokens"] == b["tokens"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     w1, w2 = _weights(one / "final"), _weights(two / "final")
     lr = 1e-3
     for k in w1:  # Adam's first steps move each weight by about lr: compare far below that
@@ -171,7 +173,8 @@ def test_dataset_line_without_answer_names_file_line_field(tmp_path, capsys, sta
     good = {"id": "a", "problem": "What is 1+1?", "answer": "2", "response": "<guideline>…"}
     bad = {"id": "b", "problem": "What is 2+2?", "response": "x"}
     data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    err = npr_error(capsys, "train", stage, "--preset", "smoke", "--train-data", str(data), "--out", str(tmp_path / "r"))
+    err = npr_error(capsys, "train", stage, "--preset", "smoke", "--train-data", str(data),
+                    "--out", str(tmp_path / "r"))
     assert f"{data}:2: field 'answer'" in err
     assert not (tmp_path / "r").exists()
 

@@ -57,8 +57,8 @@ class TrainConfig:
 
     model: str = option("", "model to train: the previous stage's RUN/final, embedded, tiny-random-llama, "
                         "tiny-random-qwen3, a local HF directory or an HF hub id; required")
-    train_data: str = option("", "training data: rg:<task>?… (reasoning-gym), a .jsonl file ({id, problem, answer} per "
-                             "line, e.g. ../shared/benchmarks/train_math.jsonl) or hf:<dataset id>; required")
+    train_data: str = option("", "training data: rg:<task>?… (reasoning-gym), a .jsonl file ({id, problem, answer} "
+                             "per line, e.g. ../shared/benchmarks/train_math.jsonl) or hf:<dataset id>; required")
     train_limit: int | None = option(None, "use only the first N problems/examples of train_data (None: all)")
     seed: int = option(0, "seed of the data order, the rollout sampling and torch's RNG")
     dtype: str = option("float32", "dtype of the trained (master) weights and of checkpoints", DTYPES)
@@ -102,7 +102,8 @@ class TrainConfig:
 
     def _check_steps(self):
         _check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
-        _check(0 <= self.warmup_steps <= self.max_steps, "warmup_steps", f"must lie in [0, max_steps], got {self.warmup_steps}")
+        _check(0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
+               f"must lie in [0, max_steps], got {self.warmup_steps}")
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,17 @@ class RLConfig(RolloutConfig, TrainConfig):
     prompts_per_step: int = option(32, "prompts per optimizer step, across all processes (NPR Stage 1: 32)")
     samples_per_prompt: int = option(16, "rollouts per prompt, the group size G (NPR: 16)")
     policy_loss: str = option("dapo", "policy loss from npr.algos.POLICY_LOSSES", tuple(POLICY_LOSSES))
-    advantage: str = option("grpo", "advantage estimator from npr.algos.ADVANTAGE_ESTIMATORS", tuple(ADVANTAGE_ESTIMATORS))
+    advantage: str = option("grpo", "advantage estimator from npr.algos.ADVANTAGE_ESTIMATORS",
+                            tuple(ADVANTAGE_ESTIMATORS))
     loss_agg: str = option("token-mean", "loss aggregation over the GLOBAL batch: token-mean (DAPO §3.3, PAPO's "
                            "1/Σ|y|), seq-mean-token-mean or seq-mean-token-sum", tuple(AGGREGATIONS))
     loss_on_prefilled: bool = option(False, "also put loss on the scaffold tokens the engine prefilled (the newline "
                                      "after </guideline>, '<step>\\nk:', the newline after </step>, <takeaway>); by "
                                      "default only tokens the model sampled are policy actions and carry loss")
+    pack_group_tokens: int = option(0, "pack the responses to one prompt behind a single copy of the prompt, in "
+                                    "sequences of at most N tokens (0: one sequence per response). The update is "
+                                    "unchanged (each response sees only the prompt and itself); the prompt is "
+                                    "computed once per pack. micro_batch_size then counts packs")
     eval_data: str | None = option(None, "held-out problems evaluated before the first and after the last step "
                                    "(eval_* metrics in metrics.jsonl); None skips evaluation")
     eval_limit: int = option(32, "evaluate only the first N eval_data problems")
@@ -153,6 +159,7 @@ class RLConfig(RolloutConfig, TrainConfig):
         _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.eval_limit >= 1 and self.eval_samples >= 1, "eval_limit/eval_samples", "must be >= 1")
+        _check(self.pack_group_tokens >= 0, "pack_group_tokens", "must be >= 0 (0: no packing)")
 
 
 @dataclass(frozen=True)
@@ -172,15 +179,16 @@ class Stage1Config(RLConfig):
     advantage: str = option("grpo", "group-normalised advantage (DAPO eq. 9)", tuple(ADVANTAGE_ESTIMATORS))
     clip_low: float = option(0.2, "DAPO lower clip epsilon (eq. 10)")
     clip_high: float = option(0.28, "DAPO clip-higher epsilon (eq. 10, §3.1)")
-    dynamic_sampling: bool = option(True, "drop prompt groups whose rewards are all equal (DAPO §3.2); the batch is not "
-                                    "refilled, so a step may train on fewer groups or skip the update")
+    dynamic_sampling: bool = option(True, "drop prompt groups whose rewards are all equal (DAPO §3.2); the batch is "
+                                    "not refilled, so a step may train on fewer groups or skip the update")
     overlong_buffer: int = option(1024, "DAPO soft overlong punishment (§3.4, eq. 13): the reward falls linearly "
                                   "over the last N tokens of max_new_tokens; 0 makes it a step at the budget")
     overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")
 
     def __post_init__(self):
         super().__post_init__()
-        _check(0 <= self.clip_low < 1 and self.clip_high >= 0, "clip_low/clip_high", "need 0 <= clip_low < 1, clip_high >= 0")
+        _check(0 <= self.clip_low < 1 and self.clip_high >= 0, "clip_low/clip_high",
+               "need 0 <= clip_low < 1, clip_high >= 0")
         _check(0 <= self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
                f"must lie in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
         _check(self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0")
@@ -206,6 +214,10 @@ class Stage2Config(TrainConfig):
     num_epochs: int = option(2, "passes over the dataset when max_steps is 0 (our choice)")
     max_steps: int = option(0, "optimizer steps; 0 derives them from num_epochs and batch_size")
     max_seq_len: int = option(16384, "longest prompt + response kept; longer examples are dropped and counted")
+    primer_data: str | None = option(None, "extra examples mixed into train_data, e.g. synthetic:chain_sum?size=64&"
+                                     "seed=3&terms=2&digits=1 (programmatic NPR traces). NOT the paper: NPR-Beta is "
+                                     "purely self-distilled. The tiny preset needs it because SmolLM2-135M does not "
+                                     "discover the format in a CPU-sized Stage 1, so rejection sampling keeps ~nothing")
 
     def _check_steps(self):
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: from num_epochs), got {self.max_steps}")
@@ -213,8 +225,8 @@ class Stage2Config(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.batch_size >= 1 and self.num_epochs >= 1 and self.max_seq_len >= 8, "batch_size/num_epochs/max_seq_len",
-               "must be >= 1 (max_seq_len >= 8)")
+        _check(self.batch_size >= 1 and self.num_epochs >= 1 and self.max_seq_len >= 8,
+               "batch_size/num_epochs/max_seq_len", "must be >= 1 (max_seq_len >= 8)")
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ class BatchOrder:
 
     def __post_init__(self):
         if self.num_examples < 1 or self.batch_size < 1:
-            raise ValueError(f"BatchOrder needs examples and a batch size >= 1, got {self.num_examples}, {self.batch_size}")
+            raise ValueError(f"BatchOrder needs examples and a batch size >= 1, got {self.num_examples}, "
+                             f"{self.batch_size}")
 
     def epoch_permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)

@@ -170,8 +170,8 @@ def unknown_flag_error(unknown: list[str], cls: type, command: str) -> ConfigErr
     flag = next((u for u in unknown if u.startswith("--")), unknown[0])
     name = flag.lstrip("-").split("=")[0].replace("-", "_")
     valid = [f.name for f in fields(cls)]
-    return ConfigError(f"{command}: unknown flag {flag!r}: {cls.__name__} has no field {name!r}{_suggest(name, valid)}; "
-                       f"see `{command} --help` for the fields")
+    return ConfigError(f"{command}: unknown flag {flag!r}: {cls.__name__} has no field {name!r}"
+                       f"{_suggest(name, valid)}; see `{command} --help` for the fields")
 
 
 # ----------------------------------------------------------------------------- YAML out

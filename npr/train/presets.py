@@ -11,7 +11,10 @@
 
 Stages after the first need ``--model RUN/final`` from the previous stage (the ``smoke``
 presets start from a fresh tiny random model so that each command runs on its own), and
-Stage 2 needs ``--train-data`` from ``npr sample``.
+Stage 2 needs ``--train-data`` from ``npr sample``. The ``tiny`` Stage 2 mixes in a primer of
+64 programmatic chain_sum traces (``primer_data``): SmolLM2-135M does not discover the NPR
+format in a few CPU steps of Stage 1, so rejection sampling keeps next to nothing; without the
+primer Stage 3 would have no parallel structure to optimise.
 """
 
 from __future__ import annotations
@@ -21,14 +24,20 @@ from typing import Any
 _CHAIN_SUM = "rg:chain_sum?size=256&seed=1&terms=2&digits=1"
 _CHAIN_SUM_EVAL = "rg:chain_sum?size=64&seed=2&terms=2&digits=1"
 _SMOKE_DATA = "rg:chain_sum?size=16&seed=1&terms=2&digits=1"
+# Stage-2 primer of the tiny preset: programmatic traces (not self-distilled; see Stage2Config.primer_data)
+_CHAIN_SUM_PRIMER = "synthetic:chain_sum?size=64&seed=3&terms=2&digits=1"
 
 _SMOKE_COMMON: dict[str, Any] = dict(model="tiny-random-llama", learning_rate=1e-3, warmup_steps=0, max_steps=3,
                                      micro_batch_size=4, keep_checkpoints=0)
 _SMOKE_RL: dict[str, Any] = dict(_SMOKE_COMMON, train_data=_SMOKE_DATA, prompts_per_step=4, samples_per_prompt=4,
-                                 kv_cache_tokens=32768, max_num_seqs=16)
-_TINY_RL: dict[str, Any] = dict(train_data=_CHAIN_SUM, rollout_dtype="bfloat16", mixed_precision="bf16",
+                                 kv_cache_tokens=32768, max_num_seqs=16, pack_group_tokens=1100, micro_batch_size=2)
+# One CPU thread: on a 2-core machine shared with other processes, two spinning threads make
+# decoding and training many times slower (measured 5-70x); alone on the machine 2 threads gain <2x.
+_TINY_THREADS = 1
+_TINY_RL: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, train_data=_CHAIN_SUM, rollout_dtype="bfloat16",
+                                mixed_precision="bf16",
                                 kv_cache_tokens=65536, max_num_seqs=64, eval_data=_CHAIN_SUM_EVAL, eval_limit=16,
-                                eval_samples=2, warmup_steps=0, lr_schedule="constant")
+                                eval_samples=2, warmup_steps=0, lr_schedule="constant", pack_group_tokens=2048)
 _QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20)
 _QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache_gib=20.0, max_num_seqs=256)
 
@@ -42,15 +51,17 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "sample": {
         "smoke": dict(model="tiny-random-llama", train_data=_SMOKE_DATA, train_limit=4, tries=2, max_new_tokens=96,
                       rollout_forcing="structure", require_correct=False, kv_cache_tokens=32768, max_num_seqs=16),
-        "tiny": dict(train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=256, rollout_dtype="bfloat16",
+        "tiny": dict(cpu_threads=_TINY_THREADS, train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=256,
+                     rollout_dtype="bfloat16",
                      kv_cache_tokens=65536, max_num_seqs=64, prompts_per_batch=16),
         "qwen3-4b": dict(rollout_dtype="bfloat16", kv_cache_gib=40.0, max_num_seqs=256, prompts_per_batch=64),
     },
     "stage2": {
         "smoke": dict(_SMOKE_COMMON, train_data="synthetic:arith?n=12&seed=0", batch_size=4, micro_batch_size=2,
                       min_learning_rate=5e-4, max_seq_len=4096),
-        "tiny": dict(learning_rate=2e-5, min_learning_rate=1e-5, batch_size=8, micro_batch_size=4, num_epochs=2,
-                     mixed_precision="bf16", max_seq_len=1024),
+        "tiny": dict(cpu_threads=_TINY_THREADS, learning_rate=1e-4, min_learning_rate=5e-5, batch_size=8,
+                     micro_batch_size=4, num_epochs=2,
+                     mixed_precision="bf16", max_seq_len=1024, primer_data=_CHAIN_SUM_PRIMER),
         "qwen3-4b": dict(_QWEN_TRAIN),
     },
     "stage3": {

@@ -20,7 +20,8 @@ import torch
 import yaml
 
 from npr.models import load_model_and_tokenizer, save_model
-from npr.train.checkpoint import CheckpointError, checkpoint_steps, latest_checkpoint, load_trainer_state, save_checkpoint
+from npr.train.checkpoint import (CheckpointError, checkpoint_steps, latest_checkpoint, load_trainer_state,
+                                  save_checkpoint)
 from npr.train.config import RESUMABLE_FIELDS, ConfigError
 from npr.train.overrides import config_differences, config_to_yaml, resolve_config
 from npr.train.schedule import build_optimizer, build_scheduler

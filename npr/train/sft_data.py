@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,13 @@ def _field(row: dict, name: str, path: str, lineno: int) -> str:
     return value
 
 
-def read_sft_jsonl(path: str | Path) -> list[SftExample]:
-    """Every example of an SFT JSONL file; raises ``DataError`` / ``DataFileError`` on bad input."""
+def read_sft_jsonl(path: str | Path, allow_empty: bool = False) -> list[SftExample]:
+    """Every example of an SFT JSONL file; raises ``DataError`` / ``DataFileError`` on bad input
+    (and on a file without examples unless ``allow_empty``)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file; give the JSONL that `npr sample` wrote (its --out dir holds data.jsonl)")
+        raise DataError(f"{path}: no such file; give the JSONL that `npr sample` wrote "
+                        "(its --out directory holds data.jsonl)")
     examples = []
     for lineno, line in enumerate(decode_utf8(path.read_bytes(), str(path)).split("\n"), 1):
         if not line.strip():
@@ -76,15 +79,26 @@ def read_sft_jsonl(path: str | Path) -> list[SftExample]:
         if not isinstance(row, dict):
             raise DataFileError(str(path), lineno, None, "not a JSON object", "write one object per line")
         examples.append(SftExample(*(_field(row, name, str(path), lineno) for name in SFT_FIELDS)))
-    if not examples:
+    if not examples and not allow_empty:
         raise DataError(f"{path} holds no examples (an empty dataset): rejection sampling kept nothing? "
                         "Check `npr sample`'s summary.json, sample more tries, or train Stage 1 longer")
     return examples
 
 
 def synthetic_examples(spec: str) -> list[SftExample]:
-    """``synthetic:arith?n=12&seed=0``: canonical two-branch traces for ``a + b`` (smoke/test data)."""
-    params = dict(parse_qsl(spec[len(SYNTHETIC_PREFIX):].partition("?")[2]))
+    """Programmatic canonical traces (not self-distilled: smoke data and the tiny preset's primer).
+
+    ``synthetic:arith?n=12&seed=0``: ``What is a + b?`` split into tens and units;
+    ``synthetic:chain_sum?size=64&seed=3&terms=2&digits=1``: the problems of that reasoning-gym
+    spec (2 terms), computed directly in one branch and by counting in the other.
+    """
+    kind, _, query = spec[len(SYNTHETIC_PREFIX):].partition("?")
+    if kind == "chain_sum":
+        return _chain_sum_traces(query)
+    if kind != "arith":
+        raise DataError(f"{spec!r}: unknown synthetic set {kind!r}; use synthetic:arith?n=N&seed=S or "
+                        "synthetic:chain_sum?size=N&seed=S&terms=2&digits=1")
+    params = dict(parse_qsl(query))
     rng = random.Random(int(params.get("seed", 0)))
     examples = []
     for i in range(int(params.get("n", 12))):
@@ -98,13 +112,37 @@ def synthetic_examples(spec: str) -> list[SftExample]:
     return examples
 
 
-def load_sft_examples(spec: str, limit: int | None = None) -> list[SftExample]:
+_TWO_TERMS = re.compile(r"(\d+) ([+-]) (\d+) =\s*$")
+
+
+def _chain_sum_traces(query: str) -> list[SftExample]:
+    from npr.data import load_problems
+
+    examples = []
+    for p in load_problems(f"rg:chain_sum?{query}"):
+        match = _TWO_TERMS.search(p.problem)
+        if match is None:
+            raise DataError(f"synthetic:chain_sum needs 2-term problems (terms=2); {p.id} is {p.problem!r}")
+        a, op, b = match.groups()
+        step = 1 if op == "+" else -1
+        counted = ", ".join(str(int(a) + step * k) for k in range(int(b) + 1)) + f": {b} step(s) from {a}"
+        inverse = f"{p.answer} {'-+'[op == '-']} {b} = {a}"
+        plan2, step2 = ((f"count from {a} by {'ones' if op == '+' else 'minus ones'}, {b} times", counted)
+                        if int(b) <= 12 else ("check with the inverse operation", inverse))
+        response = (f"<guideline>\n<plan>1: compute {a} {op} {b} directly</plan>\n<plan>2: {plan2}</plan>\n"
+                    f"</guideline>\n<step>\n1: {a} {op} {b} = {p.answer}\n</step>\n<step>\n2: {step2}\n</step>\n"
+                    f"<takeaway>\nboth steps end at {p.answer}\n</takeaway>\nThe answer is \\boxed{{{p.answer}}}.")
+        examples.append(SftExample(f"synthetic-{p.id}", p.problem, p.answer, response))
+    return examples
+
+
+def load_sft_examples(spec: str, limit: int | None = None, allow_empty: bool = False) -> list[SftExample]:
     """Examples of ``spec``: a JSONL file, a directory from ``npr sample`` (its data.jsonl), or synthetic:…"""
     if spec.startswith(SYNTHETIC_PREFIX):
         examples = synthetic_examples(spec)
     else:
         path = Path(spec)
-        examples = read_sft_jsonl(path / SAMPLE_FILE if path.is_dir() else path)
+        examples = read_sft_jsonl(path / SAMPLE_FILE if path.is_dir() else path, allow_empty)
     return examples if limit is None else examples[:limit]
 
 

@@ -24,14 +24,18 @@ from npr.train.update import optimizer_step, sft_backward
 
 def total_sft_steps(config: Stage2Config, num_examples: int) -> int:
     """``max_steps``, or ``num_epochs`` passes of ``batch_size`` examples when it is 0."""
-    return config.max_steps or config.num_epochs * BatchOrder(num_examples, config.batch_size, config.seed).steps_per_epoch()
+    per_epoch = BatchOrder(num_examples, config.batch_size, config.seed).steps_per_epoch()
+    return config.max_steps or config.num_epochs * per_epoch
 
 
 def train_stage2(config: Stage2Config, options: RunOptions) -> Path | None:
     """Run (or resume) Stage 2; returns ``RUN/final`` or None when stopped early by ``stop_after``."""
     from npr.models import load_tokenizer
 
-    examples = load_sft_examples(config.train_data, config.train_limit)  # data errors before any compute
+    # data errors before any compute; with a primer the self-distilled file may be empty
+    examples = load_sft_examples(config.train_data, config.train_limit, allow_empty=bool(config.primer_data))
+    if config.primer_data:
+        examples += load_sft_examples(config.primer_data)
     tokenizer = load_tokenizer(model_source(config, options))
     kept, dropped = tokenize_examples(examples, tokenizer, tag_token_ids(tokenizer), config.max_seq_len)
     if not kept:

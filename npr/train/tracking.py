@@ -101,7 +101,8 @@ def _tensorboard_writer(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        print("tensorboard is not installed (pip install tensorboard); metrics go to metrics.jsonl only", file=sys.stderr)
+        print("tensorboard is not installed (pip install tensorboard); metrics go to metrics.jsonl only",
+              file=sys.stderr)
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
