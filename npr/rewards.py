@@ -5,8 +5,10 @@ whose format is invalid gets its format penalty in [-2, 0) and a valid one gets 
 correct / wrong final answer (``stage1_reward``); later stages use ``accuracy_reward``.
 
 The final answer is the content of the last balanced ``\\boxed{}`` (``npr.schema.extract_answer``);
-a response without one is wrong. Math answers are compared with math-verify; procedural
-(reasoning-gym) problems with reasoning-gym's own scorer for their task.
+a response without one falls back to its last number, as NPR's released reward does
+(``extract_answer(..., use_last_number=True)``), so a base model that answers in words is graded
+fairly. The format reward, not the grader, insists on the box. Math answers are compared with
+math-verify; procedural (reasoning-gym) problems with reasoning-gym's own scorer for their task.
 
 Thread safety: math-verify's timeouts use ``signal.alarm``, which raises outside the main
 thread, so both timeouts are disabled here and the functions can run in a thread pool. To keep
@@ -18,6 +20,7 @@ before sympy sees it; see ``is_unbounded``.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any, Callable
 
 import sympy
@@ -36,6 +39,18 @@ MAX_FACTORIAL = 10_000
 _EVALF_ERRORS = (ArithmeticError, NotImplementedError, TypeError, ValueError)
 
 Reward = Callable[[str, Problem], float]
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def final_answer(response: str) -> str | None:
+    """The graded answer of a response: its last balanced ``\\boxed{}``, else its last number
+    (NPR's fallback), else None. An empty box is no answer."""
+    boxed = extract_answer(response)
+    if boxed is not None:
+        return boxed or None
+    numbers = _NUMBER.findall(response)
+    return numbers[-1].replace(",", "") if numbers else None
 
 
 # ---------------------------------------------------------------- math answers
@@ -102,11 +117,10 @@ def answers_match(predicted: str, gold: str) -> bool:
 
 
 def math_correct(response: str, answer: str) -> bool:
-    """Whether the last balanced ``\\boxed{}`` of ``response`` equals ``answer`` (math-verify).
-
-    A response with no box, or an empty one, is not correct. Safe to call from threads.
+    """Whether the final answer of ``response`` (``final_answer``) equals ``answer`` by
+    math-verify. An empty box is not correct. Safe to call from threads.
     """
-    predicted = extract_answer(response)
+    predicted = final_answer(response)
     return bool(predicted) and answers_match(predicted, answer)
 
 
@@ -128,17 +142,16 @@ def _rg_scorer(task: str) -> Callable[[str | None, dict[str, Any]], float]:
 
 
 def rg_score(response: str, problem: Problem) -> float:
-    """reasoning-gym's score in [0, 1] of the boxed answer of ``response`` for ``problem``.
+    """reasoning-gym's score in [0, 1] of the final answer of ``response`` for ``problem``.
 
-    The string scored is the content of the last balanced ``\\boxed{}``, stripped; a response
-    without a box scores 0 (we do not let reasoning-gym search free text, so every task is
-    answered the same way). ``problem.rg_entry`` must be set.
+    The string scored is ``final_answer(response)``: the last balanced ``\\boxed{}``, else the
+    last number; none scores 0. ``problem.rg_entry`` must be set.
     """
     if problem.rg_entry is None or problem.rg_task is None:
         raise ValueError(
             f"problem {problem.id!r} from {problem.source!r} has no reasoning-gym entry; score it with math_correct"
         )
-    predicted = extract_answer(response)
+    predicted = final_answer(response)
     if not predicted:
         return 0.0
     return float(_rg_scorer(problem.rg_task)(predicted, problem.rg_entry))

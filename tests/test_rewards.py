@@ -51,9 +51,11 @@ def chain_sum() -> list[Problem]:
         ("\\boxed{\\{2, 1\\}}", "\\{1,2\\}", True),
         ("\\boxed{1,000}", "1000", True),
         ("\\boxed{x}", "y", False),
-        ("The answer is 57.", "57", False),  # no box
+        ("The answer is 57.", "57", True),  # no box: the last number (NPR's fallback)
+        ("57 is not it, the answer is 58.", "57", False),  # no box: only the last number counts
         ("\\boxed{}", "57", False),  # empty box
-        ("\\boxed{57", "57", False),  # unbalanced box
+        ("\\boxed{57", "57", True),  # unbalanced box: no box, the last number is 57
+        ("\\boxed{5", "57", False),
         ("\\boxed{\\text{yes}}", "\\text{yes}", True),
     ],
 )
@@ -83,7 +85,7 @@ def test_empty_reference_answer_is_a_data_error():
 
 def test_math_grading_is_thread_safe():
     cases = [("\\boxed{\\frac{1}{2}}", "0.5", True), ("\\boxed{57}", "57", True), ("\\boxed{56}", "57", False),
-             ("\\boxed{x^2+1}", "1+x^2", True), ("\\boxed{(1,2)}", "(1, 2)", True), ("no box", "3", False)] * 8
+             ("\\boxed{x^2+1}", "1+x^2", True), ("\\boxed{(1,2)}", "(1, 2)", True), ("no answer", "3", False)] * 8
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda c: math_correct(c[0], c[1]), cases))
     assert results == [c[2] for c in cases]
@@ -99,8 +101,10 @@ def test_chain_sum_scored_by_reasoning_gym(chain_sum):
     assert is_correct("60 + 93 = \\boxed{153}", p)
     assert is_correct("\\boxed{ +0153.00 }", p)  # reasoning-gym's decimal tolerance
     assert not is_correct("\\boxed{154}", p)
-    assert not is_correct("the sum is 153", p)  # no box: wrong, even though the text holds the answer
-    assert rg_score("the sum is 153", p) == 0.0
+    assert is_correct("the sum is 153", p)  # no box: the last number is graded (NPR's fallback)
+    assert not is_correct("153 is wrong, it is 154", p)
+    assert rg_score("the sum is 153", p) == 1.0
+    assert rg_score("no number here", p) == 0.0
 
 
 def test_partial_credit_counts_as_wrong(chain_sum):
@@ -134,7 +138,8 @@ def test_accuracy_reward():
     p = math_problem("57")
     assert accuracy_reward("\\boxed{57}", p) == 1.0
     assert accuracy_reward("\\boxed{58}", p) == -1.0
-    assert accuracy_reward("57", p) == -1.0
+    assert accuracy_reward("57", p) == 1.0  # no box: the last number
+    assert accuracy_reward("so 58", p) == -1.0
     assert accuracy_reward("", p) == 0.0
     assert accuracy_reward(" \n\t", p) == 0.0
 

@@ -29,8 +29,8 @@ from npr.data.problems import Problem
 from npr.engine import Engine, EngineConfig, Result, SamplingParams
 from npr.errors import NprError
 from npr.prompts import NPR_INSTRUCTION, build_messages, encode_prompt, prompt_text
-from npr.rewards import is_correct
-from npr.schema import extract_answer, parse, validate
+from npr.rewards import final_answer, is_correct
+from npr.schema import parse, validate
 
 RUN_FILES = ("config.json", "samples.jsonl", "results.json", "report.html", "progress.json")
 
@@ -140,7 +140,7 @@ def sample_record(benchmark: str, problem: Problem, prompt: str, result: Result)
     return {
         "benchmark": benchmark, "problem_id": problem.id, "sample": result.sample_index,
         "problem": problem.problem, "prompt": prompt, "answer": problem.answer, "output": text,
-        "pred": extract_answer(text), "correct": is_correct(text, problem),
+        "pred": final_answer(text), "correct": is_correct(text, problem),
         "mode": result.mode, "finish_reason": result.finish_reason, "diagnostic": result.diagnostic,
         "format_valid": not errors, "format_errors": [e.kind for e in errors],
         "trace": parse(text, strict=False).to_dict(),
