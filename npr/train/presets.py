@@ -34,40 +34,42 @@ _SMOKE_RL: dict[str, Any] = dict(_SMOKE_COMMON, train_data=_SMOKE_DATA, prompts_
 # One CPU thread: on a 2-core machine shared with other processes, two spinning threads make
 # decoding and training many times slower (measured 5-70x); alone on the machine 2 threads gain <2x.
 _TINY_THREADS = 1
-_TINY_RL: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, train_data=_CHAIN_SUM, rollout_dtype="bfloat16",
-                                mixed_precision="bf16",
-                                kv_cache_tokens=65536, max_num_seqs=64, eval_data=_CHAIN_SUM_EVAL, eval_limit=16,
-                                eval_samples=2, warmup_steps=0, lr_schedule="constant", pack_group_tokens=2048)
+_TINY_ENGINE: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, rollout_dtype="bfloat16", kv_cache_tokens=65536,
+                                    max_num_seqs=64)
+_TINY_RL: dict[str, Any] = dict(_TINY_ENGINE, train_data=_CHAIN_SUM, mixed_precision="bf16", eval_data=_CHAIN_SUM_EVAL,
+                                eval_limit=8, eval_samples=2, warmup_steps=0, lr_schedule="constant",
+                                pack_group_tokens=2048, micro_batch_size=2, prompts_per_step=8)
 _QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20)
 _QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache_gib=20.0, max_num_seqs=256)
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "stage1": {
         "smoke": dict(_SMOKE_RL, max_new_tokens=48, overlong_buffer=16),  # random tags and lengths vary the reward
-        "tiny": dict(_TINY_RL, model="embedded", prompts_per_step=8, samples_per_prompt=8, max_new_tokens=256,
-                     overlong_buffer=64, learning_rate=2e-5, max_steps=4, micro_batch_size=8),
+        "tiny": dict(_TINY_RL, model="embedded", samples_per_prompt=6, max_new_tokens=192, overlong_buffer=48,
+                     learning_rate=2e-5, max_steps=3),
         "qwen3-4b": dict(_QWEN_GPU, model="Qwen/Qwen3-4B-Instruct-2507", max_new_tokens=8192, overlong_buffer=1024),
     },
     "sample": {
         "smoke": dict(model="tiny-random-llama", train_data=_SMOKE_DATA, train_limit=4, tries=2, max_new_tokens=96,
                       rollout_forcing="structure", require_correct=False, kv_cache_tokens=32768, max_num_seqs=16),
-        "tiny": dict(cpu_threads=_TINY_THREADS, train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=256,
-                     rollout_dtype="bfloat16",
-                     kv_cache_tokens=65536, max_num_seqs=64, prompts_per_batch=16),
+        "tiny": dict(_TINY_ENGINE, train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=192,
+                     prompts_per_batch=16),
         "qwen3-4b": dict(rollout_dtype="bfloat16", kv_cache_gib=40.0, max_num_seqs=256, prompts_per_batch=64),
     },
     "stage2": {
         "smoke": dict(_SMOKE_COMMON, train_data="synthetic:arith?n=12&seed=0", batch_size=4, micro_batch_size=2,
                       min_learning_rate=5e-4, max_seq_len=4096),
-        "tiny": dict(cpu_threads=_TINY_THREADS, learning_rate=1e-4, min_learning_rate=5e-5, batch_size=8,
-                     micro_batch_size=4, num_epochs=2,
-                     mixed_precision="bf16", max_seq_len=1024, primer_data=_CHAIN_SUM_PRIMER),
+        "tiny": dict(cpu_threads=_TINY_THREADS, learning_rate=2e-4, min_learning_rate=1e-4, batch_size=8,
+                     micro_batch_size=4, num_epochs=2, mixed_precision="bf16", max_seq_len=1024,
+                     primer_data=_CHAIN_SUM_PRIMER),
         "qwen3-4b": dict(_QWEN_TRAIN),
     },
     "stage3": {
         "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure"),
-        "tiny": dict(_TINY_RL, prompts_per_step=8, samples_per_prompt=4, max_new_tokens=320, learning_rate=1e-5,
-                     max_steps=4, micro_batch_size=8),
+        # temperature 0.6: at 1.0 SmolLM2 after the primer breaks the schema in ~90% of parallel rollouts
+        # (the engine ends them as invalid_schema), leaving PAPO almost nothing to learn from
+        "tiny": dict(_TINY_RL, samples_per_prompt=4, max_new_tokens=256, temperature=0.6, learning_rate=1e-5,
+                     max_steps=4),
         "qwen3-4b": dict(_QWEN_GPU, max_new_tokens=8192),
     },
 }

@@ -108,12 +108,15 @@ def apply_update(run: RLRun, batch: PolicyBatch) -> dict[str, float]:
     global batch is empty. The schedule advances either way, so lr follows the step index."""
     session, config = run.session, run.session.config
     acc = session.accelerator
-    total, = global_sum(acc, [len(batch.sequences)])
+    total, = global_sum(acc, [len(batch.loss_masks)])  # rollouts, whatever the packing
     if total == 0:
+        session.optimizer.zero_grad(set_to_none=True)
+        session.optimizer.step()  # no gradients: AdamW leaves every parameter and its state alone
         session.scheduler.step()
         return {"updated": 0.0, "trained_rollouts": 0.0}
     pad = session.tokenizer.pad_token_id
-    metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, config.micro_batch_size)
+    metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, config.micro_batch_size,
+                              forward_context=session.forward_context)
     metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
     run.worker.sync()
     return {**metrics, "updated": 1.0, "trained_rollouts": total}

@@ -75,12 +75,21 @@ def set_cpu_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def make_accelerator(mixed_precision: str = "no"):
+def make_accelerator():
     """An ``Accelerator``; on a machine without CUDA it runs on CPU, and under torchrun (or
-    ``accelerate launch --multi_gpu --num_processes N``) N CPU processes train with gloo."""
+    ``accelerate launch --multi_gpu --num_processes N``) N CPU processes train with gloo.
+
+    Mixed precision is not accelerate's: its state is a per-process singleton that refuses a
+    second setting, so ``autocast`` below applies the config's choice to the forward passes.
+    """
     from accelerate import Accelerator
 
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
+
+
+def autocast(device: torch.device, mixed_precision: str):
+    """The forward-pass context of ``mixed_precision`` (``bf16``: bf16 autocast over fp32 weights)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16")
 
 
 @dataclass
@@ -102,6 +111,10 @@ class TrainSession:
     @property
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def forward_context(self):
+        """Context for the training forward passes: the config's mixed precision."""
+        return autocast(self.accelerator.device, self.config.mixed_precision)
 
     @property
     def is_main(self) -> bool:
@@ -159,7 +172,7 @@ def open_session(stage: str, config, options: RunOptions, total_steps: int) -> T
     from accelerate.utils import set_seed
 
     set_cpu_threads(config.cpu_threads)
-    accelerator = make_accelerator(config.mixed_precision)
+    accelerator = make_accelerator()
     run_dir = Path(options.out_dir)
     checkpoint = latest_checkpoint(run_dir) if options.resume else None
     set_seed(config.seed)

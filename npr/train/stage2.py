@@ -54,7 +54,8 @@ def train_stage2(config: Stage2Config, options: RunOptions) -> Path | None:
         timer = StepTimer()
         indices, _ = shard(order.batch(step), acc.process_index, acc.num_processes)
         sequences = [structured_sequence(kept[i].prompt_ids, kept[i].response_ids, tags) for i in indices]
-        metrics = sft_backward(acc, session.model, sequences, session.tokenizer.pad_token_id, config.micro_batch_size)
+        metrics = sft_backward(acc, session.model, sequences, session.tokenizer.pad_token_id, config.micro_batch_size,
+                               forward_context=session.forward_context)
         metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
         timer.lap("step")
         metrics.update(epoch=step * config.batch_size / len(kept), examples=len(kept),

@@ -100,11 +100,12 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
 
 
 def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                 micro_batch_size: int) -> dict[str, float]:
+                 micro_batch_size: int, forward_context: Callable = contextlib.nullcontext) -> dict[str, float]:
     """Gradients of the token-mean NLL of every response token over the global batch.
 
     Returns ``loss`` (global token-mean NLL) and ``tokens`` (global response tokens).
-    ``micro_batch_size`` counts sequences (a packed sequence holds several responses).
+    ``micro_batch_size`` counts sequences (a packed sequence holds several responses);
+    ``forward_context()`` wraps each forward (e.g. bf16 autocast).
     """
     local_tokens = sum(s.response_length for s in sequences)
     total_tokens, = global_sum(accelerator, [local_tokens])
@@ -113,7 +114,8 @@ def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_tok
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
         nonlocal nll_sum
-        logprobs, mask = response_logprobs(model, [sequences[i] for i in indices], pad_token_id)  # [b, T]
+        with forward_context():
+            logprobs, mask = response_logprobs(model, [sequences[i] for i in indices], pad_token_id)  # [b, T]
         nll = -torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum()  # []
         nll_sum += float(nll.detach())
         return nll * scale
@@ -124,7 +126,7 @@ def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_tok
 
 
 def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, pad_token_id: int,
-                    micro_batch_size: int) -> dict[str, float]:
+                    micro_batch_size: int, forward_context: Callable = contextlib.nullcontext) -> dict[str, float]:
     """Gradients of the policy loss ``loss_fn`` aggregated by ``agg`` over the global batch.
 
     On-policy (one update per rollout batch, the paper's setting): the old log-probs are the
@@ -138,7 +140,8 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
         rows = batch.response_rows(indices)
-        logprobs, mask = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id)  # [r, T]
+        with forward_context():
+            logprobs, mask = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id)  # [r, T]
         width = logprobs.shape[1]
         loss_mask = padded([batch.loss_masks[r] for r in rows], width, False).to(mask.device) & mask  # [r, T]
         loss, metrics = loss_fn(logprobs=logprobs, old_logprobs=logprobs.detach(),
