@@ -49,7 +49,17 @@ def run(args) -> int:
 
     config = resolve_config("sample", SampleConfig, args.preset, args.config, flags_from_args(args))
     out = Path(args.out)
-    summary = run_sample(config, out, command="npr " + " ".join(sys.argv[1:]))
+    command = "npr " + " ".join(sys.argv[1:])
+    if args.quiet or not sys.stdout.isatty():
+        summary = run_sample(config, out, command=command)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("[bold]npr sample[/] problems"), BarColumn(), MofNCompleteColumn(),
+                      TimeRemainingColumn()) as progress:
+            task = progress.add_task("sample", total=None)
+            summary = run_sample(config, out, command=command,
+                                 progress=lambda n, total: progress.update(task, advance=n, total=total))
     if not args.quiet:
         _print_summary(summary, out)
     return 0

@@ -81,7 +81,10 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
 
 
 def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=None) -> dict[str, Any]:
-    """Sample, filter, write ``out_dir/data.jsonl`` and ``summary.json``; returns the summary."""
+    """Sample, filter, write ``out_dir/data.jsonl`` and ``summary.json``; returns the summary.
+
+    ``progress(done, total)`` is called after each batch with this process's problem counts.
+    """
     from npr.train.session import make_accelerator, set_cpu_threads
 
     problems = load_train_problems(config.train_data, config.train_limit)
@@ -104,7 +107,7 @@ def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=
             for record in select(results, batch, start + lo, config, counts, format_errors):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             if progress is not None:
-                progress(len(batch))
+                progress(len(batch), len(mine))
     keys = ["samples", "correct", "format_valid", "problems_with_kept", *DROP_REASONS]
     totals = dict(zip(keys, global_sum(accelerator, [float(counts[k]) for k in keys])))
     accelerator.wait_for_everyone()

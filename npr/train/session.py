@@ -214,8 +214,3 @@ class StepTimer:
         self.times[f"time_{phase}_s"] = self.times.get(f"time_{phase}_s", 0.0) + now - self._start
         self._start = now
 
-
-def model_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
-    from npr.models import resolve_dtype
-
-    return default if name is None else resolve_dtype(name)

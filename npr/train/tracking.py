@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 # what the live display shows, in order: metric key -> label
 DISPLAY = {"reward": "reward", "accuracy": "acc", "format_valid_rate": "fmt-valid", "trigger_rate": "trigger",
-           "loss": "loss", "kept_rate": "kept", "tokens_per_s": "tok/s"}
+           "loss": "loss", "kept_rate": "kept", "tokens_per_s": "tok/s", "rollout_tokens_per_s": "tok/s"}
 
 
 def is_wall_clock(key: str) -> bool:
@@ -108,22 +107,26 @@ def _tensorboard_writer(run_dir: Path):
 
 
 class LiveDisplay:
-    """A rich progress bar (step/total, ETA) with the latest metrics beside it."""
+    """Two live lines: a rich progress bar (stage, step/total, ETA) and the latest metrics."""
 
     def __init__(self, stage: str, total_steps: int):
-        from rich.console import Console
+        from rich.console import Console, Group
+        from rich.live import Live
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.text import Text
 
+        self._group, self._text = Group, Text
         self.console = Console()
         self.progress = Progress(TextColumn(f"[bold]{stage}[/]"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"), console=self.console)
-        self.task = self.progress.add_task(stage, total=total_steps, metrics="rolling out…")
-        self.progress.start()
-        self.started = time.perf_counter()
+                                 TimeRemainingColumn(), console=self.console)
+        self.task = self.progress.add_task(stage, total=total_steps)
+        self.live = Live(Group(self.progress, Text("rolling out…")), console=self.console, refresh_per_second=4)
+        self.live.start()
 
     def update(self, record: dict[str, Any]) -> None:
-        text = summary_line("", record, 0).split("  ", 1)[-1] if len(record) > 1 else ""
-        self.progress.update(self.task, completed=record.get("step", 0), metrics=text)
+        self.progress.update(self.task, completed=record.get("step", 0))
+        metrics = summary_line("", record, 0).split("  ", 1)[-1] if len(record) > 2 else ""
+        self.live.update(self._group(self.progress, self._text(metrics)))
 
     def stop(self) -> None:
-        self.progress.stop()
+        self.live.stop()
