@@ -116,8 +116,9 @@ def paged_attention(model):
         config._attn_implementation = previous
 
 
-def _group_mask(feeds: Sequence[Feed]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key slots [N] and allowed [Q, N] for the feeds of one group (segments already written).
+def _group_mask(feeds: Sequence[Feed]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Key slots [N] and allowed [Q, N] for the feeds of one group (segments already written);
+    allowed is None when every query sees every key (one stream feeding one token: a decode step).
 
     Built one segment (column block) at a time: a query sees a whole segment of its ancestry,
     its own segment up to itself, and nothing else.
@@ -127,6 +128,8 @@ def _group_mask(feeds: Sequence[Feed]) -> tuple[torch.Tensor, torch.Tensor]:
         for seg in (*f.segment.visible, f.segment):
             segments.setdefault(seg.id, seg)
     key_slots = torch.cat([seg.slots(seg.written) for seg in segments.values()])  # [N]
+    if len(feeds) == 1 and len(feeds[0].tokens) == 1:
+        return key_slots, None
     rows = []
     for f in feeds:
         visible = {s.id for s in f.segment.visible}
@@ -141,31 +144,32 @@ def _group_mask(feeds: Sequence[Feed]) -> tuple[torch.Tensor, torch.Tensor]:
     return key_slots, torch.cat(rows)
 
 
-def _pad_call(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype, device) -> AttentionCall:
-    """Pad (q_rows [Q], key_slots [N], allowed [Q, N]) of several groups into one SDPA call."""
-    qmax = max(len(q) for q, _, _ in groups)
-    nmax = max(len(k) for _, k, _ in groups)
-    g = len(groups)
-    q_index = torch.zeros(g, qmax, dtype=torch.long)
-    q_valid = torch.zeros(g, qmax, dtype=torch.bool)
-    key_slots = torch.zeros(g, nmax, dtype=torch.long)
-    allowed = torch.zeros(g, qmax, nmax, dtype=torch.bool)
-    for i, (q, k, a) in enumerate(groups):
-        q_index[i, :len(q)] = q
-        q_index[i, len(q):] = q[0]
-        q_valid[i, :len(q)] = True
-        key_slots[i, :len(k)] = k
-        allowed[i, :len(q), :len(k)] = a
-        allowed[i, len(q):, 0] = True  # pad rows see one key: no empty softmax row
-    if bool(allowed.all()):  # e.g. decode steps of plain requests: SDPA runs faster with no mask
-        bias = None
+def _pad_call(groups: list[tuple[range, torch.Tensor, torch.Tensor | None]], dtype, device) -> AttentionCall:
+    """Pad (packed query rows, key_slots [N], allowed [Q, N] or None) of several groups into one SDPA call."""
+    counts = [len(q) for q, _, _ in groups]
+    lengths = [len(k) for _, k, _ in groups]
+    g, qmax, nmax = len(groups), max(counts), max(lengths)
+    q_index = torch.tensor([list(q) + [q[0]] * (qmax - len(q)) for q, _, _ in groups])  # [G, Qmax]
+    q_valid = torch.arange(qmax)[None, :] < torch.tensor(counts)[:, None]  # [G, Qmax]
+    key_slots = torch.nn.utils.rnn.pad_sequence([k for _, k, _ in groups], batch_first=True)  # [G, Nmax]
+    if all(a is None for _, _, a in groups):  # every query sees every key of its group
+        if len(set(lengths)) == 1:
+            bias = None  # SDPA runs faster with no mask
+        else:
+            real = torch.arange(nmax)[None, :] < torch.tensor(lengths)[:, None]  # [G, Nmax]
+            bias = torch.zeros(g, 1, 1, nmax, dtype=dtype).masked_fill_(~real[:, None, None, :], torch.finfo(dtype).min)
     else:
-        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-        bias = bias.unsqueeze(1).to(device)
-    flat = q_index.flatten()
-    contiguous = bool(q_valid.all()) and bool((flat == torch.arange(flat[0], flat[0] + len(flat))).all())
-    q_range = (int(flat[0]), int(flat[0]) + len(flat)) if contiguous else None
-    return AttentionCall(q_range, q_index.to(device), q_valid.to(device), key_slots.to(device), bias)
+        allowed = torch.zeros(g, qmax, nmax, dtype=torch.bool)  # [G, Qmax, Nmax]
+        for i, (q, k, a) in enumerate(groups):
+            allowed[i, :len(q), :len(k)] = True if a is None else a
+            allowed[i, len(q):, 0] = True  # pad rows see one key: no empty softmax row
+        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    first = groups[0][0][0]
+    contiguous = all(c == qmax for c in counts) and all(
+        q.start == first + i * qmax and q.step == 1 for i, (q, _, _) in enumerate(groups))
+    q_range = (first, first + g * qmax) if contiguous else None
+    return AttentionCall(q_range, q_index.to(device), q_valid.to(device), key_slots.to(device),
+                         None if bias is None else bias.to(device))
 
 
 def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, device, prefill_group_tokens: int):
@@ -173,26 +177,31 @@ def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, device,
 
     Returns ``input_ids`` [1, N], ``position_ids`` [1, N], the ``PagedBatch`` and ``logit_rows``
     (LongTensor of packed rows whose logits are needed, in feed order of the feeds that ask).
-    Marks the fed tokens as written.
+    Marks the fed tokens as written. A group's feeds must be consecutive in ``feeds``.
     """
     ids, positions, writes, logit_rows = [], [], [], []
-    by_group: dict[int, list[tuple[Feed, torch.Tensor]]] = {}
+    by_group: dict[int, list[Feed]] = {}
+    group_rows: dict[int, list[int]] = {}
     row = 0
     for f in feeds:
         n = len(f.tokens)
         ids += f.tokens
-        positions.append(torch.arange(f.segment.start_pos + f.start, f.segment.start_pos + f.start + n))
+        first = f.segment.start_pos + f.start
+        positions += range(first, first + n)
         writes.append(f.segment.slots(f.start + n)[f.start:])
-        rows = torch.arange(row, row + n)
-        by_group.setdefault(f.group, []).append((f, rows))
+        by_group.setdefault(f.group, []).append(f)
+        span = group_rows.setdefault(f.group, [row, row])
+        if span[1] != row:
+            raise ValueError("the feeds of one attention group must be consecutive")
+        span[1] = row + n
         if f.logits:
             logit_rows.append(row + n - 1)
         row += n
         f.segment.written = f.start + n
     small, calls = [], []
-    for items in by_group.values():
-        key_slots, allowed = _group_mask([f for f, _ in items])
-        q_rows = torch.cat([r for _, r in items])
+    for group, group_feeds in by_group.items():
+        key_slots, allowed = _group_mask(group_feeds)
+        q_rows = range(*group_rows[group])
         if len(q_rows) > prefill_group_tokens:
             calls.append(_pad_call([(q_rows, key_slots, allowed)], dtype, device))
         else:
@@ -201,5 +210,5 @@ def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, device,
         calls.append(_pad_call(small, dtype, device))
     batch = PagedBatch(pool, torch.cat(writes).to(device), calls)
     input_ids = torch.tensor([ids], device=device)
-    position_ids = torch.cat(positions)[None].to(device)
+    position_ids = torch.tensor([positions], device=device)
     return input_ids, position_ids, batch, torch.tensor(logit_rows, dtype=torch.long, device=device)
