@@ -88,7 +88,7 @@ def test_stage3_smoke(tmp_path):
     _check_vanilla_load(run / "final")
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
 def test_resume_is_bit_identical(tmp_path, stage):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert npr("train", stage, "--preset", "smoke", "--out", str(straight), "--quiet") == 0
