@@ -87,8 +87,9 @@ class TokenFuzzer(_Forcing):
         self.seed, self.p_tag, self.p_eos, self.plan_bias = seed, p_tag, p_eos, plan_bias
 
     def __call__(self, stream, logits: torch.Tensor) -> torch.Tensor:
-        rng = random.Random(hash((self.seed, stream.prompt_index, stream.sample_index, stream.kind,
-                                  stream.block, stream.branch, len(stream.tokens))))
+        # a string seed is hashed with sha512 by random.Random: the same in every process
+        rng = random.Random(f"{self.seed}/{stream.prompt_index}/{stream.sample_index}/{stream.kind}/"
+                            f"{stream.block}/{stream.branch}/{len(stream.tokens)}")
         roll = rng.random()
         if roll < self.p_eos:
             return self._apply(logits, self.eos)
