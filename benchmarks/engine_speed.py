@@ -46,17 +46,20 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeats: int) -> float:
-    """Median wall time of ``fn`` over ``repeats`` runs after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
+def timed(fns, device: str, repeats: int) -> list[float]:
+    """Median wall time of each of ``fns`` over ``repeats`` rounds after one warm-up; the
+    functions alternate within a round, so a slow moment of the machine hits them alike."""
+    for fn in fns:
         fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def prompts_for(tok, batch: int, length: int) -> list[list[int]]:
@@ -88,13 +91,14 @@ def bench_vs_hf(model, tok, device, batches, new_tokens, prompt_len, repeats):
 
         engine = Engine(model, tok, EngineConfig(mode="plain", max_num_seqs=max(batch, 1),
                                                  kv_cache_tokens=batch * (prompt_len + new_tokens + 64)))
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=0, logits_processors=(no_eos,))
+        # HF generate returns no log-probs by default; skip them too so both do the same work
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0, logprobs=False, logits_processors=(no_eos,))
         check = engine.generate(prompts[:1], params)[0].token_ids
 
         def ours():
             engine.generate(prompts, params)
 
-        t_hf, t_ours = timed(hf, device, repeats), timed(ours, device, repeats)
+        t_hf, t_ours = timed([hf, ours], device, repeats)
         with torch.no_grad():
             ref = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=new_tokens,
                                  do_sample=False, suppress_tokens=[eos], pad_token_id=tok.pad_token_id)
@@ -112,12 +116,14 @@ def bench_parallel(model, tok, device, ks, branch_len, prompt_len, repeats):
                                  final_tokens=8)
         params = SamplingParams(max_new_tokens=k * (branch_len + 16) + 256, temperature=0,
                                 logits_processors=(forcer,))
-        walls, results = {}, {}
+        engines, results = {}, {}
         for mode in ("sequential", "parallel"):
-            engine = Engine(model, tok, EngineConfig(mode=mode, max_branches=max(k, 5), kv_cache_tokens=16384,
-                                                     repetition_penalty=1.0))
-            results[mode] = engine.generate(prompt, params)[0]
-            walls[mode] = timed(lambda e=engine: e.generate(prompt, params), device, repeats)
+            engines[mode] = Engine(model, tok, EngineConfig(mode=mode, max_branches=max(k, 5), kv_cache_tokens=16384,
+                                                            repetition_penalty=1.0))
+            results[mode] = engines[mode].generate(prompt, params)[0]
+        seq_wall, par_wall = timed([lambda: engines["sequential"].generate(prompt, params),
+                                    lambda: engines["parallel"].generate(prompt, params)], device, repeats)
+        walls = {"sequential": seq_wall, "parallel": par_wall}
         par, seq = results["parallel"], results["sequential"]
         # the forcer fixes the structure and lengths, so both modes do the same work; in bf16 the
         # text tokens may differ where batched and unbatched arithmetic round differently

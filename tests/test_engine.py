@@ -348,3 +348,15 @@ def test_top_p_top_k_restrict_the_support():
     assert {_filtered_choice(probs, 0, 0.5, g) for _ in range(200)} == {1, 2}
     assert {_filtered_choice(probs, 1, 1.0, g) for _ in range(50)} == {1}
     assert {_filtered_choice(probs, 3, 1.0, g) for _ in range(300)} == {1, 2, 3}
+
+
+def test_logprobs_can_be_skipped(tiny_llama):
+    _, tok = tiny_llama
+    f = (forced(tok, [(4, 4)]),)
+    with_lp = make_engine(tiny_llama).generate(PROMPTS, SamplingParams(max_new_tokens=200, temperature=0,
+                                                                       logits_processors=f))
+    without = make_engine(tiny_llama).generate(PROMPTS, SamplingParams(max_new_tokens=200, temperature=0,
+                                                                       logprobs=False, logits_processors=f))
+    assert [r.token_ids for r in with_lp] == [r.token_ids for r in without]
+    assert all(math.isnan(lp) for r in without for lp in r.logprobs)
+    assert not any(math.isnan(lp) for r in with_lp for lp, s in zip(r.logprobs, r.sampled) if s)

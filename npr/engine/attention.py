@@ -172,6 +172,27 @@ def _pad_call(groups: list[tuple[range, torch.Tensor, torch.Tensor | None]], dty
                          None if bias is None else bias.to(device))
 
 
+def _buckets(groups: list, prefill_group_tokens: int, max_waste: float = 1.25) -> list[list]:
+    """Split groups into SDPA calls: decode-sized groups (at most ``prefill_group_tokens`` queries)
+    share one call; larger ones (prefills) share a call only with groups of nearly their shape,
+    so that padding never costs more than ``max_waste`` times the real work."""
+    small = [g for g in groups if len(g[0]) <= prefill_group_tokens]
+    large = sorted((g for g in groups if len(g[0]) > prefill_group_tokens), key=lambda g: (len(g[0]), len(g[1])))
+    buckets = [small] if small else []
+    current: list = []
+    for g in large:
+        trial = current + [g]
+        padded = len(trial) * max(len(x[0]) for x in trial) * max(len(x[1]) for x in trial)
+        real = sum(len(x[0]) * len(x[1]) for x in trial)
+        if current and padded > max_waste * real:
+            buckets.append(current)
+            trial = [g]
+        current = trial
+    if current:
+        buckets.append(current)
+    return buckets
+
+
 def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, device, prefill_group_tokens: int):
     """Model inputs and attention metadata for one forward over ``feeds``.
 
@@ -198,16 +219,8 @@ def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, device,
             logit_rows.append(row + n - 1)
         row += n
         f.segment.written = f.start + n
-    small, calls = [], []
-    for group, group_feeds in by_group.items():
-        key_slots, allowed = _group_mask(group_feeds)
-        q_rows = range(*group_rows[group])
-        if len(q_rows) > prefill_group_tokens:
-            calls.append(_pad_call([(q_rows, key_slots, allowed)], dtype, device))
-        else:
-            small.append((q_rows, key_slots, allowed))
-    if small:
-        calls.append(_pad_call(small, dtype, device))
+    groups = [(range(*group_rows[g]), *_group_mask(fs)) for g, fs in by_group.items()]
+    calls = [_pad_call(bucket, dtype, device) for bucket in _buckets(groups, prefill_group_tokens)]
     batch = PagedBatch(pool, torch.cat(writes).to(device), calls)
     input_ids = torch.tensor([ids], device=device)
     position_ids = torch.tensor([positions], device=device)

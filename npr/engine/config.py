@@ -73,6 +73,8 @@ class SamplingParams:
     on batching or on the mode. None draws a random seed."""
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end a request with finish reason ``stop`` (EOS ends it with ``eos``)."""
+    logprobs: bool = True
+    """Record the model's log-prob of every sampled token (RL needs them; evaluation can skip the work)."""
     logits_processors: tuple = field(default=(), compare=False)
     """Callables ``(stream: StreamView, logits: FloatTensor[V]) -> FloatTensor[V]`` applied
     before sampling (see ``npr.engine.forcing``)."""

@@ -9,6 +9,7 @@ until every request has finished. docs/engine.md explains the design.
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -194,9 +195,10 @@ class Engine:
     def _forward(self, feeds) -> torch.Tensor:
         input_ids, position_ids, batch, logit_rows = build_batch(
             feeds, self.pool, self.dtype, self.device, self.config.prefill_group_tokens)
+        keep = 0 if len(logit_rows) == input_ids.shape[1] else logit_rows  # every row: no gather needed
         with paged_attention(self.model):
             out = self.model(input_ids=input_ids, position_ids=position_ids, npr_batch=batch,
-                             logits_to_keep=logit_rows, use_cache=False)
+                             logits_to_keep=keep, use_cache=False)
         return out.logits[0].float()
 
     def _sample(self, streams: list[Stream], logits: torch.Tensor) -> tuple[list[int], list[float]]:
@@ -204,24 +206,26 @@ class Engine:
 
         logits: [S, V] float32, one row per stream (processors may edit it in place).
         """
-        log_norm = torch.logsumexp(logits, dim=-1)  # [S]
-        processed = logits.clone()
+        want_logprobs = any(s.request.params.logprobs for s in streams)
+        raw = logits.clone() if want_logprobs else None  # processors and penalties edit ``logits``
         penalty = self.config.repetition_penalty
         for i, stream in enumerate(streams):
             if stream.kind == "branch":  # NPR damps repetition inside steps only
-                apply_repetition_penalty(processed[i], stream.history, penalty)
+                apply_repetition_penalty(logits[i], stream.history, penalty)
             for processor in stream.request.params.logits_processors:
-                row = processed[i]
+                row = logits[i]
                 out = processor(stream, row)
                 if out is not row:
-                    processed[i] = out
-        tokens = processed.argmax(-1).tolist()  # greedy rows keep these
+                    logits[i] = out
+        tokens = logits.argmax(-1).tolist()  # greedy rows keep these
         for i, stream in enumerate(streams):
             params = stream.request.params
             if params.temperature > 0:
-                tokens[i] = int(sample_rows(processed[i:i + 1], params.temperature, params.top_k, params.top_p,
+                tokens[i] = int(sample_rows(logits[i:i + 1], params.temperature, params.top_k, params.top_p,
                                             [stream.generator])[0])
-        chosen = logits.gather(1, torch.tensor(tokens)[:, None])[:, 0] - log_norm  # [S]
+        if raw is None:
+            return tokens, [math.nan] * len(tokens)
+        chosen = raw.gather(1, torch.tensor(tokens)[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)  # [S]
         return tokens, chosen.tolist()
 
     def _result(self, req: Request) -> Result:
