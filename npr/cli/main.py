@@ -11,6 +11,7 @@ import sys
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "pipeline": ("npr.cli.pipeline", "run all of NPR end to end: base eval, Stage 1-3, evals, report (the main job)"),
     "version": ("npr.cli.version", "print the npr, torch and transformers versions"),
     "demo": ("npr.cli.demo", "load a model and show a parsed parallel trace with its tree attention mask"),
     "generate": ("npr.cli.generate", "decode a prompt with the NPR engine (parallel, sequential or plain)"),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, step_open
 from npr.tokens import tag_token_ids
 
 TEXT = None  # a script slot the model fills with any ordinary token
@@ -23,15 +24,29 @@ class _Forcing:
         self.tags = tag_token_ids(tokenizer)
         self.eos = tokenizer.eos_token_id
         self.special = sorted({*tokenizer.all_special_ids, *self.tags.values()})
-        self.scaffold = {
-            "step": len(tokenizer.encode("<step>\n1:", add_special_tokens=False)),
-            "takeaway": len(tokenizer.encode("<takeaway>", add_special_tokens=False)),
+        self.scaffold = {  # tokens the engine prefills before a branch's / a takeaway's own text
+            "step": len(tokenizer.encode(step_open(1), add_special_tokens=False)),
+            "takeaway": len(tokenizer.encode(TAKEAWAY_OPEN, add_special_tokens=False)),
         }
+        self.tokenizer = tokenizer
+        self._text_mask: torch.Tensor | None = None
+
+    def text_mask(self, vocab: int) -> torch.Tensor:
+        """BoolTensor[vocab]: tokens a TEXT slot may take: visible, tag-free, brace-free text
+        (so that forced traces pass the schema's length checks and never open a box or a tag)."""
+        if self._text_mask is None or len(self._text_mask) != vocab:
+            mask = torch.zeros(vocab, dtype=torch.bool)
+            special = set(self.special)
+            for i in range(min(vocab, len(self.tokenizer))):
+                text = self.tokenizer.decode([i])
+                mask[i] = i not in special and text.strip() == text and text.isascii() and text.isprintable() and bool(text) \
+                    and not any(c in text for c in "<>{}\\")
+            self._text_mask = mask
+        return self._text_mask
 
     def _apply(self, logits: torch.Tensor, slot: int | None) -> torch.Tensor:
         if slot is TEXT:
-            logits[self.special] = float("-inf")
-            return logits
+            return logits.masked_fill_(~self.text_mask(logits.shape[0]), float("-inf"))
         forced = torch.full_like(logits, float("-inf"))
         forced[slot] = 0.0
         return forced
@@ -43,32 +58,56 @@ class StructureForcer(_Forcing):
 
     Main line: ``prefix_tokens`` text, then per block ``<guideline>``, each plan as ``<plan>`` +
     ``plan_tokens`` text + ``</plan>``, ``</guideline>``; after each join ``takeaway_tokens`` text
-    and ``</takeaway>``; finally ``final_tokens`` text and EOS.
+    and ``</takeaway>``; finally ``final_tokens`` text, `` \\boxed{answer}`` (unless ``answer`` is
+    None) and EOS. Text tokens are visible, so with the defaults the trace passes ``validate``.
     """
 
-    def __init__(self, tokenizer, branch_tokens: Sequence[Sequence[int]], prefix_tokens: int = 2,
-                 plan_tokens: int = 3, takeaway_tokens: int = 4, final_tokens: int = 4):
+    def __init__(self, tokenizer, branch_tokens: Sequence[Sequence[int]], prefix_tokens: int = 0,
+                 plan_tokens: int = 3, takeaway_tokens: int = 6, final_tokens: int = 4, answer: str | None = "0"):
         super().__init__(tokenizer)
         self.branch_tokens = [list(b) for b in branch_tokens]
         self.prefix_tokens, self.plan_tokens = prefix_tokens, plan_tokens
         self.takeaway_tokens, self.final_tokens = takeaway_tokens, final_tokens
+        enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+        self.answer_ids = [] if answer is None else enc(f" \\boxed{{{answer}}}")
+        self.separator, self.step_separator = enc(GUIDELINE_SEPARATOR), enc(STEP_SEPARATOR)
+        self.step_open = [enc(step_open(k)) for k in range(1, 1 + max((len(b) for b in self.branch_tokens), default=1))]
+        self.takeaway_open = enc(TAKEAWAY_OPEN)
 
-    def _guideline(self, block: int) -> list[int | None]:
-        if block >= len(self.branch_tokens):
-            return [TEXT] * self.final_tokens + [self.eos]
+    def _block(self, block: int) -> list[int | None]:
+        """Block ``block`` written flat, up to and including ``<takeaway>``: the guideline, then
+        every branch with the scaffold the engine would prefill (so that ``plain`` mode, which
+        forks nothing, writes the same layout)."""
         t = self.tags
         plan = [t["<plan>"], *[TEXT] * self.plan_tokens, t["</plan>"]]
-        return [t["<guideline>"], *plan * len(self.branch_tokens[block]), t["</guideline>"]]
+        out = [t["<guideline>"], *plan * len(self.branch_tokens[block]), t["</guideline>"], *self.separator]
+        for k, n in enumerate(self.branch_tokens[block], 1):
+            out += [*self.step_open[k - 1], *[TEXT] * n, t["</step>"], *self.step_separator]
+        return out + self.takeaway_open
+
+    def _after_takeaway(self, block: int) -> list[int | None]:
+        """From the takeaway text of ``block`` to the end of the trace."""
+        rest = [*[TEXT] * self.takeaway_tokens, self.tags["</takeaway>"]]
+        if block + 1 < len(self.branch_tokens):
+            return rest + self._block(block + 1) + self._after_takeaway(block + 1)
+        return rest + self._final()
+
+    def _final(self) -> list[int | None]:
+        return [*[TEXT] * self.final_tokens, *self.answer_ids, self.eos]
 
     def script(self, stream) -> tuple[list[int | None], int]:
-        """The slots of the stream's current segment and how many scaffold tokens precede them."""
+        """The slots of the stream's current segment and how many scaffold tokens precede them.
+
+        In ``parallel``/``sequential`` mode the main line stops at each ``</guideline>`` (the
+        engine forks there); in ``plain`` mode it writes the whole flat trace."""
         if stream.kind == "branch":
             n = self.branch_tokens[stream.block - 1][stream.branch - 1]
             return [*[TEXT] * n, self.tags["</step>"]], self.scaffold["step"]
         if stream.block == 0:
-            return [*[TEXT] * self.prefix_tokens, *self._guideline(0)], 0
-        takeaway = [*[TEXT] * self.takeaway_tokens, self.tags["</takeaway>"]]
-        return [*takeaway, *self._guideline(stream.block)], self.scaffold["takeaway"]
+            if not self.branch_tokens:
+                return [*[TEXT] * self.prefix_tokens, *self._final()], 0
+            return [*[TEXT] * self.prefix_tokens, *self._block(0), *self._after_takeaway(0)], 0
+        return self._after_takeaway(stream.block - 1), self.scaffold["takeaway"]
 
     def __call__(self, stream, logits: torch.Tensor) -> torch.Tensor:
         slots, skip = self.script(stream)

@@ -148,6 +148,8 @@ class RLConfig(RolloutConfig, TrainConfig):
                                     "sequences of at most N tokens (0: one sequence per response). The update is "
                                     "unchanged (each response sees only the prompt and itself); the prompt is "
                                     "computed once per pack. micro_batch_size then counts packs")
+    prompt_style: str = option("npr", "prompt: npr (the format instruction, npr.prompts) or plain (step by step; the "
+                               "sequential-RL baseline)", ("npr", "plain"))
     eval_data: str | None = option(None, "held-out problems evaluated before the first and after the last step "
                                    "(eval_* metrics in metrics.jsonl); None skips evaluation")
     eval_limit: int = option(32, "evaluate only the first N eval_data problems")
@@ -184,6 +186,8 @@ class Stage1Config(RLConfig):
     overlong_buffer: int = option(1024, "DAPO soft overlong punishment (§3.4, eq. 13): the reward falls linearly "
                                   "over the last N tokens of max_new_tokens; 0 makes it a step at the budget")
     overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")
+    reward: str = option("stage1", "stage1: format penalty, else ±1 accuracy (NPR-Zero); accuracy: ±1 only (with "
+                         "prompt_style plain: the sequential-RL baseline, NPR's SR)", ("stage1", "accuracy"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -271,11 +275,20 @@ class SampleConfig(RolloutConfig):
     require_correct: bool = option(True, "keep only correct samples; smoke/test presets turn it off so that a random "
                                    "model's format-valid traces can exercise the pipeline")
     prompts_per_batch: int = option(16, "problems submitted to the engine at once")
+    prompt_style: str = option("npr", "sampling prompt: npr (the format instruction, NPR's rejection sampling) or "
+                               "plain (step by step; for the wrap cold start)", ("npr", "plain"))
+    wrap: bool = option(False, "format cold start, NOT the paper: keep correct samples whatever their format and write "
+                        "per problem one canonical trace whose parallel steps are up to wrap_branches of the model's "
+                        "own correct answers (plans, takeaway and final line from a fixed template). For models that "
+                        "never write the NPR tags (SmolLM2-135M: 0 of 512 samples), so that Stage 1 has a format to "
+                        "reinforce; the reasoning stays self-generated, no teacher")
+    wrap_branches: int = option(2, "most correct answers wrapped as parallel steps of one trace (wrap only)")
     cpu_threads: int | None = option(None, CPU_THREADS_HELP)
 
     def __post_init__(self):
         _check_choices(self)
         self._check_rollout()
+        _check(1 <= self.wrap_branches <= 5, "wrap_branches", "must lie in [1, 5]")
         _check(bool(self.model.strip()), "model", "is required: pass --model RUN/final from `npr train stage1`")
         _check(bool(self.train_data.strip()), "train_data", "is required: pass --train-data (a spec or .jsonl path)")
         _check(self.tries >= 1 and self.prompts_per_batch >= 1, "tries/prompts_per_batch", "must be >= 1")

@@ -57,7 +57,7 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
         raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
                           f"{world} processes; use a multiple of {world}")
     worker = RolloutWorker(session.unwrapped, session.tokenizer, config, mode)
-    prompts = [encode_prompt(session.tokenizer, p.problem, "npr") for p in problems]
+    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in problems]
     order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
     return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems)
 
@@ -130,7 +130,7 @@ def evaluate(run: RLRun) -> dict[str, float]:
     per_rank = -(-len(problems) // acc.num_processes)
     first = acc.process_index * per_rank
     mine = problems[first:first + per_rank]
-    prompts = [encode_prompt(session.tokenizer, p.problem, "npr") for p in mine]
+    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in mine]
     params = run.worker.sampling_params(config.eval_samples, config.seed + EVAL_SEED_OFFSET)
     results = run.worker.generate(prompts, first, params)
     totals = global_sum(acc, rollout_sums(score(results, mine, first, accuracy_reward)))

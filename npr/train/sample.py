@@ -6,6 +6,10 @@ rendered in the canonical form (``npr.schema.render``) and written with its prov
 other sample is counted under the first reason that applies: ``truncated`` (hit the token
 budget), ``format_invalid``, ``wrong``, ``over_quota`` (``max_kept_per_problem`` reached).
 
+With ``wrap`` (a format cold start, not the paper), correct samples are kept whatever their
+format, and each problem's correct answers become the parallel steps of one templated trace
+(``wrap_trace``); see ``SampleConfig.wrap``.
+
 Output directory: ``data.jsonl`` (Stage 2's ``--train-data``), ``summary.json`` (counts),
 ``config.yaml``.
 """
@@ -22,8 +26,8 @@ from npr.data import Problem
 from npr.engine import Result
 from npr.models import load_model_and_tokenizer
 from npr.prompts import encode_prompt
-from npr.rewards import is_correct
-from npr.schema import parse, render, validate
+from npr.rewards import final_answer, is_correct
+from npr.schema import Block, ParallelTrace, Plan, Span, Step, parse, render, validate
 from npr.train.config import SampleConfig
 from npr.train.data import load_train_problems
 from npr.train.overrides import config_to_yaml
@@ -35,12 +39,33 @@ DROP_REASONS = ("truncated", "format_invalid", "wrong", "over_quota")
 SUMMARY_FILE = "summary.json"
 
 
-def judge(result: Result, problem: Problem, require_correct: bool) -> tuple[str | None, str | None, bool, bool]:
+WRAP_PLANS = ("solve the problem directly", "solve it again on its own, as a check", "work it out a third way",
+              "recompute it step by step", "verify the result independently")
+
+
+def wrap_trace(answers: Sequence[str], final: str) -> str:
+    """A canonical NPR trace whose parallel steps are ``answers`` (the model's own, independently
+    sampled correct responses); the plans, the takeaway and the final line are templated."""
+    zero = Span(0, 0)
+    k = len(answers)
+    agree = "Both steps give" if k == 2 else ("All steps give" if k > 2 else "The step gives")
+    block = Block(plans=tuple(Plan(i + 1, WRAP_PLANS[i], zero) for i in range(k)),
+                  steps=tuple(Step(i + 1, text.strip(), zero) for i, text in enumerate(answers)),
+                  takeaway=f"{agree} {final}.", span=zero)
+    return render(ParallelTrace(blocks=(block,), final=f"The answer is \\boxed{{{final}}}.", answer=final,
+                                final_span=zero))
+
+
+def judge(result: Result, problem: Problem, require_correct: bool, wrap: bool = False
+          ) -> tuple[str | None, str | None, bool, bool]:
     """(drop reason or None, first format-error kind or None, correct, format-valid) of one sample."""
     correct = is_correct(result.text, problem)
     errors = validate(result.text)
     if result.finish_reason == "length":
         return "truncated", None, correct, not errors
+    if wrap:  # the format comes from the template; the content must be right and tag-free
+        usable = correct and not any(tag in result.text for tag in ("<guideline>", "<step>", "<plan>", "<takeaway>"))
+        return (None if usable else "wrong"), None, correct, not errors
     if errors:
         return "format_invalid", errors[0].kind, correct, False
     if require_correct and not correct:
@@ -60,9 +85,10 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
     """Kept records of one batch of results (ordered by problem, then try); updates the counts."""
     kept: list[dict] = []
     per_problem: Counter = Counter()
+    wrapped: dict[str, list[Result]] = {}
     for r in results:
         problem = problems[r.prompt_index - first]
-        reason, error_kind, correct, valid = judge(r, problem, config.require_correct)
+        reason, error_kind, correct, valid = judge(r, problem, config.require_correct, config.wrap)
         counts["samples"] += 1
         counts["correct"] += correct
         counts["format_valid"] += valid
@@ -75,7 +101,19 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
                 format_errors[error_kind] += 1
             continue
         per_problem[problem.id] += 1
-        kept.append(sample_record(r, problem, config, correct))
+        if config.wrap:
+            wrapped.setdefault(problem.id, []).append(r)
+        else:
+            kept.append(sample_record(r, problem, config, correct))
+    if config.wrap:
+        by_id = {p.id: p for p in problems}
+        for problem_id, rs in wrapped.items():
+            chosen = rs[:config.wrap_branches]
+            counts["over_quota"] += len(rs) - len(chosen)
+            record = sample_record(chosen[0], by_id[problem_id], config, True)
+            record.update(id=f"{problem_id}/wrap", tries=[r.sample_index for r in chosen], kind="wrapped",
+                          response=wrap_trace([r.text for r in chosen], final_answer(chosen[0].text)))
+            kept.append(record)
     counts["problems_with_kept"] += len(per_problem)
     return kept
 
@@ -102,7 +140,7 @@ def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=
     with part.open("w", encoding="utf-8") as f:
         for lo in range(0, len(mine), config.prompts_per_batch):
             batch = mine[lo:lo + config.prompts_per_batch]
-            prompts = [encode_prompt(tokenizer, p.problem, "npr") for p in batch]
+            prompts = [encode_prompt(tokenizer, p.problem, config.prompt_style) for p in batch]
             results = worker.generate(prompts, start + lo, worker.sampling_params(config.tries, config.seed))
             for record in select(results, batch, start + lo, config, counts, format_errors):
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")

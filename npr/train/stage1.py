@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from npr.algos import dynamic_sampling_filter, get_advantage_estimator, overlong_penalty
-from npr.rewards import stage1_reward
+from npr.rewards import get_reward
 from npr.train.config import Stage1Config
 from npr.train.rl import apply_update, collect_rollouts, policy_batch, run_eval_if_due, start_rl_run, tag_ids_of
 from npr.train.rollout import Rollout
@@ -56,7 +56,7 @@ def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
     run_eval_if_due(run, "before")
     for step in session.steps():
         timer = StepTimer()
-        rollouts, metrics = collect_rollouts(run, step, stage1_reward)
+        rollouts, metrics = collect_rollouts(run, step, get_reward(config.reward))
         timer.lap("rollout")
         rewards = shaped_rewards(rollouts, config)
         kept, advantages = select_dapo(rollouts, rewards, config)

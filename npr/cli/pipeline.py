@@ -1,0 +1,66 @@
+"""``npr pipeline``: all of NPR end to end (see npr.pipeline)."""
+
+from __future__ import annotations
+
+import time
+
+
+def add_parser(sub, name: str, help_text: str):
+    from npr.pipeline import PRESETS, STEPS
+
+    import argparse
+
+    from npr import pipeline
+
+    p = sub.add_parser(name, help=help_text, description=pipeline.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
+                   help="tiny: the embedded SmolLM2-135M on chain sums, ~20 min on a 2-core CPU (default); "
+                        "smoke: a tiny random model, seconds per step (CI); qwen3-4b: the paper's setting on GPUs")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+    p.add_argument("--from", dest="from_step", default=None, choices=STEPS, metavar="STEP",
+                   help=f"redo this step and every later one ({', '.join(STEPS)})")
+    p.add_argument("--baseline", action="store_true",
+                   help="also train and evaluate a sequential-RL baseline on the same data and budget (NPR's SR)")
+    p.add_argument("--data-dir", default=None, help="benchmark folder for presets that evaluate on NPR's benchmarks "
+                   "(default: $NPR_DATA_DIR)")
+    p.add_argument("--device", default="cpu", help="device of the evaluations (training follows accelerate)")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress from the stages")
+    return p
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from npr.pipeline import run_pipeline
+
+    console = Console()
+    out = args.out or f"runs/{args.preset}"
+    start = time.perf_counter()
+
+    def log(line: str) -> None:
+        elapsed = time.perf_counter() - start
+        console.print(f"[dim]{elapsed / 60:5.1f} min[/] {line}", highlight=False)
+
+    state = run_pipeline(args.preset, out, from_step=args.from_step, baseline=args.baseline,
+                         data_dir=args.data_dir, device=args.device, quiet=args.quiet, log=log)
+    print_results(console, out, state)
+    return 0
+
+
+def print_results(console, out: str, state: dict) -> None:
+    import json
+    from pathlib import Path
+
+    from rich.table import Table
+
+    results = json.loads((Path(out) / "results.json").read_text())
+    fmt = lambda v, pct=True: "–" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")  # noqa: E731
+    table = Table(title=f"npr pipeline ({results['preset']}): held-out {results['held_out']}, k={results['k']}")
+    for col in ("model", "avg@k", "best@k", "format valid", "trigger", "tok/s", "speedup"):
+        table.add_column(col, justify="right")
+    for r in results["rows"]:
+        table.add_row(r["model"], fmt(r["avg_at_k"]), fmt(r["best_at_k"]), fmt(r["format_valid_rate"]),
+                      fmt(r["trigger_rate"]), fmt(r["tokens_per_second"], False), fmt(r.get("speedup"), False))
+    console.print(table)
+    console.print(f"steps took {results['total_seconds'] / 60:.1f} min in all; report: {out}/report.html")
