@@ -61,8 +61,8 @@ PRESETS: dict[str, PipelinePreset] = {
     # the embedded SmolLM2-135M-Instruct on 2-term 1-digit chain sums (training split seed 1, held-out seed 2)
     "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="rg:chain_sum?size=32&seed=2&terms=2&digits=1",
                            eval_k=4, eval_max_new_tokens=256, coldstart=True,
-                           coldstart_sample={"prompt_style": "plain", "wrap": True, "tries": 4, "train_limit": 96,
-                                             "max_new_tokens": 160, "temperature": 0.7},
+                           coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_min_branches": 2, "tries": 6,
+                                             "train_limit": 64, "max_new_tokens": 128, "temperature": 0.7},
                            coldstart_sft={"num_epochs": 3, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
                            eval_engine={"kv_cache_gib": 1.0}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
@@ -156,8 +156,12 @@ def step_coldstart(run):
     # the SFT run writes DIR/coldstart/final beside DIR/coldstart/data
 
 
+# RL stages skip their own before/after evaluation: the pipeline's eval steps measure every model.
+NO_STAGE_EVAL = {"eval_data": None}
+
+
 def step_stage1(run):
-    _train(run, "stage1", "stage1", {"model": run.seed_model()})
+    _train(run, "stage1", "stage1", {"model": run.seed_model(), **NO_STAGE_EVAL})
 
 
 def step_zero_eval(run):
@@ -177,7 +181,7 @@ def step_beta_eval(run):
 
 
 def step_stage3(run):
-    _train(run, "stage3", "stage3", {"model": run.final("stage2")})
+    _train(run, "stage3", "stage3", {"model": run.final("stage2"), **NO_STAGE_EVAL})
 
 
 def step_npr_eval(run):
@@ -193,7 +197,7 @@ def step_sr(run):
     stage1 = resolve_config("stage1", Stage1Config, run.preset.train_preset)
     stage3 = resolve_config("stage3", Stage3Config, run.preset.train_preset)
     _train(run, "stage1", "sr", {"model": run.preset.model, "reward": "accuracy", "prompt_style": "plain",
-                                 "max_steps": stage1.max_steps + stage3.max_steps})
+                                 "max_steps": stage1.max_steps + stage3.max_steps, **NO_STAGE_EVAL})
 
 
 def step_sr_eval(run):

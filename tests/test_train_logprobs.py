@@ -11,7 +11,7 @@ import torch
 
 from npr.algos import get_policy_loss
 from npr.tokens import tag_token_ids
-from npr.train.logprobs import (causal_sequence, pack_in_budget, pack_responses, response_logprobs,
+from npr.train.logprobs import (causal_sequence, pack_in_budget, pack_shared_prefix, response_logprobs,
                                  structured_sequence)
 from npr.train.session import make_accelerator
 from npr.train.update import PolicyBatch, aggregation_units, policy_backward, sft_backward
@@ -75,12 +75,27 @@ def test_packed_responses_equal_separate_forwards(llama):
     """Responses packed behind one prompt copy: each sees the prompt and itself only."""
     model, tok = llama
     group = _group(tok)
-    packed = pack_responses(group)
+    packed = pack_shared_prefix(group)
     assert len(packed.input_ids) == group[0].context_end + sum(s.response_length for s in group)
     with torch.no_grad():
         together, mask = response_logprobs(model, [packed], tok.pad_token_id)
         apart, apart_mask = response_logprobs(model, group, tok.pad_token_id)
     assert together.shape == apart.shape and torch.equal(mask, apart_mask)
+    assert torch.allclose(together, apart, atol=1e-5)
+
+
+def test_different_prompts_packed_behind_their_common_prefix(llama):
+    """SFT examples of different problems share only the start of their prompts; packed behind
+    it, each response's log-probs are those of its own forward (first token included)."""
+    model, tok = llama
+    seqs = _sequences(tok)
+    packed = pack_shared_prefix(seqs)
+    assert packed.context_end == 3  # "Q: " is all the three prompts share
+    assert len(packed.input_ids) == 3 + sum(len(s.input_ids) - 3 for s in seqs)
+    with torch.no_grad():
+        together, mask = response_logprobs(model, [packed], tok.pad_token_id)
+        apart, apart_mask = response_logprobs(model, seqs, tok.pad_token_id)
+    assert torch.equal(mask, apart_mask)
     assert torch.allclose(together, apart, atol=1e-5)
 
 
@@ -145,7 +160,7 @@ def test_packing_does_not_change_the_update(llama):
     acc = make_accelerator()
     loss_fn = get_policy_loss("papo")
     grads = []
-    for sequences in (group, [pack_responses(group)]):
+    for sequences in (group, [pack_shared_prefix(group)]):
         model.zero_grad()
         batch = _policy_batch(group, prefilled_at=(2,))
         batch.sequences = sequences

@@ -218,6 +218,10 @@ class Stage2Config(TrainConfig):
     num_epochs: int = option(2, "passes over the dataset when max_steps is 0 (our choice)")
     max_steps: int = option(0, "optimizer steps; 0 derives them from num_epochs and batch_size")
     max_seq_len: int = option(16384, "longest prompt + response kept; longer examples are dropped and counted")
+    pack_tokens: int = option(0, "pack each micro-batch's examples behind one copy of their common prompt prefix (the "
+                              "chat template and the NPR instruction), in sequences of at most N tokens (0: no "
+                              "packing). Same loss and gradient (each example sees the prefix and itself); the "
+                              "prefix is computed once per pack. micro_batch_size then counts packs")
     primer_data: str | None = option(None, "extra examples mixed into train_data, e.g. synthetic:chain_sum?size=64&"
                                      "seed=3&terms=2&digits=1 (programmatic NPR traces). NOT the paper: NPR-Beta is "
                                      "purely self-distilled. The tiny preset needs it because SmolLM2-135M does not "
@@ -283,12 +287,15 @@ class SampleConfig(RolloutConfig):
                         "never write the NPR tags (SmolLM2-135M: 0 of 512 samples), so that Stage 1 has a format to "
                         "reinforce; the reasoning stays self-generated, no teacher")
     wrap_branches: int = option(2, "most correct answers wrapped as parallel steps of one trace (wrap only)")
+    wrap_min_branches: int = option(1, "fewest correct answers a problem needs to be wrapped (wrap only); 2 makes "
+                                    "every cold-start trace genuinely parallel")
     cpu_threads: int | None = option(None, CPU_THREADS_HELP)
 
     def __post_init__(self):
         _check_choices(self)
         self._check_rollout()
-        _check(1 <= self.wrap_branches <= 5, "wrap_branches", "must lie in [1, 5]")
+        _check(1 <= self.wrap_min_branches <= self.wrap_branches <= 5, "wrap_branches/wrap_min_branches",
+               "need 1 <= wrap_min_branches <= wrap_branches <= 5")
         _check(bool(self.model.strip()), "model", "is required: pass --model RUN/final from `npr train stage1`")
         _check(bool(self.train_data.strip()), "train_data", "is required: pass --train-data (a spec or .jsonl path)")
         _check(self.tries >= 1 and self.prompts_per_batch >= 1, "tries/prompts_per_batch", "must be >= 1")

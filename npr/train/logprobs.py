@@ -5,8 +5,10 @@ A ``TokenSequence`` is a prompt followed by one or more responses, with the atte
 that produced them: the tree mask and position ids of ``npr.masks.parallel_mask_and_positions``
 for a structured trace (Stage 2 data, Stage 3 rollouts), or a causal mask with ``arange``
 positions for plain decoding (Stage 1 rollouts). Several responses to the same prompt can be
-packed behind one copy of the prompt (``pack_responses``): each sees the prompt and itself,
-never another, so its log-probs are those of its own forward while the prompt is computed once.
+packed behind one copy of their common prefix (``pack_shared_prefix``: the whole prompt for the
+responses to one prompt, the system instruction for different problems): each sees the prefix
+and itself, never another, so its log-probs are those of its own forward while the shared
+prefix is computed once.
 ``response_logprobs`` right-pads a batch with ``npr.masks.batch_inputs`` (additive float mask,
 padding folded in) and returns ``log p(token | everything that token may see)`` for every
 response token, one row per response.
@@ -27,9 +29,10 @@ class TokenSequence:
     """One row of the flat forward.
 
     input_ids LongTensor[L], allowed BoolTensor[L, L] (query i may see key j), position_ids
-    LongTensor[L]; ``context_end``: length of the prompt; ``spans``: the [start, end) token
-    range of each response. A response's first token is predicted from the prompt's last
-    token, every later one from the token before it.
+    LongTensor[L]; ``context_end``: length of the prompt (of the shared prefix when packed);
+    ``spans``: the [start, end) token range of each response; ``first_predictors``: for each
+    response, the index of its prompt's last token, whose logits predict its first token (None:
+    ``context_end - 1`` for all). Every later token is predicted from the token before it.
     """
 
     input_ids: torch.Tensor
@@ -37,6 +40,7 @@ class TokenSequence:
     position_ids: torch.Tensor
     context_end: int
     spans: tuple[tuple[int, int], ...]
+    first_predictors: tuple[int, ...] | None = None
 
     @property
     def response_start(self) -> int:
@@ -50,11 +54,14 @@ class TokenSequence:
     def response_length(self) -> int:
         return sum(self.response_lengths)
 
-    def predictors(self, span: tuple[int, int]) -> torch.Tensor:
-        """Indices whose logits predict the tokens of ``span``: LongTensor[end - start]."""
-        start, end = span
+    def first_predictor(self, j: int) -> int:
+        return self.context_end - 1 if self.first_predictors is None else self.first_predictors[j]
+
+    def predictors(self, j: int) -> torch.Tensor:
+        """Indices whose logits predict the tokens of response ``j``: LongTensor[end - start]."""
+        start, end = self.spans[j]
         index = torch.arange(start - 1, end - 1)  # [T]
-        index[0] = self.context_end - 1
+        index[0] = self.first_predictor(j)
         return index
 
 
@@ -77,53 +84,62 @@ def causal_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> T
     return _single(ids, torch.ones(n, n, dtype=torch.bool).tril_(), torch.arange(n), len(prompt_ids))
 
 
-def pack_responses(sequences: Sequence[TokenSequence]) -> TokenSequence:
-    """Single-response sequences of one prompt packed behind one copy of it.
+def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n
 
-    Each response keeps its own mask over the prompt and itself and its own positions; no
-    response sees another. The prompts must be identical.
+
+def pack_shared_prefix(sequences: Sequence[TokenSequence]) -> TokenSequence:
+    """Sequences packed behind one copy of their common prefix (never past a prompt's end).
+
+    Each keeps its own mask over the prefix and itself and its own positions; none sees
+    another. For responses to one prompt the prefix is the whole prompt; for different
+    problems it is what their prompts share (the chat template and the system instruction).
     """
     first = sequences[0]
-    prompt = first.context_end
-    for s in sequences:
-        same_prompt = s.context_end == prompt and torch.equal(s.input_ids[:prompt], first.input_ids[:prompt])
-        if len(s.spans) != 1 or not same_prompt:
-            raise ValueError("pack_responses needs single-response sequences of the same prompt")
-    length = prompt + sum(s.response_length for s in sequences)
+    shared = min(s.context_end for s in sequences)
+    for s in sequences[1:]:
+        shared = min(shared, common_prefix_length(first.input_ids, s.input_ids))
+    length = shared + sum(len(s.input_ids) - shared for s in sequences)
     ids = torch.empty(length, dtype=torch.long)  # [L]
     allowed = torch.zeros(length, length, dtype=torch.bool)  # [L, L]
     positions = torch.empty(length, dtype=torch.long)  # [L]
-    ids[:prompt], positions[:prompt] = first.input_ids[:prompt], first.position_ids[:prompt]
-    allowed[:prompt, :prompt] = first.allowed[:prompt, :prompt]
-    spans, offset = [], prompt
+    ids[:shared], positions[:shared] = first.input_ids[:shared], first.position_ids[:shared]
+    allowed[:shared, :shared] = first.allowed[:shared, :shared]
+    spans, predictors, offset = [], [], shared
     for s in sequences:
-        n = s.response_length
-        ids[offset:offset + n] = s.input_ids[prompt:]
-        positions[offset:offset + n] = s.position_ids[prompt:]
-        allowed[offset:offset + n, :prompt] = s.allowed[prompt:, :prompt]
-        allowed[offset:offset + n, offset:offset + n] = s.allowed[prompt:, prompt:]
-        spans.append((offset, offset + n))
+        n = len(s.input_ids) - shared
+        ids[offset:offset + n] = s.input_ids[shared:]
+        positions[offset:offset + n] = s.position_ids[shared:]
+        allowed[offset:offset + n, :shared] = s.allowed[shared:, :shared]
+        allowed[offset:offset + n, offset:offset + n] = s.allowed[shared:, shared:]
+        move = lambda i: i if i < shared else offset + i - shared  # noqa: E731
+        spans += [(move(a), move(b - 1) + 1) for a, b in s.spans]
+        predictors += [move(s.first_predictor(j)) for j in range(len(s.spans))]
         offset += n
-    return TokenSequence(ids, allowed, positions, prompt, tuple(spans))
+    return TokenSequence(ids, allowed, positions, shared, tuple(spans), tuple(predictors))
 
 
 def pack_in_budget(sequences: Sequence[TokenSequence], max_tokens: int) -> list[TokenSequence]:
-    """Consecutive responses of the same prompt packed greedily into sequences of at most
-    ``max_tokens`` tokens (a response longer than that stays alone). ``max_tokens <= 0``:
-    no packing. Response order is kept, so response i of the input is row i of the output."""
+    """Consecutive sequences packed greedily behind their common prefix into sequences of at
+    most ``max_tokens`` tokens (one longer than that stays alone). ``max_tokens <= 0``: no
+    packing. Order is kept, so response i of the input is response i of the output."""
     if max_tokens <= 0:
         return list(sequences)
-    packed, group = [], []
+    packed, group, shared = [], [], 0
     for s in sequences:
-        same_prompt = group and s.context_end == group[0].context_end and torch.equal(
-            s.input_ids[:s.context_end], group[0].input_ids[:group[0].context_end])
-        if group and (not same_prompt or group[0].context_end + sum(g.response_length for g in group)
-                      + s.response_length > max_tokens):
-            packed.append(pack_responses(group) if len(group) > 1 else group[0])
-            group = []
-        group.append(s)
+        if group:
+            new_shared = min(shared, s.context_end, common_prefix_length(group[0].input_ids, s.input_ids))
+            size = new_shared + sum(len(g.input_ids) - new_shared for g in (*group, s))
+            if new_shared >= 1 and size <= max_tokens:
+                group.append(s)
+                shared = new_shared
+                continue
+            packed.append(pack_shared_prefix(group) if len(group) > 1 else group[0])
+        group, shared = [s], s.context_end
     if group:
-        packed.append(pack_responses(group) if len(group) > 1 else group[0])
+        packed.append(pack_shared_prefix(group) if len(group) > 1 else group[0])
     return packed
 
 
@@ -146,8 +162,8 @@ def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: i
         raise ValueError("every sequence needs a prompt (>= 1 token) and responses of >= 1 token")
     dtype = mask_dtype or next(model.parameters()).dtype
     batch = batch_inputs([(s.input_ids, s.allowed, s.position_ids) for s in sequences], pad_token_id, dtype)
-    # Only logits from the last prompt token onward are read: skip the rest of the prompt.
-    first = min(s.context_end for s in sequences) - 1
+    # Only logits from the first predicting token onward are read: skip the (shared) prompt.
+    first = min(s.first_predictor(j) for s in sequences for j in range(len(s.spans)))
     length = batch["input_ids"].shape[1]
     out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                 attention_mask=batch["attention_mask"], logits_to_keep=length - first, use_cache=False)
@@ -155,8 +171,8 @@ def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: i
     longest = max(max(s.response_lengths) for s in sequences)
     rows, lengths = [], []
     for b, s in enumerate(sequences):
-        for span in s.spans:
-            index = (s.predictors(span) - first).to(logits.device)  # [T_r]
+        for j, span in enumerate(s.spans):
+            index = (s.predictors(j) - first).to(logits.device)  # [T_r]
             predicting = logits[b].index_select(0, index).float()  # [T_r, V]
             targets = s.input_ids[span[0]:span[1]].to(logits.device)  # [T_r]
             token_logprobs = predicting.log_softmax(-1).gather(-1, targets[:, None])[:, 0]  # [T_r]

@@ -33,7 +33,7 @@ _SMOKE_RL: dict[str, Any] = dict(_SMOKE_COMMON, train_data=_SMOKE_DATA, prompts_
                                  kv_cache_tokens=32768, max_num_seqs=16, pack_group_tokens=1100, micro_batch_size=2)
 # One CPU thread: on a 2-core machine shared with other processes, two spinning threads make
 # decoding and training many times slower (measured 5-70x); alone on the machine 2 threads gain <2x.
-_TINY_THREADS = 1
+_TINY_THREADS = None
 _TINY_ENGINE: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, rollout_dtype="bfloat16", kv_cache_tokens=65536,
                                     max_num_seqs=64)
 _TINY_RL: dict[str, Any] = dict(_TINY_ENGINE, train_data=_CHAIN_SUM, mixed_precision="bf16", eval_data=_CHAIN_SUM_EVAL,
@@ -60,8 +60,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": dict(_SMOKE_COMMON, train_data="synthetic:arith?n=12&seed=0", batch_size=4, micro_batch_size=2,
                       min_learning_rate=5e-4, max_seq_len=4096),
         "tiny": dict(cpu_threads=_TINY_THREADS, learning_rate=2e-4, min_learning_rate=1e-4, batch_size=8,
-                     micro_batch_size=4, num_epochs=2, mixed_precision="bf16", max_seq_len=1024,
-                     primer_data=_CHAIN_SUM_PRIMER),
+                     micro_batch_size=1, num_epochs=2, mixed_precision="bf16", max_seq_len=1024, pack_tokens=2048),
         "qwen3-4b": dict(_QWEN_TRAIN),
     },
     "stage3": {

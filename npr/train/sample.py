@@ -4,7 +4,8 @@ From the NPR-Zero model, draw ``tries`` samples per problem (engine ``plain`` mo
 prompt). A sample is kept when it is correct AND format-valid (``format_score == 0``); it is
 rendered in the canonical form (``npr.schema.render``) and written with its provenance. Every
 other sample is counted under the first reason that applies: ``truncated`` (hit the token
-budget), ``format_invalid``, ``wrong``, ``over_quota`` (``max_kept_per_problem`` reached).
+budget), ``format_invalid``, ``wrong``, ``over_quota`` (``max_kept_per_problem`` or
+``wrap_branches`` reached), ``unwrapped`` (wrap: fewer than ``wrap_min_branches`` correct answers).
 
 With ``wrap`` (a format cold start, not the paper), correct samples are kept whatever their
 format, and each problem's correct answers become the parallel steps of one templated trace
@@ -35,7 +36,7 @@ from npr.train.rollout import RolloutWorker
 from npr.train.sft_data import SAMPLE_FILE
 from npr.train.update import global_sum
 
-DROP_REASONS = ("truncated", "format_invalid", "wrong", "over_quota")
+DROP_REASONS = ("truncated", "format_invalid", "wrong", "over_quota", "unwrapped")
 SUMMARY_FILE = "summary.json"
 
 
@@ -108,6 +109,10 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
     if config.wrap:
         by_id = {p.id: p for p in problems}
         for problem_id, rs in wrapped.items():
+            if len(rs) < config.wrap_min_branches:  # too few correct answers for a parallel block
+                counts["unwrapped"] += len(rs)
+                per_problem.pop(problem_id)
+                continue
             chosen = rs[:config.wrap_branches]
             counts["over_quota"] += len(rs) - len(chosen)
             record = sample_record(chosen[0], by_id[problem_id], config, True)

@@ -16,7 +16,7 @@ from npr.data import DataError
 from npr.tokens import tag_token_ids
 from npr.train.config import ConfigError, Stage2Config
 from npr.train.data import BatchOrder, shard
-from npr.train.logprobs import structured_sequence
+from npr.train.logprobs import pack_in_budget, structured_sequence
 from npr.train.session import RunOptions, StepTimer, model_source, open_session
 from npr.train.sft_data import load_sft_examples, tokenize_examples
 from npr.train.update import optimizer_step, sft_backward
@@ -53,7 +53,8 @@ def train_stage2(config: Stage2Config, options: RunOptions) -> Path | None:
     for step in session.steps():
         timer = StepTimer()
         indices, _ = shard(order.batch(step), acc.process_index, acc.num_processes)
-        sequences = [structured_sequence(kept[i].prompt_ids, kept[i].response_ids, tags) for i in indices]
+        sequences = pack_in_budget([structured_sequence(kept[i].prompt_ids, kept[i].response_ids, tags)
+                                    for i in indices], config.pack_tokens)
         metrics = sft_backward(acc, session.model, sequences, session.tokenizer.pad_token_id, config.micro_batch_size,
                                forward_context=session.forward_context)
         metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
