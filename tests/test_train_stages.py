@@ -74,6 +74,18 @@ def test_sample_then_stage2_smoke(tmp_path):
     assert model.config.architectures == ["LlamaForCausalLM"]
 
 
+def test_sample_in_parallel_mode_keeps_canonical_forked_traces(tmp_path):
+    from npr.schema import parse, render
+
+    out = tmp_path / "sample"
+    assert npr("sample", "--preset", "smoke", "--rollout-mode", "parallel", "--out", str(out), "--quiet") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "data.jsonl").read_text().splitlines()]
+    assert summary["kept"] == len(rows) > 0
+    for row in rows:
+        assert render(parse(row["response"])) == row["response"] and parse(row["response"]).blocks
+
+
 def test_stage3_smoke(tmp_path):
     run = tmp_path / "s3"
     assert npr("train", "stage3", "--preset", "smoke", "--out", str(run), "--quiet",

@@ -33,3 +33,17 @@ def test_select_wraps_problems_with_enough_correct_answers():
     assert [r["problem_id"] for r in kept] == ["a"]  # b has one correct answer: too few to wrap
     assert kept[0]["tries"] == [0, 2] and validate(kept[0]["response"]) == []
     assert counts["wrong"] == 2 and counts["over_quota"] == 1 and counts["unwrapped"] == 1
+
+
+def test_min_branches_drops_traces_with_a_one_plan_block():
+    one = ("<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 2+2=4\n</step>\n"
+           "<takeaway>\nthe sum is 4\n</takeaway>\nSo \\boxed{4}.")
+    two = ("<guideline>\n<plan>1: add</plan>\n<plan>2: count</plan>\n</guideline>\n<step>\n1: 2+2=4\n</step>\n"
+           "<step>\n2: 2, 3, 4\n</step>\n<takeaway>\nboth give 4\n</takeaway>\nSo \\boxed{4}.")
+    problems = [Problem("a", "2+2?", "4", "test")]
+    results = [_result(0, 0, one), _result(0, 1, two)]
+    for min_branches, kept_tries, dropped in ((1, [0, 1], 0), (2, [1], 1)):
+        counts = Counter()
+        config = SampleConfig(model="m", train_data="d", min_branches=min_branches)
+        kept = select(results, problems, 0, config, counts, Counter())
+        assert [r["try"] for r in kept] == kept_tries and counts["too_few_branches"] == dropped

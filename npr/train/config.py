@@ -264,7 +264,7 @@ class Stage3Config(RLConfig):
 class SampleConfig(RolloutConfig):
     """``npr sample``: rejection sampling for Stage 2 (arXiv 2512.07461 §3.2).
 
-    From the NPR-Zero checkpoint draw ``tries`` samples per problem (plain mode, NPR prompt);
+    From the NPR-Zero checkpoint draw ``tries`` samples per problem (plain mode by default, NPR prompt);
     keep those that are correct AND format-valid (``format_score == 0``), render them in the
     canonical form and write a JSONL dataset with provenance; every other sample is counted
     under the reason it was dropped.
@@ -275,10 +275,17 @@ class SampleConfig(RolloutConfig):
     train_limit: int | None = option(None, "sample only the first N problems (None: all)")
     seed: int = option(0, "sampling seed (sample t of problem i is reproducible)")
     tries: int = option(8, "samples drawn per problem (NPR's max_sample_trial: 8)")
+    min_branches: int = option(1, "keep only traces whose every block has at least N plans (1: NPR's filter). The "
+                               "tiny preset uses 2: its self-distilled data otherwise favours one-plan blocks and "
+                               "NPR-Beta stops branching")
     max_kept_per_problem: int | None = option(None, "keep at most K accepted samples per problem (None: all)")
     require_correct: bool = option(True, "keep only correct samples; smoke/test presets turn it off so that a random "
                                    "model's format-valid traces can exercise the pipeline")
     prompts_per_batch: int = option(16, "problems submitted to the engine at once")
+    rollout_mode: str = option("plain", "engine mode of the samples: plain (NPR: the NPR-Zero model writes the whole "
+                               "trace itself) or parallel (the engine forks at </guideline>; for a model whose format "
+                               "came from a tree-mask cold start, as in the tiny pipeline). Kept samples are "
+                               "canonical either way", ("plain", "parallel"))
     prompt_style: str = option("npr", "sampling prompt: npr (the format instruction, NPR's rejection sampling) or "
                                "plain (step by step; for the wrap cold start)", ("npr", "plain"))
     wrap: bool = option(False, "format cold start, NOT the paper: keep correct samples whatever their format and write "
@@ -299,6 +306,7 @@ class SampleConfig(RolloutConfig):
         _check(bool(self.model.strip()), "model", "is required: pass --model RUN/final from `npr train stage1`")
         _check(bool(self.train_data.strip()), "train_data", "is required: pass --train-data (a spec or .jsonl path)")
         _check(self.tries >= 1 and self.prompts_per_batch >= 1, "tries/prompts_per_batch", "must be >= 1")
+        _check(1 <= self.min_branches <= 5, "min_branches", f"must lie in [1, 5], got {self.min_branches}")
         _check(self.max_kept_per_problem is None or self.max_kept_per_problem >= 1, "max_kept_per_problem",
                "must be >= 1 or None")
         _check(self.train_limit is None or self.train_limit >= 1, "train_limit", "must be >= 1 or None")

@@ -11,10 +11,10 @@
 
 Stages after the first need ``--model RUN/final`` from the previous stage (the ``smoke``
 presets start from a fresh tiny random model so that each command runs on its own), and
-Stage 2 needs ``--train-data`` from ``npr sample``. The ``tiny`` Stage 2 mixes in a primer of
-64 programmatic chain_sum traces (``primer_data``): SmolLM2-135M does not discover the NPR
-format in a few CPU steps of Stage 1, so rejection sampling keeps next to nothing; without the
-primer Stage 3 would have no parallel structure to optimise.
+Stage 2 needs ``--train-data`` from ``npr sample``. SmolLM2-135M never writes the NPR tags on
+its own, so ``npr pipeline --preset tiny`` runs a format cold start before Stage 1 (its own
+correct plain answers wrapped as parallel steps, ``npr sample --wrap``, then one short parallel
+SFT); see docs/training.md.
 """
 
 from __future__ import annotations
@@ -24,15 +24,13 @@ from typing import Any
 _CHAIN_SUM = "rg:chain_sum?size=256&seed=1&terms=2&digits=1"
 _CHAIN_SUM_EVAL = "rg:chain_sum?size=64&seed=2&terms=2&digits=1"
 _SMOKE_DATA = "rg:chain_sum?size=16&seed=1&terms=2&digits=1"
-# Stage-2 primer of the tiny preset: programmatic traces (not self-distilled; see Stage2Config.primer_data)
-_CHAIN_SUM_PRIMER = "synthetic:chain_sum?size=64&seed=3&terms=2&digits=1"
 
 _SMOKE_COMMON: dict[str, Any] = dict(model="tiny-random-llama", learning_rate=1e-3, warmup_steps=0, max_steps=3,
                                      micro_batch_size=4, keep_checkpoints=0)
 _SMOKE_RL: dict[str, Any] = dict(_SMOKE_COMMON, train_data=_SMOKE_DATA, prompts_per_step=4, samples_per_prompt=4,
                                  kv_cache_tokens=32768, max_num_seqs=16, pack_group_tokens=1100, micro_batch_size=2)
-# One CPU thread: on a 2-core machine shared with other processes, two spinning threads make
-# decoding and training many times slower (measured 5-70x); alone on the machine 2 threads gain <2x.
+# torch's default thread count. On a 2-core machine shared with other processes, two spinning threads
+# make decoding and training many times slower (measured 5-70x); then pass --cpu-threads 1.
 _TINY_THREADS = None
 _TINY_ENGINE: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, rollout_dtype="bfloat16", kv_cache_tokens=65536,
                                     max_num_seqs=64)
@@ -45,15 +43,20 @@ _QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "stage1": {
         "smoke": dict(_SMOKE_RL, max_new_tokens=48, overlong_buffer=16),  # random tags and lengths vary the reward
+        # top-p 0.7 (the evaluation protocol's; the paper trains at 1.0): at 1.0 the cold-started 135M model writes
+        # a valid trace in 8% of plain samples, at 0.7 in 23% (held-out split, k=4), so DAPO has a signal
         "tiny": dict(_TINY_RL, model="embedded", samples_per_prompt=6, max_new_tokens=192, overlong_buffer=48,
-                     learning_rate=2e-5, max_steps=3),
+                     learning_rate=2e-5, max_steps=3, top_p=0.7),
         "qwen3-4b": dict(_QWEN_GPU, model="Qwen/Qwen3-4B-Instruct-2507", max_new_tokens=8192, overlong_buffer=1024),
     },
     "sample": {
         "smoke": dict(model="tiny-random-llama", train_data=_SMOKE_DATA, train_limit=4, tries=2, max_new_tokens=96,
                       rollout_forcing="structure", require_correct=False, kv_cache_tokens=32768, max_num_seqs=16),
+        # parallel mode: the tiny model's format comes from a tree-mask cold start, and plain decoding of step 2
+        # after step 1 is what it was never taught (plain: 2 of 256 samples kept; see docs/results.md). min_branches:
+        # without it 85 kept traces were mostly one-plan blocks and NPR-Beta wrote 1.0 branches per block
         "tiny": dict(_TINY_ENGINE, train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=192,
-                     prompts_per_batch=16),
+                     prompts_per_batch=16, rollout_mode="parallel", top_p=0.7, min_branches=2),
         "qwen3-4b": dict(rollout_dtype="bfloat16", kv_cache_gib=40.0, max_num_seqs=256, prompts_per_batch=64),
     },
     "stage2": {
@@ -65,8 +68,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "stage3": {
         "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure"),
-        # temperature 0.6: at 1.0 SmolLM2 after the primer breaks the schema in ~90% of parallel rollouts
-        # (the engine ends them as invalid_schema), leaving PAPO almost nothing to learn from
+        # temperature 0.6: at 1.0 the 135M model broke the schema in ~90% of parallel rollouts (measured
+        # after an earlier Stage 2 on programmatic traces; the engine ends them as invalid_schema)
         "tiny": dict(_TINY_RL, samples_per_prompt=4, max_new_tokens=256, temperature=0.6, learning_rate=1e-5,
                      max_steps=4),
         "qwen3-4b": dict(_QWEN_GPU, max_new_tokens=8192),

@@ -1,10 +1,11 @@
 """Rejection sampling for Stage 2 (arXiv 2512.07461 §3.2): ``npr sample``.
 
-From the NPR-Zero model, draw ``tries`` samples per problem (engine ``plain`` mode, NPR
-prompt). A sample is kept when it is correct AND format-valid (``format_score == 0``); it is
+From the NPR-Zero model, draw ``tries`` samples per problem (engine ``plain`` mode, or
+``parallel`` with ``rollout_mode``; NPR prompt). A sample is kept when it is correct AND format-valid (``format_score == 0``); it is
 rendered in the canonical form (``npr.schema.render``) and written with its provenance. Every
 other sample is counted under the first reason that applies: ``truncated`` (hit the token
-budget), ``format_invalid``, ``wrong``, ``over_quota`` (``max_kept_per_problem`` or
+budget), ``format_invalid``, ``wrong``, ``too_few_branches`` (a block with fewer plans than
+``min_branches``), ``over_quota`` (``max_kept_per_problem`` or
 ``wrap_branches`` reached), ``unwrapped`` (wrap: fewer than ``wrap_min_branches`` correct answers).
 
 With ``wrap`` (a format cold start, not the paper), correct samples are kept whatever their
@@ -36,7 +37,7 @@ from npr.train.rollout import RolloutWorker
 from npr.train.sft_data import SAMPLE_FILE
 from npr.train.update import global_sum
 
-DROP_REASONS = ("truncated", "format_invalid", "wrong", "over_quota", "unwrapped")
+DROP_REASONS = ("truncated", "format_invalid", "wrong", "too_few_branches", "over_quota", "unwrapped")
 SUMMARY_FILE = "summary.json"
 
 
@@ -57,7 +58,7 @@ def wrap_trace(answers: Sequence[str], final: str) -> str:
                                 final_span=zero))
 
 
-def judge(result: Result, problem: Problem, require_correct: bool, wrap: bool = False
+def judge(result: Result, problem: Problem, require_correct: bool, wrap: bool = False, min_branches: int = 1
           ) -> tuple[str | None, str | None, bool, bool]:
     """(drop reason or None, first format-error kind or None, correct, format-valid) of one sample."""
     correct = is_correct(result.text, problem)
@@ -71,6 +72,8 @@ def judge(result: Result, problem: Problem, require_correct: bool, wrap: bool = 
         return "format_invalid", errors[0].kind, correct, False
     if require_correct and not correct:
         return "wrong", None, correct, True
+    if any(len(block.plans) < min_branches for block in parse(result.text).blocks):
+        return "too_few_branches", None, correct, True
     return None, None, correct, True
 
 
@@ -89,7 +92,7 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
     wrapped: dict[str, list[Result]] = {}
     for r in results:
         problem = problems[r.prompt_index - first]
-        reason, error_kind, correct, valid = judge(r, problem, config.require_correct, config.wrap)
+        reason, error_kind, correct, valid = judge(r, problem, config.require_correct, config.wrap, config.min_branches)
         counts["samples"] += 1
         counts["correct"] += correct
         counts["format_valid"] += valid
@@ -135,7 +138,7 @@ def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=
     accelerator = make_accelerator()
     model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.rollout_dtype or "float32",
                                                 device=accelerator.device)
-    worker = RolloutWorker(model, tokenizer, config, mode="plain")
+    worker = RolloutWorker(model, tokenizer, config, mode=config.rollout_mode)
     per_rank = -(-len(problems) // accelerator.num_processes)
     start = accelerator.process_index * per_rank
     mine = problems[start:start + per_rank]

@@ -86,7 +86,7 @@ def read_sft_jsonl(path: str | Path, allow_empty: bool = False) -> list[SftExamp
 
 
 def synthetic_examples(spec: str) -> list[SftExample]:
-    """Programmatic canonical traces (not self-distilled: smoke data and the tiny preset's primer).
+    """Programmatic canonical traces (not self-distilled: smoke data, or a primer_data mix).
 
     ``synthetic:arith?n=12&seed=0``: ``What is a + b?`` split into tens and units;
     ``synthetic:chain_sum?size=64&seed=3&terms=2&digits=1``: the problems of that reasoning-gym
