@@ -291,8 +291,8 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
 
 
 # Typical seconds per step of the tiny preset on a 2-core CPU (docs/results.md), for the ETA.
-TINY_SECONDS = {"base_eval": 60, "coldstart": 150, "stage1": 180, "zero_eval": 60, "sample": 60, "stage2": 120,
-                "beta_eval": 60, "stage3": 180, "npr_eval": 120, "sr": 300, "sr_eval": 60, "report": 5}
+TINY_SECONDS = {"base_eval": 30, "coldstart": 260, "stage1": 200, "zero_eval": 50, "sample": 80, "stage2": 100,
+                "beta_eval": 35, "stage3": 130, "npr_eval": 70, "sr": 200, "sr_eval": 30, "report": 1}
 
 
 def eta_text(remaining: list[str], state: dict, preset: str) -> str:

@@ -275,9 +275,8 @@ class SampleConfig(RolloutConfig):
     train_limit: int | None = option(None, "sample only the first N problems (None: all)")
     seed: int = option(0, "sampling seed (sample t of problem i is reproducible)")
     tries: int = option(8, "samples drawn per problem (NPR's max_sample_trial: 8)")
-    min_branches: int = option(1, "keep only traces whose every block has at least N plans (1: NPR's filter). The "
-                               "tiny preset uses 2: its self-distilled data otherwise favours one-plan blocks and "
-                               "NPR-Beta stops branching")
+    min_branches: int = option(1, "keep only traces whose every block has at least N plans (1: NPR's filter); 2 "
+                               "keeps a model whose kept traces are mostly one-plan blocks from unlearning branching")
     max_kept_per_problem: int | None = option(None, "keep at most K accepted samples per problem (None: all)")
     require_correct: bool = option(True, "keep only correct samples; smoke/test presets turn it off so that a random "
                                    "model's format-valid traces can exercise the pipeline")

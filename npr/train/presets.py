@@ -53,10 +53,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": dict(model="tiny-random-llama", train_data=_SMOKE_DATA, train_limit=4, tries=2, max_new_tokens=96,
                       rollout_forcing="structure", require_correct=False, kv_cache_tokens=32768, max_num_seqs=16),
         # parallel mode: the tiny model's format comes from a tree-mask cold start, and plain decoding of step 2
-        # after step 1 is what it was never taught (plain: 2 of 256 samples kept; see docs/results.md). min_branches:
-        # without it 85 kept traces were mostly one-plan blocks and NPR-Beta wrote 1.0 branches per block
+        # after step 1 is what it was never taught (plain: 2 of 256 samples kept; parallel: 85; docs/results.md).
+        # min_branches=2 kept 31 and Stage 2 on them broke the format (NPR-Beta 3% valid), so it stays off
         "tiny": dict(_TINY_ENGINE, train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=192,
-                     prompts_per_batch=16, rollout_mode="parallel", top_p=0.7, min_branches=2),
+                     prompts_per_batch=16, rollout_mode="parallel", top_p=0.7),
         "qwen3-4b": dict(rollout_dtype="bfloat16", kv_cache_gib=40.0, max_num_seqs=256, prompts_per_batch=64),
     },
     "stage2": {
