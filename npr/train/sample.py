@@ -72,7 +72,7 @@ def judge(result: Result, problem: Problem, require_correct: bool, wrap: bool = 
         return "format_invalid", errors[0].kind, correct, False
     if require_correct and not correct:
         return "wrong", None, correct, True
-    if any(len(block.plans) < min_branches for block in parse(result.text).blocks):
+    if min_branches > 1 and any(len(block.plans) < min_branches for block in parse(result.text).blocks):
         return "too_few_branches", None, correct, True
     return None, None, correct, True
 
