@@ -9,6 +9,7 @@ import torch
 
 from npr.engine import Engine, EngineConfig, EngineInputError, SamplingParams, StructureForcer
 from npr.masks import attention_bias, parallel_mask_and_positions
+from npr.schema import plan_label
 from npr.tokens import tag_token_ids
 
 PROMPTS = [[1, 72, 73, 74, 75, 2, 201], [1, 80, 81, 201]]
@@ -158,8 +159,12 @@ def _tags(tok):
                            "<takeaway>", "</takeaway>"])
 
 
-def _run_script(model_tok, script, **cfg):
-    engine = make_engine(model_tok, "parallel", **cfg)
+def _plan_label(tok, k: int) -> list[int]:
+    return tok.encode(plan_label(k), add_special_tokens=False)
+
+
+def _run_script(model_tok, script, mode="parallel", **cfg):
+    engine = make_engine(model_tok, mode, **cfg)
     r = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=200, temperature=0,
                                                      logits_processors=(script,)))[0]
     assert engine.pool.used_blocks == 0
@@ -187,8 +192,9 @@ def test_illegal_schemas_end_cleanly(tiny_llama, case, diagnostic):
         "step_outside_branch": [70, S_],
         "nested_guideline": [G, G],
         "zero_plans": [G, 70, G_],
-        "too_many_plans": [G] + [P, 70, P_] * 6 + [G_],
-        "eos_in_plan": [G, P, 70, eos],
+        # the engine prefills plan_label(k) after the k-th <plan> (up to max_branches=5)
+        "too_many_plans": [G] + sum(([P, *_plan_label(tok, k), 70, P_] for k in range(1, 6)), []) + [P, 70, P_, G_],
+        "eos_in_plan": [G, P, *_plan_label(tok, 1), 70, eos],
         "takeaway_by_model": [70, T],
     }[case]
     r = _run_script(tiny_llama, Script(main, eos=eos))
@@ -208,9 +214,26 @@ def test_illegal_tokens_inside_a_branch(tiny_llama, branch_seq, diagnostic):
     _, tok = tiny_llama
     G, G_, P, P_, S, S_, T, T_ = _tags(tok)
     bad = {"eos": tok.eos_token_id, "guideline": G, "step": S}[branch_seq]
-    script = Script([G, P, 70, P_, P, 71, P_, G_], {(1, 1): [80, 81, S_], (1, 2): [82, bad]}, eos=tok.eos_token_id)
+    script = Script([G, P, *_plan_label(tok, 1), 70, P_, P, *_plan_label(tok, 2), 71, P_, G_], {(1, 1): [80, 81, S_], (1, 2): [82, bad]}, eos=tok.eos_token_id)
     r = _run_script(tiny_llama, script)
     assert r.finish_reason == "invalid_schema" and diagnostic in r.diagnostic
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_engine_prefills_plan_labels(tiny_llama, mode):
+    """After the model opens its k-th plan the engine writes plan_label(k), as it writes the step
+    scaffold in branch k: the labels are canonical and not the model's actions (sampled False)."""
+    _, tok = tiny_llama
+    G, G_, P, P_, S, S_, T, T_ = _tags(tok)
+    one, two = _plan_label(tok, 1), _plan_label(tok, 2)
+    main = [G, P, *one, 70, 71, P_, P, *two, 72, 73, P_, G_]
+    script = Script(main, {(1, 1): [80, 81, S_], (1, 2): [82, 83, S_]}, eos=tok.eos_token_id)
+    r = _run_script(tiny_llama, script, mode=mode)
+    assert r.finish_reason == "invalid_schema" and "EOS inside takeaway" in r.diagnostic  # the script ends at the join
+    assert r.token_ids[:len(main)] == main
+    labels = [2 + i for i in range(len(one))] + [6 + len(one) + i for i in range(len(two))]
+    assert [i for i, s in enumerate(r.sampled[:len(main)]) if not s] == labels
+    assert r.branches_per_block == [2] and r.text.startswith("<guideline><plan>1:")
 
 
 def test_min_fork_budget_and_max_depth(tiny_llama):

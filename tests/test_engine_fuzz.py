@@ -14,6 +14,7 @@ import pytest
 
 from npr.engine import Engine, EngineConfig, SamplingParams, TokenFuzzer
 from npr.masks import parallel_mask_and_positions
+from npr.schema import plan_label
 from npr.tokens import tag_token_ids
 
 REASONS = {"eos", "length", "invalid_schema", "stop"}
@@ -74,20 +75,23 @@ def test_fifty_plans_and_unclosed_steps(tiny_llama):
     """Adversarial scripts: 50 plans in one guideline; a branch that never closes."""
     model, tok = tiny_llama
     t = tag_token_ids(tok)
+    engine = Engine(model, tok, EngineConfig(debug=True, kv_cache_tokens=8192))
+    # the engine prefills plan_label(k) after the k-th <plan>, up to max_branches
+    label = lambda k: tok.encode(plan_label(k), add_special_tokens=False) if k <= engine.config.max_branches else []  # noqa: E731
 
     def fifty_plans(stream, logits):
-        seq = [t["<guideline>"]] + [t["<plan>"], 70, t["</plan>"]] * 50 + [t["</guideline>"]]
+        seq = [t["<guideline>"]] + sum(([t["<plan>"], *label(k), 70, t["</plan>"]] for k in range(1, 51)), []) \
+            + [t["</guideline>"]]
         out = logits.new_full(logits.shape, float("-inf"))
         out[seq[len(stream.tokens)] if len(stream.tokens) < len(seq) else tok.eos_token_id] = 0
         return out
 
     def never_close(stream, logits):
-        seq = [t["<guideline>"], t["<plan>"], 70, t["</plan>"], t["</guideline>"]]
+        seq = [t["<guideline>"], t["<plan>"], *label(1), 70, t["</plan>"], t["</guideline>"]]
         out = logits.new_full(logits.shape, float("-inf"))
         out[70 if stream.kind == "branch" else seq[min(len(stream.tokens), len(seq) - 1)]] = 0
         return out
 
-    engine = Engine(model, tok, EngineConfig(debug=True, kv_cache_tokens=8192))
     r = engine.generate([[1, 70]], SamplingParams(max_new_tokens=400, temperature=0, logits_processors=(fifty_plans,)))[0]
     assert r.finish_reason == "invalid_schema" and "50 plans" in r.diagnostic
     r = engine.generate([[1, 70]], SamplingParams(max_new_tokens=100, temperature=0, logits_processors=(never_close,)))[0]

@@ -84,6 +84,16 @@ def test_render_normalises_whitespace_and_labels():
     assert render(parse(out)) == out
 
 
+def test_a_bare_colon_is_a_missing_label_not_text():
+    # a model that drops the number writes "<plan>: idea"; the canonical form must not become "1: : idea"
+    trace = parse("<guideline><plan>: idea</plan><plan> 2 :other</plan></guideline><step>:  do it</step>"
+                  "<step>2: do that</step><takeaway>done here</takeaway>\\boxed{1}")
+    assert [(p.label, p.text) for p in trace.blocks[0].plans] == [(None, "idea"), (2, "other")]
+    assert trace.blocks[0].steps[0].text == "do it"
+    assert render(trace).startswith("<guideline>\n<plan>1: idea</plan>\n<plan>2: other</plan>\n</guideline>\n"
+                                    "<step>\n1: do it\n</step>")
+
+
 def test_parse_starts_after_prompt():
     prompt = "Use <guideline> and <step> tags. Question: 1+1?\n"
     text = prompt + CANONICAL

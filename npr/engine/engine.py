@@ -22,7 +22,7 @@ from npr.engine.config import EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool
 from npr.engine.sampling import apply_repetition_penalty, sample_rows
 from npr.engine.scheduler import Request, Scaffold, Scheduler, Stream
-from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, step_open
+from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
 from npr.tokens import tag_token_ids
 
 
@@ -123,6 +123,7 @@ class Engine:
         tags = tag_token_ids(tokenizer)
         return Scaffold(
             tag_of={v: k for k, v in tags.items()},
+            plan_label=tuple(enc(plan_label(k)) for k in range(1, self.config.max_branches + 1)),
             guideline_separator=enc(GUIDELINE_SEPARATOR),
             step_open=tuple(enc(step_open(k)) for k in range(1, self.config.max_branches + 1)),
             step_separator=enc(STEP_SEPARATOR),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, step_open
+from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
 from npr.tokens import tag_token_ids
 
 TEXT = None  # a script slot the model fills with any ordinary token
@@ -56,7 +56,7 @@ class StructureForcer(_Forcing):
     """Force ``len(branch_tokens)`` blocks; block b has ``len(branch_tokens[b])`` plans and branch
     k of it writes ``branch_tokens[b][k]`` text tokens before ``</step>``.
 
-    Main line: ``prefix_tokens`` text, then per block ``<guideline>``, each plan as ``<plan>`` +
+    Main line: ``prefix_tokens`` text, then per block ``<guideline>``, each plan as ``<plan>k:`` +
     ``plan_tokens`` text + ``</plan>``, ``</guideline>``; after each join ``takeaway_tokens`` text
     and ``</takeaway>``; finally ``final_tokens`` text, `` \\boxed{answer}`` (unless ``answer`` is
     None) and EOS. Text tokens are visible, so with the defaults the trace passes ``validate``.
@@ -71,16 +71,19 @@ class StructureForcer(_Forcing):
         enc = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         self.answer_ids = [] if answer is None else enc(f" \\boxed{{{answer}}}")
         self.separator, self.step_separator = enc(GUIDELINE_SEPARATOR), enc(STEP_SEPARATOR)
-        self.step_open = [enc(step_open(k)) for k in range(1, 1 + max((len(b) for b in self.branch_tokens), default=1))]
+        widest = max((len(b) for b in self.branch_tokens), default=1)
+        self.plan_label = [enc(plan_label(k)) for k in range(1, 1 + widest)]
+        self.step_open = [enc(step_open(k)) for k in range(1, 1 + widest)]
         self.takeaway_open = enc(TAKEAWAY_OPEN)
 
     def _block(self, block: int) -> list[int | None]:
         """Block ``block`` written flat, up to and including ``<takeaway>``: the guideline, then
-        every branch with the scaffold the engine would prefill (so that ``plain`` mode, which
-        forks nothing, writes the same layout)."""
+        every branch, with the labels and scaffolds the engine would prefill (so that ``plain``
+        mode, which forks nothing, writes the same layout)."""
         t = self.tags
-        plan = [t["<plan>"], *[TEXT] * self.plan_tokens, t["</plan>"]]
-        out = [t["<guideline>"], *plan * len(self.branch_tokens[block]), t["</guideline>"], *self.separator]
+        plans = [[t["<plan>"], *self.plan_label[k], *[TEXT] * self.plan_tokens, t["</plan>"]]
+                 for k in range(len(self.branch_tokens[block]))]
+        out = [t["<guideline>"], *[i for plan in plans for i in plan], t["</guideline>"], *self.separator]
         for k, n in enumerate(self.branch_tokens[block], 1):
             out += [*self.step_open[k - 1], *[TEXT] * n, t["</step>"], *self.step_separator]
         return out + self.takeaway_open

@@ -5,7 +5,8 @@ every stream along the NPR grammar (``consume``). It never touches model tensors
 
 States of a request's streams::
 
-    main: TEXT/GUIDELINE/PLAN ──samples </guideline>──► fork: main suspended,
+    main: TEXT/GUIDELINE/PLAN (plan_label(k) prefilled after the k-th <plan>)
+          ──samples </guideline>──► fork: main suspended,
           one branch per plan, each prefilled with step_open(k) at pos(last shared)+1
     branch k: STEP ──samples </step>──► closing (feeds </step> + separator, then done)
     all branches closing/done ──► join: a takeaway segment that sees every branch,
@@ -36,6 +37,7 @@ class Scaffold:
     """Token ids the engine prefills (from ``npr.schema.canonical``) and the ids it watches."""
 
     tag_of: dict[int, str]  # token id -> tag string, for the 8 tags
+    plan_label: tuple[tuple[int, ...], ...]  # index k-1 -> ids of plan_label(k), prefilled after the k-th <plan>
     guideline_separator: tuple[int, ...]
     step_open: tuple[tuple[int, ...], ...]  # index k-1 -> ids of step_open(k)
     step_separator: tuple[int, ...]
@@ -159,7 +161,7 @@ class Scheduler:
         """Blocks one request may need at most: its budget plus one partial block per segment.
 
         A block of k branches opens k + 1 segments and costs at least 6k + 4 >= 5(k + 1) tokens
-        (<guideline>, k plan tag pairs, </guideline> and its separator, k step scaffolds of >= 2
+        (<guideline>, k plan tag pairs and labels, </guideline> and its separator, k step scaffolds of >= 2
         tokens, k </step> and separators, <takeaway>), so a budget of B tokens opens at most B / 5.
         """
         cfg = self.config
@@ -316,6 +318,8 @@ class Scheduler:
             stream.plans = 0
         elif tag == "<plan>":
             stream.plans += 1
+            if stream.plans <= len(self.scaffold.plan_label):  # more plans than max_branches end at the fork
+                self._force(stream, self.scaffold.plan_label[stream.plans - 1])
         elif tag == "</guideline>":
             self._fork(stream)
         elif tag == "</step>":

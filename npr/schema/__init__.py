@@ -13,6 +13,7 @@ from npr.schema.canonical import (
     STEP_SEPARATOR,
     TAGS,
     TAKEAWAY_OPEN,
+    plan_label,
     render,
     step_open,
 )
@@ -24,5 +25,5 @@ __all__ = [
     "GUIDELINE_SEPARATOR", "MAX_PLANS", "PENALTIES", "STEP_SEPARATOR", "TAGS", "TAKEAWAY_OPEN",
     "Block", "ParallelTrace", "Plan", "SchemaError", "SchemaParseError", "Span", "Step",
     "detect_format", "extract_answer", "find_boxed", "format_score", "from_multiverse",
-    "from_parallel_r1", "parse", "render", "step_open", "validate",
+    "from_parallel_r1", "parse", "plan_label", "render", "step_open", "validate",
 ]

@@ -24,9 +24,10 @@ Rules (docs/schema.md has the full page):
 - nothing between blocks; the final text follows the last ``</takeaway>`` and its newline.
 
 The newline after ``</guideline>`` is shared context (every branch sees it); the newline after
-``</step>`` belongs to that step's branch. The engine prefills exactly these strings: the
-shared ``GUIDELINE_SEPARATOR``, then ``step_open(k)`` in branch k, then ``STEP_SEPARATOR`` when
-the branch emits ``</step>``, then ``TAKEAWAY_OPEN`` at the join.
+``</step>`` belongs to that step's branch. The engine prefills exactly these strings:
+``plan_label(k)`` after the k-th ``<plan>`` the model writes, the shared ``GUIDELINE_SEPARATOR``,
+then ``step_open(k)`` in branch k, then ``STEP_SEPARATOR`` when the branch emits ``</step>``,
+then ``TAKEAWAY_OPEN`` at the join.
 """
 
 from __future__ import annotations
@@ -56,13 +57,18 @@ STEP_SEPARATOR = "\n"
 TAKEAWAY_OPEN = "<takeaway>"
 
 
+def plan_label(label: int) -> str:
+    """The label the engine prefills after the model opens plan ``label`` (1-based) with ``<plan>``."""
+    return f"{label}:"
+
+
 def step_open(label: int) -> str:
     """The scaffold that opens branch ``label`` (1-based): ``<step>`` plus its label."""
     return f"<step>\n{label}:"
 
 
 def _labelled(label: int, text: str) -> str:
-    return f"{label}: {text}" if text else f"{label}:"
+    return f"{plan_label(label)} {text}" if text else plan_label(label)
 
 
 def render(trace: ParallelTrace) -> str:

@@ -24,7 +24,7 @@ from npr.schema.canonical import MAX_PLANS
 from npr.schema.trace import Block, ParallelTrace, Plan, Span, Step
 
 _TAG_RE = re.compile(r"</?(?:guideline|plan|step|takeaway)>")
-_LABEL_RE = re.compile(r"^\s*(\d+)\s*[:.]\s?")
+_LABEL_RE = re.compile(r"^\s*(?:(\d+)\s*[:.]|:)\s?")  # "2:", "2." or a bare ":" (label left out)
 
 MIN_PLAN_CHARS = 3
 MIN_STEP_CHARS = 6
@@ -182,7 +182,7 @@ def _split_label(content: str) -> tuple[int | None, str]:
     m = _LABEL_RE.match(content)
     if m is None:
         return None, content
-    return int(m.group(1)), content[m.end():].strip()
+    return (int(m.group(1)) if m.group(1) else None), content[m.end():].strip()
 
 
 class _Scan:
