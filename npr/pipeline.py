@@ -65,9 +65,10 @@ PRESETS: dict[str, PipelinePreset] = {
     "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="rg:chain_sum?size=32&seed=2&terms=2&digits=1",
                            eval_k=4, eval_max_new_tokens=256, coldstart=True,
                            coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_min_branches": 2, "tries": 6,
-                                             "train_limit": 64, "max_new_tokens": 128, "temperature": 0.7},
+                                             "train_limit": 64, "max_new_tokens": 128, "temperature": 0.7,
+                                             "prompts_per_batch": 21},
                            coldstart_sft={"num_epochs": 5, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
-                           eval_engine={"kv_cache_gib": 1.0}),
+                           eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
     "qwen3-4b": PipelinePreset(model="Qwen/Qwen3-4B-Instruct-2507", train_preset="qwen3-4b",
                                held_out="aime25,hmmt25,amc23,math500", eval_k=8, eval_max_new_tokens=32768,
