@@ -201,6 +201,7 @@ def step_sr(run):
     stage1 = resolve_config("stage1", Stage1Config, run.preset.train_preset)
     stage3 = resolve_config("stage3", Stage3Config, run.preset.train_preset)
     _train(run, "stage1", "sr", {"model": run.preset.model, "reward": "accuracy", "prompt_style": "plain",
+                                 "rollout_mode": "plain",
                                  "max_steps": stage1.max_steps + stage3.max_steps, **NO_STAGE_EVAL})
 
 

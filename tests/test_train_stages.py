@@ -61,6 +61,20 @@ def test_stage1_smoke(tmp_path):
     _check_vanilla_load(run / "final")
 
 
+def test_stage1_parallel_rollouts_use_the_tree_mask(tmp_path):
+    """--rollout-mode parallel: the engine forks and the update recomputes log-probs with the tree
+    mask (a causal recompute of forked branches would drift far above 1e-4)."""
+    run = tmp_path / "s1p"
+    assert npr("train", "stage1", "--preset", "smoke", "--out", str(run), "--quiet", "--rollout-mode", "parallel",
+               "--rollout-forcing", "structure", "--dynamic-sampling", "false", "--max-new-tokens", "96") == 0
+    metrics = read_metrics(run / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert all(m["trigger_rate"] == 1.0 and m["updated"] == 1.0 and m["dropped_structure"] == 0 for m in metrics)
+    assert all(abs(m["logprob_drift"]) < 1e-4 for m in metrics)
+    rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    assert rows and all(r["branches_per_block"] for r in rows)
+
+
 def test_sample_then_stage2_smoke(tmp_path):
     out = tmp_path / "sample"
     assert npr("sample", "--preset", "smoke", "--out", str(out), "--quiet") == 0

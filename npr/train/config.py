@@ -168,7 +168,7 @@ class RLConfig(RolloutConfig, TrainConfig):
 class Stage1Config(RLConfig):
     """Stage 1, NPR-Zero (arXiv 2512.07461 §3.1): DAPO on the instruct model with the NPR instruction.
 
-    Rollouts in the engine's ``plain`` mode; reward = format penalty when the format is invalid,
+    Rollouts in the engine's ``plain`` mode (``rollout_mode``); reward = format penalty when the format is invalid,
     else ±1 accuracy (``npr.rewards.stage1_reward``), plus DAPO's soft overlong penalty; dynamic
     sampling drops groups with equal rewards; clip-higher; token-mean; no KL, no reference model.
     """
@@ -188,6 +188,10 @@ class Stage1Config(RLConfig):
     overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")
     reward: str = option("stage1", "stage1: format penalty, else ±1 accuracy (NPR-Zero); accuracy: ±1 only (with "
                          "prompt_style plain: the sequential-RL baseline, NPR's SR)", ("stage1", "accuracy"))
+    rollout_mode: str = option("plain", "engine mode of the rollouts: plain (NPR: the instruct model writes the whole "
+                               "trace itself; causal log-probs) or parallel (NOT the paper's Stage 1: the engine forks "
+                               "at </guideline> and log-probs use the tree mask, as in Stage 3; for a model whose "
+                               "format came from a tree-mask cold start, as in the tiny pipeline)", ("plain", "parallel"))
 
     def __post_init__(self):
         super().__post_init__()
@@ -224,8 +228,8 @@ class Stage2Config(TrainConfig):
                               "prefix is computed once per pack. micro_batch_size then counts packs")
     primer_data: str | None = option(None, "extra examples mixed into train_data, e.g. synthetic:chain_sum?size=64&"
                                      "seed=3&terms=2&digits=1 (programmatic NPR traces). NOT the paper: NPR-Beta is "
-                                     "purely self-distilled. The tiny preset needs it because SmolLM2-135M does not "
-                                     "discover the format in a CPU-sized Stage 1, so rejection sampling keeps ~nothing")
+                                     "purely self-distilled. For a model that does not discover the format in Stage 1, "
+                                     "so that rejection sampling keeps next to nothing")
 
     def _check_steps(self):
         _check(self.max_steps >= 0, "max_steps", f"must be >= 0 (0: from num_epochs), got {self.max_steps}")

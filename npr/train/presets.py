@@ -44,10 +44,12 @@ _QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "stage1": {
         "smoke": dict(_SMOKE_RL, max_new_tokens=48, overlong_buffer=16),  # random tags and lengths vary the reward
-        # top-p 0.7 (the evaluation protocol's; the paper trains at 1.0): at 1.0 the cold-started 135M model writes
-        # a valid trace in 8% of plain samples, at 0.7 in 23% (held-out split, k=4), so DAPO has a signal
+        # parallel rollouts (the paper: plain): the format comes from a tree-mask cold start, whose model writes a
+        # valid trace in 97% of parallel samples but 0-27% of plain ones; with plain rollouts one cold start in
+        # two runs gave Stage 1 no valid rollout at all and the pipeline collapsed (docs/results.md).
+        # top-p 0.7 (the evaluation protocol's; the paper trains at 1.0)
         "tiny": dict(_TINY_RL, model="embedded", samples_per_prompt=6, max_new_tokens=192, overlong_buffer=48,
-                     learning_rate=2e-5, max_steps=3, top_p=0.7),
+                     learning_rate=2e-5, max_steps=3, top_p=0.7, rollout_mode="parallel"),
         "qwen3-4b": dict(_QWEN_GPU, model="Qwen/Qwen3-4B-Instruct-2507", max_new_tokens=8192, overlong_buffer=1024),
     },
     "sample": {

@@ -2,10 +2,12 @@
 
 One step::
 
-    rollouts = collect_rollouts(...)        # engine, plain mode, NPR prompt, G samples per prompt
+    rollouts = collect_rollouts(...)        # engine, plain mode (rollout_mode), NPR prompt, G samples per prompt
     rewards  = stage-1 reward + overlong    # format penalty or ±1 accuracy; DAPO eq. 13
-    kept     = dynamic sampling             # drop groups whose rewards are all equal (DAPO §3.2)
-    batch    = causal sequences, group advantages, loss on sampled tokens
+    kept     = dynamic sampling             # drop groups whose rewards are all equal (DAPO §3.2); in
+                                            # parallel mode first drop rollouts without complete blocks
+                                            # (cut or ended by an illegal tag: no tree mask describes them)
+    batch    = causal sequences (tree mask in parallel mode), group advantages, loss on sampled tokens
     update   = DAPO clipped surrogate, token-mean over the global batch, one optimizer step
 """
 
@@ -19,7 +21,8 @@ import torch
 from npr.algos import dynamic_sampling_filter, get_advantage_estimator, overlong_penalty
 from npr.rewards import get_reward
 from npr.train.config import Stage1Config
-from npr.train.rl import apply_update, collect_rollouts, policy_batch, run_eval_if_due, start_rl_run, tag_ids_of
+from npr.train.rl import (apply_update, collect_rollouts, has_tree_structure, policy_batch, run_eval_if_due,
+                          start_rl_run, tag_ids_of)
 from npr.train.rollout import Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
@@ -50,7 +53,7 @@ def select_dapo(rollouts: Sequence[Rollout], rewards: torch.Tensor, config: Stag
 
 def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
     """Run (or resume) Stage 1; returns ``RUN/final`` or None when stopped early by ``stop_after``."""
-    run = start_rl_run("stage1", config, options, mode="plain")
+    run = start_rl_run("stage1", config, options, mode=config.rollout_mode)
     session, acc = run.session, run.session.accelerator
     tags = tag_ids_of(run)
     run_eval_if_due(run, "before")
@@ -59,13 +62,17 @@ def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
         rollouts, metrics = collect_rollouts(run, step, get_reward(config.reward))
         timer.lap("rollout")
         rewards = shaped_rewards(rollouts, config)
-        kept, advantages = select_dapo(rollouts, rewards, config)
-        shaped_sum, kept_count = global_sum(acc, [float(rewards.sum()), float(len(kept))])
-        batch = policy_batch(kept, advantages, structured=False, tag_ids=tags,
+        structured = config.rollout_mode != "plain"
+        trainable = [not structured or has_tree_structure(r.result, tags) for r in rollouts]
+        kept, advantages = select_dapo([r for r, t in zip(rollouts, trainable) if t],
+                                       rewards[torch.tensor(trainable, dtype=torch.bool)], config)
+        shaped_sum, kept_count, unstructured = global_sum(
+            acc, [float(rewards.sum()), float(len(kept)), float(len(trainable) - sum(trainable))])
+        batch = policy_batch(kept, advantages, structured=structured, tag_ids=tags,
                              loss_on_prefilled=config.loss_on_prefilled, pack_tokens=config.pack_group_tokens)
         update = apply_update(run, batch)
         timer.lap("update")
-        metrics.update(shaped_reward=shaped_sum / max(metrics["rollouts"], 1.0),
+        metrics.update(shaped_reward=shaped_sum / max(metrics["rollouts"], 1.0), dropped_structure=unstructured,
                        kept_rate=kept_count / max(metrics["rollouts"], 1.0), **update, **timer.times)
         session.after_step(step, metrics)
     run_eval_if_due(run, "after")
