@@ -59,9 +59,9 @@ PRESETS: dict[str, PipelinePreset] = {
                             eval_k=2, eval_max_new_tokens=48, eval_dtype="float32",
                             eval_engine={"kv_cache_gib": 0.1}),
     # the embedded SmolLM2-135M-Instruct on 2-term 1-digit chain sums (training split seed 1, held-out seed 2).
-    # Cold start: ~38 two-branch examples; 5 epochs (~24 steps) at 1e-4. Measured on the held-out split
-    # (parallel, k=4): 3 epochs at 1e-4 leave the tags out of order (Stage 1 then sees 0% valid rollouts),
-    # 3 epochs at 3e-4 give 53% format-valid, 5 epochs at 1e-4 give 89% format-valid, 94% trigger.
+    # Cold start: ~36-38 two-branch examples; 5 epochs (~25 steps) at 1e-4. Measured on the held-out split
+    # (parallel, k=4): 3 epochs at 1e-4 leave the tags out of order, 3 epochs at 3e-4 give 53% format-valid,
+    # 5 epochs at 1e-4 give 89% (97% since the engine prefills plan labels), 100% trigger, 2 branches/block.
     "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="rg:chain_sum?size=32&seed=2&terms=2&digits=1",
                            eval_k=4, eval_max_new_tokens=256, coldstart=True,
                            coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_min_branches": 2, "tries": 6,
@@ -293,8 +293,8 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
 
 
 # Typical seconds per step of the tiny preset on a 2-core CPU (docs/results.md), for the ETA.
-TINY_SECONDS = {"base_eval": 30, "coldstart": 260, "stage1": 200, "zero_eval": 50, "sample": 80, "stage2": 100,
-                "beta_eval": 35, "stage3": 130, "npr_eval": 70, "sr": 200, "sr_eval": 30, "report": 1}
+TINY_SECONDS = {"base_eval": 42, "coldstart": 245, "stage1": 181, "zero_eval": 46, "sample": 85, "stage2": 127,
+                "beta_eval": 39, "stage3": 170, "npr_eval": 77, "sr": 380, "sr_eval": 45, "report": 1}
 
 
 def eta_text(remaining: list[str], state: dict, preset: str) -> str:
