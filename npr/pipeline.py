@@ -14,7 +14,8 @@
     report      DIR/report.html and DIR/results.json: the table, training curves, trajectories
 
 A finished step is not redone; a step cut short is redone from its start; ``--from STEP`` redoes
-that step and every later one. Each step's files live in ``DIR/<step>/``.
+that step and every later one. Each step's files live in ``DIR/<step>/``; a finished training step
+keeps its ``final/`` model and drops its resumable ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -115,7 +116,11 @@ def _train(run: PipelineRun, stage: str, step: str, overrides: dict) -> None:
 
     config = resolve_config(stage, STAGE_CONFIGS[stage], run.preset.train_preset, None, overrides)
     trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[stage]
-    trainer(config, RunOptions(run.step_dir(step), quiet=run.quiet, command=f"npr pipeline: {step}"))
+    final = trainer(config, RunOptions(run.step_dir(step), quiet=run.quiet, command=f"npr pipeline: {step}"))
+    if final is not None and Path(final).is_dir():
+        # a step cut short is redone from its start, so its resumable checkpoints (weights and optimizer
+        # state, 1.6 GB per step for the embedded model) are never read again; final/ stays
+        shutil.rmtree(run.step_dir(step) / "checkpoints", ignore_errors=True)
 
 
 def _sample(run: PipelineRun, out: Path, overrides: dict) -> dict:

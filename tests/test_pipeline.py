@@ -28,6 +28,7 @@ def test_every_step_leaves_loadable_artefacts(smoke_run):
     assert state["done"] == ["base_eval", "stage1", "zero_eval", "sample", "stage2", "beta_eval", "stage3",
                              "npr_eval", "report"]
     for stage in ("stage1", "stage2", "stage3"):
+        assert not (out / stage / "checkpoints").exists()  # dropped once final/ is written
         model = AutoModelForCausalLM.from_pretrained(out / stage / "final")
         tok = AutoTokenizer.from_pretrained(out / stage / "final")
         assert len(tag_token_ids(tok)) == 8 and model.get_input_embeddings().weight.shape[0] == len(tok)
