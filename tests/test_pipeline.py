@@ -64,3 +64,23 @@ def test_bad_input(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "npr.cli.main", "pipeline", "--preset", "smoke", "--from", "nope",
                            "--out", str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+
+
+def test_baseline_adds_sequential_rl_in_plain_mode(smoke_run, tmp_path, monkeypatch):
+    """--baseline: NPR's SR trained with plain rollouts and prompt (even where Stage 1's preset rolls
+    out in parallel mode, as tiny's does) and evaluated in plain mode; the report gains its row."""
+    import shutil
+
+    import yaml
+
+    from npr.train.presets import PRESETS as TRAIN_PRESETS
+
+    monkeypatch.setitem(TRAIN_PRESETS["stage1"], "smoke", dict(TRAIN_PRESETS["stage1"]["smoke"], rollout_mode="parallel"))
+    out = tmp_path / "smoke"
+    shutil.copytree(smoke_run[0], out)
+    state = run_pipeline("smoke", out, from_step="report", baseline=True, quiet=True, log=lambda _: None)
+    assert state["done"][-3:] == ["sr", "sr_eval", "report"]
+    config = yaml.safe_load((out / "sr" / "config.yaml").read_text())
+    assert config["rollout_mode"] == "plain" and config["prompt_style"] == "plain" and config["reward"] == "accuracy"
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert rows[-1]["model"] == "sequential RL baseline (plain)" and rows[-1]["trigger_rate"] == 0.0
