@@ -144,6 +144,17 @@ def scan_blocks(input_ids: Sequence[int] | torch.Tensor, tag_ids: Mapping[str, i
     return blocks
 
 
+def has_complete_blocks(prompt_ids: Sequence[int], response_ids: Sequence[int], tag_ids: Mapping[str, int]) -> bool:
+    """Whether ``response_ids`` scans as complete blocks after ``prompt_ids`` (``scan_blocks``
+    succeeds), so that the tree mask describes them; a response cut inside a block or ended by an
+    illegal tag does not."""
+    try:
+        scan_blocks([*prompt_ids, *response_ids], tag_ids, len(prompt_ids))
+    except StructureError:
+        return False
+    return True
+
+
 def branch_start_position(last_shared_position: int) -> int:
     """Position of every branch's first token (``<step>``): one past the shared prefix."""
     return last_shared_position + 1

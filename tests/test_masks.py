@@ -11,6 +11,7 @@ from npr.masks import (
     StructureError,
     attention_bias,
     batch_inputs,
+    has_complete_blocks,
     parallel_mask_and_positions,
     scan_blocks,
 )
@@ -176,3 +177,11 @@ def test_batch_inputs_folds_padding():
     assert mask[5].nonzero().flatten().tolist() == [5]  # a pad row sees only itself (no empty softmax row)
     assert batch["padding_mask"].sum(1).tolist() == [len(a), 3]
     assert torch.equal(batch["attention_mask"][0, 0] == 0, seqs[0][1])
+
+
+def test_has_complete_blocks():
+    prompt, block = [7, 8], [G, P, 1, P_, G_, S, 2, S_, T, 3, T_, 5]
+    assert has_complete_blocks(prompt, block, TAG_IDS) and has_complete_blocks(prompt, [5, 6], TAG_IDS)
+    assert not has_complete_blocks(prompt, block[:7], TAG_IDS)  # cut inside the step
+    assert not has_complete_blocks(prompt, [G, P, 1, G_], TAG_IDS)  # </guideline> inside a plan
+    assert has_complete_blocks([G, P], [5], TAG_IDS)  # tags in the prompt are not scanned

@@ -18,7 +18,6 @@ from npr.rewards import accuracy_reward
 from npr.tokens import tag_token_ids
 from npr.train.config import ConfigError, RLConfig
 from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
-from npr.masks import StructureError, scan_blocks
 from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
 from npr.train.rollout import Rollout, RolloutWorker, append_rollouts, rollout_metrics, rollout_sums, score
 from npr.train.session import RunOptions, TrainSession, open_session
@@ -152,12 +151,3 @@ def run_eval_if_due(run: RLRun, when: str) -> None:
 def tag_ids_of(run: RLRun) -> dict[str, int]:
     return tag_token_ids(run.session.tokenizer)
 
-
-def has_tree_structure(result, tag_ids: dict[str, int]) -> bool:
-    """Whether a rollout's tokens form complete blocks, so that the tree mask (``structured``
-    sequences) describes them; a response cut inside a block or ended by an illegal tag does not."""
-    try:
-        scan_blocks(result.prompt_ids + result.token_ids, tag_ids, len(result.prompt_ids))
-    except StructureError:
-        return False
-    return True

@@ -1,8 +1,8 @@
 """Rejection sampling for Stage 2 (arXiv 2512.07461 §3.2): ``npr sample``.
 
 From the NPR-Zero model, draw ``tries`` samples per problem (engine ``plain`` mode, or
-``parallel`` with ``rollout_mode``; NPR prompt). A sample is kept when it is correct AND format-valid (``format_score == 0``); it is
-rendered in the canonical form (``npr.schema.render``) and written with its provenance. Every
+``parallel`` with ``rollout_mode``; NPR prompt). A sample is kept when it is correct AND
+format-valid (``format_score == 0``); it is rendered in the canonical form (``npr.schema.render``) and written with its provenance. Every
 other sample is counted under the first reason that applies: ``truncated`` (hit the token
 budget), ``format_invalid``, ``wrong``, ``too_few_branches`` (a block with fewer plans than
 ``min_branches``), ``over_quota`` (``max_kept_per_problem`` or

@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl
 from npr.data import DataError
 from npr.data.errors import DataFileError
 from npr.data.jsonl import decode_utf8
-from npr.masks import StructureError, scan_blocks
+from npr.masks import has_complete_blocks
 from npr.prompts import encode_prompt
 from npr.schema import validate
 
@@ -162,9 +162,7 @@ def tokenize_examples(examples: list[SftExample], tokenizer, tag_ids: dict[str, 
         if len(prompt) + len(response) > max_seq_len:
             dropped["too_long"] += 1
             continue
-        try:
-            scan_blocks(prompt + response, tag_ids, len(prompt))
-        except StructureError:
+        if not has_complete_blocks(prompt, response, tag_ids):
             dropped["structure"] += 1
             continue
         kept.append(TokenizedExample(ex.id, prompt, response))

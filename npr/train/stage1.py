@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 
 from npr.algos import dynamic_sampling_filter, get_advantage_estimator, overlong_penalty
+from npr.masks import has_complete_blocks
 from npr.rewards import get_reward
 from npr.train.config import Stage1Config
-from npr.train.rl import (apply_update, collect_rollouts, has_tree_structure, policy_batch, run_eval_if_due,
-                          start_rl_run, tag_ids_of)
+from npr.train.rl import apply_update, collect_rollouts, policy_batch, run_eval_if_due, start_rl_run, tag_ids_of
 from npr.train.rollout import Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
@@ -56,14 +56,15 @@ def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
     run = start_rl_run("stage1", config, options, mode=config.rollout_mode)
     session, acc = run.session, run.session.accelerator
     tags = tag_ids_of(run)
+    structured = config.rollout_mode != "plain"  # forked rollouts: tree-mask log-probs
     run_eval_if_due(run, "before")
     for step in session.steps():
         timer = StepTimer()
         rollouts, metrics = collect_rollouts(run, step, get_reward(config.reward))
         timer.lap("rollout")
         rewards = shaped_rewards(rollouts, config)
-        structured = config.rollout_mode != "plain"
-        trainable = [not structured or has_tree_structure(r.result, tags) for r in rollouts]
+        trainable = [not structured or has_complete_blocks(r.result.prompt_ids, r.result.token_ids, tags)
+                     for r in rollouts]
         kept, advantages = select_dapo([r for r, t in zip(rollouts, trainable) if t],
                                        rewards[torch.tensor(trainable, dtype=torch.bool)], config)
         shaped_sum, kept_count, unstructured = global_sum(

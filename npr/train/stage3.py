@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from npr.algos import get_advantage_estimator
+from npr.masks import has_complete_blocks
 from npr.rewards import accuracy_reward
 from npr.schema import validate
 from npr.train.config import Stage3Config
-from npr.train.rl import (apply_update, collect_rollouts, has_tree_structure, policy_batch, run_eval_if_due,
-                          start_rl_run, tag_ids_of)
+from npr.train.rl import apply_update, collect_rollouts, policy_batch, run_eval_if_due, start_rl_run, tag_ids_of
 from npr.train.rollout import Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
@@ -36,7 +36,7 @@ def drop_reason(rollout: Rollout, tag_ids: dict[str, int], config: Stage3Config)
     result = rollout.result
     if result.finish_reason != "eos":
         return f"finish_{result.finish_reason}"
-    if not has_tree_structure(result, tag_ids):
+    if not has_complete_blocks(result.prompt_ids, result.token_ids, tag_ids):
         return "structure"
     errors = validate(result.text)
     if any(e.structural for e in errors):
