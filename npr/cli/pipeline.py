@@ -6,16 +6,15 @@ import time
 
 
 def add_parser(sub, name: str, help_text: str):
-    from npr.pipeline import PRESETS, STEPS
-
     import argparse
 
     from npr import pipeline
+    from npr.pipeline import PRESETS, STEPS
 
     p = sub.add_parser(name, help=help_text, description=pipeline.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="tiny: the embedded SmolLM2-135M on chain sums, ~20 min on a 2-core CPU (default); "
+                   help="tiny: the embedded SmolLM2-135M on chain sums, ~17 min on a 2-core CPU (default); "
                         "smoke: a tiny random model, seconds per step (CI); qwen3-4b: the paper's setting on GPUs")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
     p.add_argument("--from", dest="from_step", default=None, choices=STEPS, metavar="STEP",
