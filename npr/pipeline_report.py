@@ -13,6 +13,7 @@ from pathlib import Path
 
 from npr.eval.report import REPORT_CSS, bar_chart, curves_section
 from npr.eval.viewer import normalize_record, page, viewer_section
+from npr.train.tracking import read_metrics as read_jsonl  # every line a JSON object; [] when the file is absent
 
 # (row label, eval step, subdirectory holding the run)
 ROWS = (
@@ -24,12 +25,6 @@ ROWS = (
     ("sequential RL baseline (plain)", "sr_eval", ""),
 )
 CURVE_METRICS = ("reward", "accuracy", "format_valid_rate", "trigger_rate", "loss", "kept_rate")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def collect_rows(out: Path) -> list[dict]:
@@ -50,7 +45,7 @@ def collect_curves(out: Path) -> dict[str, list[dict]]:
     curves = {}
     for stage in ("coldstart", "stage1", "stage2", "stage3", "sr"):
         rows = [{"step": r["step"], **{k: r[k] for k in CURVE_METRICS if isinstance(r.get(k), (int, float))}}
-                for r in _read_jsonl(out / stage / "metrics.jsonl") if "step" in r]
+                for r in read_jsonl(out / stage / "metrics.jsonl") if "step" in r]
         rows = [r for r in rows if len(r) > 1]
         if rows:
             curves[stage] = rows
@@ -88,7 +83,7 @@ def write_pipeline_report(run) -> Path:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     records = []
     for label, step, sub in ROWS:
-        for r in _read_jsonl(out / step / sub / "samples.jsonl"):
+        for r in read_jsonl(out / step / sub / "samples.jsonl"):
             r["benchmark"] = f"{label}: {r.get('benchmark', '')}"
             records.append(normalize_record(r))
     charts = [bar_chart([(r["model"], r["avg_at_k"]) for r in rows], "accuracy (avg@k)", top=1.0,
