@@ -14,7 +14,9 @@
     report      DIR/report.html and DIR/results.json: the table, training curves, trajectories
 
 A finished step is not redone; a step cut short is redone from its start; ``--from STEP`` redoes
-that step and every later one. Each step's files live in ``DIR/<step>/``; a finished training step
+that step and every later one. The run directory's ``pipeline.json`` is its manifest: the pipeline
+deletes only step directories that manifest says it created, and refuses a non-empty directory it
+does not own (``--overwrite`` takes it over). Each step's files live in ``DIR/<step>/``; a finished training step
 keeps its ``final/`` model and drops its resumable ``checkpoints/``.
 """
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from npr.errors import NprError
+from npr.fsio import atomic_write_json
 
 STATE_FILE = "pipeline.json"
 
@@ -250,20 +253,55 @@ def planned_steps(run: PipelineRun) -> list[str]:
     return [s for s in STEPS if s not in skip]
 
 
+MANIFEST_FORMAT = 2  # pipeline.json with "owner" and "created"; earlier runs wrote none
+
+
 def load_state(out: Path) -> dict:
     path = out / STATE_FILE
     return json.loads(path.read_text()) if path.exists() else {"done": [], "seconds": {}}
 
 
 def save_state(out: Path, state: dict) -> None:
-    tmp = out / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    tmp.replace(out / STATE_FILE)
+    atomic_write_json(out / STATE_FILE, state)
+
+
+def claim_run_dir(out: Path, preset: str, overwrite: bool) -> dict:
+    """The run manifest of ``out``, creating it for a new or empty directory.
+
+    The pipeline deletes only what its manifest says it created (``created``: step directories), so
+    a directory it does not own (no manifest, or one from before manifests) is refused rather than
+    cleaned. ``overwrite`` takes such a directory over: the entries the pipeline would write (step
+    directories, its state, results and report) are deleted, anything else is left alone.
+    """
+    fresh = {"format": MANIFEST_FORMAT, "owner": "npr pipeline", "preset": preset, "created": [], "done": [],
+             "seconds": {}}
+    if out.exists() and not out.is_dir():
+        raise PipelineError(f"--out {out} is a file, not a directory; use another --out")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    state = load_state(out) if STATE_FILE in entries else None
+    owned = state is not None and state.get("format") == MANIFEST_FORMAT and state.get("owner") == "npr pipeline"
+    if owned and state.get("preset") != preset and not overwrite:
+        raise PipelineError(f"{out} holds a pipeline run with preset {state['preset']!r}; use another --out, or "
+                            f"--overwrite to start a {preset!r} run there (its step directories are deleted)")
+    if owned and not overwrite:
+        return state
+    if entries and not overwrite:
+        what = ("a pipeline run from an npr without run manifests" if state is not None
+                else f"files npr pipeline did not create ({', '.join(entries[:5])}{', …' if len(entries) > 5 else ''})")
+        raise PipelineError(f"{out} holds {what}; the pipeline only deletes what it created, so use another --out, "
+                            f"or --overwrite to let it delete its step directories there ({', '.join(STEPS)})")
+    for name in entries:
+        if name in STEPS or name in (STATE_FILE, "results.json", "report.html"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    save_state(out, fresh)
+    return fresh
 
 
 def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, baseline: bool = False,
                  data_dir: str | None = None, device: str = "cpu", quiet: bool = False,
-                 log: Callable[[str], None] = print, overrides: dict | None = None) -> dict:
+                 log: Callable[[str], None] = print, overrides: dict | None = None, overwrite: bool = False) -> dict:
     """Run (or continue) the pipeline; returns the state (steps done, seconds per step)."""
     if preset not in PRESETS:
         raise PipelineError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
@@ -272,11 +310,7 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
     steps = planned_steps(run)
     if from_step is not None and from_step not in steps:
         raise PipelineError(f"--from {from_step!r} is not a step of this pipeline; steps: {', '.join(steps)}")
-    run.out.mkdir(parents=True, exist_ok=True)
-    state = load_state(run.out)
-    if state.get("preset", preset) != preset:
-        raise PipelineError(f"{run.out} holds a pipeline run with preset {state['preset']!r}; use another --out")
-    state["preset"] = preset
+    state = claim_run_dir(run.out, preset, overwrite)
     if from_step is not None:
         later = steps[steps.index(from_step):]
         state["done"] = [s for s in state["done"] if s not in later]
@@ -286,7 +320,15 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
             continue
         remaining = [s for s in steps[index - 1:] if s not in state["done"]]
         log(f"[{index}/{len(steps)}] {step}: {DESCRIPTIONS[step]}{eta_text(remaining, state, preset)}")
-        shutil.rmtree(run.step_dir(step), ignore_errors=True)  # a step cut short is redone from its start
+        step_dir = run.step_dir(step)
+        if step in state["created"]:
+            shutil.rmtree(step_dir, ignore_errors=True)  # a step cut short is redone from its start
+        elif step_dir.exists():
+            raise PipelineError(f"{step_dir} exists but this pipeline run did not create it; move it away, or "
+                                f"use another --out")
+        if step not in state["created"]:
+            state["created"].append(step)
+        save_state(run.out, state)  # recorded before the step writes anything, so a kill leaves it owned
         t0 = time.perf_counter()
         STEP_FUNCTIONS[step](run)
         state["seconds"][step] = round(time.perf_counter() - t0, 1)

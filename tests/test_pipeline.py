@@ -84,3 +84,89 @@ def test_baseline_adds_sequential_rl_in_plain_mode(smoke_run, tmp_path, monkeypa
     assert config["rollout_mode"] == "plain" and config["prompt_style"] == "plain" and config["reward"] == "accuracy"
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert rows[-1]["model"] == "sequential RL baseline (plain)" and rows[-1]["trigger_rate"] == 0.0
+
+
+# ----------------------------------------------------------------------------- ownership (no step runs)
+
+
+@pytest.fixture
+def fake_steps(monkeypatch):
+    """Steps that only write a marker file, so ownership is tested in milliseconds."""
+    import npr.pipeline as pipeline
+
+    ran = []
+
+    def make(name):
+        def step(run):
+            ran.append(name)
+            run.step_dir(name).mkdir(parents=True, exist_ok=True)
+            (run.step_dir(name) / "made").write_text(name)
+        return step
+
+    monkeypatch.setattr(pipeline, "STEP_FUNCTIONS", {name: make(name) for name in pipeline.STEPS})
+    return ran
+
+
+def test_foreign_directory_is_refused_and_left_intact(tmp_path, fake_steps):
+    """docs/training.md trains by hand into runs/tiny/stage1; the pipeline on runs/tiny must not wipe it."""
+    out = tmp_path / "tiny"
+    (out / "stage1" / "final").mkdir(parents=True)
+    (out / "stage1" / "final" / "model.safetensors").write_bytes(b"weights")
+    with pytest.raises(PipelineError, match="did not create.*--overwrite"):
+        run_pipeline("smoke", out, log=lambda _: None)
+    assert (out / "stage1" / "final" / "model.safetensors").read_bytes() == b"weights"
+    assert fake_steps == [] and not (out / "pipeline.json").exists()
+
+
+def test_pre_manifest_run_is_refused(tmp_path, fake_steps):
+    out = tmp_path / "old"
+    (out / "stage1").mkdir(parents=True)
+    (out / "pipeline.json").write_text(json.dumps({"done": ["base_eval"], "seconds": {}, "preset": "smoke"}))
+    with pytest.raises(PipelineError, match="without run manifests"):
+        run_pipeline("smoke", out, log=lambda _: None)
+    assert (out / "stage1").is_dir()
+
+
+def test_overwrite_deletes_only_the_pipelines_names(tmp_path, fake_steps):
+    out = tmp_path / "run"
+    (out / "stage1").mkdir(parents=True)
+    (out / "stage1" / "old").write_text("x")
+    (out / "notes.txt").write_text("mine")
+    state = run_pipeline("smoke", out, log=lambda _: None, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not (out / "stage1" / "old").exists() and (out / "stage1" / "made").read_text() == "stage1"
+    assert state["done"] == fake_steps and set(state["created"]) == set(state["done"])
+
+
+def test_owned_run_continues_and_redoes_only_what_it_created(tmp_path, fake_steps):
+    out = tmp_path / "run"
+    run_pipeline("smoke", out, log=lambda _: None)
+    fake_steps.clear()
+    run_pipeline("smoke", out, log=lambda _: None, from_step="stage3")
+    assert fake_steps == ["stage3", "npr_eval", "report"]
+    with pytest.raises(PipelineError, match="preset 'smoke'.*--overwrite"):
+        run_pipeline("tiny", out, log=lambda _: None)
+
+
+def test_interrupted_step_is_owned_and_redone(tmp_path, fake_steps, monkeypatch):
+    """A step killed mid-way was recorded as created before it wrote anything, so the next call may
+    delete and redo it; a step directory the manifest does not list is refused."""
+    import npr.pipeline as pipeline
+
+    out = tmp_path / "run"
+
+    def dies(run):
+        run.step_dir("stage1").mkdir()
+        (run.step_dir("stage1") / "half").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(pipeline.STEP_FUNCTIONS, "stage1", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline("smoke", out, log=lambda _: None)
+    assert "stage1" in json.loads((out / "pipeline.json").read_text())["created"]
+    (out / "zero_eval").mkdir()  # somebody else's directory under a step's name
+    monkeypatch.setitem(pipeline.STEP_FUNCTIONS, "stage1", lambda run: run.step_dir("stage1").mkdir())
+    with pytest.raises(PipelineError, match="did not create it"):
+        run_pipeline("smoke", out, log=lambda _: None)
+    assert not (out / "stage1" / "half").exists()  # the half-written step it owned was cleared and redone
+    assert (out / "zero_eval").is_dir()

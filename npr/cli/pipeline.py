@@ -16,7 +16,11 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
                    help="tiny: the embedded SmolLM2-135M on chain sums, ~17 min on a 2-core CPU (default); "
                         "smoke: a tiny random model, seconds per step (CI); qwen3-4b: the paper's setting on GPUs")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>); a non-empty directory "
+                   "that npr pipeline did not create is refused")
+    p.add_argument("--overwrite", action="store_true",
+                   help="take over --out even if another run or a foreign directory is there: its step directories "
+                        "(and pipeline.json, results.json, report.html) are deleted, other files are left alone")
     p.add_argument("--from", dest="from_step", default=None, choices=STEPS, metavar="STEP",
                    help=f"redo this step and every later one ({', '.join(STEPS)})")
     p.add_argument("--baseline", action="store_true",
@@ -42,7 +46,8 @@ def run(args) -> int:
         console.print(f"[dim]{elapsed / 60:5.1f} min[/] {line}", highlight=False)
 
     state = run_pipeline(args.preset, out, from_step=args.from_step, baseline=args.baseline,
-                         data_dir=args.data_dir, device=args.device, quiet=args.quiet, log=log)
+                         data_dir=args.data_dir, device=args.device, quiet=args.quiet, log=log,
+                         overwrite=args.overwrite)
     print_results(console, out, state)
     return 0
 
