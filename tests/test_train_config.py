@@ -139,3 +139,55 @@ def test_shard_is_contiguous_and_covers():
 def test_rollout_seeds_differ_per_step():
     seeds = {rollout_seed(0, s) for s in range(100)}
     assert len(seeds) == 100 and min(b - a for a, b in zip(sorted(seeds), sorted(seeds)[1:])) >= 100_000
+
+
+def test_warmup_ratio_sets_the_warm_up_from_the_run_length():
+    import torch
+
+    from npr.train.schedule import build_scheduler
+
+    config = Stage2Config(**REQUIRED, warmup_ratio=0.05, lr_schedule="cosine")
+    assert config.warmup_for(100) == 5 and config.warmup_for(37) == 2  # ceil(0.05 * 37), as transformers rounds
+    assert Stage2Config(**REQUIRED, warmup_steps=3).warmup_for(100) == 3
+    with pytest.raises(ConfigError, match="not both"):
+        Stage2Config(**REQUIRED, warmup_steps=3, warmup_ratio=0.05)
+    with pytest.raises(ConfigError, match="warmup_ratio"):
+        Stage2Config(**REQUIRED, warmup_ratio=1.0)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    scheduler = build_scheduler(optimizer, config, total_steps=40)  # warm-up: 2 steps
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:3] == pytest.approx([5e-7, 1e-6, 1e-6]) and lrs[-1] == pytest.approx(5e-7, rel=1e-2)
+
+
+def test_qwen3_4b_presets_take_the_reference_values():
+    """The values of NPR's released launch scripts (cited in npr/train/presets.py), or the paper's."""
+    flags = {"model": "m", "train_data": "x"}
+    s1 = resolve_config("stage1", Stage1Config, "qwen3-4b", flags=flags)
+    assert (s1.max_new_tokens, s1.overlong_buffer, s1.prompts_per_step, s1.samples_per_prompt) == (30000, 10, 32, 16)
+    assert (s1.mini_batch_size, s1.ppo_epochs, s1.num_epochs, s1.max_gen_batches) == (1, 1, 1, 0)
+    assert (s1.learning_rate, s1.lr_schedule, s1.warmup_steps, s1.clip_low, s1.clip_high) == (
+        1e-6, "cosine", 10, 0.2, 0.28)
+    s2 = resolve_config("stage2", Stage2Config, "qwen3-4b", flags=flags)
+    assert (s2.max_seq_len, s2.batch_size, s2.num_epochs, s2.adam_beta2, s2.warmup_ratio) == (32768, 8, 1, 0.95, 0.05)
+    assert (s2.learning_rate, s2.min_learning_rate, s2.lr_schedule) == (1e-6, 5e-7, "cosine")  # the paper's 5e-7
+    s3 = resolve_config("stage3", Stage3Config, "qwen3-4b", flags=flags)
+    assert (s3.max_new_tokens, s3.prompts_per_step, s3.samples_per_prompt, s3.learning_rate) == (30000, 16, 16, 1e-7)
+    assert (s3.mini_batch_size, s3.require_parallel, s3.drop_truncated, s3.lr_schedule) == (1, False, False, "constant")
+    sample = resolve_config("sample", STAGE_CONFIGS["sample"], "qwen3-4b", flags=flags)
+    assert (sample.tries, sample.max_kept_per_problem, sample.stop_when_kept, sample.max_new_tokens) == (
+        8, 1, True, 32768)
+
+
+def test_new_fields_keep_todays_behaviour_by_default():
+    """mini-batches, refill and epochs are opt-in: the smoke and tiny presets run as before."""
+    c = Stage1Config(train_data="x")
+    assert (c.mini_batch_size, c.ppo_epochs, c.num_epochs, c.max_gen_batches, c.warmup_ratio) == (None, 1, 0, 1, 0.0)
+    assert Stage3Config(**REQUIRED).drop_truncated and not STAGE_CONFIGS["sample"](**REQUIRED).stop_when_kept
+    with pytest.raises(ConfigError, match="mini_batch_size"):
+        Stage1Config(train_data="x", mini_batch_size=0)
+    with pytest.raises(ConfigError, match="max_gen_batches"):
+        Stage1Config(train_data="x", max_gen_batches=-1)

@@ -1,8 +1,10 @@
 """Training configs: one frozen, documented dataclass per command (NPR arXiv 2512.07461 §3).
 
-Defaults are the paper's settings for Qwen3-4B-Instruct; ``npr.train.presets`` holds the
-``smoke`` and ``tiny`` presets beside them. The object built here is the object every stage
-uses and the one written to ``RUN/config.yaml``: there is no second copy of a setting.
+Defaults are the paper's settings for Qwen3-4B-Instruct where the paper gives them, and keep
+npr's behaviour where it does not; the ``qwen3-4b`` presets in ``npr.train.presets`` hold the
+values of NPR's released launch scripts (cited there), beside the ``smoke`` and ``tiny`` presets.
+The object built here is the object every stage uses and the one written to ``RUN/config.yaml``:
+there is no second copy of a setting.
 
 Resolution order (``npr.train.overrides``): dataclass defaults < ``--preset`` < ``--config
 x.yaml`` < ``--field value`` flags. Every field's help text below is also its ``--help`` line.
@@ -10,11 +12,13 @@ x.yaml`` < ``--field value`` flags. Every field's help text below is also its ``
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from npr.algos import AGGREGATIONS, ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 from npr.errors import NprError
+from npr.prompts import PLACEMENTS, read_instruction_file
 
 FORCING_CHOICES = ("none", "structure")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -68,6 +72,8 @@ class TrainConfig:
     lr_schedule: str = option("cosine", "decay after warm-up: cosine, linear or constant (NPR: cosine)", SCHEDULES)
     min_learning_rate: float = option(0.0, "learning rate at the end of the decay")
     warmup_steps: int = option(0, "linear warm-up steps; step k < warmup_steps uses lr * (k+1) / warmup_steps")
+    warmup_ratio: float = option(0.0, "warm-up as a fraction of the run's optimizer steps (rounded up), used when "
+                                 "warmup_steps is 0 (NPR Stage 2: 0.05, npr-beta/train/sft_math.sh)")
     weight_decay: float = option(0.1, "AdamW decoupled weight decay on every parameter (NPR: 0.1)")
     adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
@@ -93,6 +99,7 @@ class TrainConfig:
         _check(0 <= self.min_learning_rate <= self.learning_rate, "min_learning_rate",
                f"must lie in [0, learning_rate={self.learning_rate}], got {self.min_learning_rate}")
         self._check_steps()
+        self._check_warmup_ratio()
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         _check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay/max_grad_norm", "must be >= 0")
         _check(self.save_every >= 0 and self.keep_checkpoints >= 0, "save_every/keep_checkpoints", "must be >= 0")
@@ -104,6 +111,16 @@ class TrainConfig:
         _check(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         _check(0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
                f"must lie in [0, max_steps], got {self.warmup_steps}")
+
+    def _check_warmup_ratio(self):
+        _check(0 <= self.warmup_ratio < 1, "warmup_ratio", f"must lie in [0, 1), got {self.warmup_ratio}")
+        _check(self.warmup_ratio == 0 or self.warmup_steps == 0, "warmup_ratio",
+               f"set either warmup_steps ({self.warmup_steps}) or warmup_ratio ({self.warmup_ratio}), not both")
+
+    def warmup_for(self, total_steps: int) -> int:
+        """Warm-up steps of a run of ``total_steps`` optimizer steps: ``warmup_steps``, else
+        ``ceil(warmup_ratio * total_steps)`` (as transformers' Trainer rounds, which NPR's Stage 2 used)."""
+        return self.warmup_steps or min(total_steps, math.ceil(self.warmup_ratio * total_steps))
 
 
 @dataclass(frozen=True)
@@ -131,7 +148,31 @@ class RolloutConfig:
 
 
 @dataclass(frozen=True)
-class RLConfig(RolloutConfig, TrainConfig):
+class InstructionConfig:
+    """Which format instruction the NPR prompts carry (``npr.prompts``)."""
+
+    system_prompt_file: str | None = option(None, "text file whose contents (stripped) replace npr's format "
+                                            "instruction (npr.prompts.NPR_INSTRUCTION), e.g. the prompts/npr.txt that "
+                                            "NPR's released checkpoints were trained with, or any other format "
+                                            "instruction; None: npr's own. Checked when the config is built")
+    system_prompt_placement: str = option("system", "where the instruction goes: system (npr: the system message) "
+                                          "or user (after the problem and a blank line in the user message, as "
+                                          "NPR's released code does)", PLACEMENTS)
+
+    def _check_instruction(self):
+        if self.system_prompt_file is not None:
+            _check(getattr(self, "prompt_style", "npr") == "npr", "system_prompt_file",
+                   "replaces the npr prompt's instruction; it needs prompt_style npr (plain takes no instruction)")
+            read_instruction_file(self.system_prompt_file)  # PromptError naming --system-prompt-file
+
+    def prompt_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``npr.prompts.encode_prompt`` for this config's instruction."""
+        text = None if self.system_prompt_file is None else read_instruction_file(self.system_prompt_file)
+        return {"instruction": text, "placement": self.system_prompt_placement}
+
+
+@dataclass(frozen=True)
+class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
     """Settings shared by the two RL stages: batch shape, loss and evaluation."""
 
     prompts_per_step: int = option(32, "prompts per optimizer step, across all processes (NPR Stage 1: 32)")
@@ -141,9 +182,18 @@ class RLConfig(RolloutConfig, TrainConfig):
                             tuple(ADVANTAGE_ESTIMATORS))
     loss_agg: str = option("token-mean", "loss aggregation over the GLOBAL batch: token-mean (DAPO §3.3, PAPO's "
                            "1/Σ|y|), seq-mean-token-mean or seq-mean-token-sum", tuple(AGGREGATIONS))
-    loss_on_prefilled: bool = option(False, "also put loss on the scaffold tokens the engine prefilled (the newline "
-                                     "after </guideline>, '<step>\\nk:', the newline after </step>, <takeaway>); by "
-                                     "default only tokens the model sampled are policy actions and carry loss")
+    loss_on_prefilled: bool = option(False, "also put loss on the scaffold tokens the engine prefilled (the label "
+                                     "'k:' after each <plan>, the newline after </guideline>, '<step>\\nk:', the "
+                                     "newline after </step>, <takeaway>); false: only tokens the model sampled carry "
+                                     "loss, so <step> and <takeaway> never do. The paper keeps gradients on the tags "
+                                     "that control branching and NPR's code trains every response token: the "
+                                     "qwen3-4b presets set true")
+    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: the batch is split into mini-batches "
+                                         "of this many groups, each one Adam step (PPO's ppo_mini_batch_size); None: "
+                                         "the whole batch, one step per rollout batch (NPR code: 1)")
+    ppo_epochs: int = option(1, "passes over a rollout batch's mini-batches (NPR code: 1)")
+    num_epochs: int = option(0, "passes over train_data's problems; > 0 replaces max_steps (the run ends when the "
+                             "data is used up, refill rounds included); 0: max_steps decides (NPR code: 1)")
     pack_group_tokens: int = option(0, "pack the responses to one prompt behind a single copy of the prompt, in "
                                     "sequences of at most N tokens (0: one sequence per response). The update is "
                                     "unchanged (each response sees only the prompt and itself); the prompt is "
@@ -162,6 +212,10 @@ class RLConfig(RolloutConfig, TrainConfig):
         _check(self.samples_per_prompt >= 1, "samples_per_prompt", "must be >= 1")
         _check(self.eval_limit >= 1 and self.eval_samples >= 1, "eval_limit/eval_samples", "must be >= 1")
         _check(self.pack_group_tokens >= 0, "pack_group_tokens", "must be >= 0 (0: no packing)")
+        _check(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1 or None")
+        _check(self.ppo_epochs >= 1 and self.num_epochs >= 0, "ppo_epochs/num_epochs",
+               "need ppo_epochs >= 1 and num_epochs >= 0")
+        self._check_instruction()
 
 
 @dataclass(frozen=True)
@@ -176,13 +230,17 @@ class Stage1Config(RLConfig):
     model: str = option("Qwen/Qwen3-4B-Instruct-2507", "seed instruct model (NPR: Qwen3-4B-Instruct-2507); any spec "
                         "as for the other stages")
     learning_rate: float = option(1e-6, "peak learning rate (NPR Stage 1: 1e-6, cosine, warm-up)")
-    warmup_steps: int = option(10, "linear warm-up steps (our choice; NPR warms up without saying how long)")
+    warmup_steps: int = option(10, "linear warm-up steps (NPR code: 10, npr-zero/experiments/run.sh)")
     policy_loss: str = option("dapo", "DAPO clipped surrogate (arXiv 2503.14476 eq. 10)", tuple(POLICY_LOSSES))
     advantage: str = option("grpo", "group-normalised advantage (DAPO eq. 9)", tuple(ADVANTAGE_ESTIMATORS))
     clip_low: float = option(0.2, "DAPO lower clip epsilon (eq. 10)")
     clip_high: float = option(0.28, "DAPO clip-higher epsilon (eq. 10, §3.1)")
-    dynamic_sampling: bool = option(True, "drop prompt groups whose rewards are all equal (DAPO §3.2); the batch is "
-                                    "not refilled, so a step may train on fewer groups or skip the update")
+    dynamic_sampling: bool = option(True, "drop prompt groups whose rewards are all equal (DAPO §3.2); with "
+                                    "max_gen_batches 1 the batch is not refilled, so a step may train on fewer groups "
+                                    "or skip the update")
+    max_gen_batches: int = option(1, "most generation rounds of prompts_per_step prompts one step may draw to refill "
+                                  "the batch with groups that pass dynamic sampling (DAPO's max_num_gen_batches); 1: "
+                                  "no refill; 0: no limit but the data (NPR code: 0)")
     overlong_buffer: int = option(1024, "DAPO soft overlong punishment (§3.4, eq. 13): the reward falls linearly "
                                   "over the last N tokens of max_new_tokens; 0 makes it a step at the budget")
     overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")
@@ -200,10 +258,11 @@ class Stage1Config(RLConfig):
         _check(0 <= self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
                f"must lie in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
         _check(self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0")
+        _check(self.max_gen_batches >= 0, "max_gen_batches", "must be >= 0 (0: no limit)")
 
 
 @dataclass(frozen=True)
-class Stage2Config(TrainConfig):
+class Stage2Config(InstructionConfig, TrainConfig):
     """Stage 2, NPR-Beta (arXiv 2512.07461 §3.2): parallel SFT on the self-distilled dataset.
 
     Each example's prompt + canonical response gets the tree attention mask and position ids
@@ -215,13 +274,15 @@ class Stage2Config(TrainConfig):
 
     learning_rate: float = option(1e-6, "peak learning rate (NPR Stage 2: 1e-6, decaying to 5e-7)")
     min_learning_rate: float = option(5e-7, "final learning rate (NPR Stage 2: 5e-7)")
-    lr_schedule: str = option("linear", "decay from learning_rate to min_learning_rate (our reading of NPR: linear)",
+    lr_schedule: str = option("linear", "decay from learning_rate to min_learning_rate (NPR code: cosine, the qwen3-4b "
+                              "preset)",
                               SCHEDULES)
     warmup_steps: int = option(0, "linear warm-up steps")
-    batch_size: int = option(64, "examples per optimizer step, across all processes (our choice for Qwen3-4B)")
-    num_epochs: int = option(2, "passes over the dataset when max_steps is 0 (our choice)")
+    batch_size: int = option(64, "examples per optimizer step, across all processes (NPR code: 8, the qwen3-4b preset)")
+    num_epochs: int = option(2, "passes over the dataset when max_steps is 0 (NPR code: 1, the qwen3-4b preset)")
     max_steps: int = option(0, "optimizer steps; 0 derives them from num_epochs and batch_size")
-    max_seq_len: int = option(16384, "longest prompt + response kept; longer examples are dropped and counted")
+    max_seq_len: int = option(16384, "longest prompt + response kept; longer examples are dropped and counted (NPR "
+                              "code: 32768, truncating longer ones; the qwen3-4b preset)")
     pack_tokens: int = option(0, "pack each micro-batch's examples behind one copy of their common prompt prefix (the "
                               "chat template and the NPR instruction), in sequences of at most N tokens (0: no "
                               "packing). Same loss and gradient (each example sees the prefix and itself); the "
@@ -239,6 +300,7 @@ class Stage2Config(TrainConfig):
         super().__post_init__()
         _check(self.batch_size >= 1 and self.num_epochs >= 1 and self.max_seq_len >= 8,
                "batch_size/num_epochs/max_seq_len", "must be >= 1 (max_seq_len >= 8)")
+        self._check_instruction()
 
 
 @dataclass(frozen=True)
@@ -253,19 +315,22 @@ class Stage3Config(RLConfig):
     """
 
     learning_rate: float = option(1e-7, "peak learning rate (NPR Stage 3: 1e-7)")
-    lr_schedule: str = option("constant", "schedule after warm-up (our choice: constant)", SCHEDULES)
+    lr_schedule: str = option("constant", "schedule after warm-up (NPR code: constant, no warm-up)", SCHEDULES)
     prompts_per_step: int = option(16, "prompts per optimizer step (NPR Stage 3: 16)")
     samples_per_prompt: int = option(16, "rollouts per prompt (NPR Stage 3: 16)")
     policy_loss: str = option("papo", "PAPO on-policy objective (npr.algos.papo_loss)", tuple(POLICY_LOSSES))
     advantage: str = option("papo", "PAPO advantage: group mean, batch-level std", tuple(ADVANTAGE_ESTIMATORS))
-    require_parallel: bool = option(True, "drop rollouts with no parallel block at all (schema kind no_block), as "
-                                    "NPR's schema-level filter does; False trains on them too")
+    require_parallel: bool = option(True, "drop rollouts with no parallel block at all (schema kind no_block). NOT "
+                                    "NPR's code, whose filter keeps them (it drops only rollouts whose tags do not "
+                                    "form the tree, or longer than the budget); False trains on them (qwen3-4b)")
+    drop_truncated: bool = option(True, "drop every rollout cut by max_new_tokens; False keeps a cut rollout whose "
+                                  "tokens still form complete blocks (its reward is its accuracy), as NPR's code does")
     drop_any_schema_error: bool = option(False, "drop rollouts with any npr.schema.validate error, not only those that "
                                          "break the structure (short steps, a missing answer, … then also drop)")
 
 
 @dataclass(frozen=True)
-class SampleConfig(RolloutConfig):
+class SampleConfig(InstructionConfig, RolloutConfig):
     """``npr sample``: rejection sampling for Stage 2 (arXiv 2512.07461 §3.2).
 
     From the NPR-Zero checkpoint draw ``tries`` samples per problem (plain mode by default, NPR prompt);
@@ -282,6 +347,9 @@ class SampleConfig(RolloutConfig):
     min_branches: int = option(1, "keep only traces whose every block has at least N plans (1: NPR's filter); 2 "
                                "keeps a model whose kept traces are mostly one-plan blocks from unlearning branching")
     max_kept_per_problem: int | None = option(None, "keep at most K accepted samples per problem (None: all)")
+    stop_when_kept: bool = option(False, "draw a problem's tries one at a time and stop once it has "
+                                  "max_kept_per_problem accepted samples (NPR code: 1 of up to 8 tries): the same kind "
+                                  "of dataset for a fraction of the samples. Needs max_kept_per_problem; not with wrap")
     require_correct: bool = option(True, "keep only correct samples; smoke/test presets turn it off so that a random "
                                    "model's format-valid traces can exercise the pipeline")
     prompts_per_batch: int = option(16, "problems submitted to the engine at once")
@@ -313,6 +381,9 @@ class SampleConfig(RolloutConfig):
         _check(self.max_kept_per_problem is None or self.max_kept_per_problem >= 1, "max_kept_per_problem",
                "must be >= 1 or None")
         _check(self.train_limit is None or self.train_limit >= 1, "train_limit", "must be >= 1 or None")
+        _check(not self.stop_when_kept or (self.max_kept_per_problem is not None and not self.wrap), "stop_when_kept",
+               "needs max_kept_per_problem (how many accepted samples end a problem) and no wrap")
+        self._check_instruction()
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -324,3 +395,24 @@ STAGE_CONFIGS: dict[str, type] = {
 
 # Fields that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_FIELDS = frozenset({"stop_after", "save_every", "keep_checkpoints", "tensorboard"})
+
+# Fields the trainer of a stage does not read yet (issue 13 phase 2 wires them; docs/training.md). ``npr train``
+# warns when one differs from its default, and --show-config marks it, so that no setting is ignored silently.
+PENDING_FIELDS: dict[str, dict[str, str]] = {
+    "stage1": {"mini_batch_size": "one optimizer step per rollout batch", "ppo_epochs": "one pass",
+               "num_epochs": "max_steps sets the run's length", "max_gen_batches": "no refill",
+               "system_prompt_file": "npr's built-in instruction", "system_prompt_placement": "system message"},
+    "stage2": {"system_prompt_file": "npr's built-in instruction", "system_prompt_placement": "system message"},
+    "stage3": {"mini_batch_size": "one optimizer step per rollout batch", "ppo_epochs": "one pass",
+               "num_epochs": "max_steps sets the run's length", "drop_truncated": "cut rollouts are dropped",
+               "system_prompt_file": "npr's built-in instruction", "system_prompt_placement": "system message"},
+    "sample": {},
+}
+
+
+def pending_settings(stage: str, config: Any) -> dict[str, str]:
+    """field -> what the trainer does instead, for each ``PENDING_FIELDS`` field of ``stage`` set to a
+    value other than its default."""
+    defaults = {f.name: f.default for f in fields(config)}
+    return {name: note for name, note in PENDING_FIELDS.get(stage, {}).items()
+            if getattr(config, name) != defaults[name]}

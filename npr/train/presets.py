@@ -7,7 +7,10 @@
 - ``tiny``: the embedded SmolLM2-135M-Instruct on 2-term, 1-digit ``chain_sum`` from
   reasoning-gym; a few minutes per stage on a 2-core CPU. Its learning rates are tiny-preset
   choices (a 135M model over a handful of steps), far above the paper's.
-- ``qwen3-4b``: the paper's settings on Qwen3-4B-Instruct-2507, for GPUs (``accelerate launch``).
+- ``qwen3-4b``: NPR-4B's settings on Qwen3-4B-Instruct-2507, for GPUs (``accelerate launch``): the
+  values of the authors' released launch scripts (bigai-nlco/Native-Parallel-Reasoner), cited per
+  value below as ``file:line``, except where the paper's text disagrees (then the paper, marked);
+  docs/training.md has the full table "npr vs paper vs reference code".
 
 Stages after the first need ``--model RUN/final`` from the previous stage (the ``smoke``
 presets start from a fresh tiny random model so that each command runs on its own), and
@@ -40,6 +43,21 @@ _TINY_RL: dict[str, Any] = dict(_TINY_ENGINE, train_data=_CHAIN_SUM, mixed_preci
                                 pack_group_tokens=2048, micro_batch_size=2, prompts_per_step=8)
 _QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20)
 _QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache_gib=20.0, max_num_seqs=256)
+# NPR's launch scripts (reference repo bigai-nlco/Native-Parallel-Reasoner at e148ad5): Stage 1
+# npr-zero/experiments/run.sh (Z), Stage 3 npr-rl/experiments/run.sh (R), Stage 2 npr-beta/train/sft_math.sh (B),
+# sampling npr-beta/scripts/sampling.sh (S)
+_QWEN_RL: dict[str, Any] = dict(
+    _QWEN_GPU,
+    max_new_tokens=30000,  # Z:25, R:25 max_response_length
+    mini_batch_size=1,  # Z:39, R:39 ppo_mini_batch_size=1 prompt group: one Adam step per group
+    ppo_epochs=1,  # verl's default (npr-zero/verl/trainer/config/_generated_ppo_trainer.yaml:31)
+    num_epochs=1,  # Z:148, R:155 total_epochs=1: one pass over the training problems
+    weight_decay=0.1, max_grad_norm=1.0,  # Z:110,116; R:115,121
+    temperature=1.0, top_p=1.0, top_k=0,  # Z:55-57, R:55-57 (top_k -1: off)
+    # the paper keeps gradients on the tags that control branching (<step>, <takeaway> are prefilled by the engine);
+    # the reference trains every token of the re-tokenized response (npr-rl/.../sglang_rollout.py:985)
+    loss_on_prefilled=True,
+)
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "stage1": {
@@ -50,7 +68,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # top-p 0.7 (the evaluation protocol's; the paper trains at 1.0)
         "tiny": dict(_TINY_RL, model="embedded", samples_per_prompt=6, max_new_tokens=192, overlong_buffer=48,
                      learning_rate=2e-5, max_steps=3, top_p=0.7, rollout_mode="parallel"),
-        "qwen3-4b": dict(_QWEN_GPU, model="Qwen/Qwen3-4B-Instruct-2507", max_new_tokens=8192, overlong_buffer=1024),
+        "qwen3-4b": dict(
+            _QWEN_RL,
+            model="Qwen/Qwen3-4B-Instruct-2507",  # README.md, Stage 1
+            prompts_per_step=32, samples_per_prompt=16,  # Z:36,38
+            learning_rate=1e-6, lr_schedule="cosine", warmup_steps=10,  # Z:107,109,111
+            min_learning_rate=0.0,  # Z:108 min_lr_ratio=1e-8 (1e-14)
+            clip_low=0.2, clip_high=0.28,  # Z:21-22
+            dynamic_sampling=True, max_gen_batches=0,  # Z:33-35: filter groups, refill with no limit
+            overlong_buffer=10, overlong_penalty=1.0,  # Z:26-28 (DAPO's own recipe: 4096 of 20480)
+            # reward: the paper's (format penalty, else ±1); the released code comments the format term out and
+            # rewards ±1 accuracy only (npr-zero/verl/utils/reward_score/math_dapo.py:406-430)
+            reward="stage1", rollout_mode="plain",
+        ),
     },
     "sample": {
         "smoke": dict(model="tiny-random-llama", train_data=_SMOKE_DATA, train_limit=4, tries=2, max_new_tokens=96,
@@ -60,7 +90,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # two-plan; docs/results.md)
         "tiny": dict(_TINY_ENGINE, train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=192,
                      prompts_per_batch=32, rollout_mode="parallel", top_p=0.7),
-        "qwen3-4b": dict(rollout_dtype="bfloat16", kv_cache_gib=40.0, max_num_seqs=256, prompts_per_batch=64),
+        # prompts_per_batch: open problems at once, a throughput knob (S:19 batches 1024 on SGLang)
+        "qwen3-4b": dict(rollout_dtype="bfloat16", kv_cache_gib=40.0, max_num_seqs=256, prompts_per_batch=64,
+                         tries=8, max_kept_per_problem=1, stop_when_kept=True,  # S:21-23: stop at 1 of up to 8
+                         max_new_tokens=32768,  # S:24
+                         temperature=1.0, top_p=1.0, top_k=0,  # S:25-27
+                         rollout_mode="plain", require_correct=True, min_branches=1),  # correct + format (S:32)
     },
     "stage2": {
         "smoke": dict(_SMOKE_COMMON, train_data="synthetic:arith?n=12&seed=0", batch_size=4, micro_batch_size=2,
@@ -70,7 +105,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # (docs/results.md)
         "tiny": dict(cpu_threads=_TINY_THREADS, learning_rate=5e-5, min_learning_rate=2.5e-5, batch_size=8,
                      micro_batch_size=1, num_epochs=1, mixed_precision="bf16", max_seq_len=1024, pack_tokens=2048),
-        "qwen3-4b": dict(_QWEN_TRAIN),
+        "qwen3-4b": dict(
+            _QWEN_TRAIN,
+            learning_rate=1e-6,  # B:18
+            # the paper: 1e-6 decaying to 5e-7. B:19 sets min_lr=5e-7 but never passes it, so the reference's
+            # cosine (B:65) ends at 0; we follow the paper
+            min_learning_rate=5e-7, lr_schedule="cosine", warmup_ratio=0.05,  # B:65, B:47
+            weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,  # B:20, B:68-69
+            max_grad_norm=1.0,  # transformers' default (B sets none)
+            batch_size=8, micro_batch_size=1,  # B:21-26: 1 per device x 8 GPUs x accumulation 1
+            num_epochs=1, max_steps=0,  # B:23
+            max_seq_len=32768,  # B:31-32 (the reference truncates longer examples; npr drops and counts them)
+            seed=521,  # B:45
+        ),
     },
     "stage3": {
         "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure"),
@@ -78,6 +125,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # after an earlier Stage 2 on programmatic traces; the engine ends them as invalid_schema)
         "tiny": dict(_TINY_RL, samples_per_prompt=4, max_new_tokens=256, temperature=0.6, learning_rate=1e-5,
                      max_steps=4),
-        "qwen3-4b": dict(_QWEN_GPU, max_new_tokens=8192),
+        "qwen3-4b": dict(
+            _QWEN_RL,
+            prompts_per_step=16, samples_per_prompt=16,  # R:36,38
+            learning_rate=1e-7, lr_schedule="constant", warmup_steps=0,  # R:112,114,116
+            save_every=5,  # R:154
+            # the reference's filter keeps rollouts without a block and cut rollouts whose tags still form the tree;
+            # it drops only broken structure or > 30000 tokens (npr-rl/.../sglang_rollout.py:301-331)
+            require_parallel=False, drop_truncated=False,
+        ),
     },
 }

@@ -39,9 +39,9 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
     """A ``LambdaLR`` following ``learning_rate_at``; ``scheduler.step()`` once per optimizer step."""
     peak = config.learning_rate
+    warmup = config.warmup_for(total_steps)  # warmup_steps, or warmup_ratio of the run
 
     def factor(step: int) -> float:
-        return learning_rate_at(step, total_steps, peak, config.min_learning_rate, config.warmup_steps,
-                                config.lr_schedule) / peak
+        return learning_rate_at(step, total_steps, peak, config.min_learning_rate, warmup, config.lr_schedule) / peak
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
