@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+
+import pytest
 
 from npr.data import Problem
 from npr.engine import RequestStats, Result
 from npr.schema import render, parse, validate
-from npr.train.config import SampleConfig
-from npr.train.sample import select
+from npr.train.config import ConfigError, SampleConfig
+from npr.train.overrides import resolve_config
+from npr.train.sample import run_sample, select
 
 VALID = ("<guideline>\n<plan>1: add the tens</plan>\n<plan>2: add the units</plan>\n</guideline>\n"
          "<step>\n1: 20 + 30 = 50\n</step>\n<step>\n2: 3 + 4 = 7\n</step>\n<takeaway>\n50 + 7 = 57\n</takeaway>\n"
@@ -60,3 +64,41 @@ def test_require_correct_off_keeps_valid_wrong_samples():
     config = SampleConfig(model="m", train_data="x", require_correct=False)
     kept = select([_result(1, 0, VALID)], PROBLEMS, 0, config, counts, Counter())
     assert len(kept) == 1 and kept[0]["reward"] == -1.0
+
+
+# ----------------------------------------------------------------------------- stop_when_kept (NPR's sampling loop)
+
+
+def _run(tmp_path, name, **flags):
+    data = tmp_path / "problems.jsonl"
+    if not data.exists():  # the smoke forcer always answers 0: problems a* are solved, b* never
+        rows = [{"id": f"{k}{i}", "problem": f"What is {i} - {i if k == 'a' else 0} + {0 if k == 'a' else 5}?",
+                 "answer": "0" if k == "a" else "5"} for k in "ab" for i in (1, 2)]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = resolve_config("sample", SampleConfig, "smoke", flags={"train_data": str(data), "train_limit": "none",
+                                                                    "require_correct": "true", "tries": "3", **flags})
+    summary = run_sample(config, tmp_path / name)
+    return summary, [json.loads(line) for line in (tmp_path / name / "data.jsonl").read_text().splitlines()]
+
+
+def test_stop_when_kept_draws_until_the_first_accepted_sample(tmp_path):
+    summary, kept = _run(tmp_path, "early", max_kept_per_problem="1", stop_when_kept="true", prompts_per_batch="3")
+    # a0, a1: accepted at their first try; b0, b1: wrong 3 times
+    assert summary["samples"] == 2 * 1 + 2 * 3 and summary["kept"] == 2
+    assert summary["dropped"]["wrong"] == 6 and summary["dropped"]["over_quota"] == 0
+    assert summary["problems_with_kept"] == 2
+    assert sorted((r["problem_id"], r["try"]) for r in kept) == [("a1", 0), ("a2", 0)]
+    again, kept_again = _run(tmp_path, "early2", max_kept_per_problem="1", stop_when_kept="true",
+                             prompts_per_batch="3")
+    assert kept_again == kept  # reproducible from the seed
+
+    summary_all, kept_all = _run(tmp_path, "all", max_kept_per_problem="1")
+    assert summary_all["samples"] == 4 * 3 and summary_all["dropped"]["over_quota"] == 4
+    assert [r["problem_id"] for r in kept_all] == ["a1", "a2"] and summary_all["problems_with_kept"] == 2
+
+
+def test_stop_when_kept_needs_a_quota():
+    with pytest.raises(ConfigError, match="stop_when_kept"):
+        SampleConfig(model="m", train_data="x", stop_when_kept=True)
+    with pytest.raises(ConfigError, match="stop_when_kept"):
+        SampleConfig(model="m", train_data="x", stop_when_kept=True, max_kept_per_problem=1, wrap=True)

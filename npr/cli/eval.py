@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -25,16 +26,25 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--style", default="npr", choices=["npr", "plain"], help="prompt style (default: npr)")
+    p.add_argument("--system-prompt-file", default=None, metavar="PATH",
+                   help="text file whose contents replace npr's format instruction, e.g. the prompts/npr.txt that "
+                        "NPR's released checkpoints were trained with (with --system-prompt-placement user)")
+    p.add_argument("--system-prompt-placement", default="system", choices=["system", "user"],
+                   help="where the instruction goes: the system message (npr's layout, default) or after the problem "
+                        "and a blank line in the user message (NPR's released code)")
     p.add_argument("--data-dir", default=None, help="folder with <benchmark>.jsonl files (default: $NPR_DATA_DIR)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded at once")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool size")
-    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--out", default=None, help="run directory (required unless --show-config)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.add_argument("--show-config", action="store_true", help="print the resolved settings as YAML, each one's source "
+                   "(default or flag) in a comment, and exit without loading anything")
+    p.set_defaults(eval_parser=p)  # --show-config asks it which flags were given
     return p
 
 
@@ -66,20 +76,60 @@ class EvalProgress:
         self.bar.update(task, completed=len(records), stats=f"{rate:.0f} tok/s · acc {acc:.1%}")
 
 
+# EvalConfig field -> argparse dest, for the fields that are flags
+FLAG_FIELDS = {"model": "model", "benchmarks": "benchmarks", "k": "k", "mode": "mode", "baseline_mode": "baseline_mode",
+               "limit": "limit", "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
+               "top_k": "top_k", "seed": "seed", "style": "style", "data_dir": "data_dir", "dtype": "dtype",
+               "device": "device", "max_num_seqs": "max_num_seqs", "kv_cache_gib": "kv_cache_gib",
+               "system_prompt_file": "system_prompt_file", "system_prompt_placement": "system_prompt_placement"}
+
+
+def build_config(args):
+    from npr.data import split_specs
+    from npr.eval.runner import EvalConfig
+
+    values = {name: getattr(args, dest) for name, dest in FLAG_FIELDS.items()}
+    return EvalConfig(**{**values, "benchmarks": tuple(split_specs(args.benchmarks))})
+
+
+def given_flags(parser, argv: list[str]) -> set[str]:
+    """Destinations of the flags present in ``argv``: argparse fills in a default only for a
+    destination missing from the namespace, so one pre-filled with a sentinel tells them apart."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parsed = parser.parse_args(argv, namespace=namespace)
+    return {dest for dest, value in vars(parsed).items() if value is not unset}
+
+
+def show_config(args, command: str) -> int:
+    from dataclasses import asdict
+
+    from npr.train.overrides import config_to_annotated_yaml
+
+    config = build_config(args)
+    argv = sys.argv[sys.argv.index("eval") + 1:] if "eval" in sys.argv else []
+    given = given_flags(args.eval_parser, argv)
+    sources = {name: "flag" if dest in given else "default" for name, dest in FLAG_FIELDS.items()}
+    if config.system_prompt is not None:
+        sources["system_prompt"] = f"read from {config.system_prompt_file}"
+    values = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    header = f"{command}\nresolved settings (--show-config: nothing was loaded or run); sources: default < flag"
+    print(config_to_annotated_yaml(values, sources, header), end="")
+    return 0
+
+
 def run(args) -> int:
     from contextlib import nullcontext
 
     from rich.console import Console
 
-    from npr.data import split_specs
-    from npr.eval.runner import EvalConfig, evaluate
+    from npr.eval.runner import EvalError, evaluate
 
-    config = EvalConfig(
-        model=args.model, benchmarks=tuple(split_specs(args.benchmarks)), k=args.k, mode=args.mode,
-        baseline_mode=args.baseline_mode, limit=args.limit, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed, style=args.style,
-        data_dir=args.data_dir, dtype=args.dtype, device=args.device, max_num_seqs=args.max_num_seqs,
-        kv_cache_gib=args.kv_cache_gib)
+    if args.show_config:
+        return show_config(args, "npr " + " ".join(sys.argv[1:]))
+    if args.out is None:
+        raise EvalError("npr eval: --out DIR is required (only --show-config runs without it)")
+    config = build_config(args)
     console = Console(stderr=True)
     progress = None if args.quiet or not console.is_terminal else EvalProgress()
     try:

@@ -3,7 +3,8 @@
     npr sample --preset tiny --model runs/tiny/stage1/final --out runs/tiny/sample
 
 Writes DIR/data.jsonl (correct, format-valid samples in the canonical form, with provenance),
-DIR/summary.json (kept and dropped counts by reason) and DIR/config.yaml.
+DIR/summary.json (kept and dropped counts by reason) and DIR/config.yaml. ``--show-config``
+prints the resolved config with each field's source and exits.
 """
 
 from __future__ import annotations
@@ -43,13 +44,16 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def run(args) -> int:
+    from npr.cli.train import require_out, show_config
     from npr.train.config import SampleConfig
     from npr.train.overrides import flags_from_args, resolve_config
     from npr.train.sample import run_sample
 
-    config = resolve_config("sample", SampleConfig, args.preset, args.config, flags_from_args(args))
-    out = Path(args.out)
     command = "npr " + " ".join(sys.argv[1:])
+    if args.show_config:
+        return show_config("sample", SampleConfig, args, command)
+    out = require_out(args, "npr sample")
+    config = resolve_config("sample", SampleConfig, args.preset, args.config, flags_from_args(args))
     if args.quiet or not sys.stdout.isatty():
         summary = run_sample(config, out, command=command)
     else:

@@ -5,7 +5,9 @@
     npr train stage3 --preset tiny --model runs/tiny/stage2/final --out runs/tiny/stage3
 
 Every config field is a flag (``--learning-rate 1e-5``); ``--config x.yaml`` sets several;
-the order is defaults < --preset < --config < flags. On several processes:
+the order is defaults < --preset < --config < flags. ``--show-config`` prints the resolved
+config with each field's source and exits (``npr train stage1 --preset qwen3-4b --show-config``).
+On several processes:
 ``accelerate launch --num_processes 2 --cpu -m npr.cli.main train stage2 …``.
 """
 
@@ -45,8 +47,11 @@ def add_run_arguments(p: argparse.ArgumentParser, stage: str, out_help: str) -> 
                         "qwen3-4b (the paper's settings, GPUs)")
     p.add_argument("--config", default=None, metavar="YAML", help="YAML file of `field: value` lines (e.g. a run's "
                    "config.yaml); overrides the preset, flags override it")
-    p.add_argument("--out", required=True, metavar="DIR", help=out_help)
+    p.add_argument("--out", default=None, metavar="DIR", help=out_help + " (required unless --show-config)")
     p.add_argument("--quiet", action="store_true", help="no progress display or per-step lines")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the resolved config as YAML (usable with --config), each field's source (default, "
+                        "preset, file, flag) in a comment, and exit without loading a model or data")
 
 
 def add_parser(sub, name: str, help_text: str):
@@ -66,18 +71,64 @@ def add_parser(sub, name: str, help_text: str):
     return p
 
 
+def show_config(stage: str, cls: type, args, command: str) -> int:
+    """``--show-config``: the resolved config with each field's source on stdout; nothing is loaded.
+    With ``--resume`` the run's saved config.yaml is the base layer."""
+    from npr.train.config import PENDING_FIELDS, ConfigError
+    from npr.train.overrides import config_to_annotated_yaml, flags_from_args, read_yaml_overrides
+    from npr.train.overrides import resolve_config_with_sources
+
+    base = None
+    if getattr(args, "resume", False):
+        if args.out is None:
+            raise ConfigError("--resume --show-config needs --out DIR, the run to be resumed")
+        base = {**read_yaml_overrides(Path(args.out) / "config.yaml", cls), "stop_after": None}
+    values, sources, error = resolve_config_with_sources(stage, cls, args.preset, args.config, flags_from_args(args),
+                                                         base=base, base_label=f"run config {args.out}/config.yaml")
+    notes = {k: f"NOT USED YET (issue 13 phase 2): {v}" for k, v in PENDING_FIELDS.get(stage, {}).items()}
+    header = f"{command}\nresolved config (--show-config: nothing was loaded or run); sources: default < preset " \
+             "< file < flag"
+    print(config_to_annotated_yaml(values, sources, header, notes), end="")
+    if error is not None:  # shown anyway: the flags a run still needs are part of what the user wants to see
+        print(f"# not runnable as it stands: {error}")
+        print(f"{command}: note: the config above is not runnable as it stands: {error}", file=sys.stderr)
+    return 0
+
+
+def require_out(args, command: str) -> Path:
+    from npr.train.config import ConfigError
+
+    if args.out is None:
+        raise ConfigError(f"{command}: --out DIR is required (only --show-config runs without it)")
+    return Path(args.out)
+
+
+def warn_pending(stage: str, config) -> None:
+    """Tell the user which settings this version's trainer does not read yet (never silently)."""
+    from npr.train.config import pending_settings
+
+    for name, fallback in pending_settings(stage, config).items():
+        print(f"npr train {stage}: warning: {name}={getattr(config, name)!r} is not used by this version's trainer "
+              f"yet ({fallback}; issue 13 phase 2)", file=sys.stderr)
+
+
 def run(args) -> int:
     from npr.train.config import STAGE_CONFIGS
+
+    command = "npr " + " ".join(sys.argv[1:])
+    if args.show_config:  # before importing the trainers: nothing heavy is loaded
+        return show_config(args.stage, STAGE_CONFIGS[args.stage], args, command)
     from npr.train.overrides import flags_from_args
     from npr.train.session import RunOptions, resolve_run_config
     from npr.train.stage1 import train_stage1
     from npr.train.stage2 import train_stage2
     from npr.train.stage3 import train_stage3
 
-    out = Path(args.out)
+    out = require_out(args, f"npr train {args.stage}")
     config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset, args.config,
                                 flags_from_args(args))
-    options = RunOptions(out, resume=args.resume, quiet=args.quiet, command="npr " + " ".join(sys.argv[1:]))
+    warn_pending(args.stage, config)
+    options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=command)
     trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]
     final = trainer(config, options)
     if final is not None and not args.quiet:

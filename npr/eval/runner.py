@@ -28,7 +28,7 @@ from npr.data import load_problems
 from npr.data.problems import Problem
 from npr.engine import Engine, EngineConfig, Result, SamplingParams
 from npr.errors import NprError
-from npr.prompts import NPR_INSTRUCTION, build_messages, encode_prompt, prompt_text
+from npr.prompts import NPR_INSTRUCTION, PLACEMENTS, build_messages, encode_prompt, prompt_text, read_instruction_file
 from npr.rewards import final_answer, is_correct
 from npr.schema import parse, validate
 
@@ -62,8 +62,19 @@ class EvalConfig:
     max_num_seqs: int = 64
     kv_cache_gib: float = 2.0
     engine_options: dict = field(default_factory=dict)
+    system_prompt_file: str | None = None  # replaces npr's format instruction (npr.prompts); read when built
+    system_prompt_placement: str = "system"  # system message, or "user": after the problem (NPR's released code)
+    system_prompt: str | None = None  # the instruction text used (from system_prompt_file; None: npr's own)
 
     def __post_init__(self):
+        if self.system_prompt_file is not None:
+            if self.style != "npr":
+                raise EvalError("--system-prompt-file replaces the npr style's instruction; it needs --style npr")
+            if self.system_prompt is None:  # the text is part of the settings, so --resume sees a changed file
+                object.__setattr__(self, "system_prompt", read_instruction_file(self.system_prompt_file))
+        if self.system_prompt_placement not in PLACEMENTS:
+            raise EvalError(f"--system-prompt-placement must be one of {', '.join(PLACEMENTS)}, "
+                            f"got {self.system_prompt_placement!r}")
         if self.k < 1:
             raise EvalError(f"--k must be >= 1, got {self.k}")
         if self.limit is not None and self.limit < 1:
@@ -195,7 +206,8 @@ class EvalRun:
 
     def _run_benchmark(self, engine, bench, todo, walls, samples_path, progress_path) -> list[dict]:
         by_index = {index: p for index, p in todo}
-        prompts = {index: encode_prompt(self.tokenizer, p.problem, style=self.config.style) for index, p in todo}
+        prompts = {index: encode_prompt(self.tokenizer, p.problem, self.config.style, **prompt_options(self.config))
+                   for index, p in todo}
         texts = {index: self.tokenizer.decode(ids) for index, ids in prompts.items()}
         engine.submit(list(prompts.values()), self.params(), prompt_indices=list(prompts))
         records, start = [], time.perf_counter()
@@ -220,15 +232,22 @@ class EvalRun:
         return records
 
 
+def prompt_options(config: EvalConfig) -> dict:
+    """``encode_prompt``'s instruction keywords for ``config``."""
+    return {"instruction": config.system_prompt, "placement": config.system_prompt_placement}
+
+
 def describe(config: EvalConfig, model, tokenizer, problems: dict[str, list[Problem]]) -> dict:
     """config.json: settings (compared on --resume), the prompt, the model hash, versions."""
     settings = {k: v for k, v in asdict(config).items()}
     settings["benchmarks"] = list(config.benchmarks)
     return {
         "settings": settings,
-        "prompt": {"style": config.style, "instruction": NPR_INSTRUCTION if config.style == "npr" else None,
-                   "messages_example": build_messages("<problem>", config.style),
-                   "chat_text_example": prompt_text(tokenizer, "<problem>", config.style)},
+        "prompt": {"style": config.style,
+                   "instruction": (config.system_prompt or NPR_INSTRUCTION) if config.style == "npr" else None,
+                   "placement": config.system_prompt_placement,
+                   "messages_example": build_messages("<problem>", config.style, **prompt_options(config)),
+                   "chat_text_example": prompt_text(tokenizer, "<problem>", config.style, **prompt_options(config))},
         "model_sha256": model_hash(model),
         "problems": {b: [p.id for p in ps] for b, ps in problems.items()},
         "versions": package_versions(),

@@ -187,3 +187,49 @@ def config_differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
     """field -> (value in a, value in b) for every field that differs."""
     da, db = asdict(a), asdict(b)
     return {k: (da[k], db.get(k)) for k in da if da[k] != db.get(k)}
+
+
+# ----------------------------------------------------------------------------- --show-config
+
+
+def resolve_config_with_sources(stage: str, cls: type, preset: str | None = None,
+                                config_path: str | Path | None = None, flags: dict[str, Any] | None = None,
+                                base: dict[str, Any] | None = None, base_label: str = "run config"
+                                ) -> tuple[dict[str, Any], dict[str, str], ConfigError | None]:
+    """What ``resolve_config`` resolves, as ``(values, sources, error)``: every field's value; the
+    layer that set it (``default``, ``preset NAME``, ``file PATH``, ``flag``, or ``base_label`` for
+    ``base``, e.g. a resumed run's config); and the error the config class raises on these
+    values (None when they form a valid config). Unknown fields and bad values still raise."""
+    layers = [(base_label, base or {}), (f"preset {preset}", preset_overrides(stage, preset, cls))]
+    if config_path is not None:
+        layers.append((f"file {config_path}", read_yaml_overrides(config_path, cls)))
+    layers.append(("flag", {k: convert_value(cls, k, v, f"--{k.replace('_', '-')}") for k, v in (flags or {}).items()}))
+    values = {f.name: f.default for f in fields(cls)}
+    sources = dict.fromkeys(values, "default")
+    for label, layer in layers:
+        values.update(layer)
+        sources.update(dict.fromkeys(layer, label))
+    try:
+        values = asdict(build_config(cls, *(layer for _, layer in layers)))
+    except ConfigError as e:  # e.g. a required field the user passes on the command line
+        return values, sources, e
+    return values, sources, None
+
+
+def config_to_annotated_yaml(values: dict[str, Any], sources: dict[str, str], header: str = "",
+                             notes: dict[str, str] | None = None) -> str:
+    """Flat ``field: value`` YAML (readable back by ``--config``) with each field's source as a
+    trailing comment, and ``notes[field]`` after it."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for name, value in values.items():
+        comment = sources.get(name, "default") + (f"; {notes[name]}" if notes and name in notes else "")
+        if isinstance(value, (list, dict)):  # one line: name: [a, b]
+            flow = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1 << 30)
+            text = f"{name}: {flow.strip()}"
+        else:
+            text = yaml.safe_dump({name: value}, sort_keys=False, allow_unicode=True, width=1 << 30).rstrip("\n")
+        if "\n" in text:  # a multi-line scalar cannot carry a trailing comment
+            lines += [f"# {name}: {comment}", text]
+        else:
+            lines.append(f"{text}  # {comment}")
+    return "\n".join(lines) + "\n"

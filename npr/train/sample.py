@@ -1,7 +1,9 @@
 """Rejection sampling for Stage 2 (arXiv 2512.07461 §3.2): ``npr sample``.
 
 From the NPR-Zero model, draw ``tries`` samples per problem (engine ``plain`` mode, or
-``parallel`` with ``rollout_mode``; NPR prompt). A sample is kept when it is correct AND
+``parallel`` with ``rollout_mode``; NPR prompt), all at once, or with ``stop_when_kept`` one
+try at a time until the problem has ``max_kept_per_problem`` accepted samples (NPR's code:
+``--max_trajectory_per_problem 1 --max_sample_trial 8``). A sample is kept when it is correct AND
 format-valid (``format_score == 0``); it is rendered in the canonical form (``npr.schema.render``) and written with its provenance. Every
 other sample is counted under the first reason that applies: ``truncated`` (hit the token
 budget), ``format_invalid``, ``wrong``, ``too_few_branches`` (a block with fewer plans than
@@ -18,6 +20,7 @@ Output directory: ``data.jsonl`` (Stage 2's ``--train-data``), ``summary.json`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -85,10 +88,15 @@ def sample_record(result: Result, problem: Problem, config: SampleConfig, correc
 
 
 def select(results: Sequence[Result], problems: Sequence[Problem], first: int, config: SampleConfig,
-           counts: Counter, format_errors: Counter) -> list[dict]:
-    """Kept records of one batch of results (ordered by problem, then try); updates the counts."""
+           counts: Counter, format_errors: Counter, per_problem: Counter | None = None) -> list[dict]:
+    """Kept records of one batch of results (ordered by problem, then try); updates the counts.
+
+    ``per_problem`` (problem id -> samples kept so far) carries the quota across calls (the
+    rounds of ``stop_when_kept``); the caller then counts ``problems_with_kept`` itself.
+    """
     kept: list[dict] = []
-    per_problem: Counter = Counter()
+    rounds = per_problem is not None
+    per_problem = Counter() if per_problem is None else per_problem
     wrapped: dict[str, list[Result]] = {}
     for r in results:
         problem = problems[r.prompt_index - first]
@@ -122,7 +130,8 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
             record.update(id=f"{problem_id}/wrap", tries=[r.sample_index for r in chosen], kind="wrapped",
                           response=wrap_trace([r.text for r in chosen], final_answer(chosen[0].text)))
             kept.append(record)
-    counts["problems_with_kept"] += len(per_problem)
+    if not rounds:
+        counts["problems_with_kept"] += len(per_problem)
     return kept
 
 
@@ -146,14 +155,8 @@ def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=
     part = out_dir / f".{SAMPLE_FILE}.rank{accelerator.process_index}"
     counts, format_errors = Counter(), Counter()
     with part.open("w", encoding="utf-8") as f:
-        for lo in range(0, len(mine), config.prompts_per_batch):
-            batch = mine[lo:lo + config.prompts_per_batch]
-            prompts = [encode_prompt(tokenizer, p.problem, config.prompt_style) for p in batch]
-            results = worker.generate(prompts, start + lo, worker.sampling_params(config.tries, config.seed))
-            for record in select(results, batch, start + lo, config, counts, format_errors):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            if progress is not None:
-                progress(len(batch), len(mine))
+        sample = _sample_until_kept if config.stop_when_kept else _sample_all_tries
+        sample(worker, tokenizer, mine, start, config, counts, format_errors, f, progress)
     keys = ["samples", "correct", "format_valid", "problems_with_kept", *DROP_REASONS]
     totals = dict(zip(keys, global_sum(accelerator, [float(counts[k]) for k in keys])))
     accelerator.wait_for_everyone()
@@ -165,6 +168,74 @@ def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=
                                              encoding="utf-8")
     accelerator.wait_for_everyone()
     return summary
+
+
+def _sample_all_tries(worker: RolloutWorker, tokenizer, problems: Sequence[Problem], first: int,
+                      config: SampleConfig, counts: Counter, format_errors: Counter, sink, progress) -> None:
+    """All ``tries`` of ``prompts_per_batch`` problems at a time; kept records go to ``sink``."""
+    options = config.prompt_options()
+    for lo in range(0, len(problems), config.prompts_per_batch):
+        batch = problems[lo:lo + config.prompts_per_batch]
+        prompts = [encode_prompt(tokenizer, p.problem, config.prompt_style, **options) for p in batch]
+        results = worker.generate(prompts, first + lo, worker.sampling_params(config.tries, config.seed))
+        for record in select(results, batch, first + lo, config, counts, format_errors):
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if progress is not None:
+            progress(len(batch), len(problems))
+
+
+# Seeds of try t of problem i in stop_when_kept rounds: the engine seeds a prompt from seed + its index, so
+# the index i + t * TRY_STRIDE gives every (problem, try) its own draw, whatever the round it runs in.
+TRY_STRIDE = 1 << 24
+
+
+def _generate_indexed(worker: RolloutWorker, prompts: Sequence[Sequence[int]], indices: Sequence[int],
+                      params) -> list[Result]:
+    """``worker.generate`` with explicit prompt indices (which key the results and the seeds)."""
+    model = worker.model
+    was_training = model.training
+    model.eval()
+    try:
+        worker.engine.submit([list(p) for p in prompts], params, prompt_indices=list(indices))
+        results: list[Result] = []
+        while worker.engine.scheduler.has_work():
+            results += worker.engine.step().finished
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _sample_until_kept(worker: RolloutWorker, tokenizer, problems: Sequence[Problem], first: int,
+                       config: SampleConfig, counts: Counter, format_errors: Counter, sink, progress) -> None:
+    """Rounds of one try per open problem (at most ``prompts_per_batch`` open at once, refilled as
+    problems close); a problem closes with ``max_kept_per_problem`` accepted samples or after
+    ``tries`` tries. Writes kept records to ``sink`` as they come (NPR's rejection_sampling.py loop)."""
+    if len(problems) >= TRY_STRIDE:
+        raise ValueError(f"stop_when_kept samples at most {TRY_STRIDE - 1} problems per process")
+    options = config.prompt_options()
+    encoded = [encode_prompt(tokenizer, p.problem, config.prompt_style, **options) for p in problems]
+    params = worker.sampling_params(1, config.seed)
+    kept, waiting, tries = Counter(), list(range(len(problems)))[::-1], {}  # tries: open problem -> tries drawn
+    while waiting or tries:
+        while waiting and len(tries) < config.prompts_per_batch:
+            tries[waiting.pop()] = 0
+        open_now = sorted(tries)
+        key = {first + j + tries[j] * TRY_STRIDE: j for j in open_now}
+        results = _generate_indexed(worker, [encoded[j] for j in open_now], list(key), params)
+        decoded = sorted((dataclasses.replace(r, prompt_index=first + key[r.prompt_index],
+                                              sample_index=tries[key[r.prompt_index]]) for r in results),
+                         key=lambda r: r.prompt_index)
+        for record in select(decoded, problems, first, config, counts, format_errors, per_problem=kept):
+            sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+        closed = 0
+        for j in open_now:
+            tries[j] += 1
+            if kept[problems[j].id] >= config.max_kept_per_problem or tries[j] >= config.tries:
+                del tries[j]
+                closed += 1
+        if progress is not None and closed:
+            progress(closed, len(problems))
+    counts["problems_with_kept"] += sum(1 for n in kept.values() if n)
 
 
 def _summary(totals: dict[str, float], format_errors: Counter, num_problems: int, config: SampleConfig) -> dict:
