@@ -12,8 +12,6 @@ the order is defaults < --preset < --config < flags. On several processes:
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 STAGES = {
     "stage1": "NPR-Zero: DAPO with the format + accuracy reward, plain decoding (paper §3.1)",
@@ -67,6 +65,7 @@ def add_parser(sub, name: str, help_text: str):
 
 
 def run(args) -> int:
+    from npr.cli.args import check_out_dir
     from npr.train.config import STAGE_CONFIGS
     from npr.train.overrides import flags_from_args
     from npr.train.session import RunOptions, resolve_run_config
@@ -74,10 +73,10 @@ def run(args) -> int:
     from npr.train.stage2 import train_stage2
     from npr.train.stage3 import train_stage3
 
-    out = Path(args.out)
+    out = check_out_dir(args.out)
     config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset, args.config,
                                 flags_from_args(args))
-    options = RunOptions(out, resume=args.resume, quiet=args.quiet, command="npr " + " ".join(sys.argv[1:]))
+    options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=args.command_line)
     trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]
     final = trainer(config, options)
     if final is not None and not args.quiet:

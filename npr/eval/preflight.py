@@ -48,6 +48,7 @@ def _is_number(value) -> bool:
 
 def check_settings(c) -> None:
     """Every field of an ``EvalConfig``, named by its ``npr eval`` flag."""
+    from npr.data.benchmarks import resolve_data_dir
     from npr.models import DTYPES, resolve_device
 
     _require(bool(c.benchmarks), "--benchmarks is empty; name at least one (e.g. math500 or rg:chain_sum)")
@@ -74,6 +75,8 @@ def check_settings(c) -> None:
         engine_config(c, c.mode)
     except TypeError as e:
         raise EvalError(f"engine_options: {e}; see npr.engine.EngineConfig for the fields") from e
+    if c.data_dir is not None:
+        resolve_data_dir(c.data_dir)  # a given --data-dir must exist even when no benchmark reads it
     resolve_device(c.device)
 
 
