@@ -144,7 +144,8 @@ def flatten():
         for case in cases:
             marks = case.marks if hasattr(case, "marks") else ()
             argv, words = case.values if hasattr(case, "marks") else case
-            yield pytest.param(command, argv, words, marks=marks, id=f"{command} {' '.join(argv)}"[:90])
+            name = f"{command} {' '.join(argv)}".replace(" ".join(TINY), "tiny").replace(RG, "RG")
+            yield pytest.param(command, argv, words, marks=marks, id=name)
 
 
 @pytest.fixture(scope="module")

@@ -87,8 +87,9 @@ def prepare_out_dir(out: Path, description: dict, resume: bool, overwrite: bool)
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp*"):  # temporaries of an atomic write cut short by a kill
-        stale.unlink(missing_ok=True)
+    for name in RUN_FILES:  # temporaries of an atomic write cut short by a kill (npr.fsio's names)
+        for stale in out.glob(f".{name}.tmp*"):
+            stale.unlink(missing_ok=True)
 
 
 def write_description(out: Path, description: dict, resume: bool) -> None:
