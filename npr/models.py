@@ -52,7 +52,8 @@ class DeviceError(ModelSpecError):
     """A device that this torch cannot use (``cuda`` on a CPU-only build, a typo)."""
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -86,8 +87,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
                           "use cpu, cuda, cuda:N or mps") from e
     if dev.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
-            raise DeviceError(f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; install a CUDA "
-                              "build of torch (https://pytorch.org/get-started/locally/) or use --device cpu")
+            raise DeviceError(f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; install a "
+                              "CUDA build of torch (https://pytorch.org/get-started/locally/) or use --device cpu")
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {device}: torch {torch.__version__} sees no CUDA device (driver, "
                               "CUDA_VISIBLE_DEVICES?); check `nvidia-smi`, or use --device cpu")
@@ -225,11 +226,13 @@ def _safetensors_problem(path: Path) -> str | None:
         try:
             header = json.loads(f.read(length))
             end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-        except (ValueError, TypeError, KeyError, IndexError):
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
             return "is corrupt (its header is not a safetensors tensor table)"
     expected = 8 + length + end
     if size != expected:
-        return f"is truncated ({size} of {expected} bytes)" if size < expected else f"is corrupt ({size} bytes, header says {expected})"
+        if size < expected:
+            return f"is truncated ({size} of {expected} bytes)"
+        return f"is corrupt ({size} bytes, its header says {expected})"
     return None
 
 

@@ -233,7 +233,8 @@ def failure_summary(failures: list[dict]) -> dict:
         "problems": len(failures),
         "by_reason": dict(Counter(r["failure"] for r in failures).most_common()),
         "by_benchmark": dict(Counter(r["benchmark"] for r in failures)),
-        "list": [{k: r.get(k) for k in ("benchmark", "problem_id", "failure", "location", "message")} for r in failures],
+        "list": [{k: r.get(k) for k in ("benchmark", "problem_id", "failure", "location", "message")}
+                 for r in failures],
     }
 
 
