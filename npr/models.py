@@ -11,11 +11,19 @@ Specs:
 
 Every loader returns the tokenizer with the 8 tags as special tokens (npr.tokens) and the
 model with matching embeddings, so every stage sees the same ids.
+
+Models load straight into the requested dtype on the requested device (``from_pretrained``
+with ``dtype`` and, off the CPU, ``device_map``): a bf16 model never passes through an fp32
+copy in host memory. Bad input (an unknown dtype, ``cuda`` on a CPU-only torch, a directory
+without weights or tokenizer, a truncated safetensors file) is a ``ModelSpecError`` naming the
+flag or file, found before any weights are read where a cheap check can find it.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -40,19 +48,59 @@ class ModelSpecError(NprError, ValueError):
     """A model spec that cannot be loaded; the message says how to fix it."""
 
 
+class DeviceError(ModelSpecError):
+    """A device that this torch cannot use (``cuda`` on a CPU-only build, a typo)."""
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
 def cache_dir() -> Path:
     """Where npr caches converted weights: ``$NPR_CACHE_DIR`` or ``~/.cache/npr``."""
     return Path(os.environ.get("NPR_CACHE_DIR") or Path.home() / ".cache" / "npr")
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` (or ``bf16``, ``float32``, ``fp32``, ``float16``, ``fp16``) as a torch dtype."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
-    return table[dtype]
+    if dtype not in DTYPES:
+        close = difflib.get_close_matches(str(dtype), DTYPES, n=1)
+        raise ModelSpecError(f"--dtype {dtype!r} is not a dtype" + (f" (did you mean {close[0]!r}?)" if close else "")
+                             + f"; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` this torch can use; ``DeviceError`` says why not.
+
+    ``cuda`` (or ``cuda:N``) needs a CUDA build of torch and a visible GPU; ``mps`` needs Apple's.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DeviceError(f"--device {device!r} is not a device ({str(e).splitlines()[0][:80]}); "
+                          "use cpu, cuda, cuda:N or mps") from e
+    if dev.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise DeviceError(f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; install a "
+                              "CUDA build of torch (https://pytorch.org/get-started/locally/) or use --device cpu")
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {device}: torch {torch.__version__} sees no CUDA device (driver, "
+                              "CUDA_VISIBLE_DEVICES?); check `nvidia-smi`, or use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise DeviceError(f"--device {device}: npr runs on cpu, cuda or mps, not {dev.type}")
+    return dev
 
 
 # ----------------------------------------------------------------------------- tiny models
@@ -92,14 +140,16 @@ def _tiny_config(spec: str, vocab_size: int):
     return Qwen3Config(**common, head_dim=16, tie_word_embeddings=True)
 
 
-def _tiny_model(spec: str, tokenizer, seed: int = 0):
+def _tiny_model(spec: str, tokenizer, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A seeded random model, built on the CPU in ``dtype`` (the same weights as building in
+    float32 and casting: the initialisers draw in float32), whatever device it then moves to."""
     from transformers import AutoModelForCausalLM
 
     # Built for the tagged vocabulary directly, so every row is seeded random init.
     config = _tiny_config(spec, vocab_size=len(tokenizer))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model
 
 
@@ -154,26 +204,94 @@ def embedded_model_dir() -> Path:
     return target
 
 
-# ----------------------------------------------------------------------------- dispatch
+# ----------------------------------------------------------------------------- local directories
 
 
-def _resolve_dir(spec: str) -> str:
-    """A from_pretrained argument for a directory or hub spec, with a clear error when missing."""
-    if spec == EMBEDDED:
-        return str(embedded_model_dir())
+def _safetensors_problem(path: Path) -> str | None:
+    """Why the safetensors file at ``path`` cannot be read (missing, truncated, corrupt), or None.
+
+    Reads only the header: 8 bytes of length, a JSON table of tensors with their byte ranges;
+    the file must be exactly as long as the header says (what ``safetensors`` itself demands).
+    """
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"is truncated ({size} bytes, shorter than its 8-byte header length)"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"is truncated or corrupt (header of {length} bytes in a file of {size})"
+        try:
+            header = json.loads(f.read(length))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "is corrupt (its header is not a safetensors tensor table)"
+    expected = 8 + length + end
+    if size != expected:
+        if size < expected:
+            return f"is truncated ({size} of {expected} bytes)"
+        return f"is corrupt ({size} bytes, its header says {expected})"
+    return None
+
+
+def check_model_files(path: Path) -> None:
+    """Raise ``ModelSpecError`` naming the file when ``path`` lacks loadable weights."""
+    present = [name for name in WEIGHT_FILES if (path / name).is_file()]
+    if not present:
+        raise ModelSpecError(f"{path} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); a save was "
+                             "interrupted or the files were moved. Point --model at a complete checkpoint "
+                             "(a run's final/ or checkpoints/step-N/)")
+    shards: list[str] = []
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if index in present:
+            try:
+                shards += sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ModelSpecError(f"{path / index} is corrupt ({type(e).__name__}); re-save the model") from e
+    if "model.safetensors" in present:
+        shards.append("model.safetensors")
+    for shard in shards:
+        problem = _safetensors_problem(path / shard) if shard.endswith(".safetensors") else (
+            None if (path / shard).is_file() else "is missing")
+        if problem:
+            raise ModelSpecError(f"{path / shard} {problem}; the weights were not fully written or copied. "
+                                 "Re-save or re-copy the model, or point --model at another checkpoint")
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """Raise ``ModelSpecError`` when ``path`` holds no tokenizer (npr saves one with every model)."""
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelSpecError(f"{path} has no tokenizer (no tokenizer.json); npr saves it beside the weights. Copy "
+                             "tokenizer.json, tokenizer_config.json and chat_template.jinja from the model it was "
+                             "trained from into it, or point --model at a complete checkpoint")
+
+
+def _local_dir(spec: str) -> Path | None:
+    """The directory ``spec`` names (checked for config.json), None for an HF hub id; errors otherwise."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"{path} is a directory without config.json; point --model at a saved HF model "
                                  "(an npr checkpoint dir, or one written by save_pretrained)")
-        return str(path)
+        return path
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelSpecError(f"model path {spec!r} does not exist (specs: embedded, {', '.join(TINY_SPECS)}, "
                              "a local directory, or an HF hub id like Qwen/Qwen3-4B-Instruct-2507)")
     if spec.count("/") != 1:
         raise ModelSpecError(f"unknown model spec {spec!r}; use embedded, {', '.join(TINY_SPECS)}, "
                              "a local directory, or an HF hub id like Qwen/Qwen3-4B-Instruct-2507")
-    return spec
+    return None
+
+
+def _source(spec: str) -> tuple[str, Path | None]:
+    """(from_pretrained argument, the local directory or None for a hub id)."""
+    if spec == EMBEDDED:
+        path = embedded_model_dir()
+        return str(path), path
+    path = _local_dir(spec)
+    return (str(path), path) if path is not None else (spec, None)
 
 
 def _hub_error(spec: str, err: Exception) -> ModelSpecError:
@@ -187,6 +305,14 @@ def _hub_error(spec: str, err: Exception) -> ModelSpecError:
     )
 
 
+def _load_error(path: Path, what: str, err: Exception) -> ModelSpecError:
+    return ModelSpecError(f"cannot load the {what} in {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}; "
+                          "re-save the model or point --model at another checkpoint")
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
 def load_tokenizer(spec: str):
     """The tokenizer for ``spec`` with the NPR tags as special tokens and a chat template."""
     if spec in TINY_SPECS:
@@ -194,11 +320,17 @@ def load_tokenizer(spec: str):
     else:
         from transformers import AutoTokenizer
 
-        source = _resolve_dir(spec)
+        source, local = _source(spec)
+        if local is not None:
+            check_tokenizer_files(local)
         try:
             tok = AutoTokenizer.from_pretrained(source)
         except OSError as e:
-            raise _hub_error(spec, e) from e
+            raise (_load_error(local, "tokenizer", e) if local is not None else _hub_error(spec, e)) from e
+        except ValueError as e:  # e.g. only a slow tokenizer that cannot be converted
+            if local is None:
+                raise
+            raise _load_error(local, "tokenizer", e) from e
     add_tag_tokens(None, tok)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -207,33 +339,51 @@ def load_tokenizer(spec: str):
     return tok
 
 
+def _from_pretrained(spec: str, dtype: torch.dtype, device: torch.device):
+    """``AutoModelForCausalLM.from_pretrained`` straight into ``dtype`` on ``device``."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    source, local = _source(spec)
+    if local is not None:
+        check_model_files(local)
+    options = {"dtype": dtype}
+    if device.type != "cpu":
+        options["device_map"] = str(device)  # weights go to the device as they are read, never all on the host
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **options)
+    except SafetensorError as e:
+        raise _load_error(local or Path(source), "weights", e) from e
+    except OSError as e:
+        raise (_load_error(local, "weights", e) if local is not None else _hub_error(spec, e)) from e
+
+
 def load_model(spec: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", tokenizer=None):
-    """The causal LM for ``spec`` with embeddings for the NPR tags, in eval mode.
+    """The causal LM for ``spec`` with embeddings for the NPR tags, in eval mode, loaded
+    directly in ``dtype`` on ``device`` (no full-precision copy first).
 
     ``tokenizer`` (from ``load_tokenizer(spec)``) is loaded when not given; it is needed to
-    initialise new tag rows from their base words.
+    initialise new tag rows from their base words. Raises ``ModelSpecError`` (dtype, device,
+    missing or damaged files, an unreachable hub id) before reading weights where it can.
     """
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # npr shows its own progress; the per-tensor bar is noise
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec)
-    dtype = resolve_dtype(dtype)
     if spec in TINY_SPECS:
-        model = _tiny_model(spec, tokenizer)
+        model = _tiny_model(spec, tokenizer, dtype).to(device)  # tiny: built on the CPU so the seed means one thing
     else:
-        from transformers import AutoModelForCausalLM
-
-        source = _resolve_dir(spec)
-        try:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-        except OSError as e:
-            raise _hub_error(spec, e) from e
+        model = _from_pretrained(spec, dtype, device)
     add_tag_tokens(model, tokenizer)
     model.config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()
 
 
 def load_model_and_tokenizer(spec: str, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
+    """(model, tokenizer) of ``spec``; dtype and device are checked before anything is loaded."""
+    resolve_dtype(dtype)
+    resolve_device(device)
     tokenizer = load_tokenizer(spec)
     return load_model(spec, dtype=dtype, device=device, tokenizer=tokenizer), tokenizer
 

@@ -232,30 +232,41 @@ def test_rg_spec_errors_list_valid_options(spec, words):
     assert all(w in str(info.value) for w in words), str(info.value)
 
 
-# -- the shared benchmark pack --------------------------------------------------------------------
+# -- the benchmark pack (../shared/benchmarks, or the tests' own small pack without it) -------------
 
-PACK_ROWS = {"aime24": 30, "aime25": 30, "hmmt25": 30, "amc23": 40, "math500": 500, "minerva": 272, "olympiadbench": 675}
+PACK_NAMES = ("aime24", "aime25", "hmmt25", "amc23", "math500", "minerva", "olympiadbench")
 
 
-@pytest.mark.parametrize("name,rows", PACK_ROWS.items())
-def test_shared_pack_loads(shared_benchmarks, name, rows):
-    problems = load_problems(name, data_dir=shared_benchmarks)
+@pytest.mark.parametrize("name", PACK_NAMES)
+def test_pack_loads(benchmark_pack, name):
+    problems = load_problems(name, data_dir=benchmark_pack.path)
+    rows = benchmark_pack.rows[name]
     assert len(problems) == rows and len({p.id for p in problems}) == rows
     assert all(p.source == name and p.answer.strip() for p in problems)
+    file_name = "minerva_math.jsonl" if name == "minerva" else f"{name}.jsonl"
+    assert problems[-1].location == f"{benchmark_pack.path / file_name}:{rows}"  # file:line of the last row
 
 
-def test_shared_pack_first_rows(shared_benchmarks):
-    assert load_problems("aime24", data_dir=shared_benchmarks, limit=1)[0].id == "aime24-I-01"
-    first = json.loads((shared_benchmarks / "math500.jsonl").read_text(encoding="utf-8").split("\n")[0])
-    assert load_problems("math500", data_dir=shared_benchmarks)[0].answer == first["answer"]
+def test_pack_first_rows(benchmark_pack):
+    first_id = json.loads((benchmark_pack.path / "aime24.jsonl").read_text(encoding="utf-8").split("\n")[0])["id"]
+    assert load_problems("aime24", data_dir=benchmark_pack.path, limit=1)[0].id == first_id == "aime24-I-01"
+    first = json.loads((benchmark_pack.path / "math500.jsonl").read_text(encoding="utf-8").split("\n")[0])
+    assert load_problems("math500", data_dir=benchmark_pack.path)[0].answer == first["answer"]
 
 
-def test_shared_training_set_loads_as_a_path(shared_benchmarks):
-    problems = load_problems(str(shared_benchmarks / "train_math.jsonl"), limit=5)
-    assert len(problems) == 5 and problems[0].id.startswith(("math-train-", "dapo17k-", "gsm8k-train-"))
+def test_training_set_loads_as_a_path(benchmark_pack):
+    problems = load_problems(str(benchmark_pack.path / "train_math.jsonl"), limit=2)
+    assert len(problems) == 2 and problems[0].id.startswith(("math-train-", "dapo17k-", "gsm8k-train-"))
 
 
-def test_zebralogic_is_missing_from_the_pack_offline(shared_benchmarks, monkeypatch):
+def test_zebralogic_is_missing_from_the_pack_offline(benchmark_pack, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MissingBenchmarkError, match="zebralogic.jsonl.*install `datasets`"):
-        load_problems("zebralogic", data_dir=shared_benchmarks)
+        load_problems("zebralogic", data_dir=benchmark_pack.path)
+
+
+def test_problems_know_where_they_came_from(tmp_path):
+    path = write(tmp_path, GOOD, "", '{"id": "b", "problem": "2+2?", "answer": "4"}')
+    assert [p.location for p in read_problems_jsonl(path)] == [f"{path}:1", f"{path}:3"]
+    assert load_problems("rg:chain_sum?size=2&seed=3&terms=2")[1].location == "rg:chain_sum?size=2&seed=3&terms=2 #1"
+    assert Problem("a", "x", "1", "s", location="f:1") == Problem("a", "x", "1", "s")  # not part of equality

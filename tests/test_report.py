@@ -136,14 +136,34 @@ def test_nice_max():
     assert [nice_max(v) for v in (0.83, 1.0, 3.2, 120, 0, 2.5, 7)] == [1, 1, 5, 200, 1, 2.5, 10]
 
 
+def _circles(svg: str) -> list[tuple[float, float]]:
+    return [(float(x), float(y)) for x, y in re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)"', svg)]
+
+
 def test_charts():
     bars = bar_chart([("a", 0.5), ("b", None), ("c", 1.0)], "acc", top=1.0)
     assert bars.count("<rect") == 2 and "n/a" in bars and bars.startswith("<svg")
-    many = scatter_chart([(i, i / 2, True) for i in range(10_000)], "s", "x", "y")
-    assert many.count("<circle") == 3334  # stride ceil(10000 / 4000) = 3 keeps ceil(10000 / 3) points
+    heights = [float(h) for h in re.findall(r'<rect [^>]*height="([\d.]+)"', bars)]
+    assert heights[1] == pytest.approx(2 * heights[0])  # 1.0 is twice as tall as 0.5 on a 0..1 axis
+
+
+def test_scatter_thins_a_big_run_but_keeps_its_spread():
+    """10,000 points become a page-sized sample that still spans the whole range, in order."""
+    few = _circles(scatter_chart([(i, i / 2, True) for i in range(100)], "s", "x", "y"))
+    many = _circles(scatter_chart([(i, i / 2, True) for i in range(10_000)], "s", "x", "y"))
+    assert len(few) == 100  # small runs are drawn whole
+    assert 1_000 < len(many) < 10_000  # thinned, not dropped
+    xs = [x for x, _ in many]
+    assert xs == sorted(xs) and xs[-1] - xs[0] > 0.95 * (max(x for x, _ in few) - min(x for x, _ in few))
+    assert all(y_a >= y_b for (_, y_a), (_, y_b) in zip(many, many[1:]))  # y = x/2 rises: svg y falls
+
+
+def test_line_chart_orders_points_by_step():
     line = line_chart([(2, 1.0), (1, 0.0), (3, 0.5)], "reward")
-    points = re.search(r'points="([^"]+)"', line).group(1).split()
-    assert len(points) == 3 and points[0].startswith("46.0,")  # sorted by step: x=1 at the left edge
+    points = [tuple(map(float, p.split(","))) for p in re.search(r'points="([^"]+)"', line).group(1).split()]
+    xs, ys = [x for x, _ in points], [y for _, y in points]
+    assert xs == sorted(xs) and len(points) == 3  # step 1, 2, 3 from left to right
+    assert ys[1] < ys[2] < ys[0]  # reward 1.0 (step 2) highest, 0.0 (step 1) lowest: svg y grows downwards
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -167,6 +187,16 @@ def test_report_has_table_plots_curves_and_viewer(tmp_path):
     assert "wall-clock speedup over baseline" in page and "branches per executed block" in page
     assert "Training curves" in page and ">format_valid_rate<" in page
     assert len(embedded_payload(page)["samples"]) == 8
+
+
+def test_report_lists_problems_that_did_not_run(tmp_path):
+    failure = {"benchmark": "math500", "problem_id": "p9", "failure": "prompt_too_long", "location": "m.jsonl:9",
+               "message": "m.jsonl:9: problem 'p9': prompt_too_long: 5000 prompt tokens + ... exceed 4096"}
+    page = build_report([sample(0, True)], failures=[failure, dict(failure, problem_id="p10", location="m.jsonl:10")])
+    section = re.search(r'<section id="failures">(.*?)</section>', page, re.S).group(1)
+    assert "Problems not evaluated (2)" in section and "prompt_too_long ×2" in section
+    assert section.count("<tr><th>math500</th>") == 2 and "m.jsonl:10" in section
+    assert '<section id="failures">' not in build_report([sample(0, True)])
 
 
 def test_report_without_baseline_or_curves():

@@ -154,8 +154,11 @@ def test_stage1_reward_is_format_penalty_then_accuracy():
     assert stage1_reward("\\boxed{1}", p) == pytest.approx(-1.5)  # no block
     assert stage1_reward(VALID_BLOCK.replace("abcdef</takeaway>", "ok</takeaway>") + "\\boxed{1}", p) == pytest.approx(-0.4)
     assert stage1_reward(VALID_BLOCK, p) == pytest.approx(-1.0)  # missing answer
-    assert stage1_reward("", p) == pytest.approx(format_score(""))
-    assert stage1_reward("", p) < 0
+    # an empty response: no block, a stop violation (-1.5) that ends the scoring before the
+    # missing answer would add its own -1.0; the same as a correct answer without a block
+    assert stage1_reward("", p) == pytest.approx(-1.5)
+    assert stage1_reward("", p) == stage1_reward("\\boxed{1}", p)
+    assert stage1_reward("", p) < stage1_reward(VALID_BLOCK + "\\boxed{2}", p)  # any valid format beats none
 
 
 def test_reward_registry():

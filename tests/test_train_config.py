@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import pytest
 
 from npr.train.config import STAGE_CONFIGS, ConfigError, Stage1Config, Stage2Config, Stage3Config
 from npr.train.data import BatchOrder, rollout_seed, shard
-from npr.train.overrides import config_to_yaml, read_yaml_overrides, resolve_config
+from npr.train.overrides import config_to_yaml, read_yaml_overrides, resolve_config, written_values
 from npr.train.presets import PRESETS
 from npr.train.schedule import learning_rate_at
 
@@ -37,9 +37,19 @@ def test_every_field_has_help():
 @pytest.mark.parametrize("stage", sorted(PRESETS))
 @pytest.mark.parametrize("preset", ["smoke", "tiny", "qwen3-4b"])
 def test_presets_resolve(stage, preset):
-    flags = {"model": "runs/x/final", "train_data": "runs/sample/data.jsonl"}
-    config = resolve_config(stage, STAGE_CONFIGS[stage], preset, flags=flags)
-    assert config.model == "runs/x/final"
+    """Every value a preset sets lands in the config, except where a flag overrides it; fields
+    the preset leaves alone keep the dataclass defaults."""
+    cls = STAGE_CONFIGS[stage]
+    flags = {"model": "runs/x/final", "train_data": "runs/sample/data.jsonl", "seed": "7"}
+    config = resolve_config(stage, cls, preset, flags=flags)
+    values = PRESETS[stage][preset]
+    for name, value in values.items():
+        if name not in flags:
+            assert getattr(config, name) == value, name
+    assert config.seed == 7 and isinstance(config.seed, int)  # a flag beats the preset, typed from its string
+    defaults = cls(model="m", train_data="d")
+    untouched = [f.name for f in fields(cls) if f.name not in values and f.name not in flags]
+    assert untouched and all(getattr(config, n) == getattr(defaults, n) for n in untouched)
 
 
 def test_order_defaults_preset_yaml_flags(tmp_path):
@@ -83,6 +93,93 @@ def test_bad_values_name_the_field(tmp_path):
         resolve_config("stage1", Stage1Config, "smoke", flags={"overlong_buffer": "100"})  # > max_new_tokens 48
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         resolve_config("stage1", Stage1Config, "huge")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("learning_rate: [0.1, 0.2]\n", "c.yaml:1: config field 'learning_rate' must be a finite number, got a list "
+                                     "[0.1, 0.2]; write it as one value, e.g. `learning_rate: 1e-06`"),
+    ("seed: 1\nmax_steps: {a: 1}\n", "c.yaml:2: config field 'max_steps' must be a int, got a mapping {'a': 1}"),
+    ("model: [a, b]\n", "c.yaml:1: config field 'model' must be a str, got a list ['a', 'b']"),
+    ("dynamic_sampling: [true]\n", "c.yaml:1: config field 'dynamic_sampling' must be true or false"),
+    ("learning_rate: .nan\n", "c.yaml:1: config field 'learning_rate' must be a finite number, got nan"),
+    ("max_grad_norm: .inf\n", "c.yaml:1: config field 'max_grad_norm' must be a finite number"),
+    ("seed: 1\nseed: 2\n", "c.yaml:2: config field 'seed' is set twice (first at "),
+    ("[a, b]: 1\n", "c.yaml:1: a key must be a field name"),
+    ("seed: 1\nmax_steps: [1\n", "c.yaml:3: not valid YAML"),
+    ("- 1\n- 2\n", "c.yaml:1: expected a mapping"),
+    ("seed: 1\nlearning_rate: -1\n", "c.yaml:2: config field 'learning_rate': must be > 0, got -1.0"),
+    ("warmup_steps: 500\n", "c.yaml:1: config field 'warmup_steps': must lie in [0, max_steps]"),
+])
+def test_yaml_of_the_wrong_shape_names_file_line_and_field(tmp_path, text, words):
+    """Found 3: YAML values of the wrong shape were a TypeError traceback; every bad value now is
+    a ConfigError naming the file, line and field (and an example of a good value)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        resolve_config("stage1", Stage1Config, "smoke", path)
+    assert words.replace("c.yaml", str(path)) in str(info.value)
+
+
+def test_range_errors_name_where_the_value_came_from(tmp_path):
+    with pytest.raises(ConfigError, match="^--learning-rate: config field 'learning_rate': must be > 0"):
+        resolve_config("stage1", Stage1Config, "smoke", flags={"learning_rate": "-1"})
+    with pytest.raises(ConfigError, match="must be a finite number, got 'nan'"):
+        resolve_config("stage1", Stage1Config, "smoke", flags={"learning_rate": "nan"})
+    with pytest.raises(ConfigError, match="^--warmup-steps: config field 'warmup_steps'"):
+        resolve_config("stage1", Stage1Config, "smoke", flags={"warmup_steps": "1000"})
+
+
+def saved_run(tmp_path, **flags):
+    """A run directory as ``npr train stage1 --preset smoke`` leaves it: its config.yaml."""
+    from npr.train.session import CONFIG_FILE
+
+    config = resolve_config("stage1", Stage1Config, "smoke", flags={"max_steps": "4", **flags})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONFIG_FILE).write_text(config_to_yaml(config, "npr stage1: resolved config"))
+    return run, config
+
+
+def resume(run, **flags):
+    from npr.train.session import resolve_run_config
+
+    return resolve_run_config("stage1", Stage1Config, run, True, None, None, flags)
+
+
+def test_config_yaml_records_what_it_wrote(tmp_path):
+    run, config = saved_run(tmp_path)
+    assert written_values(run / "config.yaml") == asdict(config)
+    assert resume(run) == config and resume(run, save_every="2").save_every == 2
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda t: t.replace("learning_rate:", "learning_rat:"), r"config.yaml:\d+: unknown config field 'learning_rat'"),
+    (lambda t: t.replace("max_steps: 4", "max_steps: [4]"), r"config.yaml:\d+: config field 'max_steps' must be a int"),
+    (lambda t: t.replace("max_steps: 4", "max_steps: 40"),
+     r"config.yaml:\d+: config field 'max_steps' was changed from 4 to 40 after the run wrote"),
+    (lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("max_steps:")),
+     r"config.yaml: config field 'max_steps' was removed \(it was 4\)"),
+    (lambda t: t.replace("max_steps: 4", "max_steps: four"), r"config.yaml:\d+: config field 'max_steps'"),
+    (lambda t: t.replace("max_steps: 4", "max_steps: 4\n  bad indent: x"), r"config.yaml:\d+: not valid YAML"),
+])
+def test_config_yaml_edited_before_resume_is_a_clear_error(tmp_path, edit, words):
+    """Found 3: a config.yaml edited before --resume was a traceback (cls(**yaml)); now every
+    edit is read like a --config file, and a changed non-resumable field is refused."""
+    run, _ = saved_run(tmp_path)
+    path = run / "config.yaml"
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ConfigError, match=words):
+        resume(run)
+
+
+def test_resumable_fields_may_be_edited_and_old_files_still_resume(tmp_path):
+    run, config = saved_run(tmp_path)
+    path = run / "config.yaml"
+    path.write_text(path.read_text().replace("save_every: 0", "save_every: 2"))
+    assert resume(run).save_every == 2
+    old = "\n".join(x for x in path.read_text().splitlines() if not x.startswith("# npr: values as written"))
+    path.write_text(old.replace("max_steps: 4", "max_steps: 6"))  # no record: nothing to compare with
+    assert resume(run).max_steps == 6
 
 
 def test_model_is_required_after_stage1():

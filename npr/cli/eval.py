@@ -8,23 +8,30 @@ import time
 
 
 def add_parser(sub, name: str, help_text: str):
+    from npr.cli.args import (device_name, dtype_name, non_empty, non_negative_float, non_negative_int,
+                              positive_float, positive_int, probability)
+
     p = sub.add_parser(name, help=help_text, description=(
-        f"{help_text}. Writes DIR/config.json (every setting, prompt, model hash, versions), samples.jsonl, "
-        "results.json and report.html. Defaults follow NPR's protocol: k=8, temperature 1.0, top-p 0.7."))
+        f"{help_text}. Writes DIR/config.json (every setting, prompt, model and data hashes, versions), samples.jsonl, "
+        "results.json and report.html. Defaults follow NPR's protocol: k=8, temperature 1.0, top-p 0.7. Every input "
+        "is checked before anything is written; a problem that cannot run (e.g. a prompt longer than the context) is "
+        "recorded in samples.jsonl and the report, and the run goes on. Interrupted (Ctrl-C, kill), the same command "
+        "plus --resume continues from the last finished problem."))
     p.add_argument("--model", default="embedded", help="embedded, tiny-random-llama, a local dir (e.g. a run's "
                    "final/) or an HF hub id (default: embedded)")
-    p.add_argument("--benchmarks", default="aime25", help="comma-separated: aime24, aime25, hmmt25, amc23, math500, "
-                   "minerva, olympiadbench, zebralogic, rg:<task>?size=..&seed=.., or a .jsonl path (default: aime25)")
-    p.add_argument("--k", type=int, default=8, help="samples per problem (default: 8)")
+    p.add_argument("--benchmarks", default="aime25", type=non_empty, help="comma-separated: aime24, aime25, hmmt25, "
+                   "amc23, math500, minerva, olympiadbench, zebralogic, rg:<task>?size=..&seed=.., or a .jsonl path "
+                   "(default: aime25)")
+    p.add_argument("--k", type=positive_int, default=8, help="samples per problem (default: 8)")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential", "plain"])
     p.add_argument("--baseline-mode", default=None, choices=["parallel", "sequential", "plain"],
                    help="also run the same problems in this mode and report the speedup over it")
-    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="budget over all branches (default: 1024)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=positive_int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="budget over all branches (default: 1024)")
+    p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy (default: 1.0)")
+    p.add_argument("--top-p", type=probability, default=0.7, help="nucleus mass in (0, 1] (default: 0.7)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off (default)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--style", default="npr", choices=["npr", "plain"], help="prompt style (default: npr)")
     p.add_argument("--system-prompt-file", default=None, metavar="PATH",
                    help="text file whose contents replace npr's format instruction, e.g. the prompts/npr.txt that "
@@ -33,13 +40,14 @@ def add_parser(sub, name: str, help_text: str):
                    help="where the instruction goes: the system message (npr's layout, default) or after the problem "
                         "and a blank line in the user message (NPR's released code)")
     p.add_argument("--data-dir", default=None, help="folder with <benchmark>.jsonl files (default: $NPR_DATA_DIR)")
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded at once")
-    p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool size")
+    p.add_argument("--dtype", default="bfloat16", type=dtype_name, help="bfloat16 (default) or float32")
+    p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--max-num-seqs", type=positive_int, default=64, help="live streams decoded at once")
+    p.add_argument("--kv-cache-gib", type=positive_float, default=2.0, help="KV pool size in GiB (default: 2)")
     p.add_argument("--out", default=None, help="run directory (required unless --show-config)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (refused when the "
+                       "settings, the model's weights, the data or the prompt differ from the run's config.json)")
     group.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress display")
     p.add_argument("--show-config", action="store_true", help="print the resolved settings as YAML, each one's source "
@@ -107,7 +115,7 @@ def show_config(args, command: str) -> int:
     from npr.train.overrides import config_to_annotated_yaml
 
     config = build_config(args)
-    argv = sys.argv[sys.argv.index("eval") + 1:] if "eval" in sys.argv else []
+    argv = args.argv[args.argv.index("eval") + 1:] if "eval" in args.argv else []
     given = given_flags(args.eval_parser, argv)
     sources = {name: "flag" if dest in given else "default" for name, dest in FLAG_FIELDS.items()}
     if config.system_prompt is not None:
@@ -126,9 +134,9 @@ def run(args) -> int:
     from npr.eval.runner import EvalError, evaluate
 
     if args.show_config:
-        return show_config(args, "npr " + " ".join(sys.argv[1:]))
+        return show_config(args, args.command_line)
     if args.out is None:
-        raise EvalError("npr eval: --out DIR is required (only --show-config runs without it)")
+        raise EvalError("--out DIR is required (only --show-config runs without it)")
     config = build_config(args)
     console = Console(stderr=True)
     progress = None if args.quiet or not console.is_terminal else EvalProgress()
@@ -136,10 +144,14 @@ def run(args) -> int:
         with progress or nullcontext():
             results = evaluate(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
     except KeyboardInterrupt:
-        console.print(f"interrupted: finished samples are kept in {args.out}/samples.jsonl; "
+        console.print(f"interrupted: finished problems are kept in {args.out}/samples.jsonl; "
                       f"continue with the same command plus --resume")
         return 130
     print_summary(results, args.out)
+    failed = results.get("failures", {})
+    if failed.get("problems"):
+        console.print(f"[yellow]{failed['problems']} problem(s) not evaluated[/] ({failed['by_reason']}); "
+                      f"see {args.out}/report.html#failures")
     return 0
 
 

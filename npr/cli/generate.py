@@ -6,6 +6,8 @@ import sys
 
 
 def add_parser(sub, name: str, help_text: str):
+    from npr.cli.args import device_name, dtype_name, non_negative_float, non_negative_int, positive_int, probability
+
     p = sub.add_parser(name, help=help_text, description=help_text + ". The prompt goes through the model's chat "
                        "template with the NPR format instruction (--style npr) or a plain step-by-step request.")
     p.add_argument("--model", default="embedded", help="embedded (default), tiny-random-llama, tiny-random-qwen3, "
@@ -15,14 +17,14 @@ def add_parser(sub, name: str, help_text: str):
                    help="parallel: branches decoded at once; sequential: same tree, one branch at a time; "
                    "plain: ordinary decoding (default: parallel)")
     p.add_argument("--style", default="npr", choices=["npr", "plain"], help="prompt style (default: npr)")
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="budget over all branches (default: 1024)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n", type=int, default=1, help="samples (they share the prompt's KV)")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, faster on CPU) or float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=positive_int, default=1024, help="budget over all branches (default: 1024)")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default: 0)")
+    p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass in (0, 1] (default: 1)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off (default)")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--n", type=positive_int, default=1, help="samples (they share the prompt's KV)")
+    p.add_argument("--dtype", default="bfloat16", type=dtype_name, help="bfloat16 (default, faster on CPU) or float32")
+    p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--tree", action="store_true", help="print each sample's branch tree and engine stats")
     return p
 
@@ -57,11 +59,15 @@ def run(args) -> int:
     from rich.console import Console
 
     from npr.engine import Engine, EngineConfig, SamplingParams
+    from npr.errors import UsageError
     from npr.models import load_model_and_tokenizer
     from npr.prompts import encode_prompt
 
     console = Console(stderr=True)
     question = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not question.strip():
+        raise UsageError("--prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else "")
+                         + "; give the question, e.g. --prompt \"What is 7 + 5?\"")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, n=args.n, seed=args.seed)
     config = EngineConfig(mode=args.mode)

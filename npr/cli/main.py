@@ -1,6 +1,9 @@
 """Entry point of the ``npr`` command: a thin dispatcher over subcommand modules.
 
 Subcommand modules are imported only when chosen, so ``npr --help`` stays fast.
+
+Exit status: 0 done; 2 bad input (argparse, or an ``NprError``: one message, no traceback,
+nothing written); 130 interrupted; 1 a bug (with its traceback).
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ and on GPUs with any HF causal LM.
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``npr`` parser; only the subcommand named in ``argv`` (default: sys.argv) gets its full parser."""
     parser = argparse.ArgumentParser(prog="npr", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    chosen = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in SUBCOMMANDS.items():
         if name == chosen:
             importlib.import_module(module).add_parser(sub, name, help_text)
@@ -43,10 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    args.command_line = "npr " + " ".join(argv)  # for the headers of written configs
+    args.argv = argv  # --show-config tells given flags from defaults
     if args.command is None:
         parser.print_help()
         return 0

@@ -9,6 +9,7 @@ def add_parser(sub, name: str, help_text: str):
     import argparse
 
     from npr import pipeline
+    from npr.cli.args import device_name
     from npr.pipeline import PRESETS, STEPS
 
     p = sub.add_parser(name, help=help_text, description=pipeline.__doc__,
@@ -27,7 +28,8 @@ def add_parser(sub, name: str, help_text: str):
                    help="also train and evaluate a sequential-RL baseline on the same data and budget (NPR's SR)")
     p.add_argument("--data-dir", default=None, help="benchmark folder for presets that evaluate on NPR's benchmarks "
                    "(default: $NPR_DATA_DIR)")
-    p.add_argument("--device", default="cpu", help="device of the evaluations (training follows accelerate)")
+    p.add_argument("--device", default="cpu", type=device_name,
+                   help="device of the evaluations: cpu (default), cuda, cuda:N or mps (training follows accelerate)")
     p.add_argument("--quiet", action="store_true", help="no per-step progress from the stages")
     return p
 
@@ -35,10 +37,19 @@ def add_parser(sub, name: str, help_text: str):
 def run(args) -> int:
     from rich.console import Console
 
-    from npr.pipeline import run_pipeline
+    from npr.cli.args import check_device, check_out_dir
+    from npr.data import load_problems, split_specs
+    from npr.data.benchmarks import resolve_data_dir
+    from npr.pipeline import PRESETS, run_pipeline
 
     console = Console()
     out = args.out or f"runs/{args.preset}"
+    check_out_dir(out)  # whether --out belongs to this pipeline is run_pipeline's first check
+    check_device(args.device)
+    if args.data_dir is not None:
+        resolve_data_dir(args.data_dir)  # given, it must exist, even if this preset reads no benchmark file
+    for spec in split_specs(PRESETS[args.preset].held_out):  # the held-out data, before any step writes
+        load_problems(spec, data_dir=args.data_dir, limit=1)
     start = time.perf_counter()
 
     def log(line: str) -> None:

@@ -22,6 +22,7 @@ def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=__doc__, allow_abbrev=False,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(p, "sample", "output directory: data.jsonl, summary.json, config.yaml")
+    p.add_argument("--overwrite", action="store_true", help="replace the data.jsonl of an earlier npr sample in --out")
     add_config_flags(p, SampleConfig)
     return p
 
@@ -44,15 +45,20 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 
 def run(args) -> int:
+    from npr.cli.args import check_out_dir
     from npr.cli.train import require_out, show_config
+    from npr.errors import UsageError
     from npr.train.config import SampleConfig
     from npr.train.overrides import flags_from_args, resolve_config
     from npr.train.sample import run_sample
 
-    command = "npr " + " ".join(sys.argv[1:])
+    command = args.command_line
     if args.show_config:
         return show_config("sample", SampleConfig, args, command)
-    out = require_out(args, "npr sample")
+    out = check_out_dir(require_out(args, "npr sample"))
+    if (out / "data.jsonl").exists() and not args.overwrite:
+        raise UsageError(f"{out} already holds sampled data (data.jsonl); pass --overwrite to replace it, "
+                         "or choose another --out")
     config = resolve_config("sample", SampleConfig, args.preset, args.config, flags_from_args(args))
     if args.quiet or not sys.stdout.isatty():
         summary = run_sample(config, out, command=command)

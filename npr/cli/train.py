@@ -99,7 +99,7 @@ def require_out(args, command: str) -> Path:
     from npr.train.config import ConfigError
 
     if args.out is None:
-        raise ConfigError(f"{command}: --out DIR is required (only --show-config runs without it)")
+        raise ConfigError("--out DIR is required (only --show-config runs without it)")
     return Path(args.out)
 
 
@@ -113,9 +113,10 @@ def warn_pending(stage: str, config) -> None:
 
 
 def run(args) -> int:
+    from npr.cli.args import check_out_dir
     from npr.train.config import STAGE_CONFIGS
 
-    command = "npr " + " ".join(sys.argv[1:])
+    command = args.command_line
     if args.show_config:  # before importing the trainers: nothing heavy is loaded
         return show_config(args.stage, STAGE_CONFIGS[args.stage], args, command)
     from npr.train.overrides import flags_from_args
@@ -124,7 +125,7 @@ def run(args) -> int:
     from npr.train.stage2 import train_stage2
     from npr.train.stage3 import train_stage3
 
-    out = require_out(args, f"npr train {args.stage}")
+    out = check_out_dir(require_out(args, f"npr train {args.stage}"))
     config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset, args.config,
                                 flags_from_args(args))
     warn_pending(args.stage, config)

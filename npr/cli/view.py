@@ -18,14 +18,19 @@ def add_parser(sub, name: str, help_text: str):
 
 
 def run(args) -> int:
+    from npr.cli.args import check_out_file
+    from npr.errors import UsageError
     from npr.eval.viewer import read_records, render_viewer_page
+    from npr.fsio import atomic_write_text
 
+    out = check_out_file(args.out if args.out else Path(args.inputs[0]).with_suffix(".html"))
+    if any(Path(p).resolve() == out.resolve() for p in args.inputs):
+        raise UsageError(f"--out {out} is one of the inputs; give another file name")
     records = []
     for path in args.inputs:
         records += read_records(path, args.format)
-    out = Path(args.out) if args.out else Path(args.inputs[0]).with_suffix(".html")
     title = args.title or "npr view: " + ", ".join(Path(p).name for p in args.inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_viewer_page(records, title), encoding="utf-8")
+    atomic_write_text(out, render_viewer_page(records, title))
     print(f"wrote {out} ({len(records)} trace{'s' if len(records) != 1 else ''})")
     return 0

@@ -107,5 +107,5 @@ def load_rg_spec(spec: str, limit: int | None = None) -> list[Problem]:
     for i in range(count):
         entry = dataset[i]
         problems.append(Problem(id=f"{task}-s{seed}-{i}", problem=entry["question"], answer=str(entry["answer"]),
-                                source=spec, rg_entry=entry))
+                                source=spec, rg_entry=entry, location=f"{spec} #{i}"))
     return problems

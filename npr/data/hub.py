@@ -81,7 +81,8 @@ def rows_to_problems(rows, source: HubSource, name: str, limit: int | None = Non
             break
         pid = str(row[source.id_column]) if source.id_column else f"{name}-{i}"
         problems.append(Problem(id=pid, problem=str(row[source.problem_column]),
-                                answer=source.answer_fn(row[source.answer_column]), source=name))
+                                answer=source.answer_fn(row[source.answer_column]), source=name,
+                                location=f"{source.repo} {source.split} row {i}"))
     return problems
 
 

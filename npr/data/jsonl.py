@@ -54,7 +54,8 @@ def parse_problem_line(line: str, path: str, lineno: int, source: str) -> Proble
                                 "write it as a string, e.g. \"42\"")
         if not value.strip():
             raise DataFileError(path, lineno, name, "is empty", "fill it in or delete the line")
-    return Problem(id=row["id"], problem=row["problem"], answer=row["answer"], source=source)
+    return Problem(id=row["id"], problem=row["problem"], answer=row["answer"], source=source,
+                   location=f"{path}:{lineno}")
 
 
 def parse_problems_text(text: str, path: str, source: str) -> list[Problem]:

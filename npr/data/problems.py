@@ -14,7 +14,8 @@ class Problem:
     graded by math-verify) ; ``source`` names where it came from (a benchmark name such as
     ``math500``, a reasoning-gym spec such as ``rg:chain_sum``, or a file path); ``rg_entry`` is
     the reasoning-gym dataset entry (``question``, ``answer``, ``metadata``) when the problem is
-    procedural, so that reasoning-gym's own scorer grades it.
+    procedural, so that reasoning-gym's own scorer grades it; ``location`` says where it was read
+    (``file.jsonl:LINE``, a reasoning-gym spec with its index, a hub dataset row), for messages.
     """
 
     id: str
@@ -22,6 +23,7 @@ class Problem:
     answer: str
     source: str
     rg_entry: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    location: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def rg_task(self) -> str | None:

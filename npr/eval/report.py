@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from npr.eval.metrics import summarize
+from npr.fsio import atomic_write_text
 from npr.eval.viewer import normalize_record, page, viewer_section
 
 PALETTE = ("#0969da", "#cf222e", "#1a7f37", "#8250df", "#bc4c00", "#0a7480", "#6e7781")
@@ -198,6 +199,25 @@ def charts_section(summary: dict, records: list[dict], with_baseline: bool) -> s
     return f'<section><h2>Plots</h2><div class="charts">{"".join(charts)}</div></section>'
 
 
+def failures_section(failures: list[dict] | None) -> str:
+    """Problems that did not run (samples.jsonl records with a ``failure``): how many of each
+    reason, then one row per problem with where it came from and why. Empty without failures."""
+    if not failures:
+        return ""
+    counts: dict[str, int] = {}
+    for r in failures:
+        counts[str(r.get("failure"))] = counts.get(str(r.get("failure")), 0) + 1
+    summary = ", ".join(f"{reason} ×{n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    rows = "".join(f'<tr><th>{_esc(r.get("benchmark", ""))}</th><td class="l">{_esc(r.get("problem_id", ""))}</td>'
+                   f'<td class="l">{_esc(r.get("failure", ""))}</td><td class="l">{_esc(r.get("location") or "")}</td>'
+                   f'<td class="l">{_esc(r.get("message") or "")}</td></tr>' for r in failures)
+    return (f'<section id="failures"><h2>Problems not evaluated ({len(failures)})</h2>'
+            f'<p class="notes">{_esc(summary)}. They have no samples, so the metrics above leave them out; '
+            'fix the cause (see each message) and run again to include them.</p>'
+            '<div class="tbl"><table><thead><tr><th>benchmark</th><th>problem</th><th>reason</th><th>where</th>'
+            f'<th>message</th></tr></thead><tbody>{rows}</tbody></table></div></section>')
+
+
 def curves_section(curves: dict[str, list[dict]] | None) -> str:
     """Training curves: per series (e.g. a stage), one small line chart per numeric metric over ``step``."""
     if not curves:
@@ -218,7 +238,7 @@ def curves_section(curves: dict[str, list[dict]] | None) -> str:
 REPORT_CSS = """
 .tbl{overflow-x:auto;margin:0 18px}table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid var(--line);padding:3px 8px;text-align:right}thead th{background:var(--bg2);cursor:help}
-tbody th{text-align:left}tr.ov{font-weight:600;background:#f6f8fa}.notes{margin:6px 18px;color:var(--mut);font-size:12.5px}
+tbody th{text-align:left}td.l{text-align:left}tr.ov{font-weight:600;background:#f6f8fa}.notes{margin:6px 18px;color:var(--mut);font-size:12.5px}
 .charts{display:flex;flex-wrap:wrap;gap:12px;margin:0 18px}.chart{border:1px solid var(--line);border-radius:6px;background:#fff}
 .chart .ct{font-size:13px;font-weight:600}.chart .tick{font-size:10.5px;fill:#57606a}.chart .val{font-size:10.5px;fill:#1f2328}
 .chart .grid{stroke:#eaeef2}.chart .ref{stroke:#6e7781;stroke-dasharray:4 3}h3{margin:10px 18px 4px;font-size:14px}
@@ -227,12 +247,14 @@ tbody th{text-align:left}tr.ov{font-weight:600;background:#f6f8fa}.notes{margin:
 
 def build_report(records: list[dict], *, wall_time_s: dict[str, float] | None = None,
                  baseline_records: list[dict] | None = None, baseline_wall_time_s: dict[str, float] | None = None,
-                 curves: dict[str, list[dict]] | None = None, title: str = "npr evaluation report") -> str:
+                 curves: dict[str, list[dict]] | None = None, title: str = "npr evaluation report",
+                 failures: list[dict] | None = None) -> str:
     """The report page's HTML for sample records (the lines of samples.jsonl).
 
     ``wall_time_s``: the runner's wall time per benchmark (and ``"overall"``), see
     ``metrics.summarize``. ``baseline_records`` (+ their wall times): a baseline run of the same
     problems, for speedup and TPS ratio. ``curves``: ``{series: [{"step": 1, "reward": …}, …]}``.
+    ``failures``: records of problems that did not run (``npr.eval.preflight.failure_record``).
     """
     normalized = [normalize_record(r) for r in records]
     baseline = None
@@ -240,8 +262,8 @@ def build_report(records: list[dict], *, wall_time_s: dict[str, float] | None = 
         baseline = summarize([normalize_record(r) for r in baseline_records], baseline_wall_time_s)
     summary = summarize(normalized, wall_time_s, baseline)
     with_baseline = baseline is not None
-    body = (results_table(summary, with_baseline) + charts_section(summary, normalized, with_baseline)
-            + curves_section(curves) + viewer_section(normalized))
+    body = (results_table(summary, with_baseline) + failures_section(failures)
+            + charts_section(summary, normalized, with_baseline) + curves_section(curves) + viewer_section(normalized))
     return page(title, body, REPORT_CSS)
 
 
@@ -250,5 +272,5 @@ def write_report(out_dir: str | Path, records: list[dict], **options) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
-    path.write_text(build_report(records, **options), encoding="utf-8")
+    atomic_write_text(path, build_report(records, **options))
     return path

@@ -1,9 +1,10 @@
 """``npr eval``: run benchmarks through the NPR engine, grade, and write a self-describing run dir.
 
-    DIR/config.json    every setting, the prompt text, the model hash, package versions
-    DIR/samples.jsonl  one record per sample (appended as samples finish: Ctrl-C keeps them)
-    DIR/progress.json  wall time per finished benchmark (the run-level clock for tokens/s)
-    DIR/results.json   metrics per benchmark and overall (npr.eval.metrics)
+    DIR/config.json    every setting, the prompt text, the model and data hashes, package versions
+    DIR/samples.jsonl  one record per sample (appended as samples finish: Ctrl-C keeps them), and
+                       one record per problem that could not run (``failure``: why, with its file:line)
+    DIR/progress.json  the problems done and the wall time per benchmark (npr.eval.rundir's ledger)
+    DIR/results.json   metrics per benchmark and overall (npr.eval.metrics), and the failures
     DIR/report.html    results table, plots and the trajectory viewer (npr.eval.report)
     DIR/baseline/      the same files for the --baseline-mode run of the same problems
 
@@ -11,6 +12,11 @@ Protocol (NPR, arXiv 2512.07461 §4): k samples per problem at temperature 1.0, 
 problem's samples draw from seeds derived from ``seed`` and the problem's index, so a run, its
 resumption and its baseline sample the same way. Benchmarks run one after another (each with
 continuous batching over all its problems) so each has its own wall time.
+
+Order of work: settings (``EvalConfig``), output directory, problems, model, engine and every
+prompt are checked before the first file is written (npr.eval.preflight); a problem that
+cannot run is recorded and skipped, never aborting the run; ``--resume`` refuses a run made
+with other settings, weights, data or prompt (npr.eval.rundir).
 """
 
 from __future__ import annotations
@@ -26,22 +32,23 @@ from pathlib import Path
 
 from npr.data import load_problems
 from npr.data.problems import Problem
-from npr.engine import Engine, EngineConfig, Result, SamplingParams
-from npr.errors import NprError
-from npr.prompts import NPR_INSTRUCTION, PLACEMENTS, build_messages, encode_prompt, prompt_text, read_instruction_file
+from npr.engine import Engine, Result, SamplingParams
+from npr.eval.preflight import EvalError, ProblemPlan, check_settings, engine_config, failure_record, plan_problems
+from npr.eval.rundir import (RUN_FILES, Ledger, check_out_dir, prepare_out_dir, read_wall_times,  # noqa: F401
+                             write_description)
+from npr.fsio import atomic_write_json
+from npr.prompts import NPR_INSTRUCTION, PLACEMENTS, build_messages, prompt_text, read_instruction_file
 from npr.rewards import final_answer, is_correct
 from npr.schema import parse, validate
-
-RUN_FILES = ("config.json", "samples.jsonl", "results.json", "report.html", "progress.json")
-
-
-class EvalError(NprError):
-    """Bad evaluation input, found before any compute."""
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """One evaluation run. Defaults follow NPR's protocol (k = 8, temperature 1.0, top-p 0.7)."""
+    """One evaluation run. Defaults follow NPR's protocol (k = 8, temperature 1.0, top-p 0.7).
+
+    Every field is checked when the config is built (``npr.eval.preflight.check_settings``);
+    errors name the ``npr eval`` flag.
+    """
 
     model: str = "embedded"
     benchmarks: tuple[str, ...] = ("aime25",)
@@ -75,12 +82,7 @@ class EvalConfig:
         if self.system_prompt_placement not in PLACEMENTS:
             raise EvalError(f"--system-prompt-placement must be one of {', '.join(PLACEMENTS)}, "
                             f"got {self.system_prompt_placement!r}")
-        if self.k < 1:
-            raise EvalError(f"--k must be >= 1, got {self.k}")
-        if self.limit is not None and self.limit < 1:
-            raise EvalError(f"--limit must be >= 1, got {self.limit}")
-        if not self.benchmarks:
-            raise EvalError("--benchmarks is empty; name at least one (e.g. math500 or rg:chain_sum)")
+        check_settings(self)
 
 
 def model_hash(model) -> str:
@@ -95,6 +97,14 @@ def model_hash(model) -> str:
     return h.hexdigest()
 
 
+def problems_hash(problems: list[Problem]) -> str:
+    """sha256 over the problems' ids, texts and answers, in order: which data a run evaluated."""
+    h = hashlib.sha256()
+    for p in problems:
+        h.update(json.dumps([p.id, p.problem, p.answer]).encode())
+    return h.hexdigest()
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("npr", "torch", "transformers", "accelerate", "math-verify", "reasoning-gym"):
@@ -103,41 +113,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "not installed"
     return out
-
-
-# ----------------------------------------------------------------------------- run directory
-
-
-def prepare_out_dir(out: Path, config: dict, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix runs: a dir holding another run needs --resume (same settings) or --overwrite."""
-    existing = [f for f in RUN_FILES if (out / f).exists()]
-    if existing and not (resume or overwrite):
-        raise EvalError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
-                        "or --overwrite to replace it, or choose another --out")
-    if resume and (out / "config.json").exists():
-        saved = json.loads((out / "config.json").read_text())
-        if saved.get("settings") != config["settings"]:
-            diff = sorted(k for k in set(saved.get("settings", {})) | set(config["settings"])
-                          if saved.get("settings", {}).get(k) != config["settings"].get(k))
-            raise EvalError(f"--resume: {out}/config.json was written with other settings ({', '.join(diff)}); "
-                            "rerun with the same flags or use --overwrite")
-    if overwrite:
-        for f in RUN_FILES:
-            (out / f).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def read_samples(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break  # a line cut by a crash: that sample is redone
-    return records
 
 
 # ----------------------------------------------------------------------------- records
@@ -167,20 +142,15 @@ def sample_record(benchmark: str, problem: Problem, prompt: str, result: Result)
 
 
 class EvalRun:
-    """Runs one mode over every benchmark into one directory, resumably."""
+    """Runs one mode over every benchmark into one directory, resumably (npr.eval.rundir.Ledger)."""
 
     def __init__(self, config: EvalConfig, model, tokenizer, out: Path, mode: str, problems: dict[str, list[Problem]],
-                 progress=None, logits_processors: tuple = ()):
+                 plan: ProblemPlan, progress=None, logits_processors: tuple = (), engine: Engine | None = None):
         self.config, self.model, self.tokenizer, self.out, self.mode = config, model, tokenizer, out, mode
-        self.problems = problems
+        self.problems, self.plan = problems, plan
         self.progress = progress
         self.logits_processors = logits_processors
-
-    def _engine(self) -> Engine:
-        c = self.config
-        options = dict(mode=self.mode, max_branches=c.max_branches, max_num_seqs=c.max_num_seqs,
-                       kv_cache_gib=c.kv_cache_gib, **c.engine_options)
-        return Engine(self.model, self.tokenizer, EngineConfig(**options))
+        self.engine = engine
 
     def params(self) -> SamplingParams:
         c = self.config
@@ -188,48 +158,52 @@ class EvalRun:
                               top_k=c.top_k, n=c.k, seed=c.seed, logits_processors=self.logits_processors)
 
     def run(self) -> list[dict]:
-        samples_path, progress_path = self.out / "samples.jsonl", self.out / "progress.json"
-        records = read_samples(samples_path)
-        walls = json.loads(progress_path.read_text()) if progress_path.exists() else {}
-        counts = Counter((r["benchmark"], r["problem_id"]) for r in records)
-        done = {key for key, n in counts.items() if n >= self.config.k}
-        records = [r for r in records if (r["benchmark"], r["problem_id"]) in done]  # drop partial problems
-        samples_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-        engine = self._engine()
+        """Every record of the run: those kept from before (on resume) and the new ones."""
+        ledger = Ledger.open(self.out, self.config.k)
+        records = list(ledger.records)
+        engine = self.engine or Engine(self.model, self.tokenizer, engine_config(self.config, self.mode))
         offset = 0
         for bench, problems in self.problems.items():
-            todo = [(offset + i, p) for i, p in enumerate(problems) if (bench, p.id) not in done]
+            todo = [(offset + i, p) for i, p in enumerate(problems) if not ledger.is_done(bench, p.id)]
             offset += len(problems)
             if todo:
-                records += self._run_benchmark(engine, bench, todo, walls, samples_path, progress_path)
+                records += self._run_benchmark(engine, bench, todo, ledger)
         return records
 
-    def _run_benchmark(self, engine, bench, todo, walls, samples_path, progress_path) -> list[dict]:
-        by_index = {index: p for index, p in todo}
-        prompts = {index: encode_prompt(self.tokenizer, p.problem, self.config.style, **prompt_options(self.config))
-                   for index, p in todo}
-        texts = {index: self.tokenizer.decode(ids) for index, ids in prompts.items()}
-        engine.submit(list(prompts.values()), self.params(), prompt_indices=list(prompts))
-        records, start = [], time.perf_counter()
-        task = self.progress.start(f"{bench} ({self.mode})", len(todo) * self.config.k) if self.progress else None
-        with samples_path.open("a", encoding="utf-8") as sink:
-            try:
-                while engine.scheduler.has_work():
-                    event = engine.step()
-                    for result in event.finished:
-                        record = sample_record(bench, by_index[result.prompt_index], texts[result.prompt_index], result)
-                        sink.write(json.dumps(record) + "\n")
-                        records.append(record)
-                    sink.flush()
-                    if task is not None:
-                        self.progress.advance(task, event, records)
-            except BaseException:
-                walls[bench] = walls.get(bench, 0.0) + time.perf_counter() - start
-                progress_path.write_text(json.dumps(walls, indent=1))
-                raise
-        walls[bench] = walls.get(bench, 0.0) + time.perf_counter() - start
-        progress_path.write_text(json.dumps(walls, indent=1))
-        return records
+    def _run_benchmark(self, engine, bench: str, todo: list[tuple[int, Problem]], ledger: Ledger) -> list[dict]:
+        """Decode one benchmark's remaining problems, appending each sample as it finishes and
+        committing a problem once all its k samples are written; problems that cannot run get
+        their failure record instead."""
+        k, failures = self.config.k, self.plan.failures
+        runnable = {index: p for index, p in todo if (bench, p.id) not in failures}
+        failed = [failure_record(bench, p, failures[(bench, p.id)], k) for _, p in todo if (bench, p.id) in failures]
+        texts = {index: self.tokenizer.decode(self.plan.prompts[bench][index]) for index in runnable}
+        records, counts, base, start = [], Counter(), ledger.wall_time_s.get(bench, 0.0), time.perf_counter()
+        task = self.progress.start(f"{bench} ({self.mode})", len(runnable) * k) if self.progress else None
+        with (self.out / "samples.jsonl").open("a", encoding="utf-8") as sink:
+            if failed:
+                sink.write("".join(json.dumps(r) + "\n" for r in failed))
+                sink.flush()
+                ledger.commit(bench, [r["problem_id"] for r in failed], base + time.perf_counter() - start)
+            if runnable:
+                engine.submit([self.plan.prompts[bench][i] for i in runnable], self.params(),
+                              prompt_indices=list(runnable))
+            while engine.scheduler.has_work():
+                event, completed = engine.step(), []
+                for result in event.finished:
+                    problem = runnable[result.prompt_index]
+                    record = sample_record(bench, problem, texts[result.prompt_index], result)
+                    sink.write(json.dumps(record) + "\n")
+                    records.append(record)
+                    counts[result.prompt_index] += 1
+                    if counts[result.prompt_index] == k:
+                        completed.append(problem.id)
+                sink.flush()
+                if completed:
+                    ledger.commit(bench, completed, base + time.perf_counter() - start)
+                if task is not None:
+                    self.progress.advance(task, event, records)
+        return failed + records
 
 
 def prompt_options(config: EvalConfig) -> dict:
@@ -238,7 +212,7 @@ def prompt_options(config: EvalConfig) -> dict:
 
 
 def describe(config: EvalConfig, model, tokenizer, problems: dict[str, list[Problem]]) -> dict:
-    """config.json: settings (compared on --resume), the prompt, the model hash, versions."""
+    """config.json: settings, the prompt, the model and data hashes (all compared on --resume), versions."""
     settings = {k: v for k, v in asdict(config).items()}
     settings["benchmarks"] = list(config.benchmarks)
     return {
@@ -249,6 +223,7 @@ def describe(config: EvalConfig, model, tokenizer, problems: dict[str, list[Prob
                    "messages_example": build_messages("<problem>", config.style, **prompt_options(config)),
                    "chat_text_example": prompt_text(tokenizer, "<problem>", config.style, **prompt_options(config))},
         "model_sha256": model_hash(model),
+        "data_sha256": {b: problems_hash(ps) for b, ps in problems.items()},
         "problems": {b: [p.id for p in ps] for b, ps in problems.items()},
         "versions": package_versions(),
         "machine": {"platform": platform.platform(), "processor": platform.processor()},
@@ -265,40 +240,76 @@ def load_benchmarks(config: EvalConfig) -> dict[str, list[Problem]]:
     return out
 
 
+def split_failures(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(sample records, failure records) of a run's samples.jsonl lines."""
+    return [r for r in records if not r.get("failure")], [r for r in records if r.get("failure")]
+
+
+def failure_summary(failures: list[dict]) -> dict:
+    """results.json's ``failures``: problems that did not run, by reason and benchmark, and each one."""
+    return {
+        "problems": len(failures),
+        "by_reason": dict(Counter(r["failure"] for r in failures).most_common()),
+        "by_benchmark": dict(Counter(r["benchmark"] for r in failures)),
+        "list": [{k: r.get(k) for k in ("benchmark", "problem_id", "failure", "location", "message")}
+                 for r in failures],
+    }
+
+
 def evaluate(config: EvalConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
              progress=None, model_and_tokenizer=None, logits_processors: tuple = ()) -> dict:
     """Run the evaluation (and its baseline) and write the run dir; returns results.json's content.
 
-    Every input is checked (benchmarks, model, output dir) before any sample is drawn.
-    ``model_and_tokenizer`` skips loading ``config.model``; ``logits_processors`` (e.g. a
-    ``StructureForcer``) are for tests and benchmarks with untrained models.
+    Every input is checked (output dir, benchmarks, model, engine, every prompt, and on
+    ``resume`` the saved run) before the first file is written. ``model_and_tokenizer`` skips
+    loading ``config.model``; ``logits_processors`` (e.g. a ``StructureForcer``) are for tests
+    and benchmarks with untrained models.
     """
-    from npr.eval.metrics import summarize
-    from npr.eval.report import write_report
     from npr.models import load_model_and_tokenizer
 
     out = Path(out_dir)
+    dirs = [out] + ([out / "baseline"] if config.baseline_mode else [])
+    for run_dir in dirs:
+        check_out_dir(run_dir, resume, overwrite)
     problems = load_benchmarks(config)
     model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(config.model, dtype=config.dtype,
                                                                        device=config.device)
+    engine = Engine(model, tokenizer, engine_config(config, config.mode))
+    plan = plan_problems(config, engine, tokenizer, problems)
     description = describe(config, model, tokenizer, problems)
-    prepare_out_dir(out, description, resume, overwrite)
+    for run_dir in dirs:
+        prepare_out_dir(run_dir, description, resume, overwrite)
+    for run_dir in dirs:  # nothing is written before every check above has passed
+        write_description(run_dir, description, resume)
+    records = EvalRun(config, model, tokenizer, out, config.mode, problems, plan, progress, logits_processors,
+                      engine).run()
+    del engine  # the baseline builds an engine of its own mode; let this KV pool go first
+    baseline_records = None
     if config.baseline_mode:
-        prepare_out_dir(out / "baseline", description, resume, overwrite)
-    (out / "config.json").write_text(json.dumps(description, indent=1, default=str))
-    records = EvalRun(config, model, tokenizer, out, config.mode, problems, progress, logits_processors).run()
-    walls = json.loads((out / "progress.json").read_text())
-    baseline_records = baseline_walls = baseline = None
-    if config.baseline_mode:
-        (out / "baseline" / "config.json").write_text(json.dumps(description, indent=1, default=str))
-        baseline_records = EvalRun(config, model, tokenizer, out / "baseline", config.baseline_mode, problems,
+        baseline_records = EvalRun(config, model, tokenizer, out / "baseline", config.baseline_mode, problems, plan,
                                    progress, logits_processors).run()
-        baseline_walls = json.loads((out / "baseline" / "progress.json").read_text())
-        baseline = summarize(baseline_records, baseline_walls)
-        (out / "baseline" / "results.json").write_text(json.dumps(baseline, indent=1))
-    results = summarize(records, walls, baseline)
+    return write_results(config, out, records, baseline_records)
+
+
+def write_results(config: EvalConfig, out: Path, records: list[dict], baseline_records: list[dict] | None) -> dict:
+    """results.json (and the baseline's) and report.html, from the run's records."""
+    from npr.eval.metrics import summarize
+    from npr.eval.report import write_report
+
+    samples, failures = split_failures(records)
+    walls = read_wall_times(out)
+    baseline = baseline_samples = baseline_walls = None
+    if baseline_records is not None:
+        baseline_samples = split_failures(baseline_records)[0]
+        baseline_walls = read_wall_times(out / "baseline")
+        baseline = summarize(baseline_samples, baseline_walls)
+        baseline["failures"] = failure_summary(split_failures(baseline_records)[1])
+        atomic_write_json(out / "baseline" / "results.json", baseline)
+    results = summarize(samples, walls, baseline)
     results["mode"], results["baseline_mode"] = config.mode, config.baseline_mode
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    write_report(out, records, wall_time_s=walls, baseline_records=baseline_records,
-                 baseline_wall_time_s=baseline_walls, title=f"npr eval: {config.model} ({config.mode})")
+    results["failures"] = failure_summary(failures)
+    atomic_write_json(out / "results.json", results)
+    write_report(out, samples, wall_time_s=walls, baseline_records=baseline_samples,
+                 baseline_wall_time_s=baseline_walls, failures=failures,
+                 title=f"npr eval: {config.model} ({config.mode})")
     return results

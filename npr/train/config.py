@@ -145,6 +145,8 @@ class RolloutConfig:
         _check(self.temperature >= 0 and 0 < self.top_p <= 1 and self.top_k >= 0, "temperature/top_p/top_k",
                "need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
         _check(self.max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        _check(self.kv_cache_gib > 0, "kv_cache_gib", f"must be > 0, got {self.kv_cache_gib}")
+        _check(self.kv_cache_tokens is None or self.kv_cache_tokens >= 1, "kv_cache_tokens", "must be >= 1 or None")
 
 
 @dataclass(frozen=True)

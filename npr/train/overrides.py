@@ -2,14 +2,19 @@
 
 Flags are generated from the dataclass fields (``--learning-rate`` and ``--learning_rate``
 both work) and carry the field's help text. A YAML file is a flat mapping of field names to
-values (the layout of ``RUN/config.yaml``). An unknown field, in a file or on the command line,
-is an error that names it, where it was found, and the closest valid name.
+values (the layout of ``RUN/config.yaml``). An unknown field, a value of the wrong type or
+shape (a list where a float belongs), a field set twice, or a value the config refuses (a
+negative learning rate) is an error that names where it was set (``file.yaml:LINE``, ``--flag``
+or the preset), the field, and the closest valid name or an example of a valid value.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import math
+import re
 import types
 import typing
 from dataclasses import MISSING, asdict, fields
@@ -48,6 +53,13 @@ def check_field(cls: type, name: str, where: str) -> None:
                           f"valid fields: {', '.join(valid)}")
 
 
+def _example(cls: type, name: str, base: type) -> str:
+    default = next((f.default for f in fields(cls) if f.name == name), MISSING)
+    if default is not MISSING and default is not None and not isinstance(default, (dict, list)):
+        return f"{name}: {json.dumps(default) if isinstance(default, (bool, str)) else default}"
+    return f"{name}: " + {bool: "true", int: "8", float: "0.5", str: "text"}.get(base, "value")
+
+
 def convert_value(cls: type, name: str, value: Any, where: str) -> Any:
     """``value`` (a string from the command line or a YAML scalar) as the type of field ``name``."""
     base, optional = _field_type(cls, name)
@@ -55,8 +67,11 @@ def convert_value(cls: type, name: str, value: Any, where: str) -> Any:
     if value is None or (optional and text in _NONE):
         if optional:
             return None
-        raise ConfigError(f"{where}: config field {name!r} cannot be empty (null); give a {base.__name__}")
+        raise ConfigError(f"{where}: config field {name!r} cannot be empty (null); give a {base.__name__}, "
+                          f"e.g. `{_example(cls, name, base)}`")
     try:
+        if isinstance(value, (dict, list, tuple, set)):
+            raise ValueError  # a YAML mapping or list where a single value belongs
         if base is bool:
             if isinstance(value, bool):
                 return value
@@ -68,43 +83,71 @@ def convert_value(cls: type, name: str, value: Any, where: str) -> Any:
                 raise ValueError
             return int(value)
         if base is float:
-            if isinstance(value, bool):
+            if isinstance(value, bool) or not math.isfinite(float(value)):
                 raise ValueError
             return float(value)
         if base is str:
-            if isinstance(value, (dict, list)):
-                raise ValueError
             return str(value)
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         pass
     else:
         return value
-    kind = "true or false" if base is bool else f"a {base.__name__}"
-    raise ConfigError(f"{where}: config field {name!r} must be {kind}{' or null' if optional else ''}, got {value!r}")
+    kind = "true or false" if base is bool else "a finite number" if base is float else f"a {base.__name__}"
+    shape = {dict: "a mapping", list: "a list"}.get(type(value), "")
+    raise ConfigError(f"{where}: config field {name!r} must be {kind}{' or null' if optional else ''}, got "
+                      f"{shape + ' ' if shape else ''}{value!r}; write it as one value, e.g. "
+                      f"`{_example(cls, name, base)}`")
+
+
+def _yaml_items(path: Path, text: str) -> list[tuple[str, Any, int]]:
+    """(key, value, 1-based line) of each entry of a flat YAML mapping, in file order."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return []
+        if not isinstance(node, yaml.MappingNode):
+            raise ConfigError(f"{path}:{node.start_mark.line + 1}: expected a mapping of `field: value` lines")
+        items = []
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ConfigError(f"{path}:{line}: a key must be a field name, not a list or mapping")
+            items.append((key_node.value, loader.construct_object(value_node, deep=True), line))
+        return items
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); "
+                          "write one `field: value` per line") from e
+    finally:
+        loader.dispose()
+
+
+def read_yaml_layer(path: str | Path, cls: type) -> tuple[dict[str, Any], dict[str, str]]:
+    """(typed fields, field -> ``file:line`` where it was set) of a flat YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file; pass --config with a YAML file of `field: value` lines")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from e
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for key, value, line in _yaml_items(path, text):
+        where = f"{path}:{line}"
+        check_field(cls, key, where)
+        if key in origins:
+            raise ConfigError(f"{where}: config field {key!r} is set twice (first at {origins[key]}); keep one line")
+        values[key] = convert_value(cls, key, value, where)
+        origins[key] = where
+    return values, origins
 
 
 def read_yaml_overrides(path: str | Path, cls: type) -> dict[str, Any]:
     """The fields set by a YAML file (a flat mapping), typed; errors name the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file; pass --config with a YAML file of `field: value` lines")
-    text = path.read_text(encoding="utf-8")
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if node is None:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{path}:{node.start_mark.line + 1}: expected a mapping of `field: value` lines")
-    values = yaml.safe_load(text)
-    result = {}
-    for key_node, _ in node.value:
-        key = key_node.value
-        where = f"{path}:{key_node.start_mark.line + 1}"
-        check_field(cls, key, where)
-        result[key] = convert_value(cls, key, values[key], where)
-    return result
+    return read_yaml_layer(path, cls)[0]
 
 
 def preset_overrides(stage: str, preset: str | None, cls: type) -> dict[str, Any]:
@@ -118,22 +161,46 @@ def preset_overrides(stage: str, preset: str | None, cls: type) -> dict[str, Any
     return dict(presets[preset])
 
 
-def build_config(cls: type, *layers: dict[str, Any]) -> Any:
-    """``cls`` from its defaults with each layer of overrides applied in turn."""
+def build_config(cls: type, *layers: dict[str, Any], origins: dict[str, str] | None = None) -> Any:
+    """``cls`` from its defaults with each layer of overrides applied in turn.
+
+    A ``ConfigError`` from the config's own checks is prefixed with where its field was set
+    (``origins``: field -> ``file.yaml:LINE``, ``--flag`` or ``preset 'tiny'``).
+    """
     merged: dict[str, Any] = {}
     for layer in layers:
         merged.update(layer)
-    return cls(**merged)
+    try:
+        return cls(**merged)
+    except ConfigError as e:
+        names = [n for group in re.findall(r"config field '([\w/]+)'", str(e)) for n in group.split("/")]
+        where = list(dict.fromkeys((origins or {})[n] for n in names if n in (origins or {})))
+        if not where:
+            raise
+        raise ConfigError(f"{', '.join(where)}: {e}") from e
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 def resolve_config(stage: str, cls: type, preset: str | None = None, config_path: str | Path | None = None,
-                   flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> Any:
-    """The config of ``stage``: ``base`` (or defaults) < preset < YAML < flags."""
-    layers = [base or {}, preset_overrides(stage, preset, cls)]
+                   flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None,
+                   base_origins: dict[str, str] | None = None) -> Any:
+    """The config of ``stage``: ``base`` (or defaults) < preset < YAML < flags; errors say which
+    of them set the offending field."""
+    preset_layer = preset_overrides(stage, preset, cls)
+    origins = dict(base_origins or {})
+    origins.update({k: f"preset {preset!r}" for k in preset_layer})
+    layers = [base or {}, preset_layer]
     if config_path is not None:
-        layers.append(read_yaml_overrides(config_path, cls))
-    layers.append({k: convert_value(cls, k, v, f"--{k.replace('_', '-')}") for k, v in (flags or {}).items()})
-    return build_config(cls, *layers)
+        values, yaml_origins = read_yaml_layer(config_path, cls)
+        layers.append(values)
+        origins.update(yaml_origins)
+    flag_layer = {k: convert_value(cls, k, v, _flag(k)) for k, v in (flags or {}).items()}
+    origins.update({k: _flag(k) for k in flag_layer})
+    layers.append(flag_layer)
+    return build_config(cls, *layers, origins=origins)
 
 
 # ----------------------------------------------------------------------------- argparse
@@ -177,10 +244,27 @@ def unknown_flag_error(unknown: list[str], cls: type, command: str) -> ConfigErr
 # ----------------------------------------------------------------------------- YAML out
 
 
+WRITTEN_MARK = "# npr: values as written, to detect edits on --resume: "
+
+
 def config_to_yaml(config: Any, header: str = "") -> str:
-    """A flat ``field: value`` YAML of ``config`` (readable back by ``--config``)."""
+    """A flat ``field: value`` YAML of ``config`` (readable back by ``--config``), ending with a
+    comment that records the values as written (``written_values`` reads it back)."""
     comment = "".join(f"# {line}\n" for line in header.splitlines())
-    return comment + yaml.safe_dump(asdict(config), sort_keys=False, allow_unicode=True)
+    values = asdict(config)
+    body = yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
+    return comment + body + WRITTEN_MARK + json.dumps(values, ensure_ascii=False) + "\n"
+
+
+def written_values(path: str | Path) -> dict[str, Any] | None:
+    """The values a run wrote into its ``config.yaml`` (None for a file without the record)."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith(WRITTEN_MARK):
+            try:
+                return json.loads(line[len(WRITTEN_MARK):])
+            except ValueError:
+                return None
+    return None
 
 
 def config_differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:

@@ -250,10 +250,11 @@ def _summary(totals: dict[str, float], format_errors: Counter, num_problems: int
 
 
 def _merge_parts(out_dir: Path, num_processes: int) -> None:
-    """Concatenate the per-process parts, in process (= problem) order, into data.jsonl."""
-    target = out_dir / SAMPLE_FILE
-    with target.open("w", encoding="utf-8") as out:
-        for rank in range(num_processes):
-            part = out_dir / f".{SAMPLE_FILE}.rank{rank}"
-            out.write(part.read_text(encoding="utf-8"))
-            part.unlink()
+    """Concatenate the per-process parts, in process (= problem) order, into data.jsonl (atomically:
+    a kill leaves the previous data.jsonl or the complete new one, never a part of it)."""
+    from npr.fsio import atomic_write_text
+
+    parts = [out_dir / f".{SAMPLE_FILE}.rank{rank}" for rank in range(num_processes)]
+    atomic_write_text(out_dir / SAMPLE_FILE, "".join(part.read_text(encoding="utf-8") for part in parts))
+    for part in parts:
+        part.unlink()

@@ -12,18 +12,18 @@ Run directory layout::
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from npr.models import load_model_and_tokenizer, save_model
 from npr.train.checkpoint import (CheckpointError, checkpoint_steps, latest_checkpoint, load_trainer_state,
                                   save_checkpoint)
 from npr.train.config import RESUMABLE_FIELDS, ConfigError
-from npr.train.overrides import config_differences, config_to_yaml, resolve_config
+from npr.train.overrides import (build_config, config_differences, config_to_yaml, read_yaml_layer, resolve_config,
+                                  written_values)
 from npr.train.schedule import build_optimizer, build_scheduler
 from npr.train.tracking import MetricsLog, truncate_metrics
 
@@ -44,7 +44,12 @@ def resolve_run_config(stage: str, cls: type, out_dir: Path, resume: bool, prese
                        config_path: str | None, flags: dict[str, Any]) -> Any:
     """The config of a run; on ``resume`` the saved ``config.yaml`` is the base (with
     ``stop_after`` cleared), and only ``RESUMABLE_FIELDS`` may differ from it. A fresh run
-    refuses a directory that holds checkpoints or a final model."""
+    refuses a directory that holds checkpoints or a final model.
+
+    On resume ``config.yaml`` is read like any ``--config`` file (errors name its line and
+    field) and compared with the values the run recorded in it when it started: a hand edit of
+    a field that is not resumable is refused, since the checkpoints were trained without it.
+    """
     saved_path = out_dir / CONFIG_FILE
     if not resume:
         if saved_path.exists() and (checkpoint_steps(out_dir) or (out_dir / "final").exists()):
@@ -54,15 +59,37 @@ def resolve_run_config(stage: str, cls: type, out_dir: Path, resume: bool, prese
     if not saved_path.is_file():
         raise CheckpointError(f"--resume: {saved_path} does not exist; point --out at the directory of the run to "
                               "continue, or drop --resume to start one")
-    saved = cls(**(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}))
+    values, origins = read_yaml_layer(saved_path, cls)
+    _refuse_edits(cls, saved_path, values, origins)
+    saved = build_config(cls, values, origins=origins)
     # a planned interruption applies to the process that was interrupted, not to the resumed one
-    config = resolve_config(stage, cls, preset, config_path, flags, base={**asdict(saved), "stop_after": None})
+    config = resolve_config(stage, cls, preset, config_path, flags, base={**asdict(saved), "stop_after": None},
+                            base_origins=origins)
     changed = {k: v for k, v in config_differences(saved, config).items() if k not in RESUMABLE_FIELDS}
     if changed:
         listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
         raise ConfigError(f"--resume: the run in {out_dir} was trained with a different config ({listing}); "
                           f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume")
     return config
+
+
+def _refuse_edits(cls: type, saved_path: Path, values: dict[str, Any], origins: dict[str, str]) -> None:
+    """Raise ``ConfigError`` when ``config.yaml`` no longer holds what the run wrote into it,
+    for a field that may not change on resume (checked against ``written_values``)."""
+    written = written_values(saved_path)
+    if written is None:
+        return  # written before npr recorded the values: nothing to compare with
+    defaults = {f.name: f.default for f in fields(cls)}
+    for name, old in written.items():
+        new = values.get(name, defaults.get(name))
+        if name in RESUMABLE_FIELDS or new == old:
+            continue
+        where = origins.get(name, str(saved_path))
+        how = f"changed from {old!r} to {new!r}" if name in values else f"removed (it was {old!r})"
+        raise ConfigError(f"{where}: config field {name!r} was {how} after the run wrote {saved_path}; its "
+                          f"checkpoints were trained with {old!r}. Put the value back, or start a new run (another "
+                          f"--out) with it; on --resume only {', '.join(sorted(RESUMABLE_FIELDS))} may change, "
+                          "as flags (e.g. --save-every 10)")
 
 
 def model_source(config, options: RunOptions) -> str:
