@@ -61,18 +61,19 @@ PRESETS: dict[str, PipelinePreset] = {
     # tiny random model, seconds per step: checks that every step runs and writes loadable artefacts
     "smoke": PipelinePreset(model="tiny-random-llama", train_preset="smoke", held_out="rg:chain_sum?size=3&seed=99&terms=2&digits=1",
                             eval_k=2, eval_max_new_tokens=48, eval_dtype="float32",
-                            eval_engine={"kv_cache_gib": 0.1}),
-    # the embedded SmolLM2-135M-Instruct on 2-term 1-digit chain sums (training split seed 1, held-out seed 2).
-    # Cold start: ~36-38 two-branch examples; 5 epochs (~25 steps) at 1e-4. Measured on the held-out split
-    # (parallel, k=4): 3 epochs at 1e-4 leave the tags out of order, 3 epochs at 3e-4 give 53% format-valid,
-    # 5 epochs at 1e-4 give 89% (97% since the engine prefills plan labels), 100% trigger, 2 branches/block.
-    "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="rg:chain_sum?size=32&seed=2&terms=2&digits=1",
-                           eval_k=4, eval_max_new_tokens=256, coldstart=True,
-                           coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_min_branches": 2, "tries": 6,
-                                             "train_limit": 64, "max_new_tokens": 128, "temperature": 0.7,
+                            eval_engine={"kv_cache_gib": 0.1, "speed_rounds": 2, "speed_problems": 2,
+                                         "latency_requests": 1}),
+    # the embedded SmolLM2-135M-Instruct on 2-4 independent one-digit expressions per problem (training split seed 1,
+    # held-out seed 2). Decomposing cold start: each distinct part asked alone ("What is 3 + 4?"), 6 tries; the
+    # model's own correct answers become the steps under plans read from the problem ("compute 3 + 4").
+    "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="gen:expressions?size=32&seed=2&parts=2-4",
+                           eval_k=4, eval_max_new_tokens=384, coldstart=True,
+                           coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_mode": "decompose", "tries": 6,
+                                             "train_limit": 64, "max_new_tokens": 72, "temperature": 0.7,
                                              "prompts_per_batch": 21},
                            coldstart_sft={"num_epochs": 5, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
-                           eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128}),
+                           eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 3,
+                                        "speed_problems": 8, "latency_requests": 2}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
     "qwen3-4b": PipelinePreset(model="Qwen/Qwen3-4B-Instruct-2507", train_preset="qwen3-4b",
                                held_out="aime25,hmmt25,amc23,math500", eval_k=8, eval_max_new_tokens=32768,

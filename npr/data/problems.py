@@ -14,7 +14,9 @@ class Problem:
     graded by math-verify) ; ``source`` names where it came from (a benchmark name such as
     ``math500``, a reasoning-gym spec such as ``rg:chain_sum``, or a file path); ``rg_entry`` is
     the reasoning-gym dataset entry (``question``, ``answer``, ``metadata``) when the problem is
-    procedural, so that reasoning-gym's own scorer grades it.
+    procedural, so that reasoning-gym's own scorer grades it. ``size`` is the number of
+    independent sub-problems of a decomposable generated problem (``npr.data.generated``), None
+    elsewhere; the evaluation correlates it with the branches the model opens.
     """
 
     id: str
@@ -22,6 +24,7 @@ class Problem:
     answer: str
     source: str
     rg_entry: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    size: int | None = None
 
     @property
     def rg_task(self) -> str | None:

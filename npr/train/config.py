@@ -297,6 +297,11 @@ class SampleConfig(RolloutConfig):
                         "never write the NPR tags (SmolLM2-135M: 0 of 512 samples), so that Stage 1 has a format to "
                         "reinforce; the reasoning stays self-generated, no teacher")
     wrap_branches: int = option(2, "most correct answers wrapped as parallel steps of one trace (wrap only)")
+    wrap_mode: str = option("repeat", "wrap only: repeat (each problem's own correct answers as parallel steps under "
+                            "fixed plan strings, every step solving the whole problem) or decompose (plans name the "
+                            "problem's parts, read from its text, e.g. 'compute 3 + 4'; step k is the model's own "
+                            "correct answer to part k asked alone; needs a gen:expressions task)",
+                            ("repeat", "decompose"))
     wrap_min_branches: int = option(1, "fewest correct answers a problem needs to be wrapped (wrap only); 2 makes "
                                     "every cold-start trace genuinely parallel")
     cpu_threads: int | None = option(None, CPU_THREADS_HELP)
