@@ -67,11 +67,11 @@ PRESETS: dict[str, PipelinePreset] = {
     # held-out seed 2). Decomposing cold start: each distinct part asked alone ("What is 3 + 4?"), 6 tries; the
     # model's own correct answers become the steps under plans read from the problem ("compute 3 + 4").
     "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="gen:expressions?size=32&seed=2&parts=2-4",
-                           eval_k=4, eval_max_new_tokens=384, coldstart=True,
+                           eval_k=4, eval_max_new_tokens=320, coldstart=True,
                            coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_mode": "decompose", "tries": 6,
-                                             "train_limit": 64, "max_new_tokens": 72, "temperature": 0.7,
+                                             "train_limit": 128, "max_new_tokens": 80, "temperature": 0.7,
                                              "prompts_per_batch": 21},
-                           coldstart_sft={"num_epochs": 5, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
+                           coldstart_sft={"num_epochs": 4, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
                            eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 3,
                                         "speed_problems": 8, "latency_requests": 2}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)

@@ -98,8 +98,9 @@ def cell(row: dict, key: str, kind: str) -> str:
         return by_size_text(value)
     if value is None:
         return "–"
-    return {"pct": f"{100 * value:.1f}%", "x": f"{value:.2f}×", "num": f"{value:.1f}", "r": f"{value:.2f}",
-            "int": f"{value:d}"}[kind]
+    formats = {"pct": lambda v: f"{100 * v:.1f}%", "x": lambda v: f"{v:.2f}×", "num": lambda v: f"{v:.1f}",
+               "r": lambda v: f"{v:.2f}", "int": lambda v: f"{v:d}"}
+    return formats[kind](value)
 
 
 # (header, row key, kind): the pipeline's table in report.html and in the CLI's summary

@@ -24,6 +24,7 @@ def test_problems_are_reproducible_sized_and_answerable():
         for s in parts:
             a, op, b = s.expression.split()
             assert 0 <= int(a) <= 9 and 0 <= int(b) <= 9 and int(s.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert int(s.answer) >= 0  # no negative results unless negatives=1
     other = load_problems("gen:expressions?size=40&seed=2&parts=2-4")
     assert [p.problem for p in other] != [p.problem for p in problems]  # the held-out split differs
     assert load_problems(SPEC, limit=3) == problems[:3]
@@ -42,6 +43,8 @@ def test_hand_example_and_grading():
 def test_parameters():
     fixed = load_problems("gen:expressions?size=10&seed=0&parts=3&ops=%2B&max_operand=5")
     assert all(p.size == 3 and "-" not in p.problem.split(":")[1] for p in fixed)
+    signed = load_problems("gen:expressions?size=40&seed=0&ops=-&negatives=1")
+    assert any(int(s.answer) < 0 for p in signed for s in decompose(p))
 
 
 @pytest.mark.parametrize("spec, words", [
@@ -51,6 +54,7 @@ def test_parameters():
     ("gen:expressions?parts=1-7", "max_parts <= 5"),
     ("gen:expressions?parts=x", "parts must be an integer"),
     ("gen:expressions?ops=*", "ops must be made of"),
+    ("gen:expressions?negatives=2", "negatives must be 0 or 1"),
     ("gen:expressions?max_operand=1&parts=4&ops=%2B", "distinct results do not exist"),
 ])
 def test_bad_specs_are_clear_errors(spec, words):
