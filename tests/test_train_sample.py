@@ -70,7 +70,7 @@ def test_require_correct_off_keeps_valid_wrong_samples():
 def test_decomposed_trace_by_hand():
     text = decomposed_trace(["compute 3 + 4", "compute 9 - 5"], ["3 + 4 = 7", "Take 5 from 9: 4"], ["7", "4"])
     assert text == ("<guideline>\n<plan>1: compute 3 + 4</plan>\n<plan>2: compute 9 - 5</plan>\n</guideline>\n"
-                    "<step>\n1: 3 + 4 = 7\n</step>\n<step>\n2: Take 5 from 9: 4\n</step>\n"
+                    "<step>\n1: compute 3 + 4\n3 + 4 = 7\n</step>\n<step>\n2: compute 9 - 5\nTake 5 from 9: 4\n</step>\n"
                     "<takeaway>\nIn order, the parts give 7 and 4.\n</takeaway>\nThe answer is \\boxed{(7, 4)}.")
     assert validate(text) == [] and render(parse(text)) == text
 
@@ -114,9 +114,11 @@ def test_decompose_wrap_builds_plans_from_the_problem_and_steps_from_own_answers
     assert [r["problem_id"] for r in kept] == ["a", "b"]
     a, b = (parse(r["response"]) for r in kept)
     assert [p.text for p in a.blocks[0].plans] == ["compute 3 + 4", "compute 9 - 5"]
-    assert [s.text for s in a.blocks[0].steps] == ["3 + 4 = 7", "9 - 5 = 4"]  # problem 0: the first usable answers
+    # problem 0: the first usable answers, each under its restated plan
+    assert [s.text for s in a.blocks[0].steps] == ["compute 3 + 4\n3 + 4 = 7", "compute 9 - 5\n9 - 5 = 4"]
     assert [p.text for p in b.blocks[0].plans] == ["compute 9 - 5", "compute 2 + 6", "compute 3 + 4"]
-    assert [s.text for s in b.blocks[0].steps] == ["9 - 5 = 4", "2 + 6 = 8", "Adding: 7"]  # problem 1 cycles to the 2nd
+    # problem 1 cycles to the second usable answer of 3 + 4
+    assert [s.text.split("\n")[1] for s in b.blocks[0].steps] == ["9 - 5 = 4", "2 + 6 = 8", "Adding: 7"]
     assert b.answer == "(4, 8, 7)" and "8 and 7" in b.blocks[0].takeaway
     assert all(validate(r["response"]) == [] for r in kept)
     # 3 + 2 + 2 + 2 = 9 part answers drawn; correct: 2 + 2 + 2 + 0 (the truncated one and the tagged one are correct

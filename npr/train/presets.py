@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # two runs gave Stage 1 no valid rollout at all and the pipeline collapsed (docs/results.md).
         # top-p 0.7 (the evaluation protocol's; the paper trains at 1.0)
         "tiny": dict(_TINY_RL, model="embedded", samples_per_prompt=6, max_new_tokens=320, overlong_buffer=64,
-                     learning_rate=2e-5, max_steps=3, top_p=0.7, rollout_mode="parallel"),
+                     learning_rate=2e-5, max_steps=2, top_p=0.7, rollout_mode="parallel"),
         "qwen3-4b": dict(_QWEN_GPU, model="Qwen/Qwen3-4B-Instruct-2507", max_new_tokens=8192, overlong_buffer=1024),
     },
     "sample": {
@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # temperature 0.6: at 1.0 the 135M model broke the schema in ~90% of parallel rollouts (measured
         # after an earlier Stage 2 on programmatic traces; the engine ends them as invalid_schema)
         "tiny": dict(_TINY_RL, samples_per_prompt=4, max_new_tokens=320, temperature=0.6, learning_rate=1e-5,
-                     max_steps=4),
+                     max_steps=3),
         "qwen3-4b": dict(_QWEN_GPU, max_new_tokens=8192),
     },
 }
