@@ -1,15 +1,17 @@
 """``npr pipeline``: all of NPR end to end, resumably, into one run directory.
 
     base_eval   the seed model, plain decoding, on the held-out split
-    coldstart   (tiny only) format cold start: the model's own correct answers wrapped as parallel
-                steps, one short parallel SFT; SmolLM2-135M never writes the tags on its own
+    coldstart   (tiny only) format cold start: plans read from the problem's parts, the model's own
+                correct answers to each part as the parallel steps, one short parallel SFT;
+                SmolLM2-135M never writes the tags on its own
     stage1      DAPO with the format + accuracy reward -> NPR-Zero
     zero_eval   NPR-Zero through the engine
     sample      rejection sampling: correct and format-valid traces, canonical form
     stage2      parallel SFT (tree mask) on them -> NPR-Beta
     beta_eval   NPR-Beta through the engine
     stage3      PAPO with the engine's parallel rollouts -> NPR
-    npr_eval    NPR in parallel mode, with a sequential-mode baseline run for the speedup
+    npr_eval    NPR in parallel mode, with a sequential-mode baseline run, then both modes timed
+                alternately (batched, and single requests for the batch-1 latency speedup)
     sr, sr_eval (--baseline) sequential RL: DAPO with the plain prompt and accuracy reward, same data
     report      DIR/report.html and DIR/results.json: the table, training curves, trajectories
 
@@ -228,14 +230,14 @@ def step_report(run):
 STEP_FUNCTIONS = {name: globals()[f"step_{name}"] for name in STEPS}
 DESCRIPTIONS = {
     "base_eval": "evaluate the seed model (plain decoding)",
-    "coldstart": "format cold start: own answers wrapped as parallel steps + short parallel SFT",
+    "coldstart": "format cold start: plans from the problem's parts, own answers as steps + short parallel SFT",
     "stage1": "Stage 1: DAPO, format + accuracy reward -> NPR-Zero",
     "zero_eval": "evaluate NPR-Zero (engine, parallel)",
     "sample": "rejection sampling: correct, format-valid traces",
     "stage2": "Stage 2: parallel SFT -> NPR-Beta",
     "beta_eval": "evaluate NPR-Beta (engine, parallel)",
     "stage3": "Stage 3: PAPO with parallel rollouts -> NPR",
-    "npr_eval": "evaluate NPR: parallel, and sequential as the speedup baseline",
+    "npr_eval": "evaluate NPR: parallel, sequential, then the two timed alternately",
     "sr": "baseline: sequential RL (plain prompt, accuracy reward)",
     "sr_eval": "evaluate the sequential-RL baseline",
     "report": "write report.html and results.json",

@@ -14,7 +14,8 @@ def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=pipeline.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="tiny: the embedded SmolLM2-135M on chain sums, ~17 min on a 2-core CPU (default); "
+                   help="tiny: the embedded SmolLM2-135M on problems of 2-4 independent one-digit expressions (default; "
+                        "docs/results.md has its measured wall time); "
                         "smoke: a tiny random model, seconds per step (CI); qwen3-4b: the paper's setting on GPUs")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>); a non-empty directory "
                    "that npr pipeline did not create is refused")
