@@ -342,9 +342,11 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
     return state
 
 
-# Typical seconds per step of the tiny preset on a 2-core CPU (docs/results.md), for the ETA.
-TINY_SECONDS = {"base_eval": 42, "coldstart": 245, "stage1": 181, "zero_eval": 46, "sample": 85, "stage2": 127,
-                "beta_eval": 39, "stage3": 170, "npr_eval": 77, "sr": 380, "sr_eval": 45, "report": 1}
+# Seconds per step of the tiny preset (gen:expressions) for the ETA: base_eval to sample as measured on the 2-core
+# development CPU shared with other jobs, one torch thread (docs/results.md); the later steps scaled from the same run's
+# per-step rates (Stage 2 ~20 s per step, an evaluation ~250 s, a Stage-1/3 step ~200 s). An idle machine is faster.
+TINY_SECONDS = {"base_eval": 165, "coldstart": 1100, "stage1": 417, "zero_eval": 248, "sample": 433, "stage2": 260,
+                "beta_eval": 250, "stage3": 600, "npr_eval": 700, "sr": 1000, "sr_eval": 250, "report": 1}
 
 
 def eta_text(remaining: list[str], state: dict, preset: str) -> str:
