@@ -134,3 +134,10 @@ def test_decompose_wrap_refuses_problems_without_parts(tiny_llama):
     config = SampleConfig(model="m", train_data="x", wrap=True, wrap_mode="decompose")
     with pytest.raises(DataError, match="does not split into parts"):
         decompose_wrap(FakeWorker(tiny_llama[1], {}), tiny_llama[1], PROBLEMS, 0, config, Counter())
+
+
+def test_decompose_mode_needs_wrap():
+    from npr.errors import NprError
+
+    with pytest.raises(NprError, match="wrap_mode"):
+        SampleConfig(model="m", train_data="x", wrap_mode="decompose")

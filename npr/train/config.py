@@ -311,6 +311,7 @@ class SampleConfig(RolloutConfig):
         self._check_rollout()
         _check(1 <= self.wrap_min_branches <= self.wrap_branches <= 5, "wrap_branches/wrap_min_branches",
                "need 1 <= wrap_min_branches <= wrap_branches <= 5")
+        _check(self.wrap or self.wrap_mode == "repeat", "wrap_mode", "decompose is a cold start: pass --wrap true too")
         _check(bool(self.model.strip()), "model", "is required: pass --model RUN/final from `npr train stage1`")
         _check(bool(self.train_data.strip()), "train_data", "is required: pass --train-data (a spec or .jsonl path)")
         _check(self.tries >= 1 and self.prompts_per_batch >= 1, "tries/prompts_per_batch", "must be >= 1")
