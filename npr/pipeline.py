@@ -1,15 +1,17 @@
 """``npr pipeline``: all of NPR end to end, resumably, into one run directory.
 
     base_eval   the seed model, plain decoding, on the held-out split
-    coldstart   (tiny only) format cold start: the model's own correct answers wrapped as parallel
-                steps, one short parallel SFT; SmolLM2-135M never writes the tags on its own
+    coldstart   (tiny only) format cold start: plans read from the problem's parts, the model's own
+                correct answers to each part as the parallel steps, one short parallel SFT;
+                SmolLM2-135M never writes the tags on its own
     stage1      DAPO with the format + accuracy reward -> NPR-Zero
     zero_eval   NPR-Zero through the engine
     sample      rejection sampling: correct and format-valid traces, canonical form
     stage2      parallel SFT (tree mask) on them -> NPR-Beta
     beta_eval   NPR-Beta through the engine
     stage3      PAPO with the engine's parallel rollouts -> NPR
-    npr_eval    NPR in parallel mode, with a sequential-mode baseline run for the speedup
+    npr_eval    NPR in parallel mode, with a sequential-mode baseline run, then both modes timed
+                alternately (batched, and single requests for the batch-1 latency speedup)
     sr, sr_eval (--baseline) sequential RL: DAPO with the plain prompt and accuracy reward, same data
     report      DIR/report.html and DIR/results.json: the table, training curves, trajectories
 
@@ -61,18 +63,19 @@ PRESETS: dict[str, PipelinePreset] = {
     # tiny random model, seconds per step: checks that every step runs and writes loadable artefacts
     "smoke": PipelinePreset(model="tiny-random-llama", train_preset="smoke", held_out="rg:chain_sum?size=3&seed=99&terms=2&digits=1",
                             eval_k=2, eval_max_new_tokens=48, eval_dtype="float32",
-                            eval_engine={"kv_cache_gib": 0.1}),
-    # the embedded SmolLM2-135M-Instruct on 2-term 1-digit chain sums (training split seed 1, held-out seed 2).
-    # Cold start: ~36-38 two-branch examples; 5 epochs (~25 steps) at 1e-4. Measured on the held-out split
-    # (parallel, k=4): 3 epochs at 1e-4 leave the tags out of order, 3 epochs at 3e-4 give 53% format-valid,
-    # 5 epochs at 1e-4 give 89% (97% since the engine prefills plan labels), 100% trigger, 2 branches/block.
-    "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="rg:chain_sum?size=32&seed=2&terms=2&digits=1",
-                           eval_k=4, eval_max_new_tokens=256, coldstart=True,
-                           coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_min_branches": 2, "tries": 6,
-                                             "train_limit": 64, "max_new_tokens": 128, "temperature": 0.7,
+                            eval_engine={"kv_cache_gib": 0.1, "speed_rounds": 2, "speed_problems": 2,
+                                         "latency_requests": 1}),
+    # the embedded SmolLM2-135M-Instruct on 2-4 independent one-digit expressions per problem (training split seed 1,
+    # held-out seed 2). Decomposing cold start: each distinct part asked alone ("What is 3 + 4?"), 6 tries; the
+    # model's own correct answers become the steps under plans read from the problem ("compute 3 + 4").
+    "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="gen:expressions?size=32&seed=2&parts=2-4",
+                           eval_k=4, eval_max_new_tokens=320, coldstart=True,
+                           coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_mode": "decompose", "tries": 6,
+                                             "train_limit": 192, "max_new_tokens": 80, "temperature": 0.7,
                                              "prompts_per_batch": 21},
-                           coldstart_sft={"num_epochs": 5, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
-                           eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128}),
+                           coldstart_sft={"num_epochs": 3, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
+                           eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 3,
+                                        "speed_problems": 4, "latency_requests": 2}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
     "qwen3-4b": PipelinePreset(model="Qwen/Qwen3-4B-Instruct-2507", train_preset="qwen3-4b",
                                held_out="aime25,hmmt25,amc23,math500", eval_k=8, eval_max_new_tokens=32768,
@@ -227,14 +230,14 @@ def step_report(run):
 STEP_FUNCTIONS = {name: globals()[f"step_{name}"] for name in STEPS}
 DESCRIPTIONS = {
     "base_eval": "evaluate the seed model (plain decoding)",
-    "coldstart": "format cold start: own answers wrapped as parallel steps + short parallel SFT",
+    "coldstart": "format cold start: plans from the problem's parts, own answers as steps + short parallel SFT",
     "stage1": "Stage 1: DAPO, format + accuracy reward -> NPR-Zero",
     "zero_eval": "evaluate NPR-Zero (engine, parallel)",
     "sample": "rejection sampling: correct, format-valid traces",
     "stage2": "Stage 2: parallel SFT -> NPR-Beta",
     "beta_eval": "evaluate NPR-Beta (engine, parallel)",
     "stage3": "Stage 3: PAPO with parallel rollouts -> NPR",
-    "npr_eval": "evaluate NPR: parallel, and sequential as the speedup baseline",
+    "npr_eval": "evaluate NPR: parallel, sequential, then the two timed alternately",
     "sr": "baseline: sequential RL (plain prompt, accuracy reward)",
     "sr_eval": "evaluate the sequential-RL baseline",
     "report": "write report.html and results.json",
@@ -339,9 +342,11 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
     return state
 
 
-# Typical seconds per step of the tiny preset on a 2-core CPU (docs/results.md), for the ETA.
-TINY_SECONDS = {"base_eval": 42, "coldstart": 245, "stage1": 181, "zero_eval": 46, "sample": 85, "stage2": 127,
-                "beta_eval": 39, "stage3": 170, "npr_eval": 77, "sr": 380, "sr_eval": 45, "report": 1}
+# Seconds per step of the tiny preset (gen:expressions) for the ETA: base_eval to sample as measured on the 2-core
+# development CPU shared with other jobs, one torch thread (docs/results.md); the later steps scaled from the same run's
+# per-step rates (Stage 2 ~20 s per step, an evaluation ~250 s, a Stage-1/3 step ~200 s). An idle machine is faster.
+TINY_SECONDS = {"base_eval": 165, "coldstart": 1100, "stage1": 417, "zero_eval": 248, "sample": 433, "stage2": 260,
+                "beta_eval": 250, "stage3": 600, "npr_eval": 700, "sr": 1000, "sr_eval": 250, "report": 1}
 
 
 def eta_text(remaining: list[str], state: dict, preset: str) -> str:

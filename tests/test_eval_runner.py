@@ -43,7 +43,8 @@ def read(path):
 
 
 def test_smoke_eval_writes_a_self_describing_run(tmp_path, tiny_llama, benchmark_pack):
-    results = run(tmp_path, tiny_llama, benchmark_pack, cfg={"baseline_mode": "sequential"})
+    results = run(tmp_path, tiny_llama, benchmark_pack, cfg={"baseline_mode": "sequential", "speed_rounds": 2,
+                                                             "speed_problems": 4, "latency_requests": 2})
     out = tmp_path / "run"
     for name in ("config.json", "samples.jsonl", "results.json", "report.html", "progress.json",
                  "baseline/samples.jsonl", "baseline/results.json"):
@@ -62,7 +63,16 @@ def test_smoke_eval_writes_a_self_describing_run(tmp_path, tiny_llama, benchmark
     assert overall["speedup"] is not None and overall["token_latency_ratio"] > 1.0
     baseline = read(out / "baseline" / "samples.jsonl")
     assert all(s["parallel_blocks"] == 0 and s["tree_blocks"] == 1 for s in baseline)
-    assert "branch" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "branch" in page and "Speedup of parallel over sequential" in page and "Decomposition" in page
+    # the alternated timing: 2 rounds of 4 problems x k=2 per mode, and 2 single requests per mode and round
+    speed = json.loads((out / "results.json").read_text())["speed"]
+    assert speed["batched"]["problems"] == 4 and speed["batched"]["samples_per_run"] == 8
+    assert len(speed["batched"]["speedups"]) == 2 and len(speed["batch1"]["speedups"]) == 2
+    assert speed["batch1"]["requests"] == 2 and speed["batch1"]["ideal"] > 1.0  # forced two-branch blocks
+    part = speed["batched"]
+    assert part["speedup_min"] <= part["speedup_median"] <= part["speedup_max"]
+    assert all(s["size"] is None for s in samples)  # benchmark problems have no size
 
 
 def test_same_seed_same_results(tmp_path, tiny_llama, benchmark_pack):

@@ -91,6 +91,72 @@ def test_format_and_invalid_schema_rates():
     assert m.invalid_schema_reasons(records) == {"too_many_plans": 1, "plan_step_mismatch": 1, "unknown": 1}
 
 
+# -- decomposition --------------------------------------------------------------------------------
+
+
+def traced(plans: list[str], steps: list[str], size: int | None = None, **extra) -> dict:
+    """A record with one parsed block (the layout of ParallelTrace.to_dict) and its engine counts."""
+    block = {"plans": [{"label": i + 1, "text": t} for i, t in enumerate(plans)],
+             "steps": [{"label": i + 1, "text": t} for i, t in enumerate(steps)], "takeaway": "t"}
+    return {"trace": {"blocks": [block]}, "parallel_blocks": 1, "branches_per_block": [len(steps)], "size": size,
+            **extra}
+
+
+TEMPLATE = [traced(["solve the problem directly", "solve it again on its own, as a check"],
+                   ["5 - 9 = -4", "So 5 - 9 is -4"]) for _ in range(4)]
+DECOMPOSED = [
+    traced(["compute 3 + 4", "compute 9 - 5"], ["3 + 4 = 7", "9 - 5 = 4"], size=2),
+    traced(["compute 3 + 4", "compute 9 - 5"], ["3 + 4 = 7", "9 - 5 = 7"], size=2),  # same result: redundant
+    traced(["Compute  2 + 6", "compute 1 + 1", "compute 8 - 8"], ["8", "2", "it is zero"], size=3),
+    traced(["2: compute 5 + 5"], ["10"], size=1),  # one branch: no redundancy question
+]
+
+
+def test_plan_diversity_and_off_mode_share_by_hand():
+    assert m.normalize_plan("2:  Compute 3 +  4 ") == "compute 3 + 4"
+    # the template: 2 distinct texts over 8 plans; every sample writes the most common set
+    assert m.plan_diversity(TEMPLATE) == 2 / 8 and m.off_mode_plan_rate(TEMPLATE) == 0.0
+    assert m.distinct_plan_count(TEMPLATE) == 2
+    # decomposed: plans {3+4, 9-5, 2+6, 1+1, 8-8, 5+5} = 6 distinct over 2+2+3+1 = 8 plans; the most common set
+    # ("compute 3 + 4", "compute 9 - 5") is written by 2 of 4 samples, so 2 of 4 differ from it
+    assert m.plan_diversity(DECOMPOSED) == 6 / 8 and m.off_mode_plan_rate(DECOMPOSED) == 0.5
+    assert m.distinct_plan_count(DECOMPOSED) == 6
+    assert m.plan_diversity([{"parallel_blocks": 0}]) is None and m.off_mode_plan_rate([]) is None
+
+
+def test_branch_redundancy_by_hand():
+    assert m.branch_result("so 5 - 9 is -4.") == "-4" and m.branch_result("a total of 1,200") == "1200"
+    assert m.branch_result("4.0") == "4" and m.branch_result("It is Zero\n\n") == "it is zero"
+    assert m.branch_redundancy(TEMPLATE) == 1.0  # both branches reach -4 in all 4 blocks
+    # blocks with ≥2 branches: sample 1 (7 vs 4), 2 (7 vs 7: redundant), 3 (8, 2, "it is zero"); sample 4 has one
+    assert m.redundant_block_counts(DECOMPOSED) == (1, 3) and m.branch_redundancy(DECOMPOSED) == pytest.approx(1 / 3)
+    assert m.branch_redundancy(DECOMPOSED[3:]) is None
+
+
+def test_adaptivity_by_hand():
+    # size → branches: 2 → [2, 2], 3 → [3], 1 → [1]
+    assert m.branches_by_size(DECOMPOSED) == {1: 1.0, 2: 2.0, 3: 3.0}
+    assert m.size_branch_correlation(DECOMPOSED) == pytest.approx(1.0)  # branches = size exactly
+    # sizes (2, 2, 3, 3) against widths (2, 3, 2, 3): no linear relation
+    mixed = [traced(["a"] * w, [str(i) for i in range(w)], size=s) for s, w in [(2, 2), (2, 3), (3, 2), (3, 3)]]
+    assert m.size_branch_correlation(mixed) == pytest.approx(0.0)
+    assert m.size_branch_correlation(TEMPLATE) is None  # no sizes
+    assert m.size_branch_correlation([traced(["a", "b"], ["1", "2"], size=s) for s in (2, 3, 4)]) is None  # width constant
+    # widths 2, 2, 3, 1: mean 2, variance (0 + 0 + 1 + 1) / 4 = 0.5
+    assert m.branch_count_spread(DECOMPOSED) == pytest.approx(math.sqrt(0.5))
+    assert m.branch_count_spread(TEMPLATE) == 0.0 and m.branch_count_spread([]) is None
+    assert m.pearson([1, 2, 3], [2, 4, 7]) == pytest.approx(0.9933992677987828)  # by hand: 5 / sqrt(2 * 12.667)
+    with pytest.raises(ValueError):
+        m.pearson([1, 2], [1])
+
+
+def test_summary_carries_the_decomposition_metrics():
+    group = m.summarize(DECOMPOSED)["overall"]
+    assert group["plan_diversity"] == 6 / 8 and group["branch_redundancy"] == pytest.approx(1 / 3)
+    assert group["distinct_plans"] == 6 and group["off_mode_plan_rate"] == 0.5
+    assert group["branches_by_size"] == {1: 1.0, 2: 2.0, 3: 3.0} and group["size_branch_correlation"] == pytest.approx(1)
+
+
 # -- speed ----------------------------------------------------------------------------------------
 
 
@@ -100,6 +166,20 @@ def test_speed_functions():
     assert m.token_latency_ratio(600, 200) == 3.0 and m.token_latency_ratio(600, 0) is None
     assert m.speedup(30.0, 12.0) == 2.5 and m.speedup(None, 12.0) is None
     assert m.tps_ratio(150.0, 100.0) == 1.5 and m.tps_ratio(150.0, None) is None
+
+
+def test_median_and_speed_part_by_hand():
+    assert m.median([3.0, 1.0, 2.0]) == 2.0 and m.median([4.0, 1.0, 2.0, 3.0]) == 2.5 and m.median([]) is None
+    rounds = [{"wall_s": 10.0, "baseline_wall_s": 13.0, "tokens": 300, "critical_path_tokens": 200},
+              {"wall_s": 10.0, "baseline_wall_s": 11.0, "tokens": 300, "critical_path_tokens": 200},
+              {"wall_s": 8.0, "baseline_wall_s": 12.0, "tokens": 300, "critical_path_tokens": 200}]
+    part = m.speed_part(rounds)
+    assert part["speedups"] == pytest.approx([1.3, 1.1, 1.5])  # 13/10, 11/10, 12/8
+    assert part["speedup_median"] == pytest.approx(1.3)
+    assert (part["speedup_min"], part["speedup_max"]) == pytest.approx((1.1, 1.5))
+    assert part["ideal"] == 1.5  # 900 / 600
+    empty = m.speed_part([])
+    assert empty["speedup_median"] is None and empty["ideal"] is None
 
 
 # -- aggregation ----------------------------------------------------------------------------------

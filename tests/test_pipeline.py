@@ -39,8 +39,16 @@ def test_every_step_leaves_loadable_artefacts(smoke_run):
     results = json.loads((out / "results.json").read_text())
     assert [r["model"] for r in results["rows"]] == ["seed model (plain)", "NPR-Zero (parallel)", "NPR-Beta (parallel)",
                                                      "NPR (parallel)", "NPR (sequential)"]
+    rows = {r["model"]: r for r in results["rows"]}
+    for key in ("plan_diversity", "distinct_plans", "off_mode_plan_rate", "branch_redundancy", "branches_by_size",
+                "size_branch_correlation"):
+        assert all(key in r for r in rows.values()), key
+    npr_row = rows["NPR (parallel)"]  # the alternated timing (smoke: 2 rounds) feeds the speedup columns
+    assert npr_row["speedup_median"] is not None and npr_row["latency_speedup"] is not None
+    assert npr_row["speedup_min"] <= npr_row["speedup_median"] <= npr_row["speedup_max"]
+    assert "speedup_median" not in rows["NPR (sequential)"]
     page = (out / "report.html").read_text()
-    assert "Training curves" in page and "npr-samples" in page
+    assert "Training curves" in page and "npr-samples" in page and "plan diversity" in page
 
 
 def test_finished_steps_are_not_redone_and_from_redoes(smoke_run):
@@ -170,3 +178,16 @@ def test_interrupted_step_is_owned_and_redone(tmp_path, fake_steps, monkeypatch)
         run_pipeline("smoke", out, log=lambda _: None)
     assert not (out / "stage1" / "half").exists()  # the half-written step it owned was cleared and redone
     assert (out / "zero_eval").is_dir()
+
+
+def test_table_cells_by_hand():
+    from npr.pipeline_report import by_size_text, cell, speed_fields, speed_text
+
+    assert speed_text(1.3125, 1.2, 1.4, 1.62) == "1.31× [1.20–1.40] (ideal 1.62×)" and speed_text(None, 1, 2, 3) == "–"
+    assert by_size_text({"2": 2.0, "3": 2.94, "4": 3.8}) == "2: 2.0, 3: 2.9, 4: 3.8" and by_size_text({}) == "–"
+    speed = {"batched": {"speedup_median": 1.2, "speedup_min": 1.1, "speedup_max": 1.3, "ideal": 1.6},
+             "batch1": {"speedup_median": 1.5, "speedup_min": 1.4, "speedup_max": 1.55, "ideal": 1.7}}
+    row = {"distinct_plans": 212, "plan_diversity": 0.4, **speed_fields(speed)}
+    assert cell(row, "latency_speedup", "latency") == "1.50× [1.40–1.55] (ideal 1.70×)"
+    assert cell(row, "distinct_plans", "int") == "212" and cell(row, "plan_diversity", "pct") == "40.0%"
+    assert cell(row, "branch_redundancy", "pct") == "–" and speed_fields(None) == {}

@@ -12,7 +12,7 @@ from npr.engine import RequestStats, Result
 from npr.schema import render, parse, validate
 from npr.train.config import ConfigError, SampleConfig
 from npr.train.overrides import resolve_config
-from npr.train.sample import run_sample, select
+from npr.train.sample import decomposed_trace, run_sample, select
 
 VALID = ("<guideline>\n<plan>1: add the tens</plan>\n<plan>2: add the units</plan>\n</guideline>\n"
          "<step>\n1: 20 + 30 = 50\n</step>\n<step>\n2: 3 + 4 = 7\n</step>\n<takeaway>\n50 + 7 = 57\n</takeaway>\n"
@@ -102,3 +102,80 @@ def test_stop_when_kept_needs_a_quota():
         SampleConfig(model="m", train_data="x", stop_when_kept=True)
     with pytest.raises(ConfigError, match="stop_when_kept"):
         SampleConfig(model="m", train_data="x", stop_when_kept=True, max_kept_per_problem=1, wrap=True)
+# -- the decomposing cold start ---------------------------------------------------------------
+
+
+def test_decomposed_trace_by_hand():
+    text = decomposed_trace(["compute 3 + 4", "compute 9 - 5"], ["3 + 4 = 7", "Take 5 from 9: 4"], ["7", "4"])
+    assert text == ("<guideline>\n<plan>1: compute 3 + 4</plan>\n<plan>2: compute 9 - 5</plan>\n</guideline>\n"
+                    "<step>\n1: compute 3 + 4\n3 + 4 = 7\n</step>\n<step>\n2: compute 9 - 5\nTake 5 from 9: 4\n</step>\n"
+                    "<takeaway>\nIn order, the parts give 7 and 4.\n</takeaway>\nThe answer is \\boxed{(7, 4)}.")
+    assert validate(text) == [] and render(parse(text)) == text
+
+
+class FakeWorker:
+    """Answers each part question with scripted texts, one per try (the model's 'own' answers)."""
+
+    def __init__(self, tokenizer, answers: dict[str, list[str]]):
+        self.tokenizer, self.answers, self.calls = tokenizer, answers, []
+
+    def sampling_params(self, n, seed):
+        return n
+
+    def generate(self, prompts, first_index, n):
+        out = []
+        for i, ids in enumerate(prompts):
+            question = next(q for q in self.answers if q in self.tokenizer.decode(ids))
+            self.calls.append(question)
+            for t, text in enumerate(self.answers[question][:n]):
+                out.append(_result(first_index + i, t, text, finish="length" if text.endswith("…") else "eos"))
+        return out
+
+
+def test_decompose_wrap_builds_plans_from_the_problem_and_steps_from_own_answers(tiny_llama):
+    from npr.train.sample import decompose_wrap
+
+    intro, outro = "Work out each expression on its own: ", ". Give the results in order as a tuple."
+    problems = [Problem("a", intro + "3 + 4, 9 - 5" + outro, "(7, 4)", "gen:expressions", size=2),
+                Problem("b", intro + "9 - 5, 2 + 6, 3 + 4" + outro, "(4, 8, 7)", "gen:expressions", size=3),
+                Problem("c", intro + "1 + 1, 3 + 4" + outro, "(2, 7)", "gen:expressions", size=2)]
+    worker = FakeWorker(tiny_llama[1], {
+        "What is 3 + 4?": ["3 + 4 = 7", "It is 8", "Adding: 7"],  # two usable answers, one wrong
+        "What is 9 - 5?": ["9 - 5 = 4", "9 - 5 = 4 and then some more …"],  # the second hit the budget
+        "What is 2 + 6?": ["2 + 6 = 8", "<step> 8"],  # the second carries a tag
+        "What is 1 + 1?": ["It is 3", "It is 11"],  # never right: problem c cannot be wrapped
+    })
+    counts = Counter()
+    config = SampleConfig(model="m", train_data="x", wrap=True, wrap_mode="decompose", tries=3, prompts_per_batch=2)
+    kept = decompose_wrap(worker, tiny_llama[1], problems, 0, config, counts)
+    assert sorted(worker.calls) == sorted(["What is 1 + 1?", "What is 2 + 6?", "What is 3 + 4?", "What is 9 - 5?"])
+    assert [r["problem_id"] for r in kept] == ["a", "b"]
+    a, b = (parse(r["response"]) for r in kept)
+    assert [p.text for p in a.blocks[0].plans] == ["compute 3 + 4", "compute 9 - 5"]
+    # problem 0: the first usable answers, each under its restated plan
+    assert [s.text for s in a.blocks[0].steps] == ["compute 3 + 4\n3 + 4 = 7", "compute 9 - 5\n9 - 5 = 4"]
+    assert [p.text for p in b.blocks[0].plans] == ["compute 9 - 5", "compute 2 + 6", "compute 3 + 4"]
+    # problem 1 cycles to the second usable answer of 3 + 4
+    assert [s.text.split("\n")[1] for s in b.blocks[0].steps] == ["9 - 5 = 4", "2 + 6 = 8", "Adding: 7"]
+    assert b.answer == "(4, 8, 7)" and "8 and 7" in b.blocks[0].takeaway
+    assert all(validate(r["response"]) == [] for r in kept)
+    # 3 + 2 + 2 + 2 = 9 part answers drawn; correct: 2 + 2 + 2 + 0 (the truncated one and the tagged one are correct
+    # but not usable: truncated, and wrong for carrying a tag, with the two wrong ones of 3 + 4 and 1 + 1)
+    assert counts["samples"] == 9 and counts["correct"] == 6
+    assert (counts["truncated"], counts["wrong"], counts["unwrapped"], counts["traces"]) == (1, 4, 1, 2)
+
+
+def test_decompose_wrap_refuses_problems_without_parts(tiny_llama):
+    from npr.data import DataError
+    from npr.train.sample import decompose_wrap
+
+    config = SampleConfig(model="m", train_data="x", wrap=True, wrap_mode="decompose")
+    with pytest.raises(DataError, match="does not split into parts"):
+        decompose_wrap(FakeWorker(tiny_llama[1], {}), tiny_llama[1], PROBLEMS, 0, config, Counter())
+
+
+def test_decompose_mode_needs_wrap():
+    from npr.errors import NprError
+
+    with pytest.raises(NprError, match="wrap_mode"):
+        SampleConfig(model="m", train_data="x", wrap_mode="decompose")

@@ -15,7 +15,8 @@ def add_parser(sub, name: str, help_text: str):
     p = sub.add_parser(name, help=help_text, description=pipeline.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS),
-                   help="tiny: the embedded SmolLM2-135M on chain sums, ~17 min on a 2-core CPU (default); "
+                   help="tiny: the embedded SmolLM2-135M on problems of 2-4 independent one-digit expressions (default; "
+                        "docs/results.md has its measured wall time); "
                         "smoke: a tiny random model, seconds per step (CI); qwen3-4b: the paper's setting on GPUs")
     p.add_argument("--out", default=None, help="run directory (default: runs/<preset>); a non-empty directory "
                    "that npr pipeline did not create is refused")
@@ -69,13 +70,20 @@ def print_results(console, out: str, state: dict) -> None:
 
     from rich.table import Table
 
+    from npr.pipeline_report import cell
+
     results = json.loads((Path(out) / "results.json").read_text())
-    fmt = lambda v, pct=True: "–" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.2f}")  # noqa: E731
+    columns = (("avg@k", "avg_at_k", "pct"), ("best@k", "best_at_k", "pct"), ("format valid", "format_valid_rate", "pct"),
+               ("trigger", "trigger_rate", "pct"), ("branches/block", "branches_per_block", "num"),
+               ("by size", "branches_by_size", "by_size"), ("r(size,br.)", "size_branch_correlation", "r"),
+               ("plans", "distinct_plans", "int"), ("plan div.", "plan_diversity", "pct"),
+               ("redundancy", "branch_redundancy", "pct"), ("tok/s", "tokens_per_second", "num"),
+               ("speedup", "speedup_median", "speed"), ("batch-1 speedup", "latency_speedup", "latency"))
     table = Table(title=f"npr pipeline ({results['preset']}): held-out {results['held_out']}, k={results['k']}")
-    for col in ("model", "avg@k", "best@k", "format valid", "trigger", "tok/s", "speedup"):
-        table.add_column(col, justify="right")
+    table.add_column("model")
+    for name, _, _ in columns:
+        table.add_column(name, justify="right")
     for r in results["rows"]:
-        table.add_row(r["model"], fmt(r["avg_at_k"]), fmt(r["best_at_k"]), fmt(r["format_valid_rate"]),
-                      fmt(r["trigger_rate"]), fmt(r["tokens_per_second"], False), fmt(r.get("speedup"), False))
+        table.add_row(r["model"], *(cell(r, key, kind) for _, key, kind in columns))
     console.print(table)
     console.print(f"steps took {results['total_seconds'] / 60:.1f} min in all; report: {out}/report.html")

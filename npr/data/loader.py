@@ -5,6 +5,7 @@ A spec is one of
 - a benchmark name: ``aime24``, ``aime25``, ``hmmt25``, ``amc23``, ``math500``, ``minerva``,
   ``olympiadbench``, ``zebralogic`` (``npr.data.benchmarks``);
 - a reasoning-gym spec: ``rg:chain_sum?size=200&seed=7&terms=2`` (``npr.data.gym``);
+- a task npr generates: ``gen:expressions?size=64&seed=1&parts=2-4`` (``npr.data.generated``);
 - a path to a ``.jsonl`` file in the benchmark-pack layout (``npr.data.jsonl``);
 - ``hf:<owner>/<dataset>[:split]``, read with ``datasets`` when online (``npr.data.hub``).
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from npr.data.benchmarks import load_benchmark
 from npr.data.errors import DataError
+from npr.data.generated import PREFIX as GENERATED_PREFIX
+from npr.data.generated import load_generated_spec
 from npr.data.gym import load_rg_spec
 from npr.data.hub import load_hf_spec
 from npr.data.jsonl import read_problems_jsonl
@@ -39,6 +42,8 @@ def load_problems(spec: str, data_dir: str | Path | None = None, limit: int | No
         raise DataError("empty problem spec; give a benchmark name, a .jsonl path, rg:<task>… or hf:<dataset>")
     if spec.startswith("rg:"):
         return load_rg_spec(spec, limit)
+    if spec.startswith(GENERATED_PREFIX):
+        return load_generated_spec(spec, limit)
     if spec.startswith("hf:"):
         return load_hf_spec(spec, limit)
     if is_path_spec(spec):

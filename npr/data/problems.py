@@ -15,7 +15,9 @@ class Problem:
     ``math500``, a reasoning-gym spec such as ``rg:chain_sum``, or a file path); ``rg_entry`` is
     the reasoning-gym dataset entry (``question``, ``answer``, ``metadata``) when the problem is
     procedural, so that reasoning-gym's own scorer grades it; ``location`` says where it was read
-    (``file.jsonl:LINE``, a reasoning-gym spec with its index, a hub dataset row), for messages.
+    (``file.jsonl:LINE``, a reasoning-gym spec with its index, a hub dataset row), for messages. ``size`` is the number of
+    independent sub-problems of a decomposable generated problem (``npr.data.generated``), None
+    elsewhere; the evaluation correlates it with the branches the model opens.
     """
 
     id: str
@@ -24,6 +26,7 @@ class Problem:
     source: str
     rg_entry: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     location: str | None = field(default=None, compare=False, repr=False)
+    size: int | None = None
 
     @property
     def rg_task(self) -> str | None:

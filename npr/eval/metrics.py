@@ -3,7 +3,8 @@
 Every function reads plain data: lists of booleans, counts, or *sample records* (one dict per
 sampled response, the lines of ``samples.jsonl``). The record fields read here:
 
-``benchmark``, ``problem_id``, ``correct`` (bool; missing = wrong), ``format_valid`` (bool),
+``benchmark``, ``problem_id``, ``size`` (int: the problem's number of independent parts, when the
+task has one), ``correct`` (bool; missing = wrong), ``format_valid`` (bool),
 ``finish_reason`` (``"invalid_schema"`` counts as a schema failure), ``diagnostic`` (why),
 ``parallel_blocks`` (int), ``branches_per_block`` (list[int]), ``trace`` (``ParallelTrace.to_dict()``,
 only as a stand-in when the engine fields are absent), ``tokens``, ``critical_path_tokens``,
@@ -22,16 +23,23 @@ Parallel metrics (NPR, arXiv 2512.07461 §4: "parallel reasoning trigger rate"):
 - For records without engine fields (a trace read from text, e.g. Multiverse), the parsed
   trace's blocks stand in for executed ones.
 
+Decomposition (our additions, not the paper's; docs/evaluation.md): plan diversity (distinct
+plan texts / all plans), the off-mode plan rate (samples whose plans differ from the most common
+plan set), branch redundancy (multi-branch blocks whose branches all reach the same result),
+branches per block by problem ``size`` and their correlation. They read ``trace`` and ``size``.
+
 Speed (run-level totals, because in batched decoding per-sample wall times overlap and do not
 add up): tokens/s = all branch tokens / run wall time; the token-latency ratio = total tokens /
 critical-path tokens is the ideal speedup of parallel decoding over sequential; the wall-clock
-speedup of a run over a baseline run of the same problems = baseline wall / run wall.
+speedup of a run over a baseline run of the same problems = baseline wall / run wall; over
+repeated, alternated timing rounds, ``speed_part`` reports its median, min and max.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter
 
 # -- accuracy -------------------------------------------------------------------------------
@@ -189,6 +197,139 @@ def invalid_schema_reasons(records: list[dict]) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+# -- decomposition (our additions; the NPR paper defines none of these) -----------------------
+#
+# A template can trigger parallel mode in every sample while every branch redoes the same work.
+# These metrics tell decomposition from duplication; docs/evaluation.md defines them.
+
+_PLAN_LABEL = re.compile(r"^\s*\d+\s*[:.]\s*")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def normalize_plan(text: str) -> str:
+    """A plan's text for comparison: numbering (``2:``) stripped, lower case, whitespace collapsed."""
+    return " ".join(_PLAN_LABEL.sub("", str(text)).lower().split())
+
+
+def _trace_blocks(record: dict) -> list[dict]:
+    trace = record.get("trace")
+    return [b for b in trace.get("blocks", []) if isinstance(b, dict)] if isinstance(trace, dict) else []
+
+
+def sample_plans(record: dict) -> tuple[str, ...]:
+    """Every plan of a sample's parsed trace, in order, normalised (``normalize_plan``); () without plans."""
+    return tuple(normalize_plan(p.get("text", "")) for b in _trace_blocks(record) for p in b.get("plans", []))
+
+
+def distinct_plan_count(records: list[dict]) -> int:
+    """How many different plan texts (normalised) the samples wrote, over all their plans."""
+    return len({plan for r in records for plan in sample_plans(r)})
+
+
+def plan_diversity(records: list[dict]) -> float | None:
+    """Distinct plan texts / all plans, over every plan of every sample (numbering stripped).
+
+    1.0: no plan text ever repeats; 1/N: one text written N times. None without plans.
+    """
+    plans = [plan for r in records for plan in sample_plans(r)]
+    return len(set(plans)) / len(plans) if plans else None
+
+
+def off_mode_plan_rate(records: list[dict]) -> float | None:
+    """Share of samples (with plans) whose plan set differs from the most common plan set.
+
+    A sample's plan set is the ordered tuple of its normalised plans. 0.0: every sample writes
+    the same plans (a template); near 1.0: plans follow the problem. None without plans.
+    """
+    sets = [plans for r in records if (plans := sample_plans(r))]
+    if not sets:
+        return None
+    most_common = Counter(sets).most_common(1)[0][1]
+    return (len(sets) - most_common) / len(sets)
+
+
+def branch_result(text: str) -> str:
+    """What a branch reached: its last number (``-3``, ``2.5``; ``4.0`` reads as ``4``), else its
+    last non-empty line, lower case with whitespace collapsed."""
+    numbers = _NUMBER.findall(text.replace(",", ""))
+    if numbers:
+        value = float(numbers[-1])
+        return str(int(value)) if value.is_integer() else repr(value)
+    lines = [" ".join(line.lower().split()) for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def redundant_block_counts(records: list[dict]) -> tuple[int, int]:
+    """(blocks whose branches all reach the same result, blocks with ≥ 2 branches), over the
+    parsed traces' blocks; a branch's result is ``branch_result`` of its step text."""
+    redundant = multi = 0
+    for r in records:
+        for block in _trace_blocks(r):
+            results = [branch_result(s.get("text", "")) for s in block.get("steps", [])]
+            if len(results) >= 2:
+                multi += 1
+                redundant += len(set(results)) == 1
+    return redundant, multi
+
+
+def branch_redundancy(records: list[dict]) -> float | None:
+    """Share of blocks with ≥ 2 branches whose branches all reach the same final number or line.
+
+    1.0: every branch duplicates its siblings (e.g. solving the whole problem twice); 0.0: in
+    every block the branches produce different intermediate results. None without such blocks.
+    """
+    redundant, multi = redundant_block_counts(records)
+    return redundant / multi if multi else None
+
+
+def sample_size(record: dict) -> int | None:
+    """The problem's size (``size``: its number of independent sub-problems), when the task has one."""
+    size = record.get("size")
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def branches_by_size(records: list[dict]) -> dict[int, float]:
+    """Problem size → mean branches per executed block over the samples of that size, sorted by size."""
+    pooled: dict[int, list[int]] = {}
+    for r in records:
+        size, counts = sample_size(r), block_branch_counts(r)
+        if size is not None and counts:
+            pooled.setdefault(size, []).extend(counts)
+    return {size: sum(c) / len(c) for size, c in sorted(pooled.items())}
+
+
+def pearson(xs: list[float], ys: list[float]) -> float | None:
+    """Pearson's correlation coefficient; None for fewer than 2 pairs or a constant side."""
+    if len(xs) != len(ys):
+        raise ValueError(f"pearson needs equal lengths, got {len(xs)} and {len(ys)}")
+    if len(xs) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx, syy = sum((x - mx) ** 2 for x in xs), sum((y - my) ** 2 for y in ys)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else None
+
+
+def size_branch_correlation(records: list[dict]) -> float | None:
+    """Pearson's r between a sample's problem size and its mean branches per executed block, over
+    samples with both. 1.0: the model opens more branches for bigger problems. None when the task
+    has no size, fewer than 2 samples qualify, or either side is constant (e.g. always 2 branches)."""
+    pairs = [(size, sum(c) / len(c)) for r in records
+             if (size := sample_size(r)) is not None and (c := block_branch_counts(r))]
+    return pearson([float(s) for s, _ in pairs], [b for _, b in pairs])
+
+
+def branch_count_spread(records: list[dict]) -> float | None:
+    """Population standard deviation of branches per executed block: 0.0 when every block has the
+    same width (a fixed template); None without blocks."""
+    histogram = branch_histogram(records)
+    blocks = sum(histogram.values())
+    if not blocks:
+        return None
+    mean = sum(c * n for c, n in histogram.items()) / blocks
+    return math.sqrt(sum(n * (c - mean) ** 2 for c, n in histogram.items()) / blocks)
+
+
 # -- speed ----------------------------------------------------------------------------------
 
 
@@ -218,6 +359,31 @@ def tps_ratio(run_tps: float | None, baseline_tps: float | None) -> float | None
     if run_tps is None or not baseline_tps:
         return None
     return run_tps / baseline_tps
+
+
+def median(values: list[float]) -> float | None:
+    """The median (the mean of the two middle values for an even count); None for no values."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if not n:
+        return None
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def speed_part(rounds: list[dict]) -> dict:
+    """Speedup over repeated, alternated timing rounds of a run and its baseline.
+
+    Each round: ``wall_s`` (this mode), ``baseline_wall_s``, ``tokens`` and
+    ``critical_path_tokens`` (this mode's results). Returns the per-round ``speedups``
+    (baseline wall / wall), their ``speedup_median``, ``speedup_min`` and ``speedup_max``, and
+    the ``ideal`` speedup (total / critical-path tokens, pooled over rounds).
+    """
+    speedups = [v for r in rounds if (v := speedup(r.get("baseline_wall_s"), r.get("wall_s"))) is not None]
+    return {"speedups": speedups, "speedup_median": median(speedups),
+            "speedup_min": min(speedups) if speedups else None, "speedup_max": max(speedups) if speedups else None,
+            "ideal": token_latency_ratio(sum(r.get("tokens") or 0 for r in rounds) or None,
+                                         sum(r.get("critical_path_tokens") or 0 for r in rounds)),
+            "wall_s": [r.get("wall_s") for r in rounds], "baseline_wall_s": [r.get("baseline_wall_s") for r in rounds]}
 
 
 def _number(record: dict, key: str) -> float | None:
@@ -259,6 +425,13 @@ def summarize_group(records: list[dict], wall_time_s: float | None = None) -> di
         "blocks_per_sample": blocks_per_sample(records),
         "branches_per_block": branches_per_block(records),
         "branch_histogram": branch_histogram(records),
+        "plan_diversity": plan_diversity(records),
+        "distinct_plans": distinct_plan_count(records),
+        "off_mode_plan_rate": off_mode_plan_rate(records),
+        "branch_redundancy": branch_redundancy(records),
+        "branch_count_spread": branch_count_spread(records),
+        "branches_by_size": branches_by_size(records),
+        "size_branch_correlation": size_branch_correlation(records),
         "invalid_schema_rate": invalid_schema_rate(records),
         "invalid_schema_reasons": invalid_schema_reasons(records),
         "finish_reasons": dict(Counter(str(r.get("finish_reason")) for r in records).most_common()),

@@ -146,12 +146,21 @@ COLUMNS = (  # (header, tooltip, formatter of a summary group)
     ("trigger", "share of samples with ≥1 block executed as parallel branches", lambda g: _pct(g["trigger_rate"])),
     ("≥2 branches", "share of samples with a block of ≥2 branches", lambda g: _pct(g["multi_branch_rate"])),
     ("branches/block", "mean branches per executed block", lambda g: _fixed(g["branches_per_block"])),
+    ("plan diversity", "distinct plan texts / all plans (numbering stripped); low = the same plans every time",
+     lambda g: _pct(g.get("plan_diversity"))),
+    ("off-mode plans", "share of samples whose plans differ from the most common plan set",
+     lambda g: _pct(g.get("off_mode_plan_rate"))),
+    ("redundancy", "share of multi-branch blocks whose branches all reach the same result (duplicated work)",
+     lambda g: _pct(g.get("branch_redundancy"))),
+    ("r(size, branches)", "correlation of the problem's size with the branches per block the model opened",
+     lambda g: _fixed(g.get("size_branch_correlation"))),
     ("invalid schema", "share stopped by the engine as invalid_schema", lambda g: _pct(g["invalid_schema_rate"])),
     ("tokens/s", "all branch tokens / run wall time", lambda g: _fixed(g["tokens_per_second"], 1)),
     ("tokens ÷ critical", "token-latency ratio: the ideal parallel speedup", lambda g: _fixed(g["token_latency_ratio"], 2, "×")),
 )
 BASELINE_COLUMNS = (
-    ("speedup", "baseline wall time / this run's wall time", lambda g: _fixed(g.get("speedup"), 2, "×")),
+    ("speedup (one run)", "baseline wall time / this run's wall time, one unalternated timing (see the speedup "
+     "section for the alternated median)", lambda g: _fixed(g.get("speedup"), 2, "×")),
     ("TPS ratio", "this run's tokens/s ÷ the baseline's", lambda g: _fixed(g.get("tps_ratio"), 2, "×")),
 )
 
@@ -178,6 +187,46 @@ def results_table(summary: dict, with_baseline: bool) -> str:
     return (f'<section><h2>Results</h2><div class="tbl"><table><thead><tr><th>benchmark</th>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>'
             + (f'<ul class="notes">{"".join(notes)}</ul>' if notes else "") + "</section>")
+
+
+def _range(part: dict) -> str:
+    if part.get("speedup_median") is None:
+        return "–"
+    return (f"{part['speedup_median']:.2f}× (range {part['speedup_min']:.2f}–{part['speedup_max']:.2f}, "
+            f"{len(part['speedups'])} rounds)")
+
+
+def speed_section(speed: dict | None) -> str:
+    """The alternated timing of the run's mode against its baseline (``runner.time_modes``)."""
+    if not speed:
+        return ""
+    batched, single = speed["batched"], speed.get("batch1")
+    rows = [("batched", f"{batched['problems']} problems, {batched['samples_per_run']} samples per run", _range(batched),
+             _fixed(batched.get("ideal"), 2, "×"))]
+    if single:
+        rows.append(("batch 1 (latency)", f"{single['requests']} single requests, one sample each", _range(single),
+                     _fixed(single.get("ideal"), 2, "×")))
+    body = "".join(f"<tr><th>{_esc(a)}</th><td>{_esc(b)}</td><td>{_esc(c)}</td><td>{_esc(d)}</td></tr>"
+                   for a, b, c, d in rows)
+    return (f'<section><h2>Speedup of {_esc(speed["mode"])} over {_esc(speed["baseline_mode"])}</h2>'
+            '<div class="tbl"><table><thead><tr><th>timing</th><th>what</th><th>speedup: median (range)</th>'
+            f'<th>ideal (tokens ÷ critical path)</th></tr></thead><tbody>{body}</tbody></table></div>'
+            '<p class="notes">The two modes are timed alternately (ABBA over rounds) on the same problems and seeds; '
+            "the results table's speedup column is the single, unalternated timing of the recorded runs.</p></section>")
+
+
+def decomposition_section(summary: dict) -> str:
+    """Branches per block by problem size (tasks with a size), and the plan counts."""
+    overall = summary["overall"]
+    by_size = overall.get("branches_by_size") or {}
+    if not by_size and overall.get("plan_diversity") is None:
+        return ""
+    items = "".join(f"<li>size {_esc(size)}: {value:.2f} branches per block</li>" for size, value in by_size.items())
+    return ('<section><h2>Decomposition</h2><ul class="notes">'
+            f"<li>{_esc(overall.get('distinct_plans'))} distinct plan texts; plan diversity "
+            f"{_pct(overall.get('plan_diversity'))}; samples off the most common plan set "
+            f"{_pct(overall.get('off_mode_plan_rate'))}; branch redundancy {_pct(overall.get('branch_redundancy'))}; "
+            f"spread of branches per block {_fixed(overall.get('branch_count_spread'))}</li>{items}</ul></section>")
 
 
 def charts_section(summary: dict, records: list[dict], with_baseline: bool) -> str:
@@ -247,14 +296,15 @@ tbody th{text-align:left}td.l{text-align:left}tr.ov{font-weight:600;background:#
 
 def build_report(records: list[dict], *, wall_time_s: dict[str, float] | None = None,
                  baseline_records: list[dict] | None = None, baseline_wall_time_s: dict[str, float] | None = None,
-                 curves: dict[str, list[dict]] | None = None, title: str = "npr evaluation report",
-                 failures: list[dict] | None = None) -> str:
+                 curves: dict[str, list[dict]] | None = None, speed: dict | None = None,
+                 title: str = "npr evaluation report", failures: list[dict] | None = None) -> str:
     """The report page's HTML for sample records (the lines of samples.jsonl).
 
     ``wall_time_s``: the runner's wall time per benchmark (and ``"overall"``), see
     ``metrics.summarize``. ``baseline_records`` (+ their wall times): a baseline run of the same
     problems, for speedup and TPS ratio. ``curves``: ``{series: [{"step": 1, "reward": …}, …]}``.
     ``failures``: records of problems that did not run (``npr.eval.preflight.failure_record``).
+    ``speed``: the alternated timing of ``npr.eval.runner.time_modes`` (results.json's ``speed``).
     """
     normalized = [normalize_record(r) for r in records]
     baseline = None
@@ -262,8 +312,9 @@ def build_report(records: list[dict], *, wall_time_s: dict[str, float] | None = 
         baseline = summarize([normalize_record(r) for r in baseline_records], baseline_wall_time_s)
     summary = summarize(normalized, wall_time_s, baseline)
     with_baseline = baseline is not None
-    body = (results_table(summary, with_baseline) + failures_section(failures)
-            + charts_section(summary, normalized, with_baseline) + curves_section(curves) + viewer_section(normalized))
+    body = (results_table(summary, with_baseline) + failures_section(failures) + speed_section(speed)
+            + decomposition_section(summary) + charts_section(summary, normalized, with_baseline)
+            + curves_section(curves) + viewer_section(normalized))
     return page(title, body, REPORT_CSS)
 
 

@@ -26,7 +26,7 @@ import json
 import platform
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -72,6 +72,15 @@ class EvalConfig:
     system_prompt_file: str | None = None  # replaces npr's format instruction (npr.prompts); read when built
     system_prompt_placement: str = "system"  # system message, or "user": after the problem (NPR's released code)
     system_prompt: str | None = None  # the instruction text used (from system_prompt_file; None: npr's own)
+    speed_rounds: int = 3
+    """With a baseline mode: rounds of timing that alternate the two modes (ABBA order) over the same
+    problems and seeds; the speedup is the median over rounds, with its range. 0: only the single
+    (unalternated) timing of the recorded runs."""
+    speed_problems: int | None = 16
+    """Problems (the first N over all benchmarks, k samples each) in each batched timing round; None: all."""
+    latency_requests: int = 4
+    """Single requests (batch 1, one sample each) per round, each timed alone in both modes, for the
+    batch-1 latency speedup; 0 skips it."""
 
     def __post_init__(self):
         if self.system_prompt_file is not None:
@@ -83,6 +92,9 @@ class EvalConfig:
             raise EvalError(f"--system-prompt-placement must be one of {', '.join(PLACEMENTS)}, "
                             f"got {self.system_prompt_placement!r}")
         check_settings(self)
+        if self.speed_rounds < 0 or self.latency_requests < 0 or (self.speed_problems or 1) < 1:
+            raise EvalError("speed_rounds and latency_requests must be >= 0 and speed_problems >= 1 (or None), got "
+                            f"{self.speed_rounds}, {self.latency_requests}, {self.speed_problems}")
 
 
 def model_hash(model) -> str:
@@ -124,7 +136,7 @@ def sample_record(benchmark: str, problem: Problem, prompt: str, result: Result)
     errors = validate(text)
     executed = result.mode == "parallel"
     return {
-        "benchmark": benchmark, "problem_id": problem.id, "sample": result.sample_index,
+        "benchmark": benchmark, "problem_id": problem.id, "sample": result.sample_index, "size": problem.size,
         "problem": problem.problem, "prompt": prompt, "answer": problem.answer, "output": text,
         "pred": final_answer(text), "correct": is_correct(text, problem),
         "mode": result.mode, "finish_reason": result.finish_reason, "diagnostic": result.diagnostic,
@@ -211,6 +223,71 @@ def prompt_options(config: EvalConfig) -> dict:
     return {"instruction": config.system_prompt, "placement": config.system_prompt_placement}
 
 
+# ----------------------------------------------------------------------------- speed
+
+
+def _timed_run(engine: Engine, prompts: list[tuple[int, list[int]]], params: SamplingParams) -> tuple[float, list[Result]]:
+    """Wall seconds to decode ``prompts`` ((global index, ids): the index keys the seeds, as in the
+    recorded run) to the end, and the results."""
+    results: list[Result] = []
+    start = time.perf_counter()
+    engine.submit([ids for _, ids in prompts], params, prompt_indices=[i for i, _ in prompts])
+    while engine.scheduler.has_work():
+        results += engine.step().finished
+    return time.perf_counter() - start, results
+
+
+def time_modes(config: EvalConfig, model, tokenizer, plan: ProblemPlan, logits_processors: tuple = ()) -> dict:
+    """Speed of ``config.mode`` over ``config.baseline_mode``, the two modes timed alternately.
+
+    ``batched``: ``speed_rounds`` rounds, each decoding the first ``speed_problems`` problems (k
+    samples each, continuous batching) once per mode, in ABBA order (round r runs the baseline
+    first when r is odd) so that drift in the machine's speed falls on both modes alike.
+    ``batch1``: in each round, ``latency_requests`` single requests (one sample each, alone in the
+    engine), each decoded in both modes back to back (order alternating per request); the round's
+    latency speedup is the baseline's summed wall time over this mode's. Each part reports the
+    per-round speedups, their median, min and max (``npr.eval.metrics.spread``), and its ideal
+    (total / critical-path tokens of this mode's results in that part).
+    Only problems that can run (``plan``) are timed. Samples use the recorded runs' seeds, so both modes decode the same tokens (up to bf16 noise).
+    """
+    from npr.eval.metrics import speed_part
+
+    encoded = [(i, ids) for prompts in plan.prompts.values() for i, ids in sorted(prompts.items())]
+    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
+                            top_k=config.top_k, n=config.k, seed=config.seed, logits_processors=logits_processors)
+    engines = {m: Engine(model, tokenizer, engine_config(config, m)) for m in (config.mode, config.baseline_mode)}
+    batch = encoded[:config.speed_problems] if config.speed_problems else encoded
+    single = encoded[:config.latency_requests]
+    one = replace(params, n=1)
+    rounds = {"batched": [], "batch1": []}
+    for r in range(config.speed_rounds):
+        order = (config.mode, config.baseline_mode) if r % 2 == 0 else (config.baseline_mode, config.mode)
+        walls, results = {}, {}
+        for m in order:
+            walls[m], results[m] = _timed_run(engines[m], batch, params)
+        rounds["batched"].append(_round(walls, results, config))
+        if single:
+            walls = {m: 0.0 for m in order}
+            results = {m: [] for m in order}
+            for j, request in enumerate(single):
+                for m in (order if j % 2 == 0 else order[::-1]):
+                    wall, out = _timed_run(engines[m], [request], one)
+                    walls[m] += wall
+                    results[m] += out
+            rounds["batch1"].append(_round(walls, results, config))
+    return {"rounds": config.speed_rounds, "batched": speed_part(rounds["batched"]) | {
+                "problems": len(batch), "samples_per_run": len(batch) * config.k},
+            "batch1": speed_part(rounds["batch1"]) | {"requests": len(single)} if single else None,
+            "mode": config.mode, "baseline_mode": config.baseline_mode}
+
+
+def _round(walls: dict[str, float], results: dict[str, list[Result]], config: EvalConfig) -> dict:
+    mine = results[config.mode]
+    return {"wall_s": walls[config.mode], "baseline_wall_s": walls[config.baseline_mode],
+            "tokens": sum(r.stats.generated_tokens for r in mine),
+            "critical_path_tokens": sum(r.stats.critical_path_tokens for r in mine)}
+
+
 def describe(config: EvalConfig, model, tokenizer, problems: dict[str, list[Problem]]) -> dict:
     """config.json: settings, the prompt, the model and data hashes (all compared on --resume), versions."""
     settings = {k: v for k, v in asdict(config).items()}
@@ -288,10 +365,14 @@ def evaluate(config: EvalConfig, out_dir: str | Path, resume: bool = False, over
     if config.baseline_mode:
         baseline_records = EvalRun(config, model, tokenizer, out / "baseline", config.baseline_mode, problems, plan,
                                    progress, logits_processors).run()
-    return write_results(config, out, records, baseline_records)
+    speed = None
+    if config.baseline_mode and config.speed_rounds:
+        speed = time_modes(config, model, tokenizer, plan, logits_processors)
+    return write_results(config, out, records, baseline_records, speed)
 
 
-def write_results(config: EvalConfig, out: Path, records: list[dict], baseline_records: list[dict] | None) -> dict:
+def write_results(config: EvalConfig, out: Path, records: list[dict], baseline_records: list[dict] | None,
+                  speed: dict | None = None) -> dict:
     """results.json (and the baseline's) and report.html, from the run's records."""
     from npr.eval.metrics import summarize
     from npr.eval.report import write_report
@@ -308,8 +389,10 @@ def write_results(config: EvalConfig, out: Path, records: list[dict], baseline_r
     results = summarize(samples, walls, baseline)
     results["mode"], results["baseline_mode"] = config.mode, config.baseline_mode
     results["failures"] = failure_summary(failures)
+    if speed is not None:
+        results["speed"] = speed
     atomic_write_json(out / "results.json", results)
     write_report(out, samples, wall_time_s=walls, baseline_records=baseline_samples,
-                 baseline_wall_time_s=baseline_walls, failures=failures,
+                 baseline_wall_time_s=baseline_walls, failures=failures, speed=speed,
                  title=f"npr eval: {config.model} ({config.mode})")
     return results

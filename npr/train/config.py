@@ -367,6 +367,11 @@ class SampleConfig(InstructionConfig, RolloutConfig):
                         "never write the NPR tags (SmolLM2-135M: 0 of 512 samples), so that Stage 1 has a format to "
                         "reinforce; the reasoning stays self-generated, no teacher")
     wrap_branches: int = option(2, "most correct answers wrapped as parallel steps of one trace (wrap only)")
+    wrap_mode: str = option("repeat", "wrap only: repeat (each problem's own correct answers as parallel steps under "
+                            "fixed plan strings, every step solving the whole problem) or decompose (plans name the "
+                            "problem's parts, read from its text, e.g. 'compute 3 + 4'; step k is the model's own "
+                            "correct answer to part k asked alone; needs a gen:expressions task)",
+                            ("repeat", "decompose"))
     wrap_min_branches: int = option(1, "fewest correct answers a problem needs to be wrapped (wrap only); 2 makes "
                                     "every cold-start trace genuinely parallel")
     cpu_threads: int | None = option(None, CPU_THREADS_HELP)
@@ -376,6 +381,7 @@ class SampleConfig(InstructionConfig, RolloutConfig):
         self._check_rollout()
         _check(1 <= self.wrap_min_branches <= self.wrap_branches <= 5, "wrap_branches/wrap_min_branches",
                "need 1 <= wrap_min_branches <= wrap_branches <= 5")
+        _check(self.wrap or self.wrap_mode == "repeat", "wrap_mode", "decompose is a cold start: pass --wrap true too")
         _check(bool(self.model.strip()), "model", "is required: pass --model RUN/final from `npr train stage1`")
         _check(bool(self.train_data.strip()), "train_data", "is required: pass --train-data (a spec or .jsonl path)")
         _check(self.tries >= 1 and self.prompts_per_batch >= 1, "tries/prompts_per_batch", "must be >= 1")

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 from typing import Any
 
-_CHAIN_SUM = "rg:chain_sum?size=256&seed=1&terms=2&digits=1"
-_CHAIN_SUM_EVAL = "rg:chain_sum?size=64&seed=2&terms=2&digits=1"
+# tiny: 2-4 independent one-digit expressions per problem (npr.data.generated); held-out problems use another seed
+_EXPRESSIONS = "gen:expressions?size=256&seed=1&parts=2-4"
+_EXPRESSIONS_EVAL = "gen:expressions?size=64&seed=2&parts=2-4"
 _SMOKE_DATA = "rg:chain_sum?size=16&seed=1&terms=2&digits=1"
 
 _SMOKE_COMMON: dict[str, Any] = dict(model="tiny-random-llama", learning_rate=1e-3, warmup_steps=0, max_steps=3,
@@ -38,7 +39,7 @@ _TINY_THREADS = None
 # 128 sequences at once: 323 vs 270 tok/s at 64 (held-out eval, 128 samples, docs/results.md)
 _TINY_ENGINE: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, rollout_dtype="bfloat16", kv_cache_tokens=65536,
                                     max_num_seqs=128)
-_TINY_RL: dict[str, Any] = dict(_TINY_ENGINE, train_data=_CHAIN_SUM, mixed_precision="bf16", eval_data=_CHAIN_SUM_EVAL,
+_TINY_RL: dict[str, Any] = dict(_TINY_ENGINE, train_data=_EXPRESSIONS, mixed_precision="bf16", eval_data=_EXPRESSIONS_EVAL,
                                 eval_limit=8, eval_samples=2, warmup_steps=0, lr_schedule="constant",
                                 pack_group_tokens=2048, micro_batch_size=2, prompts_per_step=8)
 _QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20)
@@ -66,8 +67,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # valid trace in 97% of parallel samples but 0-27% of plain ones; with plain rollouts one cold start in
         # two runs gave Stage 1 no valid rollout at all and the pipeline collapsed (docs/results.md).
         # top-p 0.7 (the evaluation protocol's; the paper trains at 1.0)
-        "tiny": dict(_TINY_RL, model="embedded", samples_per_prompt=6, max_new_tokens=192, overlong_buffer=48,
-                     learning_rate=2e-5, max_steps=3, top_p=0.7, rollout_mode="parallel"),
+        "tiny": dict(_TINY_RL, model="embedded", samples_per_prompt=6, max_new_tokens=320, overlong_buffer=64,
+                     learning_rate=2e-5, max_steps=2, top_p=0.7, rollout_mode="parallel"),
         "qwen3-4b": dict(
             _QWEN_RL,
             model="Qwen/Qwen3-4B-Instruct-2507",  # README.md, Stage 1
@@ -88,7 +89,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # parallel mode: the tiny model's format comes from a tree-mask cold start, and plain decoding of step 2
         # after step 1 is what it was never taught (plain: 2 of 256 samples kept; parallel: 80, 77 of them
         # two-plan; docs/results.md)
-        "tiny": dict(_TINY_ENGINE, train_data=_CHAIN_SUM, train_limit=64, tries=4, max_new_tokens=192,
+        "tiny": dict(_TINY_ENGINE, train_data=_EXPRESSIONS, train_limit=64, tries=4, max_new_tokens=320,
                      prompts_per_batch=32, rollout_mode="parallel", top_p=0.7),
         # prompts_per_batch: open problems at once, a throughput knob (S:19 batches 1024 on SGLang)
         "qwen3-4b": dict(rollout_dtype="bfloat16", kv_cache_gib=40.0, max_num_seqs=256, prompts_per_batch=64,
@@ -123,8 +124,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure"),
         # temperature 0.6: at 1.0 the 135M model broke the schema in ~90% of parallel rollouts (measured
         # after an earlier Stage 2 on programmatic traces; the engine ends them as invalid_schema)
-        "tiny": dict(_TINY_RL, samples_per_prompt=4, max_new_tokens=256, temperature=0.6, learning_rate=1e-5,
-                     max_steps=4),
+        "tiny": dict(_TINY_RL, samples_per_prompt=4, max_new_tokens=320, temperature=0.6, learning_rate=1e-5,
+                     max_steps=3),
         "qwen3-4b": dict(
             _QWEN_RL,
             prompts_per_step=16, samples_per_prompt=16,  # R:36,38
