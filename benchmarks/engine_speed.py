@@ -9,6 +9,8 @@
    8, greedy and sampled (temperature 1.0, top-p 0.7, with per-token log-probs). Decode-only time
    is the time for N tokens minus the time for the first one, read inside one run (the first token's
    timestamp is taken right after the prefill), so the prefill cancels without a second run.
+5. The engine's two attention kernels (``flex``, ``sdpa``) on the same decode work (``--sections kernels``):
+   the measurement behind ``EngineConfig.attention="auto"``.
 
     python benchmarks/engine_speed.py --model embedded --dtype bfloat16
     python benchmarks/engine_speed.py --model embedded --dtype bfloat16 --sections decode --contexts 512,2048
@@ -51,10 +53,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fns, device: str, repeats: int) -> list[float]:
-    """Median wall time of each of ``fns`` over ``repeats`` rounds after one warm-up; the
+def timed(fns, device: str, repeats: int, warmup: bool = True) -> list[float]:
+    """Median wall time of each of ``fns`` over ``repeats`` rounds (after one warm-up); the
     functions alternate within a round, so a slow moment of the machine hits them alike."""
-    for fn in fns:
+    for fn in fns if warmup else ():
         fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
@@ -127,7 +129,8 @@ def bench_parallel(model, tok, device, ks, branch_len, prompt_len, repeats):
                                                             repetition_penalty=1.0))
             results[mode] = engines[mode].generate(prompt, params)[0]
         seq_wall, par_wall = timed([lambda: engines["sequential"].generate(prompt, params),
-                                    lambda: engines["parallel"].generate(prompt, params)], device, repeats)
+                                    lambda: engines["parallel"].generate(prompt, params)], device, repeats,
+                                   warmup=False)  # the runs above were the warm-up
         walls = {"sequential": seq_wall, "parallel": par_wall}
         par, seq = results["parallel"], results["sequential"]
         # the forcer fixes the structure and lengths, so both modes do the same work; in bf16 the
@@ -190,8 +193,8 @@ class FirstTokenClock:
         sync(self.device)
 
 
-def decode_only(model, tok, device, prompts, new_tokens, sampled: bool, engine) -> tuple[float, float]:
-    """(HF, engine) decode-only seconds for ``new_tokens`` tokens per prompt: total minus first token."""
+def hf_decode_only(model, tok, device, prompts, new_tokens, sampled: bool) -> float:
+    """HF ``generate`` decode-only seconds for ``new_tokens`` tokens per prompt: total minus first token."""
     from transformers import LogitsProcessorList
 
     eos = tok.eos_token_id
@@ -204,8 +207,12 @@ def decode_only(model, tok, device, prompts, new_tokens, sampled: bool, engine) 
                              suppress_tokens=[eos], pad_token_id=tok.pad_token_id,
                              logits_processor=LogitsProcessorList([clock]), **extra)
     clock.finish(out)
-    hf = time.perf_counter() - clock.first
     assert out.shape[1] == ids.shape[1] + new_tokens
+    return time.perf_counter() - clock.first
+
+
+def engine_decode_only(engine, tok, device, prompts, new_tokens, sampled: bool) -> float:
+    """The engine's decode-only seconds, the same way: every step after the first (prefill) one."""
     params = engine_decode_params(tok, new_tokens, sampled)
     engine.submit(prompts, params)
     sync(device)
@@ -216,9 +223,14 @@ def decode_only(model, tok, device, prompts, new_tokens, sampled: bool, engine) 
     while engine.scheduler.has_work():
         results += engine.step().finished
     sync(device)
-    ours = time.perf_counter() - first
     assert len(results) == len(prompts) and all(len(r.token_ids) == new_tokens for r in results)
-    return hf, ours
+    return time.perf_counter() - first
+
+
+def decode_only(model, tok, device, prompts, new_tokens, sampled: bool, engine) -> tuple[float, float]:
+    """(HF, engine) decode-only seconds for ``new_tokens`` tokens per prompt."""
+    return (hf_decode_only(model, tok, device, prompts, new_tokens, sampled),
+            engine_decode_only(engine, tok, device, prompts, new_tokens, sampled))
 
 
 def engine_decode_params(tok, new_tokens: int, sampled: bool) -> SamplingParams:
@@ -257,6 +269,27 @@ def bench_decode(model, tok, device, contexts, batches, new_tokens, repeats):
     return rows
 
 
+def bench_kernels(model, tok, device, contexts, batches, new_tokens, repeats):
+    """Section 5: the engine's decode-only tokens/s with each attention kernel (alternating), greedy."""
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            prompts = prompts_for(tok, batch, context)
+            engines = [Engine(model, tok, EngineConfig(mode="plain", attention=kernel, max_num_seqs=max(batch, 1),
+                                                       kv_cache_tokens=batch * (context + new_tokens + 64)))
+                       for kernel in ("sdpa", "flex")]
+            engine_decode_only(engines[1], tok, device, prompts_for(tok, batch, 32), 4, False)  # compile outside the clock
+            times = [[], []]
+            for _ in range(repeats):
+                for engine, bucket in zip(engines, times):
+                    bucket.append(engine_decode_only(engine, tok, device, prompts, new_tokens, False))
+            tokens = batch * (new_tokens - 1)
+            sdpa, flex = (statistics.median(t) for t in times)
+            rows.append((context, batch, tokens / sdpa, tokens / flex, sdpa / flex))
+            print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
 def table(title: str, header: list[str], rows) -> str:
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -277,7 +310,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     ap.add_argument("--sections", default="hf,parallel,kv,decode",
-                    help="comma list of sections to run: hf (1), parallel (2), kv (3), decode (4)")
+                    help="comma list of sections to run: hf (1), parallel (2), kv (3), decode (4), kernels (5)")
     ap.add_argument("--contexts", default="512,2048,6144", help="section 4: prompt lengths")
     ap.add_argument("--decode-batches", default="1,8", help="section 4: batch sizes")
     ap.add_argument("--decode-tokens", type=int, default=64, help="section 4: new tokens per prompt")
@@ -310,6 +343,12 @@ def main() -> None:
         print(table(f"4. decode-only tokens/s vs HF generate ({args.decode_tokens} new tokens: time for all minus "
                     "time for the first; EOS suppressed in both; median of repeats)",
                     ["context", "batch", "sampling", "HF tok/s", "npr tok/s", "npr / HF"], rows))
+    if "kernels" in sections:
+        contexts = [int(c) for c in args.contexts.split(",")]
+        decode_batches = [int(b) for b in args.decode_batches.split(",")]
+        rows = bench_kernels(model, tok, args.device, contexts, decode_batches, args.decode_tokens, args.repeats)
+        print(table(f"5. attention kernels: engine decode-only tokens/s, greedy ({args.decode_tokens} new tokens)",
+                    ["context", "batch", "sdpa tok/s", "flex tok/s", "flex speedup"], rows))
 
 
 if __name__ == "__main__":

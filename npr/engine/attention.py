@@ -222,25 +222,25 @@ class AttentionCall:
         partial_num, partial_index = compact(partial)
         full_num, full_index = compact(full)
         return BlockMask.from_kv_blocks(partial_num, partial_index, full_num, full_index, BLOCK_SIZE=(qb, page_size),
-                                        mask_mod=mask_mod, seq_lengths=(self.qmax, pool.keys.shape[1]),
+                                        mask_mod=mask_mod, seq_lengths=(self.qmax, pool.keys.shape[2]),
                                         compute_q_blocks=False)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
-        """Queries q [N, H, D] (packed) against one layer's pool [slots, Hkv, D] -> [G, H, Qmax, D]."""
+        """Queries q [N, H, D] (packed) against one layer's pool [Hkv, slots, D] -> [G, H, Qmax, D]."""
         g, qmax = self.g, self.qmax
         if self.q_range is not None:
             start, end = self.q_range
             qg = q[start:end].view(g, qmax, *q.shape[1:]).transpose(1, 2)  # [G, H, Qmax, D]
         else:
             qg = q.index_select(0, self.q_index).view(g, qmax, *q.shape[1:]).transpose(1, 2)
-        gqa = keys.shape[1] != q.shape[1]
-        if self.kernel == "flex":
-            k = keys.permute(1, 0, 2).unsqueeze(0)  # [1, Hkv, slots, D]: the pool itself, no copy
-            v = values.permute(1, 0, 2).unsqueeze(0)
-            return compiled_flex()(qg.contiguous(), k, v, block_mask=self.block_mask, scale=scaling, enable_gqa=gqa)
+        gqa = keys.shape[0] != q.shape[1]
+        if self.kernel == "flex":  # the pool itself, [1, Hkv, slots, D]: no copy
+            return compiled_flex()(qg.contiguous(), keys[None], values[None], block_mask=self.block_mask,
+                                   scale=scaling, enable_gqa=gqa)
         flat = self.slots.reshape(-1)
-        k = keys.index_select(0, flat).view(g, -1, *keys.shape[1:]).transpose(1, 2)  # [G, Hkv, K, D]
-        v = values.index_select(0, flat).view(g, -1, *values.shape[1:]).transpose(1, 2)
+        heads, dim = keys.shape[0], keys.shape[2]
+        k = keys.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)  # [G, Hkv, K, D], (g, h) blocks contiguous
+        v = values.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=self.bias, scale=scaling, enable_gqa=gqa)
 
 
@@ -257,9 +257,9 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     if npr_batch is None:
         raise RuntimeError("npr_paged attention called without npr_batch; use the Engine (or sdpa) instead")
     pool, layer = npr_batch.pool, module.layer_idx
-    keys, values = pool.keys[layer], pool.values[layer]  # [slots, Hkv, D]
-    keys.index_copy_(0, npr_batch.write_slots, key[0].transpose(0, 1).to(keys.dtype))
-    values.index_copy_(0, npr_batch.write_slots, value[0].transpose(0, 1).to(values.dtype))
+    keys, values = pool.keys[layer], pool.values[layer]  # [Hkv, slots, D]
+    keys.index_copy_(1, npr_batch.write_slots, key[0].to(keys.dtype))
+    values.index_copy_(1, npr_batch.write_slots, value[0].to(values.dtype))
     q = query[0].transpose(0, 1)  # [N, H, D]
     calls = npr_batch.calls
     if len(calls) == 1 and calls[0].q_range == (0, q.shape[0]):  # the common decode step: no scatter

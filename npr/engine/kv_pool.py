@@ -14,7 +14,7 @@ Sharing is by page table, never by copy: the prompt of n samples is stored once 
 page table of each of its samples, the prefix of k branches is listed once in their request's row,
 and a join copies nothing (the takeaway's threshold lies past every branch).
 
-The pool tensors are ``[num_layers, num_slots, kv_heads, head_dim]``; slot = page * page_size + offset.
+The pool tensors are ``[num_layers, kv_heads, num_slots, head_dim]``; slot = page * page_size + offset.
 ``PageTable`` keeps, on the model's device, per page its segment id, first offset and number of valid
 slots, and per *row* (one resident request) its list of pages. Updates are queued on the host as
 they happen (a handful of integers per new page) and copied in one non-blocking transfer per step,
@@ -120,9 +120,9 @@ class KVPool:
                  dtype: torch.dtype, device: torch.device | str, max_rows: int):
         self.block_size = block_size
         self.num_blocks = num_blocks
-        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, slots, Hkv, D]
-        self.values = torch.zeros(shape, dtype=dtype, device=device)  # [layers, slots, Hkv, D]
+        shape = (num_layers, kv_heads, num_blocks * block_size, head_dim)  # head-major: one head's keys are rows
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # [layers, Hkv, slots, D]
+        self.values = torch.zeros(shape, dtype=dtype, device=device)  # [layers, Hkv, slots, D]
         self.pages = PageTable(num_blocks, block_size, max_rows, device)
         self.flex_queries = None  # the attention module's per-query buffers for flex (created on first use)
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low page ids first
@@ -137,7 +137,8 @@ class KVPool:
         return self.num_blocks - len(self._free)
 
     def bytes_per_block(self) -> int:
-        per_slot = self.keys[0, 0].numel() * self.keys.element_size() * 2 * self.keys.shape[0]
+        layers, heads, _, head_dim = self.keys.shape
+        per_slot = layers * heads * head_dim * self.keys.element_size() * 2
         return per_slot * self.block_size
 
     def allocate(self, seg_id: int, start: int) -> int:
