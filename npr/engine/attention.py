@@ -152,13 +152,13 @@ class AttentionCall:
             valid = torch.arange(qmax)[None, :] < torch.tensor(counts)[:, None]  # [G, Qmax]
             meta = q_meta[:, index].masked_fill(~valid, -1)  # [3, G, Qmax]; pads: no segment ...
             meta[2].masked_fill_(~valid, 0)  # ... and an empty ancestry: they see nothing
-            self.q_index = index.reshape(-1).to(device, non_blocking=True)
-            self.q_valid = valid.reshape(-1).to(device, non_blocking=True)
-        meta = meta.to(device, non_blocking=True)  # [3, G, Qmax]
+            self.q_index = _to_device(index.reshape(-1), device)
+            self.q_valid = _to_device(valid.reshape(-1), device)
+        meta = _to_device(meta.contiguous(), device)  # [3, G, Qmax]
         width = max(table.row_len[r] for r in rows)
-        self.pages = table.rows[torch.tensor(rows).to(device, non_blocking=True), :width]  # [G, W]
+        self.pages = table.rows[_to_device(torch.tensor(rows), device), :width]  # [G, W]
         npages = torch.tensor([table.row_len[r] if c else 0 for r, c in zip(rows, counts)], dtype=torch.int32)
-        live = torch.arange(width, device=device)[None, :] < npages.to(device, non_blocking=True)[:, None]  # [G, W]
+        live = torch.arange(width, device=device)[None, :] < _to_device(npages, device)[:, None]  # [G, W]
         if kernel == "flex":
             flex_queries.store(flex_base, meta.reshape(3, -1), 2 * Q_BLOCK_LARGE)
             self.block_mask = self._block_mask(pool, live, meta, flex_queries, flex_base)
@@ -185,6 +185,8 @@ class AttentionCall:
 
         table, page_size, device = pool.pages, pool.block_size, self.pages.device
         qb = q_block_size(device, self.qmax)
+        # the Triton kernel's tiles must divide the block mask's blocks (its defaults are larger than a page)
+        self.kernel_options = {"BLOCK_M": min(qb, 64), "BLOCK_N": min(page_size, 64)} if device.type == "cuda" else None
         nqb = max(2, -(-self.qmax // qb))  # an empty trailing query block costs nothing and avoids a recompile
         pad = nqb * qb - self.qmax
 
@@ -211,7 +213,7 @@ class AttentionCall:
             index = F.pad(index, (0, width - index.shape[-1]))
             return keep.sum(-1, dtype=torch.int32)[:, None], index[:, None]
 
-        where = torch.tensor([base, self.qmax], dtype=torch.int32).to(device, non_blocking=True)
+        where = _to_device(torch.tensor([base, self.qmax], dtype=torch.int32), device)
         q_seg, q_off, q_fork = flex_queries.seg, flex_queries.off, flex_queries.fork
         page_seg, page_start, page_valid = table.page_seg, table.page_start, table.page_valid
 
@@ -236,7 +238,7 @@ class AttentionCall:
         gqa = keys.shape[0] != q.shape[1]
         if self.kernel == "flex":  # the pool itself, [1, Hkv, slots, D]: no copy
             return compiled_flex()(qg.contiguous(), keys[None], values[None], block_mask=self.block_mask,
-                                   scale=scaling, enable_gqa=gqa)
+                                   scale=scaling, enable_gqa=gqa, kernel_options=self.kernel_options)
         flat = self.slots.reshape(-1)
         heads, dim = keys.shape[0], keys.shape[2]
         k = keys.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)  # [G, Hkv, K, D], (g, h) blocks contiguous
@@ -314,11 +316,15 @@ def _buckets(groups: list, small_queries: int, max_waste: float = 1.25) -> list[
     return buckets
 
 
-def _upload(values, dtype, device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: through pinned memory and a non-blocking copy on CUDA."""
     if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def _upload(values, dtype, device) -> torch.Tensor:
+    return _to_device(torch.tensor(values, dtype=dtype), device)
 
 
 def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_kernel, small_queries: int):
