@@ -203,7 +203,8 @@ def hf_decode_only(model, tok, device, prompts, new_tokens, sampled: bool) -> fl
     extra = dict(do_sample=True, temperature=1.0, top_p=0.7, top_k=0) if sampled else dict(do_sample=False)
     sync(device)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens,
                              suppress_tokens=[eos], pad_token_id=tok.pad_token_id,
                              logits_processor=LogitsProcessorList([clock]), **extra)
     clock.finish(out)
@@ -278,7 +279,8 @@ def bench_kernels(model, tok, device, contexts, batches, new_tokens, repeats):
             engines = [Engine(model, tok, EngineConfig(mode="plain", attention=kernel, max_num_seqs=max(batch, 1),
                                                        kv_cache_tokens=batch * (context + new_tokens + 64)))
                        for kernel in ("sdpa", "flex")]
-            engine_decode_only(engines[1], tok, device, prompts_for(tok, batch, 32), 4, False)  # compile outside the clock
+            # compile outside the clock
+            engine_decode_only(engines[1], tok, device, prompts_for(tok, batch, 32), 4, False)
             times = [[], []]
             for _ in range(repeats):
                 for engine, bucket in zip(engines, times):
@@ -330,7 +332,8 @@ def main() -> None:
                     ["batch", "HF tok/s", "npr tok/s", "npr / HF", "same tokens"], rows))
     if "parallel" in sections:
         rows = bench_parallel(model, tok, args.device, ks, args.branch_len, args.prompt_len, args.repeats)
-        print(table(f"2. parallel vs sequential mode, same forced trajectory (branches of {args.branch_len} text tokens)",
+        print(table(f"2. parallel vs sequential mode, same forced trajectory "
+                    f"(branches of {args.branch_len} text tokens)",
                     ["k", "tokens", "critical path", "ideal", "speedup", "speedup / ideal", "same tokens"], rows))
     if "kv" in sections:
         rows = bench_kv(model, tok, args.device, ks, args.branch_len, args.prompt_len)

@@ -114,7 +114,8 @@ def check_parity(args, shape: str) -> dict:
                 worst = max([worst] + [abs(a - b) for a, b, s in zip(flat, r.logprobs, r.sampled) if s])
             same = None
             if dtype == torch.float32:  # bf16 batches round differently; fp32 must reproduce exactly
-                solo = Engine(model, tok, EngineConfig(attention=kernel, kv_cache_tokens=16384)).generate(prompts[:1], params)
+                solo = Engine(model, tok, EngineConfig(attention=kernel, kv_cache_tokens=16384)).generate(
+                    prompts[:1], params)
                 tight = Engine(model, tok, EngineConfig(attention=kernel, kv_cache_tokens=16 * 80, max_num_seqs=4)
                                ).generate(prompts, params)  # preempts and recomputes
                 same = ([r.token_ids for r in solo] == [r.token_ids for r in results[:2]]
@@ -150,8 +151,10 @@ def check_decode(args, shape: str, batches, contexts, new_tokens: int) -> list[d
                   f"npr {row['npr_tok_s']:9.1f} tok/s, npr/HF {row['ratio']:.2f}{goal}", flush=True)
             fraction = row["bandwidth_fraction"]
             if fraction is not None:
-                goal = "  goal >= 0.50 at batch 64, ctx 8k: " + verdict(fraction, 0.5) if (batch, context) == (64, 8192) else ""
-                print(f"    bandwidth: {row['step_ms']:.2f} ms/step, {fraction:.2f} of peak HBM bandwidth{goal}", flush=True)
+                goal = ("  goal >= 0.50 at batch 64, ctx 8k: " + verdict(fraction, 0.5)
+                        if (batch, context) == (64, 8192) else "")
+                print(f"    bandwidth: {row['step_ms']:.2f} ms/step, {fraction:.2f} of peak HBM bandwidth{goal}",
+                      flush=True)
     return rows
 
 
@@ -231,7 +234,8 @@ def main() -> int:
         report[f"{name}_seconds"], report[f"{name}_peak_gib"] = time.perf_counter() - t0, peak
         print(f"  ({time.perf_counter() - t0:.0f} s" + ("" if peak is None else f", peak memory {peak:.1f} GiB") + ")",
               flush=True)
-    print(f"# done in {time.perf_counter() - start:.0f} s" + (f"; failed sections: {', '.join(failed)}" if failed else ""))
+    failures = f"; failed sections: {', '.join(failed)}" if failed else ""
+    print(f"# done in {time.perf_counter() - start:.0f} s{failures}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
     return 1 if failed else 0

@@ -108,7 +108,8 @@ def test_the_rule_is_the_training_mask():
     segs = torch.tensor([seg for seg, n in lengths.items() for _ in range(n)])
     offs = torch.tensor([i for n in lengths.values() for i in range(n)])
     forks = torch.tensor([fork[seg] for seg, n in lengths.items() for _ in range(n)])
-    allowed = tree_rule(*tables, page_size, segs[:, None], offs[:, None], forks[:, None], torch.tensor(slot_of)[None, :])
+    allowed = tree_rule(*tables, page_size, segs[:, None], offs[:, None], forks[:, None],
+                        torch.tensor(slot_of)[None, :])
     tags = {t: 100 + i for i, t in enumerate(["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>",
                                               "<takeaway>", "</takeaway>"])}
     ids = [7, 7, 7, tags["<guideline>"], tags["<plan>"], tags["</plan>"], tags["<plan>"], tags["</plan>"],

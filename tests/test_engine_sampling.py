@@ -75,7 +75,8 @@ def test_a_row_draws_the_same_whatever_shares_its_batch():
     rng = random.Random(3)
     vocab, rows = 300, 24
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(1)) * 2
-    params = RowParams([rng.choice([0.0, 0.8, 1.0]) for _ in range(rows)], [rng.choice([1.0, 0.7, 0.95]) for _ in range(rows)],
+    params = RowParams([rng.choice([0.0, 0.8, 1.0]) for _ in range(rows)],
+                       [rng.choice([1.0, 0.7, 0.95]) for _ in range(rows)],
                        [rng.choice([0, 5, 50]) for _ in range(rows)], [rng.random() for _ in range(rows)])
     together = draw(logits, params)
     for i in range(rows):
@@ -86,8 +87,9 @@ def test_a_row_draws_the_same_whatever_shares_its_batch():
 
 
 def test_row_uniform_is_a_deterministic_counter_hash():
-    values = [row_uniform(11, s, b, k, o) for s in range(3) for b in range(2) for k in range(3) for o in range(20)]
-    assert values == [row_uniform(11, s, b, k, o) for s in range(3) for b in range(2) for k in range(3) for o in range(20)]
+    keys = [(11, s, b, k, o) for s in range(3) for b in range(2) for k in range(3) for o in range(20)]
+    values = [row_uniform(*key) for key in keys]
+    assert values == [row_uniform(*key) for key in keys]
     assert len(set(values)) == len(values) and all(0.0 <= v < 1.0 for v in values)
     assert abs(sum(values) / len(values) - 0.5) < 0.05
     assert row_uniform(-5, 0, 0, 0, 0) != row_uniform(5, 0, 0, 0, 0)

@@ -18,7 +18,8 @@ class PerPrompt:
     fall in the steps where others decode."""
 
     def __init__(self, tok, shapes=SHAPES):
-        self.forcers = [StructureForcer(tok, [list(b) for b in shape], prefix_tokens=i) for i, shape in enumerate(shapes)]
+        self.forcers = [StructureForcer(tok, [list(b) for b in shape], prefix_tokens=i)
+                        for i, shape in enumerate(shapes)]
 
     def __call__(self, stream, logits):
         return self.forcers[stream.prompt_index % len(self.forcers)](stream, logits)
@@ -118,12 +119,14 @@ def test_deltas_reassemble_the_results(tiny_llama):
         results += event.finished
         for d in event.deltas:
             pieces.setdefault((d.prompt_index, d.sample_index), {}).setdefault(d.segment, []).extend(d.token_ids)
-            assert where.setdefault((d.prompt_index, d.sample_index, d.segment), (d.block, d.branch)) == (d.block, d.branch)
+            key = (d.prompt_index, d.sample_index, d.segment)
+            assert where.setdefault(key, (d.block, d.branch)) == (d.block, d.branch)
     assert len(results) == 8
     for r in results:
         segments = pieces[(r.prompt_index, r.sample_index)]
         assert sum((segments[i] for i in sorted(segments)), []) == r.token_ids
-        branches = [(b, k) for (p, s, _), (b, k) in sorted(where.items()) if (p, s) == (r.prompt_index, r.sample_index) and k]
+        mine = [(b, k) for (p, s, _), (b, k) in sorted(where.items()) if (p, s) == (r.prompt_index, r.sample_index)]
+        branches = [(b, k) for b, k in mine if k]
         assert branches == [(b + 1, k + 1) for b, block in enumerate(r.blocks) for k in range(len(block))]
     assert sum(r.stats.preemptions for r in results) > 0
 

@@ -241,7 +241,8 @@ class AttentionCall:
                                    scale=scaling, enable_gqa=gqa, kernel_options=self.kernel_options)
         flat = self.slots.reshape(-1)
         heads, dim = keys.shape[0], keys.shape[2]
-        k = keys.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)  # [G, Hkv, K, D], (g, h) blocks contiguous
+        # [G, Hkv, K, D] whose (g, h) blocks are contiguous
+        k = keys.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
         v = values.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
         return F.scaled_dot_product_attention(qg, k, v, attn_mask=self.bias, scale=scaling, enable_gqa=gqa)
 

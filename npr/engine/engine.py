@@ -153,7 +153,8 @@ class Engine:
             raise EngineInputError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
         encoded = []
         for index, p in zip(indices, prompts):
-            ids = list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str) else [int(t) for t in p]
+            ids = (list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str)
+                   else [int(t) for t in p])
             if not ids:
                 raise EngineInputError(f"prompt {index} is empty")
             if self.context_length and len(ids) + params.max_new_tokens > self.context_length:
