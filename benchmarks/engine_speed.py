@@ -5,8 +5,15 @@
 2. Parallel speedup: wall time of ``sequential`` mode over ``parallel`` mode on the same forced
    trajectories (k branches of equal length), next to the ideal (total / critical-path tokens).
 3. KV bytes held for one request with k branches vs k separate requests of the same trace.
+4. Decode-only tokens/s vs HF ``generate`` at long contexts (512/2048/6144 by default), batch 1 and
+   8, greedy and sampled (temperature 1.0, top-p 0.7, with per-token log-probs). Decode-only time
+   is the time for N tokens minus the time for the first one, read inside one run (the first token's
+   timestamp is taken right after the prefill), so the prefill cancels without a second run.
+5. The engine's two attention kernels (``flex``, ``sdpa``) on the same decode work (``--sections kernels``):
+   the measurement behind ``EngineConfig.attention="auto"``.
 
     python benchmarks/engine_speed.py --model embedded --dtype bfloat16
+    python benchmarks/engine_speed.py --model embedded --dtype bfloat16 --sections decode --contexts 512,2048
     python benchmarks/engine_speed.py --model random:qwen3-0.6b --dtype bfloat16 --device cuda --batches 1,16,64
 """
 
@@ -46,10 +53,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fns, device: str, repeats: int) -> list[float]:
-    """Median wall time of each of ``fns`` over ``repeats`` rounds after one warm-up; the
+def timed(fns, device: str, repeats: int, warmup: bool = True) -> list[float]:
+    """Median wall time of each of ``fns`` over ``repeats`` rounds (after one warm-up); the
     functions alternate within a round, so a slow moment of the machine hits them alike."""
-    for fn in fns:
+    for fn in fns if warmup else ():
         fn()
     times = [[] for _ in fns]
     for _ in range(repeats):
@@ -122,7 +129,8 @@ def bench_parallel(model, tok, device, ks, branch_len, prompt_len, repeats):
                                                             repetition_penalty=1.0))
             results[mode] = engines[mode].generate(prompt, params)[0]
         seq_wall, par_wall = timed([lambda: engines["sequential"].generate(prompt, params),
-                                    lambda: engines["parallel"].generate(prompt, params)], device, repeats)
+                                    lambda: engines["parallel"].generate(prompt, params)], device, repeats,
+                                   warmup=False)  # the runs above were the warm-up
         walls = {"sequential": seq_wall, "parallel": par_wall}
         par, seq = results["parallel"], results["sequential"]
         # the forcer fixes the structure and lengths, so both modes do the same work; in bf16 the
@@ -159,6 +167,131 @@ def bench_kv(model, tok, device, ks, branch_len, prompt_len):
     return rows
 
 
+class FirstTokenClock:
+    """HF logits processor: stamps the first call (the prefill is done) and, when asked, gathers the
+    log-prob of every sampled token from the unwarped scores (as the engine's ``logprobs`` do)."""
+
+    def __init__(self, device: str, logprobs: bool):
+        self.device, self.logprobs = device, logprobs
+        self.first: float | None = None
+        self.previous: torch.Tensor | None = None  # [B, V] log-softmax of the last step
+        self.gathered: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        if self.first is None:
+            sync(self.device)
+            self.first = time.perf_counter()
+        if self.logprobs:
+            if self.previous is not None:
+                self.gathered.append(self.previous.gather(1, input_ids[:, -1:]))
+            self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, sequences: torch.Tensor) -> None:
+        if self.logprobs and self.previous is not None:
+            self.gathered.append(self.previous.gather(1, sequences[:, -1:]))
+        sync(self.device)
+
+
+def hf_decode_only(model, tok, device, prompts, new_tokens, sampled: bool) -> float:
+    """HF ``generate`` decode-only seconds for ``new_tokens`` tokens per prompt: total minus first token."""
+    from transformers import LogitsProcessorList
+
+    eos = tok.eos_token_id
+    ids = torch.tensor(prompts, device=device)
+    clock = FirstTokenClock(device, logprobs=sampled)
+    extra = dict(do_sample=True, temperature=1.0, top_p=0.7, top_k=0) if sampled else dict(do_sample=False)
+    sync(device)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens,
+                             suppress_tokens=[eos], pad_token_id=tok.pad_token_id,
+                             logits_processor=LogitsProcessorList([clock]), **extra)
+    clock.finish(out)
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    return time.perf_counter() - clock.first
+
+
+def engine_decode_only(engine, tok, device, prompts, new_tokens, sampled: bool) -> float:
+    """The engine's decode-only seconds, the same way: every step after the first (prefill) one."""
+    params = engine_decode_params(tok, new_tokens, sampled)
+    engine.submit(prompts, params)
+    sync(device)
+    engine.step()  # the prefill and the first token of every prompt
+    sync(device)
+    first = time.perf_counter()
+    results = []
+    while engine.scheduler.has_work():
+        results += engine.step().finished
+    sync(device)
+    assert len(results) == len(prompts) and all(len(r.token_ids) == new_tokens for r in results)
+    return time.perf_counter() - first
+
+
+def decode_only(model, tok, device, prompts, new_tokens, sampled: bool, engine) -> tuple[float, float]:
+    """(HF, engine) decode-only seconds for ``new_tokens`` tokens per prompt."""
+    return (hf_decode_only(model, tok, device, prompts, new_tokens, sampled),
+            engine_decode_only(engine, tok, device, prompts, new_tokens, sampled))
+
+
+def engine_decode_params(tok, new_tokens: int, sampled: bool) -> SamplingParams:
+    eos = tok.eos_token_id
+
+    def no_eos(stream, logits):
+        logits[eos] = float("-inf")
+        return logits
+
+    extra = dict(temperature=1.0, top_p=0.7, logprobs=True, seed=0) if sampled else dict(temperature=0, logprobs=False)
+    return SamplingParams(max_new_tokens=new_tokens, logits_processors=(no_eos,), **extra)
+
+
+def bench_decode(model, tok, device, contexts, batches, new_tokens, repeats):
+    """Section 4: decode-only tokens/s of HF ``generate`` and the engine, alternating, median of repeats."""
+    rows = []
+    warm = Engine(model, tok, EngineConfig(mode="plain", kv_cache_tokens=1024))
+    for sampled in (False, True):  # first calls pay one-time costs (allocator, kernels) on both sides
+        decode_only(model, tok, device, prompts_for(tok, 2, 64), 4, sampled, warm)
+    for context in contexts:
+        for batch in batches:
+            prompts = prompts_for(tok, batch, context)
+            engine = Engine(model, tok, EngineConfig(mode="plain", max_num_seqs=max(batch, 1),
+                                                     kv_cache_tokens=batch * (context + new_tokens + 64)))
+            for sampled in (False, True):
+                hf, ours = [], []
+                for _ in range(repeats):
+                    a, b = decode_only(model, tok, device, prompts, new_tokens, sampled, engine)
+                    hf.append(a)
+                    ours.append(b)
+                tokens = batch * (new_tokens - 1)
+                t_hf, t_ours = statistics.median(hf), statistics.median(ours)
+                rows.append((context, batch, "T1.0 top-p0.7 +logprobs" if sampled else "greedy",
+                             tokens / t_hf, tokens / t_ours, t_hf / t_ours))
+                print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def bench_kernels(model, tok, device, contexts, batches, new_tokens, repeats):
+    """Section 5: the engine's decode-only tokens/s with each attention kernel (alternating), greedy."""
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            prompts = prompts_for(tok, batch, context)
+            engines = [Engine(model, tok, EngineConfig(mode="plain", attention=kernel, max_num_seqs=max(batch, 1),
+                                                       kv_cache_tokens=batch * (context + new_tokens + 64)))
+                       for kernel in ("sdpa", "flex")]
+            # compile outside the clock
+            engine_decode_only(engines[1], tok, device, prompts_for(tok, batch, 32), 4, False)
+            times = [[], []]
+            for _ in range(repeats):
+                for engine, bucket in zip(engines, times):
+                    bucket.append(engine_decode_only(engine, tok, device, prompts, new_tokens, False))
+            tokens = batch * (new_tokens - 1)
+            sdpa, flex = (statistics.median(t) for t in times)
+            rows.append((context, batch, tokens / sdpa, tokens / flex, sdpa / flex))
+            print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
 def table(title: str, header: list[str], rows) -> str:
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -178,7 +311,13 @@ def main() -> None:
     ap.add_argument("--branch-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    ap.add_argument("--sections", default="hf,parallel,kv,decode",
+                    help="comma list of sections to run: hf (1), parallel (2), kv (3), decode (4), kernels (5)")
+    ap.add_argument("--contexts", default="512,2048,6144", help="section 4: prompt lengths")
+    ap.add_argument("--decode-batches", default="1,8", help="section 4: batch sizes")
+    ap.add_argument("--decode-tokens", type=int, default=64, help="section 4: new tokens per prompt")
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load(args.model, args.dtype, args.device)
@@ -186,16 +325,33 @@ def main() -> None:
     ks = [int(k) for k in args.branches.split(",")]
     where = f"{args.model}, {args.dtype}, {args.device}, torch threads {torch.get_num_threads()}"
     print(f"# engine_speed: {where}")
-    rows = bench_vs_hf(model, tok, args.device, batches, args.new_tokens, args.prompt_len, args.repeats)
-    print(table(f"1. plain decoding vs HF generate ({args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
-                "greedy, median of repeats)",
-                ["batch", "HF tok/s", "npr tok/s", "npr / HF", "same tokens"], rows))
-    rows = bench_parallel(model, tok, args.device, ks, args.branch_len, args.prompt_len, args.repeats)
-    print(table(f"2. parallel vs sequential mode, same forced trajectory (branches of {args.branch_len} text tokens)",
-                ["k", "tokens", "critical path", "ideal", "speedup", "speedup / ideal", "same tokens"], rows))
-    rows = bench_kv(model, tok, args.device, ks, args.branch_len, args.prompt_len)
-    print(table("3. KV held: one request with k branches vs k separate requests",
-                ["k", "one request MiB", "k requests MiB", "saving"], rows))
+    if "hf" in sections:
+        rows = bench_vs_hf(model, tok, args.device, batches, args.new_tokens, args.prompt_len, args.repeats)
+        print(table(f"1. plain decoding vs HF generate ({args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
+                    "greedy, median of repeats)",
+                    ["batch", "HF tok/s", "npr tok/s", "npr / HF", "same tokens"], rows))
+    if "parallel" in sections:
+        rows = bench_parallel(model, tok, args.device, ks, args.branch_len, args.prompt_len, args.repeats)
+        print(table(f"2. parallel vs sequential mode, same forced trajectory "
+                    f"(branches of {args.branch_len} text tokens)",
+                    ["k", "tokens", "critical path", "ideal", "speedup", "speedup / ideal", "same tokens"], rows))
+    if "kv" in sections:
+        rows = bench_kv(model, tok, args.device, ks, args.branch_len, args.prompt_len)
+        print(table("3. KV held: one request with k branches vs k separate requests",
+                    ["k", "one request MiB", "k requests MiB", "saving"], rows))
+    if "decode" in sections:
+        contexts = [int(c) for c in args.contexts.split(",")]
+        decode_batches = [int(b) for b in args.decode_batches.split(",")]
+        rows = bench_decode(model, tok, args.device, contexts, decode_batches, args.decode_tokens, args.repeats)
+        print(table(f"4. decode-only tokens/s vs HF generate ({args.decode_tokens} new tokens: time for all minus "
+                    "time for the first; EOS suppressed in both; median of repeats)",
+                    ["context", "batch", "sampling", "HF tok/s", "npr tok/s", "npr / HF"], rows))
+    if "kernels" in sections:
+        contexts = [int(c) for c in args.contexts.split(",")]
+        decode_batches = [int(b) for b in args.decode_batches.split(",")]
+        rows = bench_kernels(model, tok, args.device, contexts, decode_batches, args.decode_tokens, args.repeats)
+        print(table(f"5. attention kernels: engine decode-only tokens/s, greedy ({args.decode_tokens} new tokens)",
+                    ["context", "batch", "sdpa tok/s", "flex tok/s", "flex speedup"], rows))
 
 
 if __name__ == "__main__":

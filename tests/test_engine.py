@@ -263,7 +263,8 @@ def test_stop_tokens(tiny_llama):
         (lambda e: e.generate([[1] * 5000], SamplingParams(max_new_tokens=10)), "exceeds the model context"),
         (lambda e: e.generate([[1, 2]], SamplingParams(max_new_tokens=0)), "max_new_tokens must be > 0"),
         (lambda e: EngineConfig(mode="turbo"), "unknown mode 'turbo'"),
-        (lambda e: e.generate([[1, 2]], SamplingParams(max_new_tokens=4000, n=8)), "needs up to"),
+        (lambda e: e.generate([[1] * 2100], SamplingParams(max_new_tokens=10)), "needs 133 KV pages to start"),
+        (lambda e: e.generate([[1, 2]], SamplingParams(n=80)), "n=80 samples exceed max_num_seqs=64"),
     ],
 )
 def test_bad_input_fails_before_work(tiny_llama, make, message):
@@ -295,19 +296,14 @@ def test_prompt_and_prefix_stored_once(tiny_llama):
     assert engine.pool.used_blocks == 0
 
 
-def test_full_pool_queues_requests(tiny_llama):
+def test_pool_smaller_than_worst_case_serves_the_request(tiny_llama):
+    """Admission goes by use: a budget far larger than the pool is fine when the request ends early."""
     _, tok = tiny_llama
-    engine = make_engine(tiny_llama, kv_cache_tokens=16 * 30, block_size=16)
-    params = SamplingParams(max_new_tokens=80, temperature=0, logits_processors=(forced(tok, [(4, 4)]),))
-    engine.submit(PROMPTS * 3, params)
-    live = []
-    results = []
-    while engine.scheduler.has_work():
-        event = engine.step()
-        live.append(event.live_requests)
-        results += event.finished
-    assert len(results) == 6 and all(r.finish_reason == "eos" for r in results)
-    assert max(live) == 1  # the pool fits one request's reservation at a time
+    engine = make_engine(tiny_llama, kv_cache_tokens=16 * 12, block_size=16)
+    params = SamplingParams(max_new_tokens=4000, temperature=0, logits_processors=(forced(tok, [(4, 4)]),))
+    r = engine.generate([PROMPTS[0]], params)[0]
+    assert r.finish_reason == "eos" and r.stats.preemptions == 0
+    assert len(r.token_ids) > 16 * 2  # more than one page per segment: the pool really was used
     assert engine.pool.used_blocks == 0
 
 
@@ -332,46 +328,45 @@ def test_streaming_yields_progress(tiny_llama):
     engine = make_engine(tiny_llama)
     params = SamplingParams(max_new_tokens=200, temperature=0, logits_processors=(forced(tok),))
     events = list(engine.generate_stream(PROMPTS, params))
-    assert sum(len(e.finished) for e in events) == 2
-    assert sum(e.tokens for e in events) > 0
+    results = sorted((r for e in events for r in e.finished), key=lambda r: r.prompt_index)
+    assert [r.prompt_index for r in results] == [0, 1] and all(r.finish_reason == "eos" for r in results)
+    # every prompt and response token is fed exactly once, except each response's final EOS
+    assert sum(e.tokens for e in events) == sum(len(p) + len(r.token_ids) - 1 for p, r in zip(PROMPTS, results))
+    assert [e.live_requests for e in events][:1] == [2] and events[-1].live_requests == 0
+    assert [r.token_ids for r in results] == [r.token_ids for r in make_engine(tiny_llama).generate(PROMPTS, params)]
 
 
 def test_repetition_penalty_only_inside_steps(tiny_llama, monkeypatch):
+    """The penalty applies to branch rows only, and each row's seen set is exactly the tokens that
+    branch sampled before (not the prefix, not a sibling's)."""
     import npr.engine.engine as engine_module
 
-    seen = []
+    calls = []
     real = engine_module.apply_repetition_penalty
 
-    def spy(logits, previous, penalty):
-        seen.append(penalty)
-        return real(logits, previous, penalty)
+    def spy(logits, seen, penalty):
+        calls.append((seen.clone(), penalty.clone()))
+        return real(logits, seen, penalty)
 
     monkeypatch.setattr(engine_module, "apply_repetition_penalty", spy)
     _, tok = tiny_llama
     r = make_engine(tiny_llama, "parallel").generate(
         [PROMPTS[0]], SamplingParams(max_new_tokens=300, temperature=0, logits_processors=(forced(tok, [(5, 5)]),)))[0]
-    sampled_in_branches = sum(sum(r.sampled[s:e]) for block in r.blocks for s, e in block)
-    assert len(seen) == sampled_in_branches == 2 * (5 + 1)  # 5 text tokens + </step> per branch
-    assert set(seen) == {1.02}
+    rows = [row for seen, _ in calls for row in seen]
+    sampled_in_branches = [[t for t, s in zip(r.token_ids[a:b], r.sampled[a:b]) if s] for a, b in r.blocks[0]]
+    assert len(rows) == sum(len(b) for b in sampled_in_branches) == 2 * (5 + 1)  # 5 text tokens + </step> each
+    expected = sorted([set(b[:i]) for b in sampled_in_branches for i in range(len(b))], key=sorted)
+    assert sorted([set(row.nonzero()[:, 0].tolist()) for row in rows], key=sorted) == expected
+    assert all(p == pytest.approx(1.02) for _, penalty in calls for p in penalty.tolist())
 
 
 def test_repetition_penalty_rule():
     from npr.engine.sampling import apply_repetition_penalty
 
-    logits = torch.tensor([2.0, -2.0, 1.0])
-    apply_repetition_penalty(logits, [0, 1, 0], 2.0)
-    assert logits.tolist() == [1.0, -4.0, 1.0]
-
-
-def test_top_p_top_k_restrict_the_support():
-    from npr.engine.sampling import _filtered_choice
-
-    probs = torch.tensor([0.1, 0.4, 0.3, 0.2])
-    g = torch.Generator().manual_seed(0)
-    # nucleus 0.5: tokens 1 (mass before 0) and 2 (mass before 0.4) are kept, 3 and 0 are not
-    assert {_filtered_choice(probs, 0, 0.5, g) for _ in range(200)} == {1, 2}
-    assert {_filtered_choice(probs, 1, 1.0, g) for _ in range(50)} == {1}
-    assert {_filtered_choice(probs, 3, 1.0, g) for _ in range(300)} == {1, 2, 3}
+    logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False], [False, False, True]])
+    apply_repetition_penalty(logits, seen, torch.tensor([2.0, 4.0]))
+    assert logits.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.25]]
 
 
 def test_logprobs_can_be_skipped(tiny_llama):

@@ -25,14 +25,17 @@ def fuzz_round(model_tok, seed: int) -> int:
     model, tok = model_tok
     rng = random.Random(seed)
     mode = rng.choice(["parallel", "parallel", "sequential", "plain"])
+    n = rng.randint(1, 3)
+    # a 256-token pool is far too small for the batch: requests are preempted and recomputed, and
+    # the largest end as "length" (the pool cannot hold them alone)
     config = EngineConfig(mode=mode, debug=True, max_branches=rng.randint(1, 5), max_depth=rng.randint(1, 4),
                           min_fork_budget=rng.choice([0, 8, 32]), block_size=rng.choice([4, 16]),
-                          kv_cache_tokens=rng.choice([2048, 8192]), max_num_seqs=rng.choice([2, 64]))
+                          kv_cache_tokens=rng.choice([256, 2048, 8192]), max_num_seqs=rng.choice([n, 2 * n, 64]))
     engine = Engine(model, tok, config)
     fuzzer = TokenFuzzer(tok, seed, p_tag=rng.uniform(0.05, 0.5), p_eos=rng.uniform(0.0, 0.05),
                          plan_bias=rng.choice([0.0, 0.5, 0.95]))
     budget = rng.randint(8, 160)
-    params = SamplingParams(max_new_tokens=budget, temperature=rng.choice([0.0, 1.0]), n=rng.randint(1, 3),
+    params = SamplingParams(max_new_tokens=budget, temperature=rng.choice([0.0, 1.0]), n=n,
                             seed=seed, stop_token_ids=(rng.randrange(3, 250),) if rng.random() < 0.2 else (),
                             logits_processors=(fuzzer,))
     prompts = [[1] + [rng.randrange(3, 250) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 6))]

@@ -3,6 +3,7 @@
 from npr.engine.config import MODES, EngineConfig, EngineInputError, SamplingParams
 from npr.engine.engine import Engine, EngineEvent, RequestStats, Result
 from npr.engine.forcing import StructureForcer, TokenFuzzer
+from npr.engine.state import StreamDelta
 
 __all__ = ["MODES", "Engine", "EngineConfig", "EngineEvent", "EngineInputError", "RequestStats", "Result",
-           "SamplingParams", "StructureForcer", "TokenFuzzer"]
+           "SamplingParams", "StreamDelta", "StructureForcer", "TokenFuzzer"]

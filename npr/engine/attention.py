@@ -1,23 +1,37 @@
 """Paged tree attention, plugged into transformers through its public ``AttentionInterface``.
 
-The model runs unchanged on one packed sequence of new tokens (batch 1, ``[1, N]``) with the
-tree position ids. Every attention layer calls ``paged_attention_forward``, which
+The model runs unchanged on one packed sequence of new tokens (batch 1, ``[1, N]``) with the tree
+position ids. Every attention layer calls ``paged_attention_forward``, which
 
 1. writes the new tokens' keys and values into their pool slots, then
-2. for each attention group (one request: its prompt, sequential part and live branches)
-   gathers the keys the group can see and runs SDPA with the group's tree mask.
+2. runs each *attention call* of the step: the queries of one or more page-table rows (one row =
+   one request: its prompt, sequential part and branches), batched as ``[G, H, Qmax, D]``, against
+   the pool itself.
 
-Writing first means a token can attend to tokens fed in the same forward: a fork (the shared
-separator plus every branch's scaffold) and a join (the last branch's ``</step>`` plus the
-``<takeaway>``) each take one forward. The mask is the same rule as ``npr.masks``: a token sees
-its own segment causally and every segment in its ancestry, never a sibling branch.
+Writing first lets a token attend to tokens fed in the same forward: a fork (the shared separator
+plus every branch's scaffold), a join (the last ``</step>`` plus ``<takeaway>``) and the re-prefill
+of a preempted request each take one forward.
 
-Groups with many query tokens (prefills) run alone; small ones (decode steps) are padded into
-one batched SDPA call. The metadata is built once per forward and reused by every layer.
+**One mask rule** (``tree_rule``), the rule of ``npr.masks``: a query sees a key when the key's
+segment is in the query's ancestry (``key segment id < query fork threshold``, among the pages of the
+query's row) and the key lies within that segment's valid length, or when the key is in the query's own
+segment at or before the query. Two kernels evaluate it, behind the same interface:
+
+- ``flex``: ``flex_attention`` (compiled) reads the pool in place, ``[1, Hkv, slots, D]``, through a
+  ``BlockMask`` whose KV blocks are pool pages: each row's page list is its block table, split on the
+  device into pages every query of a query block sees whole (no mask evaluated) and pages that need
+  the rule. Nothing is gathered and no dense bias exists.
+- ``sdpa``: gathers the keys of each row's pages and runs SDPA with the rule evaluated densely, once
+  per step. Faster for short contexts on a CPU (docs/performance.md has the measurement); the
+  default there.
+
+All metadata is built once per forward, on the device, from the incrementally updated page table
+(``kv_pool.PageTable``) and O(new tokens) per-query integers; every layer reuses it.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,30 +43,208 @@ from transformers import AttentionInterface
 from npr.engine.kv_pool import KVPool, Segment
 
 ATTENTION_NAME = "npr_paged"
+Q_BLOCK_SMALL = 16  # flex query-block size for decode-sized calls
+Q_BLOCK_LARGE = 128  # and for prefills
 
 
 @dataclass
 class Feed:
     """Tokens of one segment fed in one forward: ``tokens`` go at offsets ``start…`` of ``segment``.
 
-    ``group`` is the attention group (tokens of one group share their gathered keys); ``logits``
-    asks for the logits at the last fed token.
+    ``row`` is the page-table row whose pages the tokens may see (their request's); ``logits`` asks
+    for the logits at the last fed token.
     """
 
     segment: Segment
     start: int
     tokens: list[int]
-    group: int
+    row: int
     logits: bool
 
 
-@dataclass
+def tree_rule(page_seg, page_start, page_valid, page_size: int, q_seg, q_off, q_fork, kv):
+    """The mask rule: may a query (segment id ``q_seg``, offset ``q_off`` in it, fork threshold
+    ``q_fork``) see pool slot ``kv``? Every argument broadcasts; page_* are [P] per-page tables.
+
+    Visible: the key's segment is in the query's ancestry (id below the threshold, among the pages of
+    the query's row) and the key lies within that segment, or the key is in the query's own segment
+    at or before the query.
+    """
+    page = kv // page_size
+    offset = kv % page_size
+    seg = page_seg[page]
+    own = (seg == q_seg) & (page_start[page] + offset <= q_off)
+    ancestor = (seg < q_fork) & (offset < page_valid[page])
+    return own | ancestor
+
+
+class FlexQueries:
+    """Per-query metadata of a forward for flex's ``mask_mod``, in fixed-capacity device buffers.
+
+    The compiled kernel is specialised on the *sizes* of the tensors a ``mask_mod`` reads, so these
+    buffers keep one size (doubling, rarely) and each call reads its slice ``base + b * stride + q``.
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self._allocate(4096)
+
+    def _allocate(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.seg, self.off, self.fork = (torch.zeros(capacity, dtype=torch.int32, device=self.device) for _ in range(3))
+        for t in (self.seg, self.off, self.fork):
+            torch._dynamo.mark_static(t)
+
+    def store(self, base: int, meta: torch.Tensor, slack: int) -> None:
+        """Write meta [3, n] (device) at ``base``; ``slack`` more entries stay addressable (the kernel
+        may evaluate the mask for the padded rows of a last query block; those read stale entries)."""
+        n = meta.shape[1]
+        if base + n + slack > self.capacity:
+            keep = (self.seg[:base].clone(), self.off[:base].clone(), self.fork[:base].clone())
+            self._allocate(max(2 * self.capacity, base + n + slack))
+            for buf, old in zip((self.seg, self.off, self.fork), keep):
+                buf[:base] = old
+        self.seg[base:base + n] = meta[0]
+        self.off[base:base + n] = meta[1]
+        self.fork[base:base + n] = meta[2]
+
+
+@functools.cache
+def compiled_flex():
+    """``flex_attention`` compiled once per process: dynamic shapes, and every call padded to at least
+    two groups, two queries and two query blocks, so no size 0/1 specialisation recompiles it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def q_block_size(device: torch.device, qmax: int) -> int:
+    """flex query-block size: 16 (one block per decode group); prefills on CUDA use 128 (the kernel's
+    preferred tile). On a CPU one size keeps it to one compile."""
+    return Q_BLOCK_LARGE if device.type == "cuda" and qmax > Q_BLOCK_SMALL else Q_BLOCK_SMALL
+
+
 class AttentionCall:
-    q_range: tuple[int, int] | None  # set when the queries are packed rows [start, end) with no padding
-    q_index: torch.Tensor  # [G, Qmax] packed row of each query (pads repeat a valid row)
-    q_valid: torch.Tensor  # [G, Qmax] bool
-    key_slots: torch.Tensor  # [G, Nmax] pool slot of each key (pads point at slot 0)
-    bias: torch.Tensor | None  # [G, 1, Qmax, Nmax] additive mask in the model dtype; None: all visible
+    """The queries of some rows, batched ``[G, Qmax]``, and their mask for one kernel.
+
+    ``q_index`` [G*Qmax] packed row of each query (pads repeat a valid row) and ``q_valid``
+    [G*Qmax]; both None when the queries are the packed rows ``q_range`` in order, unpadded.
+    """
+
+    def __init__(self, pool: KVPool, rows: list[int], counts: list[int], firsts: list[int], q_meta: torch.Tensor,
+                 kernel: str, dtype: torch.dtype, flex_queries: FlexQueries | None, flex_base: int):
+        self.kernel = kernel
+        table, device = pool.pages, pool.pages.device
+        if kernel == "flex":  # pad: >= 2 groups (an empty one), >= 2 queries per group
+            rows, counts, firsts = rows + [rows[0]] * (len(rows) < 2), counts + [0] * (len(rows) < 2), firsts
+        g, qmax = len(rows), max(2 if kernel == "flex" else 1, max(counts))
+        self.g, self.qmax = g, qmax
+        contiguous = kernel == "sdpa" and all(c == qmax for c in counts) and all(
+            f == firsts[0] + i * qmax for i, f in enumerate(firsts))
+        if contiguous:
+            self.q_index = self.q_valid = None
+            self.q_range = (firsts[0], firsts[0] + g * qmax)
+            meta = q_meta[:, firsts[0]:firsts[0] + g * qmax].reshape(3, g, qmax)
+        else:
+            self.q_range = None
+            index = torch.tensor([[f + min(i, max(c, 1) - 1) for i in range(qmax)] for f, c in
+                                  zip(firsts + [firsts[0]] * (g - len(firsts)), counts)])  # [G, Qmax]
+            valid = torch.arange(qmax)[None, :] < torch.tensor(counts)[:, None]  # [G, Qmax]
+            meta = q_meta[:, index].masked_fill(~valid, -1)  # [3, G, Qmax]; pads: no segment ...
+            meta[2].masked_fill_(~valid, 0)  # ... and an empty ancestry: they see nothing
+            self.q_index = _to_device(index.reshape(-1), device)
+            self.q_valid = _to_device(valid.reshape(-1), device)
+        meta = _to_device(meta.contiguous(), device)  # [3, G, Qmax]
+        width = max(table.row_len[r] for r in rows)
+        self.pages = table.rows[_to_device(torch.tensor(rows), device), :width]  # [G, W]
+        npages = torch.tensor([table.row_len[r] if c else 0 for r, c in zip(rows, counts)], dtype=torch.int32)
+        live = torch.arange(width, device=device)[None, :] < _to_device(npages, device)[:, None]  # [G, W]
+        if kernel == "flex":
+            flex_queries.store(flex_base, meta.reshape(3, -1), 2 * Q_BLOCK_LARGE)
+            self.block_mask = self._block_mask(pool, live, meta, flex_queries, flex_base)
+        else:
+            self.bias = self._dense_bias(table, live, meta, dtype)
+
+    def _dense_bias(self, table, live: torch.Tensor, meta: torch.Tensor, dtype) -> torch.Tensor:
+        """SDPA: the slots of each row's pages [G, K] and the rule as an additive bias [G, 1, Qmax, K]."""
+        page_size, device = table.page_size, self.pages.device
+        offsets = torch.arange(page_size, device=device, dtype=torch.int32)
+        self.slots = (self.pages[:, :, None] * page_size + offsets).reshape(self.g, -1).long()  # [G, K]
+        q_seg, q_off, q_fork = (m[:, :, None] for m in meta)  # [G, Qmax, 1]
+        allowed = tree_rule(table.page_seg, table.page_start, table.page_valid, page_size, q_seg, q_off, q_fork,
+                            self.slots[:, None, :])  # [G, Qmax, K]
+        allowed &= live.repeat_interleave(page_size, dim=1)[:, None, :]
+        allowed |= (q_seg < 0)  # pad queries see everything: no empty softmax row (their output is dropped)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+    def _block_mask(self, pool: KVPool, live, meta, flex_queries: FlexQueries, base: int):
+        """flex: a BlockMask over pool pages; per query block, the pages seen whole ("full", no mask_mod)
+        and the pages that need the rule ("partial"), both computed on the device from the page table."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        table, page_size, device = pool.pages, pool.block_size, self.pages.device
+        qb = q_block_size(device, self.qmax)
+        # the Triton kernel's tiles must divide the block mask's blocks (its defaults are larger than a page)
+        self.kernel_options = {"BLOCK_M": min(qb, 64), "BLOCK_N": min(page_size, 64)} if device.type == "cuda" else None
+        nqb = max(2, -(-self.qmax // qb))  # an empty trailing query block costs nothing and avoids a recompile
+        pad = nqb * qb - self.qmax
+
+        def blocks(x, fill):  # [G, Qmax] -> [G, nQB, QB, 1]
+            return F.pad(x, (0, pad), value=fill).view(self.g, nqb, qb, 1)
+
+        qs, qo, qf = blocks(meta[0], -1), blocks(meta[1], -1), blocks(meta[2], 0)
+        qv = qs >= 0
+        page = self.pages.long()
+        seg = table.page_seg[page][:, None, None, :]  # [G, 1, 1, W]
+        start = table.page_start[page][:, None, None, :]
+        count = table.page_valid[page][:, None, None, :]
+        ancestor, own = seg < qf, seg == qs  # [G, nQB, QB, W]
+        whole = (ancestor & (count == page_size)) | (own & (start + page_size - 1 <= qo))
+        some = (ancestor & (count > 0)) | (own & (start <= qo))
+        live = live[:, None, :]  # [G, 1, W]
+        full = (whole | ~qv).all(dim=2) & qv.any(dim=2) & live  # [G, nQB, W]
+        partial = (some & qv).any(dim=2) & live & ~full
+        width = pool.num_blocks if device.type == "cpu" else page.shape[1]  # the CPU kernel wants the pool's width
+
+        def compact(keep):  # [G, nQB, W] -> counts [G, 1, nQB], indices [G, 1, nQB, width]
+            order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+            index = page[:, None, :].expand(-1, nqb, -1).gather(-1, order).int()
+            index = F.pad(index, (0, width - index.shape[-1]))
+            return keep.sum(-1, dtype=torch.int32)[:, None], index[:, None]
+
+        where = _to_device(torch.tensor([base, self.qmax], dtype=torch.int32), device)
+        q_seg, q_off, q_fork = flex_queries.seg, flex_queries.off, flex_queries.fork
+        page_seg, page_start, page_valid = table.page_seg, table.page_start, table.page_valid
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            i = where[0] + b * where[1] + q_idx
+            return tree_rule(page_seg, page_start, page_valid, page_size, q_seg[i], q_off[i], q_fork[i], kv_idx)
+
+        partial_num, partial_index = compact(partial)
+        full_num, full_index = compact(full)
+        return BlockMask.from_kv_blocks(partial_num, partial_index, full_num, full_index, BLOCK_SIZE=(qb, page_size),
+                                        mask_mod=mask_mod, seq_lengths=(self.qmax, pool.keys.shape[2]),
+                                        compute_q_blocks=False)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
+        """Queries q [N, H, D] (packed) against one layer's pool [Hkv, slots, D] -> [G, H, Qmax, D]."""
+        g, qmax = self.g, self.qmax
+        if self.q_range is not None:
+            start, end = self.q_range
+            qg = q[start:end].view(g, qmax, *q.shape[1:]).transpose(1, 2)  # [G, H, Qmax, D]
+        else:
+            qg = q.index_select(0, self.q_index).view(g, qmax, *q.shape[1:]).transpose(1, 2)
+        gqa = keys.shape[0] != q.shape[1]
+        if self.kernel == "flex":  # the pool itself, [1, Hkv, slots, D]: no copy
+            return compiled_flex()(qg.contiguous(), keys[None], values[None], block_mask=self.block_mask,
+                                   scale=scaling, enable_gqa=gqa, kernel_options=self.kernel_options)
+        flat = self.slots.reshape(-1)
+        heads, dim = keys.shape[0], keys.shape[2]
+        # [G, Hkv, K, D] whose (g, h) blocks are contiguous
+        k = keys.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
+        v = values.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
+        return F.scaled_dot_product_attention(qg, k, v, attn_mask=self.bias, scale=scaling, enable_gqa=gqa)
 
 
 @dataclass
@@ -68,37 +260,22 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     if npr_batch is None:
         raise RuntimeError("npr_paged attention called without npr_batch; use the Engine (or sdpa) instead")
     pool, layer = npr_batch.pool, module.layer_idx
-    keys, values = pool.keys[layer], pool.values[layer]  # [slots, Hkv, D]
-    keys.index_copy_(0, npr_batch.write_slots, key[0].transpose(0, 1))
-    values.index_copy_(0, npr_batch.write_slots, value[0].transpose(0, 1))
+    keys, values = pool.keys[layer], pool.values[layer]  # [Hkv, slots, D]
+    keys.index_copy_(1, npr_batch.write_slots, key[0].to(keys.dtype))
+    values.index_copy_(1, npr_batch.write_slots, value[0].to(values.dtype))
     q = query[0].transpose(0, 1)  # [N, H, D]
     calls = npr_batch.calls
     if len(calls) == 1 and calls[0].q_range == (0, q.shape[0]):  # the common decode step: no scatter
-        return _attend(calls[0], q, keys, values, scaling).transpose(1, 2).reshape(1, *q.shape), None
+        out = calls[0].attend(q, keys, values, scaling)  # [G, H, Qmax, D]
+        return out.transpose(1, 2).reshape(1, *q.shape), None
     out = torch.empty_like(q)  # [N, H, D]
     for call in calls:
-        o = _attend(call, q, keys, values, scaling)  # [G, H, Qmax, D]
+        o = call.attend(q, keys, values, scaling).transpose(1, 2).reshape(-1, *q.shape[1:])  # [G*Qmax, H, D]
         if call.q_range is not None:
-            start, end = call.q_range
-            out[start:end] = o.transpose(1, 2).reshape(end - start, *q.shape[1:])
+            out[call.q_range[0]:call.q_range[1]] = o
         else:
-            out[call.q_index[call.q_valid]] = o.transpose(1, 2)[call.q_valid]
+            out[call.q_index[call.q_valid]] = o[call.q_valid]
     return out.unsqueeze(0), None
-
-
-def _attend(call: AttentionCall, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
-    """SDPA of one call's queries over its gathered keys: q [N, H, D] packed -> [G, H, Qmax, D]."""
-    g, nmax = call.key_slots.shape
-    flat = call.key_slots.reshape(-1)
-    k = keys.index_select(0, flat).view(g, nmax, *keys.shape[1:]).transpose(1, 2)  # [G, Hkv, Nmax, D]
-    v = values.index_select(0, flat).view(g, nmax, *values.shape[1:]).transpose(1, 2)  # [G, Hkv, Nmax, D]
-    if call.q_range is not None:  # contiguous, unpadded: a view instead of a gather
-        start, end = call.q_range
-        qg = q[start:end].view(g, -1, *q.shape[1:]).transpose(1, 2)  # [G, H, Qmax, D]
-    else:
-        qg = q[call.q_index].transpose(1, 2)  # [G, H, Qmax, D]
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=call.bias, scale=scaling,
-                                          enable_gqa=k.shape[1] != qg.shape[1])
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention_forward)
@@ -116,74 +293,21 @@ def paged_attention(model):
         config._attn_implementation = previous
 
 
-def _group_mask(feeds: Sequence[Feed]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Key slots [N] and allowed [Q, N] for the feeds of one group (segments already written);
-    allowed is None when every query sees every key (one stream feeding one token: a decode step).
-
-    Built one segment (column block) at a time: a query sees a whole segment of its ancestry,
-    its own segment up to itself, and nothing else.
-    """
-    segments: dict[int, Segment] = {}
-    for f in feeds:
-        for seg in (*f.segment.visible, f.segment):
-            segments.setdefault(seg.id, seg)
-    key_slots = torch.cat([seg.slots(seg.written) for seg in segments.values()])  # [N]
-    if len(feeds) == 1 and len(feeds[0].tokens) == 1:
-        return key_slots, None
-    rows = []
-    for f in feeds:
-        visible = {s.id for s in f.segment.visible}
-        q_off = torch.arange(f.start, f.start + len(f.tokens))[:, None]  # [q, 1]
-        blocks = []
-        for seg in segments.values():
-            if seg is f.segment:
-                blocks.append(torch.arange(seg.written)[None, :] <= q_off)  # [q, len] causal
-            else:
-                blocks.append(torch.full((len(f.tokens), seg.written), seg.id in visible))  # [q, len]
-        rows.append(torch.cat(blocks, dim=1))
-    return key_slots, torch.cat(rows)
+# ----------------------------------------------------------------------------- building a forward
 
 
-def _pad_call(groups: list[tuple[range, torch.Tensor, torch.Tensor | None]], dtype, device) -> AttentionCall:
-    """Pad (packed query rows, key_slots [N], allowed [Q, N] or None) of several groups into one SDPA call."""
-    counts = [len(q) for q, _, _ in groups]
-    lengths = [len(k) for _, k, _ in groups]
-    g, qmax, nmax = len(groups), max(counts), max(lengths)
-    q_index = torch.tensor([list(q) + [q[0]] * (qmax - len(q)) for q, _, _ in groups])  # [G, Qmax]
-    q_valid = torch.arange(qmax)[None, :] < torch.tensor(counts)[:, None]  # [G, Qmax]
-    key_slots = torch.nn.utils.rnn.pad_sequence([k for _, k, _ in groups], batch_first=True)  # [G, Nmax]
-    if all(a is None for _, _, a in groups):  # every query sees every key of its group
-        if len(set(lengths)) == 1:
-            bias = None  # SDPA runs faster with no mask
-        else:
-            real = torch.arange(nmax)[None, :] < torch.tensor(lengths)[:, None]  # [G, Nmax]
-            bias = torch.zeros(g, 1, 1, nmax, dtype=dtype).masked_fill_(~real[:, None, None, :], torch.finfo(dtype).min)
-    else:
-        allowed = torch.zeros(g, qmax, nmax, dtype=torch.bool)  # [G, Qmax, Nmax]
-        for i, (q, k, a) in enumerate(groups):
-            allowed[i, :len(q), :len(k)] = True if a is None else a
-            allowed[i, len(q):, 0] = True  # pad rows see one key: no empty softmax row
-        bias = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
-    first = groups[0][0][0]
-    contiguous = all(c == qmax for c in counts) and all(
-        q.start == first + i * qmax and q.step == 1 for i, (q, _, _) in enumerate(groups))
-    q_range = (first, first + g * qmax) if contiguous else None
-    return AttentionCall(q_range, q_index.to(device), q_valid.to(device), key_slots.to(device),
-                         None if bias is None else bias.to(device))
-
-
-def _buckets(groups: list, prefill_group_tokens: int, max_waste: float = 1.25) -> list[list]:
-    """Split groups into SDPA calls: decode-sized groups (at most ``prefill_group_tokens`` queries)
-    share one call; larger ones (prefills) share a call only with groups of nearly their shape,
-    so that padding never costs more than ``max_waste`` times the real work."""
-    small = [g for g in groups if len(g[0]) <= prefill_group_tokens]
-    large = sorted((g for g in groups if len(g[0]) > prefill_group_tokens), key=lambda g: (len(g[0]), len(g[1])))
+def _buckets(groups: list, small_queries: int, max_waste: float = 1.25) -> list[list]:
+    """Split groups (row, query count, page count, …) into calls: decode-sized groups (at most
+    ``small_queries`` queries) share one call; larger ones (prefills) share a call only with groups
+    of nearly their shape, so that padding never costs more than ``max_waste`` times the real work."""
+    small = [g for g in groups if g[1] <= small_queries]
+    large = sorted((g for g in groups if g[1] > small_queries), key=lambda g: (g[1], g[2]))
     buckets = [small] if small else []
     current: list = []
     for g in large:
         trial = current + [g]
-        padded = len(trial) * max(len(x[0]) for x in trial) * max(len(x[1]) for x in trial)
-        real = sum(len(x[0]) * len(x[1]) for x in trial)
+        padded = len(trial) * max(x[1] for x in trial) * max(x[2] for x in trial)
+        real = sum(x[1] * x[2] for x in trial)
         if current and padded > max_waste * real:
             buckets.append(current)
             trial = [g]
@@ -193,35 +317,71 @@ def _buckets(groups: list, prefill_group_tokens: int, max_waste: float = 1.25) -
     return buckets
 
 
-def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, device, prefill_group_tokens: int):
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: through pinned memory and a non-blocking copy on CUDA."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host
+
+
+def _upload(values, dtype, device) -> torch.Tensor:
+    return _to_device(torch.tensor(values, dtype=dtype), device)
+
+
+def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_kernel, small_queries: int):
     """Model inputs and attention metadata for one forward over ``feeds``.
 
     Returns ``input_ids`` [1, N], ``position_ids`` [1, N], the ``PagedBatch`` and ``logit_rows``
-    (LongTensor of packed rows whose logits are needed, in feed order of the feeds that ask).
-    Marks the fed tokens as written. A group's feeds must be consecutive in ``feeds``.
+    (packed rows whose logits are needed, in feed order of the feeds that ask). Marks the fed tokens
+    as written. The feeds of one row must be consecutive. ``choose_kernel(g, qmax, keys)`` names the
+    kernel ("flex" or "sdpa") of each call.
     """
+    device = pool.pages.device
+    bs = pool.block_size
     ids, positions, writes, logit_rows = [], [], [], []
-    by_group: dict[int, list[Feed]] = {}
-    group_rows: dict[int, list[int]] = {}
-    row = 0
+    meta: list[list[int]] = [[], [], []]  # per packed token: segment id, offset, fork threshold
+    groups: dict[int, list] = {}  # row -> [row, query count, pages, first packed row]
+    row_order: list[int] = []
+    n = 0
     for f in feeds:
-        n = len(f.tokens)
+        count = len(f.tokens)
+        seg = f.segment
         ids += f.tokens
-        first = f.segment.start_pos + f.start
-        positions += range(first, first + n)
-        writes.append(f.segment.slots(f.start + n)[f.start:])
-        by_group.setdefault(f.group, []).append(f)
-        span = group_rows.setdefault(f.group, [row, row])
-        if span[1] != row:
-            raise ValueError("the feeds of one attention group must be consecutive")
-        span[1] = row + n
+        positions += range(seg.start_pos + f.start, seg.start_pos + f.start + count)
+        writes += seg.slots(f.start, f.start + count, bs)
+        meta[0] += [seg.id] * count
+        meta[1] += range(f.start, f.start + count)
+        meta[2] += [seg.fork] * count
+        group = groups.get(f.row)
+        if group is None:
+            group = groups[f.row] = [f.row, 0, pool.pages.row_len[f.row], n]
+            row_order.append(f.row)
+        elif group[3] + group[1] != n:
+            raise ValueError("the feeds of one page-table row must be consecutive")
+        group[1] += count
         if f.logits:
-            logit_rows.append(row + n - 1)
-        row += n
-        f.segment.written = f.start + n
-    groups = [(range(*group_rows[g]), *_group_mask(fs)) for g, fs in by_group.items()]
-    calls = [_pad_call(bucket, dtype, device) for bucket in _buckets(groups, prefill_group_tokens)]
-    batch = PagedBatch(pool, torch.cat(writes).to(device), calls)
-    input_ids = torch.tensor([ids], device=device)
-    position_ids = torch.tensor([positions], device=device)
-    return input_ids, position_ids, batch, torch.tensor(logit_rows, dtype=torch.long, device=device)
+            logit_rows.append(n + count - 1)
+        n += count
+        seg.written = f.start + count
+    pool.pages.flush()
+    q_meta = torch.tensor(meta, dtype=torch.int32)  # [3, N] on the host
+    calls, base = [], 0
+    for bucket in _buckets([groups[r] for r in row_order], small_queries):
+        calls.append(_call(pool, bucket, q_meta, choose_kernel, dtype, base))
+        base += calls[-1].g * calls[-1].qmax
+    batch = PagedBatch(pool, _upload(writes, torch.long, device), calls)
+    input_ids = _upload([ids], torch.long, device)
+    position_ids = _upload([positions], torch.long, device)
+    return input_ids, position_ids, batch, _upload(logit_rows, torch.long, device)
+
+
+def _call(pool: KVPool, bucket: list, q_meta: torch.Tensor, choose_kernel, dtype, flex_base: int) -> AttentionCall:
+    """One attention call over the groups of ``bucket`` ([row, queries, pages, first packed row] each)."""
+    rows, counts, firsts = [x[0] for x in bucket], [x[1] for x in bucket], [x[3] for x in bucket]
+    kernel = choose_kernel(len(bucket), max(counts), sum(x[2] for x in bucket) * pool.block_size)
+    flex_queries = None
+    if kernel == "flex":
+        if pool.flex_queries is None:
+            pool.flex_queries = FlexQueries(pool.pages.device)
+        flex_queries = pool.flex_queries
+    return AttentionCall(pool, rows, counts, firsts, q_meta, kernel, dtype, flex_queries, flex_base)

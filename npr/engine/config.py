@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from npr.errors import NprError
 
 MODES = ("parallel", "sequential", "plain")
+ATTENTION_KERNELS = ("auto", "flex", "sdpa")
 
 
 class EngineInputError(NprError, ValueError):
@@ -38,9 +39,15 @@ class EngineConfig:
     kv_cache_gib: float = 2.0
     """KV pool memory when ``kv_cache_tokens`` is None."""
     max_num_seqs: int = 64
-    """Most requests decoding at once (each may have up to ``max_branches`` live branches)."""
+    """Most live streams (a request's main line, or each of its decoding branches) at once. A fork
+    opens as many branches as this leaves room for (at least one) and the rest as others close."""
     prefill_group_tokens: int = 32
-    """Attention groups with more query tokens than this run on their own (no padding waste)."""
+    """Requests feeding more query tokens than this in a step run in attention calls of their own
+    (with requests of nearly their shape), so padding never dominates."""
+    attention: str = "auto"
+    """Attention kernel: ``flex`` (compiled ``flex_attention`` reading the paged pool in place),
+    ``sdpa`` (gathers each request's pages, then SDPA), or ``auto``: ``flex`` on CUDA, ``sdpa`` on
+    a CPU, where it measured faster (docs/performance.md)."""
     debug: bool = False
     """Check after every request that all its KV blocks went back to the pool."""
 
@@ -51,6 +58,8 @@ class EngineConfig:
             raise EngineInputError("max_branches must be >= 1")
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_depth < 1:
             raise EngineInputError("block_size, max_num_seqs and max_depth must be >= 1")
+        if self.attention not in ATTENTION_KERNELS:
+            raise EngineInputError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_KERNELS)}")
         if self.repetition_penalty <= 0:
             raise EngineInputError("repetition_penalty must be > 0 (1.0 disables it)")
 
@@ -64,15 +73,20 @@ class SamplingParams:
     scaffold tokens the engine prefills (NPR counted only one branch)."""
     temperature: float = 1.0
     top_p: float = 1.0
+    """Nucleus: keep the most likely tokens while the mass before them (after top-k, renormalised)
+    is below ``top_p``; 1.0 disables it."""
     top_k: int = 0
-    """0 disables top-k."""
+    """Keep the ``top_k`` most likely tokens; 0 disables top-k (applied before top-p)."""
     n: int = 1
     """Samples per prompt; they share the prompt's KV (stored and prefilled once)."""
     seed: int | None = 0
-    """Base seed; sample i of prompt j draws from its own generators, so results do not depend
-    on batching or on the mode. None draws a random seed."""
+    """Base seed; prompt j uses ``seed + j`` and every draw is keyed by (that seed, sample, block,
+    branch, offset), so results do not depend on batching, on the mode or on preemption. None
+    draws a random base seed."""
     stop_token_ids: tuple[int, ...] = ()
     """Tokens that end a request with finish reason ``stop`` (EOS ends it with ``eos``)."""
+    ignore_eos: bool = False
+    """Keep decoding past EOS (benchmarks): EOS is then an ordinary token."""
     logprobs: bool = True
     """Record the model's log-prob of every sampled token (RL needs them; evaluation can skip the work)."""
     logits_processors: tuple = field(default=(), compare=False)

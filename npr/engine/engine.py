@@ -20,8 +20,9 @@ import torch
 from npr.engine.attention import build_batch, paged_attention
 from npr.engine.config import EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool
-from npr.engine.sampling import apply_repetition_penalty, sample_rows
-from npr.engine.scheduler import Request, Scaffold, Scheduler, Stream
+from npr.engine.sampling import RowParams, apply_repetition_penalty, redraw_wide, row_uniform, sample
+from npr.engine.scheduler import Scheduler
+from npr.engine.state import Request, Scaffold, Stream, StreamDelta
 from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
 from npr.tokens import tag_token_ids
 
@@ -36,6 +37,8 @@ class RequestStats:
     wall_time_s: float
     parallel_blocks: int
     """Blocks the engine forked into branches."""
+    preemptions: int = 0
+    """Times the request's KV was freed to make room and later recomputed (outputs are unchanged)."""
 
     @property
     def ideal_speedup(self) -> float:
@@ -75,12 +78,17 @@ class Result:
 
 @dataclass
 class EngineEvent:
-    """What one engine step produced (for progress displays)."""
+    """What one engine step produced: finished results, the tokens every stream appended
+    (``deltas``, for streaming servers), and counts for progress displays."""
 
     finished: list[Result] = field(default_factory=list)
     tokens: int = 0
+    """Tokens fed to the model in this step (prefill and re-prefill included)."""
     live_requests: int = 0
     waiting_groups: int = 0
+    deltas: list[StreamDelta] = field(default_factory=list)
+    preempted_requests: int = 0
+    """Requests waiting to be recomputed after a preemption."""
 
 
 def _model_dims(model) -> tuple[int, int, int]:
@@ -97,7 +105,7 @@ def _model_dims(model) -> tuple[int, int, int]:
 
 
 class Engine:
-    """Parallel-branch decoding for NPR; see ``generate`` and ``generate_stream``."""
+    """Parallel-branch decoding for NPR; see ``generate``, ``generate_stream``, ``submit``/``step``/``cancel``."""
 
     def __init__(self, model, tokenizer, config: EngineConfig | None = None):
         self.model = model
@@ -110,10 +118,12 @@ class Engine:
         bytes_per_token = layers * 2 * kv_heads * head_dim * param.element_size()
         tokens = cfg.kv_cache_tokens or int(cfg.kv_cache_gib * 2**30 // bytes_per_token)
         num_blocks = max(1, tokens // cfg.block_size)
-        self.pool = KVPool(layers, kv_heads, head_dim, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.pool = KVPool(layers, kv_heads, head_dim, num_blocks, cfg.block_size, self.dtype, self.device,
+                           max_rows=cfg.max_num_seqs)
         self.scaffold = self._scaffold(tokenizer, model)
         self.scheduler = Scheduler(cfg, self.pool, self.scaffold)
         self.context_length = getattr(model.config, "max_position_embeddings", None)
+        self._seen: torch.Tensor | None = None  # [max_num_seqs, V] bool: tokens each branch sampled
 
     def _scaffold(self, tokenizer, model) -> Scaffold:
         enc = lambda s: tuple(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
@@ -143,7 +153,8 @@ class Engine:
             raise EngineInputError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
         encoded = []
         for index, p in zip(indices, prompts):
-            ids = list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str) else [int(t) for t in p]
+            ids = (list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str)
+                   else [int(t) for t in p])
             if not ids:
                 raise EngineInputError(f"prompt {index} is empty")
             if self.context_length and len(ids) + params.max_new_tokens > self.context_length:
@@ -155,6 +166,16 @@ class Engine:
         base_seed = params.seed if params.seed is not None else random.randrange(2**31)
         for index, ids in zip(indices, encoded):
             self.scheduler.submit(index, ids, params, base_seed + index)
+
+    def cancel(self, prompt_index: int, sample_index: int | None = None) -> int:
+        """End the queued or running samples of ``prompt_index`` (all of them, or ``sample_index``)
+        with finish reason ``cancelled``. Their KV is freed at once and the next ``step`` reports
+        their ``Result`` (tokens decoded so far). Call between steps. Returns how many it ended."""
+        return self.scheduler.cancel(prompt_index, sample_index)
+
+    def has_work(self) -> bool:
+        """Whether ``step`` has anything to do or report."""
+        return self.scheduler.has_work()
 
     def generate(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None) -> list[Result]:
         """Decode every prompt (``params.n`` samples each); results ordered by prompt, then sample."""
@@ -176,58 +197,106 @@ class Engine:
         feeds, samplers = self.scheduler.plan()
         event = EngineEvent()
         if feeds:
-            logits = self._forward(feeds)  # [R, V] float32
+            logits = self._forward(feeds)  # [rows asking for logits, V] float32
             streams = [s for group in samplers for s in group]
             if len(streams) != len(samplers):  # a prompt's logits serve all its n samples
-                logits = logits[torch.tensor([r for r, group in enumerate(samplers) for _ in group])]
+                rows = [r for r, group in enumerate(samplers) for _ in group]
+                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             tokens, logprobs = self._sample(streams, logits)
-            done = self.scheduler.consume(list(zip(streams, tokens, logprobs)))
+            event.deltas = self.scheduler.consume(list(zip(streams, tokens, logprobs)))
             event.tokens = sum(len(f.tokens) for f in feeds)
-            event.finished = [self._result(r) for r in done]
+        event.finished = [self._result(r) for r in self.scheduler.take_finished()]
         event.live_requests = len(self.scheduler.running)
         event.waiting_groups = len(self.scheduler.waiting)
+        event.preempted_requests = len(self.scheduler.preempted)
         if self.config.debug and not self.scheduler.has_work():
             self.pool.assert_empty()
         return event
 
     # ------------------------------------------------------------------ internals
 
+    def kernel_for(self, groups: int, queries: int, keys: int) -> str:
+        """The attention kernel of one call (``EngineConfig.attention``; ``auto``: flex on CUDA, SDPA on
+        a CPU, where SDPA measured faster at every size the CPU benchmarks reach)."""
+        if self.config.attention != "auto":
+            return self.config.attention
+        return "flex" if self.device.type == "cuda" else "sdpa"
+
     @torch.no_grad()
     def _forward(self, feeds) -> torch.Tensor:
         input_ids, position_ids, batch, logit_rows = build_batch(
-            feeds, self.pool, self.dtype, self.device, self.config.prefill_group_tokens)
-        keep = 0 if len(logit_rows) == input_ids.shape[1] else logit_rows  # every row: no gather needed
+            feeds, self.pool, self.dtype, self.kernel_for, self.config.prefill_group_tokens)
+        keep = 0 if logit_rows.numel() == input_ids.shape[1] else logit_rows  # every row: no gather needed
         with paged_attention(self.model):
             out = self.model(input_ids=input_ids, position_ids=position_ids, npr_batch=batch,
                              logits_to_keep=keep, use_cache=False)
         return out.logits[0].float()
 
-    def _sample(self, streams: list[Stream], logits: torch.Tensor) -> tuple[list[int], list[float]]:
-        """Process and sample one token per stream; log-probs are of the unprocessed model.
-
-        logits: [S, V] float32, one row per stream (processors may edit it in place).
-        """
-        want_logprobs = any(s.request.params.logprobs for s in streams)
-        raw = logits.clone() if want_logprobs else None  # processors and penalties edit ``logits``
+    def _penalise(self, streams: list[Stream], logits: torch.Tensor) -> None:
+        """Repetition penalty on the rows of branches, from the seen-token table, on the device."""
         penalty = self.config.repetition_penalty
+        updates, self.scheduler.seen_updates = self.scheduler.seen_updates, []
+        if penalty == 1.0:
+            return
+        if self._seen is None:
+            self._seen = torch.zeros(self.config.max_num_seqs, logits.shape[1], dtype=torch.bool, device=self.device)
+        for slot, history in updates:  # new branches (history empty) and readmitted ones (rebuilt)
+            self._seen[slot] = False
+            if history:
+                self._seen[slot, torch.tensor(history, device=self.device)] = True
+        rows = [i for i, s in enumerate(streams) if s.seen_slot >= 0]
+        if rows:
+            index = torch.tensor(rows, device=self.device)
+            seen = self._seen.index_select(0, torch.tensor([streams[i].seen_slot for i in rows], device=self.device))
+            sub = apply_repetition_penalty(logits.index_select(0, index), seen,
+                                           torch.full((len(rows),), penalty, device=self.device))
+            logits.index_copy_(0, index, sub)
+
+    def _row_params(self, streams: list[Stream]) -> RowParams:
+        temperature, top_p, top_k, uniform = [], [], [], []
+        for s in streams:
+            p = s.request.params
+            temperature.append(p.temperature)
+            top_p.append(p.top_p)
+            top_k.append(p.top_k)
+            uniform.append(row_uniform(*s.noise_key()) if p.temperature > 0 else 0.0)
+        return RowParams(temperature, top_p, top_k, uniform)
+
+    def _sample(self, streams: list[Stream], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """Process and sample one token per stream, batched on the device; log-probs are those of
+        the unprocessed model (temperature 1). logits: [S, V] float32, edited in place."""
+        want_logprobs = any(s.request.params.logprobs for s in streams)
+        edits = self.config.repetition_penalty != 1.0 or any(s.request.params.logits_processors for s in streams)
+        raw = logits.clone() if want_logprobs and edits else logits
+        self._penalise(streams, logits)
         for i, stream in enumerate(streams):
-            if stream.kind == "branch":  # NPR damps repetition inside steps only
-                apply_repetition_penalty(logits[i], stream.history, penalty)
             for processor in stream.request.params.logits_processors:
                 row = logits[i]
                 out = processor(stream, row)
                 if out is not row:
                     logits[i] = out
-        tokens = logits.argmax(-1).tolist()  # greedy rows keep these
-        for i, stream in enumerate(streams):
-            params = stream.request.params
-            if params.temperature > 0:
-                tokens[i] = int(sample_rows(logits[i:i + 1], params.temperature, params.top_k, params.top_p,
-                                            [stream.generator])[0])
-        if raw is None:
-            return tokens, [math.nan] * len(tokens)
-        chosen = raw.gather(1, torch.tensor(tokens)[:, None])[:, 0] - torch.logsumexp(raw, dim=-1)  # [S]
-        return tokens, chosen.tolist()
+        params = self._row_params(streams)
+        tokens, wide = sample(logits, params)
+        lse = torch.logsumexp(raw, dim=-1) if want_logprobs else None  # [S]
+        chosen = raw.gather(1, tokens[:, None])[:, 0] - lse if want_logprobs else torch.full_like(wide, math.nan,
+                                                                                              dtype=torch.float32)
+        packed = torch.stack([tokens.double(), chosen.double(), wide.double()]).cpu()  # the step's one transfer
+        token_ids = [int(t) for t in packed[0].tolist()]
+        logprobs = packed[1].tolist()
+        redo = [i for i, w in enumerate(packed[2].tolist()) if w]
+        if redo:  # rare: a nucleus wider than the candidates
+            for i, t in zip(redo, redraw_wide(logits, params, redo)):
+                token_ids[i] = t
+                if want_logprobs:
+                    logprobs[i] = float(raw[i, t] - lse[i])
+        self._mark_seen(streams, token_ids)
+        return token_ids, logprobs
+
+    def _mark_seen(self, streams: list[Stream], tokens: list[int]) -> None:
+        rows = [(s.seen_slot, t) for s, t in zip(streams, tokens) if s.seen_slot >= 0]
+        if rows and self._seen is not None:
+            slots, ids = zip(*rows)
+            self._seen[torch.tensor(slots, device=self.device), torch.tensor(ids, device=self.device)] = True
 
     def _result(self, req: Request) -> Result:
         tokens, positions, logprobs, sampled = [], [], [], []
@@ -243,15 +312,15 @@ class Engine:
         end = len(tokens) - (1 if tokens and tokens[-1] in self.scaffold.eos_ids else 0)
         text = self.tokenizer.decode(tokens[:end], skip_special_tokens=False)
         if self.config.debug:
-            assert all(seg.released for seg in req.segments), "finished request kept KV segments"
+            assert not req.resident, "finished request kept its KV pages"
+        now = time.perf_counter()
+        ended = req.ended or now
         return Result(
             prompt_index=req.prompt_index, sample_index=req.sample_index, prompt_ids=list(req.group.prompt_ids),
             token_ids=tokens, position_ids=positions, logprobs=logprobs, sampled=sampled, text=text,
             finish_reason=req.finish_reason, diagnostic=req.diagnostic, mode=self.config.mode, blocks=blocks,
             stats=RequestStats(
                 generated_tokens=len(tokens), critical_path_tokens=len(tokens) - saved,
-                forward_passes=req.forward_passes, wall_time_s=(req.ended or time.perf_counter()) - req.started,
-                parallel_blocks=len(blocks)),
+                forward_passes=req.forward_passes, wall_time_s=ended - (req.started or ended),
+                parallel_blocks=len(blocks), preemptions=req.preemptions),
         )
-
-

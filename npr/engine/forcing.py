@@ -30,6 +30,7 @@ class _Forcing:
         }
         self.tokenizer = tokenizer
         self._text_mask: torch.Tensor | None = None
+        self._blocked: dict = {}  # (vocab, device) -> ~text_mask there
 
     def text_mask(self, vocab: int) -> torch.Tensor:
         """BoolTensor[vocab]: tokens a TEXT slot may take: visible, tag-free, brace-free text
@@ -46,7 +47,10 @@ class _Forcing:
 
     def _apply(self, logits: torch.Tensor, slot: int | None) -> torch.Tensor:
         if slot is TEXT:
-            return logits.masked_fill_(~self.text_mask(logits.shape[0]), float("-inf"))
+            key = (logits.shape[0], logits.device)
+            if self._blocked.get(key) is None:  # one copy per device, not a transfer per row
+                self._blocked = {key: ~self.text_mask(logits.shape[0]).to(logits.device)}
+            return logits.masked_fill_(self._blocked[key], float("-inf"))
         forced = torch.full_like(logits, float("-inf"))
         forced[slot] = 0.0
         return forced

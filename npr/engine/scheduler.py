@@ -1,7 +1,8 @@
-"""The scheduler: a plain-Python state machine over requests and their branches.
+"""The scheduler: a plain-Python state machine over requests, their branches and the KV pages.
 
 Per step it returns the feeds for one forward (``plan``) and, given the sampled tokens, moves
-every stream along the NPR grammar (``consume``). It never touches model tensors.
+every stream along the NPR grammar (``consume``). It never touches model tensors; it allocates
+pages, which the pool records for the device-side page table.
 
 States of a request's streams::
 
@@ -13,8 +14,16 @@ States of a request's streams::
           prefilled with <takeaway> at pos(last shared) + longest branch + 1; main resumes
           in TAKEAWAY, then TEXT (another block, or the final answer and EOS)
 
-``sequential`` mode starts branch k+1 when branch k closes; ``plain`` mode skips the grammar.
-Token ids only: the scaffold ids come from the engine, which got them from the tokenizer.
+``sequential`` mode starts branch k+1 when branch k closes; ``parallel`` mode starts every branch
+the live-stream budget (``max_num_seqs``) allows, the rest as others close; ``plain`` mode skips the
+grammar. Token ids only: the scaffold ids come from the engine, which got them from the tokenizer.
+
+**Memory.** Requests are admitted while pages are free (no worst-case reservation). When a step
+needs more pages than are free, the youngest resident request is *preempted*: its pages are freed
+and it waits, ahead of new work, to be re-prefilled (prompt, prefix, branches, takeaway: every
+segment with its own positions and mask) and continue exactly where it stopped; its sampling noise
+is keyed by counters, not generator state, so its output does not change. A request that alone
+needs more than the pool ends with finish reason ``length`` and a diagnostic that says so.
 """
 
 from __future__ import annotations
@@ -22,124 +31,12 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
-
-import torch
 
 from npr.engine.attention import Feed
 from npr.engine.config import EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool, Segment
+from npr.engine.state import Group, OpenBlock, Request, Scaffold, Stream, StreamDelta
 from npr.masks import Phase, StructureError, branch_start_position, next_phase, takeaway_position
-
-
-@dataclass(frozen=True)
-class Scaffold:
-    """Token ids the engine prefills (from ``npr.schema.canonical``) and the ids it watches."""
-
-    tag_of: dict[int, str]  # token id -> tag string, for the 8 tags
-    plan_label: tuple[tuple[int, ...], ...]  # index k-1 -> ids of plan_label(k), prefilled after the k-th <plan>
-    guideline_separator: tuple[int, ...]
-    step_open: tuple[tuple[int, ...], ...]  # index k-1 -> ids of step_open(k)
-    step_separator: tuple[int, ...]
-    takeaway_open: tuple[int, ...]
-    eos_ids: frozenset[int]
-
-
-class Stream:
-    """A live decoding position: the main line of a request or one branch. Logits processors see
-    it read-only: ``prompt_index``, ``sample_index``, ``kind`` ("main"/"branch"), ``block`` (number
-    of blocks forked so far, or this branch's block), ``branch`` (1-based, 0 for main),
-    ``phase``, ``tokens`` (the current segment's tokens)."""
-
-    def __init__(self, request: Request, segment: Segment, kind: str, phase: Phase, block: int, branch: int,
-                 generator: torch.Generator | None):
-        self.request = request
-        self.segment = segment
-        self.kind = kind
-        self.phase = phase
-        self.block = block
-        self.branch = branch
-        self.generator = generator
-        self.wants_sample = True
-        self.closed = False  # a branch that sampled </step> (its closing tokens may still be pending)
-        self.plans = 0  # main: plans opened in the current guideline
-        self.history: list[int] = []  # tokens sampled in this branch (repetition penalty)
-
-    @property
-    def prompt_index(self) -> int:
-        return self.request.prompt_index
-
-    @property
-    def sample_index(self) -> int:
-        return self.request.sample_index
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.segment.tokens
-
-
-@dataclass
-class OpenBlock:
-    """A forked block waiting for its branches to close."""
-
-    shared: Segment
-    last_shared_position: int
-    branches: list[Stream]
-    planned: int  # number of plans = branches to run
-
-
-@dataclass
-class Group:
-    """A prompt and its n samples; the prompt segment is stored and prefilled once."""
-
-    prompt_index: int
-    prompt_ids: list[int]
-    params: SamplingParams
-    seed: int
-    prompt: Segment | None = None
-    requests: list[Request] = field(default_factory=list)
-
-
-class Request:
-    """One sample: its response segments in flat order, live streams, budget and outcome."""
-
-    def __init__(self, group: Group, sample_index: int, request_id: int, reserved_blocks: int):
-        self.group = group
-        self.sample_index = sample_index
-        self.id = request_id
-        self.params = group.params
-        self.reserved_blocks = reserved_blocks
-        self.segments: list[Segment] = []
-        self.main: Stream | None = None
-        self.open_block: OpenBlock | None = None
-        self.blocks: list[list[Segment]] = []  # executed blocks: their branch segments
-        self.used = 0
-        self.finish_reason: str | None = None
-        self.diagnostic: str | None = None
-        self.forward_passes = 0
-        self.started = time.perf_counter()
-        self.ended: float | None = None
-
-    @property
-    def prompt_index(self) -> int:
-        return self.group.prompt_index
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    def streams(self) -> list[Stream]:
-        """Live streams in a fixed order: main, then branches by index."""
-        if self.finished:
-            return []
-        if self.open_block is not None:
-            return [b for b in self.open_block.branches if not b.closed]
-        return [self.main]
-
-    def generator(self, *key: int) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed(hash((self.group.seed, self.sample_index, *key)) & 0x7FFF_FFFF_FFFF_FFFF)
-        return g
 
 
 class Scheduler:
@@ -147,119 +44,262 @@ class Scheduler:
         self.config = config
         self.pool = pool
         self.scaffold = scaffold
-        self.waiting: deque[Group] = deque()
-        self.running: list[Request] = []
-        self.finished: list[Request] = []
+        self.waiting: deque[Group] = deque()  # groups not admitted yet
+        self.preempted: list[Request] = []  # by request id: the oldest is readmitted first
+        self.running: list[Request] = []  # resident requests by id
+        self.finished: list[Request] = []  # finished, not yet reported (``take_finished``)
+        self.seen_updates: list[tuple[int, list[int]]] = []  # (seen slot, tokens): rows to rebuild
+        self._free_seen = list(range(config.max_num_seqs - 1, -1, -1))
         self._next_segment = 0
         self._next_request = 0
         self._groups_alive: list[Group] = []
-        self._prompt_feeds: list[Group] = []  # groups whose prompt is fed in the coming forward
+        self._touched: dict[int, tuple[Request, Segment]] = {}  # segments appended to in this step
 
-    # ------------------------------------------------------------------ admission
-
-    def request_blocks(self, params: SamplingParams) -> int:
-        """Blocks one request may need at most: its budget plus one partial block per segment.
-
-        A block of k branches opens k + 1 segments and costs at least 6k + 4 >= 5(k + 1) tokens
-        (<guideline>, k plan tag pairs and labels, </guideline> and its separator, k step scaffolds of >= 2
-        tokens, k </step> and separators, <takeaway>), so a budget of B tokens opens at most B / 5.
-        """
-        cfg = self.config
-        forks = 0 if cfg.mode == "plain" else min(cfg.max_depth * (cfg.max_branches + 1),
-                                                    math.ceil(params.max_new_tokens / 5))
-        return math.ceil(params.max_new_tokens / self.pool.block_size) + 1 + forks
-
-    def group_blocks(self, prompt_len: int, params: SamplingParams) -> int:
-        return math.ceil(prompt_len / self.pool.block_size) + params.n * self.request_blocks(params)
+    # ------------------------------------------------------------------ submission and cancellation
 
     def check_fits(self, prompt_index: int, prompt_len: int, params: SamplingParams) -> None:
-        """Raise if this prompt's n samples could never fit in the pool, even alone."""
-        need = self.group_blocks(prompt_len, params)
+        """Raise if this prompt could never start: its pages plus one per sample exceed the pool,
+        or it has more samples than ``max_num_seqs`` streams."""
+        need = math.ceil(prompt_len / self.pool.block_size) + params.n
         if need > self.pool.num_blocks:
             raise EngineInputError(
-                f"prompt {prompt_index} needs up to {need} KV blocks ({prompt_len} prompt tokens, n={params.n}, "
-                f"max_new_tokens={params.max_new_tokens}) but the pool has {self.pool.num_blocks}; "
-                "raise EngineConfig.kv_cache_tokens/kv_cache_gib or lower n or max_new_tokens")
+                f"prompt {prompt_index} needs {need} KV pages to start ({prompt_len} prompt tokens, n={params.n}) "
+                f"but the pool has {self.pool.num_blocks}; raise EngineConfig.kv_cache_tokens/kv_cache_gib or "
+                "shorten the prompt")
+        if params.n > self.config.max_num_seqs:
+            raise EngineInputError(f"n={params.n} samples exceed max_num_seqs={self.config.max_num_seqs} live streams")
 
     def submit(self, prompt_index: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
         self.check_fits(prompt_index, len(prompt_ids), params)
-        self.waiting.append(Group(prompt_index, list(prompt_ids), params, seed))
+        prompt = self._new_segment(0)
+        prompt.frozen = True
+        for t in prompt_ids:
+            prompt.append(t, math.nan, False)
+        group = Group(prompt_index, list(prompt_ids), params, seed, prompt)
+        for i in range(params.n):
+            self._next_request += 1
+            group.requests.append(Request(group, i, self._next_request))
+        self.waiting.append(group)
 
-    def _reserved_outstanding(self) -> int:
-        return sum(max(0, r.reserved_blocks - sum(len(s.blocks) for s in r.segments)) for r in self.running)
+    def cancel(self, prompt_index: int, sample_index: int | None = None) -> int:
+        """Finish the queued, preempted or running samples of ``prompt_index`` (one, or all) as
+        ``cancelled`` and free their KV now; the next step reports them. Returns how many it cancelled."""
+        groups = [g for g in (*self.waiting, *self._groups_alive) if g.prompt_index == prompt_index]
+        hit = [r for g in groups for r in g.requests if not r.finished and sample_index in (None, r.sample_index)]
+        for req in hit:
+            self._finish(req, "cancelled", "cancelled by the caller")
+            if not req.resident:  # queued or preempted: nothing to release
+                self.finished.append(req)
+        self.waiting = deque(g for g in self.waiting if not all(r.finished for r in g.requests))
+        self.preempted = [r for r in self.preempted if not r.finished]
+        self._collect()
+        return len(hit)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.preempted or self.running or self.finished)
+
+    def take_finished(self) -> list[Request]:
+        done, self.finished = self.finished, []
+        return done
+
+    def live_streams(self) -> int:
+        """Stream slots held: each resident request's live streams, and at least one (a request
+        between a fork and its first branch keeps its main line's slot)."""
+        return sum(max(1, len(r.streams())) for r in self.running if not r.finished)
+
+    # ------------------------------------------------------------------ pages
+
+    def _new_segment(self, start_pos: int, fork: int | None = None, order: int = 0, block: int = 0,
+                     branch: int = 0) -> Segment:
+        self._next_segment += 1
+        seg_id = self._next_segment
+        return Segment(seg_id, start_pos, seg_id if fork is None else fork, order, block, branch)
+
+    def _rows_of(self, req: Request, seg: Segment) -> list[int]:
+        if seg is req.group.prompt:
+            return [r.row for r in req.group.requests if r.resident]
+        return [req.row]
+
+    def _allocate(self, seg: Segment, rows: list[int]) -> None:
+        """Pages for every token of ``seg`` (the plan feeds them all); the rows list each new page."""
+        bs, table = self.pool.block_size, self.pool.pages
+        while len(seg.pages) * bs < len(seg):
+            page = self.pool.allocate(seg.id, len(seg.pages) * bs)
+            seg.pages.append(page)
+            for row in rows:
+                table.append(row, page)
+        self._sync_valid(seg)
+
+    def _sync_valid(self, seg: Segment) -> None:
+        """A frozen segment's readers see its last page only up to its length."""
+        bs = self.pool.block_size
+        if seg.frozen and seg.pages and len(seg.pages) * bs >= len(seg):
+            self.pool.pages.set_valid(seg.pages[-1], len(seg) - (len(seg.pages) - 1) * bs)
+
+    def _freeze(self, seg: Segment) -> None:
+        seg.frozen = True
+        self._sync_valid(seg)
+
+    def _pages_to_feed(self, req: Request) -> int:
+        bs = self.pool.block_size
+        need = sum(s.pages_needed(len(s), bs) for s in req.segments if s.written < len(s))
+        prompt = req.group.prompt
+        if not req.resident and not prompt.pages:
+            need += prompt.pages_needed(len(prompt), bs)
+        return need
+
+    def _release(self, req: Request) -> None:
+        """Free a request's pages and row (finished or preempted); the prompt goes with its last reader."""
+        if not req.resident:
+            return
+        for seg in req.segments:
+            self.pool.release(seg.pages)
+            seg.pages, seg.written = [], 0
+        for stream in [req.main, *(req.open_block.branches if req.open_block else [])]:
+            if stream is not None and stream.seen_slot >= 0:
+                self._free_seen.append(stream.seen_slot)
+                stream.seen_slot = -1
+        self.pool.pages.close_row(req.row)
+        req.row = None
+        group = req.group
+        group.resident -= 1
+        if group.resident == 0:
+            self.pool.release(group.prompt.pages)
+            group.prompt.pages, group.prompt.written = [], 0
+
+    def _make_resident(self, req: Request) -> None:
+        req.row = self.pool.pages.open_row()
+        group = req.group
+        group.resident += 1
+        if group.prompt.pages:
+            for page in group.prompt.pages:
+                self.pool.pages.append(req.row, page)
+        else:
+            self._allocate(group.prompt, [req.row])
+        for stream in req.streams():
+            if stream.kind == "branch":
+                self._give_seen_slot(stream)
+        req.mark_started()
+        self.running.append(req)
+        self.running.sort(key=lambda r: r.id)
+
+    def _give_seen_slot(self, stream: Stream) -> None:
+        if self.config.repetition_penalty != 1.0 and stream.seen_slot < 0:
+            stream.seen_slot = self._free_seen.pop()
+            self.seen_updates.append((stream.seen_slot, list(stream.history)))
+
+    # ------------------------------------------------------------------ admission and preemption
+
+    def _make_room(self) -> None:
+        """Preempt the youngest resident requests until this step's feeds fit in the free pages."""
+        while self.running:
+            need = sum(self._pages_to_feed(r) for r in self.running)
+            if need <= self.pool.free_blocks:
+                return
+            victim = self.running[-1]
+            if len(self.running) == 1:
+                held = sum(len(s.pages) for s in victim.segments) + len(victim.group.prompt.pages)
+                self._finish(victim, "length", self._too_big(victim, held + need))
+                self._collect()
+                return
+            self.running.pop()
+            self._release(victim)
+            victim.preemptions += 1
+            self.preempted.append(victim)
+            self.preempted.sort(key=lambda r: r.id)
 
     def _admit(self) -> None:
+        """Readmit preempted requests (oldest first), then admit new groups, while pages and streams allow.
+
+        Pages: the running requests' feeds come first; what stays free after an admission covers one
+        new page per live stream, so a step rarely preempts what it just admitted. With nothing
+        resident, the first in line is admitted regardless (``check_fits`` guarantees a new group
+        fits an empty pool; a preempted request that no longer fits alone ends as ``length``)."""
+        cap, pool = self.config.max_num_seqs, self.pool
+        live = self.live_streams()
+        spare = pool.free_blocks - sum(self._pages_to_feed(r) for r in self.running)
+        while self.preempted:
+            req = self.preempted[0]
+            streams = max(1, len(req.streams()))
+            need = self._pages_to_feed(req)
+            if not self.running:
+                if need > pool.free_blocks:
+                    self.preempted.pop(0)
+                    self._finish(req, "length", self._too_big(req, need))
+                    self.finished.append(req)
+                    continue
+            elif live + streams > cap or need + live + streams > spare or pool.pages.free_rows == 0:
+                return
+            self.preempted.pop(0)
+            self._make_resident(req)
+            live, spare = live + streams, spare - need
         while self.waiting:
             group = self.waiting[0]
-            fits_batch = not self.running or len(self.running) + group.params.n <= self.config.max_num_seqs
-            available = self.pool.free_blocks - self._reserved_outstanding()
-            if not fits_batch or self.group_blocks(len(group.prompt_ids), group.params) > available:
+            todo = [r for r in group.requests if not r.finished]
+            need = math.ceil(len(group.prompt_ids) / pool.block_size) + len(todo)
+            if self.running and (live + len(todo) > cap or need + live > spare or pool.pages.free_rows < len(todo)):
                 return
             self.waiting.popleft()
-            self._start_group(group)
+            self._start_group(group, todo)
+            live, spare = live + len(todo), spare - need
 
-    def _new_segment(self, start_pos: int, visible: tuple[Segment, ...]) -> Segment:
-        self._next_segment += 1
-        return Segment(self._next_segment, self.pool, start_pos, visible)
+    def _too_big(self, req: Request, need: int) -> str:
+        return (f"the KV pool ({self.pool.num_blocks} pages of {self.pool.block_size} tokens) cannot hold this request "
+                f"alone (it needs {need} pages for its {req.used} tokens and its prompt); raise "
+                "EngineConfig.kv_cache_tokens/kv_cache_gib")
 
-    def _start_group(self, group: Group) -> None:
-        group.prompt = self._new_segment(0, ())
-        for t in group.prompt_ids:
-            group.prompt.append(t, math.nan, False)
-        for i in range(group.params.n):
-            self._next_request += 1
-            req = Request(group, i, self._next_request, self.request_blocks(group.params))
-            seg = self._new_segment(len(group.prompt_ids), (group.prompt,))
+    def _start_group(self, group: Group, requests: list[Request]) -> None:
+        for req in requests:
+            seg = self._new_segment(len(group.prompt_ids), order=0)
             req.segments.append(seg)
-            phase = Phase.TEXT
-            req.main = Stream(req, seg, "main", phase, 0, 0, req.generator(0, 0))
-            group.requests.append(req)
-            self.running.append(req)
+            req.main = Stream(req, seg, "main", Phase.TEXT, 0, 0)
+            self._make_resident(req)
         self._groups_alive.append(group)
-        self._prompt_feeds.append(group)
 
     # ------------------------------------------------------------------ planning
 
     def plan(self) -> tuple[list[Feed], list[list[Stream]]]:
         """Feeds for the next forward and, per feed that asks for logits, the streams to sample.
 
-        The prompt of a new group is one feed whose last logits serve all its n samples.
+        The prompt of a new group is one feed whose last logits serve all its n samples; a
+        re-prefilled prompt asks for none. Pages for every feed are allocated here, so the forward
+        never runs out of them.
         """
+        self._make_room()
         self._admit()
         feeds: list[Feed] = []
         samplers: list[list[Stream]] = []
-        for group in self._prompt_feeds:
-            feeds.append(Feed(group.prompt, 0, list(group.prompt_ids), -group.prompt.id, True))
-            samplers.append([r.main for r in group.requests])
-            for req in group.requests:
-                req.forward_passes += 1
-        self._prompt_feeds = []
+        fed_prompts: set[int] = set()
         for req in self.running:
             fed = False
-            for stream in req.streams():
-                seg = stream.segment
+            prompt = req.group.prompt
+            if prompt.written < len(prompt) and id(prompt) not in fed_prompts:
+                fed_prompts.add(id(prompt))
+                self._allocate(prompt, self._rows_of(req, prompt))
+                first = not req.group.started
+                feeds.append(Feed(prompt, prompt.written, prompt.tokens[prompt.written:], req.row, first))
+                if first:
+                    req.group.started = True
+                    samplers.append([r.main for r in req.group.requests if r.resident and not r.segments[0].tokens])
+                fed = True
+            live = {id(s.segment): s for s in req.streams()}
+            for seg in req.segments:
                 if seg.written < len(seg):
-                    feeds.append(Feed(seg, seg.written, seg.tokens[seg.written:], req.id, stream.wants_sample))
-                    if stream.wants_sample:
+                    self._allocate(seg, [req.row])
+                    stream = live.get(id(seg))
+                    wants = stream is not None and stream.wants_sample
+                    feeds.append(Feed(seg, seg.written, seg.tokens[seg.written:], req.row, wants))
+                    if wants:
                         samplers.append([stream])
                     fed = True
-            for seg in self._closing_segments(req):
-                feeds.append(Feed(seg, seg.written, seg.tokens[seg.written:], req.id, False))
-                fed = True
             req.forward_passes += fed
         return feeds, samplers
 
-    def _closing_segments(self, req: Request) -> list[Segment]:
-        """Segments with unwritten tokens that no live stream feeds: a suspended main line at a fork,
-        branches that just sampled </step>."""
-        live = {id(s.segment) for s in req.streams()}
-        return [seg for seg in req.segments if seg.written < len(seg) and id(seg) not in live]
-
     # ------------------------------------------------------------------ consuming samples
 
-    def consume(self, samples: list[tuple[Stream, int, float]]) -> list[Request]:
-        """Apply sampled (stream, token, logprob) in order; return the requests that finished."""
-        done_before = len(self.finished)
+    def consume(self, samples: list[tuple[Stream, int, float]]) -> list[StreamDelta]:
+        """Apply sampled (stream, token, logprob) in order; return the step's token deltas.
+        Finished requests are collected for ``take_finished``."""
         for stream, token, logprob in samples:
             req = stream.request
             if req.finished:
@@ -267,11 +307,24 @@ class Scheduler:
             self._on_sample(stream, token, logprob)
             if not req.finished and req.used >= req.params.max_new_tokens:
                 self._finish(req, "length", None)
+        live = self.live_streams()
         for req in self.running:
             if not req.finished and req.open_block is not None:
-                self._advance_block(req)
+                live += self._advance_block(req, live)
+        deltas = []
+        for req, seg in self._touched.values():
+            if seg.delivered < len(seg):
+                deltas.append(StreamDelta(req.prompt_index, req.sample_index, seg.order, seg.block, seg.branch,
+                                          tuple(seg.tokens[seg.delivered:])))
+                seg.delivered = len(seg)
+        self._touched = {}
         self._collect()
-        return self.finished[done_before:]
+        return deltas
+
+    def _append(self, stream: Stream, token: int, logprob: float, sampled: bool) -> None:
+        seg = stream.segment
+        seg.append(token, logprob, sampled)
+        self._touched.setdefault(id(seg), (stream.request, seg))
 
     def _spend(self, req: Request, count: int) -> bool:
         if req.used + count > req.params.max_new_tokens:
@@ -284,26 +337,23 @@ class Scheduler:
         if not self._spend(stream.request, len(ids)):
             return False
         for t in ids:
-            stream.segment.append(t, math.nan, False)
+            self._append(stream, t, math.nan, False)
         return True
 
     def _on_sample(self, stream: Stream, token: int, logprob: float) -> None:
         req = stream.request
-        stream.segment.append(token, logprob, True)
+        self._append(stream, token, logprob, True)
         req.used += 1
         if stream.kind == "branch":
             stream.history.append(token)
         if token in req.params.stop_token_ids:
-            self._finish(req, "stop", None)
-            return
+            return self._finish(req, "stop", None)
         mode = self.config.mode
-        if token in self.scaffold.eos_ids:
+        if token in self.scaffold.eos_ids and not req.params.ignore_eos:
             if mode == "plain" or stream.phase is Phase.TEXT:
-                self._finish(req, "eos", None)
-            else:
-                where = f"step {stream.branch} of block {stream.block}" if stream.kind == "branch" else stream.phase.value
-                self._finish(req, "invalid_schema", f"EOS inside {where}")
-            return
+                return self._finish(req, "eos", None)
+            where = f"step {stream.branch} of block {stream.block}" if stream.kind == "branch" else stream.phase.value
+            return self._finish(req, "invalid_schema", f"EOS inside {where}")
         if mode == "plain":
             return
         tag = self.scaffold.tag_of.get(token)
@@ -311,8 +361,7 @@ class Scheduler:
             phase = next_phase(stream.phase, tag)
         except StructureError as e:
             where = f" (step {stream.branch} of block {stream.block})" if stream.kind == "branch" else ""
-            self._finish(req, "invalid_schema", f"{e}{where}")
-            return
+            return self._finish(req, "invalid_schema", f"{e}{where}")
         stream.phase = phase
         if tag == "<guideline>":
             stream.plans = 0
@@ -325,9 +374,13 @@ class Scheduler:
         elif tag == "</step>":
             stream.closed = True
             stream.wants_sample = False
+            if stream.seen_slot >= 0:
+                self._free_seen.append(stream.seen_slot)
+                stream.seen_slot = -1
             self._force(stream, self.scaffold.step_separator)
 
     def _fork(self, main: Stream) -> None:
+        """Open a block at ``</guideline>``; its branches start in ``_advance_block`` (same step)."""
         req, cfg = main.request, self.config
         k = main.plans
         if k == 0:
@@ -343,36 +396,48 @@ class Scheduler:
             return
         main.wants_sample = False
         shared = main.segment
-        last = shared.start_pos + len(shared) - 1
-        block = OpenBlock(shared, last, [], k)
-        req.open_block = block
+        self._freeze(shared)
+        req.open_block = OpenBlock(shared, shared.start_pos + len(shared) - 1, [], k)
         req.blocks.append([])
-        for b in range(1, k + 1 if cfg.mode == "parallel" else 2):
-            if req.finished:
-                return
-            self._start_branch(req, b)
 
     def _start_branch(self, req: Request, branch: int) -> None:
         block = req.open_block
-        visible = (*block.shared.visible, block.shared)
-        seg = self._new_segment(branch_start_position(block.last_shared_position), visible)
+        first = block.branches[0].segment.id if block.branches else None
         number = len(req.blocks)
-        stream = Stream(req, seg, "branch", Phase.STEP, number, branch, req.generator(number, branch))
+        seg = self._new_segment(branch_start_position(block.last_shared_position), order=len(req.segments),
+                                block=number, branch=branch)
+        seg.fork = seg.id if first is None else first  # siblings are never in a branch's ancestry
+        stream = Stream(req, seg, "branch", Phase.STEP, number, branch)
         block.branches.append(stream)
         req.segments.append(seg)
         req.blocks[-1].append(seg)
+        self._give_seen_slot(stream)
         self._force(stream, self.scaffold.step_open[branch - 1])
 
-    def _advance_block(self, req: Request) -> None:
-        """Start the next branch (sequential) or join once every branch has closed."""
+    def _advance_block(self, req: Request, live: int) -> int:
+        """Start branches (parallel: while the live-stream budget allows, at least one; sequential:
+        the next once the previous closed) or join once every branch has closed. Returns the change
+        in live streams."""
         block = req.open_block
-        if not all(b.closed for b in block.branches):
-            return
-        if len(block.branches) < block.planned:
-            return self._start_branch(req, len(block.branches) + 1)
+        before = max(1, len(req.streams()))
+        while len(block.branches) < block.planned and not req.finished:
+            open_now = len(req.streams())
+            if self.config.mode != "parallel" and open_now:
+                break
+            if open_now and live - before + open_now + 1 > self.config.max_num_seqs:
+                break
+            self._start_branch(req, len(block.branches) + 1)
+        if not req.finished and len(block.branches) == block.planned and all(b.closed for b in block.branches):
+            self._join(req)
+        return (0 if req.finished else max(1, len(req.streams()))) - before
+
+    def _join(self, req: Request) -> None:
+        block = req.open_block
         lengths = [len(b.segment) for b in block.branches]
-        visible = (*block.shared.visible, block.shared, *(b.segment for b in block.branches))
-        seg = self._new_segment(takeaway_position(block.last_shared_position, lengths), visible)
+        for b in block.branches:
+            self._freeze(b.segment)
+        seg = self._new_segment(takeaway_position(block.last_shared_position, lengths), order=len(req.segments),
+                                block=len(req.blocks))
         req.segments.append(seg)
         main = req.main
         main.segment, main.phase, main.wants_sample, main.history = seg, Phase.TAKEAWAY, True, []
@@ -393,19 +458,9 @@ class Scheduler:
         still = []
         for req in self.running:
             if req.finished:
-                for seg in req.segments:
-                    seg.release()
+                self._release(req)
                 self.finished.append(req)
             else:
                 still.append(req)
         self.running = still
-        alive = []
-        for group in self._groups_alive:
-            if all(r.finished for r in group.requests):
-                group.prompt.release()
-            else:
-                alive.append(group)
-        self._groups_alive = alive
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        self._groups_alive = [g for g in self._groups_alive if not all(r.finished for r in g.requests)]

@@ -1,0 +1,119 @@
+"""Both attention kernels (flex reading the paged pool in place, SDPA over gathered pages) against one
+flat masked training forward, on random trees whose forks and joins fall in the same steps as other
+requests' decode rows; and the mask rule against ``npr.masks`` directly.
+
+The flex kernel is compiled once per process (dynamic shapes, padded calls): ~30 s on a busy 2-core
+CPU, the bulk of this file's time.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
+from npr.engine.attention import tree_rule
+from npr.masks import attention_bias, parallel_mask_and_positions
+from npr.tokens import tag_token_ids
+
+TOL = 1e-4
+
+
+class RandomTrees:
+    """Per prompt, a random forced tree: 1-2 blocks of 1-4 branches of 1-12 tokens, a random prefix."""
+
+    def __init__(self, tok, seed: int, prompts: int):
+        rng = random.Random(seed)
+        self.forcers = [StructureForcer(tok, [[rng.randint(1, 12) for _ in range(rng.randint(1, 4))]
+                                              for _ in range(rng.randint(1, 2))], prefix_tokens=rng.randint(0, 9))
+                        for _ in range(prompts)]
+
+    def __call__(self, stream, logits):
+        return self.forcers[stream.prompt_index](stream, logits)
+
+
+def flat_logprobs(model, tok, result) -> list[float]:
+    ids = torch.tensor(result.prompt_ids + result.token_ids)
+    p = len(result.prompt_ids)
+    allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(tok), response_start=p)
+    assert positions[p:].tolist() == result.position_ids
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], position_ids=positions[None],
+                       attention_mask=attention_bias(allowed, model.dtype)[None, None]).logits[0].float()
+    logp = torch.log_softmax(logits, -1)
+    return [logp[p + i - 1, t].item() for i, t in enumerate(result.token_ids)]
+
+
+def staggered(engine: Engine, prompts, params, every: int = 3) -> list:
+    """Submit one prompt every ``every`` steps, so prefills, forks and joins meet decode rows."""
+    results, pending, step = [], list(enumerate(prompts)), 0
+    while pending or engine.has_work():
+        if pending and step % every == 0:
+            index, prompt = pending.pop(0)
+            engine.submit([prompt], params, first_index=index)
+        results += engine.step().finished
+        step += 1
+    return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen3"])
+def test_kernels_equal_the_flat_masked_forward(which, kernel, request):
+    model, tok = request.getfixturevalue(which)
+    rng = random.Random(17)
+    prompts = [[1] + [rng.randrange(3, 250) for _ in range(rng.randint(2, 40))] for _ in range(5)]
+    params = SamplingParams(max_new_tokens=300, temperature=1.0, n=2, seed=1,
+                            logits_processors=(RandomTrees(tok, 4, len(prompts)),))
+    # a pool of 40 pages also preempts: re-prefills join the mix
+    engine = Engine(model, tok, EngineConfig(attention=kernel, debug=True, kv_cache_tokens=16 * 40, max_num_seqs=8))
+    results = staggered(engine, prompts, params)
+    assert len(results) == 10 and all(r.finish_reason == "eos" for r in results)
+    assert sum(r.stats.parallel_blocks for r in results) >= 10
+    worst = 0.0
+    for r in results:
+        flat = flat_logprobs(model, tok, r)
+        worst = max(worst, max(abs(a - b) for a, b, s in zip(flat, r.logprobs, r.sampled) if s))
+    assert worst <= TOL, f"max abs diff {worst:.2e}"
+
+
+def test_flex_and_sdpa_decode_the_same_tokens(tiny_qwen3):
+    model, tok = tiny_qwen3
+    params = SamplingParams(max_new_tokens=300, temperature=0, logits_processors=(RandomTrees(tok, 9, 3),))
+    prompts = [[1, 70, 71], [1, 80, 81, 82, 83], [1, 90]]
+    out = {k: Engine(model, tok, EngineConfig(attention=k, kv_cache_tokens=16 * 40, max_num_seqs=8)).generate(
+        prompts, params) for k in ("flex", "sdpa")}
+    assert [r.token_ids for r in out["flex"]] == [r.token_ids for r in out["sdpa"]]
+
+
+def test_the_rule_is_the_training_mask():
+    """``tree_rule`` over a hand-built page table equals ``npr.masks`` on the flat sequence.
+
+    Segments (id: tokens): prompt 1: 3, main 2: 6 (frozen at the fork), branches 3: 4 and 4: 2
+    (fork threshold 3), takeaway 5: 3. Pages of 4 tokens."""
+    page_size = 4
+    lengths = {1: 3, 2: 6, 3: 4, 4: 2, 5: 3}
+    fork = {1: 1, 2: 2, 3: 3, 4: 3, 5: 5}
+    page_seg, page_start, page_valid, slot_of = [], [], [], []
+    for seg, n in lengths.items():  # flat order = creation order = canonical order
+        for start in range(0, n, page_size):
+            page_seg.append(seg)
+            page_start.append(start)
+            page_valid.append(min(page_size, n - start))
+        slot_of += [(len(page_seg) - math.ceil(n / page_size) + i // page_size) * page_size + i % page_size
+                    for i in range(n)]
+    tables = [torch.tensor(t, dtype=torch.int32) for t in (page_seg, page_start, page_valid)]
+    segs = torch.tensor([seg for seg, n in lengths.items() for _ in range(n)])
+    offs = torch.tensor([i for n in lengths.values() for i in range(n)])
+    forks = torch.tensor([fork[seg] for seg, n in lengths.items() for _ in range(n)])
+    allowed = tree_rule(*tables, page_size, segs[:, None], offs[:, None], forks[:, None],
+                        torch.tensor(slot_of)[None, :])
+    tags = {t: 100 + i for i, t in enumerate(["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>",
+                                              "<takeaway>", "</takeaway>"])}
+    ids = [7, 7, 7, tags["<guideline>"], tags["<plan>"], tags["</plan>"], tags["<plan>"], tags["</plan>"],
+           tags["</guideline>"], tags["<step>"], 8, 8, tags["</step>"], tags["<step>"], tags["</step>"],
+           tags["<takeaway>"], tags["</takeaway>"], 9]
+    reference, _ = parallel_mask_and_positions(ids, tags, response_start=3)
+    assert torch.equal(allowed, reference)

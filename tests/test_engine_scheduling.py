@@ -1,0 +1,144 @@
+"""Admission by use, preemption by recompute, live-stream bounds, cancellation and token deltas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
+
+PROMPTS = [[1, 72, 73, 74, 75, 2, 201], [1, 80, 81, 201], [1, 90, 91, 92, 201], [1, 60, 201],
+           [1, 100, 101, 102, 103, 104, 201], [1, 110, 201]]
+SHAPES = [[(5, 9, 3), (4, 4)], [(12,), (3, 3, 3)], [(7, 2)], [(2, 2, 2, 2)], [(10, 1), (6,)], [(3, 8)]]
+
+
+class PerPrompt:
+    """A different forced tree per prompt, with a different prefix: forks and joins of one request
+    fall in the steps where others decode."""
+
+    def __init__(self, tok, shapes=SHAPES):
+        self.forcers = [StructureForcer(tok, [list(b) for b in shape], prefix_tokens=i)
+                        for i, shape in enumerate(shapes)]
+
+    def __call__(self, stream, logits):
+        return self.forcers[stream.prompt_index % len(self.forcers)](stream, logits)
+
+
+def run(model_tok, params, prompts=PROMPTS, **cfg):
+    model, tok = model_tok
+    cfg.setdefault("kv_cache_tokens", 8192)
+    engine = Engine(model, tok, EngineConfig(debug=True, **cfg))
+    results = engine.generate(prompts, params)
+    engine.pool.assert_empty()
+    return engine, results
+
+
+def same_outputs(a, b):
+    assert [(r.prompt_index, r.sample_index) for r in a] == [(r.prompt_index, r.sample_index) for r in b]
+    for x, y in zip(a, b):
+        assert x.token_ids == y.token_ids and x.position_ids == y.position_ids and x.blocks == y.blocks
+        assert x.finish_reason == y.finish_reason
+        assert all(math.isclose(p, q, abs_tol=1e-4) or (math.isnan(p) and math.isnan(q))
+                   for p, q in zip(x.logprobs, y.logprobs))
+
+
+@pytest.mark.parametrize("mode, temperature", [("parallel", 0.0), ("sequential", 1.0)])
+def test_tiny_pool_preempts_and_changes_nothing(tiny_llama, mode, temperature):
+    """A pool far too small for the batch (but enough for any one request) preempts and recomputes
+    requests, and every output equals the ample pool's: prefixes, branches and takeaways re-prefilled
+    with their own positions and mask, sampling keyed by counters."""
+    _, tok = tiny_llama
+    params = SamplingParams(max_new_tokens=300, temperature=temperature, top_p=0.9, n=2, seed=5,
+                            logits_processors=(PerPrompt(tok),))
+    _, ample = run(tiny_llama, params, mode=mode)
+    assert all(r.finish_reason == "eos" for r in ample)
+    tight, small = run(tiny_llama, params, mode=mode, kv_cache_tokens=16 * 14)
+    same_outputs(small, ample)
+    assert sum(r.stats.preemptions for r in small) >= 3
+    assert max(len(r.prompt_ids) + len(r.token_ids) for r in small) > 16 * 6  # the pool holds ~2 requests at once
+
+
+def test_a_request_larger_than_the_pool_ends_as_length(tiny_llama):
+    _, tok = tiny_llama
+    shapes = [[(60, 60, 60)], [(3,)]]
+    params = SamplingParams(max_new_tokens=400, temperature=0, logits_processors=(PerPrompt(tok, shapes),))
+    engine, results = run(tiny_llama, params, prompts=PROMPTS[:2], kv_cache_tokens=16 * 8)
+    big, small = results
+    assert big.finish_reason == "length" and "cannot hold this request alone" in big.diagnostic
+    assert small.finish_reason == "eos"
+    assert not engine.has_work()
+
+
+def test_max_num_seqs_bounds_live_streams(tiny_llama):
+    _, tok = tiny_llama
+    params = SamplingParams(max_new_tokens=300, temperature=0, logits_processors=(PerPrompt(tok),))
+    _, ample = run(tiny_llama, params, mode="parallel")
+    model, tok = tiny_llama
+    engine = Engine(model, tok, EngineConfig(mode="parallel", debug=True, kv_cache_tokens=8192, max_num_seqs=3))
+    engine.submit(PROMPTS, params)
+    results, peak = [], 0
+    while engine.has_work():
+        results += engine.step().finished
+        peak = max(peak, engine.scheduler.live_streams())
+    assert peak == 3  # reached, never exceeded: forks wider than the room left start their branches later
+    same_outputs(sorted(results, key=lambda r: r.prompt_index), ample)
+
+
+def test_cancel_frees_the_kv_and_reports_the_request(tiny_llama):
+    model, tok = tiny_llama
+    params = SamplingParams(max_new_tokens=300, temperature=0, logits_processors=(PerPrompt(tok),))
+    engine = Engine(model, tok, EngineConfig(debug=True, kv_cache_tokens=8192, max_num_seqs=2))
+    engine.submit(PROMPTS[:3], params)
+    for _ in range(12):
+        engine.step()
+    assert len(engine.scheduler.running) == 2 and len(engine.scheduler.waiting) == 1  # prompt 2 is queued
+    used = engine.pool.used_blocks
+    assert engine.cancel(1) == 1 and engine.cancel(2) == 1 and engine.cancel(7) == 0
+    assert engine.pool.used_blocks < used
+    event = engine.step()
+    cancelled = sorted(r.prompt_index for r in event.finished if r.finish_reason == "cancelled")
+    assert cancelled == [1, 2]
+    rest = [r for r in event.finished if r.finish_reason != "cancelled"]
+    while engine.has_work():
+        rest += engine.step().finished
+    engine.pool.assert_empty()
+    _, alone = run(tiny_llama, params, prompts=PROMPTS[:1])
+    same_outputs(rest, alone)
+
+
+def test_deltas_reassemble_the_results(tiny_llama):
+    _, tok = tiny_llama
+    model, tok = tiny_llama
+    params = SamplingParams(max_new_tokens=300, temperature=1.0, n=2, logits_processors=(PerPrompt(tok),))
+    engine = Engine(model, tok, EngineConfig(debug=True, kv_cache_tokens=16 * 20))  # preemptions add no deltas
+    pieces: dict[tuple[int, int], dict[int, list[int]]] = {}
+    where: dict[tuple[int, int, int], tuple[int, int]] = {}
+    results = []
+    for event in engine.generate_stream(PROMPTS[:4], params):
+        results += event.finished
+        for d in event.deltas:
+            pieces.setdefault((d.prompt_index, d.sample_index), {}).setdefault(d.segment, []).extend(d.token_ids)
+            key = (d.prompt_index, d.sample_index, d.segment)
+            assert where.setdefault(key, (d.block, d.branch)) == (d.block, d.branch)
+    assert len(results) == 8
+    for r in results:
+        segments = pieces[(r.prompt_index, r.sample_index)]
+        assert sum((segments[i] for i in sorted(segments)), []) == r.token_ids
+        mine = [(b, k) for (p, s, _), (b, k) in sorted(where.items()) if (p, s) == (r.prompt_index, r.sample_index)]
+        branches = [(b, k) for b, k in mine if k]
+        assert branches == [(b + 1, k + 1) for b, block in enumerate(r.blocks) for k in range(len(block))]
+    assert sum(r.stats.preemptions for r in results) > 0
+
+
+def test_seeded_sampling_ignores_batch_mode_and_preemption(tiny_qwen3):
+    _, tok = tiny_qwen3
+    params = SamplingParams(max_new_tokens=300, temperature=1.0, top_p=0.8, top_k=40, n=2, seed=11,
+                            logits_processors=(PerPrompt(tok),))
+    _, reference = run(tiny_qwen3, params, mode="parallel")
+    _, sequential = run(tiny_qwen3, params, mode="sequential")
+    _, tight = run(tiny_qwen3, params, mode="parallel", kv_cache_tokens=16 * 16, max_num_seqs=4)
+    same_outputs(sequential, reference)
+    same_outputs(tight, reference)
+    _, alone = run(tiny_qwen3, params, prompts=PROMPTS[:2])  # prompt indices 0, 1: same seeds
+    same_outputs(alone, reference[:4])
