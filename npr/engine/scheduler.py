@@ -57,10 +57,14 @@ class Scheduler:
 
     # ------------------------------------------------------------------ submission and cancellation
 
+    def start_blocks(self, prompt_len: int, params: SamplingParams) -> int:
+        """KV pages a prompt needs to start decoding: its own pages plus one per sample."""
+        return math.ceil(prompt_len / self.pool.block_size) + params.n
+
     def check_fits(self, prompt_index: int, prompt_len: int, params: SamplingParams) -> None:
         """Raise if this prompt could never start: its pages plus one per sample exceed the pool,
         or it has more samples than ``max_num_seqs`` streams."""
-        need = math.ceil(prompt_len / self.pool.block_size) + params.n
+        need = self.start_blocks(prompt_len, params)
         if need > self.pool.num_blocks:
             raise EngineInputError(
                 f"prompt {prompt_index} needs {need} KV pages to start ({prompt_len} prompt tokens, n={params.n}) "

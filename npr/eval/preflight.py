@@ -150,9 +150,9 @@ def _check_problem(problem, config, engine, tokenizer, schedulers, params, index
         try:
             scheduler.check_fits(index, len(ids), params)
         except EngineInputError:
-            need = scheduler.group_blocks(len(ids), params)
+            need = scheduler.start_blocks(len(ids), params)
             return ProblemFailure("kv_cache_too_small", f"{where(problem)}: kv_cache_too_small: its {config.k} samples "
-                                  f"({scheduler.config.mode}) may need {need} KV blocks, the pool has "
+                                  f"need {need} KV blocks to start, the pool has "
                                   f"{engine.pool.num_blocks} (--kv-cache-gib {config.kv_cache_gib})"), ids
     return None, ids
 
@@ -166,10 +166,10 @@ def _nothing_runs(config, engine, schedulers, params, plan, lengths) -> EvalErro
                          f"{engine.context_length} tokens and the shortest prompt has {shortest}; use "
                          f"--max-new-tokens {max(1, room)} or less")
     if reasons["kv_cache_too_small"]:
-        need = max(s.group_blocks(shortest, params) for s in schedulers)
+        need = max(s.start_blocks(shortest, params) for s in schedulers)
         gib = config.kv_cache_gib * need / engine.pool.num_blocks
         return EvalError(f"--kv-cache-gib {config.kv_cache_gib} holds {engine.pool.num_blocks} KV blocks; even the "
-                         f"shortest prompt's {config.k} samples may need {need}: use --kv-cache-gib {gib:.3g} or "
+                         f"shortest prompt's {config.k} samples need {need} to start: use --kv-cache-gib {gib:.3g} or "
                          "more, or lower --k or --max-new-tokens")
     listing = "; ".join(f.message for f in list(plan.failures.values())[:3])
     return EvalError(f"no problem can run ({dict(reasons)}): {listing}")
