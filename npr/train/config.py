@@ -16,7 +16,7 @@ from typing import Any
 from npr.algos import AGGREGATIONS, ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 from npr.errors import NprError
 
-FORCING_CHOICES = ("none", "structure")
+FORCING_CHOICES = ("none", "structure", "structure-answer")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("no", "bf16")
@@ -121,7 +121,10 @@ class RolloutConfig:
     kv_cache_gib: float = option(2.0, "engine KV pool memory when kv_cache_tokens is None")
     max_num_seqs: int = option(64, "most sequences the engine decodes at once")
     rollout_forcing: str = option("none", "smoke/test only: structure makes a random model write well-formed "
-                                  "parallel traces (npr.engine.StructureForcer); never for real runs", FORCING_CHOICES)
+                                  "parallel traces (npr.engine.StructureForcer) that all end in \\boxed{0}; "
+                                  "structure-answer (RL stages) ends them with the model's own choice between the "
+                                  "right answer and a wrong one, so rewards vary within a group "
+                                  "(npr.train.smoke); never for real runs", FORCING_CHOICES)
 
     def _check_rollout(self):
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
@@ -304,6 +307,8 @@ class SampleConfig(RolloutConfig):
     def __post_init__(self):
         _check_choices(self)
         self._check_rollout()
+        _check(self.rollout_forcing != "structure-answer", "rollout_forcing",
+               "structure-answer is for the RL stages (it needs the answers at rollout time); use structure")
         _check(1 <= self.wrap_min_branches <= self.wrap_branches <= 5, "wrap_branches/wrap_min_branches",
                "need 1 <= wrap_min_branches <= wrap_branches <= 5")
         _check(bool(self.model.strip()), "model", "is required: pass --model RUN/final from `npr train stage1`")

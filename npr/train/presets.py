@@ -2,7 +2,9 @@
 
 - ``smoke``: a tiny random model built locally; seconds on a CPU; for CI and tests. Rollouts
   of Stage 3 and ``npr sample`` are forced (``rollout_forcing``) because a random model never
-  writes the NPR structure; Stage 1's random rollouts differ in length and stray tags, which
+  writes the NPR structure; Stage 3's forced traces end with the model's own choice between
+  the right and a wrong answer (``structure-answer``), so its rewards vary within a group and
+  PAPO's gradient is not zero. Stage 1's random rollouts differ in length and stray tags, which
   is enough reward variance to exercise the DAPO update.
 - ``tiny``: the embedded SmolLM2-135M-Instruct on 2-term, 1-digit ``chain_sum`` from
   reasoning-gym; a few minutes per stage on a 2-core CPU. Its learning rates are tiny-preset
@@ -73,7 +75,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "qwen3-4b": dict(_QWEN_TRAIN),
     },
     "stage3": {
-        "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure"),
+        # structure-answer: the forced traces end with the model's choice between the right and a wrong answer,
+        # so rewards vary within a group and PAPO's advantages and gradients are not zero (npr.train.smoke)
+        "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure-answer"),
         # temperature 0.6: at 1.0 the 135M model broke the schema in ~90% of parallel rollouts (measured
         # after an earlier Stage 2 on programmatic traces; the engine ends them as invalid_schema)
         "tiny": dict(_TINY_RL, samples_per_prompt=4, max_new_tokens=256, temperature=0.6, learning_rate=1e-5,

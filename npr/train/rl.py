@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npr.algos import POLICY_LOSSES, get_policy_loss
+from npr.algos import POLICY_LOSSES, get_advantage_estimator, get_policy_loss
 from npr.data import Problem
 from npr.prompts import encode_prompt
 from npr.rewards import accuracy_reward
@@ -19,9 +19,10 @@ from npr.tokens import tag_token_ids
 from npr.train.config import ConfigError, RLConfig
 from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
 from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
-from npr.train.rollout import Rollout, RolloutWorker, append_rollouts, rollout_metrics, rollout_sums, score
+from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, append_rollouts, rollout_metrics,
+                               rollout_sums, score)
 from npr.train.session import RunOptions, TrainSession, open_session
-from npr.train.update import PolicyBatch, global_sum, optimizer_step, policy_backward
+from npr.train.update import PolicyBatch, gather_floats, global_sum, optimizer_step, policy_backward
 
 EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
 
@@ -62,12 +63,29 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
     return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems)
 
 
+def sampling_params(run: RLRun, n: int, seed: int, first: int, problems: Sequence[Problem]):
+    """The engine's sampling parameters for ``problems`` (global prompt indices from ``first``);
+    ``rollout_forcing: structure-answer`` (smoke/test only) adds ``AnswerChoiceForcer``, which
+    needs each prompt's answer."""
+    params = run.worker.sampling_params(n, seed)
+    if run.session.config.rollout_forcing != "structure-answer":
+        return params
+    from dataclasses import replace
+
+    from npr.train.smoke import AnswerChoiceForcer
+
+    answers = {first + i: p.answer for i, p in enumerate(problems)}
+    forcer = AnswerChoiceForcer(run.session.tokenizer, SMOKE_BRANCH_TOKENS, answers)
+    return replace(params, logits_processors=(forcer,))
+
+
 def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], float]) -> tuple[list[Rollout], dict]:
     """This rank's share of step ``step``'s rollouts, scored; plus global rollout metrics."""
     session, config = run.session, run.session.config
     acc = session.accelerator
     indices, first = shard(run.order.batch(step), acc.process_index, acc.num_processes)
-    params = run.worker.sampling_params(config.samples_per_prompt, rollout_seed(config.seed, step))
+    params = sampling_params(run, config.samples_per_prompt, rollout_seed(config.seed, step), first,
+                             [run.problems[i] for i in indices])
     started = time.perf_counter()
     results = run.worker.generate([run.prompts[i] for i in indices], first, params)
     wall = time.perf_counter() - started
@@ -78,6 +96,24 @@ def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], flo
     suffix = f".rank{acc.process_index}" if acc.num_processes > 1 else ""
     append_rollouts(session.run_dir / f"rollouts{suffix}.jsonl", step + 1, rollouts)
     return rollouts, metrics
+
+
+def global_advantages(accelerator, estimator: str, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Advantages of this process's rollouts computed over the GLOBAL batch.
+
+    rewards FloatTensor[K], groups LongTensor[K] (global prompt indices) -> FloatTensor[K].
+    Every process gathers all kept rewards and group ids (in process order, which is global
+    prompt order), runs the estimator on the whole batch and keeps its own slice. So PAPO's
+    batch std (and any other batch-level statistic) is the one of the whole batch, and the
+    advantages equal a single process's bit for bit; group statistics are unaffected.
+    """
+    all_rewards, offset = gather_floats(accelerator, rewards.tolist())
+    all_groups, _ = gather_floats(accelerator, groups.tolist())
+    if not all_rewards:
+        return torch.zeros(0)
+    advantages = get_advantage_estimator(estimator)(torch.tensor(all_rewards, dtype=rewards.dtype),
+                                                    torch.tensor(all_groups, dtype=torch.long))  # [N_global]
+    return advantages[offset:offset + len(rewards)]  # [K]
 
 
 def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structured: bool, tag_ids: dict[str, int],
@@ -131,7 +167,7 @@ def evaluate(run: RLRun) -> dict[str, float]:
     first = acc.process_index * per_rank
     mine = problems[first:first + per_rank]
     prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in mine]
-    params = run.worker.sampling_params(config.eval_samples, config.seed + EVAL_SEED_OFFSET)
+    params = sampling_params(run, config.eval_samples, config.seed + EVAL_SEED_OFFSET, first, mine)
     results = run.worker.generate(prompts, first, params)
     totals = global_sum(acc, rollout_sums(score(results, mine, first, accuracy_reward)))
     return rollout_metrics(totals, prefix="eval_")

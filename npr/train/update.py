@@ -61,6 +61,18 @@ def global_sum(accelerator, values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
+def gather_floats(accelerator, values: Sequence[float]) -> tuple[list[float], int]:
+    """Every process's ``values`` concatenated in process order, and the offset of this
+    process's own values in that list (lists may differ in length between processes)."""
+    values = [float(v) for v in values]
+    if accelerator.num_processes == 1:
+        return values, 0
+    lists: list[list[float]] = [[] for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather_object(lists, values)  # one list per process, in process order
+    offset = sum(len(v) for v in lists[:accelerator.process_index])
+    return [v for part in lists for v in part], offset
+
+
 def global_max(accelerator, value: int) -> int:
     if accelerator.num_processes == 1:
         return value
