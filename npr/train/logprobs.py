@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from npr.masks import TreeIds, batch_inputs, dense_tree_mask, tree_block_mask, tree_ids_and_positions
+from npr.train.config import ATTENTION_CHOICES
 
-ATTENTION_CHOICES = ("auto", "flex", "dense")
 FLEX_ATTENTION_NAME = "npr_flex"
 # transformers' attention implementation that reads each layout's mask
 _IMPLEMENTATION = {"flex": FLEX_ATTENTION_NAME, "dense": "sdpa"}

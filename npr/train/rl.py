@@ -21,7 +21,9 @@ from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
 from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
 from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, append_rollouts, rollout_metrics,
                                rollout_sums, score)
+from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
 from npr.train.session import RunOptions, TrainSession, open_session
+from npr.train.tracking import truncate_jsonl
 from npr.train.update import PolicyBatch, gather_floats, global_sum, optimizer_step, policy_backward
 
 EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
@@ -57,7 +59,8 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
     if config.prompts_per_step % world:
         raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
                           f"{world} processes; use a multiple of {world}")
-    worker = RolloutWorker(session.unwrapped, session.tokenizer, config, mode)
+    worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode)
+    truncate_jsonl(rollouts_path(session), session.start_step)  # a resumed run writes later steps again
     prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in problems]
     order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
     return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems)
@@ -79,6 +82,31 @@ def sampling_params(run: RLRun, n: int, seed: int, first: int, problems: Sequenc
     return replace(params, logits_processors=(forcer,))
 
 
+def rollout_policy(session: TrainSession) -> torch.nn.Module:
+    """The module the engine decodes: the policy itself (or RolloutWorker's copy in
+    ``rollout_dtype``), or under FSDP a plain gathered copy (the engine needs whole weights)."""
+    if not is_sharded(session.model):
+        return session.unwrapped
+    from npr.models import resolve_dtype
+
+    config = session.config
+    return full_copy(session.model, resolve_dtype(config.rollout_dtype or config.dtype), session.accelerator.device)
+
+
+def sync_rollout_weights(run: RLRun) -> None:
+    """After an update: refresh the engine's copy of the weights (every process: under FSDP it
+    all-gathers each parameter)."""
+    if is_sharded(run.session.model):
+        copy_full_weights(run.session.model, run.worker.model)
+    else:
+        run.worker.sync()
+
+
+def rollouts_path(session: TrainSession):
+    acc = session.accelerator
+    return session.run_dir / f"rollouts{f'.rank{acc.process_index}' if acc.num_processes > 1 else ''}.jsonl"
+
+
 def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], float]) -> tuple[list[Rollout], dict]:
     """This rank's share of step ``step``'s rollouts, scored; plus global rollout metrics."""
     session, config = run.session, run.session.config
@@ -93,8 +121,7 @@ def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], flo
     totals = global_sum(acc, rollout_sums(rollouts))
     metrics = rollout_metrics(totals)
     metrics["rollout_tokens_per_s"] = metrics["response_length"] * metrics["rollouts"] / max(wall, 1e-9)
-    suffix = f".rank{acc.process_index}" if acc.num_processes > 1 else ""
-    append_rollouts(session.run_dir / f"rollouts{suffix}.jsonl", step + 1, rollouts)
+    append_rollouts(rollouts_path(session), step + 1, rollouts)
     return rollouts, metrics
 
 
@@ -152,9 +179,9 @@ def apply_update(run: RLRun, batch: PolicyBatch) -> dict[str, float]:
         return {"updated": 0.0, "trained_rollouts": 0.0}
     pad = session.tokenizer.pad_token_id
     metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, config.micro_batch_size,
-                              forward_context=session.forward_context)
+                              forward_context=session.forward_context, micro_batch_tokens=config.micro_batch_tokens)
     metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
-    run.worker.sync()
+    sync_rollout_weights(run)
     return {**metrics, "updated": 1.0, "trained_rollouts": total}
 
 
