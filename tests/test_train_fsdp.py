@@ -128,3 +128,36 @@ def test_a_layer_class_fsdp_cannot_wrap_is_refused_before_compute(tmp_path):
     assert "exitcode  : 2" in out.stderr  # each process: one line and exit 2; torchrun's own report follows
     assert out.stderr.index(message) < out.stderr.find("Traceback")
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_run_killed_mid_step_resumes_bit_identical(runs, tmp_path):
+    """kill -9 every process of an FSDP run (the whole process group) at a random moment after
+    its first sharded checkpoint, then --resume on two processes: the same metrics and weights
+    as the uninterrupted FSDP run."""
+    import random
+    import signal
+    import time
+
+    from npr.train.checkpoint import checkpoint_steps
+
+    _, two, _, _ = runs
+    run = tmp_path / "killed"
+    args = [*STAGE2, "--fsdp", "true", "--save-every", "1", "--keep-checkpoints", "0", "--out", str(run)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([*torchrun(2), "-m", "npr.cli.main", *args], env=env, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not checkpoint_steps(run) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.Random(0).uniform(0.0, 1.0))
+    killed = process.poll() is None
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers at once
+    process.wait()
+    assert killed and not (run / "final").exists()
+    out = launch(2, *args, "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ([deterministic_fields(m) for m in read_metrics(run / "metrics.jsonl")]
+            == [deterministic_fields(m) for m in read_metrics(two / "metrics.jsonl")])
+    a, b = _weights(two / "final"), _weights(run / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)

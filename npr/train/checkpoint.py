@@ -79,6 +79,28 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return Path(run_dir) / "checkpoints" / f"step-{steps[-1]}" if steps else None
 
 
+def resume_point(run_dir: Path) -> tuple[Path | None, str | None]:
+    """The checkpoint ``--resume`` continues from and a note on newer incomplete ones skipped.
+
+    None when the run has no checkpoint directory at all (it was stopped before its first
+    checkpoint completed: it starts over). ``CheckpointError`` when checkpoint directories
+    exist but none is complete, naming what is wrong with the newest.
+    """
+    root = Path(run_dir) / "checkpoints"
+    dirs = sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                  if (m := _STEP_DIR.match(p.name)))
+    complete = checkpoint_steps(run_dir)
+    skipped = [(step, p) for step, p in dirs if not complete or step > complete[-1]]
+    problems = [f"{p.name}: {manifest_problems(p, hashes=False)[0]}" for _, p in skipped]
+    if not complete:
+        if not dirs:
+            return None, None
+        raise CheckpointError(f"--resume: {root} holds no complete checkpoint ({problems[-1]}); delete the damaged "
+                              "checkpoint directories to start the run over, or restore them")
+    note = f"skipped incomplete checkpoint(s): {'; '.join(problems)}" if problems else None
+    return root / f"step-{complete[-1]}", note
+
+
 def verify_checkpoint(checkpoint: Path) -> dict:
     """The manifest of ``checkpoint`` after checking every file's size and sha256;
     ``CheckpointError`` naming the first bad file otherwise."""

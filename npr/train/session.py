@@ -25,8 +25,8 @@ import yaml
 
 from npr.fsio import atomic_write_text
 from npr.models import load_model_and_tokenizer
-from npr.train.checkpoint import (CheckpointError, checkpoint_steps, latest_checkpoint, load_checkpoint,
-                                  save_checkpoint, save_final)
+from npr.train.checkpoint import (CheckpointError, checkpoint_steps, load_checkpoint, resume_point, save_checkpoint,
+                                  save_final)
 from npr.train.config import RESUMABLE_FIELDS, ConfigError
 from npr.train.fsdp import check_fsdp_launch, fsdp_plugin, layer_classes, make_fsdp_accelerator
 from npr.train.logprobs import resolve_attention, set_attention
@@ -75,7 +75,7 @@ def resolve_run_config(stage: str, cls: type, out_dir: Path, resume: bool, prese
 def resume_checkpoint(config, options: RunOptions) -> Path | None:
     """The checkpoint a run continues from: the latest complete one on ``--resume`` (None when
     the run was interrupted before its first checkpoint: it then starts over), else None."""
-    return latest_checkpoint(Path(options.out_dir)) if options.resume else None
+    return resume_point(Path(options.out_dir))[0] if options.resume else None
 
 
 def model_source(config, options: RunOptions) -> str:
@@ -174,7 +174,7 @@ class TrainSession:
     def finish(self) -> Path | None:
         """Checkpoint at the end; write ``final/`` when the schedule is complete (else None)."""
         count = self.end_step
-        if count > self.start_step or count == self.total_steps:
+        if count > self.start_step:  # (a run resumed at its end already has this checkpoint)
             self.checkpoint(count)
         final = None
         if count == self.total_steps:
@@ -235,7 +235,9 @@ def open_session(stage: str, config, options: RunOptions, total_steps: int) -> T
     log.note(f"{stage}: {mode} on {accelerator.device.type}, attention {attention}"
              + (", gradient checkpointing" if config.gradient_checkpointing else ""))
     if checkpoint is not None:
-        log.note(f"{stage}: resumed from {checkpoint} (step {start} of {total_steps})" + (f"; {note}" if note else ""))
+        skipped = resume_point(run_dir)[1]
+        log.note(f"{stage}: resumed from {checkpoint} (step {start} of {total_steps})"
+                 + "".join(f"; {n}" for n in (note, skipped) if n))
     elif options.resume:
         log.note(f"{stage}: no complete checkpoint in {run_dir}/checkpoints; starting the run over")
     return TrainSession(stage, config, run_dir, accelerator, model, tokenizer, optimizer, scheduler, total_steps,
