@@ -56,8 +56,8 @@ def long_tree_ids(tags: dict[str, int], length: int, branches: int, rng: random.
     weights = [rng.uniform(0.7, 1.3) for _ in range(branches)]
     for w in weights:
         response += [tags["<step>"], *words(int(body * w / sum(weights))), tags["</step>"]]
-    response += [tags["<takeaway>"], *words(48), tags["</takeaway>"], *words(length - len(prompt) - len(response) - 2)]
-    return prompt, response
+    response += [tags["<takeaway>"], *words(48), tags["</takeaway>"]]
+    return prompt, response + words(max(1, length - len(prompt) - len(response)))
 
 
 def build_model(dry: bool, device: torch.device):

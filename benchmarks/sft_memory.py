@@ -78,23 +78,25 @@ def trace(tokenizer, length: int, seed: int = 0):
     return long_tree_ids(tags, length, 4, random.Random(seed), text), tags
 
 
-def step(model, variant: str, prompt, response, tags, mixed: bool) -> None:
-    """Forward + backward of Stage 2's loss (token-mean NLL of the response) for one variant."""
+def step(model, variant: str, prompt, response, tags, mixed: bool, backward: bool = True) -> None:
+    """Forward (+ backward) of Stage 2's loss (token-mean NLL of the response) for one variant:
+    tree (the auto layout), flex, dense or causal."""
     from gpu_train_check import causal_logits
     from npr.train.logprobs import causal_sequence, resolve_attention, response_logits, structured_sequence
 
     device = next(model.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed), torch.set_grad_enabled(backward):
         if variant == "causal":
             seq = causal_sequence(prompt, response)
             (logits,) = causal_logits(model, seq)
         else:
             seq = structured_sequence(prompt, response, tags)
-            attention = resolve_attention("auto", device) if variant == "tree" else "dense"
+            attention = resolve_attention("auto", device) if variant == "tree" else variant
             (logits,) = response_logits(model, [seq], 0, attention=attention)
         target = seq.input_ids[seq.spans[0][0]:].to(device)
         loss = -logits.float().log_softmax(-1).gather(-1, target[:, None]).mean()
-    loss.backward()
+    if backward:
+        loss.backward()
     model.zero_grad(set_to_none=True)
 
 
@@ -108,22 +110,24 @@ def load(device: str, checkpointing: bool):
     return model, tokenizer
 
 
-def measure_one(variant: str, length: int, device: str, mixed: bool, checkpointing: bool) -> dict:
+def measure_one(variant: str, length: int, device: str, mixed: bool, checkpointing: bool,
+                backward: bool = True) -> dict:
     """Load, one warm-up step, one measured step: seconds and peak bytes of the measured step."""
     model, tokenizer = load(device, checkpointing)
     (prompt, response), tags = trace(tokenizer, length)
-    step(model, variant, prompt, response, tags, mixed)  # warm-up (allocator, compile)
+    run = lambda: step(model, variant, prompt, response, tags, mixed, backward)  # noqa: E731
+    run()  # warm-up (allocator, compile)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         start = time.perf_counter()
-        step(model, variant, prompt, response, tags, mixed)
+        run()
         torch.cuda.synchronize()
         return {"seconds": time.perf_counter() - start, "bytes": torch.cuda.max_memory_allocated() - base}
     with PeakRSS() as rss:
         start = time.perf_counter()
-        step(model, variant, prompt, response, tags, mixed)
+        run()
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "bytes": rss.used}
 
@@ -131,9 +135,10 @@ def measure_one(variant: str, length: int, device: str, mixed: bool, checkpointi
 def measure(variant: str, length: int, args) -> dict:
     """On CPU in a fresh process (so that the resident-set peak is this step's alone)."""
     if args.device == "cuda":
-        return measure_one(variant, length, "cuda", args.bf16, args.checkpointing)
+        return measure_one(variant, length, "cuda", args.bf16, args.checkpointing, not args.forward_only)
     command = [sys.executable, __file__, "--one", variant, str(length), "--device", "cpu"]
-    command += ["--bf16"] * args.bf16 + ["--checkpointing"] * args.checkpointing
+    command += ["--bf16" if args.bf16 else "--no-bf16", "--checkpointing" if args.checkpointing else "--no-checkpointing"]
+    command += ["--forward-only"] * args.forward_only
     if args.threads:
         command += ["--threads", str(args.threads)]
     out = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -141,28 +146,31 @@ def measure(variant: str, length: int, args) -> dict:
 
 
 def memory_table(args) -> None:
+    variants = tuple(args.variants) if args.variants else (("flex", "dense", "causal") if args.forward_only else VARIANTS)
     results: dict[tuple[str, int], dict] = {}
-    for length in args.lengths:
-        order = list(VARIANTS) if length % 2 else list(reversed(VARIANTS))  # alternate the order per length
+    for i, length in enumerate(args.lengths):
+        order = list(variants) if i % 2 else list(reversed(variants))  # alternate the order per length
         for variant in order:
             results[(variant, length)] = measure(variant, length, args)
             print(f"  measured {variant} at {length}: {results[(variant, length)]}", file=sys.stderr, flush=True)
     from npr.train.logprobs import resolve_attention
 
     tree = resolve_attention("auto", torch.device(args.device))
-    print(f"one Stage-2 step (forward + backward), embedded SmolLM2-135M, {args.device}, "
+    what = "forward only, no grad" if args.forward_only else "forward + backward"
+    print(f"one Stage-2 step ({what}), embedded SmolLM2-135M, {args.device}, {torch.get_num_threads()} threads, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}{', gradient checkpointing' if args.checkpointing else ''}; "
           f"tree = the {tree} layout (attention auto on {args.device})")
     print(f"{'L':>6} {'variant':<8} {'peak MiB':>9} {'seconds':>8} {'mem/causal':>10} {'time/causal':>11}")
     for length in args.lengths:
         causal = results[("causal", length)]
-        for variant in VARIANTS:
+        for variant in variants:
             r = results[(variant, length)]
             print(f"{length:6d} {variant:<8} {r['bytes'] / 2**20:9.0f} {r['seconds']:8.2f} "
                   f"{r['bytes'] / causal['bytes']:10.2f} {r['seconds'] / causal['seconds']:11.2f}")
     longest = max(args.lengths)
-    t, c = results[("tree", longest)], results[("causal", longest)]
-    print(f"tree/causal at {longest}: memory {t['bytes'] / c['bytes']:.2f}, time {t['seconds'] / c['seconds']:.2f}")
+    tree_name = variants[0]
+    t, c = results[(tree_name, longest)], results[("causal", longest)]
+    print(f"{tree_name}/causal at {longest}: memory {t['bytes'] / c['bytes']:.2f}, time {t['seconds'] / c['seconds']:.2f}")
 
 
 def packing_table(args) -> None:
@@ -230,7 +238,11 @@ def main() -> None:
     parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
                         help="gradient checkpointing (default on: what a long-trace run uses)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--variants", nargs="+", choices=("tree", "flex", "dense", "causal"), default=None,
+                        help="measure only these (the first is compared with causal in the final line)")
     parser.add_argument("--packing", action="store_true", help="only part 2: packed vs padded tokens/s")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="no-grad forwards of flex vs dense vs causal (where the layouts compare on CPU)")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
@@ -239,7 +251,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.device, args.bf16, args.checkpointing)))
+        print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.device, args.bf16, args.checkpointing,
+                                     not args.forward_only)))
     elif args.packing:
         packing_table(args)
     else:

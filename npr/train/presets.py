@@ -9,7 +9,8 @@
 - ``tiny``: the embedded SmolLM2-135M-Instruct on 2-term, 1-digit ``chain_sum`` from
   reasoning-gym; a few minutes per stage on a 2-core CPU. Its learning rates are tiny-preset
   choices (a 135M model over a handful of steps), far above the paper's.
-- ``qwen3-4b``: the paper's settings on Qwen3-4B-Instruct-2507, for GPUs (``accelerate launch``).
+- ``qwen3-4b``: the paper's settings on Qwen3-4B-Instruct-2507, for GPUs (``accelerate launch``;
+  add ``--fsdp true`` to shard it over the GPUs).
 
 Stages after the first need ``--model RUN/final`` from the previous stage (the ``smoke``
 presets start from a fresh tiny random model so that each command runs on its own), and
@@ -40,7 +41,10 @@ _TINY_ENGINE: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, rollout_dtype="bf
 _TINY_RL: dict[str, Any] = dict(_TINY_ENGINE, train_data=_CHAIN_SUM, mixed_precision="bf16", eval_data=_CHAIN_SUM_EVAL,
                                 eval_limit=8, eval_samples=2, warmup_steps=0, lr_schedule="constant",
                                 pack_group_tokens=2048, micro_batch_size=2, prompts_per_step=8)
-_QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20)
+# fp32 master weights, bf16 compute; checkpointing: an 8k-token rollout's activations otherwise dominate.
+# Add --fsdp true on several GPUs (docs/training.md)
+_QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20,
+                                   gradient_checkpointing=True)
 _QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache_gib=20.0, max_num_seqs=256)
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
