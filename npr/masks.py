@@ -165,10 +165,71 @@ def takeaway_position(last_shared_position: int, branch_lengths: Sequence[int]) 
     return last_shared_position + max(branch_lengths) + 1
 
 
-def parallel_mask_and_positions(
+@dataclass(frozen=True)
+class TreeIds:
+    """The tree attention pattern of a row as four ids per token: O(L), never an L x L matrix.
+
+    A row is a fixed-depth tree, and a token sees an earlier token unless the two sit in
+    different subtrees at some level (sibling exclusion; ``tree_visible``):
+
+    - ``document``: independent sequences packed into one row never see each other;
+    - ``member``: responses packed behind one shared prefix (``-1`` on the prefix, which every
+      member sees) never see each other;
+    - ``region`` / ``branch``: the steps region of each parallel block (numbered in token
+      order, ``-1`` outside) and the branch inside it; sibling branches of one region never
+      see each other, while everything after the region (the takeaway) sees all of them.
+
+    Each field is LongTensor[L]. ``tree_ids_and_positions`` reads region and branch from
+    ``scan_blocks``: the same parse the engine's scheduler follows.
+    """
+
+    document: torch.Tensor
+    member: torch.Tensor
+    region: torch.Tensor
+    branch: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.document)
+
+    def to(self, device) -> "TreeIds":
+        return TreeIds(*(t.to(device) for t in (self.document, self.member, self.region, self.branch)))
+
+    def slice(self, start: int, end: int) -> "TreeIds":
+        return TreeIds(*(t[start:end] for t in (self.document, self.member, self.region, self.branch)))
+
+    @staticmethod
+    def causal(length: int) -> "TreeIds":
+        """One document, one member, no parallel block: a causal row."""
+        return TreeIds(torch.zeros(length, dtype=torch.long), torch.zeros(length, dtype=torch.long),
+                       torch.full((length,), -1, dtype=torch.long), torch.full((length,), -1, dtype=torch.long))
+
+    @staticmethod
+    def cat(parts: Sequence["TreeIds"]) -> "TreeIds":
+        return TreeIds(*(torch.cat([getattr(p, f) for p in parts]) for f in ("document", "member", "region", "branch")))
+
+
+def tree_visible(q: torch.Tensor, k: torch.Tensor, ids: TreeIds) -> torch.Tensor:
+    """Whether query token(s) ``q`` may attend key token(s) ``k`` of a row: THE rule.
+
+    ``q`` and ``k`` are index tensors that broadcast (``[L, 1]`` and ``[1, L]`` give the dense
+    mask; scalars inside a flex_attention ``mask_mod``). A token sees itself and earlier tokens
+    of its document, except those of another member and those of a sibling branch.
+    """
+    return ((k <= q) & (ids.document[q] == ids.document[k])
+            & ((ids.member[k] < 0) | (ids.member[q] == ids.member[k]))
+            & ((ids.region[q] < 0) | (ids.region[q] != ids.region[k]) | (ids.branch[q] == ids.branch[k])))
+
+
+def dense_tree_mask(ids: TreeIds) -> torch.Tensor:
+    """BoolTensor[L, L] of ``tree_visible`` over all pairs (the dense path; O(L^2))."""
+    index = torch.arange(len(ids), device=ids.document.device)  # [L]
+    return tree_visible(index[:, None], index[None, :], ids)  # [L, L]
+
+
+def tree_ids_and_positions(
     input_ids: Sequence[int] | torch.Tensor, tag_ids: Mapping[str, int], response_start: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tree attention mask and position ids for one unpadded sequence.
+) -> tuple[TreeIds, torch.Tensor]:
+    """Tree ids (one document, one member) and position ids of one sequence.
 
     Args:
         input_ids: LongTensor[L] (or a list), prompt then response.
@@ -176,27 +237,81 @@ def parallel_mask_and_positions(
         response_start: index of the first response token; earlier tokens are causal context.
 
     Returns:
-        allowed: BoolTensor[L, L], ``allowed[i, j]`` True where query i may attend key j.
-        position_ids: LongTensor[L].
+        ids: ``TreeIds`` of the sequence; position_ids: LongTensor[L].
 
     Raises ``StructureError`` for a malformed response.
     """
     n = len(input_ids)
     blocks = scan_blocks(input_ids, tag_ids, response_start)
-    allowed = torch.ones(n, n, dtype=torch.bool).tril_()  # [L, L]
+    ids = TreeIds.causal(n)
     positions = torch.arange(n, dtype=torch.long)  # [L]
-    for block in blocks:
+    for number, block in enumerate(blocks):
         lo, hi = block.first_step, block.takeaway
         last_shared = int(positions[lo - 1])  # already shifted by the blocks before
         base = branch_start_position(last_shared)
-        branch_of = torch.empty(hi - lo, dtype=torch.long)  # [R] branch id of each steps-region token
+        ids.region[lo:hi] = number
         for b, (s, e) in enumerate(block.steps):
-            branch_of[s - lo:e - lo] = b
+            ids.branch[s:e] = b
             positions[s:e] = torch.arange(base, base + e - s)
-        allowed[lo:hi, lo:hi] &= branch_of[:, None] == branch_of[None, :]
         start = takeaway_position(last_shared, [e - s for s, e in block.steps])
         positions[hi:] = torch.arange(start, start + n - hi)
-    return allowed, positions
+    return ids, positions
+
+
+def parallel_mask_and_positions(
+    input_ids: Sequence[int] | torch.Tensor, tag_ids: Mapping[str, int], response_start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense tree attention mask and position ids for one unpadded sequence.
+
+    Returns ``allowed`` BoolTensor[L, L] (``allowed[i, j]``: query i may attend key j; the
+    ``dense_tree_mask`` of ``tree_ids_and_positions``) and ``position_ids`` LongTensor[L].
+    Raises ``StructureError`` for a malformed response.
+    """
+    ids, positions = tree_ids_and_positions(input_ids, tag_ids, response_start)
+    return dense_tree_mask(ids), positions
+
+
+def tree_block_mask(ids: TreeIds, device: torch.device | str, block_size: int = 128, chunk_blocks: int = 16):
+    """flex_attention ``BlockMask`` of one row (batch 1) whose ``mask_mod`` is ``tree_visible``.
+
+    Built without an L x L tensor: ``chunk_blocks`` query blocks at a time are compared with
+    every key (O(chunk * L) memory), each (query block, key block) tile is classified as
+    empty, full (every pair visible: the kernel skips ``mask_mod``) or partial, and the
+    BlockMask is assembled from those block lists (O((L / block_size)^2) integers).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    ids = ids.to(device)
+    n = len(ids)
+    blocks = -(-n // block_size)
+    index = torch.arange(n, device=device)  # [L]
+    any_visible = torch.zeros(blocks, blocks, dtype=torch.bool, device=device)  # [Bq, Bk]
+    all_visible = torch.zeros(blocks, blocks, dtype=torch.bool, device=device)  # [Bq, Bk]
+    pad = blocks * block_size - n
+    for first in range(0, blocks, chunk_blocks):
+        rows = index[first * block_size:(first + chunk_blocks) * block_size]  # [C]
+        tile = tree_visible(rows[:, None], index[None, :], ids)  # [C, L]
+        short = -len(rows) % block_size  # the last query block may be short
+        # padding is "not visible", so a tile touching it is never full (the kernel masks it anyway)
+        tile = torch.nn.functional.pad(tile, (0, pad, 0, short))  # [c * bq, Bk * bk]
+        c = tile.shape[0] // block_size
+        tile = tile.view(c, block_size, blocks, block_size)  # [c, bq, Bk, bk]
+        any_visible[first:first + c] = tile.any(dim=3).any(dim=1)
+        all_visible[first:first + c] = tile.all(dim=3).all(dim=1)
+    partial = any_visible & ~all_visible  # [Bq, Bk]
+
+    def block_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = selected.sum(-1).to(torch.int32)  # [Bq]
+        order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # [Bq, Bk]
+        return counts[None, None], order[None, None]  # [1, 1, Bq], [1, 1, Bq, Bk]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return tree_visible(q_idx, kv_idx, ids)
+
+    kv_num, kv_index = block_lists(partial)
+    full_num, full_index = block_lists(all_visible)
+    return BlockMask.from_kv_blocks(kv_num, kv_index, full_num, full_index, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(n, n))
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -210,20 +210,29 @@ def test_policy_gradient_is_minus_advantage_grad_logprob(llama):
 
 
 def test_prefilled_tokens_carry_no_gradient(llama):
-    """A token masked out of the loss (engine scaffold) changes nothing, whatever its advantage."""
+    """A token masked out of the loss (engine scaffold) changes nothing, whatever its advantage:
+    a response with no loss token contributes no gradient at any advantage, and tokens masked
+    after a response's 5 loss tokens give the gradient of those 5 tokens alone."""
     model, tok = llama
-    seq = _sequences(tok)[0]
+    seq, other = _sequences(tok)[0], _sequences(tok)[2]
     acc = make_accelerator()
     loss_fn = get_policy_loss("papo")
+    mask = torch.zeros(seq.response_length, dtype=torch.bool)
+    mask[:5] = True
+    masked_out = torch.zeros(other.response_length, dtype=torch.bool)  # every token prefilled
     grads = []
-    for adv in (1.0, 1.0):
-        mask = torch.zeros(seq.response_length, dtype=torch.bool)
-        mask[:5] = True
+    for adv in (1.0, -7.5, 40.0):  # the masked response's advantage varies; nothing else does
         model.zero_grad()
-        policy_backward(acc, model, PolicyBatch([seq], [mask], torch.tensor([adv]), [torch.zeros(seq.response_length)]),
-                        loss_fn, "token-mean", tok.pad_token_id, 1)
+        batch = PolicyBatch([seq, other], [mask, masked_out], torch.tensor([1.0, adv]),
+                            [torch.zeros(seq.response_length), torch.zeros(other.response_length)])
+        metrics = policy_backward(acc, model, batch, loss_fn, "token-mean", tok.pad_token_id, 1)
+        assert metrics["loss_units"] == 5
         grads.append(_grads(model))
-    # the same 5 loss tokens, a longer masked tail: identical gradient
+    assert any(g.abs().sum() > 0 for g in grads[0].values())
+    for other_grads in grads[1:]:
+        for n, g in other_grads.items():
+            assert torch.equal(g, grads[0][n]), n
+    # the same 5 loss tokens, no masked tail: the same gradient
     short = causal_sequence(seq.input_ids[:seq.response_start].tolist(),
                             seq.input_ids[seq.response_start:seq.response_start + 5].tolist())
     model.zero_grad()
@@ -233,6 +242,37 @@ def test_prefilled_tokens_carry_no_gradient(llama):
     for n, g in _grads(model).items():
         assert torch.allclose(g, grads[0][n], atol=1e-6), n
     model.zero_grad()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_the_gradient_follows_each_advantage(llama, agg):
+    """Gradients are linear in the advantages: A and 2A give gradients 2x apart, and flipping
+    one response's advantage changes the gradient (the advantages really reach the loss)."""
+    model, tok = llama
+    seqs = _sequences(tok)
+    acc = make_accelerator()
+    loss_fn = get_policy_loss("papo")
+    masks = [torch.ones(s.response_length, dtype=torch.bool) for s in seqs]
+    engine = [torch.zeros(s.response_length) for s in seqs]
+    grads = []
+    for advantages in ([1.0, -0.5, 0.25], [2.0, -1.0, 0.5], [1.0, 0.5, 0.25]):
+        model.zero_grad()
+        policy_backward(acc, model, PolicyBatch(seqs, masks, torch.tensor(advantages), engine), loss_fn, agg,
+                        tok.pad_token_id, 2)
+        grads.append(_grads(model))
+    for n in grads[0]:
+        assert torch.allclose(grads[1][n], 2 * grads[0][n], atol=1e-6), n
+    assert any(not torch.allclose(grads[2][n], grads[0][n], atol=1e-6) for n in grads[0])
+    model.zero_grad()
+
+
+def test_micro_batches_cap_items_and_tokens():
+    from npr.train.update import micro_batches
+
+    assert micro_batches([5, 5, 5, 5, 5], 2) == [[0, 1], [2, 3], [4]]
+    assert micro_batches([5, 5, 5, 5, 5], 10, micro_batch_tokens=12) == [[0, 1], [2, 3], [4]]
+    assert micro_batches([20, 3, 3, 30, 1], 10, micro_batch_tokens=10) == [[0], [1, 2], [3], [4]]
+    assert micro_batches([], 4) == []
 
 
 def test_aggregation_units():

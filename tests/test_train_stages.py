@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from distributed_util import torchrun
 from npr.cli.main import main
 from npr.schema import TAGS
 from npr.train.tracking import deterministic_fields, read_metrics
@@ -109,6 +110,14 @@ def test_stage3_smoke(tmp_path):
     assert [m["step"] for m in steps] == [1, 2, 3]
     assert all(m["trigger_rate"] == 1.0 and m["kept_rate"] == 1.0 for m in steps)  # forced, well-formed traces
     assert all(m["logprob_drift"] < 1e-4 for m in steps)  # tree-masked recompute == engine's parallel decode
+    # a learning signal: the model's choice of answer varies the rewards within groups, so PAPO's
+    # advantages, loss and gradient are not zero at any step
+    assert all(0 < m["accuracy"] < 1 and m["loss"] != 0 and m["grad_norm"] > 0 for m in steps)
+    rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]
+    by_group = {}
+    for r in rows:
+        by_group.setdefault((r["step"], r["problem_id"]), set()).add(r["reward"])
+    assert any(len(rewards) == 2 for rewards in by_group.values())
     evals = [m for m in metrics if "eval_accuracy" in m]
     assert [m["step"] for m in evals] == [0, 3] and evals[0]["eval_rollouts"] == 2
     _check_vanilla_load(run / "final")
@@ -143,19 +152,16 @@ def test_resume_refuses_a_changed_config(tmp_path, capsys):
     assert "learning_rate: 0.001 -> 0.5" in err
 
 
-def _torchrun(port: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-
-
-@pytest.mark.parametrize("stage,port", [("stage2", 29517), ("stage1", 29519)])
-def test_two_processes_make_the_same_update(tmp_path, stage, port):
-    """Global batch split over two gloo processes vs one process: the same rollouts (seeded by
-    global prompt index) and the same update. Stage 2: 4 examples as 2+2; Stage 1: 4 prompts
-    as 2+2, each rank generating, scoring and filtering its own groups."""
+@pytest.mark.parametrize("stage", ["stage2", "stage1", "stage3"])
+def test_two_processes_make_the_same_update(tmp_path, stage):
+    """Global batch split over two gloo processes (a free port chosen at run time) vs one
+    process: the same rollouts (seeded by global prompt index) and the same update. Stage 2: 4
+    examples as 2+2; Stages 1 and 3: 4 prompts as 2+2, each rank generating, scoring and
+    filtering its own groups; PAPO's advantages use the std of all 16 rewards."""
     one, two = tmp_path / "one", tmp_path / "two"
     args = ["train", stage, "--preset", "smoke", "--max-steps", "2", "--quiet"]
     assert npr(*args, "--out", str(one)) == 0
-    out = npr_subprocess(*args, "--out", str(two), launcher=_torchrun(port))
+    out = npr_subprocess(*args, "--out", str(two), launcher=torchrun(2))
     assert out.returncode == 0, out.stderr[-3000:]
     assert (two / "checkpoints" / "step-2" / "rng_state_rank1.pt").is_file()  # really two processes
     m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
@@ -163,6 +169,8 @@ def test_two_processes_make_the_same_update(tmp_path, stage, port):
     for a, b in zip(m1, m2):
         exact = ("tokens",) if stage == "stage2" else ("rollouts", "reward", "response_length", "kept_rate", "loss_units")
         assert all(a[k] == b[k] for k in exact)
+        if stage == "stage3":
+            assert a["loss"] != 0 and a["grad_norm"] > 0  # the smoke preset's learning signal
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     w1, w2 = _weights(one / "final"), _weights(two / "final")

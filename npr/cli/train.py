@@ -14,6 +14,7 @@ On several processes:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -132,6 +133,6 @@ def run(args) -> int:
     options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=command)
     trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]
     final = trainer(config, options)
-    if final is not None and not args.quiet:
+    if final is not None and not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"npr train {args.stage}: final model in {final}")
     return 0

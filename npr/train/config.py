@@ -20,7 +20,9 @@ from npr.algos import AGGREGATIONS, ADVANTAGE_ESTIMATORS, POLICY_LOSSES
 from npr.errors import NprError
 from npr.prompts import PLACEMENTS, read_instruction_file
 
-FORCING_CHOICES = ("none", "structure")
+ATTENTION_CHOICES = ("auto", "flex", "dense")  # npr.train.logprobs.resolve_attention
+
+FORCING_CHOICES = ("none", "structure", "structure-answer")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
 MIXED_PRECISION = ("no", "bf16")
@@ -82,6 +84,21 @@ class TrainConfig:
     max_steps: int = option(100, "optimizer steps of the run (the schedule spans them)")
     micro_batch_size: int = option(4, "sequences per forward/backward pass; gradients accumulate over micro-batches "
                                    "(memory knob only: the update does not depend on it)")
+    micro_batch_tokens: int = option(0, "also cap the tokens of a forward/backward pass (0: no cap); under the flex "
+                                     "attention layout a pass is one packed row of that many tokens at most (a longer "
+                                     "sequence runs alone). Memory knob only")
+    attention: str = option("auto", "tree attention layout of the training forward: flex (every micro-batch packed "
+                            "into one row, flex_attention BlockMask from the tree ids: O(L) mask memory, no padding), "
+                            "dense (padded batch, additive L x L float mask) or auto: flex on CUDA, dense on CPU "
+                            "(torch 2.13 has no flex_attention backward on CPU; docs/performance.md)",
+                            ATTENTION_CHOICES)
+    gradient_checkpointing: bool = option(False, "recompute each decoder layer's activations in the backward pass "
+                                          "instead of storing them (less memory, ~30% more compute)")
+    fsdp: bool = option(False, "shard parameters, gradients and AdamW states over the processes with FSDP2 "
+                        "(accelerate's FSDP plugin): fp32 master shards, bf16 compute with mixed_precision bf16, "
+                        "sharded resumable checkpoints; needs >= 2 processes (docs/training.md)")
+    fsdp_layer_class: str | None = option(None, "decoder layer class(es) FSDP wraps as units, comma-separated (None: "
+                                          "the model's _no_split_modules, e.g. Qwen3DecoderLayer)")
     save_every: int = option(0, "write checkpoints/step-N every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "keep the newest K checkpoints/step-N directories (0: keep all)")
     stop_after: int | None = option(None, "end the process after this global step as if interrupted (a checkpoint is "
@@ -101,6 +118,7 @@ class TrainConfig:
         self._check_steps()
         self._check_warmup_ratio()
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        _check(self.micro_batch_tokens >= 0, "micro_batch_tokens", "must be >= 0 (0: no cap)")
         _check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay/max_grad_norm", "must be >= 0")
         _check(self.save_every >= 0 and self.keep_checkpoints >= 0, "save_every/keep_checkpoints", "must be >= 0")
         _check(self.stop_after is None or 1 <= self.stop_after, "stop_after", "must be >= 1 or None")
@@ -138,7 +156,10 @@ class RolloutConfig:
     kv_cache_gib: float = option(2.0, "engine KV pool memory when kv_cache_tokens is None")
     max_num_seqs: int = option(64, "most sequences the engine decodes at once")
     rollout_forcing: str = option("none", "smoke/test only: structure makes a random model write well-formed "
-                                  "parallel traces (npr.engine.StructureForcer); never for real runs", FORCING_CHOICES)
+                                  "parallel traces (npr.engine.StructureForcer) that all end in \\boxed{0}; "
+                                  "structure-answer (RL stages) ends them with the model's own choice between the "
+                                  "right answer and a wrong one, so rewards vary within a group "
+                                  "(npr.train.smoke); never for real runs", FORCING_CHOICES)
 
     def _check_rollout(self):
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
@@ -379,6 +400,8 @@ class SampleConfig(InstructionConfig, RolloutConfig):
     def __post_init__(self):
         _check_choices(self)
         self._check_rollout()
+        _check(self.rollout_forcing != "structure-answer", "rollout_forcing",
+               "structure-answer is for the RL stages (it needs the answers at rollout time); use structure")
         _check(1 <= self.wrap_min_branches <= self.wrap_branches <= 5, "wrap_branches/wrap_min_branches",
                "need 1 <= wrap_min_branches <= wrap_branches <= 5")
         _check(self.wrap or self.wrap_mode == "repeat", "wrap_mode", "decompose is a cold start: pass --wrap true too")

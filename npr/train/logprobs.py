@@ -2,33 +2,147 @@
 SFT's loss and both RL stages' policy losses read.
 
 A ``TokenSequence`` is a prompt followed by one or more responses, with the attention pattern
-that produced them: the tree mask and position ids of ``npr.masks.parallel_mask_and_positions``
-for a structured trace (Stage 2 data, Stage 3 rollouts), or a causal mask with ``arange``
-positions for plain decoding (Stage 1 rollouts). Several responses to the same prompt can be
-packed behind one copy of their common prefix (``pack_shared_prefix``: the whole prompt for the
-responses to one prompt, the system instruction for different problems): each sees the prefix
-and itself, never another, so its log-probs are those of its own forward while the shared
-prefix is computed once.
-``response_logprobs`` right-pads a batch with ``npr.masks.batch_inputs`` (additive float mask,
-padding folded in) and returns ``log p(token | everything that token may see)`` for every
-response token, one row per response.
+that produced them as ``npr.masks.TreeIds`` (four ids per token, never an L x L matrix) and
+position ids: the tree of ``npr.masks.tree_ids_and_positions`` for a structured trace (Stage 2
+data, Stage 3 rollouts), or causal ids with ``arange`` positions for plain decoding (Stage 1
+rollouts). Several responses to the same prompt can be packed behind one copy of their common
+prefix (``pack_shared_prefix``: the whole prompt for the responses to one prompt, the system
+instruction for different problems): each sees the prefix and itself, never another, so its
+log-probs are those of its own forward while the shared prefix is computed once.
+
+``response_logprobs`` runs a micro-batch of sequences in one of two layouts:
+
+- ``flex``: every sequence of the micro-batch laid end to end in ONE row (document ids keep
+  them apart), no padding, and a flex_attention ``BlockMask`` built from the tree ids
+  (``npr.masks.tree_block_mask``): memory O(L) beyond the model's activations, fully masked
+  tiles skipped. Logits are computed only where a response token is predicted.
+- ``dense``: the sequences right-padded into a batch with an additive float mask
+  (``npr.masks.batch_inputs``, O(L^2) per row). torch 2.13 has no flex_attention backward on
+  CPU, so this is the CPU training path; ``resolve_attention`` states the rule.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from npr.masks import batch_inputs, parallel_mask_and_positions
+from npr.masks import TreeIds, batch_inputs, dense_tree_mask, tree_block_mask, tree_ids_and_positions
+from npr.train.config import ATTENTION_CHOICES
+
+FLEX_ATTENTION_NAME = "npr_flex"
+# transformers' attention implementation that reads each layout's mask
+_IMPLEMENTATION = {"flex": FLEX_ATTENTION_NAME, "dense": "sdpa"}
+_compiled_flex = None
+
+
+def compiled_flex(device_type: str):
+    """``torch.compile(flex_attention)``, once per process: with dynamic shapes on CUDA (every
+    packed row has another length); with static shapes on CPU, where torch 2.13's inductor
+    emits C++ that does not compile ("cur_kvSplitSize6 was not declared") once a kernel
+    compiled for one length serves another, dynamically or by automatic dynamic recompilation.
+    CPU rows are therefore padded to a power of two (``flex_row_length``): one compile per size.
+    """
+    global _compiled_flex
+    if _compiled_flex is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _compiled_flex = torch.compile(flex_attention, dynamic=device_type == "cuda")
+    return _compiled_flex
+
+
+def flex_row_length(length: int, device_type: str) -> int:
+    """Length a packed row is padded to: the next multiple of flex's 128-token block (CUDA), or
+    the next power of two >= 128 (CPU: static-shape compiles, see ``compiled_flex``)."""
+    if device_type == "cuda":
+        return -(-length // 128) * 128
+    return max(128, 1 << (length - 1).bit_length())
+
+
+def flex_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                           scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """The attention of every layer under ``attention: flex``: one ``flex_attention`` call with
+    the row's BlockMask, registered with transformers' ``AttentionInterface`` as ``npr_flex``.
+
+    query [B, Hq, L, D], key/value [B, Hkv, L, D] -> ([B, L, Hq, D], None). Compiled once per
+    process (``compiled_flex``).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(attention_mask, BlockMask):
+        raise TypeError(f"attention {FLEX_ATTENTION_NAME} reads a flex_attention BlockMask, got "
+                        f"{type(attention_mask).__name__}; build it with npr.masks.tree_block_mask")
+    if dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
+        raise ValueError(f"attention {FLEX_ATTENTION_NAME} supports no dropout, softcap or attention sinks")
+    heads, kv_heads = query.shape[1], key.shape[1]
+    gqa = heads != kv_heads
+    if gqa and heads & (heads - 1):  # flex's GQA wants a power-of-two head count: expand the keys instead
+        key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
+        gqa = False
+    flex = compiled_flex(query.device.type)
+    out = flex(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=gqa)  # [B, Hq, L, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_flex() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FLEX_ATTENTION_NAME, flex_attention_forward)
+
+
+_register_flex()
+
+
+def resolve_attention(choice: str, device: torch.device) -> str:
+    """``flex`` or ``dense`` for a training run on ``device`` (``choice`` other than auto is kept).
+
+    auto: ``flex`` on CUDA (fused kernels, O(L) mask memory: the path NPR's 30k-token traces
+    need); ``dense`` on CPU, where torch 2.13's flex_attention has no backward (it raises
+    NotImplementedError) and where the dense step is also the faster one at the lengths CPU
+    runs train on (measured in docs/performance.md, "Training memory").
+    """
+    if choice not in ATTENTION_CHOICES:
+        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice
+    return "flex" if torch.device(device).type == "cuda" else "dense"
+
+
+def model_config(model):
+    """The HF config of ``model``, through a DDP wrapper (FSDP2 wraps in place)."""
+    return getattr(model, "module", model).config
+
+
+def attention_of(model) -> str:
+    """The layout the model's current attention implementation reads: ``flex`` or ``dense``."""
+    return "flex" if model_config(model)._attn_implementation == FLEX_ATTENTION_NAME else "dense"
+
+
+def set_attention(model, attention: str) -> None:
+    """Make ``model``'s attention layers read the ``attention`` layout's mask (for a whole run:
+    gradient checkpointing recomputes attention during backward, after any context has ended)."""
+    model_config(model)._attn_implementation = _IMPLEMENTATION[attention]
+
+
+@contextlib.contextmanager
+def attention_layout(model, attention: str):
+    """Temporarily switch the attention implementation (forward passes without backward only)."""
+    config = model_config(model)
+    previous = config._attn_implementation
+    config._attn_implementation = _IMPLEMENTATION[attention]
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 @dataclass(frozen=True)
 class TokenSequence:
-    """One row of the flat forward.
+    """One row of the flat forward (or one document of a packed row).
 
-    input_ids LongTensor[L], allowed BoolTensor[L, L] (query i may see key j), position_ids
+    input_ids LongTensor[L], tree ``TreeIds`` (who may see whom, O(L)), position_ids
     LongTensor[L]; ``context_end``: length of the prompt (of the shared prefix when packed);
     ``spans``: the [start, end) token range of each response; ``first_predictors``: for each
     response, the index of its prompt's last token, whose logits predict its first token (None:
@@ -36,11 +150,16 @@ class TokenSequence:
     """
 
     input_ids: torch.Tensor
-    allowed: torch.Tensor
+    tree: TreeIds
     position_ids: torch.Tensor
     context_end: int
     spans: tuple[tuple[int, int], ...]
     first_predictors: tuple[int, ...] | None = None
+
+    @property
+    def allowed(self) -> torch.Tensor:
+        """BoolTensor[L, L]: the dense mask of ``tree`` (``npr.masks.tree_visible``), built on demand."""
+        return dense_tree_mask(self.tree)
 
     @property
     def response_start(self) -> int:
@@ -65,23 +184,22 @@ class TokenSequence:
         return index
 
 
-def _single(ids: torch.Tensor, allowed: torch.Tensor, positions: torch.Tensor, prompt_length: int) -> TokenSequence:
-    return TokenSequence(ids, allowed, positions, prompt_length, ((prompt_length, len(ids)),))
+def _single(ids: torch.Tensor, tree: TreeIds, positions: torch.Tensor, prompt_length: int) -> TokenSequence:
+    return TokenSequence(ids, tree, positions, prompt_length, ((prompt_length, len(ids)),))
 
 
 def structured_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int],
                         tag_ids: Mapping[str, int]) -> TokenSequence:
-    """Prompt + response with the tree mask and positions; ``StructureError`` if malformed."""
+    """Prompt + response with the tree ids and positions; ``StructureError`` if malformed."""
     ids = torch.tensor([*prompt_ids, *response_ids], dtype=torch.long)  # [L]
-    allowed, positions = parallel_mask_and_positions(ids, tag_ids, response_start=len(prompt_ids))
-    return _single(ids, allowed, positions, len(prompt_ids))
+    tree, positions = tree_ids_and_positions(ids, tag_ids, response_start=len(prompt_ids))
+    return _single(ids, tree, positions, len(prompt_ids))
 
 
 def causal_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> TokenSequence:
-    """Prompt + response with a plain causal mask and ``arange`` positions (plain decoding)."""
+    """Prompt + response, causal, with ``arange`` positions (plain decoding)."""
     ids = torch.tensor([*prompt_ids, *response_ids], dtype=torch.long)  # [L]
-    n = len(ids)
-    return _single(ids, torch.ones(n, n, dtype=torch.bool).tril_(), torch.arange(n), len(prompt_ids))
+    return _single(ids, TreeIds.causal(len(ids)), torch.arange(len(ids)), len(prompt_ids))
 
 
 def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -93,32 +211,48 @@ def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
 def pack_shared_prefix(sequences: Sequence[TokenSequence]) -> TokenSequence:
     """Sequences packed behind one copy of their common prefix (never past a prompt's end).
 
-    Each keeps its own mask over the prefix and itself and its own positions; none sees
-    another. For responses to one prompt the prefix is the whole prompt; for different
-    problems it is what their prompts share (the chat template and the system instruction).
+    Each keeps its own tree over the prefix and itself and its own positions; none sees
+    another (each is a ``member`` of the pack, the prefix is member -1). For responses to one
+    prompt the prefix is the whole prompt; for different problems it is what their prompts
+    share (the chat template and the system instruction).
     """
+    if any(len(s.spans) != 1 for s in sequences):
+        raise ValueError("pack_shared_prefix packs single-response sequences (pack each one only once)")
     first = sequences[0]
     shared = min(s.context_end for s in sequences)
     for s in sequences[1:]:
         shared = min(shared, common_prefix_length(first.input_ids, s.input_ids))
-    length = shared + sum(len(s.input_ids) - shared for s in sequences)
-    ids = torch.empty(length, dtype=torch.long)  # [L]
-    allowed = torch.zeros(length, length, dtype=torch.bool)  # [L, L]
-    positions = torch.empty(length, dtype=torch.long)  # [L]
-    ids[:shared], positions[:shared] = first.input_ids[:shared], first.position_ids[:shared]
-    allowed[:shared, :shared] = first.allowed[:shared, :shared]
+    ids, positions = [first.input_ids[:shared]], [first.position_ids[:shared]]
+    prefix = first.tree.slice(0, shared)
+    trees = [TreeIds(prefix.document, torch.full_like(prefix.member, -1), prefix.region, prefix.branch)]
     spans, predictors, offset = [], [], shared
-    for s in sequences:
+    for j, s in enumerate(sequences):
         n = len(s.input_ids) - shared
-        ids[offset:offset + n] = s.input_ids[shared:]
-        positions[offset:offset + n] = s.position_ids[shared:]
-        allowed[offset:offset + n, :shared] = s.allowed[shared:, :shared]
-        allowed[offset:offset + n, offset:offset + n] = s.allowed[shared:, shared:]
+        ids.append(s.input_ids[shared:])
+        positions.append(s.position_ids[shared:])
+        rest = s.tree.slice(shared, len(s.input_ids))
+        trees.append(TreeIds(rest.document, torch.full_like(rest.member, j), rest.region, rest.branch))
         move = lambda i: i if i < shared else offset + i - shared  # noqa: E731
         spans += [(move(a), move(b - 1) + 1) for a, b in s.spans]
-        predictors += [move(s.first_predictor(j)) for j in range(len(s.spans))]
+        predictors += [move(s.first_predictor(k)) for k in range(len(s.spans))]
         offset += n
-    return TokenSequence(ids, allowed, positions, shared, tuple(spans), tuple(predictors))
+    return TokenSequence(torch.cat(ids), TreeIds.cat(trees), torch.cat(positions), shared, tuple(spans),
+                         tuple(predictors))
+
+
+def concat_documents(sequences: Sequence[TokenSequence]) -> TokenSequence:
+    """Sequences laid end to end in one row, each its own ``document`` (none sees another):
+    the packed layout of a micro-batch, with no padding. Response order is kept."""
+    ids, positions, trees, spans, predictors, offset = [], [], [], [], [], 0
+    for d, s in enumerate(sequences):
+        ids.append(s.input_ids)
+        positions.append(s.position_ids)
+        trees.append(TreeIds(torch.full_like(s.tree.document, d), s.tree.member, s.tree.region, s.tree.branch))
+        spans += [(a + offset, b + offset) for a, b in s.spans]
+        predictors += [s.first_predictor(j) + offset for j in range(len(s.spans))]
+        offset += len(s.input_ids)
+    return TokenSequence(torch.cat(ids), TreeIds.cat(trees), torch.cat(positions), sequences[0].context_end,
+                         tuple(spans), tuple(predictors))
 
 
 def pack_in_budget(sequences: Sequence[TokenSequence], max_tokens: int) -> list[TokenSequence]:
@@ -143,15 +277,65 @@ def pack_in_budget(sequences: Sequence[TokenSequence], max_tokens: int) -> list[
     return packed
 
 
+def _dense_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype
+                  ) -> list[torch.Tensor]:
+    """Right-padded batch with an additive float mask; per response its predicting logits [T_r, V]."""
+    batch = batch_inputs([(s.input_ids, s.allowed, s.position_ids) for s in sequences], pad_token_id, dtype)
+    # Only logits from the first predicting token onward are read: skip the (shared) prompt.
+    first = min(s.first_predictor(j) for s in sequences for j in range(len(s.spans)))
+    length = batch["input_ids"].shape[1]
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                   attention_mask=batch["attention_mask"], logits_to_keep=length - first,
+                   use_cache=False).logits  # [B, L - first, V]
+    return [logits[b].index_select(0, (s.predictors(j) - first).to(logits.device))
+            for b, s in enumerate(sequences) for j in range(len(s.spans))]
+
+
+def _flex_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int) -> list[torch.Tensor]:
+    """One packed row (document ids, no padding) under a flex_attention BlockMask; logits only
+    at the predicting positions. Per response its predicting logits [T_r, V]."""
+    device = next(model.parameters()).device
+    row = concat_documents(sequences)
+    n = len(row.input_ids)
+    pad = flex_row_length(n, device.type) - n  # < 128 tokens on CUDA; pads form their own document
+    ids = torch.nn.functional.pad(row.input_ids, (0, pad), value=pad_token_id)[None].to(device)  # [1, L']
+    positions = torch.nn.functional.pad(row.position_ids, (0, pad))[None].to(device)  # [1, L']
+    tree = TreeIds.cat([row.tree, TreeIds(*(torch.full((pad,), -1, dtype=torch.long) for _ in range(4)))])
+    keep = torch.cat([row.predictors(j) for j in range(len(row.spans))]).to(device)  # [P]
+    logits = model(input_ids=ids, position_ids=positions, attention_mask=tree_block_mask(tree, device),
+                   logits_to_keep=keep, use_cache=False).logits[0]  # [P, V]
+    return list(logits.split(row.response_lengths))
+
+
+def response_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int,
+                    mask_dtype: torch.dtype | None = None, attention: str | None = None) -> list[torch.Tensor]:
+    """Per response (in sequence, then span order) the logits that predict its tokens:
+    FloatTensor[T_r, V] each, from the ``flex`` or ``dense`` layout (see ``response_logprobs``)."""
+    attention = attention or attention_of(model)
+    device = next(model.parameters()).device
+    switch = attention_layout(model, attention) if attention_of(model) != attention else contextlib.nullcontext()
+    if attention == "flex":
+        if device.type == "cpu" and torch.is_grad_enabled():
+            raise RuntimeError("flex_attention has no backward on CPU (torch 2.13); train with attention dense "
+                               "(auto picks it on CPU), or run this forward under torch.no_grad()")
+        with switch:
+            return _flex_logits(model, sequences, pad_token_id)
+    with switch:
+        return _dense_logits(model, sequences, pad_token_id, mask_dtype or next(model.parameters()).dtype)
+
+
 def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                      mask_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of every response token under one batched, masked forward of ``model``.
+                      mask_dtype: torch.dtype | None = None, attention: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of every response token under one masked forward of ``model``.
 
     Args:
-        model: an HF causal LM (possibly wrapped by DDP/accelerate); gradients flow.
+        model: an HF causal LM (possibly wrapped by DDP/FSDP); gradients flow.
         sequences: B sequences holding R responses in all, each response >= 1 token.
-        pad_token_id: id used for right padding (its positions are masked out).
-        mask_dtype: dtype of the additive attention mask (default: the model's parameter dtype).
+        pad_token_id: id used for right padding in the dense layout (its positions are masked out).
+        mask_dtype: dtype of the dense layout's additive mask (default: the model's parameter dtype).
+        attention: ``flex`` (one packed row, BlockMask) or ``dense`` (padded batch, float mask);
+            None follows the model's attention implementation (``set_attention``).
 
     Returns:
         logprobs FloatTensor[R, T] (float32; T = longest response; rows in sequence, then
@@ -160,24 +344,14 @@ def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: i
     """
     if any(s.context_end < 1 or min(s.response_lengths) < 1 for s in sequences):
         raise ValueError("every sequence needs a prompt (>= 1 token) and responses of >= 1 token")
-    dtype = mask_dtype or next(model.parameters()).dtype
-    batch = batch_inputs([(s.input_ids, s.allowed, s.position_ids) for s in sequences], pad_token_id, dtype)
-    # Only logits from the first predicting token onward are read: skip the (shared) prompt.
-    first = min(s.first_predictor(j) for s in sequences for j in range(len(s.spans)))
-    length = batch["input_ids"].shape[1]
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                attention_mask=batch["attention_mask"], logits_to_keep=length - first, use_cache=False)
-    logits = out.logits  # [B, L - first, V]
-    longest = max(max(s.response_lengths) for s in sequences)
-    rows, lengths = [], []
-    for b, s in enumerate(sequences):
-        for j, span in enumerate(s.spans):
-            index = (s.predictors(j) - first).to(logits.device)  # [T_r]
-            predicting = logits[b].index_select(0, index).float()  # [T_r, V]
-            targets = s.input_ids[span[0]:span[1]].to(logits.device)  # [T_r]
-            token_logprobs = predicting.log_softmax(-1).gather(-1, targets[:, None])[:, 0]  # [T_r]
-            rows.append(torch.nn.functional.pad(token_logprobs, (0, longest - len(targets))))
-            lengths.append(len(targets))
+    per_response = response_logits(model, sequences, pad_token_id, mask_dtype, attention)
+    device = per_response[0].device
+    targets = [s.input_ids[a:b] for s in sequences for a, b in s.spans]
+    longest = max(len(t) for t in targets)
+    rows = []
+    for predicting, target in zip(per_response, targets):
+        token_logprobs = predicting.float().log_softmax(-1).gather(-1, target.to(device)[:, None])[:, 0]  # [T_r]
+        rows.append(torch.nn.functional.pad(token_logprobs, (0, longest - len(target))))
     logprobs = torch.stack(rows)  # [R, T]
-    mask = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]  # [R, T]
+    mask = torch.arange(longest)[None, :] < torch.tensor([len(t) for t in targets])[:, None]  # [R, T]
     return logprobs, mask.to(logprobs.device)

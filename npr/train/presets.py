@@ -2,14 +2,16 @@
 
 - ``smoke``: a tiny random model built locally; seconds on a CPU; for CI and tests. Rollouts
   of Stage 3 and ``npr sample`` are forced (``rollout_forcing``) because a random model never
-  writes the NPR structure; Stage 1's random rollouts differ in length and stray tags, which
+  writes the NPR structure; Stage 3's forced traces end with the model's own choice between
+  the right and a wrong answer (``structure-answer``), so its rewards vary within a group and
+  PAPO's gradient is not zero. Stage 1's random rollouts differ in length and stray tags, which
   is enough reward variance to exercise the DAPO update.
-- ``tiny``: the embedded SmolLM2-135M-Instruct on 2-term, 1-digit ``chain_sum`` from
-  reasoning-gym; a few minutes per stage on a 2-core CPU. Its learning rates are tiny-preset
+- ``tiny``: the embedded SmolLM2-135M-Instruct on ``gen:expressions`` (2-4 independent one-digit
+  sums and differences per problem); a few minutes per stage on a 2-core CPU. Its learning rates are tiny-preset
   choices (a 135M model over a handful of steps), far above the paper's.
-- ``qwen3-4b``: NPR-4B's settings on Qwen3-4B-Instruct-2507, for GPUs (``accelerate launch``): the
-  values of the authors' released launch scripts (bigai-nlco/Native-Parallel-Reasoner), cited per
-  value below as ``file:line``, except where the paper's text disagrees (then the paper, marked);
+- ``qwen3-4b``: NPR-4B's settings on Qwen3-4B-Instruct-2507, for GPUs (``accelerate launch``; add
+  ``--fsdp true`` to shard it over the GPUs): the values of the authors' released launch scripts
+  (bigai-nlco/Native-Parallel-Reasoner), cited per value below as ``file:line``, except where the paper's text disagrees (then the paper, marked);
   docs/training.md has the full table "npr vs paper vs reference code".
 
 Stages after the first need ``--model RUN/final`` from the previous stage (the ``smoke``
@@ -42,7 +44,10 @@ _TINY_ENGINE: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, rollout_dtype="bf
 _TINY_RL: dict[str, Any] = dict(_TINY_ENGINE, train_data=_EXPRESSIONS, mixed_precision="bf16", eval_data=_EXPRESSIONS_EVAL,
                                 eval_limit=8, eval_samples=2, warmup_steps=0, lr_schedule="constant",
                                 pack_group_tokens=2048, micro_batch_size=2, prompts_per_step=8)
-_QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20)
+# fp32 master weights, bf16 compute; checkpointing: an 8k-token rollout's activations otherwise dominate.
+# Add --fsdp true on several GPUs (docs/training.md)
+_QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20,
+                                   gradient_checkpointing=True)
 _QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache_gib=20.0, max_num_seqs=256)
 # NPR's launch scripts (reference repo bigai-nlco/Native-Parallel-Reasoner at e148ad5): Stage 1
 # npr-zero/experiments/run.sh (Z), Stage 3 npr-rl/experiments/run.sh (R), Stage 2 npr-beta/train/sft_math.sh (B),
@@ -121,7 +126,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         ),
     },
     "stage3": {
-        "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure"),
+        # structure-answer: the forced traces end with the model's choice between the right and a wrong answer,
+        # so rewards vary within a group and PAPO's advantages and gradients are not zero (npr.train.smoke)
+        "smoke": dict(_SMOKE_RL, max_new_tokens=96, rollout_forcing="structure-answer"),
         # temperature 0.6: at 1.0 the 135M model broke the schema in ~90% of parallel rollouts (measured
         # after an earlier Stage 2 on programmatic traces; the engine ends them as invalid_schema)
         "tiny": dict(_TINY_RL, samples_per_prompt=4, max_new_tokens=320, temperature=0.6, learning_rate=1e-5,

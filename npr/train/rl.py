@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npr.algos import POLICY_LOSSES, get_policy_loss
+from npr.algos import POLICY_LOSSES, get_advantage_estimator, get_policy_loss
 from npr.data import Problem
 from npr.prompts import encode_prompt
 from npr.rewards import accuracy_reward
@@ -19,9 +19,12 @@ from npr.tokens import tag_token_ids
 from npr.train.config import ConfigError, RLConfig
 from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
 from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
-from npr.train.rollout import Rollout, RolloutWorker, append_rollouts, rollout_metrics, rollout_sums, score
+from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, append_rollouts, rollout_metrics,
+                               rollout_sums, score)
+from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
 from npr.train.session import RunOptions, TrainSession, open_session
-from npr.train.update import PolicyBatch, global_sum, optimizer_step, policy_backward
+from npr.train.tracking import truncate_jsonl
+from npr.train.update import PolicyBatch, gather_floats, global_sum, optimizer_step, policy_backward
 
 EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
 
@@ -56,10 +59,52 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
     if config.prompts_per_step % world:
         raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
                           f"{world} processes; use a multiple of {world}")
-    worker = RolloutWorker(session.unwrapped, session.tokenizer, config, mode)
+    worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode)
+    truncate_jsonl(rollouts_path(session), session.start_step)  # a resumed run writes later steps again
     prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in problems]
     order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
     return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems)
+
+
+def sampling_params(run: RLRun, n: int, seed: int, first: int, problems: Sequence[Problem]):
+    """The engine's sampling parameters for ``problems`` (global prompt indices from ``first``);
+    ``rollout_forcing: structure-answer`` (smoke/test only) adds ``AnswerChoiceForcer``, which
+    needs each prompt's answer."""
+    params = run.worker.sampling_params(n, seed)
+    if run.session.config.rollout_forcing != "structure-answer":
+        return params
+    from dataclasses import replace
+
+    from npr.train.smoke import AnswerChoiceForcer
+
+    answers = {first + i: p.answer for i, p in enumerate(problems)}
+    forcer = AnswerChoiceForcer(run.session.tokenizer, SMOKE_BRANCH_TOKENS, answers)
+    return replace(params, logits_processors=(forcer,))
+
+
+def rollout_policy(session: TrainSession) -> torch.nn.Module:
+    """The module the engine decodes: the policy itself (or RolloutWorker's copy in
+    ``rollout_dtype``), or under FSDP a plain gathered copy (the engine needs whole weights)."""
+    if not is_sharded(session.model):
+        return session.unwrapped
+    from npr.models import resolve_dtype
+
+    config = session.config
+    return full_copy(session.model, resolve_dtype(config.rollout_dtype or config.dtype), session.accelerator.device)
+
+
+def sync_rollout_weights(run: RLRun) -> None:
+    """After an update: refresh the engine's copy of the weights (every process: under FSDP it
+    all-gathers each parameter)."""
+    if is_sharded(run.session.model):
+        copy_full_weights(run.session.model, run.worker.model)
+    else:
+        run.worker.sync()
+
+
+def rollouts_path(session: TrainSession):
+    acc = session.accelerator
+    return session.run_dir / f"rollouts{f'.rank{acc.process_index}' if acc.num_processes > 1 else ''}.jsonl"
 
 
 def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], float]) -> tuple[list[Rollout], dict]:
@@ -67,7 +112,8 @@ def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], flo
     session, config = run.session, run.session.config
     acc = session.accelerator
     indices, first = shard(run.order.batch(step), acc.process_index, acc.num_processes)
-    params = run.worker.sampling_params(config.samples_per_prompt, rollout_seed(config.seed, step))
+    params = sampling_params(run, config.samples_per_prompt, rollout_seed(config.seed, step), first,
+                             [run.problems[i] for i in indices])
     started = time.perf_counter()
     results = run.worker.generate([run.prompts[i] for i in indices], first, params)
     wall = time.perf_counter() - started
@@ -75,9 +121,26 @@ def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], flo
     totals = global_sum(acc, rollout_sums(rollouts))
     metrics = rollout_metrics(totals)
     metrics["rollout_tokens_per_s"] = metrics["response_length"] * metrics["rollouts"] / max(wall, 1e-9)
-    suffix = f".rank{acc.process_index}" if acc.num_processes > 1 else ""
-    append_rollouts(session.run_dir / f"rollouts{suffix}.jsonl", step + 1, rollouts)
+    append_rollouts(rollouts_path(session), step + 1, rollouts)
     return rollouts, metrics
+
+
+def global_advantages(accelerator, estimator: str, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Advantages of this process's rollouts computed over the GLOBAL batch.
+
+    rewards FloatTensor[K], groups LongTensor[K] (global prompt indices) -> FloatTensor[K].
+    Every process gathers all kept rewards and group ids (in process order, which is global
+    prompt order), runs the estimator on the whole batch and keeps its own slice. So PAPO's
+    batch std (and any other batch-level statistic) is the one of the whole batch, and the
+    advantages equal a single process's bit for bit; group statistics are unaffected.
+    """
+    all_rewards, offset = gather_floats(accelerator, rewards.tolist())
+    all_groups, _ = gather_floats(accelerator, groups.tolist())
+    if not all_rewards:
+        return torch.zeros(0)
+    advantages = get_advantage_estimator(estimator)(torch.tensor(all_rewards, dtype=rewards.dtype),
+                                                    torch.tensor(all_groups, dtype=torch.long))  # [N_global]
+    return advantages[offset:offset + len(rewards)]  # [K]
 
 
 def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structured: bool, tag_ids: dict[str, int],
@@ -116,9 +179,9 @@ def apply_update(run: RLRun, batch: PolicyBatch) -> dict[str, float]:
         return {"updated": 0.0, "trained_rollouts": 0.0}
     pad = session.tokenizer.pad_token_id
     metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, config.micro_batch_size,
-                              forward_context=session.forward_context)
+                              forward_context=session.forward_context, micro_batch_tokens=config.micro_batch_tokens)
     metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
-    run.worker.sync()
+    sync_rollout_weights(run)
     return {**metrics, "updated": 1.0, "trained_rollouts": total}
 
 
@@ -131,7 +194,7 @@ def evaluate(run: RLRun) -> dict[str, float]:
     first = acc.process_index * per_rank
     mine = problems[first:first + per_rank]
     prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in mine]
-    params = run.worker.sampling_params(config.eval_samples, config.seed + EVAL_SEED_OFFSET)
+    params = sampling_params(run, config.eval_samples, config.seed + EVAL_SEED_OFFSET, first, mine)
     results = run.worker.generate(prompts, first, params)
     totals = global_sum(acc, rollout_sums(score(results, mine, first, accuracy_reward)))
     return rollout_metrics(totals, prefix="eval_")

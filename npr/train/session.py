@@ -5,8 +5,12 @@ Run directory layout::
 
     RUN/config.yaml          the exact resolved config (readable back with --config)
     RUN/metrics.jsonl        one line per step (plus eval lines)
-    RUN/checkpoints/step-N/  HF model + tokenizer, trainer_state.pt, rng_state_rank*.pt
+    RUN/checkpoints/step-N/  resumable checkpoint with a manifest (npr.train.checkpoint; sharded under FSDP)
     RUN/final/               HF model + tokenizer: the next stage's --model
+
+Parallelism: DDP (every process holds the model) or, with ``fsdp``, FSDP2 through
+accelerate's plugin (npr.train.fsdp). The training attention layout (``attention``: flex or
+dense, npr.train.logprobs.resolve_attention) and gradient checkpointing are set here, once.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from typing import Any
 
 import torch
 
-from npr.models import load_model_and_tokenizer, save_model
-from npr.train.checkpoint import (CheckpointError, checkpoint_steps, latest_checkpoint, load_trainer_state,
-                                  save_checkpoint)
+from npr.fsio import atomic_write_text
+from npr.models import load_model_and_tokenizer
+from npr.train.checkpoint import (CheckpointError, checkpoint_steps, load_checkpoint, resume_point, save_checkpoint,
+                                  save_final)
 from npr.train.config import RESUMABLE_FIELDS, ConfigError
+from npr.train.fsdp import check_fsdp_launch, fsdp_plugin, layer_classes, make_fsdp_accelerator
+from npr.train.logprobs import resolve_attention, set_attention
 from npr.train.overrides import (build_config, config_differences, config_to_yaml, read_yaml_layer, resolve_config,
                                   written_values)
 from npr.train.schedule import build_optimizer, build_scheduler
-from npr.train.tracking import MetricsLog, truncate_metrics
+from npr.train.tracking import MetricsLog, truncate_jsonl
 
 CONFIG_FILE = "config.yaml"
 
@@ -52,7 +59,7 @@ def resolve_run_config(stage: str, cls: type, out_dir: Path, resume: bool, prese
     """
     saved_path = out_dir / CONFIG_FILE
     if not resume:
-        if saved_path.exists() and (checkpoint_steps(out_dir) or (out_dir / "final").exists()):
+        if checkpoint_steps(out_dir) or (out_dir / "final").exists():
             raise ConfigError(f"{out_dir} already holds a run (checkpoints or final/); pass --resume to continue it, "
                               "or choose another --out")
         return resolve_config(stage, cls, preset, config_path, flags)
@@ -92,9 +99,19 @@ def _refuse_edits(cls: type, saved_path: Path, values: dict[str, Any], origins: 
                           "as flags (e.g. --save-every 10)")
 
 
+def resume_checkpoint(config, options: RunOptions) -> Path | None:
+    """The checkpoint a run continues from: the latest complete one on ``--resume`` (None when
+    the run was interrupted before its first checkpoint: it then starts over), else None."""
+    return resume_point(Path(options.out_dir))[0] if options.resume else None
+
+
 def model_source(config, options: RunOptions) -> str:
-    """What the run loads: the latest checkpoint on resume, else ``config.model``."""
-    return str(latest_checkpoint(Path(options.out_dir))) if options.resume else config.model
+    """What the run loads weights and tokenizer from: an unsharded checkpoint on resume, else
+    ``config.model`` (a sharded checkpoint's weights are loaded after sharding)."""
+    checkpoint = resume_checkpoint(config, options)
+    if checkpoint is None or (checkpoint / "sharded").is_dir():
+        return config.model
+    return str(checkpoint)
 
 
 def set_cpu_threads(threads: int | None) -> None:
@@ -102,15 +119,19 @@ def set_cpu_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def make_accelerator():
+def make_accelerator(config=None):
     """An ``Accelerator``; on a machine without CUDA it runs on CPU, and under torchrun (or
-    ``accelerate launch --multi_gpu --num_processes N``) N CPU processes train with gloo.
+    ``accelerate launch --multi_gpu --num_processes N``) N CPU processes train with gloo. With
+    ``config.fsdp`` its ``prepare`` shards with accelerate's FSDP2 plugin (npr.train.fsdp).
 
     Mixed precision is not accelerate's: its state is a per-process singleton that refuses a
-    second setting, so ``autocast`` below applies the config's choice to the forward passes.
+    second setting, so ``autocast`` below (DDP) or FSDP's MixedPrecisionPolicy applies the
+    config's choice.
     """
     from accelerate import Accelerator
 
+    if config is not None and getattr(config, "fsdp", False):
+        return make_fsdp_accelerator(fsdp_plugin(config, layers=[]))  # layers are set once the model is loaded
     return Accelerator(mixed_precision="no", cpu=not torch.cuda.is_available())
 
 
@@ -140,8 +161,10 @@ class TrainSession:
         return self.accelerator.unwrap_model(self.model)
 
     def forward_context(self):
-        """Context for the training forward passes: the config's mixed precision."""
-        return autocast(self.accelerator.device, self.config.mixed_precision)
+        """Context for the training forward passes: the config's mixed precision (under FSDP
+        its MixedPrecisionPolicy already runs the layers in bf16)."""
+        mixed = "no" if self.config.fsdp else self.config.mixed_precision
+        return autocast(self.accelerator.device, mixed)
 
     @property
     def is_main(self) -> bool:
@@ -178,14 +201,11 @@ class TrainSession:
     def finish(self) -> Path | None:
         """Checkpoint at the end; write ``final/`` when the schedule is complete (else None)."""
         count = self.end_step
-        if count > self.start_step or count == self.total_steps:
+        if count > self.start_step:  # (a run resumed at its end already has this checkpoint)
             self.checkpoint(count)
         final = None
         if count == self.total_steps:
-            final = self.run_dir / "final"
-            if self.is_main:
-                save_model(self.unwrapped, self.tokenizer, final)
-            self.accelerator.wait_for_everyone()
+            final = save_final(self.accelerator, self.model, self.tokenizer, self.run_dir / "final")
             self.log.note(f"{self.stage}: done, model in {final}")
         else:
             self.log.note(f"{self.stage}: stopped after step {count} of {self.total_steps}; continue with --resume")
@@ -193,38 +213,60 @@ class TrainSession:
         return final
 
 
+def _prepare_model(accelerator, model, config):
+    """Attention layout, gradient checkpointing and (FSDP) the layer classes, before ``prepare``."""
+    attention = resolve_attention(config.attention, accelerator.device)
+    if attention == "flex" and accelerator.device.type == "cpu":
+        raise ConfigError("config field 'attention': flex on CPU cannot train (torch 2.13's flex_attention has no "
+                          "backward on CPU); use auto (dense on CPU, flex on CUDA) or dense")
+    set_attention(model, attention)
+    model.config.use_cache = False
+    if config.fsdp:
+        accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = layer_classes(model, config)
+    elif config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return attention
+
+
 def open_session(stage: str, config, options: RunOptions, total_steps: int) -> TrainSession:
     """Accelerate, the model (fresh, or from the latest checkpoint on resume), AdamW and the
-    schedule, prepared for 1..N processes; ``config.yaml`` written by the main process."""
+    schedule, prepared for 1..N processes (DDP, or FSDP with ``config.fsdp``); ``config.yaml``
+    written by the main process. Invalid setups fail before any compute."""
     from accelerate.utils import set_seed
 
+    check_fsdp_launch(config)
     set_cpu_threads(config.cpu_threads)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(config)
     run_dir = Path(options.out_dir)
-    checkpoint = latest_checkpoint(run_dir) if options.resume else None
+    checkpoint = resume_checkpoint(config, options)
     set_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(str(checkpoint) if checkpoint else config.model, dtype=config.dtype,
+    model, tokenizer = load_model_and_tokenizer(model_source(config, options), dtype=config.dtype,
                                                 device=accelerator.device)
+    attention = _prepare_model(accelerator, model, config)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         header = f"npr {stage}: resolved config\n{options.command}".strip()
-        (run_dir / CONFIG_FILE).write_text(config_to_yaml(config, header), encoding="utf-8")
-        if checkpoint is None:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, config_to_yaml(config, header))
     model.train()
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start = 0
+    start, note = 0, None
     if checkpoint is not None:
-        start = load_trainer_state(checkpoint, optimizer, scheduler, accelerator.process_index,
-                                   accelerator.num_processes)
-        if accelerator.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", start)
+        start, note = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, config.seed)
+    if accelerator.is_main_process:  # a resumed run logs its later steps again; a restarted one all of them
+        truncate_jsonl(run_dir / "metrics.jsonl", start if checkpoint is not None else -1)
     accelerator.wait_for_everyone()
     log = MetricsLog(run_dir, stage, total_steps, accelerator.is_main_process, options.quiet, config.tensorboard)
+    mode = f"FSDP over {accelerator.num_processes} processes" if config.fsdp else f"{accelerator.num_processes} process(es)"
+    log.note(f"{stage}: {mode} on {accelerator.device.type}, attention {attention}"
+             + (", gradient checkpointing" if config.gradient_checkpointing else ""))
     if checkpoint is not None:
-        log.note(f"{stage}: resumed from {checkpoint} (step {start} of {total_steps})")
+        skipped = resume_point(run_dir)[1]
+        log.note(f"{stage}: resumed from {checkpoint} (step {start} of {total_steps})"
+                 + "".join(f"; {n}" for n in (note, skipped) if n))
+    elif options.resume:
+        log.note(f"{stage}: no complete checkpoint in {run_dir}/checkpoints; starting the run over")
     return TrainSession(stage, config, run_dir, accelerator, model, tokenizer, optimizer, scheduler, total_steps,
                         start, log)
 

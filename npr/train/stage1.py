@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from npr.algos import dynamic_sampling_filter, get_advantage_estimator, overlong_penalty
+from npr.algos import dynamic_sampling_filter, overlong_penalty
 from npr.masks import has_complete_blocks
 from npr.rewards import get_reward
 from npr.train.config import Stage1Config
-from npr.train.rl import apply_update, collect_rollouts, policy_batch, run_eval_if_due, start_rl_run, tag_ids_of
+from npr.train.rl import (apply_update, collect_rollouts, global_advantages, policy_batch, run_eval_if_due, start_rl_run,
+                          tag_ids_of)
 from npr.train.rollout import Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
@@ -38,17 +39,15 @@ def shaped_rewards(rollouts: Sequence[Rollout], config: Stage1Config) -> torch.T
     return rewards
 
 
-def select_dapo(rollouts: Sequence[Rollout], rewards: torch.Tensor, config: Stage1Config
+def select_dapo(accelerator, rollouts: Sequence[Rollout], rewards: torch.Tensor, config: Stage1Config
                 ) -> tuple[list[Rollout], torch.Tensor]:
-    """Dynamic sampling (when on) and group-normalised advantages of the kept rollouts."""
-    if not rollouts:
-        return [], torch.zeros(0)
-    groups = torch.tensor([r.group for r in rollouts])  # [N]
-    keep = (dynamic_sampling_filter(rewards, groups) if config.dynamic_sampling
+    """Dynamic sampling (when on; a group lives on one process, so the filter is local) and the
+    advantages of the kept rollouts over the global batch (every process must call it)."""
+    groups = torch.tensor([r.group for r in rollouts], dtype=torch.long)  # [N]
+    keep = (dynamic_sampling_filter(rewards, groups) if config.dynamic_sampling and rollouts
             else torch.ones(len(rollouts), dtype=torch.bool))  # [N]
     kept = [r for r, k in zip(rollouts, keep.tolist()) if k]
-    advantages = get_advantage_estimator(config.advantage)(rewards[keep], groups[keep])  # [K]
-    return kept, advantages
+    return kept, global_advantages(accelerator, config.advantage, rewards[keep], groups[keep])  # [K]
 
 
 def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
@@ -65,7 +64,7 @@ def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
         rewards = shaped_rewards(rollouts, config)
         trainable = [not structured or has_complete_blocks(r.result.prompt_ids, r.result.token_ids, tags)
                      for r in rollouts]
-        kept, advantages = select_dapo([r for r, t in zip(rollouts, trainable) if t],
+        kept, advantages = select_dapo(acc, [r for r, t in zip(rollouts, trainable) if t],
                                        rewards[torch.tensor(trainable, dtype=torch.bool)], config)
         shaped_sum, kept_count, unstructured = global_sum(
             acc, [float(rewards.sum()), float(len(kept)), float(len(trainable) - sum(trainable))])

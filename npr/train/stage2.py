@@ -56,7 +56,7 @@ def train_stage2(config: Stage2Config, options: RunOptions) -> Path | None:
         sequences = pack_in_budget([structured_sequence(kept[i].prompt_ids, kept[i].response_ids, tags)
                                     for i in indices], config.pack_tokens)
         metrics = sft_backward(acc, session.model, sequences, session.tokenizer.pad_token_id, config.micro_batch_size,
-                               forward_context=session.forward_context)
+                               forward_context=session.forward_context, micro_batch_tokens=config.micro_batch_tokens)
         metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
         timer.lap("step")
         metrics.update(epoch=step * config.batch_size / len(kept), examples=len(kept),

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from npr.algos import get_advantage_estimator
 from npr.masks import has_complete_blocks
 from npr.rewards import accuracy_reward
 from npr.schema import validate
 from npr.train.config import Stage3Config
-from npr.train.rl import apply_update, collect_rollouts, policy_batch, run_eval_if_due, start_rl_run, tag_ids_of
+from npr.train.rl import (apply_update, collect_rollouts, global_advantages, policy_batch, run_eval_if_due, start_rl_run,
+                          tag_ids_of)
 from npr.train.rollout import Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
@@ -49,8 +49,8 @@ def drop_reason(rollout: Rollout, tag_ids: dict[str, int], config: Stage3Config)
 
 
 def select_papo(rollouts: Sequence[Rollout], tag_ids: dict[str, int], config: Stage3Config
-                ) -> tuple[list[Rollout], torch.Tensor, dict[str, int]]:
-    """Schema-level filter, then PAPO advantages of the kept rollouts' accuracy rewards."""
+                ) -> tuple[list[Rollout], dict[str, int]]:
+    """Schema-level filter: the kept rollouts and the count of dropped ones by reason."""
     drops = dict.fromkeys(DROP_REASONS, 0)
     kept = []
     for r in rollouts:
@@ -59,11 +59,14 @@ def select_papo(rollouts: Sequence[Rollout], tag_ids: dict[str, int], config: St
             kept.append(r)
         else:
             drops[reason] += 1
-    if not kept:
-        return [], torch.zeros(0), drops
+    return kept, drops
+
+
+def papo_advantages_of(accelerator, kept: Sequence[Rollout], config: Stage3Config) -> torch.Tensor:
+    """PAPO advantages of the kept rollouts' accuracy rewards over the global batch. -> FloatTensor[K]"""
     rewards = torch.tensor([r.reward for r in kept], dtype=torch.float32)  # [K]
-    groups = torch.tensor([r.group for r in kept])  # [K]
-    return kept, get_advantage_estimator(config.advantage)(rewards, groups), drops
+    groups = torch.tensor([r.group for r in kept], dtype=torch.long)  # [K]
+    return global_advantages(accelerator, config.advantage, rewards, groups)
 
 
 def train_stage3(config: Stage3Config, options: RunOptions) -> Path | None:
@@ -76,7 +79,8 @@ def train_stage3(config: Stage3Config, options: RunOptions) -> Path | None:
         timer = StepTimer()
         rollouts, metrics = collect_rollouts(run, step, accuracy_reward)
         timer.lap("rollout")
-        kept, advantages, drops = select_papo(rollouts, tags, config)
+        kept, drops = select_papo(rollouts, tags, config)
+        advantages = papo_advantages_of(acc, kept, config)
         totals = global_sum(acc, [float(len(kept)), *(float(drops[k]) for k in DROP_REASONS)])
         batch = policy_batch(kept, advantages, structured=True, tag_ids=tags,
                              loss_on_prefilled=config.loss_on_prefilled, pack_tokens=config.pack_group_tokens)

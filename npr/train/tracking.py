@@ -28,16 +28,37 @@ def deterministic_fields(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log; a torn last line (a process killed while appending) is skipped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # only the last line can be half-written
+                break
+            raise
+    return records
 
 
-def truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop lines logged after ``last_step`` (a run resumed from that step logs them again)."""
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only the records of steps <= ``last_step`` (a resumed run logs the later ones
+    again; -1 keeps none), dropping a torn last line; rewritten atomically."""
+    from npr.fsio import atomic_write_text
+
+    path = Path(path)
+    if not path.exists():
+        return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+truncate_metrics = truncate_jsonl
 
 
 def _clean(value: Any) -> Any:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npr.train.logprobs import TokenSequence, response_logprobs
+from npr.train.logprobs import TokenSequence, causal_sequence, response_logprobs
 
 
 @dataclass
@@ -61,38 +61,67 @@ def global_sum(accelerator, values: Sequence[float]) -> list[float]:
     return tensor.tolist()
 
 
+def gather_floats(accelerator, values: Sequence[float]) -> tuple[list[float], int]:
+    """Every process's ``values`` concatenated in process order, and the offset of this
+    process's own values in that list (lists may differ in length between processes)."""
+    values = [float(v) for v in values]
+    if accelerator.num_processes == 1:
+        return values, 0
+    lists: list[list[float]] = [[] for _ in range(accelerator.num_processes)]
+    torch.distributed.all_gather_object(lists, values)  # one list per process, in process order
+    offset = sum(len(v) for v in lists[:accelerator.process_index])
+    return [v for part in lists for v in part], offset
+
+
 def global_max(accelerator, value: int) -> int:
     if accelerator.num_processes == 1:
         return value
     return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
 
 
-def _zero_loss(model) -> torch.Tensor:
-    """A zero-weight forward, so a rank without data still joins DDP/FSDP's collectives."""
-    ids = torch.zeros((1, 2), dtype=torch.long, device=next(model.parameters()).device)
-    return model(input_ids=ids, use_cache=False).logits.float().sum() * 0.0
+def _zero_loss(model, pad_token_id: int) -> torch.Tensor:
+    """A zero-weight forward (in the run's attention layout), so a rank without data still
+    joins DDP/FSDP's collectives."""
+    logprobs, _ = response_logprobs(model, [causal_sequence([pad_token_id], [pad_token_id])], pad_token_id)
+    return logprobs.sum() * 0.0
 
 
-def backward_micro_batches(accelerator, model, num_items: int, micro_batch_size: int,
+def micro_batches(lengths: Sequence[int], micro_batch_size: int, micro_batch_tokens: int = 0) -> list[list[int]]:
+    """Consecutive item indices grouped into passes of at most ``micro_batch_size`` items and,
+    when ``micro_batch_tokens`` > 0, at most that many tokens (an item longer than that runs
+    alone). Under the flex layout each pass is one packed row."""
+    chunks: list[list[int]] = []
+    tokens = 0
+    for i, n in enumerate(lengths):
+        full = chunks and (len(chunks[-1]) >= micro_batch_size
+                           or (micro_batch_tokens > 0 and tokens + n > micro_batch_tokens))
+        if not chunks or full:
+            chunks.append([])
+            tokens = 0
+        chunks[-1].append(i)
+        tokens += n
+    return chunks
+
+
+def backward_micro_batches(accelerator, model, chunks: list[list[int]], pad_token_id: int,
                            micro_loss: Callable[[list[int]], torch.Tensor]) -> None:
-    """Backward ``micro_loss(indices)`` over this rank's items in micro-batches; gradients are
+    """Backward ``micro_loss(indices)`` over this rank's micro-batches; gradients are
     synchronised once, on the last pass, which every rank makes together."""
-    chunks = [list(range(i, min(i + micro_batch_size, num_items))) for i in range(0, num_items, micro_batch_size)]
     passes = global_max(accelerator, len(chunks))
     for i in range(passes):
         last = i == passes - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = micro_loss(chunks[i]) if i < len(chunks) else _zero_loss(model)
+            loss = micro_loss(chunks[i]) if i < len(chunks) else _zero_loss(model, pad_token_id)
             accelerator.backward(loss)
 
 
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> dict[str, float]:
     """Clip, step, advance the schedule; returns the pre-clip gradient norm and the lr used."""
     lr = optimizer.param_groups[0]["lr"]
-    if max_grad_norm > 0:
-        norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
-    else:
-        norm = float(torch.norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None])))
+    # max_grad_norm 0: no clipping (a clip to infinity scales by exactly 1) but the same global norm,
+    # computed over sharded (FSDP) or replicated gradients alike
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
+    norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -100,12 +129,14 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
 
 
 def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                 micro_batch_size: int, forward_context: Callable = contextlib.nullcontext) -> dict[str, float]:
+                 micro_batch_size: int, forward_context: Callable = contextlib.nullcontext,
+                 micro_batch_tokens: int = 0) -> dict[str, float]:
     """Gradients of the token-mean NLL of every response token over the global batch.
 
     Returns ``loss`` (global token-mean NLL) and ``tokens`` (global response tokens).
-    ``micro_batch_size`` counts sequences (a packed sequence holds several responses);
-    ``forward_context()`` wraps each forward (e.g. bf16 autocast).
+    ``micro_batch_size`` counts sequences (a packed sequence holds several responses),
+    ``micro_batch_tokens`` (> 0) also caps a pass's tokens; ``forward_context()`` wraps each
+    forward (e.g. bf16 autocast).
     """
     local_tokens = sum(s.response_length for s in sequences)
     total_tokens, = global_sum(accelerator, [local_tokens])
@@ -120,13 +151,15 @@ def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_tok
         nll_sum += float(nll.detach())
         return nll * scale
 
-    backward_micro_batches(accelerator, model, len(sequences), micro_batch_size, micro_loss)
+    chunks = micro_batches([len(s.input_ids) for s in sequences], micro_batch_size, micro_batch_tokens)
+    backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss)
     global_nll, = global_sum(accelerator, [nll_sum])
     return {"loss": global_nll / max(total_tokens, 1.0), "tokens": total_tokens}
 
 
 def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, pad_token_id: int,
-                    micro_batch_size: int, forward_context: Callable = contextlib.nullcontext) -> dict[str, float]:
+                    micro_batch_size: int, forward_context: Callable = contextlib.nullcontext,
+                    micro_batch_tokens: int = 0) -> dict[str, float]:
     """Gradients of the policy loss ``loss_fn`` aggregated by ``agg`` over the global batch.
 
     On-policy (one update per rollout batch, the paper's setting): the old log-probs are the
@@ -157,7 +190,8 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
         sums["drift_tokens"] = sums.get("drift_tokens", 0.0) + float(seen.sum())
         return loss * weight * scale
 
-    backward_micro_batches(accelerator, model, len(batch.sequences), micro_batch_size, micro_loss)
+    chunks = micro_batches([len(s.input_ids) for s in batch.sequences], micro_batch_size, micro_batch_tokens)
+    backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss)
     keys = sorted(["loss", "ratio_mean", "approx_kl", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
                    "logprob_drift", "drift_tokens"])
     reduced = dict(zip(keys, global_sum(accelerator, [sums.get(k, 0.0) for k in keys])))
