@@ -265,3 +265,29 @@ def test_report_renders_branches_side_by_side_in_chromium(tmp_path):
     assert columns == [("1", "tens give twenty plus thirty = fifty"), ("2", "units give three plus four = seven")]
     assert "executed in parallel by the engine" in dom and "window.__pwned" not in dom.split("npr-samples")[0]
     assert re.search(r'<div id="v-errors" class="v-errors" hidden="">', dom)  # no viewer error was shown
+
+
+@pytest.mark.browser
+def test_viewer_filters_stay_inside_the_side_panel_at_1400px(tmp_path):
+    """The pipeline's report labels samples "NPR-Zero (parallel): chain_sum_2"; a select sized to
+    its longest option used to overflow the 300 px side panel into the detail pane."""
+    from chromium import Browser
+
+    labels = ("seed model (plain)", "sequential RL baseline (plain)")
+    records = [sample(i, True, benchmark=f"{label}: chain_sum_2") for label in labels for i in range(2)]
+    path = write_report(tmp_path, records)
+    controls = ("#f-bench", "#f-correct", "#f-kind", "#f-text")
+    with Browser(tmp_path, width=1400) as browser:
+        browser.goto(path.as_uri())
+        browser.wait_for("document.body.dataset.viewerReady === '1'")
+        side, main_pane = browser.rect(".v-side"), browser.rect(".v-main")
+        for control in controls:
+            box = browser.rect(control)
+            assert side["left"] <= box["left"] and box["right"] <= side["right"], (control, box, side)
+            assert box["right"] < main_pane["left"], (control, box, main_pane)
+        assert browser.console_errors() == []
+        # the check can fail: with the old rule (controls sized to their content) the select overflows
+        browser.evaluate("document.head.appendChild(Object.assign(document.createElement('style'),{textContent:"
+                         "'.v-filters{grid-template-columns:none}.v-filters select,.v-filters input{width:auto;min-width:auto}'}))"
+                         " && true")
+        assert browser.rect("#f-bench")["right"] > side["right"]

@@ -87,5 +87,6 @@ def run(args) -> int:
     for result in sorted(results, key=lambda r: r.sample_index):
         if args.tree:
             print_tree(out, result)
-        out.print(result.text, markup=False, highlight=False)
+        sys.stdout.write(result.text + "\n")  # verbatim: rich would wrap lines and rewrite tabs and :emoji: codes
+        sys.stdout.flush()
     return 0

@@ -319,7 +319,7 @@ class Scheduler:
         for req, seg in self._touched.values():
             if seg.delivered < len(seg):
                 deltas.append(StreamDelta(req.prompt_index, req.sample_index, seg.order, seg.block, seg.branch,
-                                          tuple(seg.tokens[seg.delivered:])))
+                                          tuple(seg.tokens[seg.delivered:]), tuple(seg.logprobs[seg.delivered:])))
                 seg.delivered = len(seg)
         self._touched = {}
         self._collect()

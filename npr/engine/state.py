@@ -39,6 +39,8 @@ class StreamDelta:
     block: int
     branch: int
     token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()
+    """Per token, as in ``Result.logprobs`` (NaN for prefilled tokens and when log-probs are off)."""
 
 
 class Stream:

@@ -252,8 +252,8 @@ pre,.txt{white-space:pre-wrap;word-break:break-word;font:13px/1.4 ui-monospace,S
 .v-errors{margin:8px 18px;padding:8px;border:2px solid var(--bad);color:var(--bad)}
 .v-wrap{display:flex;gap:12px;margin:0 18px;min-height:520px}
 .v-side{width:300px;flex:none;display:flex;flex-direction:column;border:1px solid var(--line);border-radius:6px}
-.v-filters{display:grid;gap:4px;padding:6px;border-bottom:1px solid var(--line)}
-.v-filters select,.v-filters input{font:inherit;padding:3px}
+.v-filters{display:grid;grid-template-columns:minmax(0,1fr);gap:4px;padding:6px;border-bottom:1px solid var(--line)}
+.v-filters select,.v-filters input{font:inherit;padding:3px;width:100%;min-width:0}
 .v-count{padding:4px 8px;color:var(--mut);font-size:12px}
 .v-list{list-style:none;margin:0;padding:0;overflow-y:auto;max-height:75vh}
 .v-list li{padding:4px 8px;border-left:4px solid transparent;cursor:pointer;font-size:12.5px;border-bottom:1px solid #eee}

@@ -1,0 +1,188 @@
+"""``npr serve``: the NPR engine behind an OpenAI-compatible HTTP API, with a live chat page at ``/``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import signal
+import socket
+import sys
+import threading
+
+EPILOG = """\
+examples:
+  npr serve                                          # the embedded SmolLM2 on http://127.0.0.1:8000
+  npr serve --model runs/tiny/stage3/final --port 8001
+  npr serve --host 0.0.0.0 --api-key "$KEY"          # reachable from other machines: require a key
+
+then, from Python:
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
+  r = client.chat.completions.create(model="embedded", messages=[{"role": "user", "content": "What is 7 + 5?"}])
+  print(r.choices[0].message.content)        # canonical text; r.choices[0].npr holds the branch tree
+
+docs/serving.md documents the API, the npr extension fields, the streaming order and the limits.
+"""
+
+
+def add_parser(sub, name: str, help_text: str):
+    p = sub.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=help_text + ". Serves POST /v1/chat/completions, POST /v1/completions, "
+                       "GET /v1/models, GET /health and a chat page at / that shows branches as they decode. "
+                       "One engine loop serves every client (continuous batching). Ctrl-C or SIGTERM stops "
+                       "accepting requests, lets in-flight ones finish for --drain-timeout seconds, cancels the "
+                       "rest and exits; a second Ctrl-C cancels at once.")
+    p.add_argument("--model", default="embedded", help="embedded (default: SmolLM2-135M-Instruct), tiny-random-llama, "
+                   "tiny-random-qwen3, a local directory (e.g. a run's final/) or an HF hub id")
+    p.add_argument("--served-model-name", help="the name clients send as `model` (default: the --model value)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=os.environ.get("NPR_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NPR_API_KEY, else no key)")
+    p.add_argument("--mode", default="parallel", choices=["parallel", "sequential", "plain"],
+                   help="parallel: branches decoded at once; sequential: one after another; plain: no structure")
+    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, faster on CPU) or float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    eng = p.add_argument_group("engine")
+    eng.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once (default: 64)")
+    eng.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool memory (default: 2.0)")
+    eng.add_argument("--kv-cache-tokens", type=int, help="KV pool capacity in tokens (overrides --kv-cache-gib)")
+    eng.add_argument("--max-branches", type=int, default=5, help="most plans per guideline (default: 5, as NPR)")
+    eng.add_argument("--max-depth", type=int, default=8, help="most parallel blocks per answer (default: 8)")
+    eng.add_argument("--repetition-penalty", type=float, default=1.02, help="inside branches (default: 1.02, as NPR)")
+    srv = p.add_argument_group("server")
+    srv.add_argument("--max-n", type=int, default=8, help="most samples per request (default: 8)")
+    srv.add_argument("--max-queue", type=int, default=256,
+                     help="most requests waiting to start; beyond it 503 + Retry-After (default: 256)")
+    srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    srv.add_argument("--default-max-tokens", type=int, default=1024,
+                     help="chat budget when a request sets none, over all branches (default: 1024)")
+    srv.add_argument("--system-prompt", default="npr", choices=["npr", "none"],
+                     help="npr (default): chats without a system message get the NPR format instruction, as in "
+                     "training and `npr generate`; none: messages go as sent")
+    srv.add_argument("--drain-timeout", type=float, default=30.0,
+                     help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM (default: 30)")
+    srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, made before the model loads so that a taken port fails in a second."""
+    from npr.errors import NprError
+
+    if not 0 <= port <= 65535:
+        raise NprError(f"--port {port} is not a port number (0-65535; 0 picks a free one)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise NprError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port (0 picks a free "
+                       "one) or --host") from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def make_server(app, engine_loop, drain_timeout_s: float, log_level: str):
+    """A uvicorn server whose SIGINT/SIGTERM drain the engine loop: the first signal stops accepting and gives
+    in-flight requests ``drain_timeout_s``, the second cancels them at once (their streams end cleanly, with
+    finish_reason "cancelled"), a third stops without waiting for connections."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        signals = 0
+
+        def handle_exit(self, sig, frame):
+            self.signals += 1
+            if self.signals == 1:
+                engine_loop.drain(drain_timeout_s)
+                self.should_exit = True
+            elif self.signals == 2:
+                engine_loop.drain(0.0)
+            else:
+                self.force_exit = True
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after a graceful exit; npr serve exits 0 instead
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=int(drain_timeout_s) + 5,
+                            lifespan="on")
+    return Server(config)
+
+
+def run(args) -> int:
+    from npr.errors import NprError
+
+    if args.drain_timeout < 0 or (args.threads is not None and args.threads < 1):
+        raise NprError("--drain-timeout must be >= 0 and --threads >= 1")
+    sock = bind(args.host, args.port)  # first, before the slow imports: a taken port fails at once
+    try:
+        return serve(args, sock)
+    finally:
+        sock.close()
+
+
+def serve(args, sock: socket.socket) -> int:
+    import logging
+
+    from rich.console import Console
+
+    from npr.engine import Engine, EngineConfig
+    from npr.errors import NprError
+    from npr.models import load_model_and_tokenizer
+    from npr.serve import ServeConfig, create_app
+
+    console = Console(stderr=True)
+    engine_config = EngineConfig(mode=args.mode, max_branches=args.max_branches, max_depth=args.max_depth,
+                                 repetition_penalty=args.repetition_penalty, max_num_seqs=args.max_num_seqs,
+                                 kv_cache_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens)
+    try:
+        config = ServeConfig(model_name=args.served_model_name or args.model, max_n=args.max_n,
+                             max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
+                             default_max_tokens=args.default_max_tokens, system_prompt=args.system_prompt,
+                             api_key=args.api_key or None, drain_timeout_s=args.drain_timeout)
+    except ValueError as e:
+        raise NprError(f"--{str(e).replace('_', '-')}") from e
+    if not _is_loopback(args.host) and config.api_key is None:
+        console.print(f"[yellow]warning:[/] listening on {args.host} without --api-key: anyone who can reach this "
+                      "machine can use the model")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    with console.status(f"loading {args.model}"):
+        model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
+        engine = Engine(model, tok, engine_config)
+    app = create_app(engine, config)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    host, port = sock.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    console.print(f"npr serve: [bold]{config.model_name}[/] ({args.mode} mode) listening on {url}  "
+                  f"(chat page {url}/, API {url}/v1; Ctrl-C drains and exits)", highlight=False, soft_wrap=True)
+    server = make_server(app, app.state.api.loop, args.drain_timeout, args.log_level)
+    server.run(sockets=[sock])
+    print("npr serve: stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,358 @@
+"""``npr serve`` end to end: the real ``openai`` client against servers on free ports (tiny random Llama)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+try:  # the openai client's HTTP library: httpx2 in openai >= 3, httpx before
+    import httpx2 as httpx
+except ImportError:
+    import httpx
+import pytest
+from openai import OpenAI
+
+from npr.engine import Engine, EngineConfig, StructureForcer
+from npr.serve import ServeConfig, create_app
+from npr.serve.background import BackgroundServer
+
+MODEL = "tiny"
+QUESTION = "What is 12 + 30?"
+
+
+def make_server(tiny_llama, engine_kw=None, **config_kw) -> BackgroundServer:
+    model, tok = tiny_llama
+    engine = Engine(model, tok, EngineConfig(debug=True, **{"kv_cache_tokens": 1 << 16, **(engine_kw or {})}))
+    return BackgroundServer(create_app(engine, ServeConfig(model_name=MODEL, **config_kw)))
+
+
+def engine_of(server: BackgroundServer) -> Engine:
+    return server.server.config.app.state.api.engine
+
+
+def client(server: BackgroundServer, **kw) -> OpenAI:
+    return OpenAI(base_url=server.url + "/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def wait_until_idle(server: BackgroundServer, timeout_s: float = 30.0) -> dict:
+    """/health once nothing runs or waits; fails if that does not happen in time."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = httpx.get(server.url + "/health").json()
+        if health["running"] == 0 and health["queued"] == 0 and health["kv_blocks_used"] == 0:
+            return health
+        assert time.monotonic() < deadline, f"the server never went idle: {health}"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    """Plain server: no forcing, the NPR system prompt, small limits so the fault tests are cheap."""
+    with make_server(tiny_llama, max_n=4, max_body_bytes=16384) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def forced(tiny_llama):
+    """Every answer forced into one block of 3 branches (of 2, 4 and 1 tokens), short so that serving 64 of them one at
+    a time stays cheap; the text tokens are the model's own greedy choice."""
+    forcer = StructureForcer(tiny_llama[1], [[2, 4, 1]], plan_tokens=1, takeaway_tokens=2, final_tokens=2, answer=None)
+    with make_server(tiny_llama, {"max_num_seqs": 64, "kv_cache_tokens": 1 << 17}, system_prompt="none",
+                     logits_processors=(forcer,)) as s:
+        yield s
+
+
+# -- the openai client ------------------------------------------------------------------------------------------
+
+
+def npr_generate(capsys, *args: str) -> str:
+    from npr.cli.main import main
+
+    capsys.readouterr()
+    assert main(["generate", "--model", "tiny-random-llama", "--dtype", "float32", "--prompt", QUESTION, *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_chat_with_a_seed_equals_npr_generate(server, capsys):
+    c = client(server)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=48, temperature=1.0, seed=11)
+    first = c.chat.completions.create(**kw)
+    again = c.chat.completions.create(**kw)
+    other = c.chat.completions.create(**{**kw, "seed": 12})
+    text = first.choices[0].message.content
+    assert text == again.choices[0].message.content and text != other.choices[0].message.content
+    two = c.chat.completions.create(**{**kw, "n": 2})
+    texts = [ch.message.content for ch in two.choices]
+    assert [ch.index for ch in two.choices] == [0, 1] and texts[0] == text and texts[1] != text  # sample 0 is n=1's
+    assert npr_generate(capsys, "--temperature", "1", "--seed", "11", "--max-new-tokens", "48", "--n", "2") == \
+        texts[0] + "\n" + texts[1] + "\n"
+    usage = two.usage
+    assert usage.completion_tokens == sum(ch.npr["stats"]["generated_tokens"] for ch in two.choices)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > 600  # the NPR instruction is in
+    assert first.choices[0].finish_reason in ("stop", "length", "invalid_schema")
+    assert first.object == "chat.completion" and first.model == MODEL
+
+
+def test_streaming_chat_gives_the_same_text_and_usage(server):
+    c = client(server)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=40, temperature=1.0, seed=5,
+              n=2)
+    whole = c.chat.completions.create(**kw)
+    texts, finish, usage, roles = ["", ""], [None, None], None, set()
+    for chunk in c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            roles.add(ch.delta.role)
+            if ch.finish_reason:
+                finish[ch.index] = ch.finish_reason
+                assert set(ch.npr) == {"tree", "stats", "finish_detail"}
+    assert texts == [ch.message.content for ch in whole.choices]
+    assert finish == [ch.finish_reason for ch in whole.choices] and "assistant" in roles
+    assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_completions_and_logprobs(server):
+    c = client(server)
+    r = c.completions.create(model=MODEL, prompt=["Once upon", "In a galaxy"], max_tokens=12, n=2, temperature=0,
+                             logprobs=0)
+    assert [ch.index for ch in r.choices] == [0, 1, 2, 3] and r.object == "text_completion"
+    assert r.choices[0].text == r.choices[1].text  # greedy: the n samples agree
+    lp = r.choices[0].logprobs
+    generated = r.choices[0].npr["stats"]["generated_tokens"]
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) in (generated, generated - 1)  # - EOS
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert all(x is None or x <= 0 for x in lp.token_logprobs)
+    assert r.usage.prompt_tokens == len("Once upon") + len("In a galaxy")  # one byte per token
+    default = c.completions.create(model=MODEL, prompt="Once upon", temperature=0)
+    assert default.choices[0].npr["stats"]["generated_tokens"] <= 16  # OpenAI's default budget
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                     temperature=0, logprobs=True)
+    entries = chat.choices[0].logprobs.content
+    assert 0 < len(entries) <= chat.choices[0].npr["stats"]["generated_tokens"]
+    assert all(e.logprob is None or e.logprob <= 0 for e in entries)
+    streamed = ""
+    for chunk in c.completions.create(model=MODEL, prompt="Once upon", max_tokens=12, temperature=0, stream=True):
+        streamed += chunk.choices[0].text
+    assert streamed == r.choices[0].text
+    models = c.models.list().data
+    assert [m.id for m in models] == [MODEL] and c.models.retrieve(MODEL).id == MODEL
+
+
+def test_stop_strings_end_the_answer(server):
+    c = client(server)
+    kw = dict(model=MODEL, prompt="Once upon", max_tokens=30, temperature=0)
+    full = c.completions.create(**kw).choices[0].text
+    stop = full[5:8]
+    cut = c.completions.create(**kw, stop=[stop]).choices[0]
+    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(**kw, stop=stop, stream=True))
+    assert streamed == cut.text
+
+
+# -- bad input and faults --------------------------------------------------------------------------------------
+
+
+def post(server, path: str, body, **kw) -> httpx.Response:
+    """POST a dict as JSON, or bytes / a generator of bytes as they are."""
+    content = json.dumps(body) if isinstance(body, dict) else body
+    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json"}, **kw)
+
+
+def error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+@pytest.mark.parametrize("body,param", [
+    (b'{"model": "tiny", "messages": [', None),
+    ({**CHAT, "temperature": "warm"}, "temperature"),
+    ({**CHAT, "messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content"),
+    ({**CHAT, "presence_penalty": 1.0}, "presence_penalty"),
+    ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+])
+def test_bad_requests_get_400_naming_the_field(server, body, param):
+    assert error(post(server, "/v1/chat/completions", body), 400)["param"] == param
+
+
+def test_unknown_model_404_and_limits_400(server):
+    assert error(post(server, "/v1/chat/completions", {**CHAT, "model": "gpt-4"}), 404)["code"] == "model_not_found"
+    assert error(httpx.get(server.url + "/v1/models/gpt-4"), 404)["code"] == "model_not_found"
+    err = error(post(server, "/v1/completions", {"model": MODEL, "prompt": "a" * 5000}), 400)
+    assert "4096" in err["message"] and "5000" in err["message"] and err["code"] == "context_length_exceeded"
+    err = error(post(server, "/v1/completions", {"model": MODEL, "prompt": "a" * 100, "max_tokens": 4000}), 400)
+    assert all(str(x) in err["message"] for x in (4096, 4100, 100, 4000)) and err["param"] == "max_tokens"
+    assert error(post(server, "/v1/chat/completions", {**CHAT, "n": 5}), 400)["param"] == "n"
+    assert error(post(server, "/v1/completions", {"model": MODEL, "prompt": [1, 99999]}), 400)["param"] == "prompt"
+    assert error(httpx.get(server.url + "/v1/chat/completions"), 405)
+    assert error(httpx.get(server.url + "/v2/nothing"), 404)
+    wait_until_idle(server)  # nothing was queued, nothing leaked
+
+
+def test_oversized_bodies_are_refused_before_parsing(server):
+    big = json.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 20000}]})
+    err = error(post(server, "/v1/chat/completions", big), 413)
+    assert "16384" in err["message"] and "Content-Length" in err["message"]
+
+    def chunked():  # no Content-Length: the limit applies while reading, and the JSON is never complete
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(100):
+            yield b"y" * 1000
+
+    assert error(post(server, "/v1/chat/completions", chunked()), 413)["code"] == "body_too_large"
+    wait_until_idle(server)
+
+
+def test_api_key(tiny_llama):
+    with make_server(tiny_llama, api_key="s3cret") as s:
+        assert error(httpx.get(s.url + "/v1/models"), 401)["code"] == "invalid_api_key"
+        with pytest.raises(Exception, match="401"):
+            client(s, api_key="wrong").models.list()
+        assert client(s, api_key="s3cret").models.list().data[0].id == MODEL
+        r = client(s, api_key="s3cret").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3)
+        assert r.choices[0].message.content is not None
+        health = httpx.get(s.url + "/health").json()  # open, for load balancers; it says a key is needed
+        assert health["auth"] is True and health["status"] == "ok"
+        assert httpx.get(s.url + "/").status_code == 200
+
+
+def test_a_full_queue_answers_503_with_retry_after(tiny_llama):
+    forcer = StructureForcer(tiny_llama[1], [[1500, 1500]])
+    with make_server(tiny_llama, {"max_num_seqs": 1}, max_queue=1, system_prompt="none",
+                     logits_processors=(forcer,)) as s:
+        c = client(s)
+        long = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3100, stream=True)
+        def wait_for(running: int, queued: int) -> None:
+            deadline = time.monotonic() + 30
+            while (h := httpx.get(s.url + "/health").json())["running"] != running or h["queued"] != queued:
+                assert time.monotonic() < deadline, h
+                time.sleep(0.02)
+
+        running = c.chat.completions.create(**long)
+        wait_for(running=1, queued=0)
+        waiting = c.chat.completions.create(**long)
+        wait_for(running=1, queued=1)  # the engine takes one request at a time (max_num_seqs=1)
+        refused = post(s, "/v1/chat/completions", {**long, "stream": False})
+        assert error(refused, 503)["code"] == "overloaded" and refused.headers["retry-after"] == "1"
+        running.close()
+        waiting.close()
+        wait_until_idle(s)
+
+
+# -- continuous batching, disconnects ------------------------------------------------------------------------------
+
+
+def stream_answer(c: OpenAI, question: str) -> tuple[str, str, dict, int]:
+    """(content, finish reason, branch text per (block, branch), extension chunks) of one streamed answer."""
+    content, finish, branches, extension_chunks = "", None, {}, 0
+    for chunk in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
+                                           max_tokens=400, temperature=0, stream=True):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+            for b in (getattr(ch, "npr", None) or {}).get("branches", []):
+                extension_chunks += 1
+                branches[(b["block"], b["branch"])] = branches.get((b["block"], b["branch"]), "") + b["text"]
+    return content, finish, branches, extension_chunks
+
+
+def test_64_concurrent_streams_equal_one_at_a_time(forced):
+    """Bounded load: 64 streaming requests at once, each forced into a block of 3 branches."""
+    c = client(forced, http_client=httpx.Client(limits=httpx.Limits(max_connections=80)))
+    questions = [f"Question {i}: what is {i} + {2 * i}?" for i in range(64)]
+    api = forced.server.config.app.state.api
+    steps = api.loop.steps
+    with ThreadPoolExecutor(64) as pool:
+        together = list(pool.map(lambda q: stream_answer(c, q), questions))
+    steps_together, steps = api.loop.steps - steps, api.loop.steps
+    wait_until_idle(forced)
+    alone = [stream_answer(c, q) for q in questions]
+    steps_alone = api.loop.steps - steps
+    assert [a[0] for a in together] == [a[0] for a in alone]  # greedy: the same text, batched or not
+    assert all(f == "stop" for _, f, _, _ in together)
+    assert len({a[0] for a in together}) >= 4  # the prompts differ, so do (some of) the answers
+    for content, _, branches, chunks in together:
+        assert sorted(branches) == [(1, 1), (1, 2), (1, 3)] and chunks >= 3
+        assert "".join(branches[(1, j)] for j in (1, 2, 3)) in content  # whole, in order, at the join
+    assert steps_together * 8 < steps_alone  # they shared forwards: continuous batching
+    health = wait_until_idle(forced)
+    assert health["kv_blocks_used"] == 0 and engine_of(forced).pool.used_blocks == 0
+
+
+def test_disconnects_mid_stream_free_the_kv(tiny_llama):
+    forcer = StructureForcer(tiny_llama[1], [[1500, 1500]])
+    with make_server(tiny_llama, system_prompt="none", logits_processors=(forcer,)) as s:
+        c = client(s, http_client=httpx.Client(limits=httpx.Limits(max_connections=20)))
+        inside, checked = threading.Barrier(11), threading.Barrier(11)
+
+        def go(i):
+            stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q{i}"}],
+                                               max_tokens=3100, temperature=0, stream=True)
+            chunks = iter(stream)  # held until the hang-up: dropping the iterator would close the connection
+            for chunk in chunks:
+                if chunk.choices and getattr(chunk.choices[0], "npr", None):  # inside the block: KV held
+                    break
+            inside.wait()
+            checked.wait()
+            stream.close()  # hang up mid-stream
+            del chunks
+
+        threads = [threading.Thread(target=go, args=(i,)) for i in range(10)]
+        for t in threads:
+            t.start()
+        inside.wait()
+        health = httpx.get(s.url + "/health").json()
+        checked.wait()
+        assert health["running"] == 10 and health["kv_blocks_used"] > 0
+        for t in threads:
+            t.join()
+        health = wait_until_idle(s, timeout_s=10)
+        assert engine_of(s).pool.used_blocks == 0
+        assert health["generated_tokens"] < 10 * 3000 / 4  # cancelled long before they could finish
+        with pytest.raises(httpx.ReadTimeout):  # a client that gives up on a non-streamed answer
+            post(s, "/v1/chat/completions", {**CHAT, "max_tokens": 3100}, timeout=1.0)
+        wait_until_idle(s, timeout_s=10)
+
+
+def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(tiny_llama):
+    failures = []
+
+    def fail_once(stream, logits):
+        if len(stream.tokens) == 3 and not failures:
+            failures.append(stream.prompt_index)
+            raise RuntimeError("boom")
+        return logits
+
+    with make_server(tiny_llama, system_prompt="none", logits_processors=(fail_once,)) as s:
+        err = error(post(s, "/v1/chat/completions", {**CHAT, "max_tokens": 20}), 500)
+        assert err["code"] == "engine_error" and "boom" in err["message"]
+        assert client(s).chat.completions.create(**{**CHAT, "max_tokens": 5}).choices[0].message.content is not None
+        assert wait_until_idle(s)["status"] == "ok" and engine_of(s).pool.used_blocks == 0
+
+
+def test_draining_refuses_new_requests_and_cancels_after_the_timeout(tiny_llama):
+    """What SIGINT/SIGTERM do (npr serve's signal handler calls EngineLoop.drain; tests/test_serve_cli.py)."""
+    forcer = StructureForcer(tiny_llama[1], [[1500, 1500]])
+    with make_server(tiny_llama, system_prompt="none", logits_processors=(forcer,)) as s:
+        c = client(s)
+        stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3100,
+                                           temperature=0, stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        s.server.config.app.state.api.loop.drain(0.5)
+        start = time.monotonic()
+        refused = post(s, "/v1/chat/completions", CHAT)
+        assert error(refused, 503)["code"] == "shutting_down" and refused.headers["retry-after"] == "1"
+        assert httpx.get(s.url + "/health").json()["status"] == "draining"
+        finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert finish == ["cancelled"] and 0.4 < time.monotonic() - start < 10
+        assert engine_of(s).pool.used_blocks == 0
