@@ -155,14 +155,23 @@ def test_decompose_wrap_builds_plans_from_the_problem_and_steps_from_own_answers
     # problem 0: the first usable answers, each under its restated plan
     assert [s.text for s in a.blocks[0].steps] == ["compute 3 + 4\n3 + 4 = 7", "compute 9 - 5\n9 - 5 = 4"]
     assert [p.text for p in b.blocks[0].plans] == ["compute 9 - 5", "compute 2 + 6", "compute 3 + 4"]
-    # problem 1 cycles to the second usable answer of 3 + 4
-    assert [s.text.split("\n")[1] for s in b.blocks[0].steps] == ["9 - 5 = 4", "2 + 6 = 8", "Adding: 7"]
+    # problem 1 cycles within the shorter half of each part's usable answers: 3 + 4 has two usable answers, the
+    # shorter half is the first (a tie in length keeps their order), so it is used again
+    assert [s.text.split("\n")[1] for s in b.blocks[0].steps] == ["9 - 5 = 4", "2 + 6 = 8", "3 + 4 = 7"]
     assert b.answer == "(4, 8, 7)" and "8 and 7" in b.blocks[0].takeaway
     assert all(validate(r["response"]) == [] for r in kept)
     # 3 + 2 + 2 + 2 = 9 part answers drawn; correct: 2 + 2 + 2 + 0 (the truncated one and the tagged one are correct
     # but not usable: truncated, and wrong for carrying a tag, with the two wrong ones of 3 + 4 and 1 + 1)
     assert counts["samples"] == 9 and counts["correct"] == 6
     assert (counts["truncated"], counts["wrong"], counts["unwrapped"], counts["traces"]) == (1, 4, 1, 2)
+
+
+def test_shorter_half_by_hand():
+    from npr.train.sample import shorter_half
+
+    assert shorter_half(["ccc", "a", "bb", "dddd", "e"]) == ["a", "e", "bb"]  # 5 -> 3, ties keep their order
+    assert shorter_half(["long answer", "short"]) == ["short"]
+    assert shorter_half(["only"]) == ["only"]
 
 
 def test_decompose_wrap_refuses_problems_without_parts(tiny_llama):

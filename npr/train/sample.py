@@ -158,6 +158,17 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
     return kept
 
 
+def shorter_half(texts: Sequence[str]) -> list[str]:
+    """The shorter half (rounded up) of ``texts`` by length, shortest first, ties in their order.
+
+    The cold start's steps are the model's own answers, chatty ones included (a median of 57
+    tokens per step for SmolLM2-135M, many restating the question); taking them from the shorter
+    half keeps every step the model's own words while the traces it learns from, and so every
+    later rollout, get ~1/3 shorter (docs/results.md)."""
+    ordered = sorted(texts, key=len)
+    return ordered[:max(1, (len(ordered) + 1) // 2)]
+
+
 def decompose_wrap(worker: RolloutWorker, tokenizer, problems: Sequence[Problem], first: int, config: SampleConfig,
                    counts: Counter) -> list[dict]:
     """The decomposing cold start (``wrap_mode decompose``, not the paper) over ``problems``.
@@ -166,7 +177,8 @@ def decompose_wrap(worker: RolloutWorker, tokenizer, problems: Sequence[Problem]
     is asked alone (``What is 3 + 4?``, ``config.prompt_style``), ``tries`` times; a finished,
     correct, tag-free answer is usable. A problem all of whose parts have a usable answer gives
     one trace (``decomposed_trace``): plan k names part k, step k is a usable answer to part k
-    (the ``(first + i)``-th, cycling, so problems sharing a part use different answers), the
+    from the shorter half of them (``shorter_half``; the ``(first + i)``-th, cycling, so problems
+    sharing a part use different answers), the
     takeaway and final line list the steps' own answers (``final_answer``). Counts: ``samples``,
     ``correct``, ``truncated`` and ``wrong`` over part answers; ``unwrapped`` and
     ``problems_with_kept`` over problems.
@@ -198,7 +210,7 @@ def decompose_wrap(worker: RolloutWorker, tokenizer, problems: Sequence[Problem]
         if not all(answers):
             counts["unwrapped"] += 1
             continue
-        steps = [texts[(first + i) % len(texts)] for texts in answers]
+        steps = [pool[(first + i) % len(pool)] for pool in map(shorter_half, answers)]
         response = decomposed_trace([part.plan for part in parts[problem.id]], steps,
                                     [final_answer(text) for text in steps])
         kept.append({"id": f"{problem.id}/decomposed", "problem_id": problem.id, "problem": problem.problem,
