@@ -71,9 +71,9 @@ PRESETS: dict[str, PipelinePreset] = {
     "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="gen:expressions?size=32&seed=2&parts=2-4",
                            eval_k=4, eval_max_new_tokens=320, coldstart=True,
                            coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_mode": "decompose", "tries": 6,
-                                             "train_limit": 192, "max_new_tokens": 80, "temperature": 0.7,
+                                             "train_limit": 256, "max_new_tokens": 80, "temperature": 0.7,
                                              "prompts_per_batch": 21},
-                           coldstart_sft={"num_epochs": 3, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
+                           coldstart_sft={"num_epochs": 2, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
                            eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 3,
                                         "speed_problems": 4, "latency_requests": 2}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
