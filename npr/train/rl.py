@@ -24,7 +24,8 @@ from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, appe
 from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
 from npr.train.session import RunOptions, TrainSession, open_session
 from npr.train.tracking import truncate_jsonl
-from npr.train.update import PolicyBatch, gather_floats, global_sum, optimizer_step, policy_backward
+from npr.train.update import (PolicyBatch, gather_floats, global_sum, old_policy_logprobs, optimizer_step,
+                              policy_backward)
 
 EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
 
@@ -166,23 +167,71 @@ def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structur
     return PolicyBatch(pack_in_budget(sequences, pack_tokens), masks, advantages.float(), engine_logprobs)
 
 
-def apply_update(run: RLRun, batch: PolicyBatch) -> dict[str, float]:
-    """One on-policy update from ``batch`` (this rank's share); skipped on every rank when the
-    global batch is empty. The schedule advances either way, so lr follows the step index."""
+def mini_batch_parts(accelerator, rollouts: Sequence[Rollout], mini_batch_size: int | None) -> list[list[int]]:
+    """This rank's rollout indices in each of the step's mini-batches (PPO's ppo_mini_batch_size).
+
+    The kept prompt groups of all ranks, in global prompt order, are cut into consecutive runs
+    of ``mini_batch_size`` groups (None: one run, the whole batch); mini-batch k takes the
+    groups this rank holds of run k, possibly none. So every rank makes the same number of
+    optimizer steps and a mini-batch is the same set of groups whatever the number of ranks.
+    """
+    groups = list(dict.fromkeys(r.group for r in rollouts))  # this rank's groups, in order
+    counts, rank = gather_floats(accelerator, [len(groups)])  # one count per rank, this rank's index
+    total, first = int(sum(counts)), int(sum(counts[:rank]))
+    size = mini_batch_size or max(total, 1)
+    parts: list[list[int]] = [[] for _ in range(max(1, -(-total // size)))]
+    slot = {g: (first + k) // size for k, g in enumerate(groups)}
+    for i, r in enumerate(rollouts):
+        parts[slot[r.group]].append(i)
+    return parts
+
+
+def combine_step_metrics(updates: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from its optimizer steps' (each a global mean over its mini-batch):
+    means weighted by the mini-batches' loss units, ratio extremes over all, mean grad norm."""
+    units = sum(u["loss_units"] for u in updates)
+    out = {k: sum(u[k] * u["loss_units"] for u in updates) / max(units, 1.0)
+           for k in updates[0] if k not in ("loss_units", "ratio_max", "ratio_min", "grad_norm", "lr")}
+    out.update(loss_units=units, ratio_max=max(u["ratio_max"] for u in updates),
+               ratio_min=min(u["ratio_min"] for u in updates), lr=updates[0]["lr"],
+               grad_norm=sum(u["grad_norm"] for u in updates) / len(updates), optimizer_steps=float(len(updates)))
+    return out
+
+
+def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, structured: bool) -> dict[str, float]:
+    """Update the policy from this rank's ``kept`` rollouts: ``ppo_epochs`` passes over the
+    mini-batches of ``mini_batch_size`` prompt groups, one optimizer step each, the schedule
+    advanced once. With several steps the old log-probs are computed once, before the first
+    (DAPO's ratio then moves off 1 and its clip binds; PAPO keeps its sg-ratio, so its later
+    mini-batches are not strictly on-policy, as in NPR's code). Skipped on every rank when the
+    global batch is empty; the schedule advances either way, so lr follows the step index."""
     session, config = run.session, run.session.config
     acc = session.accelerator
-    total, = global_sum(acc, [len(batch.loss_masks)])  # rollouts, whatever the packing
+    total, = global_sum(acc, [len(kept)])
     if total == 0:
         session.optimizer.zero_grad(set_to_none=True)
         session.optimizer.step()  # no gradients: AdamW leaves every parameter and its state alone
         session.scheduler.step()
-        return {"updated": 0.0, "trained_rollouts": 0.0}
+        return {"updated": 0.0, "trained_rollouts": 0.0, "optimizer_steps": 0.0}
     pad = session.tokenizer.pad_token_id
-    metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, config.micro_batch_size,
-                              forward_context=session.forward_context, micro_batch_tokens=config.micro_batch_tokens)
-    metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
+    passes = dict(micro_batch_size=config.micro_batch_size, forward_context=session.forward_context,
+                  micro_batch_tokens=config.micro_batch_tokens, temperature=config.temperature)
+    batches = [policy_batch([kept[i] for i in part], advantages[torch.tensor(part, dtype=torch.long)], structured,
+                            tag_ids_of(run), config.loss_on_prefilled, config.pack_group_tokens)
+               for part in mini_batch_parts(acc, kept, config.mini_batch_size)]
+    if len(batches) > 1 or config.ppo_epochs > 1:
+        for batch in batches:  # all before the first update: the policy that drew the rollouts
+            batch.old_logprobs = old_policy_logprobs(acc, session.model, batch, pad, **passes)
+    updates = []
+    for _ in range(config.ppo_epochs):
+        for batch in batches:
+            metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, **passes)
+            metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler,
+                                          config.max_grad_norm, advance_schedule=False))
+            updates.append(metrics)
+    session.scheduler.step()
     sync_rollout_weights(run)
-    return {**metrics, "updated": 1.0, "trained_rollouts": total}
+    return {**combine_step_metrics(updates), "updated": 1.0, "trained_rollouts": total}
 
 
 def evaluate(run: RLRun) -> dict[str, float]:

@@ -22,8 +22,7 @@ from npr.algos import dynamic_sampling_filter, overlong_penalty
 from npr.masks import has_complete_blocks
 from npr.rewards import get_reward
 from npr.train.config import Stage1Config
-from npr.train.rl import (apply_update, collect_rollouts, global_advantages, policy_batch, run_eval_if_due, start_rl_run,
-                          tag_ids_of)
+from npr.train.rl import apply_update, collect_rollouts, global_advantages, run_eval_if_due, start_rl_run, tag_ids_of
 from npr.train.rollout import Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
@@ -68,9 +67,7 @@ def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
                                        rewards[torch.tensor(trainable, dtype=torch.bool)], config)
         shaped_sum, kept_count, unstructured = global_sum(
             acc, [float(rewards.sum()), float(len(kept)), float(len(trainable) - sum(trainable))])
-        batch = policy_batch(kept, advantages, structured=structured, tag_ids=tags,
-                             loss_on_prefilled=config.loss_on_prefilled, pack_tokens=config.pack_group_tokens)
-        update = apply_update(run, batch)
+        update = apply_update(run, kept, advantages, structured)
         timer.lap("update")
         metrics.update(shaped_reward=shaped_sum / max(metrics["rollouts"], 1.0), dropped_structure=unstructured,
                        kept_rate=kept_count / max(metrics["rollouts"], 1.0), **update, **timer.times)

@@ -20,8 +20,7 @@ from npr.masks import has_complete_blocks
 from npr.rewards import accuracy_reward
 from npr.schema import validate
 from npr.train.config import Stage3Config
-from npr.train.rl import (apply_update, collect_rollouts, global_advantages, policy_batch, run_eval_if_due, start_rl_run,
-                          tag_ids_of)
+from npr.train.rl import apply_update, collect_rollouts, global_advantages, run_eval_if_due, start_rl_run, tag_ids_of
 from npr.train.rollout import Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
@@ -82,9 +81,7 @@ def train_stage3(config: Stage3Config, options: RunOptions) -> Path | None:
         kept, drops = select_papo(rollouts, tags, config)
         advantages = papo_advantages_of(acc, kept, config)
         totals = global_sum(acc, [float(len(kept)), *(float(drops[k]) for k in DROP_REASONS)])
-        batch = policy_batch(kept, advantages, structured=True, tag_ids=tags,
-                             loss_on_prefilled=config.loss_on_prefilled, pack_tokens=config.pack_group_tokens)
-        update = apply_update(run, batch)
+        update = apply_update(run, kept, advantages, structured=True)
         timer.lap("update")
         metrics["kept_rate"] = totals[0] / max(metrics["rollouts"], 1.0)
         metrics.update({f"dropped_{k}": v for k, v in zip(DROP_REASONS, totals[1:])})
