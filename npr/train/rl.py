@@ -41,6 +41,16 @@ class RLRun:
     order: BatchOrder
     loss_fn: Callable
     eval_problems: list[Problem]
+    data_batches: int | None = None  # generation batches in num_epochs passes over the data (None: no end)
+
+    @property
+    def gen_batches(self) -> int:
+        """Generation batches drawn so far (one per step, more with DAPO's refill): the data
+        position, saved in checkpoints. A run that never refilled is at its step."""
+        return int(self.session.progress.get("gen_batches", self.session.start_step))
+
+    def data_left(self) -> bool:
+        return self.data_batches is None or self.gen_batches < self.data_batches
 
 
 def policy_loss_fn(config: RLConfig) -> Callable:
@@ -55,16 +65,18 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
     problems = load_train_problems(config.train_data, config.train_limit)
     eval_problems = (load_train_problems(config.eval_data, config.eval_limit, "eval_data")
                      if config.eval_data else [])
-    session = open_session(stage, config, options, config.max_steps)
+    order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
+    data_batches = config.num_epochs * order.steps_per_epoch() if config.num_epochs else None
+    session = open_session(stage, config, options, data_batches or config.max_steps)
     world = session.accelerator.num_processes
     if config.prompts_per_step % world:
         raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
                           f"{world} processes; use a multiple of {world}")
     worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode)
     truncate_jsonl(rollouts_path(session), session.start_step)  # a resumed run writes later steps again
-    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in problems]
-    order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
-    return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems)
+    instruction = config.prompt_options()
+    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style, **instruction) for p in problems]
+    return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems, data_batches)
 
 
 def sampling_params(run: RLRun, n: int, seed: int, first: int, problems: Sequence[Problem]):
@@ -108,22 +120,40 @@ def rollouts_path(session: TrainSession):
     return session.run_dir / f"rollouts{f'.rank{acc.process_index}' if acc.num_processes > 1 else ''}.jsonl"
 
 
-def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], float]) -> tuple[list[Rollout], dict]:
-    """This rank's share of step ``step``'s rollouts, scored; plus global rollout metrics."""
+def generate_round(run: RLRun, step: int, reward: Callable[[str, Problem], float]
+                   ) -> tuple[list[Rollout], list[float], float]:
+    """This rank's share of the next generation batch's rollouts, scored (for step ``step``);
+    the global ``rollout_sums`` of the batch and the wall-clock seconds of decoding.
+
+    Generation batch b takes ``order.batch(b)`` and the rollout seed of b, so a step that
+    refills draws fresh problems and samples, and a resumed run continues the same stream."""
     session, config = run.session, run.session.config
     acc = session.accelerator
-    indices, first = shard(run.order.batch(step), acc.process_index, acc.num_processes)
-    params = sampling_params(run, config.samples_per_prompt, rollout_seed(config.seed, step), first,
+    batch = run.gen_batches
+    indices, first = shard(run.order.batch(batch), acc.process_index, acc.num_processes)
+    params = sampling_params(run, config.samples_per_prompt, rollout_seed(config.seed, batch), first,
                              [run.problems[i] for i in indices])
     started = time.perf_counter()
     results = run.worker.generate([run.prompts[i] for i in indices], first, params)
     wall = time.perf_counter() - started
     rollouts = score(results, [run.problems[i] for i in indices], first, reward)
-    totals = global_sum(acc, rollout_sums(rollouts))
+    session.progress["gen_batches"] = batch + 1
+    append_rollouts(rollouts_path(session), step + 1, rollouts)
+    return rollouts, global_sum(acc, rollout_sums(rollouts)), wall
+
+
+def rollout_step_metrics(totals: Sequence[float], wall: float, rounds: int) -> dict[str, float]:
+    """A step's rollout metrics from its rounds' summed ``rollout_sums`` and decoding seconds."""
     metrics = rollout_metrics(totals)
     metrics["rollout_tokens_per_s"] = metrics["response_length"] * metrics["rollouts"] / max(wall, 1e-9)
-    append_rollouts(rollouts_path(session), step + 1, rollouts)
-    return rollouts, metrics
+    metrics["gen_rounds"] = float(rounds)
+    return metrics
+
+
+def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], float]) -> tuple[list[Rollout], dict]:
+    """This rank's share of one generation batch's rollouts, scored; plus global rollout metrics."""
+    rollouts, totals, wall = generate_round(run, step, reward)
+    return rollouts, rollout_step_metrics(totals, wall, 1)
 
 
 def global_advantages(accelerator, estimator: str, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -242,7 +272,8 @@ def evaluate(run: RLRun) -> dict[str, float]:
     per_rank = -(-len(problems) // acc.num_processes)
     first = acc.process_index * per_rank
     mine = problems[first:first + per_rank]
-    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in mine]
+    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style, **config.prompt_options())
+               for p in mine]
     params = sampling_params(run, config.eval_samples, config.seed + EVAL_SEED_OFFSET, first, mine)
     results = run.worker.generate(prompts, first, params)
     totals = global_sum(acc, rollout_sums(score(results, mine, first, accuracy_reward)))
@@ -256,8 +287,9 @@ def run_eval_if_due(run: RLRun, when: str) -> None:
         return
     if when == "before" and session.start_step == 0:
         session.record(0, evaluate(run))
-    elif when == "after" and session.end_step == session.total_steps and session.start_step < session.total_steps:
-        session.record(session.total_steps, evaluate(run))
+    elif (when == "after" and session.end_step in (session.total_steps, session.data_end)
+          and session.start_step < session.end_step):
+        session.record(session.end_step, evaluate(run))
 
 
 def tag_ids_of(run: RLRun) -> dict[str, int]:

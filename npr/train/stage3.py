@@ -6,7 +6,8 @@ One step::
     kept     = schema filter           # drop rollouts whose structure fails, counted by reason
     rewards  = accuracy only (±1)      # no format reward: the filter replaces it
     advs     = papo_advantages         # group mean baseline, batch-level std
-    update   = papo_loss on one flat tree-masked forward, strictly on-policy, no KL
+    update   = papo_loss on flat tree-masked forwards, no KL; one step per batch (strictly on-policy)
+               or, with mini_batch_size, one per mini-batch as NPR's code (then not strictly on-policy)
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ DROP_REASONS = ("finish_length", "finish_invalid_schema", "finish_stop", "struct
 def drop_reason(rollout: Rollout, tag_ids: dict[str, int], config: Stage3Config) -> str | None:
     """None when the rollout trains, else the first reason in ``DROP_REASONS`` that applies."""
     result = rollout.result
-    if result.finish_reason != "eos":
+    cut_kept = result.finish_reason == "length" and not config.drop_truncated  # then judged by its blocks
+    if result.finish_reason != "eos" and not cut_kept:
         return f"finish_{result.finish_reason}"
     if not has_complete_blocks(result.prompt_ids, result.token_ids, tag_ids):
         return "structure"
@@ -75,6 +77,9 @@ def train_stage3(config: Stage3Config, options: RunOptions) -> Path | None:
     tags = tag_ids_of(run)
     run_eval_if_due(run, "before")
     for step in session.steps():
+        if not run.data_left():
+            session.data_end = step
+            break
         timer = StepTimer()
         rollouts, metrics = collect_rollouts(run, step, accuracy_reward)
         timer.lap("rollout")
