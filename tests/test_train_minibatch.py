@@ -159,3 +159,104 @@ def test_trainer_logprobs_agree_with_the_engine_at_temperature(llama, temperatur
         assert torch.allclose(tempered[0], by_hand, atol=1e-5)
         assert not torch.allclose(tempered[0], plain[0], atol=1e-3)  # the temperature matters
     model.train()
+
+
+# ---- Stage 1 end to end (smoke preset: 4 prompts x 4 forced parallel samples, 3 steps) ----
+
+def _stage1(out, *flags: str) -> list[dict]:
+    from npr.cli.main import main
+    from npr.train.tracking import read_metrics
+
+    assert main(["train", "stage1", "--preset", "smoke", "--out", str(out), "--quiet", *flags]) == 0
+    return read_metrics(out / "metrics.jsonl")
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "model.safetensors")
+
+
+def test_stage1_whole_batch_mini_batch_equals_one_step_and_small_ones_step_per_group(tmp_path):
+    one = _stage1(tmp_path / "none")
+    whole = _stage1(tmp_path / "whole", "--mini-batch-size", "4")
+    a, b = _weights(tmp_path / "none"), _weights(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # mini_batch_size = the batch: exactly today's step
+    assert [m["loss"] for m in one] == [m["loss"] for m in whole]
+    per_group = _stage1(tmp_path / "per-group", "--mini-batch-size", "1")
+    for m in per_group:
+        assert m["optimizer_steps"] == m["kept_groups"] >= 1
+    moved = [m for m in per_group if m["optimizer_steps"] > 1]
+    assert moved and all(m["ratio_max"] > 1.0 or m["ratio_min"] < 1.0 for m in moved)  # old log-probs are old
+    c = _weights(tmp_path / "per-group")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_stage1_refill_keeps_the_target_number_of_groups(tmp_path):
+    """max_gen_batches 0: each step draws rounds of 4 prompts until 4 groups pass dynamic
+    sampling (trimmed to 4); every round's rollouts are counted and logged."""
+    import json
+
+    metrics = _stage1(tmp_path / "refill", "--max-gen-batches", "0")
+    assert all(m["kept_groups"] == 4 for m in metrics)
+    assert any(m["gen_rounds"] > 1 for m in metrics)  # the smoke preset keeps ~3 of 4 groups a round
+    assert all(m["rollouts"] == 16 * m["gen_rounds"] for m in metrics)
+    lines = (tmp_path / "refill" / "rollouts.jsonl").read_text().splitlines()
+    assert len(lines) == 16 * sum(m["gen_rounds"] for m in metrics)
+    assert all(m["trained_rollouts"] == 16 for m in metrics)  # 4 groups x 4 samples: every kept group full
+    assert len({json.loads(line)["problem_id"] for line in lines}) > 4  # refill draws further problems
+    bounded = _stage1(tmp_path / "bounded", "--max-gen-batches", "2")
+    assert all(m["gen_rounds"] <= 2 for m in bounded)
+
+
+def test_stage1_num_epochs_ends_when_the_data_is_used_up(tmp_path):
+    """16 problems, 4 prompts a round: one epoch is 4 generation batches, refill included; the
+    run is complete (final/ written) after the step that used the last one."""
+    metrics = _stage1(tmp_path / "epoch", "--num-epochs", "1", "--max-gen-batches", "0", "--max-steps", "50")
+    assert sum(m["gen_rounds"] for m in metrics) == 4
+    assert len(metrics) < 4 and (tmp_path / "epoch" / "final").is_dir()
+    plain = _stage1(tmp_path / "plain", "--num-epochs", "2")
+    assert len(plain) == 8 and (tmp_path / "plain" / "final").is_dir()
+
+
+def test_stage1_resume_with_refill_and_mini_batches_is_bit_identical(tmp_path):
+    from npr.cli.main import main
+    from npr.train.tracking import deterministic_fields, read_metrics
+
+    flags = ["--max-gen-batches", "0", "--mini-batch-size", "2"]
+    straight = _stage1(tmp_path / "straight", *flags)
+    _stage1(tmp_path / "resumed", *flags, "--stop-after", "1")
+    assert main(["train", "stage1", "--preset", "smoke", "--out", str(tmp_path / "resumed"), "--quiet", "--resume",
+                 *flags]) == 0
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [deterministic_fields(m) for m in straight] == [deterministic_fields(m) for m in resumed]
+
+
+def test_stage1_two_processes_with_refill_and_mini_batches(tmp_path):
+    """2 gloo processes vs 1: the same rounds, the same kept groups cut into the same
+    mini-batches (global group order), the same global normalisers, so the same update."""
+    import os
+    import subprocess
+    import sys
+
+    from distributed_util import torchrun
+    from npr.train.tracking import read_metrics
+
+    flags = ["train", "stage1", "--preset", "smoke", "--max-steps", "2", "--quiet", "--max-gen-batches", "0",
+             "--mini-batch-size", "1"]
+    one = _stage1(tmp_path / "one", *flags[4:])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([*torchrun(2), "-m", "npr.cli.main", *flags, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    two = read_metrics(tmp_path / "two" / "metrics.jsonl")
+    for a, b in zip(one, two, strict=True):
+        for key in ("rollouts", "gen_rounds", "kept_groups", "optimizer_steps", "loss_units", "trained_rollouts"):
+            assert a[key] == b[key], key
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7)
+        assert a["ratio_max"] == pytest.approx(b["ratio_max"], rel=1e-4)
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=0), k
