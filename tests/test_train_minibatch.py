@@ -260,3 +260,32 @@ def test_stage1_two_processes_with_refill_and_mini_batches(tmp_path):
     w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=0), k
+
+
+def test_stage3_drop_truncated():
+    """drop_truncated false (NPR's code): a cut rollout whose tokens form complete blocks trains;
+    one cut inside a step does not (no tree describes it); true drops both as finish_length."""
+    from npr.models import load_model_and_tokenizer
+    from npr.tokens import tag_token_ids
+    from npr.train.config import Stage3Config
+    from npr.train.stage3 import drop_reason
+
+    _, tok = load_model_and_tokenizer("tiny-random-llama")
+    whole = ("<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
+             "<step>\n2: 3+4=7\n</step>\n<takeaway>\n57\n</takeaway>\nSo the answer")  # cut before \boxed
+    cut_in_step = whole[:whole.index("3+4")]
+
+    def rollout(text):
+        result = SimpleNamespace(finish_reason="length", prompt_ids=tok.encode("Q: 23+34?\n", add_special_tokens=False),
+                                 token_ids=tok.encode(text, add_special_tokens=False), text=text)
+        return SimpleNamespace(result=result)
+
+    tags = tag_token_ids(tok)
+    keep = Stage3Config(model="m", train_data="x", drop_truncated=False)
+    drop = Stage3Config(model="m", train_data="x")
+    assert drop_reason(rollout(whole), tags, keep) is None
+    assert drop_reason(rollout(cut_in_step), tags, keep) == "structure"
+    assert drop_reason(rollout(whole), tags, drop) == drop_reason(rollout(cut_in_step), tags, drop) == "finish_length"
+    invalid = rollout(whole)
+    invalid.result.finish_reason = "invalid_schema"  # the engine ended it: never kept
+    assert drop_reason(invalid, tags, keep) == "finish_invalid_schema"
