@@ -211,12 +211,12 @@ class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
                                      "loss, so <step> and <takeaway> never do. The paper keeps gradients on the tags "
                                      "that control branching and NPR's code trains every response token: the "
                                      "qwen3-4b presets set true")
-    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: the kept groups of all processes are "
-                                         "cut into consecutive mini-batches of this many, each one Adam step with its "
-                                         "own global loss normaliser (PPO's ppo_mini_batch_size); the old log-probs are "
-                                         "computed once per rollout batch, so DAPO's clip binds from the 2nd step; the "
-                                         "lr schedule advances once per rollout batch. None: the whole batch, one "
-                                         "on-policy step (NPR code: 1)")
+    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: the kept groups of all processes "
+                                         "are cut into consecutive mini-batches of this many, each one Adam step with "
+                                         "its own global loss normaliser (PPO's ppo_mini_batch_size); the old "
+                                         "log-probs are computed once per rollout batch, so DAPO's clip binds from the "
+                                         "2nd step; the lr schedule advances once per rollout batch. None: the whole "
+                                         "batch, one on-policy step (NPR code: 1)")
     ppo_epochs: int = option(1, "passes over a rollout batch's mini-batches, each mini-batch one Adam step (NPR code: "
                              "1)")
     num_epochs: int = option(0, "passes over train_data's problems; > 0 replaces max_steps (the run ends when the "
@@ -267,9 +267,10 @@ class Stage1Config(RLConfig):
                                     "accuracy); groups of 1 are kept, as verl keeps them. With max_gen_batches 1 the "
                                     "batch is not refilled, so a step may train on fewer groups or skip the update")
     max_gen_batches: int = option(1, "most generation rounds of prompts_per_step prompts one step may draw to refill "
-                                  "the batch with groups that pass dynamic sampling, trimmed to prompts_per_step groups "
-                                  "(DAPO's max_num_gen_batches; metric gen_rounds); 1: no refill; 0: no limit but the "
-                                  "data (NPR code: 0). At the limit the step trains on what it has (verl raises)")
+                                  "the batch with groups that pass dynamic sampling, trimmed to prompts_per_step "
+                                  "groups (DAPO's max_num_gen_batches; metric gen_rounds); 1: no refill; 0: no limit "
+                                  "but the data (NPR code: 0). At the limit the step trains on what it has (verl "
+                                  "raises)")
     overlong_buffer: int = option(1024, "DAPO soft overlong punishment (§3.4, eq. 13): the reward falls linearly "
                                   "over the last N tokens of max_new_tokens; 0 makes it a step at the budget")
     overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")

@@ -212,7 +212,8 @@ class TrainSession:
         final = None
         if count in (self.total_steps, self.data_end):
             final = save_final(self.accelerator, self.model, self.tokenizer, self.run_dir / "final")
-            used_up = f" (train_data used up after {count} of {self.total_steps} steps)" if count == self.data_end else ""
+            used_up = f" (train_data used up after {count} of {self.total_steps} steps)" if count != self.total_steps \
+                else ""
             self.log.note(f"{self.stage}: done{used_up}, model in {final}")
         else:
             self.log.note(f"{self.stage}: stopped after step {count} of {self.total_steps}; continue with --resume")
