@@ -74,9 +74,15 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
                           f"{world} processes; use a multiple of {world}")
     worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode)
     truncate_jsonl(rollouts_path(session), session.start_step)  # a resumed run writes later steps again
-    instruction = config.prompt_options()
-    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style, **instruction) for p in problems]
+    prompts = encode_prompts(session.tokenizer, problems, config)
     return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems, data_batches)
+
+
+def encode_prompts(tokenizer, problems: Sequence[Problem], config: RLConfig) -> list[list[int]]:
+    """The prompts of ``problems`` in the config's style, with its instruction (the built-in one,
+    or ``system_prompt_file`` at ``system_prompt_placement``), as npr sample and eval build them."""
+    instruction = config.prompt_options()
+    return [encode_prompt(tokenizer, p.problem, config.prompt_style, **instruction) for p in problems]
 
 
 def sampling_params(run: RLRun, n: int, seed: int, first: int, problems: Sequence[Problem]):
@@ -272,8 +278,7 @@ def evaluate(run: RLRun) -> dict[str, float]:
     per_rank = -(-len(problems) // acc.num_processes)
     first = acc.process_index * per_rank
     mine = problems[first:first + per_rank]
-    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style, **config.prompt_options())
-               for p in mine]
+    prompts = encode_prompts(session.tokenizer, mine, config)
     params = sampling_params(run, config.eval_samples, config.seed + EVAL_SEED_OFFSET, first, mine)
     results = run.worker.generate(prompts, first, params)
     totals = global_sum(acc, rollout_sums(score(results, mine, first, accuracy_reward)))
