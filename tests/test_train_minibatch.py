@@ -289,3 +289,18 @@ def test_stage3_drop_truncated():
     invalid = rollout(whole)
     invalid.result.finish_reason = "invalid_schema"  # the engine ended it: never kept
     assert drop_reason(invalid, tags, keep) == "finish_invalid_schema"
+
+
+def test_stage3_mini_batches(tmp_path):
+    """PAPO with one Adam step per prompt group: as many steps as kept groups, no old log-probs
+    (sg-ratio: the ratio metrics read 1), and the weights differ from one step per batch."""
+    from npr.cli.main import main
+    from npr.train.tracking import read_metrics
+
+    for name, flags in (("one", []), ("per-group", ["--mini-batch-size", "1"])):
+        assert main(["train", "stage3", "--preset", "smoke", "--out", str(tmp_path / name), "--quiet", "--max-steps",
+                     "2", *flags]) == 0
+    metrics = read_metrics(tmp_path / "per-group" / "metrics.jsonl")
+    assert all(m["optimizer_steps"] > 1 and m["ratio_max"] == m["ratio_min"] == 1.0 for m in metrics)
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "per-group")
+    assert any(not torch.equal(a[k], b[k]) for k in a)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npr.algos import POLICY_LOSSES, get_advantage_estimator, get_policy_loss
+from npr.algos import POLICY_LOSSES, RATIO_LOSSES, get_advantage_estimator, get_policy_loss
 from npr.data import Problem
 from npr.prompts import encode_prompt
 from npr.rewards import accuracy_reward
@@ -237,10 +237,11 @@ def combine_step_metrics(updates: Sequence[dict[str, float]]) -> dict[str, float
 def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, structured: bool) -> dict[str, float]:
     """Update the policy from this rank's ``kept`` rollouts: ``ppo_epochs`` passes over the
     mini-batches of ``mini_batch_size`` prompt groups, one optimizer step each, the schedule
-    advanced once. With several steps the old log-probs are computed once, before the first
-    (DAPO's ratio then moves off 1 and its clip binds; PAPO keeps its sg-ratio, so its later
-    mini-batches are not strictly on-policy, as in NPR's code). Skipped on every rank when the
-    global batch is empty; the schedule advances either way, so lr follows the step index."""
+    advanced once. With several steps a ratio loss (DAPO) gets old log-probs computed once,
+    before the first step, so its ratio moves off 1 and its clip binds; PAPO keeps its
+    sg-ratio and needs none, so its later mini-batches are not strictly on-policy, as in NPR's
+    code. Skipped on every rank when the global batch is empty; the schedule advances either
+    way, so lr follows the step index."""
     session, config = run.session, run.session.config
     acc = session.accelerator
     total, = global_sum(acc, [len(kept)])
@@ -255,7 +256,7 @@ def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, 
     batches = [policy_batch([kept[i] for i in part], advantages[torch.tensor(part, dtype=torch.long)], structured,
                             tag_ids_of(run), config.loss_on_prefilled, config.pack_group_tokens)
                for part in mini_batch_parts(acc, kept, config.mini_batch_size)]
-    if len(batches) > 1 or config.ppo_epochs > 1:
+    if (len(batches) > 1 or config.ppo_epochs > 1) and config.policy_loss in RATIO_LOSSES:
         for batch in batches:  # all before the first update: the policy that drew the rollouts
             batch.old_logprobs = old_policy_logprobs(acc, session.model, batch, pad, **passes)
     updates = []
