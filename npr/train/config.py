@@ -353,10 +353,11 @@ class Stage3Config(RLConfig):
     policy_loss: str = option("papo", "PAPO on-policy objective (npr.algos.papo_loss)", tuple(POLICY_LOSSES))
     advantage: str = option("papo", "PAPO advantage: group mean, batch-level std", tuple(ADVANTAGE_ESTIMATORS))
     require_parallel: bool = option(True, "drop rollouts with no parallel block at all (schema kind no_block). The "
-                                    "paper asks for schema-level filtering of rollouts that break the format and does "
-                                    "not say whether a trace without a block breaks it; NPR's code keeps them (its "
-                                    "filter drops only rollouts whose tags do not parse into the tree, or longer than "
-                                    "the budget: npr-rl sglang_rollout.py:301-331). False trains on them (qwen3-4b)")
+                                    "paper replaces Stage 3's format reward by schema-level filtering of rollouts "
+                                    "that break the parallel format; true (npr's reading) counts a trace without any "
+                                    "block as breaking it. NPR's code keeps such traces: its filter drops only "
+                                    "rollouts whose tags do not parse into the tree, or longer than the budget "
+                                    "(npr-rl sglang_rollout.py:301-331). False trains on them, as it does (qwen3-4b)")
     drop_truncated: bool = option(True, "drop every rollout cut by max_new_tokens (dropped_finish_length); False "
                                   "keeps a cut rollout whose tokens still form complete blocks and pass the schema "
                                   "checks (its reward is its accuracy), as NPR's code does (qwen3-4b)")
