@@ -113,3 +113,24 @@ def test_eval_records_the_instruction(tmp_path, tiny_llama, instruction_file):
     assert described["settings"]["system_prompt"] == INSTRUCTION  # a changed file is a changed setting on --resume
     record = json.loads((tmp_path / "ev" / "samples.jsonl").read_text().splitlines()[0])
     assert record["prompt"].index(record["problem"].strip()) < record["prompt"].index(INSTRUCTION)
+
+
+def test_training_stages_use_the_file_and_placement(tiny_llama, instruction_file):
+    """Stages 1 and 3 (rollout and eval prompts) and Stage 2 (the SFT prompt) read the same
+    instruction keywords as npr sample and eval."""
+    from npr.tokens import tag_token_ids
+    from npr.train.rl import encode_prompts
+    from npr.train.sft_data import SftExample, tokenize_examples
+
+    tok = tiny_llama[1]
+    problems = [Problem("p0", "What is 2 + 2?", "4", "test")]
+    expected = encode_prompt(tok, problems[0].problem, "npr", INSTRUCTION, "user")
+    flags = dict(model="m", train_data="x", system_prompt_file=str(instruction_file), system_prompt_placement="user")
+    assert encode_prompts(tok, problems, Stage1Config(**flags)) == [expected]
+    assert encode_prompts(tok, problems, Stage1Config(model="m", train_data="x")) == \
+        [encode_prompt(tok, problems[0].problem, "npr")]
+    response = "<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 4\n</step>\n<takeaway>\n4\n</takeaway>\n" \
+               "\\boxed{4}"
+    kept, _ = tokenize_examples([SftExample("p0", problems[0].problem, "4", response)], tok, tag_token_ids(tok), 4096,
+                                Stage2Config(**flags).prompt_options())
+    assert kept and kept[0].prompt_ids == expected

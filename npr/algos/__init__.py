@@ -26,7 +26,7 @@ from npr.algos.aggregation import (
     seq_mean_token_sum,
     token_mean,
 )
-from npr.algos.losses import POLICY_LOSSES, PolicyLoss, dapo_loss, get_policy_loss, papo_loss
+from npr.algos.losses import POLICY_LOSSES, RATIO_LOSSES, PolicyLoss, dapo_loss, get_policy_loss, papo_loss
 
 AdvantageEstimator = Callable[..., torch.Tensor]
 
@@ -48,7 +48,7 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
 
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "POLICY_LOSSES", "AdvantageEstimator", "PolicyLoss",
+    "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "POLICY_LOSSES", "RATIO_LOSSES", "AdvantageEstimator", "PolicyLoss",
     "aggregate", "dapo_loss", "dynamic_sampling_filter", "get_advantage_estimator", "get_aggregation",
     "get_policy_loss", "group_advantages", "group_mean_std", "overlong_penalty", "papo_advantages",
     "papo_loss", "seq_mean_token_mean", "seq_mean_token_sum", "token_mean",

@@ -82,15 +82,17 @@ def dynamic_sampling_filter(rewards: torch.Tensor, group_ids: torch.Tensor) -> t
     """DAPO dynamic sampling keep-mask (arXiv 2503.14476 §3.2, eq. 11's ``0 < |correct| < G``).
 
     rewards FloatTensor[N], group_ids LongTensor[N] -> BoolTensor[N], False for every response
-    of a group whose rewards are all exactly equal (such a group has zero advantage and only
-    dilutes the batch). A group of size 1 is dropped for the same reason.
+    of a group of two or more responses whose rewards are all exactly equal (such a group has
+    zero advantage and only dilutes the batch). A group of size 1 is kept, as verl's DAPO recipe
+    (and so NPR's code) keeps it: ``std > 0 or len(group) == 1``.
     """
     _check_rewards(rewards)
     dense, num_groups = _group_index(group_ids, rewards.numel())
     init = torch.zeros(num_groups, dtype=rewards.dtype)  # [G]
     high = init.scatter_reduce(0, dense, rewards, reduce="amax", include_self=False)  # [G]
     low = init.scatter_reduce(0, dense, rewards, reduce="amin", include_self=False)  # [G]
-    return (high > low)[dense]  # [N]
+    size = torch.zeros(num_groups, dtype=torch.long).scatter_add(0, dense, torch.ones_like(dense))  # [G]
+    return ((high > low) | (size == 1))[dense]  # [N]
 
 
 def overlong_penalty(

@@ -140,6 +140,11 @@ def papo_loss(
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {"dapo": dapo_loss, "papo": papo_loss}
 
+# Losses whose objective reads old_logprobs (an importance ratio against the sampling policy). With
+# several updates per rollout batch a trainer computes the old log-probs once for these; PAPO's sg-ratio
+# is the current policy's own, so it needs none (NPR's code: on_policy=True, no recompute).
+RATIO_LOSSES = frozenset({"dapo"})
+
 _CALL_ARGUMENTS = ("logprobs", "old_logprobs", "advantages", "mask", "agg")
 
 

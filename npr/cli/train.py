@@ -75,7 +75,7 @@ def add_parser(sub, name: str, help_text: str):
 def show_config(stage: str, cls: type, args, command: str) -> int:
     """``--show-config``: the resolved config with each field's source on stdout; nothing is loaded.
     With ``--resume`` the run's saved config.yaml is the base layer."""
-    from npr.train.config import PENDING_FIELDS, ConfigError
+    from npr.train.config import ConfigError
     from npr.train.overrides import config_to_annotated_yaml, flags_from_args, read_yaml_overrides
     from npr.train.overrides import resolve_config_with_sources
 
@@ -86,10 +86,9 @@ def show_config(stage: str, cls: type, args, command: str) -> int:
         base = {**read_yaml_overrides(Path(args.out) / "config.yaml", cls), "stop_after": None}
     values, sources, error = resolve_config_with_sources(stage, cls, args.preset, args.config, flags_from_args(args),
                                                          base=base, base_label=f"run config {args.out}/config.yaml")
-    notes = {k: f"NOT USED YET (issue 13 phase 2): {v}" for k, v in PENDING_FIELDS.get(stage, {}).items()}
     header = f"{command}\nresolved config (--show-config: nothing was loaded or run); sources: default < preset " \
              "< file < flag"
-    print(config_to_annotated_yaml(values, sources, header, notes), end="")
+    print(config_to_annotated_yaml(values, sources, header), end="")
     if error is not None:  # shown anyway: the flags a run still needs are part of what the user wants to see
         print(f"# not runnable as it stands: {error}")
         print(f"{command}: note: the config above is not runnable as it stands: {error}", file=sys.stderr)
@@ -102,15 +101,6 @@ def require_out(args, command: str) -> Path:
     if args.out is None:
         raise ConfigError("--out DIR is required (only --show-config runs without it)")
     return Path(args.out)
-
-
-def warn_pending(stage: str, config) -> None:
-    """Tell the user which settings this version's trainer does not read yet (never silently)."""
-    from npr.train.config import pending_settings
-
-    for name, fallback in pending_settings(stage, config).items():
-        print(f"npr train {stage}: warning: {name}={getattr(config, name)!r} is not used by this version's trainer "
-              f"yet ({fallback}; issue 13 phase 2)", file=sys.stderr)
 
 
 def run(args) -> int:
@@ -129,7 +119,6 @@ def run(args) -> int:
     out = check_out_dir(require_out(args, f"npr train {args.stage}"))
     config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset, args.config,
                                 flags_from_args(args))
-    warn_pending(args.stage, config)
     options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=command)
     trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]
     final = trainer(config, options)

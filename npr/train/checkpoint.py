@@ -133,8 +133,10 @@ def _save_model_files(accelerator, model, tokenizer, optimizer, partial: Path) -
 
 
 def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir: Path, step: int,
-                    keep: int) -> Path:
-    """Write ``checkpoints/step-{step}`` from every process (call on all); keep the newest ``keep``."""
+                    keep: int, progress: dict | None = None) -> Path:
+    """Write ``checkpoints/step-{step}`` from every process (call on all); keep the newest ``keep``.
+    ``progress``: the trainer's own position (e.g. generation batches drawn), read back by
+    ``saved_progress``."""
     from npr.train.fsdp import is_sharded
 
     root = Path(run_dir) / "checkpoints"
@@ -146,7 +148,8 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir
     accelerator.wait_for_everyone()
     _save_model_files(accelerator, model, tokenizer, optimizer, partial)
     if accelerator.is_main_process:
-        state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict()}
+        state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict(),
+                 "progress": dict(progress or {})}
         if not sharded:
             state["optimizer"] = optimizer.state_dict()
         torch.save(state, partial / STATE_FILE)
@@ -214,6 +217,11 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler, 
     step = int(state["step"])
     note = _restore_rng(checkpoint, manifest, accelerator.process_index, accelerator.num_processes, seed, step)
     return step, note
+
+
+def saved_progress(checkpoint: Path) -> dict:
+    """The ``progress`` a checkpoint was saved with ({} for one written before npr saved it)."""
+    return dict(torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False).get("progress", {}))
 
 
 def save_final(accelerator, model, tokenizer, out_dir: Path) -> Path:

@@ -211,10 +211,14 @@ class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
                                      "loss, so <step> and <takeaway> never do. The paper keeps gradients on the tags "
                                      "that control branching and NPR's code trains every response token: the "
                                      "qwen3-4b presets set true")
-    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: the batch is split into mini-batches "
-                                         "of this many groups, each one Adam step (PPO's ppo_mini_batch_size); None: "
-                                         "the whole batch, one step per rollout batch (NPR code: 1)")
-    ppo_epochs: int = option(1, "passes over a rollout batch's mini-batches (NPR code: 1)")
+    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: the kept groups of all processes "
+                                         "are cut into consecutive mini-batches of this many, each one Adam step with "
+                                         "its own global loss normaliser (PPO's ppo_mini_batch_size); the old "
+                                         "log-probs are computed once per rollout batch, so DAPO's clip binds from the "
+                                         "2nd step; the lr schedule advances once per rollout batch. None: the whole "
+                                         "batch, one on-policy step (NPR code: 1)")
+    ppo_epochs: int = option(1, "passes over a rollout batch's mini-batches, each mini-batch one Adam step (NPR code: "
+                             "1)")
     num_epochs: int = option(0, "passes over train_data's problems; > 0 replaces max_steps (the run ends when the "
                              "data is used up, refill rounds included); 0: max_steps decides (NPR code: 1)")
     pack_group_tokens: int = option(0, "pack the responses to one prompt behind a single copy of the prompt, in "
@@ -258,12 +262,15 @@ class Stage1Config(RLConfig):
     advantage: str = option("grpo", "group-normalised advantage (DAPO eq. 9)", tuple(ADVANTAGE_ESTIMATORS))
     clip_low: float = option(0.2, "DAPO lower clip epsilon (eq. 10)")
     clip_high: float = option(0.28, "DAPO clip-higher epsilon (eq. 10, §3.1)")
-    dynamic_sampling: bool = option(True, "drop prompt groups whose rewards are all equal (DAPO §3.2); with "
-                                    "max_gen_batches 1 the batch is not refilled, so a step may train on fewer groups "
-                                    "or skip the update")
+    dynamic_sampling: bool = option(True, "drop prompt groups of 2+ rollouts whose stage rewards before the overlong "
+                                    "penalty are all equal (DAPO §3.2; NPR code: filter_groups on its score, ±1 "
+                                    "accuracy); groups of 1 are kept, as verl keeps them. With max_gen_batches 1 the "
+                                    "batch is not refilled, so a step may train on fewer groups or skip the update")
     max_gen_batches: int = option(1, "most generation rounds of prompts_per_step prompts one step may draw to refill "
-                                  "the batch with groups that pass dynamic sampling (DAPO's max_num_gen_batches); 1: "
-                                  "no refill; 0: no limit but the data (NPR code: 0)")
+                                  "the batch with groups that pass dynamic sampling, trimmed to prompts_per_step "
+                                  "groups (DAPO's max_num_gen_batches; metric gen_rounds); 1: no refill; 0: no limit "
+                                  "but the data (NPR code: 0). At the limit the step trains on what it has (verl "
+                                  "raises)")
     overlong_buffer: int = option(1024, "DAPO soft overlong punishment (§3.4, eq. 13): the reward falls linearly "
                                   "over the last N tokens of max_new_tokens; 0 makes it a step at the budget")
     overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")
@@ -330,11 +337,13 @@ class Stage2Config(InstructionConfig, TrainConfig):
 class Stage3Config(RLConfig):
     """Stage 3, NPR (arXiv 2512.07461 §3.3): PAPO with rollouts from the engine's ``parallel`` mode.
 
-    Schema-level filtering instead of a format reward: rollouts that do not end with EOS, whose
-    tokens do not form the parallel structure, or whose text breaks the schema's structure are
-    dropped and counted by reason. Accuracy-only reward (±1), ``papo_advantages`` (group mean,
-    batch std), log-probs recomputed by one flat tree-masked forward, ``papo_loss`` strictly
-    on-policy with one update per batch; no reference model, no KL.
+    Schema-level filtering instead of a format reward: rollouts that do not end with EOS
+    (``drop_truncated``), whose tokens do not form the parallel structure, or whose text breaks
+    the schema's structure are dropped and counted by reason. Accuracy-only reward (±1),
+    ``papo_advantages`` (group mean, batch std), log-probs recomputed by flat tree-masked
+    forwards, ``papo_loss`` (sg-ratio, no clip): strictly on-policy with one update per batch
+    (the default), or one update per mini-batch of ``mini_batch_size`` groups as NPR's code does,
+    where later mini-batches are no longer strictly on-policy; no reference model, no KL.
     """
 
     learning_rate: float = option(1e-7, "peak learning rate (NPR Stage 3: 1e-7)")
@@ -343,11 +352,15 @@ class Stage3Config(RLConfig):
     samples_per_prompt: int = option(16, "rollouts per prompt (NPR Stage 3: 16)")
     policy_loss: str = option("papo", "PAPO on-policy objective (npr.algos.papo_loss)", tuple(POLICY_LOSSES))
     advantage: str = option("papo", "PAPO advantage: group mean, batch-level std", tuple(ADVANTAGE_ESTIMATORS))
-    require_parallel: bool = option(True, "drop rollouts with no parallel block at all (schema kind no_block). NOT "
-                                    "NPR's code, whose filter keeps them (it drops only rollouts whose tags do not "
-                                    "form the tree, or longer than the budget); False trains on them (qwen3-4b)")
-    drop_truncated: bool = option(True, "drop every rollout cut by max_new_tokens; False keeps a cut rollout whose "
-                                  "tokens still form complete blocks (its reward is its accuracy), as NPR's code does")
+    require_parallel: bool = option(True, "drop rollouts with no parallel block at all (schema kind no_block). The "
+                                    "paper replaces Stage 3's format reward by schema-level filtering of rollouts "
+                                    "that break the parallel format; true (npr's reading) counts a trace without any "
+                                    "block as breaking it. NPR's code keeps such traces: its filter drops only "
+                                    "rollouts whose tags do not parse into the tree, or longer than the budget "
+                                    "(npr-rl sglang_rollout.py:301-331). False trains on them, as it does (qwen3-4b)")
+    drop_truncated: bool = option(True, "drop every rollout cut by max_new_tokens (dropped_finish_length); False "
+                                  "keeps a cut rollout whose tokens still form complete blocks and pass the schema "
+                                  "checks (its reward is its accuracy), as NPR's code does (qwen3-4b)")
     drop_any_schema_error: bool = option(False, "drop rollouts with any npr.schema.validate error, not only those that "
                                          "break the structure (short steps, a missing answer, … then also drop)")
 
@@ -426,24 +439,3 @@ STAGE_CONFIGS: dict[str, type] = {
 
 # Fields that may change when a run is resumed: they do not change what is computed.
 RESUMABLE_FIELDS = frozenset({"stop_after", "save_every", "keep_checkpoints", "tensorboard"})
-
-# Fields the trainer of a stage does not read yet (issue 13 phase 2 wires them; docs/training.md). ``npr train``
-# warns when one differs from its default, and --show-config marks it, so that no setting is ignored silently.
-PENDING_FIELDS: dict[str, dict[str, str]] = {
-    "stage1": {"mini_batch_size": "one optimizer step per rollout batch", "ppo_epochs": "one pass",
-               "num_epochs": "max_steps sets the run's length", "max_gen_batches": "no refill",
-               "system_prompt_file": "npr's built-in instruction", "system_prompt_placement": "system message"},
-    "stage2": {"system_prompt_file": "npr's built-in instruction", "system_prompt_placement": "system message"},
-    "stage3": {"mini_batch_size": "one optimizer step per rollout batch", "ppo_epochs": "one pass",
-               "num_epochs": "max_steps sets the run's length", "drop_truncated": "cut rollouts are dropped",
-               "system_prompt_file": "npr's built-in instruction", "system_prompt_placement": "system message"},
-    "sample": {},
-}
-
-
-def pending_settings(stage: str, config: Any) -> dict[str, str]:
-    """field -> what the trainer does instead, for each ``PENDING_FIELDS`` field of ``stage`` set to a
-    value other than its default."""
-    defaults = {f.name: f.default for f in fields(config)}
-    return {name: note for name, note in PENDING_FIELDS.get(stage, {}).items()
-            if getattr(config, name) != defaults[name]}

@@ -325,8 +325,8 @@ def response_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int
 
 
 def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                      mask_dtype: torch.dtype | None = None, attention: str | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask_dtype: torch.dtype | None = None, attention: str | None = None,
+                      temperature: float = 1.0, untempered: bool = False):
     """Log-probs of every response token under one masked forward of ``model``.
 
     Args:
@@ -336,11 +336,17 @@ def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: i
         mask_dtype: dtype of the dense layout's additive mask (default: the model's parameter dtype).
         attention: ``flex`` (one packed row, BlockMask) or ``dense`` (padded batch, float mask);
             None follows the model's attention implementation (``set_attention``).
+        temperature: the logits are divided by it before the softmax (> 0), so the log-probs
+            are those of the distribution the rollouts were sampled from, as NPR's code (verl's
+            ``logits.div_(temperature)``) trains; 0 (greedy rollouts) counts as 1.
+        untempered: also return the temperature-1 log-probs (detached), e.g. to compare with
+            the engine's, which are always the model's own (temperature 1).
 
     Returns:
         logprobs FloatTensor[R, T] (float32; T = longest response; rows in sequence, then
         span order), entry (r, t) is ``log p(token t of response r | its visible context)``,
-        0 past a response's end; mask BoolTensor[R, T], True on real response tokens.
+        0 past a response's end; mask BoolTensor[R, T], True on real response tokens; with
+        ``untempered`` a third FloatTensor[R, T], the temperature-1 log-probs without grad.
     """
     if any(s.context_end < 1 or min(s.response_lengths) < 1 for s in sequences):
         raise ValueError("every sequence needs a prompt (>= 1 token) and responses of >= 1 token")
@@ -348,10 +354,19 @@ def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: i
     device = per_response[0].device
     targets = [s.input_ids[a:b] for s in sequences for a, b in s.spans]
     longest = max(len(t) for t in targets)
-    rows = []
+    scale = temperature if temperature > 0 else 1.0
+    rows, plain_rows = [], []
     for predicting, target in zip(per_response, targets):
-        token_logprobs = predicting.float().log_softmax(-1).gather(-1, target.to(device)[:, None])[:, 0]  # [T_r]
+        logits = predicting.float()  # [T_r, V]
+        index = target.to(device)[:, None]  # [T_r, 1]
+        token_logprobs = (logits / scale if scale != 1.0 else logits).log_softmax(-1).gather(-1, index)[:, 0]  # [T_r]
         rows.append(torch.nn.functional.pad(token_logprobs, (0, longest - len(target))))
+        if untempered:
+            with torch.no_grad():
+                plain = logits.log_softmax(-1).gather(-1, index)[:, 0] if scale != 1.0 else token_logprobs.detach()
+            plain_rows.append(torch.nn.functional.pad(plain, (0, longest - len(target))))
     logprobs = torch.stack(rows)  # [R, T]
-    mask = torch.arange(longest)[None, :] < torch.tensor([len(t) for t in targets])[:, None]  # [R, T]
-    return logprobs, mask.to(logprobs.device)
+    mask = (torch.arange(longest)[None, :] < torch.tensor([len(t) for t in targets])[:, None]).to(logprobs.device)
+    if untempered:
+        return logprobs, mask, torch.stack(plain_rows)  # [R, T] each
+    return logprobs, mask

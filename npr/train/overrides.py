@@ -300,13 +300,12 @@ def resolve_config_with_sources(stage: str, cls: type, preset: str | None = None
     return values, sources, None
 
 
-def config_to_annotated_yaml(values: dict[str, Any], sources: dict[str, str], header: str = "",
-                             notes: dict[str, str] | None = None) -> str:
+def config_to_annotated_yaml(values: dict[str, Any], sources: dict[str, str], header: str = "") -> str:
     """Flat ``field: value`` YAML (readable back by ``--config``) with each field's source as a
-    trailing comment, and ``notes[field]`` after it."""
+    trailing comment."""
     lines = [f"# {line}" for line in header.splitlines()]
     for name, value in values.items():
-        comment = sources.get(name, "default") + (f"; {notes[name]}" if notes and name in notes else "")
+        comment = sources.get(name, "default")
         if isinstance(value, (list, dict)):  # one line: name: [a, b]
             flow = yaml.safe_dump(value, default_flow_style=True, allow_unicode=True, width=1 << 30)
             text = f"{name}: {flow.strip()}"

@@ -67,7 +67,10 @@ _QWEN_RL: dict[str, Any] = dict(
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "stage1": {
-        "smoke": dict(_SMOKE_RL, max_new_tokens=48, overlong_buffer=16),  # random tags and lengths vary the reward
+        # dynamic sampling reads the reward before the overlong penalty, which a random model's text never varies:
+        # forced parallel traces ending with the model's choice between the right and a wrong answer vary it
+        "smoke": dict(_SMOKE_RL, max_new_tokens=96, overlong_buffer=16, rollout_mode="parallel",
+                      rollout_forcing="structure-answer"),
         # parallel rollouts (the paper: plain): the format comes from a tree-mask cold start, whose model writes a
         # valid trace in 97% of parallel samples but 0-27% of plain ones; with plain rollouts one cold start in
         # two runs gave Stage 1 no valid rollout at all and the pipeline collapsed (docs/results.md).

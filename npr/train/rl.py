@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npr.algos import POLICY_LOSSES, get_advantage_estimator, get_policy_loss
+from npr.algos import POLICY_LOSSES, RATIO_LOSSES, get_advantage_estimator, get_policy_loss
 from npr.data import Problem
 from npr.prompts import encode_prompt
 from npr.rewards import accuracy_reward
@@ -24,7 +24,8 @@ from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, appe
 from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
 from npr.train.session import RunOptions, TrainSession, open_session
 from npr.train.tracking import truncate_jsonl
-from npr.train.update import PolicyBatch, gather_floats, global_sum, optimizer_step, policy_backward
+from npr.train.update import (PolicyBatch, gather_floats, global_sum, old_policy_logprobs, optimizer_step,
+                              policy_backward)
 
 EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
 
@@ -40,6 +41,16 @@ class RLRun:
     order: BatchOrder
     loss_fn: Callable
     eval_problems: list[Problem]
+    data_batches: int | None = None  # generation batches in num_epochs passes over the data (None: no end)
+
+    @property
+    def gen_batches(self) -> int:
+        """Generation batches drawn so far (one per step, more with DAPO's refill): the data
+        position, saved in checkpoints. A run that never refilled is at its step."""
+        return int(self.session.progress.get("gen_batches", self.session.start_step))
+
+    def data_left(self) -> bool:
+        return self.data_batches is None or self.gen_batches < self.data_batches
 
 
 def policy_loss_fn(config: RLConfig) -> Callable:
@@ -54,16 +65,24 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
     problems = load_train_problems(config.train_data, config.train_limit)
     eval_problems = (load_train_problems(config.eval_data, config.eval_limit, "eval_data")
                      if config.eval_data else [])
-    session = open_session(stage, config, options, config.max_steps)
+    order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
+    data_batches = config.num_epochs * order.steps_per_epoch() if config.num_epochs else None
+    session = open_session(stage, config, options, data_batches or config.max_steps)
     world = session.accelerator.num_processes
     if config.prompts_per_step % world:
         raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
                           f"{world} processes; use a multiple of {world}")
     worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode)
     truncate_jsonl(rollouts_path(session), session.start_step)  # a resumed run writes later steps again
-    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in problems]
-    order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
-    return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems)
+    prompts = encode_prompts(session.tokenizer, problems, config)
+    return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems, data_batches)
+
+
+def encode_prompts(tokenizer, problems: Sequence[Problem], config: RLConfig) -> list[list[int]]:
+    """The prompts of ``problems`` in the config's style, with its instruction (the built-in one,
+    or ``system_prompt_file`` at ``system_prompt_placement``), as npr sample and eval build them."""
+    instruction = config.prompt_options()
+    return [encode_prompt(tokenizer, p.problem, config.prompt_style, **instruction) for p in problems]
 
 
 def sampling_params(run: RLRun, n: int, seed: int, first: int, problems: Sequence[Problem]):
@@ -107,22 +126,40 @@ def rollouts_path(session: TrainSession):
     return session.run_dir / f"rollouts{f'.rank{acc.process_index}' if acc.num_processes > 1 else ''}.jsonl"
 
 
-def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], float]) -> tuple[list[Rollout], dict]:
-    """This rank's share of step ``step``'s rollouts, scored; plus global rollout metrics."""
+def generate_round(run: RLRun, step: int, reward: Callable[[str, Problem], float]
+                   ) -> tuple[list[Rollout], list[float], float]:
+    """This rank's share of the next generation batch's rollouts, scored (for step ``step``);
+    the global ``rollout_sums`` of the batch and the wall-clock seconds of decoding.
+
+    Generation batch b takes ``order.batch(b)`` and the rollout seed of b, so a step that
+    refills draws fresh problems and samples, and a resumed run continues the same stream."""
     session, config = run.session, run.session.config
     acc = session.accelerator
-    indices, first = shard(run.order.batch(step), acc.process_index, acc.num_processes)
-    params = sampling_params(run, config.samples_per_prompt, rollout_seed(config.seed, step), first,
+    batch = run.gen_batches
+    indices, first = shard(run.order.batch(batch), acc.process_index, acc.num_processes)
+    params = sampling_params(run, config.samples_per_prompt, rollout_seed(config.seed, batch), first,
                              [run.problems[i] for i in indices])
     started = time.perf_counter()
     results = run.worker.generate([run.prompts[i] for i in indices], first, params)
     wall = time.perf_counter() - started
     rollouts = score(results, [run.problems[i] for i in indices], first, reward)
-    totals = global_sum(acc, rollout_sums(rollouts))
+    session.progress["gen_batches"] = batch + 1
+    append_rollouts(rollouts_path(session), step + 1, rollouts)
+    return rollouts, global_sum(acc, rollout_sums(rollouts)), wall
+
+
+def rollout_step_metrics(totals: Sequence[float], wall: float, rounds: int) -> dict[str, float]:
+    """A step's rollout metrics from its rounds' summed ``rollout_sums`` and decoding seconds."""
     metrics = rollout_metrics(totals)
     metrics["rollout_tokens_per_s"] = metrics["response_length"] * metrics["rollouts"] / max(wall, 1e-9)
-    append_rollouts(rollouts_path(session), step + 1, rollouts)
-    return rollouts, metrics
+    metrics["gen_rounds"] = float(rounds)
+    return metrics
+
+
+def collect_rollouts(run: RLRun, step: int, reward: Callable[[str, Problem], float]) -> tuple[list[Rollout], dict]:
+    """This rank's share of one generation batch's rollouts, scored; plus global rollout metrics."""
+    rollouts, totals, wall = generate_round(run, step, reward)
+    return rollouts, rollout_step_metrics(totals, wall, 1)
 
 
 def global_advantages(accelerator, estimator: str, rewards: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -166,23 +203,72 @@ def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structur
     return PolicyBatch(pack_in_budget(sequences, pack_tokens), masks, advantages.float(), engine_logprobs)
 
 
-def apply_update(run: RLRun, batch: PolicyBatch) -> dict[str, float]:
-    """One on-policy update from ``batch`` (this rank's share); skipped on every rank when the
-    global batch is empty. The schedule advances either way, so lr follows the step index."""
+def mini_batch_parts(accelerator, rollouts: Sequence[Rollout], mini_batch_size: int | None) -> list[list[int]]:
+    """This rank's rollout indices in each of the step's mini-batches (PPO's ppo_mini_batch_size).
+
+    The kept prompt groups of all ranks, in global prompt order, are cut into consecutive runs
+    of ``mini_batch_size`` groups (None: one run, the whole batch); mini-batch k takes the
+    groups this rank holds of run k, possibly none. So every rank makes the same number of
+    optimizer steps and a mini-batch is the same set of groups whatever the number of ranks.
+    """
+    groups = list(dict.fromkeys(r.group for r in rollouts))  # this rank's groups, in order
+    counts, rank = gather_floats(accelerator, [len(groups)])  # one count per rank, this rank's index
+    total, first = int(sum(counts)), int(sum(counts[:rank]))
+    size = mini_batch_size or max(total, 1)
+    parts: list[list[int]] = [[] for _ in range(max(1, -(-total // size)))]
+    slot = {g: (first + k) // size for k, g in enumerate(groups)}
+    for i, r in enumerate(rollouts):
+        parts[slot[r.group]].append(i)
+    return parts
+
+
+def combine_step_metrics(updates: Sequence[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from its optimizer steps' (each a global mean over its mini-batch):
+    means weighted by the mini-batches' loss units, ratio extremes over all, mean grad norm."""
+    units = sum(u["loss_units"] for u in updates)
+    out = {k: sum(u[k] * u["loss_units"] for u in updates) / max(units, 1.0)
+           for k in updates[0] if k not in ("loss_units", "ratio_max", "ratio_min", "grad_norm", "lr")}
+    out.update(loss_units=units, ratio_max=max(u["ratio_max"] for u in updates),
+               ratio_min=min(u["ratio_min"] for u in updates), lr=updates[0]["lr"],
+               grad_norm=sum(u["grad_norm"] for u in updates) / len(updates), optimizer_steps=float(len(updates)))
+    return out
+
+
+def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, structured: bool) -> dict[str, float]:
+    """Update the policy from this rank's ``kept`` rollouts: ``ppo_epochs`` passes over the
+    mini-batches of ``mini_batch_size`` prompt groups, one optimizer step each, the schedule
+    advanced once. With several steps a ratio loss (DAPO) gets old log-probs computed once,
+    before the first step, so its ratio moves off 1 and its clip binds; PAPO keeps its
+    sg-ratio and needs none, so its later mini-batches are not strictly on-policy, as in NPR's
+    code. Skipped on every rank when the global batch is empty; the schedule advances either
+    way, so lr follows the step index."""
     session, config = run.session, run.session.config
     acc = session.accelerator
-    total, = global_sum(acc, [len(batch.loss_masks)])  # rollouts, whatever the packing
+    total, = global_sum(acc, [len(kept)])
     if total == 0:
         session.optimizer.zero_grad(set_to_none=True)
         session.optimizer.step()  # no gradients: AdamW leaves every parameter and its state alone
         session.scheduler.step()
-        return {"updated": 0.0, "trained_rollouts": 0.0}
+        return {"updated": 0.0, "trained_rollouts": 0.0, "optimizer_steps": 0.0}
     pad = session.tokenizer.pad_token_id
-    metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, config.micro_batch_size,
-                              forward_context=session.forward_context, micro_batch_tokens=config.micro_batch_tokens)
-    metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
+    passes = dict(micro_batch_size=config.micro_batch_size, forward_context=session.forward_context,
+                  micro_batch_tokens=config.micro_batch_tokens, temperature=config.temperature)
+    batches = [policy_batch([kept[i] for i in part], advantages[torch.tensor(part, dtype=torch.long)], structured,
+                            tag_ids_of(run), config.loss_on_prefilled, config.pack_group_tokens)
+               for part in mini_batch_parts(acc, kept, config.mini_batch_size)]
+    if (len(batches) > 1 or config.ppo_epochs > 1) and config.policy_loss in RATIO_LOSSES:
+        for batch in batches:  # all before the first update: the policy that drew the rollouts
+            batch.old_logprobs = old_policy_logprobs(acc, session.model, batch, pad, **passes)
+    updates = []
+    for _ in range(config.ppo_epochs):
+        for batch in batches:
+            metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, **passes)
+            metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler,
+                                          config.max_grad_norm, advance_schedule=False))
+            updates.append(metrics)
+    session.scheduler.step()
     sync_rollout_weights(run)
-    return {**metrics, "updated": 1.0, "trained_rollouts": total}
+    return {**combine_step_metrics(updates), "updated": 1.0, "trained_rollouts": total}
 
 
 def evaluate(run: RLRun) -> dict[str, float]:
@@ -193,7 +279,7 @@ def evaluate(run: RLRun) -> dict[str, float]:
     per_rank = -(-len(problems) // acc.num_processes)
     first = acc.process_index * per_rank
     mine = problems[first:first + per_rank]
-    prompts = [encode_prompt(session.tokenizer, p.problem, config.prompt_style) for p in mine]
+    prompts = encode_prompts(session.tokenizer, mine, config)
     params = sampling_params(run, config.eval_samples, config.seed + EVAL_SEED_OFFSET, first, mine)
     results = run.worker.generate(prompts, first, params)
     totals = global_sum(acc, rollout_sums(score(results, mine, first, accuracy_reward)))
@@ -207,8 +293,9 @@ def run_eval_if_due(run: RLRun, when: str) -> None:
         return
     if when == "before" and session.start_step == 0:
         session.record(0, evaluate(run))
-    elif when == "after" and session.end_step == session.total_steps and session.start_step < session.total_steps:
-        session.record(session.total_steps, evaluate(run))
+    elif (when == "after" and session.end_step in (session.total_steps, session.data_end)
+          and session.start_step < session.end_step):
+        session.record(session.end_step, evaluate(run))
 
 
 def tag_ids_of(run: RLRun) -> dict[str, int]:

@@ -16,7 +16,7 @@ dense, npr.train.logprobs.resolve_attention) and gradient checkpointing are set 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from npr.fsio import atomic_write_text
 from npr.models import load_model_and_tokenizer
 from npr.train.checkpoint import (CheckpointError, checkpoint_steps, load_checkpoint, resume_point, save_checkpoint,
-                                  save_final)
+                                  save_final, saved_progress)
 from npr.train.config import RESUMABLE_FIELDS, ConfigError
 from npr.train.fsdp import check_fsdp_launch, fsdp_plugin, layer_classes, make_fsdp_accelerator
 from npr.train.logprobs import resolve_attention, set_attention
@@ -142,7 +142,10 @@ def autocast(device: torch.device, mixed_precision: str):
 
 @dataclass
 class TrainSession:
-    """Handles of one run. ``model`` is the prepared (possibly DDP-wrapped) module."""
+    """Handles of one run. ``model`` is the prepared (possibly DDP-wrapped) module.
+    ``progress``: the stage's own position, saved in every checkpoint and restored on resume;
+    ``data_end``: set by a stage whose data ran out before ``total_steps`` (num_epochs), the
+    step count at which the run is then complete."""
 
     stage: str
     config: Any
@@ -155,6 +158,8 @@ class TrainSession:
     total_steps: int
     start_step: int
     log: MetricsLog
+    progress: dict[str, Any] = field(default_factory=dict)
+    data_end: int | None = None
 
     @property
     def unwrapped(self):
@@ -174,7 +179,8 @@ class TrainSession:
     def end_step(self) -> int:
         """Step (count) at which this process stops: ``total_steps``, or ``stop_after`` if earlier."""
         stop = self.config.stop_after
-        return self.total_steps if stop is None else min(stop, self.total_steps)
+        end = self.total_steps if self.data_end is None else min(self.data_end, self.total_steps)
+        return end if stop is None else min(stop, end)
 
     def steps(self) -> range:
         """0-based indices of the optimizer steps this process runs."""
@@ -194,7 +200,7 @@ class TrainSession:
 
     def checkpoint(self, count: int) -> Path:
         path = save_checkpoint(self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                               self.run_dir, count, self.config.keep_checkpoints)
+                               self.run_dir, count, self.config.keep_checkpoints, self.progress)
         self.log.note(f"checkpoint {path}")
         return path
 
@@ -204,9 +210,11 @@ class TrainSession:
         if count > self.start_step:  # (a run resumed at its end already has this checkpoint)
             self.checkpoint(count)
         final = None
-        if count == self.total_steps:
+        if count in (self.total_steps, self.data_end):
             final = save_final(self.accelerator, self.model, self.tokenizer, self.run_dir / "final")
-            self.log.note(f"{self.stage}: done, model in {final}")
+            used_up = f" (train_data used up after {count} of {self.total_steps} steps)" if count != self.total_steps \
+                else ""
+            self.log.note(f"{self.stage}: done{used_up}, model in {final}")
         else:
             self.log.note(f"{self.stage}: stopped after step {count} of {self.total_steps}; continue with --resume")
         self.log.close()
@@ -251,9 +259,10 @@ def open_session(stage: str, config, options: RunOptions, total_steps: int) -> T
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    start, note = 0, None
+    start, note, progress = 0, None, {}
     if checkpoint is not None:
         start, note = load_checkpoint(checkpoint, accelerator, model, optimizer, scheduler, config.seed)
+        progress = saved_progress(checkpoint)
     if accelerator.is_main_process:  # a resumed run logs its later steps again; a restarted one all of them
         truncate_jsonl(run_dir / "metrics.jsonl", start if checkpoint is not None else -1)
     accelerator.wait_for_everyone()
@@ -268,7 +277,7 @@ def open_session(stage: str, config, options: RunOptions, total_steps: int) -> T
     elif options.resume:
         log.note(f"{stage}: no complete checkpoint in {run_dir}/checkpoints; starting the run over")
     return TrainSession(stage, config, run_dir, accelerator, model, tokenizer, optimizer, scheduler, total_steps,
-                        start, log)
+                        start, log, progress)
 
 
 class StepTimer:

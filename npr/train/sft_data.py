@@ -146,18 +146,19 @@ def load_sft_examples(spec: str, limit: int | None = None, allow_empty: bool = F
     return examples if limit is None else examples[:limit]
 
 
-def tokenize_examples(examples: list[SftExample], tokenizer, tag_ids: dict[str, int], max_seq_len: int
-                      ) -> tuple[list[TokenizedExample], Counter]:
+def tokenize_examples(examples: list[SftExample], tokenizer, tag_ids: dict[str, int], max_seq_len: int,
+                      prompt_options: dict | None = None) -> tuple[list[TokenizedExample], Counter]:
     """Tokenized examples whose structure holds, and the count of dropped ones by reason
     (``schema_structural``: tags out of place in the text; ``structure``: the token sequence
-    does not form the tree; ``too_long``: over ``max_seq_len``)."""
+    does not form the tree; ``too_long``: over ``max_seq_len``). ``prompt_options``: the
+    instruction keywords of ``encode_prompt`` (``InstructionConfig.prompt_options``)."""
     kept, dropped = [], Counter()
     eos = tokenizer.eos_token_id
     for ex in examples:
         if any(e.structural for e in validate(ex.response)):
             dropped["schema_structural"] += 1
             continue
-        prompt = encode_prompt(tokenizer, ex.problem, "npr")
+        prompt = encode_prompt(tokenizer, ex.problem, "npr", **(prompt_options or {}))
         response = tokenizer.encode(ex.response, add_special_tokens=False) + [eos]
         if len(prompt) + len(response) > max_seq_len:
             dropped["too_long"] += 1

@@ -37,7 +37,8 @@ def train_stage2(config: Stage2Config, options: RunOptions) -> Path | None:
     if config.primer_data:
         examples += load_sft_examples(config.primer_data)
     tokenizer = load_tokenizer(model_source(config, options))
-    kept, dropped = tokenize_examples(examples, tokenizer, tag_token_ids(tokenizer), config.max_seq_len)
+    kept, dropped = tokenize_examples(examples, tokenizer, tag_token_ids(tokenizer), config.max_seq_len,
+                                      config.prompt_options())
     if not kept:
         raise DataError(f"{config.train_data}: all {len(examples)} examples were dropped ({dict(dropped)}); "
                         "nothing to train on. Check the file's responses (npr.schema.validate) or raise max_seq_len")

@@ -6,7 +6,8 @@ One step::
     kept     = schema filter           # drop rollouts whose structure fails, counted by reason
     rewards  = accuracy only (±1)      # no format reward: the filter replaces it
     advs     = papo_advantages         # group mean baseline, batch-level std
-    update   = papo_loss on one flat tree-masked forward, strictly on-policy, no KL
+    update   = papo_loss on flat tree-masked forwards, no KL; one step per batch (strictly on-policy)
+               or, with mini_batch_size, one per mini-batch as NPR's code (then not strictly on-policy)
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from npr.masks import has_complete_blocks
 from npr.rewards import accuracy_reward
 from npr.schema import validate
 from npr.train.config import Stage3Config
-from npr.train.rl import (apply_update, collect_rollouts, global_advantages, policy_batch, run_eval_if_due, start_rl_run,
-                          tag_ids_of)
+from npr.train.rl import apply_update, collect_rollouts, global_advantages, run_eval_if_due, start_rl_run, tag_ids_of
 from npr.train.rollout import Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
@@ -34,7 +34,8 @@ DROP_REASONS = ("finish_length", "finish_invalid_schema", "finish_stop", "struct
 def drop_reason(rollout: Rollout, tag_ids: dict[str, int], config: Stage3Config) -> str | None:
     """None when the rollout trains, else the first reason in ``DROP_REASONS`` that applies."""
     result = rollout.result
-    if result.finish_reason != "eos":
+    cut_kept = result.finish_reason == "length" and not config.drop_truncated  # then judged by its blocks
+    if result.finish_reason != "eos" and not cut_kept:
         return f"finish_{result.finish_reason}"
     if not has_complete_blocks(result.prompt_ids, result.token_ids, tag_ids):
         return "structure"
@@ -76,15 +77,16 @@ def train_stage3(config: Stage3Config, options: RunOptions) -> Path | None:
     tags = tag_ids_of(run)
     run_eval_if_due(run, "before")
     for step in session.steps():
+        if not run.data_left():
+            session.data_end = step
+            break
         timer = StepTimer()
         rollouts, metrics = collect_rollouts(run, step, accuracy_reward)
         timer.lap("rollout")
         kept, drops = select_papo(rollouts, tags, config)
         advantages = papo_advantages_of(acc, kept, config)
         totals = global_sum(acc, [float(len(kept)), *(float(drops[k]) for k in DROP_REASONS)])
-        batch = policy_batch(kept, advantages, structured=True, tag_ids=tags,
-                             loss_on_prefilled=config.loss_on_prefilled, pack_tokens=config.pack_group_tokens)
-        update = apply_update(run, batch)
+        update = apply_update(run, kept, advantages, structured=True)
         timer.lap("update")
         metrics["kept_rate"] = totals[0] / max(metrics["rollouts"], 1.0)
         metrics.update({f"dropped_{k}": v for k, v in zip(DROP_REASONS, totals[1:])})

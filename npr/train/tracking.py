@@ -15,7 +15,8 @@ from typing import Any
 
 # what the live display shows, in order: metric key -> label
 DISPLAY = {"reward": "reward", "accuracy": "acc", "format_valid_rate": "fmt-valid", "trigger_rate": "trigger",
-           "loss": "loss", "kept_rate": "kept", "tokens_per_s": "tok/s", "rollout_tokens_per_s": "tok/s"}
+           "loss": "loss", "kept_rate": "kept", "gen_rounds": "rounds",
+           "tokens_per_s": "tok/s", "rollout_tokens_per_s": "tok/s"}
 
 
 def is_wall_clock(key: str) -> bool:

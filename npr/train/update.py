@@ -26,13 +26,17 @@ class PolicyBatch:
     ``sequences``: ``TokenSequence`` rows holding R responses in all (several per row when
     packed), in order; per response r: ``loss_masks[r]`` BoolTensor[T_r] (True where the token
     carries loss), ``advantages[r]`` (FloatTensor[R]) and ``sampler_logprobs[r]``
-    FloatTensor[T_r], the engine's log-probs (NaN where prefilled), for the drift metric.
+    FloatTensor[T_r], the engine's log-probs (NaN where prefilled), for the drift metric;
+    ``old_logprobs[r]`` FloatTensor[T_r], the log-probs of the policy that drew the batch
+    (``old_policy_logprobs``), or None: the batch trains in a single on-policy step, whose old
+    log-probs are the recomputed ones, detached.
     """
 
     sequences: list[TokenSequence]
     loss_masks: list[torch.Tensor]
     advantages: torch.Tensor
     sampler_logprobs: list[torch.Tensor]
+    old_logprobs: list[torch.Tensor] | None = None
 
     def response_rows(self, indices: Sequence[int]) -> list[int]:
         """Response indices held by the sequences ``indices``."""
@@ -79,6 +83,15 @@ def global_max(accelerator, value: int) -> int:
     return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).max())
 
 
+def global_extremes(accelerator, largest: float, smallest: float) -> tuple[float, float]:
+    """(max of ``largest``, min of ``smallest``) over all processes (float64; ±inf when empty)."""
+    if accelerator.num_processes == 1:
+        return largest, smallest
+    both = torch.tensor([largest, -smallest], dtype=torch.float64, device=accelerator.device)
+    torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MAX)
+    return float(both[0]), -float(both[1])
+
+
 def _zero_loss(model, pad_token_id: int) -> torch.Tensor:
     """A zero-weight forward (in the run's attention layout), so a rank without data still
     joins DDP/FSDP's collectives."""
@@ -115,15 +128,18 @@ def backward_micro_batches(accelerator, model, chunks: list[list[int]], pad_toke
             accelerator.backward(loss)
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float) -> dict[str, float]:
-    """Clip, step, advance the schedule; returns the pre-clip gradient norm and the lr used."""
+def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float,
+                   advance_schedule: bool = True) -> dict[str, float]:
+    """Clip, step, advance the schedule (unless ``advance_schedule`` is False: a mini-batch step
+    whose rollout batch advances it once); returns the pre-clip gradient norm and the lr used."""
     lr = optimizer.param_groups[0]["lr"]
     # max_grad_norm 0: no clipping (a clip to infinity scales by exactly 1) but the same global norm,
     # computed over sharded (FSDP) or replicated gradients alike
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
-    scheduler.step()
+    if advance_schedule:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return {"grad_norm": norm, "lr": lr}
 
@@ -157,32 +173,66 @@ def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_tok
     return {"loss": global_nll / max(total_tokens, 1.0), "tokens": total_tokens}
 
 
+@torch.no_grad()
+def old_policy_logprobs(accelerator, model, batch: PolicyBatch, pad_token_id: int, micro_batch_size: int,
+                        forward_context: Callable = contextlib.nullcontext, micro_batch_tokens: int = 0,
+                        temperature: float = 1.0) -> list[torch.Tensor]:
+    """The current policy's log-probs of every response of ``batch`` (no grad): the old
+    log-probs of PPO's ratio, computed once per rollout batch before its first update.
+
+    Returns FloatTensor[T_r] per response, in order. The micro-batches are those
+    ``policy_backward`` makes, so the first update's ratio is exactly 1; every rank makes the
+    same number of passes (DDP broadcasts buffers and FSDP gathers weights in each forward).
+    """
+    chunks = micro_batches([len(s.input_ids) for s in batch.sequences], micro_batch_size, micro_batch_tokens)
+    rows: list[torch.Tensor] = []
+    for i in range(global_max(accelerator, len(chunks))):
+        if i >= len(chunks):
+            _zero_loss(model, pad_token_id)
+            continue
+        with forward_context():
+            logprobs, _ = response_logprobs(model, [batch.sequences[j] for j in chunks[i]], pad_token_id,
+                                            temperature=temperature)  # [r, T]
+        for row, r in enumerate(batch.response_rows(chunks[i])):
+            rows.append(logprobs[row, :len(batch.loss_masks[r])].float().cpu())  # [T_r]
+    return rows
+
+
 def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, pad_token_id: int,
                     micro_batch_size: int, forward_context: Callable = contextlib.nullcontext,
-                    micro_batch_tokens: int = 0) -> dict[str, float]:
+                    micro_batch_tokens: int = 0, temperature: float = 1.0) -> dict[str, float]:
     """Gradients of the policy loss ``loss_fn`` aggregated by ``agg`` over the global batch.
 
-    On-policy (one update per rollout batch, the paper's setting): the old log-probs are the
-    recomputed ones, detached. Metrics are unit-weighted means over the global batch, plus
-    ``logprob_drift``: mean |trainer - engine| log-prob over sampled loss tokens.
+    The old log-probs are ``batch.old_logprobs`` (several updates per rollout batch), else the
+    recomputed ones, detached (one on-policy update, the paper's setting). Log-probs are taken
+    at the rollout ``temperature`` (``response_logprobs``). Metrics are unit-weighted means over
+    the global batch, ``ratio_max``/``ratio_min`` over its loss tokens, plus ``logprob_drift``:
+    mean |trainer - engine| temperature-1 log-prob over sampled loss tokens.
     """
     units = [aggregation_units(m[None], agg) for m in batch.loss_masks]
     total_units, = global_sum(accelerator, [sum(units)])
     scale = accelerator.num_processes / max(total_units, 1.0)
     sums: dict[str, float] = {}
+    extremes = [float("-inf"), float("inf")]  # ratio max, min
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
         rows = batch.response_rows(indices)
         with forward_context():
-            logprobs, mask = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id)  # [r, T]
+            logprobs, mask, plain = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id,
+                                                      temperature=temperature, untempered=True)  # [r, T] each
         width = logprobs.shape[1]
         loss_mask = padded([batch.loss_masks[r] for r in rows], width, False).to(mask.device) & mask  # [r, T]
-        loss, metrics = loss_fn(logprobs=logprobs, old_logprobs=logprobs.detach(),
+        old = (logprobs.detach() if batch.old_logprobs is None
+               else padded([batch.old_logprobs[r] for r in rows], width).to(logprobs.device))  # [r, T]
+        loss, metrics = loss_fn(logprobs=logprobs, old_logprobs=old,
                                 advantages=batch.advantages[rows].to(logprobs.device), mask=loss_mask, agg=agg)
+        if loss_mask.any():
+            ratio = (logprobs.detach() - old)[loss_mask].exp()  # [n]
+            extremes[0], extremes[1] = max(extremes[0], float(ratio.max())), min(extremes[1], float(ratio.min()))
         weight = aggregation_units(loss_mask, agg)
         engine = padded([batch.sampler_logprobs[r] for r in rows], width, float("nan")).to(logprobs.device)
         seen = loss_mask & ~engine.isnan()  # [r, T]
-        drift = (logprobs.detach() - engine).abs()[seen].sum()
+        drift = (plain - engine).abs()[seen].sum()
         for key, value in (*metrics.items(), ("loss", float(loss.detach()))):
             if key != "num_tokens":
                 sums[key] = sums.get(key, 0.0) + value * weight
@@ -197,5 +247,6 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
     reduced = dict(zip(keys, global_sum(accelerator, [sums.get(k, 0.0) for k in keys])))
     out = {k: reduced[k] / max(total_units, 1.0) for k in keys if k not in ("logprob_drift", "drift_tokens")}
     out["logprob_drift"] = reduced["logprob_drift"] / max(reduced["drift_tokens"], 1.0)
+    out["ratio_max"], out["ratio_min"] = global_extremes(accelerator, *extremes)
     out["loss_units"] = total_units
     return out
