@@ -12,7 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 
 import anyio
 
@@ -234,12 +234,7 @@ class StreamingResponse:
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                                 (b"x-accel-buffering", b"no")]})
         try:
-            async with anyio.create_task_group() as tasks:
-                async def watch():
-                    await _wait_for_disconnect(receive)
-                    tasks.cancel_scope.cancel()
-
-                tasks.start_soon(watch)
+            async with until_disconnect(receive):
                 try:
                     async with aclosing(self._events()) as events:
                         async for text in events:
@@ -247,9 +242,22 @@ class StreamingResponse:
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except OSError:  # the client went away between two writes
                     pass
-                tasks.cancel_scope.cancel()
         finally:
             self.fmt.g.close()
+
+
+@asynccontextmanager
+async def until_disconnect(receive):
+    """Run the body until it ends or the client disconnects, whichever comes first (a disconnect
+    cancels the body; the caller's ``finally`` then cancels its engine jobs)."""
+    async with anyio.create_task_group() as tasks:
+        async def watch():
+            await _wait_for_disconnect(receive)
+            tasks.cancel_scope.cancel()
+
+        tasks.start_soon(watch)
+        yield
+        tasks.cancel_scope.cancel()
 
 
 class JsonResponse:
@@ -261,12 +269,7 @@ class JsonResponse:
     async def __call__(self, scope, receive, send) -> None:
         status, body = 200, b""
         try:
-            async with anyio.create_task_group() as tasks:
-                async def watch():
-                    await _wait_for_disconnect(receive)
-                    tasks.cancel_scope.cancel()
-
-                tasks.start_soon(watch)
+            async with until_disconnect(receive):
                 try:
                     async with aclosing(self.fmt.g.updates()) as updates:
                         async for _ in updates:
@@ -274,7 +277,6 @@ class JsonResponse:
                     body = _json(self.fmt.response()).encode()
                 except ApiError as e:
                     status, body = e.status, error_body(e)
-                tasks.cancel_scope.cancel()
         finally:
             self.fmt.g.close()
         if not body:
