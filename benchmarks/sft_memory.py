@@ -14,9 +14,10 @@ Peak memory is measured above the memory held before the step (CUDA: the allocat
 CPU: the peak resident set, sampled every 2 ms, of a fresh process per measurement). The final
 line is ``tree/causal at L: memory X, time Y`` for the longest L (goal at 8192: <= 1.2, <= 1.3).
 
-Part 2 (``--packing``), Stage-2 tokens/s over the same batches of the tiny preset's data
-(synthetic:chain_sum traces, batch 8): ``padded`` (sequences right-padded into a batch) vs
-``packed`` (each micro-batch laid end to end in one row, document ids in the mask).
+Part 2 (``--packing``), Stage-2 tokens/s over the same batches of Stage-2 data (``--data``: the
+tiny pipeline's ``runs/tiny/sample/data.jsonl``, or by default synthetic:chain_sum traces; batch
+8): ``padded`` (sequences right-padded into a batch) vs ``packed`` (each micro-batch laid end to
+end in one row, document ids in the mask).
 
     python benchmarks/sft_memory.py [--device cpu|cuda] [--lengths 2048 4096 8192] [--packing]
 """
@@ -174,17 +175,16 @@ def memory_table(args) -> None:
 
 
 def packing_table(args) -> None:
-    """Stage-2 tokens/s on the tiny preset's data: padded batches vs one packed row per micro-batch."""
+    """Stage-2 tokens/s on ``args.data``: padded batches vs one packed row per micro-batch."""
     from npr.train.logprobs import concat_documents, structured_sequence
-    from npr.train.sft_data import synthetic_examples, tokenize_examples
+    from npr.train.sft_data import load_sft_examples, tokenize_examples
     from npr.tokens import tag_token_ids
     from npr.train.update import sft_backward
     from npr.train.session import make_accelerator
 
     model, tokenizer = load(args.device, args.checkpointing)
     tags = tag_token_ids(tokenizer)
-    kept, _ = tokenize_examples(synthetic_examples("synthetic:chain_sum?size=64&seed=3&terms=2&digits=1"),
-                                tokenizer, tags, 1024)
+    kept, _ = tokenize_examples(load_sft_examples(args.data), tokenizer, tags, 1024)
     sequences = [structured_sequence(k.prompt_ids, k.response_ids, tags) for k in kept]
     batches = [sequences[i:i + args.micro_batch] for i in range(0, len(sequences), args.micro_batch)][:args.batches]
     accelerator = make_accelerator()
@@ -215,7 +215,7 @@ def packing_table(args) -> None:
                 model.zero_grad(set_to_none=True)
                 times[name].append(time.perf_counter() - start)
     padded_tokens = sum(len(b) * max(len(s.input_ids) for s in b) for b in batches)
-    print(f"Stage-2 throughput, tiny preset data (synthetic:chain_sum traces), {len(batches)} micro-batches of "
+    print(f"Stage-2 throughput, data {args.data}, {len(batches)} micro-batches of "
           f"{args.micro_batch}, {tokens} tokens ({padded_tokens} when padded), {args.device}, median of {args.repeats}")
     for name, values in times.items():
         print(f"  {name:<7} {tokens / statistics.median(values):9.0f} tokens/s")
@@ -244,6 +244,9 @@ def main() -> None:
     parser.add_argument("--forward-only", action="store_true",
                         help="no-grad forwards of flex vs dense vs causal (where the layouts compare on CPU)")
     parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--data", default="synthetic:chain_sum?size=64&seed=3&terms=2&digits=1",
+                        help="Stage-2 data of --packing: a spec or a data.jsonl, e.g. the tiny pipeline's "
+                             "runs/tiny/sample/data.jsonl (default: synthetic chain-sum traces)")
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "L"), help=argparse.SUPPRESS)

@@ -16,8 +16,8 @@ import torch
 
 from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
 from npr.engine.attention import tree_rule
-from npr.masks import attention_bias, parallel_mask_and_positions
-from npr.tokens import tag_token_ids
+from npr.masks import parallel_mask_and_positions
+from tests.test_engine import flat_logprobs
 
 TOL = 1e-4
 
@@ -33,18 +33,6 @@ class RandomTrees:
 
     def __call__(self, stream, logits):
         return self.forcers[stream.prompt_index](stream, logits)
-
-
-def flat_logprobs(model, tok, result) -> list[float]:
-    ids = torch.tensor(result.prompt_ids + result.token_ids)
-    p = len(result.prompt_ids)
-    allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(tok), response_start=p)
-    assert positions[p:].tolist() == result.position_ids
-    with torch.no_grad():
-        logits = model(input_ids=ids[None], position_ids=positions[None],
-                       attention_mask=attention_bias(allowed, model.dtype)[None, None]).logits[0].float()
-    logp = torch.log_softmax(logits, -1)
-    return [logp[p + i - 1, t].item() for i, t in enumerate(result.token_ids)]
 
 
 def staggered(engine: Engine, prompts, params, every: int = 3) -> list:
