@@ -54,6 +54,7 @@ def fuzz_round(model_tok, seed: int) -> int:
             assert r.diagnostic
         streams += 1 + sum(r.branches_per_block)
     assert engine.pool.used_blocks == 0 and not engine.scheduler.has_work()
+    assert sorted(engine.scheduler._free_seen) == list(range(config.max_num_seqs))  # no seen-table row leaked
     engine.pool.assert_empty()
     return streams
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
 
@@ -83,6 +84,41 @@ def test_max_num_seqs_bounds_live_streams(tiny_llama):
         peak = max(peak, engine.scheduler.live_streams())
     assert peak == 3  # reached, never exceeded: forks wider than the room left start their branches later
     same_outputs(sorted(results, key=lambda r: r.prompt_index), ample)
+
+
+class EosInABranch:
+    """Prompt 0 forks 3 branches and its first branch writes EOS (the request ends as
+    invalid_schema with two branches still open); prompt 1 forks 3 branches after ``prefix``
+    tokens, so for some prefixes it forks in the very step prompt 0 ends."""
+
+    def __init__(self, tok, prefix: int):
+        self.eos = tok.eos_token_id
+        self.ending = StructureForcer(tok, [[10, 10, 10]])
+        self.other = StructureForcer(tok, [[6, 6, 6]], prefix_tokens=prefix)
+
+    def __call__(self, stream, logits):
+        if stream.prompt_index == 1:
+            return self.other(stream, logits)
+        if stream.kind == "branch" and stream.branch == 1 and len(stream.segment) >= 6:
+            out = torch.full_like(logits, float("-inf"))
+            out[self.eos] = 0.0
+            return out
+        return self.ending(stream, logits)
+
+
+@pytest.mark.parametrize("prefix", range(6))
+def test_a_request_ending_with_open_branches_frees_its_stream_rows_at_once(tiny_llama, prefix):
+    """Regression (fresh-clone tiny pipeline, zero_eval): a request that ended mid-block held its
+    branches' seen-token rows until the end of the step, while the live-stream count had already
+    let another request open branches in its place: ``pop from empty list`` at max_num_seqs."""
+    model, tok = tiny_llama
+    engine = Engine(model, tok, EngineConfig(mode="parallel", debug=True, kv_cache_tokens=4096, max_num_seqs=4))
+    params = SamplingParams(max_new_tokens=200, temperature=0, logits_processors=(EosInABranch(tok, prefix),))
+    results = engine.generate([[1, 50, 51], [1, 60, 61]], params)
+    assert [r.finish_reason for r in results] == ["invalid_schema", "eos"]
+    assert results[1].branches_per_block == [3]
+    assert sorted(engine.scheduler._free_seen) == list(range(4))
+    engine.pool.assert_empty()
 
 
 def test_cancel_frees_the_kv_and_reports_the_request(tiny_llama):

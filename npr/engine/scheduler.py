@@ -159,10 +159,7 @@ class Scheduler:
         for seg in req.segments:
             self.pool.release(seg.pages)
             seg.pages, seg.written = [], 0
-        for stream in [req.main, *(req.open_block.branches if req.open_block else [])]:
-            if stream is not None and stream.seen_slot >= 0:
-                self._free_seen.append(stream.seen_slot)
-                stream.seen_slot = -1
+        self._return_seen_slots(req)
         self.pool.pages.close_row(req.row)
         req.row = None
         group = req.group
@@ -186,6 +183,12 @@ class Scheduler:
         req.mark_started()
         self.running.append(req)
         self.running.sort(key=lambda r: r.id)
+
+    def _return_seen_slots(self, req: Request) -> None:
+        for stream in [req.main, *(req.open_block.branches if req.open_block else [])]:
+            if stream is not None and stream.seen_slot >= 0:
+                self._free_seen.append(stream.seen_slot)
+                stream.seen_slot = -1
 
     def _give_seen_slot(self, stream: Stream) -> None:
         if self.config.repetition_penalty != 1.0 and stream.seen_slot < 0:
@@ -456,6 +459,9 @@ class Scheduler:
             return
         req.finish_reason, req.diagnostic = reason, diagnostic
         req.ended = time.perf_counter()
+        # at once, not at ``_collect``: the live-stream count no longer holds a finished request, so
+        # branches other requests open later in this step may need its seen-table rows
+        self._return_seen_slots(req)
 
     def _collect(self) -> None:
         """Release the KV of finished requests (and of prompts no sample reads any more)."""
