@@ -345,8 +345,8 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
 # Seconds per step of the tiny preset (gen:expressions) for the ETA: base_eval to sample as measured on the 2-core
 # development CPU shared with other jobs, one torch thread (docs/results.md); the later steps scaled from the same run's
 # per-step rates (Stage 2 ~20 s per step, an evaluation ~250 s, a Stage-1/3 step ~200 s). An idle machine is faster.
-TINY_SECONDS = {"base_eval": 165, "coldstart": 1100, "stage1": 417, "zero_eval": 248, "sample": 433, "stage2": 260,
-                "beta_eval": 250, "stage3": 600, "npr_eval": 700, "sr": 1000, "sr_eval": 250, "report": 1}
+TINY_SECONDS = {"base_eval": 96, "coldstart": 384, "stage1": 114, "zero_eval": 90, "sample": 156, "stage2": 42,
+                "beta_eval": 90, "stage3": 126, "npr_eval": 330, "sr": 400, "sr_eval": 100, "report": 1}
 
 
 def eta_text(remaining: list[str], state: dict, preset: str) -> str:
