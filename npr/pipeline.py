@@ -342,9 +342,9 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
     return state
 
 
-# Seconds per step of the tiny preset (gen:expressions) for the ETA: base_eval to sample as measured on the 2-core
-# development CPU shared with other jobs, one torch thread (docs/results.md); the later steps scaled from the same run's
-# per-step rates (Stage 2 ~20 s per step, an evaluation ~250 s, a Stage-1/3 step ~200 s). An idle machine is faster.
+# Seconds per step of the tiny preset (gen:expressions) for the ETA: base_eval to npr_eval as measured from a fresh
+# clone on the idle 2-core development CPU, torch's default threads (docs/results.md, 2026-12-05); sr and sr_eval
+# (--baseline, not measured) guessed from stage1's per-step time and an evaluation's. A shared machine is slower.
 TINY_SECONDS = {"base_eval": 96, "coldstart": 384, "stage1": 114, "zero_eval": 90, "sample": 156, "stage2": 42,
                 "beta_eval": 90, "stage3": 126, "npr_eval": 330, "sr": 400, "sr_eval": 100, "report": 1}
 

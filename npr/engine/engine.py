@@ -211,6 +211,7 @@ class Engine:
         event.preempted_requests = len(self.scheduler.preempted)
         if self.config.debug and not self.scheduler.has_work():
             self.pool.assert_empty()
+            self.scheduler.assert_no_seen_rows_held()
         return event
 
     # ------------------------------------------------------------------ internals

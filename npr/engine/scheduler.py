@@ -184,11 +184,20 @@ class Scheduler:
         self.running.append(req)
         self.running.sort(key=lambda r: r.id)
 
+    def _return_seen_slot(self, stream: Stream) -> None:
+        if stream.seen_slot >= 0:
+            self._free_seen.append(stream.seen_slot)
+            stream.seen_slot = -1
+
     def _return_seen_slots(self, req: Request) -> None:
         for stream in [req.main, *(req.open_block.branches if req.open_block else [])]:
-            if stream is not None and stream.seen_slot >= 0:
-                self._free_seen.append(stream.seen_slot)
-                stream.seen_slot = -1
+            if stream is not None:
+                self._return_seen_slot(stream)
+
+    def assert_no_seen_rows_held(self) -> None:
+        """Debug check, with nothing left to do: every seen-token row is back, none twice."""
+        if sorted(self._free_seen) != list(range(self.config.max_num_seqs)):
+            raise AssertionError(f"seen-table leak: {self.config.max_num_seqs - len(set(self._free_seen))} row(s) held")
 
     def _give_seen_slot(self, stream: Stream) -> None:
         if self.config.repetition_penalty != 1.0 and stream.seen_slot < 0:
@@ -381,9 +390,7 @@ class Scheduler:
         elif tag == "</step>":
             stream.closed = True
             stream.wants_sample = False
-            if stream.seen_slot >= 0:
-                self._free_seen.append(stream.seen_slot)
-                stream.seen_slot = -1
+            self._return_seen_slot(stream)
             self._force(stream, self.scaffold.step_separator)
 
     def _fork(self, main: Stream) -> None:
