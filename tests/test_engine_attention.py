@@ -105,3 +105,18 @@ def test_the_rule_is_the_training_mask():
            tags["<takeaway>"], tags["</takeaway>"], 9]
     reference, _ = parallel_mask_and_positions(ids, tags, response_start=3)
     assert torch.equal(allowed, reference)
+
+
+def test_dense_calls_split_by_padded_work():
+    """SDPA pads every group of a call to its largest query count and page count; groups share a call
+    only while the padded work stays within 1.25x the real work. Hand-computed (groups: row, queries,
+    pages, first packed row): rows 0, 1 (1 query, 10 pages) share: 2*1*10 = 20 <= 1.25*20. Row 2
+    (1 x 30) would make 3*1*30 = 90 > 1.25*50, so it starts a call; row 3 (4 x 10) would make
+    2*4*30 = 240 > 1.25*70, so it starts another. Flex (not dense) keeps decode-sized groups in one call."""
+    from npr.engine.attention import _buckets
+
+    g0, g1, g2, g3 = [0, 1, 10, 0], [1, 1, 10, 1], [2, 1, 30, 2], [3, 4, 10, 3]
+    assert _buckets([g3, g2, g0, g1], 32, dense=True) == [[g0, g1], [g2], [g3]]
+    assert _buckets([g3, g2, g0, g1], 32, dense=False) == [[g3, g2, g0, g1]]
+    big = [4, 40, 10, 7]  # over small_queries: its own call under flex too
+    assert _buckets([g0, big, g1], 32, dense=False) == [[g0, g1], [big]]

@@ -134,6 +134,7 @@ class AttentionCall:
     def __init__(self, pool: KVPool, rows: list[int], counts: list[int], firsts: list[int], q_meta: torch.Tensor,
                  kernel: str, dtype: torch.dtype, flex_queries: FlexQueries | None, flex_base: int):
         self.kernel = kernel
+        self._folded = None
         table, device = pool.pages, pool.pages.device
         if kernel == "flex":  # pad: >= 2 groups (an empty one), >= 2 queries per group
             rows, counts, firsts = rows + [rows[0]] * (len(rows) < 2), counts + [0] * (len(rows) < 2), firsts
@@ -244,7 +245,22 @@ class AttentionCall:
         # [G, Hkv, K, D] whose (g, h) blocks are contiguous
         k = keys.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
         v = values.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
-        return F.scaled_dot_product_attention(qg, k, v, attn_mask=self.bias, scale=scaling, enable_gqa=gqa)
+        if not gqa:
+            return F.scaled_dot_product_attention(qg, k, v, attn_mask=self.bias, scale=scaling)
+        # GQA folded into the queries: the query heads sharing a KV head become more queries of that head,
+        # [G, Hkv, rep*Qmax, D] (head h = kv*rep + j -> query row j*Qmax + i). SDPA then needs no enable_gqa,
+        # which with an explicit mask takes the math kernel (CPU and CUDA): 1.5-5x slower on the CPU
+        # (docs/performance.md, "GQA folding")
+        rep = q.shape[1] // heads
+        out = F.scaled_dot_product_attention(qg.reshape(g, heads, rep * qmax, dim), k, v,
+                                             attn_mask=self.folded_bias(rep), scale=scaling)
+        return out.view(g, heads * rep, qmax, dim)
+
+    def folded_bias(self, rep: int) -> torch.Tensor:
+        """The bias [G, 1, rep*Qmax, K] of the GQA-folded queries (built once per forward, reused by every layer)."""
+        if self._folded is None or self._folded[0] != rep:
+            self._folded = (rep, self.bias.repeat(1, 1, rep, 1))
+        return self._folded[1]
 
 
 @dataclass
@@ -296,22 +312,31 @@ def paged_attention(model):
 # ----------------------------------------------------------------------------- building a forward
 
 
-def _buckets(groups: list, small_queries: int, max_waste: float = 1.25) -> list[list]:
-    """Split groups (row, query count, page count, …) into calls: decode-sized groups (at most
-    ``small_queries`` queries) share one call; larger ones (prefills) share a call only with groups
-    of nearly their shape, so that padding never costs more than ``max_waste`` times the real work."""
-    small = [g for g in groups if g[1] <= small_queries]
-    large = sorted((g for g in groups if g[1] > small_queries), key=lambda g: (g[1], g[2]))
+def _buckets(groups: list, small_queries: int, dense: bool, max_waste: float = 1.25) -> list[list]:
+    """Split groups (row, query count, page count, …) into attention calls.
+
+    ``dense`` (SDPA): a call costs G x Qmax x Kmax, padding included, so groups sorted by shape share a
+    call only while the padded work stays within ``max_waste`` times the real work; a decode step whose
+    rows are mostly one query (with a few forking rows of 13) or of varied lengths runs as a few calls
+    instead of one padded to the largest row (3.2x the real work on the tiny eval; docs/performance.md,
+    "Attention calls"). Otherwise (flex, block-sparse over pages: keys are never padded and a query
+    block holds ``small_queries`` queries) decode-sized groups share one call and only larger ones
+    (prefills) are split by the same rule."""
+    if dense:
+        small, large = [], sorted(groups, key=lambda g: (g[1], g[2]))
+    else:
+        small = [g for g in groups if g[1] <= small_queries]
+        large = sorted((g for g in groups if g[1] > small_queries), key=lambda g: (g[1], g[2]))
     buckets = [small] if small else []
     current: list = []
-    for g in large:
-        trial = current + [g]
-        padded = len(trial) * max(x[1] for x in trial) * max(x[2] for x in trial)
-        real = sum(x[1] * x[2] for x in trial)
-        if current and padded > max_waste * real:
+    real = pages = 0
+    for g in large:  # sorted by query count: the newest group has the most queries
+        if current and (len(current) + 1) * g[1] * max(g[2], pages) > max_waste * (real + g[1] * g[2]):
             buckets.append(current)
-            trial = [g]
-        current = trial
+            current, real, pages = [], 0, 0
+        current.append(g)
+        real += g[1] * g[2]
+        pages = max(pages, g[2])
     if current:
         buckets.append(current)
     return buckets
@@ -366,7 +391,9 @@ def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_
     pool.pages.flush()
     q_meta = torch.tensor(meta, dtype=torch.int32)  # [3, N] on the host
     calls, base = [], 0
-    for bucket in _buckets([groups[r] for r in row_order], small_queries):
+    dense = choose_kernel(len(groups), max(g[1] for g in groups.values()),
+                          sum(g[2] for g in groups.values()) * bs) == "sdpa"
+    for bucket in _buckets([groups[r] for r in row_order], small_queries, dense):
         calls.append(_call(pool, bucket, q_meta, choose_kernel, dtype, base))
         base += calls[-1].g * calls[-1].qmax
     batch = PagedBatch(pool, _upload(writes, torch.long, device), calls)
