@@ -191,3 +191,24 @@ def test_table_cells_by_hand():
     assert cell(row, "latency_speedup", "latency") == "1.50× [1.40–1.55] (ideal 1.70×)"
     assert cell(row, "distinct_plans", "int") == "212" and cell(row, "plan_diversity", "pct") == "40.0%"
     assert cell(row, "branch_redundancy", "pct") == "–" and speed_fields(None) == {}
+
+
+def test_results_table_keeps_whole_cells_in_a_log_file(tmp_path):
+    """Printed to a file (not a terminal, 80 columns by default) the 14-column table used to cut every
+    cell to '0.…'; it must keep them whole."""
+    import io
+
+    from rich.console import Console
+
+    from npr.cli.pipeline import print_results
+
+    row = {"model": "NPR-Beta (parallel)", "avg_at_k": 0.2109375, "best_at_k": 0.3125, "format_valid_rate": 0.546875,
+           "trigger_rate": 0.9921875, "branches_per_block": 2.7165, "plan_diversity": 0.3568, "distinct_plans": 76,
+           "branch_redundancy": 0.0, "branches_by_size": {"2": 1.9375, "3": 2.8, "4": 3.109},
+           "size_branch_correlation": 0.4354, "tokens_per_second": 256.7, "speedup": None}
+    (tmp_path / "results.json").write_text(json.dumps({"preset": "tiny", "held_out": "gen:x", "k": 4, "rows": [row],
+                                                       "total_seconds": 60.0}))
+    buffer = io.StringIO()
+    print_results(Console(file=buffer), str(tmp_path), {})
+    text = buffer.getvalue()
+    assert "NPR-Beta (parallel)" in text and "21.1" in text and "99.2" in text and "…" not in text

@@ -85,5 +85,9 @@ def print_results(console, out: str, state: dict) -> None:
         table.add_column(name, justify="right")
     for r in results["rows"]:
         table.add_row(r["model"], *(cell(r, key, kind) for _, key, kind in columns))
+    if not console.is_terminal:  # a log file or pipe has no width to fit: 80 columns would cut every cell to "0.…"
+        from rich.console import Console
+
+        console = Console(file=console.file, width=max(console.width, 220))
     console.print(table)
     console.print(f"steps took {results['total_seconds'] / 60:.1f} min in all; report: {out}/report.html")
