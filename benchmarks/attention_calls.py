@@ -3,7 +3,8 @@
 1. One call at decode shapes (G rows, Hkv KV heads shared by ``rep`` query heads, Q queries per row,
    K keys, an additive mask): ``enable_gqa=True`` (what the engine did before) vs the query heads
    folded into the queries (``[G, Hkv, rep*Q, D]``, no ``enable_gqa``; what ``AttentionCall.attend``
-   does now). The outputs are compared.
+   does now), and HF-style eager attention on the folded layout (not used; for comparison). Each
+   output's error is measured against the fp32 result.
 2. One decode step's attention over many rows of different shapes, as the tiny pipeline's
    evaluation produces them (most rows one query, some rows with branches, a few forking rows;
    lengths spread over a range): all rows padded into one call (before) vs the calls of
@@ -50,18 +51,31 @@ def folded(q, k, v, bias):
     return out.view(g, h, qn, d)
 
 
+def eager(q, k, v, bias):
+    """HF's ``eager`` attention on the folded layout: bf16 matmuls, fp32 softmax (not used by the engine)."""
+    g, h, qn, d = q.shape
+    hkv = k.shape[1]
+    rep = h // hkv
+    scores = torch.matmul(q.reshape(g, hkv, rep * qn, d) * d ** -0.5, k.transpose(-1, -2)).float()
+    probs = (scores + bias.repeat(1, 1, rep, 1).float()).softmax(-1).to(q.dtype)
+    return torch.matmul(probs, v).view(g, h, qn, d)
+
+
 def section_fold(args, dtype) -> None:
     print("## 1. one call: enable_gqa vs folded queries "
           f"(G {args.rows}, H {args.heads}, Hkv {args.kv_heads}, D {args.dim}, {dtype})")
-    print("| queries | keys | enable_gqa ms | folded ms | speedup | max abs diff |\n|---|---|---|---|---|---|")
+    print("| queries | keys | enable_gqa ms | folded ms | speedup | eager ms | eager speedup over folded "
+          "| max abs error vs fp32: folded, eager |\n|---|---|---|---|---|---|---|---|")
     for qn, kn in ((1, 256), (1, 512), (4, 512), (13, 512), (1, 2048)):
         q = torch.randn(args.rows, args.heads, qn, args.dim, dtype=dtype)
         k, v = (torch.randn(args.rows, args.kv_heads, kn, args.dim, dtype=dtype) for _ in range(2))
         bias = torch.zeros(args.rows, 1, qn, kn, dtype=dtype)
         bias[..., kn * 3 // 4:] = torch.finfo(dtype).min
-        diff = (gqa(q, k, v, bias).float() - folded(q, k, v, bias).float()).abs().max().item()
-        a, b = median_ms([lambda: gqa(q, k, v, bias), lambda: folded(q, k, v, bias)], args.repeats)
-        print(f"| {qn} | {kn} | {a:.2f} | {b:.2f} | {a / b:.2f} | {diff:.1e} |")
+        exact = gqa(q.float(), k.float(), v.float(), bias.float())
+        err = [(fn(q, k, v, bias).float() - exact).abs().max().item() for fn in (folded, eager)]
+        a, b, c = median_ms([lambda: gqa(q, k, v, bias), lambda: folded(q, k, v, bias), lambda: eager(q, k, v, bias)],
+                            args.repeats)
+        print(f"| {qn} | {kn} | {a:.2f} | {b:.2f} | {a / b:.2f} | {c:.2f} | {b / c:.2f} | {err[0]:.1e}, {err[1]:.1e} |")
 
 
 def step_groups(rng: random.Random, rows: int, page: int) -> list[list[int]]:

@@ -23,7 +23,7 @@ import time
 import torch
 
 from npr.tokens import tag_token_ids
-from npr.train.logprobs import (TokenSequence, causal_sequence, resolve_attention, response_logits,
+from npr.train.logprobs import (TokenSequence, causal_sequence, resolve_attention, response_logits, set_attention,
                                 structured_sequence)
 
 
@@ -163,11 +163,16 @@ def main() -> None:
     tree, causal = structured_sequence(prompt, response, tags), causal_sequence(prompt, response)
     attention = resolve_attention("auto", device)
     mixed = device.type == "cuda"
-    variants = {
-        f"tree ({attention})": lambda: papo_step(
-            model, optimizer, lambda: response_logits(model, [tree], 0, attention=attention), tree, 1.0, mixed),
-        "causal (no mask)": lambda: papo_step(model, optimizer, lambda: causal_logits(model, causal), causal, 1.0, mixed),
-    }
+
+    def tree_step():  # set for the whole step: checkpointing recomputes attention during backward
+        set_attention(model, attention)
+        return papo_step(model, optimizer, lambda: response_logits(model, [tree], 0), tree, 1.0, mixed)
+
+    def causal_step():
+        model.config._attn_implementation = "sdpa"
+        return papo_step(model, optimizer, lambda: causal_logits(model, causal), causal, 1.0, mixed)
+
+    variants = {f"tree ({attention})": tree_step, "causal (no mask)": causal_step}
     results = {name: [] for name in variants}
     for name, run in variants.items():
         run()  # warm-up: compile, allocator

@@ -75,7 +75,7 @@ PRESETS: dict[str, PipelinePreset] = {
                                              "prompts_per_batch": 21},
                            coldstart_sft={"num_epochs": 2, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
                            eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 3,
-                                        "speed_problems": 4, "latency_requests": 2}),
+                                        "speed_problems": 2, "latency_requests": 2}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
     "qwen3-4b": PipelinePreset(model="Qwen/Qwen3-4B-Instruct-2507", train_preset="qwen3-4b",
                                held_out="aime25,hmmt25,amc23,math500", eval_k=8, eval_max_new_tokens=32768,

@@ -280,3 +280,56 @@ def test_aggregation_units():
     assert aggregation_units(mask, "token-mean") == 3.0
     assert aggregation_units(mask, "seq-mean-token-mean") == 2.0
     assert aggregation_units(mask, "seq-mean-token-sum") == 2.0
+
+
+def test_segment_pieces_by_hand(llama):
+    """A prefix of 3 tokens and members of 2 and 4: the prefix sees itself, each member the prefix
+    and itself; a row that is not packed is one piece over all of it."""
+    from npr.masks import TreeIds
+    from npr.train.logprobs import TokenSequence, segment_pieces
+
+    member = torch.tensor([-1, -1, -1, 0, 0, 1, 1, 1, 1])
+    zeros, none = torch.zeros(9, dtype=torch.long), torch.full((9,), -1)
+    seq = TokenSequence(torch.arange(9), TreeIds(zeros, member, none, none), torch.arange(9), 3, ((3, 5), (5, 9)))
+    pieces = segment_pieces(seq, torch.float32, "cpu")
+    assert [(p.start, p.end, p.key_ranges) for p in pieces] == [
+        (0, 3, ((0, 3),)), (3, 5, ((0, 3), (3, 5))), (5, 9, ((0, 3), (5, 9)))]
+    # member 1's first token (row 5) sees the prefix and itself: keys 0, 1, 2 and 5
+    assert (pieces[2].bias[0, 0, 0] == 0).tolist() == [True, True, True, True, False, False, False]
+    plain = TokenSequence(torch.arange(9), TreeIds.causal(9), torch.arange(9), 3, ((3, 9),))
+    assert [(p.start, p.end, p.key_ranges) for p in segment_pieces(plain, torch.float32, "cpu")] == [(0, 9, ((0, 9),))]
+
+
+def test_pieces_equal_one_full_mask_forward_with_gradients(llama):
+    """The dense layout's pieces against one forward of the packed row under its full L x L mask:
+    the same log-probs and the same parameter gradients."""
+    model, tok = llama
+    packed = pack_shared_prefix(_group(tok))
+    grads = []
+    for pieces in (True, False):
+        model.zero_grad()
+        if pieces:
+            logprobs, mask = response_logprobs(model, [packed], tok.pad_token_id)
+            total = logprobs[mask].sum()
+            values = logprobs[mask]
+        else:
+            values = torch.cat([_single_spans(model, packed)])
+            total = values.sum()
+        total.backward()
+        grads.append(({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, values.detach()))
+    assert torch.allclose(grads[0][1], grads[1][1], atol=1e-5)
+    for name, g in grads[1][0].items():
+        assert torch.allclose(grads[0][0][name], g, atol=1e-5), name
+    model.zero_grad()
+
+
+def _single_spans(model, seq):
+    """Reference for a packed row: one forward under the full additive mask, each response's tokens
+    read at its predicting positions."""
+    from npr.masks import attention_bias
+
+    bias = attention_bias(seq.allowed, model.dtype)[None, None]
+    logits = model(input_ids=seq.input_ids[None], position_ids=seq.position_ids[None], attention_mask=bias).logits[0]
+    logp = logits.float().log_softmax(-1)
+    return torch.cat([logp[seq.predictors(j)].gather(-1, seq.input_ids[a:b, None])[:, 0]
+                      for j, (a, b) in enumerate(seq.spans)])
