@@ -10,7 +10,7 @@
     stage2      parallel SFT (tree mask) on them -> NPR-Beta
     beta_eval   NPR-Beta through the engine
     stage3      PAPO with the engine's parallel rollouts -> NPR
-    npr_eval    NPR in parallel mode, with a sequential-mode baseline run, then both modes timed
+    npr_eval    NPR in parallel mode, with a sequential-mode baseline run (tiny: timed only), then both modes timed
                 alternately (batched, and single requests for the batch-1 latency speedup)
     sr, sr_eval (--baseline) sequential RL: DAPO with the plain prompt and accuracy reward, same data
     report      DIR/report.html and DIR/results.json: the table, training curves, trajectories
@@ -75,7 +75,7 @@ PRESETS: dict[str, PipelinePreset] = {
                                              "prompts_per_batch": 21},
                            coldstart_sft={"num_epochs": 2, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
                            eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 3,
-                                        "speed_problems": 2, "latency_requests": 2}),
+                                        "speed_problems": 2, "latency_requests": 2, "baseline_eval": False}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
     "qwen3-4b": PipelinePreset(model="Qwen/Qwen3-4B-Instruct-2507", train_preset="qwen3-4b",
                                held_out="aime25,hmmt25,amc23,math500", eval_k=8, eval_max_new_tokens=32768,
@@ -237,7 +237,7 @@ DESCRIPTIONS = {
     "stage2": "Stage 2: parallel SFT -> NPR-Beta",
     "beta_eval": "evaluate NPR-Beta (engine, parallel)",
     "stage3": "Stage 3: PAPO with parallel rollouts -> NPR",
-    "npr_eval": "evaluate NPR: parallel, sequential, then the two timed alternately",
+    "npr_eval": "evaluate NPR in parallel mode, then time it against sequential mode, alternately",
     "sr": "baseline: sequential RL (plain prompt, accuracy reward)",
     "sr_eval": "evaluate the sequential-RL baseline",
     "report": "write report.html and results.json",
@@ -342,11 +342,12 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
     return state
 
 
-# Seconds per step of the tiny preset (gen:expressions) for the ETA: base_eval to npr_eval as measured from a fresh
-# clone on the idle 2-core development CPU, torch's default threads (docs/results.md, 2026-12-05); sr and sr_eval
-# (--baseline, not measured) guessed from stage1's per-step time and an evaluation's. A shared machine is slower.
-TINY_SECONDS = {"base_eval": 96, "coldstart": 384, "stage1": 114, "zero_eval": 90, "sample": 156, "stage2": 42,
-                "beta_eval": 90, "stage3": 126, "npr_eval": 330, "sr": 400, "sr_eval": 100, "report": 1}
+# Seconds per step of the tiny preset (gen:expressions) for the ETA: base_eval to stage3 as measured from a fresh
+# clone on the idle 2-core development CPU, torch's default threads (docs/results.md, 2026-12-05, commit da7c4a2);
+# npr_eval from that run less its sequential evaluation (now only timed); sr and sr_eval (--baseline, not measured)
+# guessed from stage1's per-step time and an evaluation's. A shared machine is slower.
+TINY_SECONDS = {"base_eval": 46, "coldstart": 300, "stage1": 89, "zero_eval": 88, "sample": 161, "stage2": 37,
+                "beta_eval": 96, "stage3": 152, "npr_eval": 200, "sr": 400, "sr_eval": 100, "report": 1}
 
 
 def eta_text(remaining: list[str], state: dict, preset: str) -> str:

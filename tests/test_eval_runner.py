@@ -310,3 +310,17 @@ def test_resume_without_config_json_is_refused(tmp_path):
     (tmp_path / "samples.jsonl").write_text("{}\n")
     with pytest.raises(EvalError, match="has samples.jsonl but no config.json"):
         evaluate(config(benchmarks=(RG,)), tmp_path, resume=True, model_and_tokenizer=("unused", "unused"))
+
+
+def test_baseline_timed_only_writes_no_baseline_run(tmp_path, tiny_llama, benchmark_pack):
+    """baseline_eval false: the baseline mode is timed against this one (the speedup is there) but
+    not evaluated (no baseline/ directory, no baseline samples)."""
+    results = run(tmp_path, tiny_llama, benchmark_pack, cfg={"baseline_mode": "sequential", "speed_rounds": 1,
+                                                             "speed_problems": 2, "latency_requests": 1,
+                                                             "baseline_eval": False})
+    assert not (tmp_path / "run" / "baseline").exists()
+    speed = results["speed"]
+    assert len(speed["batched"]["speedups"]) == 1 and speed["batch1"]["requests"] == 1
+    assert speed["baseline_mode"] == "sequential"
+    with pytest.raises(EvalError, match="speed_rounds"):
+        config(baseline_mode="sequential", baseline_eval=False, speed_rounds=0)

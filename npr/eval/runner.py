@@ -81,6 +81,10 @@ class EvalConfig:
     latency_requests: int = 4
     """Single requests (batch 1, one sample each) per round, each timed alone in both modes, for the
     batch-1 latency speedup; 0 skips it."""
+    baseline_eval: bool = True
+    """With a baseline mode: also evaluate it in full (k samples of every problem, in ``baseline/``).
+    False: the baseline mode is only timed against this mode (``speed_rounds`` >= 1), for runs that
+    need the speedup but not the baseline's accuracy (the tiny pipeline, to fit its time budget)."""
 
     def __post_init__(self):
         if self.system_prompt_file is not None:
@@ -95,6 +99,8 @@ class EvalConfig:
         if self.speed_rounds < 0 or self.latency_requests < 0 or (self.speed_problems or 1) < 1:
             raise EvalError("speed_rounds and latency_requests must be >= 0 and speed_problems >= 1 (or None), got "
                             f"{self.speed_rounds}, {self.latency_requests}, {self.speed_problems}")
+        if self.baseline_mode and not self.baseline_eval and not self.speed_rounds:
+            raise EvalError("baseline_eval false leaves the baseline mode only its timing; it needs speed_rounds >= 1")
 
 
 def model_hash(model) -> str:
@@ -345,7 +351,7 @@ def evaluate(config: EvalConfig, out_dir: str | Path, resume: bool = False, over
     from npr.models import load_model_and_tokenizer
 
     out = Path(out_dir)
-    dirs = [out] + ([out / "baseline"] if config.baseline_mode else [])
+    dirs = [out] + ([out / "baseline"] if config.baseline_mode and config.baseline_eval else [])
     for run_dir in dirs:
         check_out_dir(run_dir, resume, overwrite)
     problems = load_benchmarks(config)
@@ -362,7 +368,7 @@ def evaluate(config: EvalConfig, out_dir: str | Path, resume: bool = False, over
                       engine).run()
     del engine  # the baseline builds an engine of its own mode; let this KV pool go first
     baseline_records = None
-    if config.baseline_mode:
+    if config.baseline_mode and config.baseline_eval:
         baseline_records = EvalRun(config, model, tokenizer, out / "baseline", config.baseline_mode, problems, plan,
                                    progress, logits_processors).run()
     speed = None
