@@ -249,8 +249,8 @@ class AttentionCall:
             return F.scaled_dot_product_attention(qg, k, v, attn_mask=self.bias, scale=scaling)
         # GQA folded into the queries: the query heads sharing a KV head become more queries of that head,
         # [G, Hkv, rep*Qmax, D] (head h = kv*rep + j -> query row j*Qmax + i). SDPA then needs no enable_gqa,
-        # which with an explicit mask takes the math kernel (CPU and CUDA): 1.5-5x slower on the CPU
-        # (docs/performance.md, "GQA folding")
+        # which with an explicit mask takes the math kernel (CPU and CUDA): 1.1-5.3x slower on the CPU
+        # (docs/performance.md, "SDPA calls on a CPU")
         rep = q.shape[1] // heads
         out = F.scaled_dot_product_attention(qg.reshape(g, heads, rep * qmax, dim), k, v,
                                              attn_mask=self.folded_bias(rep), scale=scaling)
@@ -319,14 +319,11 @@ def _buckets(groups: list, small_queries: int, dense: bool, max_waste: float = 1
     call only while the padded work stays within ``max_waste`` times the real work; a decode step whose
     rows are mostly one query (with a few forking rows of 13) or of varied lengths runs as a few calls
     instead of one padded to the largest row (3.2x the real work on the tiny eval; docs/performance.md,
-    "Attention calls"). Otherwise (flex, block-sparse over pages: keys are never padded and a query
+    "SDPA calls on a CPU"). Otherwise (flex, block-sparse over pages: keys are never padded and a query
     block holds ``small_queries`` queries) decode-sized groups share one call and only larger ones
     (prefills) are split by the same rule."""
-    if dense:
-        small, large = [], sorted(groups, key=lambda g: (g[1], g[2]))
-    else:
-        small = [g for g in groups if g[1] <= small_queries]
-        large = sorted((g for g in groups if g[1] > small_queries), key=lambda g: (g[1], g[2]))
+    small = [] if dense else [g for g in groups if g[1] <= small_queries]
+    large = sorted((g for g in groups if dense or g[1] > small_queries), key=lambda g: (g[1], g[2]))
     buckets = [small] if small else []
     current: list = []
     real = pages = 0
