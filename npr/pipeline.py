@@ -68,13 +68,14 @@ PRESETS: dict[str, PipelinePreset] = {
     # the embedded SmolLM2-135M-Instruct on 2-4 independent one-digit expressions per problem (training split seed 1,
     # held-out seed 2). Decomposing cold start: each distinct part asked alone ("What is 3 + 4?"), 6 tries; the
     # model's own correct answers become the steps under plans read from the problem ("compute 3 + 4").
+    # Timing: 2 rounds, one ABBA cycle (round 2 runs the sequential baseline first), so drift falls on both modes.
     "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="gen:expressions?size=32&seed=2&parts=2-4",
                            eval_k=4, eval_max_new_tokens=320, coldstart=True,
                            coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_mode": "decompose", "tries": 6,
                                              "train_limit": 256, "max_new_tokens": 80, "temperature": 0.7,
                                              "prompts_per_batch": 21},
                            coldstart_sft={"num_epochs": 2, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
-                           eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 3,
+                           eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 2,
                                         "speed_problems": 2, "latency_requests": 2, "baseline_eval": False}),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
     "qwen3-4b": PipelinePreset(model="Qwen/Qwen3-4B-Instruct-2507", train_preset="qwen3-4b",
