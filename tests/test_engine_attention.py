@@ -120,3 +120,51 @@ def test_dense_calls_split_by_padded_work():
     assert _buckets([g3, g2, g0, g1], 32, dense=False) == [[g3, g2, g0, g1]]
     big = [4, 40, 10, 7]  # over small_queries: its own call under flex too
     assert _buckets([g0, big, g1], 32, dense=False) == [[g0, g1], [big]]
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen3"])
+def test_shared_prefix_attention_equals_the_flat_masked_forward(which, request, monkeypatch):
+    """SDPA calls that attend to the pages a prompt's samples share once per group (``SharedPrefix``),
+    merged by log-sum-exp with each row's own pages, against the flat masked forward and against the
+    same engine gathering every row's pages. Prompts of 2-6 pages, 3 samples each or 1, staggered so
+    that calls mix groups of different prefix lengths with rows that share nothing."""
+    from npr.engine import attention
+
+    model, tok = request.getfixturevalue(which)
+    plans = []
+    plan = attention.SharedPrefix.plan.__func__
+
+    def spy(cls, *args):
+        made = plan(cls, *args)
+        if made is not None:
+            plans.append(made)
+        return made
+
+    monkeypatch.setattr(attention.SharedPrefix, "plan", classmethod(spy))
+    rng = random.Random(5)
+    lengths, samples = (60, 70, 25, 80, 30, 40), (3, 1, 3, 3, 1, 3)  # a lone sample shares nothing
+    prompts = [[1] + [rng.randrange(3, 250) for _ in range(n)] for n in lengths]
+    forcer = RandomTrees(tok, 6, len(prompts))
+    results = {}
+    for shared in (True, False):
+        engine = Engine(model, tok, EngineConfig(attention="sdpa", debug=True, kv_cache_tokens=16 * 80, max_num_seqs=12,
+                                                 shared_prefix_attention=shared))
+        out, step = [], 0
+        while step < 4 * len(prompts) or engine.has_work():
+            if step % 4 == 0 and step // 4 < len(prompts):
+                i = step // 4
+                engine.submit([prompts[i]], SamplingParams(max_new_tokens=300, temperature=1.0, n=samples[i], seed=2,
+                                                           logits_processors=(forcer,)), first_index=i)
+            out += engine.step().finished
+            step += 1
+        results[shared] = sorted(out, key=lambda r: (r.prompt_index, r.sample_index))
+    used = len(plans)
+    assert used >= 20, f"the shared-prefix split was used in only {used} calls"
+    assert any(p.prefix_bias is not None for p in plans)  # groups of different prefix lengths in one call
+    assert any(int(p.row_pos.max()) == p.groups * p.per for p in plans)  # rows that share nothing
+    worst = 0.0
+    for r in results[True]:
+        flat = flat_logprobs(model, tok, r)
+        worst = max(worst, max(abs(a - b) for a, b, s in zip(flat, r.logprobs, r.sampled) if s))
+    assert worst <= TOL, f"max abs diff {worst:.2e}"
+    assert [r.token_ids for r in results[True]] == [r.token_ids for r in results[False]]

@@ -132,7 +132,8 @@ class AttentionCall:
     """
 
     def __init__(self, pool: KVPool, rows: list[int], counts: list[int], firsts: list[int], q_meta: torch.Tensor,
-                 kernel: str, dtype: torch.dtype, flex_queries: FlexQueries | None, flex_base: int):
+                 kernel: str, dtype: torch.dtype, flex_queries: FlexQueries | None, flex_base: int,
+                 shared_prefix: bool = True):
         self.kernel = kernel
         self._folded = None
         table, device = pool.pages, pool.pages.device
@@ -164,20 +165,24 @@ class AttentionCall:
             flex_queries.store(flex_base, meta.reshape(3, -1), 2 * Q_BLOCK_LARGE)
             self.block_mask = self._block_mask(pool, live, meta, flex_queries, flex_base)
         else:
-            self.bias = self._dense_bias(table, live, meta, dtype)
+            self.page_size = table.page_size
+            allowed = self._dense_allowed(table, live, meta)
+            self.shared = SharedPrefix.plan(table, rows, self.pages, allowed, dtype) if shared_prefix else None
+            if self.shared is None:
+                self.page_index = self.pages.reshape(-1).long()  # [G*W]
+                self.bias = additive_bias(allowed, dtype)
 
-    def _dense_bias(self, table, live: torch.Tensor, meta: torch.Tensor, dtype) -> torch.Tensor:
-        """SDPA: the slots of each row's pages [G, K] and the rule as an additive bias [G, 1, Qmax, K]."""
+    def _dense_allowed(self, table, live: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+        """SDPA: the rule over the slots of each row's pages, [G, Qmax, K] (K = W * page_size)."""
         page_size, device = table.page_size, self.pages.device
         offsets = torch.arange(page_size, device=device, dtype=torch.int32)
-        self.slots = (self.pages[:, :, None] * page_size + offsets).reshape(self.g, -1).long()  # [G, K]
+        slots = (self.pages[:, :, None] * page_size + offsets).reshape(self.g, -1).long()  # [G, K]
         q_seg, q_off, q_fork = (m[:, :, None] for m in meta)  # [G, Qmax, 1]
         allowed = tree_rule(table.page_seg, table.page_start, table.page_valid, page_size, q_seg, q_off, q_fork,
-                            self.slots[:, None, :])  # [G, Qmax, K]
+                            slots[:, None, :])  # [G, Qmax, K]
         allowed &= live.repeat_interleave(page_size, dim=1)[:, None, :]
         allowed |= (q_seg < 0)  # pad queries see everything: no empty softmax row (their output is dropped)
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+        return allowed
 
     def _block_mask(self, pool: KVPool, live, meta, flex_queries: FlexQueries, base: int):
         """flex: a BlockMask over pool pages; per query block, the pages seen whole ("full", no mask_mod)
@@ -240,28 +245,151 @@ class AttentionCall:
         if self.kernel == "flex":  # the pool itself, [1, Hkv, slots, D]: no copy
             return compiled_flex()(qg.contiguous(), keys[None], values[None], block_mask=self.block_mask,
                                    scale=scaling, enable_gqa=gqa, kernel_options=self.kernel_options)
-        flat = self.slots.reshape(-1)
         heads, dim = keys.shape[0], keys.shape[2]
-        # [G, Hkv, K, D] whose (g, h) blocks are contiguous
-        k = keys.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
-        v = values.index_select(1, flat).view(heads, g, -1, dim).transpose(0, 1)
-        if not gqa:
-            return F.scaled_dot_product_attention(qg, k, v, attn_mask=self.bias, scale=scaling)
         # GQA folded into the queries: the query heads sharing a KV head become more queries of that head,
         # [G, Hkv, rep*Qmax, D] (head h = kv*rep + j -> query row j*Qmax + i). SDPA then needs no enable_gqa,
         # which with an explicit mask takes the math kernel (CPU and CUDA): 1.1-5.3x slower on the CPU
         # (docs/performance.md, "SDPA calls on a CPU")
         rep = q.shape[1] // heads
-        out = F.scaled_dot_product_attention(qg.reshape(g, heads, rep * qmax, dim), k, v,
-                                             attn_mask=self.folded_bias(rep), scale=scaling)
+        qf = qg.reshape(g, heads, rep * qmax, dim)
+        if self.shared is not None:
+            out = self.shared.attend(qf, keys, values, scaling, rep, self.page_size)
+        else:
+            k = gather_pages(keys, self.page_index, g, self.page_size)
+            v = gather_pages(values, self.page_index, g, self.page_size)
+            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=self.folded_bias(rep), scale=scaling)
         return out.view(g, heads * rep, qmax, dim)
 
     def folded_bias(self, rep: int) -> torch.Tensor:
         """The bias [G, 1, rep*Qmax, K] of the GQA-folded queries (built once per forward, reused by every layer)."""
         if self._folded is None or self._folded[0] != rep:
-            self._folded = (rep, self.bias.repeat(1, 1, rep, 1))
+            self._folded = (rep, self.bias.repeat(1, 1, rep, 1) if rep > 1 else self.bias)
         return self._folded[1]
 
+
+def additive_bias(allowed: torch.Tensor, dtype) -> torch.Tensor:
+    """[G, Qmax, K] bool -> the additive mask [G, 1, Qmax, K]: 0 or the dtype's lowest value (never -inf, so
+    a row that sees nothing stays finite)."""
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def gather_pages(pool: torch.Tensor, pages: torch.Tensor, g: int, page_size: int) -> torch.Tensor:
+    """One layer's pool [Hkv, slots, D] at ``pages`` [G*W] -> [G, Hkv, W*page_size, D] with contiguous
+    (g, h) blocks, copied a page at a time (a page is one contiguous run of page_size * D per head)."""
+    heads, dim = pool.shape[0], pool.shape[2]
+    return pool.view(heads, -1, page_size * dim).index_select(1, pages).view(heads, g, -1, dim).transpose(0, 1)
+
+
+def attention_with_lse(q, k, v, bias, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDPA [B, H, L, D] that also returns each query's log-sum-exp of its scores, [B, H, L] fp32: the CPU
+    flash kernel that ``F.scaled_dot_product_attention`` runs there, asked for its second output."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias, scale=scale)
+
+
+class SharedPrefix:
+    """SDPA over the pages that several rows of a call share, once for all of them (CPU).
+
+    The samples of one prompt are rows whose page lists start with the same pages (the prompt's,
+    stored once). Gathered per row, those pages are copied and read once per sample. Here the
+    queries of such a group attend to the group's shared leading pages in one call (its queries
+    stacked, the pages gathered once), every row attends to the rest of its pages in a second call,
+    and the two partial results merge by their log-sum-exps, as flash attention merges tiles:
+    ``out = (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2)``. Exact up to rounding. A shared page counts only
+    where every query of the group sees all of its slots, so the prefix call needs no mask beyond
+    each group's prefix length.
+    """
+
+    MIN_SAVED = 0.25
+    """Used when the pages it spares from gathering are at least this share of the call's pages."""
+
+    def __init__(self, prefix_rows, row_pos, prefix_pages, prefix_bias, groups, per, suffix_pages, suffix_bias):
+        self.prefix_rows, self.row_pos = prefix_rows, row_pos  # [Gp*per] rows of the prefix call; [G] row -> entry
+        self.prefix_pages, self.prefix_bias = prefix_pages, prefix_bias  # [Gp*Lmax]; [Gp, 1, 1, Lmax*S] or None
+        self.groups, self.per = groups, per
+        self.suffix_pages, self.suffix_bias = suffix_pages, suffix_bias  # [G*Ws]; [G, 1, Qmax, Ws*S]
+        self._folded = None
+
+    @classmethod
+    def plan(cls, table, rows: list[int], pages: torch.Tensor, allowed: torch.Tensor, dtype) -> SharedPrefix | None:
+        """The split of one call, or None where too little is shared (or off the CPU, which has the
+        log-sum-exp kernel). ``pages`` [G, W] and ``allowed`` [G, Qmax, W*S] are the plain call's."""
+        if pages.device.type != "cpu" or len(rows) < 2:
+            return None
+        g, width = pages.shape
+        qmax, size = allowed.shape[1], table.page_size
+        whole = allowed.view(g, qmax, width, size).all(dim=3).all(dim=1).tolist()  # [G][W]: every query sees it all
+        by_first: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            if table.row_len[r]:
+                by_first.setdefault(table.host_rows[r][0], []).append(i)
+        shared = []  # (members, shared leading pages)
+        for members in by_first.values():
+            if len(members) < 2:
+                continue
+            lists = [table.host_rows[rows[i]] for i in members]
+            n, most = 0, min(len(p) for p in lists)
+            while n < most and all(p[n] == lists[0][n] for p in lists) and all(whole[i][n] for i in members):
+                n += 1
+            if n:
+                shared.append((members, n))
+        saved = sum((len(m) - 1) * n for m, n in shared)
+        if not shared or saved < cls.MIN_SAVED * sum(table.row_len[r] for r in rows):
+            return None
+        per, lmax = max(len(m) for m, _ in shared), max(n for _, n in shared)
+        skip = [0] * g  # each row's leading pages attended in the prefix call
+        row_pos = [len(shared) * per] * g  # rows without a shared prefix: the "nothing seen" entry past the end
+        prefix_rows, prefix_pages = [], []
+        for gp, (members, n) in enumerate(shared):
+            for j, i in enumerate(members):
+                skip[i], row_pos[i] = n, gp * per + j
+            prefix_rows += members + [members[0]] * (per - len(members))  # pads repeat a member; dropped
+            head = table.host_rows[rows[members[0]]][:n]
+            prefix_pages += head + [head[0]] * (lmax - n)
+        prefix_bias = None
+        if any(n != lmax for _, n in shared):
+            seen = torch.arange(lmax * size)[None, :] < torch.tensor([n for _, n in shared])[:, None] * size
+            prefix_bias = additive_bias(seen[:, None, :], dtype)  # [Gp, 1, 1, Lmax*S]
+        # the rest of each row: its columns from skip on, moved to the front, [G, Ws]
+        ws = max(table.row_len[r] - s for r, s in zip(rows, skip))
+        column = torch.tensor(skip)[:, None] + torch.arange(ws)[None, :]
+        inside = column < width
+        column = column.clamp(max=width - 1)
+        rest = allowed.view(g, qmax, width, size).gather(2, column[:, None, :, None].expand(-1, qmax, -1, size))
+        rest &= inside[:, None, :, None]  # [G, Qmax, Ws, S]
+        return cls(torch.tensor(prefix_rows), torch.tensor(row_pos), torch.tensor(prefix_pages), prefix_bias,
+                   len(shared), per, pages.gather(1, column).reshape(-1).long(),
+                   additive_bias(rest.reshape(g, qmax, ws * size), dtype))
+
+    def attend(self, qf: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling, rep: int,
+               page_size: int) -> torch.Tensor:
+        """Folded queries qf [G, Hkv, rep*Qmax, D] against one layer's pool -> [G, Hkv, rep*Qmax, D]."""
+        g, heads, rq, dim = qf.shape
+        gp, per = self.groups, self.per
+        # the prefix call: each group's queries stacked, [Gp, Hkv, per*rq, D], against its pages gathered once
+        qp = qf.index_select(0, self.prefix_rows).view(gp, per, heads, rq, dim).transpose(1, 2)
+        o1, l1 = attention_with_lse(qp.reshape(gp, heads, per * rq, dim),
+                                    gather_pages(keys, self.prefix_pages, gp, page_size),
+                                    gather_pages(values, self.prefix_pages, gp, page_size), self.prefix_bias, scaling)
+        o1 = o1.view(gp, heads, per, rq, dim).transpose(1, 2).reshape(gp * per, heads, rq, dim)
+        l1 = l1.view(gp, heads, per, rq).transpose(1, 2).reshape(gp * per, heads, rq)
+        # one more entry for the rows without a shared prefix: nothing seen, weight 0 in the merge
+        o1 = torch.cat([o1, o1.new_zeros(1, heads, rq, dim)]).index_select(0, self.row_pos)
+        l1 = torch.cat([l1, l1.new_full((1, heads, rq), float("-inf"))]).index_select(0, self.row_pos)
+        o2, l2 = attention_with_lse(qf, gather_pages(keys, self.suffix_pages, g, page_size),
+                                    gather_pages(values, self.suffix_pages, g, page_size), self.folded_bias(rep),
+                                    scaling)
+        top = torch.maximum(l1, l2)
+        w1, w2 = (l1 - top).exp_(), (l2 - top).exp_()
+        total = w1 + w2
+        out = o1.float() * (w1 / total)[..., None] + o2.float() * (w2 / total)[..., None]
+        return out.to(qf.dtype)
+
+    def folded_bias(self, rep: int) -> torch.Tensor:
+        """The suffix bias of the GQA-folded queries [G, 1, rep*Qmax, Ws*S], built once per forward."""
+        if self._folded is None or self._folded[0] != rep:
+            self._folded = (rep, self.suffix_bias.repeat(1, 1, rep, 1) if rep > 1 else self.suffix_bias)
+        return self._folded[1]
 
 @dataclass
 class PagedBatch:
@@ -350,13 +478,15 @@ def _upload(values, dtype, device) -> torch.Tensor:
     return _to_device(torch.tensor(values, dtype=dtype), device)
 
 
-def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_kernel, small_queries: int):
+def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_kernel, small_queries: int,
+                shared_prefix: bool = True):
     """Model inputs and attention metadata for one forward over ``feeds``.
 
     Returns ``input_ids`` [1, N], ``position_ids`` [1, N], the ``PagedBatch`` and ``logit_rows``
     (packed rows whose logits are needed, in feed order of the feeds that ask). Marks the fed tokens
     as written. The feeds of one row must be consecutive. ``choose_kernel(g, qmax, keys)`` names the
-    kernel ("flex" or "sdpa") of each call.
+    kernel ("flex" or "sdpa") of each call; ``shared_prefix`` lets SDPA calls attend to the pages their
+    rows share once (``SharedPrefix``).
     """
     device = pool.pages.device
     bs = pool.block_size
@@ -391,7 +521,7 @@ def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_
     dense = choose_kernel(len(groups), max(g[1] for g in groups.values()),
                           sum(g[2] for g in groups.values()) * bs) == "sdpa"
     for bucket in _buckets([groups[r] for r in row_order], small_queries, dense):
-        calls.append(_call(pool, bucket, q_meta, choose_kernel, dtype, base))
+        calls.append(_call(pool, bucket, q_meta, choose_kernel, dtype, base, shared_prefix))
         base += calls[-1].g * calls[-1].qmax
     batch = PagedBatch(pool, _upload(writes, torch.long, device), calls)
     input_ids = _upload([ids], torch.long, device)
@@ -399,7 +529,8 @@ def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_
     return input_ids, position_ids, batch, _upload(logit_rows, torch.long, device)
 
 
-def _call(pool: KVPool, bucket: list, q_meta: torch.Tensor, choose_kernel, dtype, flex_base: int) -> AttentionCall:
+def _call(pool: KVPool, bucket: list, q_meta: torch.Tensor, choose_kernel, dtype, flex_base: int,
+          shared_prefix: bool) -> AttentionCall:
     """One attention call over the groups of ``bucket`` ([row, queries, pages, first packed row] each)."""
     rows, counts, firsts = [x[0] for x in bucket], [x[1] for x in bucket], [x[3] for x in bucket]
     kernel = choose_kernel(len(bucket), max(counts), sum(x[2] for x in bucket) * pool.block_size)
@@ -408,4 +539,4 @@ def _call(pool: KVPool, bucket: list, q_meta: torch.Tensor, choose_kernel, dtype
         if pool.flex_queries is None:
             pool.flex_queries = FlexQueries(pool.pages.device)
         flex_queries = pool.flex_queries
-    return AttentionCall(pool, rows, counts, firsts, q_meta, kernel, dtype, flex_queries, flex_base)
+    return AttentionCall(pool, rows, counts, firsts, q_meta, kernel, dtype, flex_queries, flex_base, shared_prefix)

@@ -48,6 +48,10 @@ class EngineConfig:
     """Attention kernel: ``flex`` (compiled ``flex_attention`` reading the paged pool in place),
     ``sdpa`` (gathers each request's pages, then SDPA), or ``auto``: ``flex`` on CUDA, ``sdpa`` on
     a CPU, where it measured faster (docs/performance.md)."""
+    shared_prefix_attention: bool = True
+    """``sdpa`` on a CPU: the rows of one call that share leading pages (the samples of a prompt) attend
+    to them in one call per group, merged with each row's own pages by log-sum-exp, instead of each
+    row gathering and reading them again (``npr.engine.attention.SharedPrefix``; docs/performance.md)."""
     debug: bool = False
     """Check after every request that all its KV blocks went back to the pool."""
 

@@ -226,7 +226,8 @@ class Engine:
     @torch.no_grad()
     def _forward(self, feeds) -> torch.Tensor:
         input_ids, position_ids, batch, logit_rows = build_batch(
-            feeds, self.pool, self.dtype, self.kernel_for, self.config.prefill_group_tokens)
+            feeds, self.pool, self.dtype, self.kernel_for, self.config.prefill_group_tokens,
+            self.config.shared_prefix_attention)
         keep = 0 if logit_rows.numel() == input_ids.shape[1] else logit_rows  # every row: no gather needed
         with paged_attention(self.model):
             out = self.model(input_ids=input_ids, position_ids=position_ids, npr_batch=batch,

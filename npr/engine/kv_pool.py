@@ -47,6 +47,7 @@ class PageTable:
             torch._dynamo.mark_static(t)
         self.rows = torch.zeros(max_rows, 16, dtype=torch.int32, device=device)
         self.row_len = [0] * max_rows
+        self.host_rows: list[list[int]] = [[] for _ in range(max_rows)]  # the same page lists, on the host
         self._free_rows = list(range(max_rows - 1, -1, -1))
         # queued updates, last write wins (a page or a row may be freed and reused before a flush)
         self._pages: dict[int, list[int]] = {}  # page -> [seg id, start, valid]
@@ -68,15 +69,18 @@ class PageTable:
     def open_row(self) -> int:
         row = self._free_rows.pop()
         self.row_len[row] = 0
+        self.host_rows[row] = []
         return row
 
     def close_row(self, row: int) -> None:
         self.row_len[row] = 0
+        self.host_rows[row] = []
         self._free_rows.append(row)
 
     def append(self, row: int, page: int) -> None:
         column = self.row_len[row]
         self.row_len[row] = column + 1
+        self.host_rows[row].append(page)
         self._entries[(row, column)] = page
 
     @property
