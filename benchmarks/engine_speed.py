@@ -11,9 +11,13 @@
    timestamp is taken right after the prefill), so the prefill cancels without a second run.
 5. The engine's two attention kernels (``flex``, ``sdpa``) on the same decode work (``--sections kernels``):
    the measurement behind ``EngineConfig.attention="auto"``.
+6. Shared-prefix attention (``--sections shared``): ``sdpa`` with ``shared_prefix_attention`` on vs
+   off, decode-only, ``--samples`` samples per prompt (they share the prompt's pages), the prompts of
+   ``--contexts`` tokens, ``--shared-prompts`` prompts; greedy, EOS suppressed; same tokens checked.
 
     python benchmarks/engine_speed.py --model embedded --dtype bfloat16
     python benchmarks/engine_speed.py --model embedded --dtype bfloat16 --sections decode --contexts 512,2048
+    python benchmarks/engine_speed.py --model embedded --dtype bfloat16 --sections shared --contexts 256,1024
     python benchmarks/engine_speed.py --model random:qwen3-0.6b --dtype bfloat16 --device cuda --batches 1,16,64
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -212,9 +217,10 @@ def hf_decode_only(model, tok, device, prompts, new_tokens, sampled: bool) -> fl
     return time.perf_counter() - clock.first
 
 
-def engine_decode_only(engine, tok, device, prompts, new_tokens, sampled: bool) -> float:
+def engine_decode_only(engine, tok, device, prompts, new_tokens, sampled: bool, n: int = 1, out: list | None = None
+                       ) -> float:
     """The engine's decode-only seconds, the same way: every step after the first (prefill) one."""
-    params = engine_decode_params(tok, new_tokens, sampled)
+    params = replace(engine_decode_params(tok, new_tokens, sampled), n=n)
     engine.submit(prompts, params)
     sync(device)
     engine.step()  # the prefill and the first token of every prompt
@@ -224,7 +230,9 @@ def engine_decode_only(engine, tok, device, prompts, new_tokens, sampled: bool) 
     while engine.scheduler.has_work():
         results += engine.step().finished
     sync(device)
-    assert len(results) == len(prompts) and all(len(r.token_ids) == new_tokens for r in results)
+    assert len(results) == n * len(prompts) and all(len(r.token_ids) == new_tokens for r in results)
+    if out is not None:
+        out[:] = sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
     return time.perf_counter() - first
 
 
@@ -292,6 +300,31 @@ def bench_kernels(model, tok, device, contexts, batches, new_tokens, repeats):
     return rows
 
 
+def bench_shared(model, tok, device, contexts, prompts_n, samples, new_tokens, repeats):
+    """Section 6: decode-only tokens/s of ``sdpa`` with and without shared-prefix attention (alternating)."""
+    rows = []
+    for context in contexts:
+        prompts = prompts_for(tok, prompts_n, context)
+        rows_n = prompts_n * samples
+        engines = [Engine(model, tok, EngineConfig(mode="plain", attention="sdpa", max_num_seqs=rows_n,
+                                                   shared_prefix_attention=shared,
+                                                   kv_cache_tokens=prompts_n * context + rows_n * (new_tokens + 64)))
+                   for shared in (False, True)]
+        outs = [[], []]
+        for engine, out in zip(engines, outs):  # warm-up, and the tokens compared
+            engine_decode_only(engine, tok, device, prompts, new_tokens, False, samples, out)
+        times = [[], []]
+        for _ in range(repeats):
+            for engine, bucket in zip(engines, times):
+                bucket.append(engine_decode_only(engine, tok, device, prompts, new_tokens, False, samples))
+        tokens = rows_n * (new_tokens - 1)
+        gather, shared = (statistics.median(t) for t in times)
+        same = [r.token_ids for r in outs[0]] == [r.token_ids for r in outs[1]]
+        rows.append((context, prompts_n, samples, tokens / gather, tokens / shared, gather / shared, same))
+        print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
 def table(title: str, header: list[str], rows) -> str:
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"\n{title}", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -312,10 +345,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
     ap.add_argument("--sections", default="hf,parallel,kv,decode",
-                    help="comma list of sections to run: hf (1), parallel (2), kv (3), decode (4), kernels (5)")
+                    help="comma list of sections to run: hf (1), parallel (2), kv (3), decode (4), kernels (5), "
+                         "shared (6)")
     ap.add_argument("--contexts", default="512,2048,6144", help="section 4: prompt lengths")
     ap.add_argument("--decode-batches", default="1,8", help="section 4: batch sizes")
     ap.add_argument("--decode-tokens", type=int, default=64, help="section 4: new tokens per prompt")
+    ap.add_argument("--shared-prompts", type=int, default=32, help="section 6: prompts")
+    ap.add_argument("--samples", type=int, default=4, help="section 6: samples per prompt")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     if args.threads:
@@ -352,6 +388,14 @@ def main() -> None:
         rows = bench_kernels(model, tok, args.device, contexts, decode_batches, args.decode_tokens, args.repeats)
         print(table(f"5. attention kernels: engine decode-only tokens/s, greedy ({args.decode_tokens} new tokens)",
                     ["context", "batch", "sdpa tok/s", "flex tok/s", "flex speedup"], rows))
+    if "shared" in sections:
+        contexts = [int(c) for c in args.contexts.split(",")]
+        rows = bench_shared(model, tok, args.device, contexts, args.shared_prompts, args.samples, args.decode_tokens,
+                            args.repeats)
+        print(table(f"6. sdpa decode-only tokens/s, shared-prefix attention off vs on ({args.decode_tokens} new tokens "
+                    "per sample, greedy, EOS suppressed; median of repeats)",
+                    ["prompt tokens", "prompts", "samples each", "gather tok/s", "shared tok/s", "speedup",
+                     "same tokens"], rows))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ segment at or before the query. Two kernels evaluate it, behind the same interfa
   the rule. Nothing is gathered and no dense bias exists.
 - ``sdpa``: gathers the keys of each row's pages and runs SDPA with the rule evaluated densely, once
   per step. Faster for short contexts on a CPU (docs/performance.md has the measurement); the
-  default there.
+  default there. Pages that several rows share (a prompt's samples) are attended once per group
+  of rows and merged by log-sum-exp (``SharedPrefix``).
 
 All metadata is built once per forward, on the device, from the incrementally updated page table
 (``kv_pool.PageTable``) and O(new tokens) per-query integers; every layer reuses it.

@@ -34,7 +34,8 @@ class PageTable:
     """Device-side paging metadata, updated incrementally (see the module docstring).
 
     ``page_seg`` [P] int32, ``page_start`` [P] int32 and ``page_valid`` [P] int32 describe page p;
-    ``rows`` [R, W] int32 lists each row's pages (its first ``row_len[r]`` entries are live).
+    ``rows`` [R, W] int32 lists each row's pages (its first ``row_len[r]`` entries are live), and
+    ``host_rows`` holds the same lists on the host (the SDPA kernel groups rows by shared pages).
     """
 
     def __init__(self, num_pages: int, page_size: int, max_rows: int, device):
