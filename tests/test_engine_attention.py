@@ -36,12 +36,13 @@ class RandomTrees:
 
 
 def staggered(engine: Engine, prompts, params, every: int = 3) -> list:
-    """Submit one prompt every ``every`` steps, so prefills, forks and joins meet decode rows."""
+    """Submit one prompt every ``every`` steps, so prefills, forks and joins meet decode rows.
+    ``params``: one ``SamplingParams`` for all prompts, or a list of one per prompt."""
     results, pending, step = [], list(enumerate(prompts)), 0
     while pending or engine.has_work():
         if pending and step % every == 0:
             index, prompt = pending.pop(0)
-            engine.submit([prompt], params, first_index=index)
+            engine.submit([prompt], params[index] if isinstance(params, list) else params, first_index=index)
         results += engine.step().finished
         step += 1
     return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
@@ -145,19 +146,13 @@ def test_shared_prefix_attention_equals_the_flat_masked_forward(which, request, 
     lengths, samples = (60, 70, 25, 80, 30, 40), (3, 1, 3, 3, 1, 3)  # a lone sample shares nothing
     prompts = [[1] + [rng.randrange(3, 250) for _ in range(n)] for n in lengths]
     forcer = RandomTrees(tok, 6, len(prompts))
+    params = [SamplingParams(max_new_tokens=300, temperature=1.0, n=n, seed=2, logits_processors=(forcer,))
+              for n in samples]
     results = {}
     for shared in (True, False):
         engine = Engine(model, tok, EngineConfig(attention="sdpa", debug=True, kv_cache_tokens=16 * 80, max_num_seqs=12,
                                                  shared_prefix_attention=shared))
-        out, step = [], 0
-        while step < 4 * len(prompts) or engine.has_work():
-            if step % 4 == 0 and step // 4 < len(prompts):
-                i = step // 4
-                engine.submit([prompts[i]], SamplingParams(max_new_tokens=300, temperature=1.0, n=samples[i], seed=2,
-                                                           logits_processors=(forcer,)), first_index=i)
-            out += engine.step().finished
-            step += 1
-        results[shared] = sorted(out, key=lambda r: (r.prompt_index, r.sample_index))
+        results[shared] = staggered(engine, prompts, params, every=4)
     used = len(plans)
     assert used >= 20, f"the shared-prefix split was used in only {used} calls"
     assert any(p.prefix_bias is not None for p in plans)  # groups of different prefix lengths in one call

@@ -172,6 +172,8 @@ class AttentionCall:
             if self.shared is None:
                 self.page_index = self.pages.reshape(-1).long()  # [G*W]
                 self.bias = additive_bias(allowed, dtype)
+            else:  # the bias of the split's per-row part
+                self.bias = self.shared.suffix_bias
 
     def _dense_allowed(self, table, live: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         """SDPA: the rule over the slots of each row's pages, [G, Qmax, K] (K = W * page_size)."""
@@ -254,7 +256,7 @@ class AttentionCall:
         rep = q.shape[1] // heads
         qf = qg.reshape(g, heads, rep * qmax, dim)
         if self.shared is not None:
-            out = self.shared.attend(qf, keys, values, scaling, rep, self.page_size)
+            out = self.shared.attend(qf, keys, values, scaling, self.folded_bias(rep), self.page_size)
         else:
             k = gather_pages(keys, self.page_index, g, self.page_size)
             v = gather_pages(values, self.page_index, g, self.page_size)
@@ -309,7 +311,6 @@ class SharedPrefix:
         self.prefix_pages, self.prefix_bias = prefix_pages, prefix_bias  # [Gp*Lmax]; [Gp, 1, 1, Lmax*S] or None
         self.groups, self.per = groups, per
         self.suffix_pages, self.suffix_bias = suffix_pages, suffix_bias  # [G*Ws]; [G, 1, Qmax, Ws*S]
-        self._folded = None
 
     @classmethod
     def plan(cls, table, rows: list[int], pages: torch.Tensor, allowed: torch.Tensor, dtype) -> SharedPrefix | None:
@@ -319,23 +320,31 @@ class SharedPrefix:
             return None
         g, width = pages.shape
         qmax, size = allowed.shape[1], table.page_size
-        whole = allowed.view(g, qmax, width, size).all(dim=3).all(dim=1).tolist()  # [G][W]: every query sees it all
         by_first: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             if table.row_len[r]:
                 by_first.setdefault(table.host_rows[r][0], []).append(i)
-        shared = []  # (members, shared leading pages)
+        common = []  # (members, leading pages they all list), from the host lists alone
         for members in by_first.values():
             if len(members) < 2:
                 continue
             lists = [table.host_rows[rows[i]] for i in members]
             n, most = 0, min(len(p) for p in lists)
-            while n < most and all(p[n] == lists[0][n] for p in lists) and all(whole[i][n] for i in members):
+            while n < most and all(p[n] == lists[0][n] for p in lists):
+                n += 1
+            common.append((members, n))
+        needed = cls.MIN_SAVED * sum(table.row_len[r] for r in rows)
+        if sum((len(m) - 1) * n for m, n in common) < needed:  # an upper bound on the saving: no device work
+            return None
+        whole = allowed.view(g, qmax, width, size).all(dim=3).all(dim=1).tolist()  # [G][W]: every query sees it all
+        shared = []  # (members, shared leading pages every query of the group sees whole)
+        for members, most in common:
+            n = 0
+            while n < most and all(whole[i][n] for i in members):
                 n += 1
             if n:
                 shared.append((members, n))
-        saved = sum((len(m) - 1) * n for m, n in shared)
-        if not shared or saved < cls.MIN_SAVED * sum(table.row_len[r] for r in rows):
+        if sum((len(m) - 1) * n for m, n in shared) < needed:
             return None
         per, lmax = max(len(m) for m, _ in shared), max(n for _, n in shared)
         skip = [0] * g  # each row's leading pages attended in the prefix call
@@ -362,9 +371,10 @@ class SharedPrefix:
                    len(shared), per, pages.gather(1, column).reshape(-1).long(),
                    additive_bias(rest.reshape(g, qmax, ws * size), dtype))
 
-    def attend(self, qf: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling, rep: int,
+    def attend(self, qf: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling, suffix_bias: torch.Tensor,
                page_size: int) -> torch.Tensor:
-        """Folded queries qf [G, Hkv, rep*Qmax, D] against one layer's pool -> [G, Hkv, rep*Qmax, D]."""
+        """Folded queries qf [G, Hkv, rep*Qmax, D] against one layer's pool -> [G, Hkv, rep*Qmax, D];
+        ``suffix_bias`` is ``self.suffix_bias`` folded the same way (``AttentionCall.folded_bias``)."""
         g, heads, rq, dim = qf.shape
         gp, per = self.groups, self.per
         # the prefix call: each group's queries stacked, [Gp, Hkv, per*rq, D], against its pages gathered once
@@ -378,19 +388,13 @@ class SharedPrefix:
         o1 = torch.cat([o1, o1.new_zeros(1, heads, rq, dim)]).index_select(0, self.row_pos)
         l1 = torch.cat([l1, l1.new_full((1, heads, rq), float("-inf"))]).index_select(0, self.row_pos)
         o2, l2 = attention_with_lse(qf, gather_pages(keys, self.suffix_pages, g, page_size),
-                                    gather_pages(values, self.suffix_pages, g, page_size), self.folded_bias(rep),
-                                    scaling)
+                                    gather_pages(values, self.suffix_pages, g, page_size), suffix_bias, scaling)
         top = torch.maximum(l1, l2)
         w1, w2 = (l1 - top).exp_(), (l2 - top).exp_()
         total = w1 + w2
         out = o1.float() * (w1 / total)[..., None] + o2.float() * (w2 / total)[..., None]
         return out.to(qf.dtype)
 
-    def folded_bias(self, rep: int) -> torch.Tensor:
-        """The suffix bias of the GQA-folded queries [G, 1, rep*Qmax, Ws*S], built once per forward."""
-        if self._folded is None or self._folded[0] != rep:
-            self._folded = (rep, self.suffix_bias.repeat(1, 1, rep, 1) if rep > 1 else self.suffix_bias)
-        return self._folded[1]
 
 @dataclass
 class PagedBatch:
