@@ -38,7 +38,8 @@ def fuzz_round(model_tok, seed: int) -> int:
     params = SamplingParams(max_new_tokens=budget, temperature=rng.choice([0.0, 1.0]), n=n,
                             seed=seed, stop_token_ids=(rng.randrange(3, 250),) if rng.random() < 0.2 else (),
                             logits_processors=(fuzzer,))
-    prompts = [[1] + [rng.randrange(3, 250) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 6))]
+    head = [1] + [rng.randrange(3, 250) for _ in range(rng.choice([0, 0, 7, 20, 40]))]  # prompts may share pages
+    prompts = [head + [rng.randrange(3, 250) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 6))]
     results = engine.generate(prompts, params)
     assert len(results) == len(prompts) * params.n
     tags = tag_token_ids(tok)

@@ -178,3 +178,77 @@ def test_seeded_sampling_ignores_batch_mode_and_preemption(tiny_qwen3):
     same_outputs(tight, reference)
     _, alone = run(tiny_qwen3, params, prompts=PROMPTS[:2])  # prompt indices 0, 1: same seeds
     same_outputs(alone, reference[:4])
+
+
+# ----------------------------------------------------------------------------- shared prompt prefixes
+
+HEAD = [1] + [40 + i % 30 for i in range(39)]  # 40 tokens: 2 whole pages of 16 (32 tokens) can be shared
+SHARING = [HEAD + [72, 73, 201], HEAD + [80, 201], HEAD[:33], HEAD + [90, 91, 92, 93, 94, 201],
+           [1, 60, 61, 201], HEAD + [110, 201]]  # the 3rd holds 1 token past the pages; the 5th shares nothing
+
+
+def fed_tokens(model_tok, params, prompts, **cfg):
+    """Results and the tokens fed to the model over the run."""
+    model, tok = model_tok
+    engine = Engine(model, tok, EngineConfig(debug=True, **{"kv_cache_tokens": 8192, **cfg}))
+    engine.submit(prompts, params)
+    results, fed = [], 0
+    while engine.has_work():
+        event = engine.step()
+        results += event.finished
+        fed += event.tokens
+    engine.pool.assert_empty()
+    return sorted(results, key=lambda r: (r.prompt_index, r.sample_index)), fed
+
+
+@pytest.mark.parametrize("mode, temperature", [("parallel", 1.0), ("sequential", 0.0), ("plain", 1.0)])
+def test_prompts_sharing_whole_pages_prefill_them_once_and_decode_the_same(tiny_llama, mode, temperature):
+    """The pages five prompts begin with are stored and fed once, and every sample equals the one decoded
+    with private prompts: 4 x 32 tokens fewer fed, nothing else changed."""
+    _, tok = tiny_llama
+    params = SamplingParams(max_new_tokens=120, temperature=temperature, top_p=0.9, n=2, seed=3,
+                            logits_processors=(PerPrompt(tok),))
+    private, fed_private = fed_tokens(tiny_llama, params, SHARING, mode=mode, share_prompt_prefix=False)
+    shared, fed_shared = fed_tokens(tiny_llama, params, SHARING, mode=mode)
+    same_outputs(shared, private)
+    assert fed_private - fed_shared == 4 * 32
+
+
+def test_a_shared_prefix_survives_preemption_and_cancellation(tiny_llama):
+    """A pool of 14 pages preempts requests whose prompts share a prefix: the prefix leaves the pool with
+    its last resident reader and is fed again for the next; outputs equal the ample pool's, and
+    cancelling every reader but one (queued or running) frees all of its pages."""
+    _, tok = tiny_llama
+    params = SamplingParams(max_new_tokens=300, temperature=1.0, top_p=0.9, n=2, seed=5,
+                            logits_processors=(PerPrompt(tok),))
+    _, ample = run(tiny_llama, params, prompts=SHARING)
+    engine, small = run(tiny_llama, params, prompts=SHARING, kv_cache_tokens=16 * 14)
+    same_outputs(small, ample)
+    assert sum(r.stats.preemptions for r in small) >= 3
+    model, _ = tiny_llama
+    engine = Engine(model, tok, EngineConfig(debug=True, kv_cache_tokens=8192, max_num_seqs=4))
+    engine.submit(SHARING, params)
+    for _ in range(8):
+        engine.step()
+    assert engine.scheduler.waiting  # some prompts are still queued
+    for index in (0, 1, 2, 4, 5):
+        engine.cancel(index)
+    rest = []
+    while engine.has_work():
+        rest += [r for r in engine.step().finished if r.finish_reason != "cancelled"]
+    engine.pool.assert_empty()
+    same_outputs(rest, [r for r in ample if r.prompt_index == 3])
+
+
+def test_prompts_submitted_one_at_a_time_share_with_the_one_before(tiny_llama):
+    """Prompts submitted singly (a server's requests) share the whole pages they begin with from the
+    second one on, and a later prompt finds the remembered prefix; a prompt that shares no page gets none."""
+    model, tok = tiny_llama
+    engine = Engine(model, tok, EngineConfig(block_size=16, kv_cache_tokens=8192))
+    params = SamplingParams(max_new_tokens=4, temperature=0)
+    for i, p in enumerate([SHARING[0], SHARING[1], SHARING[4], SHARING[3]]):
+        engine.submit([p], params, first_index=i)
+    groups = list(engine.scheduler.waiting)
+    assert groups[0].prefix is None and groups[2].prefix is None
+    assert groups[1].prefix is groups[3].prefix and groups[1].prefix.tokens == HEAD[:32]
+    assert groups[3].prompt.start_pos == 32 and groups[3].prompt.tokens == SHARING[3][32:]

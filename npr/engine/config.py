@@ -52,6 +52,9 @@ class EngineConfig:
     """``sdpa`` on a CPU: the rows of one call that share leading pages (the samples of a prompt) attend
     to them in one call per group, merged with each row's own pages by log-sum-exp, instead of each
     row gathering and reading them again (``npr.engine.attention.SharedPrefix``; docs/performance.md)."""
+    share_prompt_prefix: bool = True
+    """Prompts that begin with the same whole KV blocks (a batch's chat template and system instruction)
+    store and prefill them once; the samples of all of them list those blocks (``Scheduler.share_prefix``)."""
     debug: bool = False
     """Check after every request that all its KV blocks went back to the pool."""
 

@@ -164,6 +164,7 @@ class Engine:
             self.scheduler.check_fits(index, len(ids), params)
             encoded.append(ids)
         base_seed = params.seed if params.seed is not None else random.randrange(2**31)
+        self.scheduler.share_prefix(encoded)
         for index, ids in zip(indices, encoded):
             self.scheduler.submit(index, ids, params, base_seed + index)
 
@@ -248,11 +249,9 @@ class Engine:
                 self._seen[slot, torch.tensor(history, device=self.device)] = True
         rows = [i for i, s in enumerate(streams) if s.seen_slot >= 0]
         if rows:
-            index = torch.tensor(rows, device=self.device)
             seen = self._seen.index_select(0, torch.tensor([streams[i].seen_slot for i in rows], device=self.device))
-            sub = apply_repetition_penalty(logits.index_select(0, index), seen,
-                                           torch.full((len(rows),), penalty, device=self.device))
-            logits.index_copy_(0, index, sub)
+            apply_repetition_penalty(logits, seen, torch.full((len(rows),), penalty, device=self.device),
+                                     rows=torch.tensor(rows, device=self.device))
 
     def _row_params(self, streams: list[Stream]) -> RowParams:
         temperature, top_p, top_k, uniform = [], [], [], []

@@ -11,8 +11,9 @@ so "in my ancestry" is the integer test ``other.id < self.fork`` among the pages
 - a branch has ``fork = id of its block's first branch``: it sees the prefix, not its siblings.
 
 Sharing is by page table, never by copy: the prompt of n samples is stored once and listed in the
-page table of each of its samples, the prefix of k branches is listed once in their request's row,
-and a join copies nothing (the takeaway's threshold lies past every branch).
+page table of each of its samples, the whole pages several prompts begin with (a shared system
+instruction) are one older segment listed by all of them, the prefix of k branches is listed once in
+their request's row, and a join copies nothing (the takeaway's threshold lies past every branch).
 
 The pool tensors are ``[num_layers, kv_heads, num_slots, head_dim]``; slot = page * page_size + offset.
 ``PageTable`` keeps, on the model's device, per page its segment id, first offset and number of valid

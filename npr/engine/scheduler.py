@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Sequence
 
 from npr.engine.attention import Feed
 from npr.engine.config import EngineConfig, EngineInputError, SamplingParams
@@ -54,6 +55,10 @@ class Scheduler:
         self._next_request = 0
         self._groups_alive: list[Group] = []
         self._touched: dict[int, tuple[Request, Segment]] = {}  # segments appended to in this step
+        # shared prompt prefixes (``share_prefix``): token ids -> segment, most recently used last
+        self._prefixes: OrderedDict[tuple[int, ...], Segment] = OrderedDict()
+        self._prefix_users: dict[int, int] = {}  # prefix segment id -> groups with resident requests
+        self._last_prompt: list[int] = []
 
     # ------------------------------------------------------------------ submission and cancellation
 
@@ -75,15 +80,75 @@ class Scheduler:
 
     def submit(self, prompt_index: int, prompt_ids: list[int], params: SamplingParams, seed: int) -> None:
         self.check_fits(prompt_index, len(prompt_ids), params)
-        prompt = self._new_segment(0)
-        prompt.frozen = True
-        for t in prompt_ids:
-            prompt.append(t, math.nan, False)
-        group = Group(prompt_index, list(prompt_ids), params, seed, prompt)
+        prefix = self._prefix_for(prompt_ids)
+        start = len(prefix) if prefix is not None else 0
+        prompt = self._frozen_segment(prompt_ids[start:], start)
+        group = Group(prompt_index, list(prompt_ids), params, seed, prompt, prefix)
         for i in range(params.n):
             self._next_request += 1
             group.requests.append(Request(group, i, self._next_request))
         self.waiting.append(group)
+
+    # ------------------------------------------------------------------ shared prompt prefixes
+
+    MAX_PREFIXES = 16
+    """Shared prefixes remembered for later prompts (least recently used forgotten first; a group
+    holding one keeps it)."""
+
+    def _shareable(self, a: Sequence[int], b: Sequence[int]) -> int:
+        """Tokens of the whole pages ``a`` and ``b`` both begin with, leaving each >= 1 token of its own
+        (a prompt's last token must be fed to give its logits)."""
+        n, most = 0, min(len(a), len(b)) - 1
+        while n < most and a[n] == b[n]:
+            n += 1
+        return n // self.pool.block_size * self.pool.block_size
+
+    def _frozen_segment(self, tokens: Sequence[int], start_pos: int) -> Segment:
+        seg = self._new_segment(start_pos)
+        seg.frozen = True
+        for t in tokens:
+            seg.append(t, math.nan, False)
+        return seg
+
+    def share_prefix(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Remember, among ``prompts`` that begin with the same page of tokens, the whole pages they all
+        begin with, so that each of them, submitted next, stores and prefills those pages once
+        (``EngineConfig.share_prompt_prefix``)."""
+        if not self.config.share_prompt_prefix:
+            return
+        bs = self.pool.block_size
+        clusters: dict[tuple[int, ...], list[Sequence[int]]] = {}
+        for p in prompts:
+            if len(p) > bs:
+                clusters.setdefault(tuple(p[:bs]), []).append(p)
+        for members in clusters.values():
+            if len(members) > 1:
+                n = min(self._shareable(members[0], p) for p in members[1:])  # >= bs: they share a page
+                if tuple(members[0][:n]) not in self._prefixes:
+                    self._remember(tuple(members[0][:n]))
+
+    def _remember(self, key: tuple[int, ...]) -> Segment:
+        self._prefixes[key] = seg = self._frozen_segment(key, 0)
+        while len(self._prefixes) > self.MAX_PREFIXES:
+            self._prefixes.popitem(last=False)
+        return seg
+
+    def _prefix_for(self, prompt_ids: list[int]) -> Segment | None:
+        """The longest remembered prefix of ``prompt_ids`` that leaves it a token of its own, else the
+        whole pages it shares with the prompt submitted before it (remembered from now on), else None."""
+        if not self.config.share_prompt_prefix:
+            return None
+        best = None
+        for key in self._prefixes:
+            if len(key) < len(prompt_ids) and (best is None or len(key) > len(best)) \
+                    and tuple(prompt_ids[:len(key)]) == key:
+                best = key
+        previous, self._last_prompt = self._last_prompt, prompt_ids
+        if best is not None:
+            self._prefixes.move_to_end(best)
+            return self._prefixes[best]
+        n = self._shareable(previous, prompt_ids)
+        return self._remember(tuple(prompt_ids[:n])) if n else None
 
     def cancel(self, prompt_index: int, sample_index: int | None = None) -> int:
         """Finish the queued, preempted or running samples of ``prompt_index`` (one, or all) as
@@ -122,6 +187,8 @@ class Scheduler:
     def _rows_of(self, req: Request, seg: Segment) -> list[int]:
         if seg is req.group.prompt:
             return [r.row for r in req.group.requests if r.resident]
+        if seg is req.group.prefix:
+            return [r.row for r in self.running if r.group.prefix is seg]
         return [req.row]
 
     def _allocate(self, seg: Segment, rows: list[int]) -> None:
@@ -147,9 +214,9 @@ class Scheduler:
     def _pages_to_feed(self, req: Request) -> int:
         bs = self.pool.block_size
         need = sum(s.pages_needed(len(s), bs) for s in req.segments if s.written < len(s))
-        prompt = req.group.prompt
-        if not req.resident and not prompt.pages:
-            need += prompt.pages_needed(len(prompt), bs)
+        if not req.resident:
+            need += sum(p.pages_needed(len(p), bs) for p in (req.group.prefix, req.group.prompt)
+                        if p is not None and not p.pages)
         return need
 
     def _release(self, req: Request) -> None:
@@ -165,18 +232,32 @@ class Scheduler:
         group = req.group
         group.resident -= 1
         if group.resident == 0:
-            self.pool.release(group.prompt.pages)
-            group.prompt.pages, group.prompt.written = [], 0
+            self._drop_pages(group.prompt)
+            prefix = group.prefix
+            if prefix is not None:
+                self._prefix_users[prefix.id] -= 1
+                if not self._prefix_users[prefix.id]:
+                    del self._prefix_users[prefix.id]
+                    self._drop_pages(prefix)
+
+    def _drop_pages(self, seg: Segment) -> None:
+        self.pool.release(seg.pages)
+        seg.pages, seg.written = [], 0
 
     def _make_resident(self, req: Request) -> None:
         req.row = self.pool.pages.open_row()
         group = req.group
+        if group.prefix is not None and group.resident == 0:
+            self._prefix_users[group.prefix.id] = self._prefix_users.get(group.prefix.id, 0) + 1
         group.resident += 1
-        if group.prompt.pages:
-            for page in group.prompt.pages:
-                self.pool.pages.append(req.row, page)
-        else:
-            self._allocate(group.prompt, [req.row])
+        for seg in (group.prefix, group.prompt):  # the row lists the prefix's pages, then the prompt's
+            if seg is None:
+                continue
+            if seg.pages:
+                for page in seg.pages:
+                    self.pool.pages.append(req.row, page)
+            else:
+                self._allocate(seg, [req.row])
         for stream in req.streams():
             if stream.kind == "branch":
                 self._give_seen_slot(stream)
@@ -214,7 +295,8 @@ class Scheduler:
                 return
             victim = self.running[-1]
             if len(self.running) == 1:
-                held = sum(len(s.pages) for s in victim.segments) + len(victim.group.prompt.pages)
+                held = sum(len(s.pages) for s in (*victim.segments, victim.group.prompt, victim.group.prefix)
+                           if s is not None)
                 self._finish(victim, "length", self._too_big(victim, held + need))
                 self._collect()
                 return
@@ -288,6 +370,12 @@ class Scheduler:
         fed_prompts: set[int] = set()
         for req in self.running:
             fed = False
+            prefix = req.group.prefix  # fed (once) in the row of its first reader, before that row's prompt
+            if prefix is not None and prefix.written < len(prefix) and id(prefix) not in fed_prompts:
+                fed_prompts.add(id(prefix))
+                self._allocate(prefix, self._rows_of(req, prefix))
+                feeds.append(Feed(prefix, prefix.written, prefix.tokens[prefix.written:], req.row, False))
+                fed = True
             prompt = req.group.prompt
             if prompt.written < len(prompt) and id(prompt) not in fed_prompts:
                 fed_prompts.add(id(prompt))

@@ -91,13 +91,19 @@ class OpenBlock:
 
 @dataclass
 class Group:
-    """A prompt and its n samples; the prompt segment is stored and prefilled once."""
+    """A prompt and its n samples; the prompt segment is stored and prefilled once.
+
+    ``prefix``: the leading whole pages this prompt shares with other prompts (the chat template and
+    system instruction of a batch), a segment of their own that every group beginning with them
+    lists; ``prompt`` then holds the rest of the prompt, positions continuing after the prefix.
+    """
 
     prompt_index: int
     prompt_ids: list[int]
     params: SamplingParams
     seed: int
     prompt: Segment
+    prefix: Segment | None = None
     requests: list[Request] = field(default_factory=list)
     resident: int = 0  # requests whose KV is in the pool (the prompt's pages live while > 0)
     started: bool = False  # the prompt's logits have served the first token of every sample
