@@ -344,9 +344,9 @@ def test_repetition_penalty_only_inside_steps(tiny_llama, monkeypatch):
     calls = []
     real = engine_module.apply_repetition_penalty
 
-    def spy(logits, seen, penalty):
+    def spy(logits, seen, penalty, rows=None):
         calls.append((seen.clone(), penalty.clone()))
-        return real(logits, seen, penalty)
+        return real(logits, seen, penalty, rows)
 
     monkeypatch.setattr(engine_module, "apply_repetition_penalty", spy)
     _, tok = tiny_llama
@@ -367,6 +367,12 @@ def test_repetition_penalty_rule():
     seen = torch.tensor([[True, True, False], [False, False, True]])
     apply_repetition_penalty(logits, seen, torch.tensor([2.0, 4.0]))
     assert logits.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.25]]
+    # seen rows that describe other rows of the logits (the branch rows of a step)
+    logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0], [3.0, 3.0, -3.0]])
+    apply_repetition_penalty(logits, torch.tensor([[False, False, True], [True, False, True]]),
+                             torch.tensor([2.0, 3.0]), rows=torch.tensor([2, 0]))
+    assert logits.tolist() == [[pytest.approx(2.0 / 3.0), -2.0, pytest.approx(1.0 / 3.0)], [2.0, -2.0, 1.0],
+                               [3.0, 3.0, -6.0]]
 
 
 def test_logprobs_can_be_skipped(tiny_llama):

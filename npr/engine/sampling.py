@@ -47,12 +47,18 @@ class RowParams:
     uniform: list[float]
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """HF/CTRL rule in place on ``logits`` [R, V]: where ``seen`` [R, V] is True, divide positive scores
-    by ``penalty`` [R] and multiply negative ones by it."""
-    p = penalty[:, None]
-    penalised = torch.where(logits < 0, logits * p, logits / p)
-    return torch.where(seen, penalised, logits, out=logits)
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor,
+                             rows: torch.Tensor | None = None) -> torch.Tensor:
+    """HF/CTRL rule in place on ``logits`` [R, V]: where ``seen`` [r, V] is True, divide positive scores
+    by ``penalty`` [r] and multiply negative ones by it. Row i of ``seen`` describes row ``rows[i]`` of
+    ``logits`` (default: row i). Only the seen entries are read and written (a branch has seen a few
+    hundred of the vocabulary's tokens, so this is not a pass over [R, V])."""
+    i, cols = seen.nonzero(as_tuple=True)
+    target = i if rows is None else rows[i]
+    values = logits[target, cols]
+    p = penalty[i]
+    logits[target, cols] = torch.where(values < 0, values * p, values / p)
+    return logits
 
 
 def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
@@ -90,9 +96,11 @@ def sample(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch
     """One token per row of processed ``logits`` [R, V] (float32). Returns (tokens [R] int64, wide
     [R] bool): rows flagged ``wide`` must be redrawn with ``redraw_wide``."""
     device = logits.device
-    tokens = logits.argmax(-1)  # greedy rows keep these
-    wide = torch.zeros(len(tokens), dtype=torch.bool, device=device)
     sampled = [i for i, t in enumerate(params.temperature) if t > 0]
+    # greedy rows take the argmax (a pass over [R, V] only when there are some)
+    tokens = logits.argmax(-1) if len(sampled) < len(logits) else torch.zeros(len(logits), dtype=torch.long,
+                                                                                device=device)
+    wide = torch.zeros(len(tokens), dtype=torch.bool, device=device)
     if not sampled:
         return tokens, wide
     full = [i for i in sampled if params.top_p[i] >= 1.0 and params.top_k[i] <= 0]
@@ -103,7 +111,9 @@ def sample(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch
         index = torch.tensor(rows, device=device)
         temperature = torch.tensor([params.temperature[i] for i in rows], device=device)
         uniform = torch.tensor([params.uniform[i] for i in rows], dtype=torch.float64, device=device)
-        z = logits.index_select(0, index) / temperature[:, None]  # [r, V]
+        z = logits if len(rows) == len(logits) else logits.index_select(0, index)  # [r, V]
+        if any(params.temperature[i] != 1.0 for i in rows):
+            z = z / temperature[:, None]
         if nucleus:
             width = min(z.shape[1], max(CANDIDATES, *(params.top_k[i] for i in rows)))
             top_k = torch.tensor([params.top_k[i] for i in rows], device=device)
