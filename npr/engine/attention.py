@@ -294,7 +294,8 @@ class SharedPrefix:
     """SDPA over the pages that several rows of a call share, once for all of them (CPU).
 
     The samples of one prompt are rows whose page lists start with the same pages (the prompt's,
-    stored once). Gathered per row, those pages are copied and read once per sample. Here the
+    stored once), and so are the samples of prompts that share their first pages (a batch's system
+    instruction, ``EngineConfig.share_prompt_prefix``). Gathered per row, those pages are copied and read once per sample. Here the
     queries of such a group attend to the group's shared leading pages in one call (its queries
     stacked, the pages gathered once), every row attends to the rest of its pages in a second call,
     and the two partial results merge by their log-sum-exps, as flash attention merges tiles:

@@ -49,9 +49,10 @@ class EngineConfig:
     ``sdpa`` (gathers each request's pages, then SDPA), or ``auto``: ``flex`` on CUDA, ``sdpa`` on
     a CPU, where it measured faster (docs/performance.md)."""
     shared_prefix_attention: bool = True
-    """``sdpa`` on a CPU: the rows of one call that share leading pages (the samples of a prompt) attend
-    to them in one call per group, merged with each row's own pages by log-sum-exp, instead of each
-    row gathering and reading them again (``npr.engine.attention.SharedPrefix``; docs/performance.md)."""
+    """``sdpa`` on a CPU: the rows of one call that share leading pages (the samples of a prompt; the
+    prompts of a batch under ``share_prompt_prefix``) attend to them in one call per group, merged with
+    each row's own pages by log-sum-exp, instead of each row gathering and reading them again
+    (``npr.engine.attention.SharedPrefix``; docs/performance.md)."""
     share_prompt_prefix: bool = True
     """Prompts that begin with the same whole KV blocks (a batch's chat template and system instruction)
     store and prefill them once; the samples of all of them list those blocks (``Scheduler.share_prefix``)."""

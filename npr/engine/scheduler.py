@@ -24,6 +24,11 @@ and it waits, ahead of new work, to be re-prefilled (prompt, prefix, branches, t
 segment with its own positions and mask) and continue exactly where it stopped; its sampling noise
 is keyed by counters, not generator state, so its output does not change. A request that alone
 needs more than the pool ends with finish reason ``length`` and a diagnostic that says so.
+
+**Shared prompt prefixes.** The whole pages several prompts begin with (``share_prefix``) are a
+segment of their own, created before those prompts' segments (so the mask rule reads it as their
+ancestry), listed first in every sample's row, fed once in the row of its first resident reader,
+and released with the last group that has resident requests, like a prompt's pages.
 """
 
 from __future__ import annotations
