@@ -344,11 +344,11 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
 
 
 # Seconds per step of the tiny preset (gen:expressions) for the ETA: base_eval to npr_eval as measured from a fresh
-# clone on the idle 2-core development CPU, torch's default threads (docs/results.md, 2026-12-06, commit fcc0d4c);
+# clone on the idle 2-core development CPU, torch's default threads (docs/results.md, 2026-12-06, commit 6a75ef6);
 # sr and sr_eval (--baseline, not measured) guessed from stage1's per-step time and an evaluation's. A shared
 # machine is slower, and a run's Stage 1 takes longer the more of its rollouts it keeps.
-TINY_SECONDS = {"base_eval": 62, "coldstart": 358, "stage1": 154, "zero_eval": 89, "sample": 170, "stage2": 46,
-                "beta_eval": 102, "stage3": 176, "npr_eval": 175, "sr": 400, "sr_eval": 100, "report": 1}
+TINY_SECONDS = {"base_eval": 41, "coldstart": 286, "stage1": 103, "zero_eval": 83, "sample": 156, "stage2": 52,
+                "beta_eval": 92, "stage3": 143, "npr_eval": 182, "sr": 400, "sr_eval": 100, "report": 1}
 
 
 def eta_text(remaining: list[str], state: dict, preset: str) -> str:
