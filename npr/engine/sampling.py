@@ -52,7 +52,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """HF/CTRL rule in place on ``logits`` [R, V]: where ``seen`` [r, V] is True, divide positive scores
     by ``penalty`` [r] and multiply negative ones by it. Row i of ``seen`` describes row ``rows[i]`` of
     ``logits`` (default: row i). Only the seen entries are read and written (a branch has seen a few
-    hundred of the vocabulary's tokens, so this is not a pass over [R, V])."""
+    hundred of the vocabulary's tokens, so this is not a pass over [R, V]); finding them
+    (``nonzero``) waits for the device on CUDA, once per step with branch rows."""
     i, cols = seen.nonzero(as_tuple=True)
     target = i if rows is None else rows[i]
     values = logits[target, cols]
