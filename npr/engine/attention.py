@@ -295,11 +295,11 @@ class SharedPrefix:
 
     The samples of one prompt are rows whose page lists start with the same pages (the prompt's,
     stored once), and so are the samples of prompts that share their first pages (a batch's system
-    instruction, ``EngineConfig.share_prompt_prefix``). Gathered per row, those pages are copied and read once per sample. Here the
-    queries of such a group attend to the group's shared leading pages in one call (its queries
-    stacked, the pages gathered once), every row attends to the rest of its pages in a second call,
-    and the two partial results merge by their log-sum-exps, as flash attention merges tiles:
-    ``out = (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2)``. Exact up to rounding. A shared page counts only
+    instruction, ``EngineConfig.share_prompt_prefix``). Gathered per row, those pages are copied and
+    read once per sample. Here the queries of such a group attend to the group's shared leading pages
+    in one call (its queries stacked, the pages gathered once), every row attends to the rest of its
+    pages in a second call, and the two partial results merge by their log-sum-exps, as flash
+    attention merges tiles: ``out = (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2)``. Exact up to rounding. A shared page counts only
     where every query of the group sees all of its slots, so the prefix call needs no mask beyond
     each group's prefix length.
     """

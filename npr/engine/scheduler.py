@@ -62,7 +62,6 @@ class Scheduler:
         self._touched: dict[int, tuple[Request, Segment]] = {}  # segments appended to in this step
         # shared prompt prefixes (``share_prefix``): token ids -> segment, most recently used last
         self._prefixes: OrderedDict[tuple[int, ...], Segment] = OrderedDict()
-        self._prefix_users: dict[int, int] = {}  # prefix segment id -> groups with resident requests
         self._last_prompt: list[int] = []
 
     # ------------------------------------------------------------------ submission and cancellation
@@ -238,12 +237,9 @@ class Scheduler:
         group.resident -= 1
         if group.resident == 0:
             self._drop_pages(group.prompt)
-            prefix = group.prefix
-            if prefix is not None:
-                self._prefix_users[prefix.id] -= 1
-                if not self._prefix_users[prefix.id]:
-                    del self._prefix_users[prefix.id]
-                    self._drop_pages(prefix)
+            prefix = group.prefix  # goes with the last resident request of any group that reads it
+            if prefix is not None and not any(r.resident and r.group.prefix is prefix for r in self.running):
+                self._drop_pages(prefix)
 
     def _drop_pages(self, seg: Segment) -> None:
         self.pool.release(seg.pages)
@@ -252,8 +248,6 @@ class Scheduler:
     def _make_resident(self, req: Request) -> None:
         req.row = self.pool.pages.open_row()
         group = req.group
-        if group.prefix is not None and group.resident == 0:
-            self._prefix_users[group.prefix.id] = self._prefix_users.get(group.prefix.id, 0) + 1
         group.resident += 1
         for seg in (group.prefix, group.prompt):  # the row lists the prefix's pages, then the prompt's
             if seg is None:
