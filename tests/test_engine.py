@@ -352,25 +352,27 @@ def test_repetition_penalty_only_inside_steps(tiny_llama, monkeypatch):
     _, tok = tiny_llama
     r = make_engine(tiny_llama, "parallel").generate(
         [PROMPTS[0]], SamplingParams(max_new_tokens=300, temperature=0, logits_processors=(forced(tok, [(5, 5)]),)))[0]
-    rows = [row for seen, _ in calls for row in seen]
+    # a row's seen ids (pads repeat its first id); a row with factor 1 has seen nothing yet
+    rows = [set(ids.tolist()) if p != 1.0 else set()
+            for seen, penalty in calls for ids, p in zip(seen, penalty.tolist())]
     sampled_in_branches = [[t for t, s in zip(r.token_ids[a:b], r.sampled[a:b]) if s] for a, b in r.blocks[0]]
     assert len(rows) == sum(len(b) for b in sampled_in_branches) == 2 * (5 + 1)  # 5 text tokens + </step> each
     expected = sorted([set(b[:i]) for b in sampled_in_branches for i in range(len(b))], key=sorted)
-    assert sorted([set(row.nonzero()[:, 0].tolist()) for row in rows], key=sorted) == expected
-    assert all(p == pytest.approx(1.02) for _, penalty in calls for p in penalty.tolist())
+    assert sorted(rows, key=sorted) == expected
+    assert all(p == pytest.approx(1.02) or p == 1.0 for _, penalty in calls for p in penalty.tolist())
 
 
 def test_repetition_penalty_rule():
     from npr.engine.sampling import apply_repetition_penalty
 
     logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0]])
-    seen = torch.tensor([[True, True, False], [False, False, True]])
+    seen = torch.tensor([[0, 1], [2, 2]])  # row 1 saw one token: its pad repeats it
     apply_repetition_penalty(logits, seen, torch.tensor([2.0, 4.0]))
     assert logits.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.25]]
-    # seen rows that describe other rows of the logits (the branch rows of a step)
+    # seen rows that describe other rows of the logits (the branch rows of a step); factor 1: nothing seen
     logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0], [3.0, 3.0, -3.0]])
-    apply_repetition_penalty(logits, torch.tensor([[False, False, True], [True, False, True]]),
-                             torch.tensor([2.0, 3.0]), rows=torch.tensor([2, 0]))
+    apply_repetition_penalty(logits, torch.tensor([[2, 2], [0, 2], [1, 0]]), torch.tensor([2.0, 3.0, 1.0]),
+                             rows=torch.tensor([2, 0, 1]))
     assert logits.tolist() == [[pytest.approx(2.0 / 3.0), -2.0, pytest.approx(1.0 / 3.0)], [2.0, -2.0, 1.0],
                                [3.0, 3.0, -6.0]]
 

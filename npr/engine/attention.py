@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from npr.engine.kv_pool import KVPool, Segment
+from npr.engine.upload import StepUpload
 
 ATTENTION_NAME = "npr_paged"
 Q_BLOCK_SMALL = 16  # flex query-block size for decode-sized calls
@@ -125,50 +126,81 @@ def q_block_size(device: torch.device, qmax: int) -> int:
     return Q_BLOCK_LARGE if device.type == "cuda" and qmax > Q_BLOCK_SMALL else Q_BLOCK_SMALL
 
 
-class AttentionCall:
-    """The queries of some rows, batched ``[G, Qmax]``, and their mask for one kernel.
+@dataclass
+class CallPlan:
+    """One attention call as planned on the host: the queries of some rows batched ``[G, Qmax]``.
 
-    ``q_index`` [G*Qmax] packed row of each query (pads repeat a valid row) and ``q_valid``
-    [G*Qmax]; both None when the queries are the packed rows ``q_range`` in order, unpadded.
+    ``q_range``: the call's queries are the packed rows ``[start, end)`` in order, unpadded (then no
+    gather); else ``q_index`` (a ``StepUpload`` handle, [G*Qmax]) gives each query's packed row (pads
+    repeat a valid row). ``meta`` [3, G, Qmax] (segment id, offset, fork threshold; pads -1, -1, 0),
+    ``rows`` [G] page-table rows and ``npages`` [G] their page counts are handles too; ``width`` is the
+    widest row's page count, ``flex_base`` where the call's queries start in ``FlexQueries``.
     """
 
-    def __init__(self, pool: KVPool, rows: list[int], counts: list[int], firsts: list[int], q_meta: torch.Tensor,
-                 kernel: str, dtype: torch.dtype, flex_queries: FlexQueries | None, flex_base: int,
-                 shared_prefix: bool = True):
-        self.kernel = kernel
+    kernel: str
+    rows: list[int]
+    g: int
+    qmax: int
+    width: int
+    q_range: tuple[int, int] | None
+    q_index: int | None
+    meta: int
+    row_ids: int
+    npages: int
+    flex_base: int
+    flex_where: int | None
+
+
+def plan_call(bucket: list, q_meta: torch.Tensor, kernel: str, table, upload: StepUpload, flex_base: int
+              ) -> tuple[CallPlan, torch.Tensor, torch.Tensor]:
+    """Plan one call over the groups of ``bucket`` ([row, queries, pages, first packed row] each) and
+    stage its indices. Returns the plan and, for the output gather, each query slot's packed row
+    ``index`` [G, Qmax] and ``valid`` [G, Qmax] (host tensors)."""
+    rows, counts, firsts = [x[0] for x in bucket], [x[1] for x in bucket], [x[3] for x in bucket]
+    if kernel == "flex" and len(rows) < 2:  # pad: >= 2 groups (an empty one), >= 2 queries per group
+        rows, counts, firsts = rows + [rows[0]], counts + [0], firsts + [firsts[0]]
+    g, qmax = len(rows), max(2 if kernel == "flex" else 1, max(counts))
+    count = torch.tensor(counts)
+    slot = torch.arange(qmax)[None, :]
+    index = torch.tensor(firsts)[:, None] + torch.minimum(slot, (count.clamp(min=1) - 1)[:, None])  # [G, Qmax]
+    valid = slot < count[:, None]  # [G, Qmax]
+    contiguous = kernel == "sdpa" and all(c == qmax for c in counts) and all(
+        f == firsts[0] + i * qmax for i, f in enumerate(firsts))
+    if contiguous:
+        q_range, q_index = (firsts[0], firsts[0] + g * qmax), None
+        meta = q_meta[:, firsts[0]:firsts[0] + g * qmax].reshape(3, g, qmax)
+    else:
+        q_range, q_index = None, upload.add(index.reshape(-1))
+        meta = q_meta[:, index].masked_fill(~valid, -1)  # [3, G, Qmax]; pads: no segment ...
+        meta[2].masked_fill_(~valid, 0)  # ... and an empty ancestry: they see nothing
+    npages = [table.row_len[r] if c else 0 for r, c in zip(rows, counts)]
+    where = upload.add([flex_base, qmax], torch.int32) if kernel == "flex" else None
+    plan = CallPlan(kernel, rows, g, qmax, max(table.row_len[r] for r in rows), q_range, q_index,
+                    upload.add(meta, torch.int32), upload.add(rows), upload.add(npages), flex_base, where)
+    return plan, index, valid
+
+
+class AttentionCall:
+    """The device-side metadata of one planned call (``CallPlan``) for its kernel, built once per forward."""
+
+    def __init__(self, pool: KVPool, plan: CallPlan, upload: StepUpload, dtype: torch.dtype,
+                 flex_queries: FlexQueries | None, shared_prefix: bool = True):
+        self.kernel = plan.kernel
         self._folded = None
         table, device = pool.pages, pool.pages.device
-        if kernel == "flex":  # pad: >= 2 groups (an empty one), >= 2 queries per group
-            rows, counts, firsts = rows + [rows[0]] * (len(rows) < 2), counts + [0] * (len(rows) < 2), firsts
-        g, qmax = len(rows), max(2 if kernel == "flex" else 1, max(counts))
-        self.g, self.qmax = g, qmax
-        contiguous = kernel == "sdpa" and all(c == qmax for c in counts) and all(
-            f == firsts[0] + i * qmax for i, f in enumerate(firsts))
-        if contiguous:
-            self.q_index = self.q_valid = None
-            self.q_range = (firsts[0], firsts[0] + g * qmax)
-            meta = q_meta[:, firsts[0]:firsts[0] + g * qmax].reshape(3, g, qmax)
-        else:
-            self.q_range = None
-            index = torch.tensor([[f + min(i, max(c, 1) - 1) for i in range(qmax)] for f, c in
-                                  zip(firsts + [firsts[0]] * (g - len(firsts)), counts)])  # [G, Qmax]
-            valid = torch.arange(qmax)[None, :] < torch.tensor(counts)[:, None]  # [G, Qmax]
-            meta = q_meta[:, index].masked_fill(~valid, -1)  # [3, G, Qmax]; pads: no segment ...
-            meta[2].masked_fill_(~valid, 0)  # ... and an empty ancestry: they see nothing
-            self.q_index = _to_device(index.reshape(-1), device)
-            self.q_valid = _to_device(valid.reshape(-1), device)
-        meta = _to_device(meta.contiguous(), device)  # [3, G, Qmax]
-        width = max(table.row_len[r] for r in rows)
-        self.pages = table.rows[_to_device(torch.tensor(rows), device), :width]  # [G, W]
-        npages = torch.tensor([table.row_len[r] if c else 0 for r, c in zip(rows, counts)], dtype=torch.int32)
-        live = torch.arange(width, device=device)[None, :] < _to_device(npages, device)[:, None]  # [G, W]
-        if kernel == "flex":
-            flex_queries.store(flex_base, meta.reshape(3, -1), 2 * Q_BLOCK_LARGE)
-            self.block_mask = self._block_mask(pool, live, meta, flex_queries, flex_base)
+        self.g, self.qmax, self.q_range = plan.g, plan.qmax, plan.q_range
+        self.q_index = None if plan.q_index is None else upload[plan.q_index]  # [G*Qmax]
+        meta = upload[plan.meta]  # [3, G, Qmax] int32
+        width = plan.width
+        self.pages = table.rows[upload[plan.row_ids], :width]  # [G, W]
+        live = torch.arange(width, device=device)[None, :] < upload[plan.npages][:, None]  # [G, W]
+        if self.kernel == "flex":
+            flex_queries.store(plan.flex_base, meta.reshape(3, -1), 2 * Q_BLOCK_LARGE)
+            self.block_mask = self._block_mask(pool, live, meta, flex_queries, upload[plan.flex_where])
         else:
             self.page_size = table.page_size
             allowed = self._dense_allowed(table, live, meta)
-            self.shared = SharedPrefix.plan(table, rows, self.pages, allowed, dtype) if shared_prefix else None
+            self.shared = SharedPrefix.plan(table, plan.rows, self.pages, allowed, dtype) if shared_prefix else None
             if self.shared is None:
                 self.page_index = self.pages.reshape(-1).long()  # [G*W]
                 self.bias = additive_bias(allowed, dtype)
@@ -187,7 +219,7 @@ class AttentionCall:
         allowed |= (q_seg < 0)  # pad queries see everything: no empty softmax row (their output is dropped)
         return allowed
 
-    def _block_mask(self, pool: KVPool, live, meta, flex_queries: FlexQueries, base: int):
+    def _block_mask(self, pool: KVPool, live, meta, flex_queries: FlexQueries, where: torch.Tensor):
         """flex: a BlockMask over pool pages; per query block, the pages seen whole ("full", no mask_mod)
         and the pages that need the rule ("partial"), both computed on the device from the page table."""
         from torch.nn.attention.flex_attention import BlockMask
@@ -222,11 +254,10 @@ class AttentionCall:
             index = F.pad(index, (0, width - index.shape[-1]))
             return keep.sum(-1, dtype=torch.int32)[:, None], index[:, None]
 
-        where = _to_device(torch.tensor([base, self.qmax], dtype=torch.int32), device)
         q_seg, q_off, q_fork = flex_queries.seg, flex_queries.off, flex_queries.fork
         page_seg, page_start, page_valid = table.page_seg, table.page_start, table.page_valid
 
-        def mask_mod(b, h, q_idx, kv_idx):
+        def mask_mod(b, h, q_idx, kv_idx):  # where: [first query in FlexQueries, Qmax]
             i = where[0] + b * where[1] + q_idx
             return tree_rule(page_seg, page_start, page_valid, page_size, q_seg[i], q_off[i], q_fork[i], kv_idx)
 
@@ -402,6 +433,7 @@ class PagedBatch:
     pool: KVPool
     write_slots: torch.Tensor  # [N] slot of each packed new token
     calls: list[AttentionCall]
+    out_index: torch.Tensor | None  # [N]: each packed query's row in the calls' outputs, concatenated; None: in order
 
 
 def paged_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
@@ -414,17 +446,11 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     keys.index_copy_(1, npr_batch.write_slots, key[0].to(keys.dtype))
     values.index_copy_(1, npr_batch.write_slots, value[0].to(values.dtype))
     q = query[0].transpose(0, 1)  # [N, H, D]
-    calls = npr_batch.calls
-    if len(calls) == 1 and calls[0].q_range == (0, q.shape[0]):  # the common decode step: no scatter
-        out = calls[0].attend(q, keys, values, scaling)  # [G, H, Qmax, D]
-        return out.transpose(1, 2).reshape(1, *q.shape), None
-    out = torch.empty_like(q)  # [N, H, D]
-    for call in calls:
-        o = call.attend(q, keys, values, scaling).transpose(1, 2).reshape(-1, *q.shape[1:])  # [G*Qmax, H, D]
-        if call.q_range is not None:
-            out[call.q_range[0]:call.q_range[1]] = o
-        else:
-            out[call.q_index[call.q_valid]] = o[call.q_valid]
+    outs = [call.attend(q, keys, values, scaling).transpose(1, 2).reshape(-1, *q.shape[1:])  # [G*Qmax, H, D]
+            for call in npr_batch.calls]
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    if npr_batch.out_index is not None:  # drop pads and restore the packed order: indices planned on the host
+        out = out.index_select(0, npr_batch.out_index)
     return out.unsqueeze(0), None
 
 
@@ -473,28 +499,37 @@ def _buckets(groups: list, small_queries: int, dense: bool, max_waste: float = 1
     return buckets
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``: through pinned memory and a non-blocking copy on CUDA."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host
+@dataclass
+class BatchPlan:
+    """One forward as planned on the host: ``StepUpload`` handles of its inputs and its attention calls."""
+
+    input_ids: int  # [1, N]
+    position_ids: int  # [1, N]
+    write_slots: int  # [N]
+    logit_rows: int  # [L] packed rows whose logits are needed
+    all_rows_logits: bool  # L == N: the forward keeps every row's logits
+    calls: list[CallPlan]
+    out_index: int | None  # [N], see PagedBatch
+
+    def build(self, pool: KVPool, upload: StepUpload, dtype: torch.dtype, shared_prefix: bool = True):
+        """After ``upload.send``: ``input_ids``, ``position_ids``, the ``PagedBatch`` and ``logit_rows``
+        on the device (call after ``pool.pages.apply``: the calls read the page table)."""
+        flex_queries = None
+        if any(c.kernel == "flex" for c in self.calls):
+            if pool.flex_queries is None:
+                pool.flex_queries = FlexQueries(pool.pages.device)
+            flex_queries = pool.flex_queries
+        calls = [AttentionCall(pool, c, upload, dtype, flex_queries, shared_prefix) for c in self.calls]
+        out_index = None if self.out_index is None else upload[self.out_index]
+        batch = PagedBatch(pool, upload[self.write_slots], calls, out_index)
+        return upload[self.input_ids], upload[self.position_ids], batch, upload[self.logit_rows]
 
 
-def _upload(values, dtype, device) -> torch.Tensor:
-    return _to_device(torch.tensor(values, dtype=dtype), device)
-
-
-def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_kernel, small_queries: int,
-                shared_prefix: bool = True):
-    """Model inputs and attention metadata for one forward over ``feeds``.
-
-    Returns ``input_ids`` [1, N], ``position_ids`` [1, N], the ``PagedBatch`` and ``logit_rows``
-    (packed rows whose logits are needed, in feed order of the feeds that ask). Marks the fed tokens
-    as written. The feeds of one row must be consecutive. ``choose_kernel(g, qmax, keys)`` names the
-    kernel ("flex" or "sdpa") of each call; ``shared_prefix`` lets SDPA calls attend to the pages their
-    rows share once (``SharedPrefix``).
-    """
-    device = pool.pages.device
+def plan_batch(feeds: Sequence[Feed], pool: KVPool, choose_kernel, small_queries: int, upload: StepUpload
+               ) -> BatchPlan:
+    """Plan one forward over ``feeds`` and stage its indices (and the page table's queued updates) in
+    ``upload``. Marks the fed tokens as written. The feeds of one row must be consecutive.
+    ``choose_kernel(g, qmax, keys)`` names the kernel ("flex" or "sdpa") of each call."""
     bs = pool.block_size
     ids, positions, writes, logit_rows = [], [], [], []
     meta: list[list[int]] = [[], [], []]  # per packed token: segment id, offset, fork threshold
@@ -521,28 +556,31 @@ def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_
             logit_rows.append(n + count - 1)
         n += count
         seg.written = f.start + count
-    pool.pages.flush()
+    pool.pages.stage(upload)
     q_meta = torch.tensor(meta, dtype=torch.int32)  # [3, N] on the host
     calls, base = [], 0
     dense = choose_kernel(len(groups), max(g[1] for g in groups.values()),
                           sum(g[2] for g in groups.values()) * bs) == "sdpa"
+    out_index = torch.empty(n + 1, dtype=torch.long)  # the last entry takes the pads
     for bucket in _buckets([groups[r] for r in row_order], small_queries, dense):
-        calls.append(_call(pool, bucket, q_meta, choose_kernel, dtype, base, shared_prefix))
-        base += calls[-1].g * calls[-1].qmax
-    batch = PagedBatch(pool, _upload(writes, torch.long, device), calls)
-    input_ids = _upload([ids], torch.long, device)
-    position_ids = _upload([positions], torch.long, device)
-    return input_ids, position_ids, batch, _upload(logit_rows, torch.long, device)
+        kernel = choose_kernel(len(bucket), max(x[1] for x in bucket), sum(x[2] for x in bucket) * bs)
+        call, index, valid = plan_call(bucket, q_meta, kernel, pool.pages, upload, base)
+        slots = base + torch.arange(call.g * call.qmax)
+        out_index.scatter_(0, torch.where(valid, index, n).reshape(-1), slots)
+        calls.append(call)
+        base += call.g * call.qmax
+    in_order = base == n and all(c.q_range is not None for c in calls) and [c.q_range[0] for c in calls] == sorted(
+        c.q_range[0] for c in calls)
+    return BatchPlan(upload.add([ids]), upload.add([positions]), upload.add(writes), upload.add(logit_rows),
+                     len(logit_rows) == n, calls, None if in_order else upload.add(out_index[:n]))
 
 
-def _call(pool: KVPool, bucket: list, q_meta: torch.Tensor, choose_kernel, dtype, flex_base: int,
-          shared_prefix: bool) -> AttentionCall:
-    """One attention call over the groups of ``bucket`` ([row, queries, pages, first packed row] each)."""
-    rows, counts, firsts = [x[0] for x in bucket], [x[1] for x in bucket], [x[3] for x in bucket]
-    kernel = choose_kernel(len(bucket), max(counts), sum(x[2] for x in bucket) * pool.block_size)
-    flex_queries = None
-    if kernel == "flex":
-        if pool.flex_queries is None:
-            pool.flex_queries = FlexQueries(pool.pages.device)
-        flex_queries = pool.flex_queries
-    return AttentionCall(pool, rows, counts, firsts, q_meta, kernel, dtype, flex_queries, flex_base, shared_prefix)
+def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_kernel, small_queries: int,
+                shared_prefix: bool = True):
+    """``plan_batch``, sent in an upload of its own, then built: ``input_ids`` [1, N], ``position_ids``
+    [1, N], the ``PagedBatch`` and ``logit_rows`` (tests and tools; the engine shares the step's upload)."""
+    upload = StepUpload()
+    plan = plan_batch(feeds, pool, choose_kernel, small_queries, upload)
+    upload.send(pool.pages.device)
+    pool.pages.apply(upload)
+    return plan.build(pool, upload, dtype, shared_prefix)

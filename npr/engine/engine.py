@@ -17,12 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from npr.engine.attention import build_batch, paged_attention
+from npr.engine.attention import BatchPlan, paged_attention, plan_batch
 from npr.engine.config import EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool
-from npr.engine.sampling import RowParams, apply_repetition_penalty, redraw_wide, row_uniform, sample
+from npr.engine.sampling import (RowParams, SamplingPlan, SeenTokens, apply_repetition_penalty, plan_sampling,
+                                 redraw_wide, row_uniform, sample)
 from npr.engine.scheduler import Scheduler
 from npr.engine.state import Request, Scaffold, Stream, StreamDelta
+from npr.engine.upload import StepUpload
 from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
 from npr.tokens import tag_token_ids
 
@@ -91,6 +93,25 @@ class EngineEvent:
     """Requests waiting to be recomputed after a preemption."""
 
 
+@dataclass
+class PenaltyPlan:
+    """The repetition penalty of one step: ``StepUpload`` handles of the branch rows of the logits,
+    their seen-table slots and factors (1.0 for a branch that sampled nothing yet), and the width
+    of the seen table to read."""
+
+    rows: int
+    slots: int
+    factor: int
+    width: int
+
+
+@dataclass
+class StepSampling:
+    params: RowParams
+    plan: SamplingPlan
+    penalty: PenaltyPlan | None
+
+
 def _model_dims(model) -> tuple[int, int, int]:
     config = model.config
     layer_types = getattr(config, "layer_types", None) or []
@@ -123,7 +144,8 @@ class Engine:
         self.scaffold = self._scaffold(tokenizer, model)
         self.scheduler = Scheduler(cfg, self.pool, self.scaffold)
         self.context_length = getattr(model.config, "max_position_embeddings", None)
-        self._seen: torch.Tensor | None = None  # [max_num_seqs, V] bool: tokens each branch sampled
+        self._seen: SeenTokens | None = None  # the tokens each branch sampled (repetition penalty)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]
 
     def _scaffold(self, tokenizer, model) -> Scaffold:
         enc = lambda s: tuple(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
@@ -194,16 +216,29 @@ class Engine:
             yield self.step()
 
     def step(self) -> EngineEvent:
-        """One forward over every live stream; more prompts may be submitted between steps."""
+        """One forward over every live stream; more prompts may be submitted between steps.
+
+        The host plans the step (feeds, attention indices, sampling settings), sends it to the device
+        in one upload, runs the forward and sampling there, and reads back the sampled tokens: one
+        transfer each way (a nucleus wider than its candidates, which is rare, redraws with one more)."""
         feeds, samplers = self.scheduler.plan()
         event = EngineEvent()
         if feeds:
-            logits = self._forward(feeds)  # [rows asking for logits, V] float32
+            upload = StepUpload()
+            batch_plan = plan_batch(feeds, self.pool, self.kernel_for, self.config.prefill_group_tokens, upload)
             streams = [s for group in samplers for s in group]
-            if len(streams) != len(samplers):  # a prompt's logits serve all its n samples
-                rows = [r for r, group in enumerate(samplers) for _ in group]
-                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            tokens, logprobs = self._sample(streams, logits)
+            fan_out = None  # a prompt's logits serve all its n samples
+            if len(streams) != len(samplers):
+                fan_out = upload.add([r for r, group in enumerate(samplers) for _ in group])
+            sampling = self._plan_sampling(streams, upload)
+            upload.send(self.device)
+            self.pool.pages.apply(upload)
+            if self._seen is not None:
+                self._seen.apply(upload)
+            logits = self._forward(batch_plan, upload)  # [rows asking for logits, V] float32
+            if fan_out is not None:
+                logits = logits.index_select(0, upload[fan_out])
+            tokens, logprobs = self._sample(streams, logits, sampling, upload)
             event.deltas = self.scheduler.consume(list(zip(streams, tokens, logprobs)))
             event.tokens = sum(len(f.tokens) for f in feeds)
         event.finished = [self._result(r) for r in self.scheduler.take_finished()]
@@ -225,33 +260,35 @@ class Engine:
         return "flex" if self.device.type == "cuda" else "sdpa"
 
     @torch.no_grad()
-    def _forward(self, feeds) -> torch.Tensor:
-        input_ids, position_ids, batch, logit_rows = build_batch(
-            feeds, self.pool, self.dtype, self.kernel_for, self.config.prefill_group_tokens,
-            self.config.shared_prefix_attention)
-        keep = 0 if logit_rows.numel() == input_ids.shape[1] else logit_rows  # every row: no gather needed
+    def _forward(self, plan: BatchPlan, upload: StepUpload) -> torch.Tensor:
+        input_ids, position_ids, batch, logit_rows = plan.build(self.pool, upload, self.dtype,
+                                                                 self.config.shared_prefix_attention)
+        keep = 0 if plan.all_rows_logits else logit_rows  # every row: no gather needed
         with paged_attention(self.model):
             out = self.model(input_ids=input_ids, position_ids=position_ids, npr_batch=batch,
                              logits_to_keep=keep, use_cache=False)
         return out.logits[0].float()
 
-    def _penalise(self, streams: list[Stream], logits: torch.Tensor) -> None:
-        """Repetition penalty on the rows of branches, from the seen-token table, on the device."""
-        penalty = self.config.repetition_penalty
+    def _plan_sampling(self, streams: list[Stream], upload: StepUpload) -> StepSampling:
+        """The step's sampling, decided on the host and staged in ``upload``: per-row settings and
+        noise, and the repetition penalty's rows (branches) with their seen-token table changes."""
+        params = self._row_params(streams)
+        plan = plan_sampling(params, upload, self.vocab_size)
         updates, self.scheduler.seen_updates = self.scheduler.seen_updates, []
-        if penalty == 1.0:
-            return
-        if self._seen is None:
-            self._seen = torch.zeros(self.config.max_num_seqs, logits.shape[1], dtype=torch.bool, device=self.device)
-        for slot, history in updates:  # new branches (history empty) and readmitted ones (rebuilt)
-            self._seen[slot] = False
-            if history:
-                self._seen[slot, torch.tensor(history, device=self.device)] = True
-        rows = [i for i, s in enumerate(streams) if s.seen_slot >= 0]
-        if rows:
-            seen = self._seen.index_select(0, torch.tensor([streams[i].seen_slot for i in rows], device=self.device))
-            apply_repetition_penalty(logits, seen, torch.full((len(rows),), penalty, device=self.device),
-                                     rows=torch.tensor(rows, device=self.device))
+        penalty = None
+        if self.config.repetition_penalty != 1.0:
+            if self._seen is None:
+                self._seen = SeenTokens(self.config.max_num_seqs, self.device)
+            for slot, history in updates:  # new branches (history empty) and readmitted ones (rebuilt)
+                self._seen.reset(slot, history)
+            self._seen.stage(upload)
+            rows = [i for i, s in enumerate(streams) if s.seen_slot >= 0]
+            if rows:
+                slots = [streams[i].seen_slot for i in rows]
+                factor = [self.config.repetition_penalty if self._seen.lists[s] else 1.0 for s in slots]
+                penalty = PenaltyPlan(upload.add(rows), upload.add(slots), upload.add(factor, torch.float32),
+                                      self._seen.width(slots))
+        return StepSampling(params, plan, penalty)
 
     def _row_params(self, streams: list[Stream]) -> RowParams:
         temperature, top_p, top_k, uniform = [], [], [], []
@@ -263,41 +300,41 @@ class Engine:
             uniform.append(row_uniform(*s.noise_key()) if p.temperature > 0 else 0.0)
         return RowParams(temperature, top_p, top_k, uniform)
 
-    def _sample(self, streams: list[Stream], logits: torch.Tensor) -> tuple[list[int], list[float]]:
+    def _sample(self, streams: list[Stream], logits: torch.Tensor, sampling: StepSampling, upload: StepUpload
+                ) -> tuple[list[int], list[float]]:
         """Process and sample one token per stream, batched on the device; log-probs are those of
         the unprocessed model (temperature 1). logits: [S, V] float32, edited in place."""
         want_logprobs = any(s.request.params.logprobs for s in streams)
-        edits = self.config.repetition_penalty != 1.0 or any(s.request.params.logits_processors for s in streams)
+        edits = sampling.penalty is not None or any(s.request.params.logits_processors for s in streams)
         raw = logits.clone() if want_logprobs and edits else logits
-        self._penalise(streams, logits)
+        if sampling.penalty is not None:
+            pen = sampling.penalty
+            seen_ids = self._seen.ids.index_select(0, upload[pen.slots])[:, :pen.width]  # [r, w]
+            apply_repetition_penalty(logits, seen_ids, upload[pen.factor], rows=upload[pen.rows])
         for i, stream in enumerate(streams):
             for processor in stream.request.params.logits_processors:
                 row = logits[i]
                 out = processor(stream, row)
                 if out is not row:
                     logits[i] = out
-        params = self._row_params(streams)
-        tokens, wide = sample(logits, params)
+        params = sampling.params
+        tokens, wide = sample(logits, params, sampling.plan, upload)
         lse = torch.logsumexp(raw, dim=-1) if want_logprobs else None  # [S]
         chosen = raw.gather(1, tokens[:, None])[:, 0] - lse if want_logprobs else torch.full_like(wide, math.nan,
                                                                                               dtype=torch.float32)
-        packed = torch.stack([tokens.double(), chosen.double(), wide.double()]).cpu()  # the step's one transfer
-        token_ids = [int(t) for t in packed[0].tolist()]
-        logprobs = packed[1].tolist()
-        redo = [i for i, w in enumerate(packed[2].tolist()) if w]
+        token_ids, logprobs, wide_rows = torch.stack([tokens.double(), chosen.double(), wide.double()]).tolist()
+        token_ids = [int(t) for t in token_ids]  # the step's one transfer, just above
+        redo = [i for i, w in enumerate(wide_rows) if w]
         if redo:  # rare: a nucleus wider than the candidates
             for i, t in zip(redo, redraw_wide(logits, params, redo)):
                 token_ids[i] = t
                 if want_logprobs:
                     logprobs[i] = float(raw[i, t] - lse[i])
-        self._mark_seen(streams, token_ids)
+        if self._seen is not None:
+            for s, t in zip(streams, token_ids):
+                if s.seen_slot >= 0:
+                    self._seen.add(s.seen_slot, t)
         return token_ids, logprobs
-
-    def _mark_seen(self, streams: list[Stream], tokens: list[int]) -> None:
-        rows = [(s.seen_slot, t) for s, t in zip(streams, tokens) if s.seen_slot >= 0]
-        if rows and self._seen is not None:
-            slots, ids = zip(*rows)
-            self._seen[torch.tensor(slots, device=self.device), torch.tensor(ids, device=self.device)] = True
 
     def _result(self, req: Request) -> Result:
         tokens, positions, logprobs, sampled = [], [], [], []

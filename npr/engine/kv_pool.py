@@ -18,13 +18,15 @@ their request's row, and a join copies nothing (the takeaway's threshold lies pa
 The pool tensors are ``[num_layers, kv_heads, num_slots, head_dim]``; slot = page * page_size + offset.
 ``PageTable`` keeps, on the model's device, per page its segment id, first offset and number of valid
 slots, and per *row* (one resident request) its list of pages. Updates are queued on the host as
-they happen (a handful of integers per new page) and copied in one non-blocking transfer per step,
+they happen (a handful of integers per new page) and travel in the step's one upload (``StepUpload``),
 so nothing per step grows with the context in Python.
 """
 
 from __future__ import annotations
 
 import torch
+
+from npr.engine.upload import StepUpload
 
 
 class PoolExhausted(RuntimeError):
@@ -47,7 +49,8 @@ class PageTable:
         self.page_valid = torch.zeros(num_pages, dtype=torch.int32, device=device)
         for t in (self.page_seg, self.page_start, self.page_valid):  # flex's mask reads them: fixed sizes
             torch._dynamo.mark_static(t)
-        self.rows = torch.zeros(max_rows, 16, dtype=torch.int32, device=device)
+        # every row may list every page: one size per engine (the attention metadata reads it)
+        self.rows = torch.zeros(max_rows, num_pages, dtype=torch.int32, device=device)
         self.row_len = [0] * max_rows
         self.host_rows: list[list[int]] = [[] for _ in range(max_rows)]  # the same page lists, on the host
         self._free_rows = list(range(max_rows - 1, -1, -1))
@@ -55,6 +58,7 @@ class PageTable:
         self._pages: dict[int, list[int]] = {}  # page -> [seg id, start, valid]
         self._valid: dict[int, int] = {}  # page -> valid, for pages not described since the last flush
         self._entries: dict[tuple[int, int], int] = {}  # (row, column) -> page
+        self._staged: tuple[int | None, int | None, int | None] = (None, None, None)  # StepUpload handles
 
     # ---------------------------------------------------------------- host-side queueing
 
@@ -91,32 +95,37 @@ class PageTable:
 
     # ---------------------------------------------------------------- one transfer per step
 
-    def flush(self) -> None:
-        """Apply the queued updates to the device tensors (pinned, non-blocking copies on CUDA)."""
-        if self._pages:
-            page, seg, start, valid = self._upload([(p, *v) for p, v in self._pages.items()])
-            self.page_seg[page] = seg.int()
-            self.page_start[page] = start.int()
-            self.page_valid[page] = valid.int()
-        if self._valid:
-            page, valid = self._upload(list(self._valid.items()))
-            self.page_valid[page] = valid.int()
-        if self._entries:
-            width = max(self.row_len)
-            if width > self.rows.shape[1]:  # amortised doubling: rare, and a device-side copy
-                grown = torch.zeros(self.rows.shape[0], max(width, 2 * self.rows.shape[1]), dtype=torch.int32,
-                                    device=self.device)
-                grown[:, :self.rows.shape[1]] = self.rows
-                self.rows = grown
-            row, column, page = self._upload([(*k, v) for k, v in self._entries.items()])
-            self.rows[row, column] = page.int()
+    def stage(self, upload: StepUpload) -> None:
+        """Add the queued updates to the step's upload; ``apply`` writes them once it is sent."""
+        self._staged = (
+            upload.add([(p, *v) for p, v in self._pages.items()]) if self._pages else None,
+            upload.add(list(self._valid.items())) if self._valid else None,
+            upload.add([(*k, v) for k, v in self._entries.items()]) if self._entries else None,
+        )
         self._pages, self._valid, self._entries = {}, {}, {}
 
-    def _upload(self, items: list[tuple[int, ...]]) -> tuple[torch.Tensor, ...]:
-        host = torch.tensor(items, dtype=torch.int64)  # [n, fields]
-        if self.device.type == "cuda":
-            host = host.pin_memory()
-        return tuple(host.to(self.device, non_blocking=True).unbind(1))
+    def apply(self, upload: StepUpload) -> None:
+        """Write the staged updates into the device tensors (device-side index writes, no sync)."""
+        pages, valid, entries = self._staged
+        self._staged = (None, None, None)
+        if pages is not None:
+            page, seg, start, count = upload[pages].unbind(1)
+            self.page_seg[page] = seg.int()
+            self.page_start[page] = start.int()
+            self.page_valid[page] = count.int()
+        if valid is not None:
+            page, count = upload[valid].unbind(1)
+            self.page_valid[page] = count.int()
+        if entries is not None:
+            row, column, page = upload[entries].unbind(1)
+            self.rows[row, column] = page.int()
+
+    def flush(self) -> None:
+        """Apply the queued updates now, in an upload of their own (tests and tools; a step stages them)."""
+        upload = StepUpload()
+        self.stage(upload)
+        upload.send(self.device)
+        self.apply(upload)
 
 
 class KVPool:

@@ -1,7 +1,8 @@
 """Batched, device-side token sampling: repetition penalty, temperature, top-k, top-p, log-probs.
 
-Every row of a step is processed at once on the model's device; the only host transfer is the
-final token ids and log-probs (one per step, not one per row).
+Every row of a step is processed at once on the model's device. What the host decides (which rows
+draw how, their settings and noise) travels in the step's one upload (``plan_sampling``); the only
+transfer back is the final token ids and log-probs (one per step, not one per row).
 
 **Reproducible noise.** A row draws one uniform number from a counter-based hash of its *key*
 ``(seed, sample, block, branch, offset)`` (``row_uniform``): no generator state exists, so what a
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
+from npr.engine.upload import StepUpload
+
 CANDIDATES = 256  # top-k/top-p rows look at this many tokens first
 
 
@@ -47,18 +50,67 @@ class RowParams:
     uniform: list[float]
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor,
+@dataclass
+class RowClass:
+    """Rows of one step drawn the same way (``StepUpload`` handles of their index and settings)."""
+
+    rows: list[int]
+    index: int  # [r] their logits rows
+    temperature: int | None  # [r] float32; None: all 1.0
+    uniform: int  # [r] float64
+    width: int = 0  # nucleus rows: candidates looked at
+    top_k: int | None = None  # [r]
+    top_p: int | None = None  # [r] float32
+
+
+@dataclass
+class SamplingPlan:
+    """How one step samples, decided on the host from ``RowParams`` (never from device data)."""
+
+    rows: int
+    greedy: bool  # some rows take the argmax
+    full: RowClass | None  # categorical over the whole vocabulary
+    nucleus: RowClass | None  # top-k and/or top-p
+
+
+def plan_sampling(params: RowParams, upload: StepUpload, vocab: int) -> SamplingPlan:
+    """Split the rows by how they draw and stage each class's indices and settings in ``upload``."""
+    sampled = [i for i, t in enumerate(params.temperature) if t > 0]
+    full = [i for i in sampled if params.top_p[i] >= 1.0 and params.top_k[i] <= 0]
+    filtered = [i for i in sampled if params.top_p[i] < 1.0 or params.top_k[i] > 0]
+
+    def row_class(rows: list[int], nucleus: bool) -> RowClass | None:
+        if not rows:
+            return None
+        temperature = [params.temperature[i] for i in rows]
+        cls = RowClass(rows, upload.add(rows), upload.add(temperature, torch.float32)
+                       if any(t != 1.0 for t in temperature) else None,
+                       upload.add([params.uniform[i] for i in rows], torch.float64))
+        if nucleus:
+            cls.width = min(vocab, max(CANDIDATES, *(params.top_k[i] for i in rows)))
+            cls.top_k = upload.add([params.top_k[i] for i in rows])
+            cls.top_p = upload.add([params.top_p[i] for i in rows], torch.float32)
+        return cls
+
+    return SamplingPlan(len(params.temperature), len(sampled) < len(params.temperature), row_class(full, False),
+                        row_class(filtered, True))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: torch.Tensor,
                              rows: torch.Tensor | None = None) -> torch.Tensor:
-    """HF/CTRL rule in place on ``logits`` [R, V]: where ``seen`` [r, V] is True, divide positive scores
-    by ``penalty`` [r] and multiply negative ones by it. Row i of ``seen`` describes row ``rows[i]`` of
-    ``logits`` (default: row i). Only the seen entries are read and written (a branch has seen a few
-    hundred of the vocabulary's tokens, so this is not a pass over [R, V]); finding them
-    (``nonzero``) waits for the device on CUDA, once per step with branch rows."""
-    i, cols = seen.nonzero(as_tuple=True)
-    target = i if rows is None else rows[i]
-    values = logits[target, cols]
-    p = penalty[i]
-    logits[target, cols] = torch.where(values < 0, values * p, values / p)
+    """HF/CTRL rule in place on ``logits`` [R, V]: for the token ids ``seen_ids`` [r, w] (long) of each
+    penalised row, divide positive scores by ``penalty`` [r] and multiply negative ones by it. Row i of
+    ``seen_ids`` describes row ``rows[i]`` of ``logits`` (default: row i); a row's ids may repeat (its
+    table pads with its first id: the repeats write the same value) and a row with ``penalty`` 1 is
+    left as it is. Only the listed entries are read and written, with shapes the host knows: no pass
+    over [R, V] and no ``nonzero`` (which would wait for the device)."""
+    vocab = logits.shape[1]
+    first = torch.arange(len(seen_ids), device=logits.device) if rows is None else rows
+    flat = (first[:, None] * vocab + seen_ids).reshape(-1)  # [r*w] entries of logits.view(-1)
+    entries = logits.view(-1)  # logits is contiguous: edited in place
+    values = entries.index_select(0, flat).view(seen_ids.shape)  # [r, w]
+    p = penalty[:, None]
+    entries.index_copy_(0, flat, torch.where(values < 0, values * p, values / p).reshape(-1))
     return logits
 
 
@@ -93,36 +145,32 @@ def _nucleus(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform:
     return index.gather(1, choice[:, None])[:, 0], wide
 
 
-def sample(logits: torch.Tensor, params: RowParams) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(logits: torch.Tensor, params: RowParams, plan: SamplingPlan | None = None,
+           upload: StepUpload | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of processed ``logits`` [R, V] (float32). Returns (tokens [R] int64, wide
-    [R] bool): rows flagged ``wide`` must be redrawn with ``redraw_wide``."""
+    [R] bool): rows flagged ``wide`` must be redrawn with ``redraw_wide``. ``plan`` and its sent
+    ``upload`` come from ``plan_sampling`` (the engine stages them with the rest of its step);
+    without them the plan is made and sent here."""
     device = logits.device
-    sampled = [i for i, t in enumerate(params.temperature) if t > 0]
+    if plan is None:
+        upload = StepUpload()
+        plan = plan_sampling(params, upload, logits.shape[1])
+        upload.send(device)
     # greedy rows take the argmax (a pass over [R, V] only when there are some)
-    tokens = logits.argmax(-1) if len(sampled) < len(logits) else torch.zeros(len(logits), dtype=torch.long,
-                                                                                device=device)
-    wide = torch.zeros(len(tokens), dtype=torch.bool, device=device)
-    if not sampled:
-        return tokens, wide
-    full = [i for i in sampled if params.top_p[i] >= 1.0 and params.top_k[i] <= 0]
-    filtered = [i for i in sampled if params.top_p[i] < 1.0 or params.top_k[i] > 0]
-    for rows, nucleus in ((full, False), (filtered, True)):
-        if not rows:
+    tokens = logits.argmax(-1) if plan.greedy else torch.zeros(plan.rows, dtype=torch.long, device=device)
+    wide = torch.zeros(plan.rows, dtype=torch.bool, device=device)
+    for cls in (plan.full, plan.nucleus):
+        if cls is None:
             continue
-        index = torch.tensor(rows, device=device)
-        temperature = torch.tensor([params.temperature[i] for i in rows], device=device)
-        uniform = torch.tensor([params.uniform[i] for i in rows], dtype=torch.float64, device=device)
-        z = logits if len(rows) == len(logits) else logits.index_select(0, index)  # [r, V]
-        if any(params.temperature[i] != 1.0 for i in rows):
-            z = z / temperature[:, None]
-        if nucleus:
-            width = min(z.shape[1], max(CANDIDATES, *(params.top_k[i] for i in rows)))
-            top_k = torch.tensor([params.top_k[i] for i in rows], device=device)
-            top_p = torch.tensor([params.top_p[i] for i in rows], device=device)
-            chosen, row_wide = _nucleus(z, top_k, top_p, uniform, width)
+        index = upload[cls.index]
+        z = logits if len(cls.rows) == plan.rows else logits.index_select(0, index)  # [r, V]
+        if cls.temperature is not None:
+            z = z / upload[cls.temperature][:, None]
+        if cls is plan.nucleus:
+            chosen, row_wide = _nucleus(z, upload[cls.top_k], upload[cls.top_p], upload[cls.uniform], cls.width)
             wide.index_copy_(0, index, row_wide)
         else:
-            chosen = _inverse_cdf(torch.softmax(z, dim=-1), uniform)
+            chosen = _inverse_cdf(torch.softmax(z, dim=-1), upload[cls.uniform])
         tokens.index_copy_(0, index, chosen)
     return tokens, wide
 
@@ -137,3 +185,55 @@ def redraw_wide(logits: torch.Tensor, params: RowParams, rows: list[int]) -> lis
     top_p = torch.tensor([params.top_p[i] for i in rows], device=device)
     uniform = torch.tensor([params.uniform[i] for i in rows], dtype=torch.float64, device=device)
     return _nucleus(z, top_k, top_p, uniform, z.shape[1])[0].tolist()
+
+
+class SeenTokens:
+    """The distinct tokens each branch sampled (repetition penalty), by seen slot: ordered lists on the
+    host, and ``ids`` [slots, capacity] long on the device holding them (a row's entries past its
+    list repeat its first id). The host knows every list's length, so a step reads ``ids[slots, :w]``
+    with a width it chose; changes are staged in the step's upload."""
+
+    def __init__(self, slots: int, device, capacity: int = 256):
+        self.ids = torch.zeros(slots, capacity, dtype=torch.long, device=device)
+        self.lists: list[list[int]] = [[] for _ in range(slots)]
+        self._sets: list[set[int]] = [set() for _ in range(slots)]
+        self._dirty: dict[int, int] = {}  # slot -> first column changed since the last upload
+        self._staged: tuple[int | None, int | None] = (None, None)
+
+    def reset(self, slot: int, history: list[int]) -> None:
+        """Slot ``slot`` now holds a branch that sampled ``history`` (empty for a new one)."""
+        self.lists[slot] = list(dict.fromkeys(history))
+        self._sets[slot] = set(self.lists[slot])
+        self._dirty[slot] = 0
+
+    def add(self, slot: int, token: int) -> None:
+        if token not in self._sets[slot]:
+            self._sets[slot].add(token)
+            self.lists[slot].append(token)
+            self._dirty.setdefault(slot, len(self.lists[slot]) - 1)
+
+    def width(self, slots: list[int]) -> int:
+        """Columns to read for ``slots``: their longest list, rounded up to a power of two (few shapes)."""
+        longest = max(len(self.lists[s]) for s in slots)
+        return min(self.ids.shape[1], 1 << max(3, (longest - 1).bit_length()))
+
+    def stage(self, upload: StepUpload) -> None:
+        longest = max((len(self.lists[s]) for s in self._dirty), default=0)
+        if longest > self.ids.shape[1]:  # rare: double, the new columns repeating each row's first id
+            extra = max(longest, 2 * self.ids.shape[1]) - self.ids.shape[1]
+            self.ids = torch.cat([self.ids, self.ids[:, :1].expand(-1, extra)], dim=1)
+        fills = [(s, self.lists[s][0]) for s, start in self._dirty.items() if start == 0 and self.lists[s]]
+        writes = [(s, c, self.lists[s][c]) for s, start in self._dirty.items()
+                  for c in range(start, len(self.lists[s]))]
+        self._staged = (upload.add(fills) if fills else None, upload.add(writes) if writes else None)
+        self._dirty = {}
+
+    def apply(self, upload: StepUpload) -> None:
+        fills, writes = self._staged
+        self._staged = (None, None)
+        if fills is not None:
+            slot, token = upload[fills].unbind(1)
+            self.ids[slot] = token[:, None].expand(-1, self.ids.shape[1])
+        if writes is not None:
+            slot, column, token = upload[writes].unbind(1)
+            self.ids[slot, column] = token
