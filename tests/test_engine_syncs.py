@@ -109,12 +109,11 @@ def test_steady_decode_syncs_at_most_once(tiny_llama, counted, monkeypatch, temp
 def test_flex_decode_metadata_syncs_at_most_once(tiny_llama, counted, monkeypatch):
     """The flex path (CUDA's): its block masks and query tables are built without syncs. Dynamo does not
     trace under a dispatch mode, so the compiled kernel itself (aot_eager here) runs outside the counter."""
-    from torch.nn.attention.flex_attention import flex_attention
     from torch.utils._python_dispatch import _disable_current_modes
 
     import npr.engine.attention as attention
 
-    compiled = torch.compile(flex_attention, backend="aot_eager", dynamic=True)
+    compiled = torch.compile(attention.engine_flex, backend="aot_eager", dynamic=True)
 
     def uncounted(*args, **kwargs):
         counted.paused = True

@@ -83,13 +83,22 @@ def tree_rule(page_seg, page_start, page_valid, page_size: int, q_seg, q_off, q_
 class FlexQueries:
     """Per-query metadata of a forward for flex's ``mask_mod``, in fixed-capacity device buffers.
 
-    The compiled kernel is specialised on the *sizes* of the tensors a ``mask_mod`` reads, so these
-    buffers keep one size (doubling, rarely) and each call reads its slice ``base + b * stride + q``.
+    The compiled kernel is specialised on the *sizes* of the tensors a ``mask_mod`` reads (the CPU
+    kernel does not compile with them dynamic), so these buffers have one size per engine, enough for
+    any forward (``for_pool``), and each call reads its slice ``base + b * stride + q``.
     """
 
-    def __init__(self, device):
+    def __init__(self, device, capacity: int):
         self.device = device
-        self._allocate(4096)
+        self._allocate(capacity)
+
+    @classmethod
+    def for_pool(cls, pool: KVPool) -> FlexQueries:
+        """Sized for the pool: a forward feeds at most one token per pool slot; the calls pad them at most
+        2x (a lone group gets an empty partner; a prefill bucket pads <= 1.25x, see ``_buckets``), decode
+        groups to 16 queries each, and the last query block reads ``2 * Q_BLOCK_LARGE`` past its call."""
+        slots, rows = pool.num_blocks * pool.block_size, pool.pages.rows.shape[0]
+        return cls(pool.pages.device, 2 * slots + Q_BLOCK_SMALL * rows + 2 * Q_BLOCK_LARGE)
 
     def _allocate(self, capacity: int) -> None:
         self.capacity = capacity
@@ -101,7 +110,7 @@ class FlexQueries:
         """Write meta [3, n] (device) at ``base``; ``slack`` more entries stay addressable (the kernel
         may evaluate the mask for the padded rows of a last query block; those read stale entries)."""
         n = meta.shape[1]
-        if base + n + slack > self.capacity:
+        if base + n + slack > self.capacity:  # never, by ``for_pool``'s bound; a recompile if it were wrong
             keep = (self.seg[:base].clone(), self.off[:base].clone(), self.fork[:base].clone())
             self._allocate(max(2 * self.capacity, base + n + slack))
             for buf, old in zip((self.seg, self.off, self.fork), keep):
@@ -111,19 +120,65 @@ class FlexQueries:
         self.fork[base:base + n] = meta[2]
 
 
-@functools.cache
-def compiled_flex():
-    """``flex_attention`` compiled once per process: dynamic shapes, and every call padded to at least
-    two groups, two queries and two query blocks, so no size 0/1 specialisation recompiles it."""
+def engine_flex(query, key, value, block_mask, scale, enable_gqa, kernel_options):
+    """``flex_attention`` behind a code object of the engine's own: dynamo keeps its compiled graphs
+    (and counts its recompile limit) per code object, so the engine's graphs and the trainer's
+    (``npr.train.logprobs.compiled_flex``, which compiles ``flex_attention`` itself) never share one
+    cache entry list."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True)
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                          kernel_options=kernel_options)
+
+
+FLEX_BACKEND = "inductor"
+"""The backend ``compiled_flex`` compiles with (tests that count graphs use ``aot_eager``: same guards)."""
+
+
+@functools.cache
+def _compiled_flex(backend: str):
+    return torch.compile(engine_flex, dynamic=True, backend=backend)
+
+
+def compiled_flex():
+    """``engine_flex`` compiled once per process: dynamic shapes, and every call padded to at least
+    two groups, two queries and two query blocks, so no size 0/1 specialisation recompiles it."""
+    return _compiled_flex(FLEX_BACKEND)
+
+
+def _mark_flex_dynamic(query, keys, values, block_mask) -> None:
+    """Tell dynamo which sizes vary between calls (groups, queries, query blocks, block-table width,
+    pool slots), so that the first compile is the only one: left to itself, it would specialise on
+    the first call's sizes and recompile once per new one. The tensors the ``mask_mod`` reads stay
+    static (one size per engine): the CPU kernel does not compile with them dynamic."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(query, 0)
+    mark(query, 2)
+    for t in (keys, values):
+        mark(t, 2)
+    for t in (block_mask.kv_num_blocks, block_mask.full_kv_num_blocks):
+        mark(t, 0)
+        mark(t, 2)
+    for t in (block_mask.kv_indices, block_mask.full_kv_indices):
+        mark(t, 0)
+        mark(t, 2)
+        mark(t, 3)
+
+
+CUDA_LAYOUT = False
+"""Use the flex block layout of CUDA on any device (tests that count graphs on a CPU set it)."""
+
+
+def cuda_layout(device: torch.device) -> bool:
+    """Whether flex calls on ``device`` take CUDA's block layout: 128-query blocks for prefills, Triton
+    tile sizes, block tables as wide as the call's widest row."""
+    return device.type == "cuda" or CUDA_LAYOUT
 
 
 def q_block_size(device: torch.device, qmax: int) -> int:
     """flex query-block size: 16 (one block per decode group); prefills on CUDA use 128 (the kernel's
     preferred tile). On a CPU one size keeps it to one compile."""
-    return Q_BLOCK_LARGE if device.type == "cuda" and qmax > Q_BLOCK_SMALL else Q_BLOCK_SMALL
+    return Q_BLOCK_LARGE if cuda_layout(device) and qmax > Q_BLOCK_SMALL else Q_BLOCK_SMALL
 
 
 @dataclass
@@ -227,7 +282,7 @@ class AttentionCall:
         table, page_size, device = pool.pages, pool.block_size, self.pages.device
         qb = q_block_size(device, self.qmax)
         # the Triton kernel's tiles must divide the block mask's blocks (its defaults are larger than a page)
-        self.kernel_options = {"BLOCK_M": min(qb, 64), "BLOCK_N": min(page_size, 64)} if device.type == "cuda" else None
+        self.kernel_options = {"BLOCK_M": min(qb, 64), "BLOCK_N": min(page_size, 64)} if cuda_layout(device) else None
         nqb = max(2, -(-self.qmax // qb))  # an empty trailing query block costs nothing and avoids a recompile
         pad = nqb * qb - self.qmax
 
@@ -246,13 +301,16 @@ class AttentionCall:
         live = live[:, None, :]  # [G, 1, W]
         full = (whole | ~qv).all(dim=2) & qv.any(dim=2) & live  # [G, nQB, W]
         partial = (some & qv).any(dim=2) & live & ~full
-        width = pool.num_blocks if device.type == "cpu" else page.shape[1]  # the CPU kernel wants the pool's width
+        # the CPU kernel wants the pool's width; CUDA's block tables are as wide as the widest row, at least 2
+        # (a dimension of 1 would be specialised on and recompile the kernel at the first row of two pages)
+        width = max(2, page.shape[1]) if cuda_layout(device) else pool.num_blocks
 
         def compact(keep):  # [G, nQB, W] -> counts [G, 1, nQB], indices [G, 1, nQB, width]
             order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
             index = page[:, None, :].expand(-1, nqb, -1).gather(-1, order).int()
             index = F.pad(index, (0, width - index.shape[-1]))
-            return keep.sum(-1, dtype=torch.int32)[:, None], index[:, None]
+            # fresh tensors, not views: dynamo would guard on the strides of a view's base and recompile
+            return keep.sum(-1, dtype=torch.int32)[:, None].clone(), index[:, None].clone()
 
         q_seg, q_off, q_fork = flex_queries.seg, flex_queries.off, flex_queries.fork
         page_seg, page_start, page_valid = table.page_seg, table.page_start, table.page_valid
@@ -277,8 +335,10 @@ class AttentionCall:
             qg = q.index_select(0, self.q_index).view(g, qmax, *q.shape[1:]).transpose(1, 2)
         gqa = keys.shape[0] != q.shape[1]
         if self.kernel == "flex":  # the pool itself, [1, Hkv, slots, D]: no copy
-            return compiled_flex()(qg.contiguous(), keys[None], values[None], block_mask=self.block_mask,
-                                   scale=scaling, enable_gqa=gqa, kernel_options=self.kernel_options)
+            qg = qg.contiguous()
+            keys, values = keys[None], values[None]
+            _mark_flex_dynamic(qg, keys, values, self.block_mask)
+            return compiled_flex()(qg, keys, values, self.block_mask, scaling, gqa, self.kernel_options)
         heads, dim = keys.shape[0], keys.shape[2]
         # GQA folded into the queries: the query heads sharing a KV head become more queries of that head,
         # [G, Hkv, rep*Qmax, D] (head h = kv*rep + j -> query row j*Qmax + i). SDPA then needs no enable_gqa,
@@ -517,7 +577,7 @@ class BatchPlan:
         flex_queries = None
         if any(c.kernel == "flex" for c in self.calls):
             if pool.flex_queries is None:
-                pool.flex_queries = FlexQueries(pool.pages.device)
+                pool.flex_queries = FlexQueries.for_pool(pool)
             flex_queries = pool.flex_queries
         calls = [AttentionCall(pool, c, upload, dtype, flex_queries, shared_prefix) for c in self.calls]
         out_index = None if self.out_index is None else upload[self.out_index]

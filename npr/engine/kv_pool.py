@@ -47,7 +47,7 @@ class PageTable:
         self.page_seg = torch.full((num_pages,), -1, dtype=torch.int32, device=device)
         self.page_start = torch.zeros(num_pages, dtype=torch.int32, device=device)
         self.page_valid = torch.zeros(num_pages, dtype=torch.int32, device=device)
-        for t in (self.page_seg, self.page_start, self.page_valid):  # flex's mask reads them: fixed sizes
+        for t in (self.page_seg, self.page_start, self.page_valid):  # flex's mask reads them: any pool size
             torch._dynamo.mark_static(t)
         # every row may list every page: one size per engine (the attention metadata reads it)
         self.rows = torch.zeros(max_rows, num_pages, dtype=torch.int32, device=device)
