@@ -596,18 +596,27 @@ def plan_batch(feeds: Sequence[Feed], pool: KVPool, choose_kernel, small_queries
     groups: dict[int, list] = {}  # row -> [row, query count, pages, first packed row]
     row_order: list[int] = []
     n = 0
+    seg_ids, offsets, forks = meta
+    row_len = pool.pages.row_len
     for f in feeds:
-        count = len(f.tokens)
-        seg = f.segment
-        ids += f.tokens
-        positions += range(seg.start_pos + f.start, seg.start_pos + f.start + count)
-        writes += seg.slots(f.start, f.start + count, bs)
-        meta[0] += [seg.id] * count
-        meta[1] += range(f.start, f.start + count)
-        meta[2] += [seg.fork] * count
+        count, seg, start = len(f.tokens), f.segment, f.start
+        if count == 1:  # a decode row: no ranges or list comprehensions (this loop runs once per row per step)
+            ids.append(f.tokens[0])
+            positions.append(seg.start_pos + start)
+            writes.append(seg.pages[start // bs] * bs + start % bs)
+            seg_ids.append(seg.id)
+            offsets.append(start)
+            forks.append(seg.fork)
+        else:
+            ids += f.tokens
+            positions += range(seg.start_pos + start, seg.start_pos + start + count)
+            writes += seg.slots(start, start + count, bs)
+            seg_ids += [seg.id] * count
+            offsets += range(start, start + count)
+            forks += [seg.fork] * count
         group = groups.get(f.row)
         if group is None:
-            group = groups[f.row] = [f.row, 0, pool.pages.row_len[f.row], n]
+            group = groups[f.row] = [f.row, 0, row_len[f.row], n]
             row_order.append(f.row)
         elif group[3] + group[1] != n:
             raise ValueError("the feeds of one page-table row must be consecutive")
@@ -615,7 +624,7 @@ def plan_batch(feeds: Sequence[Feed], pool: KVPool, choose_kernel, small_queries
         if f.logits:
             logit_rows.append(n + count - 1)
         n += count
-        seg.written = f.start + count
+        seg.written = start + count
     pool.pages.stage(upload)
     q_meta = torch.tensor(meta, dtype=torch.int32)  # [3, N] on the host
     calls, base = [], 0

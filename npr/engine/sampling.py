@@ -30,13 +30,15 @@ import torch
 
 from npr.engine.upload import StepUpload
 
+_INT63 = 0x7FFF_FFFF_FFFF_FFFF
 CANDIDATES = 256  # top-k/top-p rows look at this many tokens first
 
 
 def row_uniform(*key: int) -> float:
     """A uniform number in [0, 1) from an integer key (blake2b: identical on every platform)."""
-    digest = hashlib.blake2b(struct.pack(f"<{len(key)}q", *(k & 0x7FFF_FFFF_FFFF_FFFF for k in key)),
-                             digest_size=8).digest()
+    if min(key) < 0 or max(key) > _INT63:
+        key = tuple(k & _INT63 for k in key)
+    digest = hashlib.blake2b(struct.pack(f"<{len(key)}q", *key), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
 
 

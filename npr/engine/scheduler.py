@@ -63,6 +63,7 @@ class Scheduler:
         # shared prompt prefixes (``share_prefix``): token ids -> segment, most recently used last
         self._prefixes: OrderedDict[tuple[int, ...], Segment] = OrderedDict()
         self._last_prompt: list[int] = []
+        self._running_need: int | None = None  # pages the resident requests' next feeds need (``_make_room``)
 
     # ------------------------------------------------------------------ submission and cancellation
 
@@ -217,7 +218,11 @@ class Scheduler:
 
     def _pages_to_feed(self, req: Request) -> int:
         bs = self.pool.block_size
-        need = sum(s.pages_needed(len(s), bs) for s in req.segments if s.written < len(s))
+        need = 0
+        for s in req.segments:  # a plain loop: this runs for every resident request, twice per step
+            n = len(s.tokens)
+            if s.written < n:
+                need += max(0, -(-n // bs) - len(s.pages))
         if not req.resident:
             need += sum(p.pages_needed(len(p), bs) for p in (req.group.prefix, req.group.prompt)
                         if p is not None and not p.pages)
@@ -291,6 +296,7 @@ class Scheduler:
         while self.running:
             need = sum(self._pages_to_feed(r) for r in self.running)
             if need <= self.pool.free_blocks:
+                self._running_need = need  # read by ``_admit``, which runs next with the same requests
                 return
             victim = self.running[-1]
             if len(self.running) == 1:
@@ -314,7 +320,10 @@ class Scheduler:
         fits an empty pool; a preempted request that no longer fits alone ends as ``length``)."""
         cap, pool = self.config.max_num_seqs, self.pool
         live = self.live_streams()
-        spare = pool.free_blocks - sum(self._pages_to_feed(r) for r in self.running)
+        need, self._running_need = self._running_need, None
+        if need is None:
+            need = sum(self._pages_to_feed(r) for r in self.running)
+        spare = pool.free_blocks - need
         while self.preempted:
             req = self.preempted[0]
             streams = max(1, len(req.streams()))
