@@ -9,6 +9,7 @@ exactly what the training mask describes.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -31,6 +32,9 @@ def fuzz_round(model_tok, seed: int) -> int:
     config = EngineConfig(mode=mode, debug=True, max_branches=rng.randint(1, 5), max_depth=rng.randint(1, 4),
                           min_fork_budget=rng.choice([0, 8, 32]), block_size=rng.choice([4, 16]),
                           kv_cache_tokens=rng.choice([256, 2048, 8192]), max_num_seqs=rng.choice([n, 2 * n, 64]))
+    # chunked prefill in a third of the rounds, at the smallest cap allowed (drawn apart: the rounds stay as they were)
+    if random.Random(f"chunk/{seed}").random() < 1 / 3:
+        config = replace(config, max_num_batched_tokens=max(16, config.block_size, config.max_num_seqs))
     engine = Engine(model, tok, config)
     fuzzer = TokenFuzzer(tok, seed, p_tag=rng.uniform(0.05, 0.5), p_eos=rng.uniform(0.0, 0.05),
                          plan_bias=rng.choice([0.0, 0.5, 0.95]))

@@ -41,6 +41,11 @@ class EngineConfig:
     max_num_seqs: int = 64
     """Most live streams (a request's main line, or each of its decoding branches) at once. A fork
     opens as many branches as this leaves room for (at least one) and the rest as others close."""
+    max_num_batched_tokens: int | None = 8192
+    """Most tokens fed in one forward (vLLM's name; chunked prefill): requests that only decode go first,
+    then prompts, forks, joins and re-prefills in order, the last one cut to the tokens left and
+    continued in the next steps while decoding goes on. At least ``block_size`` and ``max_num_seqs``
+    (one decode token per live stream must fit); None feeds everything planned in one forward."""
     prefill_group_tokens: int = 32
     """Requests feeding more query tokens than this in a step run in attention calls of their own
     (with requests of nearly their shape), so padding never dominates."""
@@ -68,6 +73,11 @@ class EngineConfig:
             raise EngineInputError("block_size, max_num_seqs and max_depth must be >= 1")
         if self.attention not in ATTENTION_KERNELS:
             raise EngineInputError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_KERNELS)}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < max(self.block_size,
+                                                                                         self.max_num_seqs):
+            raise EngineInputError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is below one KV block (block_size="
+                f"{self.block_size}) or one decode token per stream (max_num_seqs={self.max_num_seqs}); raise it")
         if self.repetition_penalty <= 0:
             raise EngineInputError("repetition_penalty must be > 0 (1.0 disables it)")
 

@@ -369,43 +369,82 @@ class Scheduler:
 
         The prompt of a new group is one feed whose last logits serve all its n samples; a
         re-prefilled prompt asks for none. Pages for every feed are allocated here, so the forward
-        never runs out of them.
+        never runs out of them. ``max_num_batched_tokens`` bounds the tokens fed (``_within_budget``).
         """
         self._make_room()
         self._admit()
+        fed_prompts: set[int] = set()
+        wanted = [(req, self._feeds_of(req, fed_prompts)) for req in self.running]
         feeds: list[Feed] = []
         samplers: list[list[Stream]] = []
-        fed_prompts: set[int] = set()
-        for req in self.running:
-            fed = False
-            prefix = req.group.prefix  # fed (once) in the row of its first reader, before that row's prompt
-            if prefix is not None and prefix.written < len(prefix) and id(prefix) not in fed_prompts:
-                fed_prompts.add(id(prefix))
-                self._allocate(prefix, self._rows_of(req, prefix))
-                feeds.append(Feed(prefix, prefix.written, prefix.tokens[prefix.written:], req.row, False))
-                fed = True
-            prompt = req.group.prompt
-            if prompt.written < len(prompt) and id(prompt) not in fed_prompts:
-                fed_prompts.add(id(prompt))
-                self._allocate(prompt, self._rows_of(req, prompt))
-                first = not req.group.started
-                feeds.append(Feed(prompt, prompt.written, prompt.tokens[prompt.written:], req.row, first))
-                if first:
-                    req.group.started = True
-                    samplers.append([r.main for r in req.group.requests if r.resident and not r.segments[0].tokens])
-                fed = True
-            live = {id(s.segment): s for s in req.streams()}
-            for seg in req.segments:
-                if seg.written < len(seg):
-                    self._allocate(seg, [req.row])
-                    stream = live.get(id(seg))
-                    wants = stream is not None and stream.wants_sample
-                    feeds.append(Feed(seg, seg.written, seg.tokens[seg.written:], req.row, wants))
-                    if wants:
-                        samplers.append([stream])
-                    fed = True
-            req.forward_passes += fed
+        for req, items in self._within_budget(wanted):
+            for feed, streams, starts in items:
+                feeds.append(feed)
+                if streams is not None:
+                    samplers.append(streams)
+                if starts is not None:
+                    starts.started = True
+            req.forward_passes += bool(items)
         return feeds, samplers
+
+    def _feeds_of(self, req: Request, fed_prompts: set[int]) -> list[tuple[Feed, list[Stream] | None, Group | None]]:
+        """Every unwritten token of ``req`` as feeds of its row, in order, each with the streams its logits
+        serve (or None) and the group whose first logits it gives (or None). Allocates their pages."""
+        items = []
+        prefix = req.group.prefix  # fed (once) in the row of its first reader, before that row's prompt
+        if prefix is not None and prefix.written < len(prefix) and id(prefix) not in fed_prompts:
+            fed_prompts.add(id(prefix))
+            self._allocate(prefix, self._rows_of(req, prefix))
+            items.append((Feed(prefix, prefix.written, prefix.tokens[prefix.written:], req.row, False), None, None))
+        prompt = req.group.prompt
+        if prompt.written < len(prompt) and id(prompt) not in fed_prompts:
+            fed_prompts.add(id(prompt))
+            self._allocate(prompt, self._rows_of(req, prompt))
+            first = not req.group.started
+            feed = Feed(prompt, prompt.written, prompt.tokens[prompt.written:], req.row, first)
+            if first:
+                streams = [r.main for r in req.group.requests if r.resident and not r.segments[0].tokens]
+                items.append((feed, streams, req.group))
+            else:
+                items.append((feed, None, None))
+        live = {id(s.segment): s for s in req.streams()}
+        for seg in req.segments:
+            if seg.written < len(seg):
+                self._allocate(seg, [req.row])
+                stream = live.get(id(seg))
+                wants = stream is not None and stream.wants_sample
+                items.append((Feed(seg, seg.written, seg.tokens[seg.written:], req.row, wants),
+                              [stream] if wants else None, None))
+        return items
+
+    def _within_budget(self, wanted: list) -> list:
+        """The feeds of one forward within ``max_num_batched_tokens`` (vLLM's chunked prefill): every
+        request that only decodes (one token per stream) first, then the others in order, the last one
+        cut to the tokens left. A cut feed asks for no logits (its stream samples once the rest of its
+        segment is fed, in a later step), and its row's later feeds wait, since they may read it; so
+        does every other request's prefill in this step."""
+        budget = self.config.max_num_batched_tokens
+        if budget is None or sum(len(f.tokens) for _, items in wanted for f, _, _ in items) <= budget:
+            return wanted
+        decoding = {id(req) for req, items in wanted if all(len(f.tokens) == 1 for f, _, _ in items)}
+        budget -= sum(len(items) for req, items in wanted if id(req) in decoding)  # <= max_num_seqs <= budget
+        chosen = []
+        for req, items in wanted:
+            if id(req) in decoding:
+                chosen.append((req, items))
+                continue
+            kept = []
+            for feed, streams, starts in items:
+                if budget <= 0:
+                    break
+                if len(feed.tokens) > budget:  # cut: the rest of this segment is fed in later steps
+                    kept.append((Feed(feed.segment, feed.start, feed.tokens[:budget], feed.row, False), None, None))
+                    budget = 0
+                    break
+                kept.append((feed, streams, starts))
+                budget -= len(feed.tokens)
+            chosen.append((req, kept))
+        return chosen
 
     # ------------------------------------------------------------------ consuming samples
 
