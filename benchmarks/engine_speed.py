@@ -223,8 +223,10 @@ def engine_decode_only(engine, tok, device, prompts, new_tokens, sampled: bool, 
     params = replace(engine_decode_params(tok, new_tokens, sampled), n=n)
     engine.submit(prompts, params)
     sync(device)
-    engine.step()  # the prefill and the first token of every prompt
-    sync(device)
+    engine.step()  # the prefill and the first token of every prompt (engines here feed it in one step:
+    sync(device)  # max_num_batched_tokens=None)
+    if any(not r.group.started for r in engine.scheduler.running):
+        raise ValueError("decode-only timing needs the whole prefill in one step: max_num_batched_tokens=None")
     first = time.perf_counter()
     results = []
     while engine.scheduler.has_work():
@@ -263,7 +265,8 @@ def bench_decode(model, tok, device, contexts, batches, new_tokens, repeats):
         for batch in batches:
             prompts = prompts_for(tok, batch, context)
             engine = Engine(model, tok, EngineConfig(mode="plain", max_num_seqs=max(batch, 1),
-                                                     kv_cache_tokens=batch * (context + new_tokens + 64)))
+                                                     kv_cache_tokens=batch * (context + new_tokens + 64),
+                                                     max_num_batched_tokens=None))  # the prefill in one step
             for sampled in (False, True):
                 hf, ours = [], []
                 for _ in range(repeats):
@@ -285,7 +288,8 @@ def bench_kernels(model, tok, device, contexts, batches, new_tokens, repeats):
         for batch in batches:
             prompts = prompts_for(tok, batch, context)
             engines = [Engine(model, tok, EngineConfig(mode="plain", attention=kernel, max_num_seqs=max(batch, 1),
-                                                       kv_cache_tokens=batch * (context + new_tokens + 64)))
+                                                       kv_cache_tokens=batch * (context + new_tokens + 64),
+                                                       max_num_batched_tokens=None))
                        for kernel in ("sdpa", "flex")]
             # compile outside the clock
             engine_decode_only(engines[1], tok, device, prompts_for(tok, batch, 32), 4, False)
@@ -307,7 +311,7 @@ def bench_shared(model, tok, device, contexts, prompts_n, samples, new_tokens, r
         prompts = prompts_for(tok, prompts_n, context)
         rows_n = prompts_n * samples
         engines = [Engine(model, tok, EngineConfig(mode="plain", attention="sdpa", max_num_seqs=rows_n,
-                                                   shared_prefix_attention=shared,
+                                                   shared_prefix_attention=shared, max_num_batched_tokens=None,
                                                    kv_cache_tokens=prompts_n * context + rows_n * (new_tokens + 64)))
                    for shared in (False, True)]
         outs = [[], []]
