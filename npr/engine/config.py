@@ -8,6 +8,7 @@ from npr.errors import NprError
 
 MODES = ("parallel", "sequential", "plain")
 ATTENTION_KERNELS = ("auto", "flex", "sdpa")
+CPU_KV_CACHE_GIB = 2.0  # the KV pool on a CPU when neither kv_cache_tokens nor kv_cache_gib is given
 
 
 class EngineInputError(NprError, ValueError):
@@ -36,8 +37,15 @@ class EngineConfig:
     """Tokens per KV block."""
     kv_cache_tokens: int | None = None
     """KV pool capacity in tokens; None sizes it from ``kv_cache_gib``."""
-    kv_cache_gib: float = 2.0
-    """KV pool memory when ``kv_cache_tokens`` is None."""
+    kv_cache_gib: float | None = None
+    """KV pool memory when ``kv_cache_tokens`` is None. None: on CUDA, what ``gpu_memory_utilization``
+    leaves; on a CPU, ``CPU_KV_CACHE_GIB``."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM's name and meaning: the fraction of the GPU's memory this engine may use. The KV pool takes
+    that fraction of the device's memory less what other processes, this one's tensors (the weights)
+    and a measured forward of ``max_num_batched_tokens`` tokens take (``kv_pool_bytes``). Used on CUDA
+    when neither ``kv_cache_tokens`` nor ``kv_cache_gib`` is given (Qwen3-4B on an 80 GB card at 0.9:
+    ~60 GB, ~400k tokens, so a 30k-token rollout fits many times)."""
     max_num_seqs: int = 64
     """Most live streams (a request's main line, or each of its decoding branches) at once. A fork
     opens as many branches as this leaves room for (at least one) and the rest as others close."""
@@ -78,6 +86,10 @@ class EngineConfig:
             raise EngineInputError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} is below one KV block (block_size="
                 f"{self.block_size}) or one decode token per stream (max_num_seqs={self.max_num_seqs}); raise it")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise EngineInputError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise EngineInputError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.repetition_penalty <= 0:
             raise EngineInputError("repetition_penalty must be > 0 (1.0 disables it)")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from npr.engine.attention import BatchPlan, paged_attention, plan_batch
-from npr.engine.config import EngineConfig, EngineInputError, SamplingParams
+from npr.engine.config import CPU_KV_CACHE_GIB, EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool
 from npr.engine.sampling import (RowParams, SamplingPlan, SeenTokens, apply_repetition_penalty, plan_sampling,
                                  redraw_wide, row_uniform, sample)
@@ -112,6 +112,34 @@ class StepSampling:
     penalty: PenaltyPlan | None
 
 
+def kv_pool_bytes(total: int, others: int, in_use: int, forward: int, utilization: float) -> int:
+    """vLLM's rule: the pool gets ``utilization`` of the device's ``total`` bytes less what other
+    processes hold (``others``), what this process's tensors hold (``in_use``: the weights) and the
+    activations of the largest forward (``forward``). Raises when nothing is left."""
+    left = int(total * utilization) - others - in_use - forward
+    if left <= 0:
+        gib = [round(x / 2**30, 2) for x in (total, others, in_use, forward)]
+        raise EngineInputError(
+            f"gpu_memory_utilization={utilization} leaves no memory for the KV pool (device {gib[0]} GiB, other "
+            f"processes {gib[1]} GiB, weights {gib[2]} GiB, a forward {gib[3]} GiB); raise it or set kv_cache_gib")
+    return left
+
+
+@torch.no_grad()
+def measure_cuda_memory(model, device: torch.device, tokens: int) -> tuple[int, int, int, int]:
+    """(total, other processes, this process's tensors, a ``tokens``-token forward's peak activations), bytes."""
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    others = total - free - torch.cuda.memory_reserved(device)
+    in_use = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    model(input_ids=torch.zeros(1, tokens, dtype=torch.long, device=device), logits_to_keep=1, use_cache=False)
+    forward = torch.cuda.max_memory_allocated(device) - in_use
+    torch.cuda.empty_cache()
+    return total, others, in_use, forward
+
+
 def _model_dims(model) -> tuple[int, int, int]:
     config = model.config
     layer_types = getattr(config, "layer_types", None) or []
@@ -137,7 +165,7 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         cfg = self.config
         bytes_per_token = layers * 2 * kv_heads * head_dim * param.element_size()
-        tokens = cfg.kv_cache_tokens or int(cfg.kv_cache_gib * 2**30 // bytes_per_token)
+        tokens = cfg.kv_cache_tokens or int(self._pool_bytes(model) // bytes_per_token)
         num_blocks = max(1, tokens // cfg.block_size)
         self.pool = KVPool(layers, kv_heads, head_dim, num_blocks, cfg.block_size, self.dtype, self.device,
                            max_rows=cfg.max_num_seqs)
@@ -146,6 +174,17 @@ class Engine:
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self._seen: SeenTokens | None = None  # the tokens each branch sampled (repetition penalty)
         self.vocab_size = model.get_output_embeddings().weight.shape[0]
+
+    def _pool_bytes(self, model) -> float:
+        """KV pool bytes: ``kv_cache_gib`` when given; on CUDA what ``gpu_memory_utilization`` leaves after
+        the memory in use and a measured forward; on a CPU ``CPU_KV_CACHE_GIB``."""
+        cfg = self.config
+        if cfg.kv_cache_gib is not None:
+            return cfg.kv_cache_gib * 2**30
+        if self.device.type != "cuda":
+            return CPU_KV_CACHE_GIB * 2**30
+        total, others, in_use, forward = measure_cuda_memory(model, self.device, cfg.max_num_batched_tokens or 8192)
+        return kv_pool_bytes(total, others, in_use, forward, cfg.gpu_memory_utilization)
 
     def _scaffold(self, tokenizer, model) -> Scaffold:
         enc = lambda s: tuple(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731
