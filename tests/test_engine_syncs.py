@@ -74,9 +74,9 @@ def steady_steps(engine: Engine, counter: SyncCounter, monkeypatch) -> list[list
     real_plan = Scheduler.plan
 
     def plan(self):
-        feeds, samplers = real_plan(self)
-        plans.append(feeds)
-        return feeds, samplers
+        step = real_plan(self)
+        plans.append(step.feeds)
+        return step
 
     monkeypatch.setattr(Scheduler, "plan", plan)
     steady = []

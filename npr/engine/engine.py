@@ -260,7 +260,8 @@ class Engine:
         The host plans the step (feeds, attention indices, sampling settings), sends it to the device
         in one upload, runs the forward and sampling there, and reads back the sampled tokens: one
         transfer each way (a nucleus wider than its candidates, which is rare, redraws with one more)."""
-        feeds, samplers = self.scheduler.plan()
+        plan = self.scheduler.plan()
+        feeds, samplers = plan.feeds, plan.samplers
         event = EngineEvent()
         if feeds:
             upload = StepUpload()

@@ -37,12 +37,23 @@ import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from npr.engine.attention import Feed
 from npr.engine.config import EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool, Segment
-from npr.engine.state import Group, OpenBlock, Request, Scaffold, Stream, StreamDelta
+from npr.engine.state import Group, OpenBlock, Request, Scaffold, Stream, StreamDelta, StreamKind
 from npr.masks import Phase, StructureError, branch_start_position, next_phase, takeaway_position
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the scheduler plans for one forward (vLLM's ``SchedulerOutput``): ``feeds``, the tokens to feed
+    (the feeds of one page-table row consecutive), and ``samplers``: per feed that asks for logits, in
+    order, the streams those logits serve (a new prompt's serve all its samples)."""
+
+    feeds: list[Feed]
+    samplers: list[list[Stream]]
 
 
 class Scheduler:
@@ -263,7 +274,7 @@ class Scheduler:
             else:
                 self._allocate(seg, [req.row])
         for stream in req.streams():
-            if stream.kind == "branch":
+            if stream.kind is StreamKind.BRANCH:
                 self._give_seen_slot(stream)
         req.mark_started()
         self.running.append(req)
@@ -358,13 +369,13 @@ class Scheduler:
         for req in requests:
             seg = self._new_segment(len(group.prompt_ids), order=0)
             req.segments.append(seg)
-            req.main = Stream(req, seg, "main", Phase.TEXT, 0, 0)
+            req.main = Stream(request=req, segment=seg, kind=StreamKind.MAIN, phase=Phase.TEXT, block=0, branch=0)
             self._make_resident(req)
         self._groups_alive.append(group)
 
     # ------------------------------------------------------------------ planning
 
-    def plan(self) -> tuple[list[Feed], list[list[Stream]]]:
+    def plan(self) -> StepPlan:
         """Feeds for the next forward and, per feed that asks for logits, the streams to sample.
 
         The prompt of a new group is one feed whose last logits serve all its n samples; a
@@ -385,7 +396,7 @@ class Scheduler:
                 if starts is not None:
                     starts.started = True
             req.forward_passes += bool(items)
-        return feeds, samplers
+        return StepPlan(feeds=feeds, samplers=samplers)
 
     def _feeds_of(self, req: Request, fed_prompts: set[int]) -> list[tuple[Feed, list[Stream] | None, Group | None]]:
         """Every unwritten token of ``req`` as feeds of its row, in order, each with the streams its logits
@@ -495,7 +506,7 @@ class Scheduler:
         req = stream.request
         self._append(stream, token, logprob, True)
         req.used += 1
-        if stream.kind == "branch":
+        if stream.kind is StreamKind.BRANCH:
             stream.history.append(token)
         if token in req.params.stop_token_ids:
             return self._finish(req, "stop", None)
@@ -503,7 +514,8 @@ class Scheduler:
         if token in self.scaffold.eos_ids and not req.params.ignore_eos:
             if mode == "plain" or stream.phase is Phase.TEXT:
                 return self._finish(req, "eos", None)
-            where = f"step {stream.branch} of block {stream.block}" if stream.kind == "branch" else stream.phase.value
+            branch = stream.kind is StreamKind.BRANCH
+            where = f"step {stream.branch} of block {stream.block}" if branch else stream.phase.value
             return self._finish(req, "invalid_schema", f"EOS inside {where}")
         if mode == "plain":
             return
@@ -511,7 +523,7 @@ class Scheduler:
         try:
             phase = next_phase(stream.phase, tag)
         except StructureError as e:
-            where = f" (step {stream.branch} of block {stream.block})" if stream.kind == "branch" else ""
+            where = f" (step {stream.branch} of block {stream.block})" if stream.kind is StreamKind.BRANCH else ""
             return self._finish(req, "invalid_schema", f"{e}{where}")
         stream.phase = phase
         if tag == "<guideline>":
@@ -556,7 +568,8 @@ class Scheduler:
         seg = self._new_segment(branch_start_position(block.last_shared_position), order=len(req.segments),
                                 block=number, branch=branch)
         seg.fork = seg.id if first is None else first  # siblings are never in a branch's ancestry
-        stream = Stream(req, seg, "branch", Phase.STEP, number, branch)
+        stream = Stream(request=req, segment=seg, kind=StreamKind.BRANCH, phase=Phase.STEP, block=number,
+                        branch=branch)
         block.branches.append(stream)
         req.segments.append(seg)
         req.blocks[-1].append(seg)

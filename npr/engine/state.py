@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from npr.engine.config import SamplingParams
 from npr.engine.kv_pool import Segment
@@ -43,13 +44,21 @@ class StreamDelta:
     """Per token, as in ``Result.logprobs`` (NaN for prefilled tokens and when log-probs are off)."""
 
 
+class StreamKind(StrEnum):
+    """A request's main line, or one branch of a parallel block (equal to the strings "main"/"branch")."""
+
+    MAIN = "main"
+    BRANCH = "branch"
+
+
 class Stream:
     """A live decoding position: the main line of a request or one branch. Logits processors see
-    it read-only: ``prompt_index``, ``sample_index``, ``kind`` ("main"/"branch"), ``block`` (number
+    it read-only: ``prompt_index``, ``sample_index``, ``kind`` (``StreamKind``: "main"/"branch"), ``block`` (number
     of blocks forked so far, or this branch's block), ``branch`` (1-based, 0 for main),
     ``phase``, ``tokens`` (the current segment's tokens)."""
 
-    def __init__(self, request: Request, segment: Segment, kind: str, phase: Phase, block: int, branch: int):
+    def __init__(self, *, request: Request, segment: Segment, kind: StreamKind, phase: Phase, block: int,
+                 branch: int):
         self.request = request
         self.segment = segment
         self.kind = kind
