@@ -44,7 +44,7 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(layers: int, hidden: int, response: int, chunk: int) -> dict:
+def measure(layers: int, hidden: int, response: int, chunk: int, checkpointing: bool) -> dict:
     """One case in this process: the peak resident bytes of two update steps above the baseline."""
     import torch
     from accelerate import Accelerator
@@ -62,7 +62,8 @@ def measure(layers: int, hidden: int, response: int, chunk: int) -> dict:
     model = AutoModelForCausalLM.from_config(Qwen3Config(**shape(layers, hidden)), dtype=torch.float32)
     set_attention(model, "dense")
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -71,7 +72,8 @@ def measure(layers: int, hidden: int, response: int, chunk: int) -> dict:
     prompt = torch.randint(0, VOCAB, (PROMPT_TOKENS,), generator=generator).tolist()
     tokens = torch.randint(0, VOCAB, (response,), generator=generator).tolist()
     batch = PolicyBatch(sequences=[causal_sequence(prompt, tokens)],
-                        loss_masks=[torch.ones(response, dtype=torch.bool)], advantages=torch.tensor([1.0]), sampler_logprobs=[torch.full((response,), float("nan"))])
+                        loss_masks=[torch.ones(response, dtype=torch.bool)], advantages=torch.tensor([1.0]),
+                        sampler_logprobs=[torch.full((response,), float("nan"))])
     extra = {"logprob_chunk_size": chunk} if chunk else {}
     loss_fn = get_policy_loss("papo")
     for _ in range(2):
@@ -82,9 +84,9 @@ def measure(layers: int, hidden: int, response: int, chunk: int) -> dict:
     return {"peak": peak - baseline, "baseline": baseline}
 
 
-def run_case(layers: int, hidden: int, response: int, chunk: int) -> dict:
+def run_case(layers: int, hidden: int, response: int, chunk: int, checkpointing: bool) -> dict:
     """``measure`` in a fresh process (peak resident size is per process)."""
-    argv = [sys.executable, __file__, "--child", json.dumps([layers, hidden, response, chunk])]
+    argv = [sys.executable, __file__, "--child", json.dumps([layers, hidden, response, chunk, checkpointing])]
     proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode != 0:
         raise SystemExit(f"case {layers} layers, {response} tokens failed:\n{proc.stderr[-3000:]}")
@@ -107,22 +109,25 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024], help="response tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=0, help="logprob_chunk_size (0: the [T, V] path)")
+    parser.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_size (0: the [T, V] path of npr "
+                        "before chunked log-probs, whose policy_backward takes no chunk size)")
+    parser.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(*json.loads(args.child))))
         return
     mib = 1 << 20
-    print(f"update step (PAPO, bf16 autocast, gradient checkpointing, AdamW, 2 steps), Qwen3-shaped, vocab {VOCAB}, "
+    checkpointing = "no checkpointing" if args.no_checkpointing else "gradient checkpointing"
+    print(f"update step (PAPO, bf16 autocast, {checkpointing}, AdamW, 2 steps), Qwen3-shaped, vocab {VOCAB}, "
           f"hidden {args.hidden}, prompt {PROMPT_TOKENS}, logprob chunk {args.chunk or 'none ([T, V])'}; cpu, 1 thread")
     print(f"{'layers':>6} {'tokens':>7} {'predicted MiB':>14} {'measured MiB':>13} {'measured/predicted':>19}  "
           "largest line of the plan")
     worst = 0.0
     for layers in args.layers:
         for length in args.lengths:
-            plan = predicted(layers, args.hidden, length, args.chunk)
-            measured = run_case(layers, args.hidden, length, args.chunk)["peak"]
+            plan = predicted(layers, args.hidden, length, args.chunk, not args.no_checkpointing)
+            measured = run_case(layers, args.hidden, length, args.chunk, not args.no_checkpointing)["peak"]
             ratio = measured / plan.peak
             worst = max(worst, abs(ratio - 1))
             print(f"{layers:>6} {length:>7} {plan.peak / mib:>14.0f} {measured / mib:>13.0f} {ratio:>19.2f}  "

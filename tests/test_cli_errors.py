@@ -145,6 +145,14 @@ CASES = {
     "version": [
         (["--verbose"], "unrecognized arguments: --verbose"),
     ],
+    "memory": [
+        (["--stage", "stage4"], "argument --stage: invalid choice: 'stage4'"),
+        (["--stage", "stage3", "--gpus", "0"], "argument --gpus: must be >= 1, got 0"),
+        (["--stage", "stage3", "--preset", "qwen3-4b", "--model", "nobody/no-such-model"], "no config.json found"),
+        (["--stage", "stage3", "--preset", "qwen3-4b", "--model", "@DIR"], "is a directory without config.json"),
+        (["--stage", "stage3", "--preset", "qwen3-4b", "--config", "@LISTYAML"], "must be a finite number"),
+        (["--stage", "stage2", "--preset", "qwen3-4b", "--micro-batch-tokenz", "5"], "did you mean"),
+    ],
 }
 
 

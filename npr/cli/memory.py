@@ -126,6 +126,10 @@ def verdict(shape, inputs, plan, gpu_gib: float, available: frozenset[str]) -> s
     largest = sorted(plan.lines, key=lambda line: -line.at(plan.peak_phase))[:3]
     why = ", ".join(f"{line.name} {line.at(plan.peak_phase) / GIB:.1f} GiB" for line in largest)
     why = f"at the {plan.peak_phase}'s peak {why}"
+    state = sum(line.at(plan.peak_phase) for line in plan.lines
+                if line.name.startswith(("parameters", "gradients", "optimizer states")))
+    if state > gpu_gib * GIB:
+        why = f"parameters, gradients and AdamW states alone take {state / GIB:.1f} GiB; {why}"
     changes, fits = fitting_changes(shape, inputs, gpu_gib * GIB, available)
     steps = ", then ".join(f"{c.setting}{'' if c.available else ' [not in this build: issue 26]'} -> "
                            f"{after / GIB:.1f} GiB" for c, after in changes)

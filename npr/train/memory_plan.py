@@ -47,6 +47,10 @@ DECODE_LOGITS_COPIES = 3  # the engine's decode step: fp32 logits, probabilities
 CODE_SHARDS_GRADIENT_ACCUMULATION = False
 CODE_RELEASES_ENGINE_FOR_UPDATE = False
 DEFAULT_PROMPT_TOKENS = 1024
+# npr.train.lm_head's chunk loops rebind their chunk tensors (z, grad) only after the next chunk's logits exist,
+# so from the second chunk on the previous chunk's fp32 logits-turned-gradient and its bf16 copy are still held:
+# 12 V bytes per chunk token instead of 8 (measured, benchmarks/memory_plan_check.py); `del` them to halve it
+CHUNK_LOOP_HOLDS_PREVIOUS = True
 
 
 class MemoryPlanError(NprError, ValueError):
@@ -145,6 +149,9 @@ def read_model_shape(spec: str) -> tuple[ModelShape, str]:
     HF hub id already in the local hub cache; never downloads. ``MemoryPlanError`` otherwise."""
     path = Path(spec).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise MemoryPlanError(f"{path} is a directory without config.json; npr memory reads the model's "
+                                  "config.json: point --model at an HF model directory or a run's final/")
         path = path / "config.json"
     if path.is_file():
         try:
@@ -300,7 +307,7 @@ def backward_working_bytes(shape: ModelShape, inputs: PlanInputs) -> float:
     return 2 * 4 * shape.hidden_size + 3 * inputs.compute_bytes * shape.intermediate_size
 
 
-def _activations(shape: ModelShape, inputs: PlanInputs) -> tuple[float, float, float, str]:
+def activation_bytes(shape: ModelShape, inputs: PlanInputs) -> tuple[float, float, float, str]:
     """(saved body bytes, recomputed-layer bytes, bytes per token saved, note) for one pass."""
     tokens = inputs.tokens_per_pass
     layers = shape.num_hidden_layers
@@ -323,15 +330,26 @@ def _activations(shape: ModelShape, inputs: PlanInputs) -> tuple[float, float, f
     return saved * tokens + mask, recompute * tokens, saved, note
 
 
-def _logits(shape: ModelShape, inputs: PlanInputs) -> tuple[float, str]:
-    """Peak bytes of the log-prob step and its note."""
-    per_token = LOGITS_BACKWARD_BYTES
-    if inputs.temperature_scaled:  # forward: model logits, fp32 copy, tempered copy, log_softmax output
-        per_token = max(per_token, (2 if inputs.compute_bytes == 2 else 0) + 12)
+def log_prob_bytes(shape: ModelShape, inputs: PlanInputs) -> tuple[float, str]:
+    """Peak bytes of the log-prob step beyond the hidden states, and its note.
+
+    Chunked (``npr.train.lm_head``, C tokens): the forward holds a chunk's fp32 logits and logsumexp's
+    shifted copy (8 V bytes per token); the backward the fp32 logits turned gradient in place, its
+    compute-dtype copy and the chunk's [V, H] weight gradient before it is summed (6 V C + 2 V H).
+    Full (npr before chunking): the [T, V] logits in the compute dtype, their fp32 copy and
+    ``log_softmax``'s output, then in the backward the gradients of those (12 V bytes per token; 14 in
+    the forward with a temperature)."""
     vocab = shape.vocab_size
     if inputs.logprob_chunk_tokens > 0:
         tokens = min(inputs.logprob_chunk_tokens, inputs.predicted_per_pass)
-        return per_token * vocab * tokens, f"one [{tokens}, {vocab}] chunk at a time"
+        if inputs.predicted_per_pass > tokens and CHUNK_LOOP_HOLDS_PREVIOUS:  # the previous chunk's z and grad
+            return 12 * vocab * tokens, f"[{tokens}, {vocab}] chunks: the previous chunk's fp32 and bf16 gradient " \
+                                        "held while the next one's logits are made"
+        chunk = max(8 * vocab * tokens, 6 * vocab * tokens + 2 * vocab * shape.hidden_size)
+        return chunk, f"one [{tokens}, {vocab}] chunk, forward and backward"
+    per_token = LOGITS_BACKWARD_BYTES
+    if inputs.temperature_scaled:  # forward: model logits, fp32 copy, tempered copy, log_softmax output
+        per_token = max(per_token, (2 if inputs.compute_bytes == 2 else 0) + 12)
     tokens = inputs.predicted_per_pass
     return per_token * vocab * tokens, f"[{tokens}, {vocab}] x {per_token} B (fp32 kept for the backward)"
 
@@ -362,11 +380,13 @@ def plan_memory(shape: ModelShape, inputs: PlanInputs) -> MemoryPlan:
     ]
     if inputs.fsdp:
         gathered = (shape.embedding_parameters + 2 * shape.layer_parameters) * inputs.compute_bytes
-        layer_grads = 2 * shape.layer_parameters * 4
-        lines.append(MemoryLine("FSDP gathered weights", 0, gathered + layer_grads, 0,
-                                "embeddings + 2 layers unsharded, their fp32 gradients in the backward"))
+        unsharded_grads = (2 * shape.layer_parameters + shape.embedding_parameters) * 4
+        lines.append(MemoryLine("FSDP gathered weights", 0, gathered + unsharded_grads, 0,
+                                "embeddings + 2 layers unsharded, with their fp32 gradients in the backward"))
     elif inputs.autocast_bf16 and mb != 2:
-        lines.append(MemoryLine("autocast bf16 weight copies", 0, p * 2, 0, "cached for one forward/backward"))
+        linear = shape.num_hidden_layers * (shape.layer_parameters - 2 * shape.hidden_size) + (
+            shape.vocab_size * shape.hidden_size)  # what autocast casts: the layers' linears and the output head
+        lines.append(MemoryLine("bf16 weight copies", 0, linear * 2, 0, "autocast's cache, the output head's copy"))
     if inputs.decode_rows:
         engine_resident = 0 if inputs.engine_released_for_update else 1
         weights = p * inputs.engine_weight_bytes
@@ -377,8 +397,8 @@ def plan_memory(shape: ModelShape, inputs: PlanInputs) -> MemoryPlan:
                                 "resident during the update" if engine_resident else "released for the update"))
         decode = inputs.decode_rows * shape.vocab_size * (4 * DECODE_LOGITS_COPIES + 1)
         lines.append(MemoryLine("engine decode step", decode, 0, 0, f"[{inputs.decode_rows}, V] logits"))
-    body, recompute, per_token, note = _activations(shape, inputs)
-    logits, logits_note = _logits(shape, inputs)
+    body, recompute, per_token, note = activation_bytes(shape, inputs)
+    logits, logits_note = log_prob_bytes(shape, inputs)
     tokens = f"{inputs.tokens_per_pass:,} tokens per pass"
     lines.append(MemoryLine("activations", 0, int(body), 0,
                             f"{per_token / 1024:.1f} KiB/token x {tokens}: {note}"))
