@@ -13,7 +13,8 @@ process, so it counts everything the update holds, allocator slack included; tra
 own allocations, not torch's tensors, and torch has no CPU allocator statistics, so the resident set is the
 measure. The plan predicts the same quantity: the bytes live at the update's peak, above that baseline.
 
-    python benchmarks/memory_plan_check.py [--lengths 256 512 1024] [--layers 1 4] [--hidden 256]
+    python benchmarks/memory_plan_check.py [--lengths 1024 2048 4096] [--layers 1 4] [--hidden 256] [--chunk 1024]
+        [--no-checkpointing] [--code DIR]
 
 Prints per case the plan's peak, the measured peak and measured/predicted; the goal is within +-20 %.
 """
@@ -84,10 +85,13 @@ def measure(layers: int, hidden: int, response: int, chunk: int, checkpointing: 
     return {"peak": peak - baseline, "baseline": baseline}
 
 
-def run_case(layers: int, hidden: int, response: int, chunk: int, checkpointing: bool) -> dict:
-    """``measure`` in a fresh process (peak resident size is per process)."""
+def run_case(layers: int, hidden: int, response: int, chunk: int, checkpointing: bool, code: str | None) -> dict:
+    """``measure`` in a fresh process (peak resident size is per process), importing npr from ``code``."""
     argv = [sys.executable, __file__, "--child", json.dumps([layers, hidden, response, chunk, checkpointing])]
-    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if code:
+        env["PYTHONPATH"] = code
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"case {layers} layers, {response} tokens failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -112,6 +116,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_size (0: the [T, V] path of npr "
                         "before chunked log-probs, whose policy_backward takes no chunk size)")
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
+    parser.add_argument("--code", default=None, metavar="DIR", help="measure the npr package under DIR (e.g. an "
+                        "older commit's tree from `git archive`) against this checkout's plan")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -120,14 +126,15 @@ def main() -> None:
     mib = 1 << 20
     checkpointing = "no checkpointing" if args.no_checkpointing else "gradient checkpointing"
     print(f"update step (PAPO, bf16 autocast, {checkpointing}, AdamW, 2 steps), Qwen3-shaped, vocab {VOCAB}, "
-          f"hidden {args.hidden}, prompt {PROMPT_TOKENS}, logprob chunk {args.chunk or 'none ([T, V])'}; cpu, 1 thread")
+          f"hidden {args.hidden}, prompt {PROMPT_TOKENS}, logprob chunk {args.chunk or 'none ([T, V])'}; cpu, 1 thread"
+          + (f"; npr from {args.code}" if args.code else ""))
     print(f"{'layers':>6} {'tokens':>7} {'predicted MiB':>14} {'measured MiB':>13} {'measured/predicted':>19}  "
           "largest line of the plan")
     worst = 0.0
     for layers in args.layers:
         for length in args.lengths:
             plan = predicted(layers, args.hidden, length, args.chunk, not args.no_checkpointing)
-            measured = run_case(layers, args.hidden, length, args.chunk, not args.no_checkpointing)["peak"]
+            measured = run_case(layers, args.hidden, length, args.chunk, not args.no_checkpointing, args.code)["peak"]
             ratio = measured / plan.peak
             worst = max(worst, abs(ratio - 1))
             print(f"{layers:>6} {length:>7} {plan.peak / mib:>14.0f} {measured / mib:>13.0f} {ratio:>19.2f}  "

@@ -85,7 +85,8 @@ def config_flags(extras: list[str], cls: type) -> dict[str, str]:
 
 
 def resolve_stage_config(args):
-    """(stage config, model spec, where the model came from) as ``npr train`` would resolve them."""
+    """The stage's config as ``npr train`` resolves it; Stage 2 and 3 without a model get the seed model of
+    their preset (they train the previous stage's output, which has its shape), and no data is read."""
     from npr.train.config import STAGE_CONFIGS
     from npr.train.overrides import resolve_config
 
@@ -98,11 +99,10 @@ def resolve_stage_config(args):
     seed = SEED_MODEL_OF_PRESET.get(args.preset or "")
     if seed and args.stage != "stage1":
         base["model"] = seed
-    config = resolve_config(args.stage, cls, args.preset, args.config, flags, base=base)
-    return config
+    return resolve_config(args.stage, cls, args.preset, args.config, flags, base=base)
 
 
-def format_table(plan, gpu_gib: float) -> list[str]:
+def format_table(plan) -> list[str]:
     phases = plan.phases
     width = max(len(line.name) for line in plan.lines) + 2
     head = f"{'':{width}}" + "".join(f"{p:>10}" for p in phases) + "  (GiB)"
@@ -148,8 +148,6 @@ def run(args) -> int:
     config = resolve_stage_config(args)
     if config.fsdp and args.gpus < 2:
         raise MemoryPlanError("--fsdp true shards over processes and --gpus is 1; pass --gpus N >= 2 or --fsdp false")
-    if args.stage != "stage2" and args.prompt_tokens >= 10 ** 7:
-        raise MemoryPlanError("--prompt-tokens is implausibly large")
     if args.stage == "stage2" and args.prompt_tokens >= config.max_seq_len:
         raise MemoryPlanError(f"--prompt-tokens {args.prompt_tokens} leaves no response within max_seq_len "
                               f"{config.max_seq_len}; pass a smaller --prompt-tokens")
@@ -164,9 +162,9 @@ def run(args) -> int:
         ", bf16 compute" if inputs.autocast_bf16 else "")
     print(f"per GPU of {args.gpus}: {'FSDP' if inputs.fsdp else 'DDP' if args.gpus > 1 else 'one process'}, "
           f"{precision}, {'gradient checkpointing' if inputs.gradient_checkpointing else 'no checkpointing'}, "
-          f"flex attention; a pass: {inputs.units_per_pass} x {inputs.unit_tokens:,} tokens "
+          f"flex attention (CUDA); a pass: {inputs.units_per_pass} x {inputs.unit_tokens:,} tokens "
           f"({inputs.predicted_per_pass:,} predicted), {inputs.passes_per_step} pass(es) per optimizer step")
-    for row in format_table(plan, args.gpu_memory):
+    for row in format_table(plan):
         print(row)
     print(verdict(shape, inputs, plan, args.gpu_memory, available))
     return 0

@@ -6,22 +6,21 @@ line (parameters, gradients, AdamW states, the engine's weights and KV pool, act
 logits, ...) in each phase of a step, the peak and what dominates it. ``inputs_from_config`` is the
 one place that reads a stage's config; ``fitting_changes`` finds the settings that make a plan fit.
 
-The counts follow what npr's code allocates (docs/training.md, "Memory of an update step"):
+The counts follow what npr's code allocates (docs/training.md, "Memory per GPU before launch"):
 
 - model state: fp32 master weights, their gradients and AdamW's two states, 1/N each under FSDP;
   under FSDP with several passes per optimizer step today's code accumulates UNSHARDED fp32
   gradients (``no_sync``) besides the shards; DDP keeps gradients and its buckets (2 copies);
-  bf16 autocast (no FSDP) caches a bf16 copy of every weight during the forward/backward;
+  bf16 autocast (no FSDP) caches a bf16 copy of every linear weight during the forward/backward;
 - the engine (RL stages): its copy of the weights in ``rollout_dtype`` (always a copy under FSDP)
   and its KV pool, resident for the whole run today, plus the decode step's [rows, V] logits;
 - the update's activations, per token of a forward pass: with gradient checkpointing each decoder
   layer keeps its input (the residual stream) and one layer at a time is recomputed in the
   backward, holding every tensor its ops save (counted op by op in ``layer_saved_bytes``);
-- the log-prob step: today ``response_logprobs`` holds [T, V] logits: the model's (bf16 under
-  autocast), an fp32 copy, ``log_softmax``'s output kept for the backward, and in the backward
-  the gradients of those: 12 bytes per vocabulary entry per predicted token at the backward's
-  peak (measured 12.3, benchmarks/memory_plan_check.py), 14 in the forward with a temperature;
-  chunked log-probs (``logprob_chunk_size`` C) hold the same per-token cost for C tokens only.
+- the log-prob step (``log_prob_bytes``): chunked (``logprob_chunk_size`` C, ``npr.train.lm_head``)
+  one chunk's [C, V] logits, whatever the length; the full path npr had before held [T, V] logits,
+  their fp32 copy and ``log_softmax``'s output, 12 bytes per vocabulary entry per predicted token
+  at the backward's peak (measured 12.3).
 
 The CPU benchmark ``benchmarks/memory_plan_check.py`` checks the arithmetic against the peak
 resident size of the real update step (docs/performance.md).
@@ -323,11 +322,14 @@ def activation_bytes(shape: ModelShape, inputs: PlanInputs) -> tuple[float, floa
         saved = layers * (per_layer + rb * shape.hidden_size) + final + head_input
         recompute = backward_working_bytes(shape, inputs)
         note = f"{layers} layers x {(per_layer + rb * shape.hidden_size) / 1024:.1f} KiB/token saved"
-    mask = 0.0
-    if inputs.device != "cuda":  # the dense layout's additive mask (fp32) and autocast's bf16 cast of it
-        mask = inputs.units_per_pass * inputs.unit_tokens ** 2 * (inputs.master_bytes
-                                                                  + (2 if inputs.autocast_bf16 else 0))
-    return saved * tokens + mask, recompute * tokens, saved, note
+    mask = mask_casts = 0.0
+    if inputs.device != "cuda":  # the dense layout's additive mask (fp32), and the bf16 cast of it that
+        squares = inputs.units_per_pass * inputs.unit_tokens ** 2  # attention saves in each layer under autocast
+        mask = squares * inputs.master_bytes
+        mask_casts = squares * 2 if inputs.autocast_bf16 else 0.0
+    if inputs.gradient_checkpointing:
+        return saved * tokens + mask, recompute * tokens + mask_casts, saved, note
+    return saved * tokens + mask + layers * mask_casts, recompute * tokens, saved, note
 
 
 def log_prob_bytes(shape: ModelShape, inputs: PlanInputs) -> tuple[float, str]:
