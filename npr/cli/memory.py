@@ -10,7 +10,7 @@ run's final/, or a known name such as Qwen/Qwen3-4B; nothing is downloaded and n
 Prints one table per GPU: each line's bytes during rollouts, at the update's peak and at AdamW's step;
 then ``peak per GPU: X GiB of Y GiB (fits)`` or ``(does not fit: ...)`` with the settings that make it fit.
 Lengths are the worst case: every response at max_new_tokens (Stage 1, 3), every example at max_seq_len
-(Stage 2). docs/training.md, "Memory of an update step", explains the lines.
+(Stage 2). docs/training.md, "Memory per GPU before launch", explains the lines.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--gpu-memory", type=positive_float, default=80.0, metavar="GIB",
                    help="memory of one GPU in GiB, as the card is sold (80 for an H100 80GB; default: 80)")
     p.add_argument("--prompt-tokens", type=positive_int, default=DEFAULT_PROMPT_TOKENS,
-                   help=f"tokens of a prompt (default: {DEFAULT_PROMPT_TOKENS})")
+                   help=f"tokens of one prompt (chat template, instruction, problem); a sequence is the prompt + "
+                        f"max_new_tokens (default: {DEFAULT_PROMPT_TOKENS})")
     p.epilog = ("Any other --field value is a config field of the stage (as for npr train), e.g. --fsdp true, "
                 "--micro-batch-tokens 32000, --kv-cache-gib 8.")
     return p
