@@ -228,3 +228,19 @@ def test_help_names_the_flags(capsys):
     assert code == 0
     for flag in ("--stage", "--preset", "--config", "--model", "--gpus", "--gpu-memory", "--prompt-tokens"):
         assert flag in out
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_a_real_update_and_plans_it():
+    """benchmarks/memory_plan_check.py end to end on a tiny case: one child process, a measured peak, a plan."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_plan_check.py"
+    spec = importlib.util.spec_from_file_location("memory_plan_check", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    measured = bench.run_case(1, 64, 48, 16, True, None, vocab=256)
+    assert measured["peak"] > 0 and measured["baseline"] > 0
+    plan = bench.predicted(1, 64, 48, 16, True, vocab=256)
+    assert plan.peak > 0 and line(plan, "log-prob logits").note.startswith("[16, 256] chunks")
