@@ -84,6 +84,19 @@ def test_activations_by_hand():
     assert body == 10 * (2 * (552 + 32 + 32) + 8 * 8) + 6 * 4 * 8 + 10 * 10 * 4
 
 
+def test_activations_by_hand_in_bf16():
+    # bf16 autocast over fp32 weights: the stream stays fp32, each linear saves its own bf16 cast of its input
+    # norm 1: normalised rows 4H + three casts 3 x 2H = 80; norm 2: 4H + 2 x 2H = 64; the stream 4H = 32;
+    # attention: q 16, k+v 2 x 8, output 16, logsumexp 8, o_proj's input 16 -> 72; MLP 4 x 16 x 2 = 128
+    assert layer_saved_bytes(TINY, replace(ONE, autocast_bf16=True)) == 80 + 64 + 32 + 72 + 128
+    # FSDP's bf16 weights (no autocast, a bf16 stream): each norm keeps an fp32 copy 4H, the normalised rows
+    # cast back 2H and its output 2H = 64; the bf16 stream itself is not saved; attention and MLP as above
+    fsdp = replace(ONE, autocast_bf16=True, fsdp=True, gpus=2)
+    assert layer_saved_bytes(TINY, fsdp) == 64 + 64 + 72 + 128
+    # Qwen3's q/k norms: an fp32 copy and a bf16 cast of every query and key head, (4 + 2) x (8 + 4)
+    assert layer_saved_bytes(replace(TINY, qk_norm=True), fsdp) == 64 + 64 + 72 + 128 + 6 * 12
+
+
 def test_peak_and_what_dominates():
     plan = plan_memory(TINY, replace(ONE, device="cpu"))  # no CUDA reserve
     activations = 10 * (2 * (552 + 32 + 32) + 8 * 8) + 6 * 4 * 8 + 10 * 10 * 4
