@@ -406,12 +406,15 @@ def plan_memory(shape: ModelShape, inputs: PlanInputs) -> MemoryPlan:
                             f"{per_token / 1024:.1f} KiB/token x {tokens}: {note}"))
     # the log-prob step runs before the layers' backward; its memory is freed when the layers recompute
     live_logits = logits >= recompute
-    lines.append(MemoryLine("recomputed layer + its backward", 0, 0 if live_logits else int(recompute), 0,
-                            f"{recompute / GIB:.2f} GiB" + (", not live with the logits" if live_logits else "")))
+    what = ("one layer's saved tensors, recomputed, + its backward's gradients" if inputs.gradient_checkpointing
+            else "the gradients one layer's backward holds")
+    lines.append(MemoryLine("recomputed layer + its backward" if inputs.gradient_checkpointing else "layer backward",
+                            0, 0 if live_logits else int(recompute), 0,
+                            what + (f"; {recompute / GIB:.2f} GiB, not live with the logits" if live_logits else "")))
     lines.append(MemoryLine("log-prob logits", 0, int(logits) if live_logits else 0, 0,
                             logits_note + ("" if live_logits else f"; {logits / GIB:.2f} GiB, not at the peak")))
-    step_temp = (p * 4 // share) if inputs.device == "cuda" else max(shape.vocab_size * shape.hidden_size,
-                                                                       shape.layer_parameters) * 4 * 2
+    largest = max(shape.vocab_size, shape.intermediate_size, shape.q_width) * shape.hidden_size  # one weight
+    step_temp = p * 4 // share if inputs.device == "cuda" else largest * 4 * 2
     lines.append(MemoryLine("AdamW step temporaries", 0, 0, on_gpu * step_temp,
                             "foreach: one state-sized buffer" if inputs.device == "cuda" else "per tensor"))
     if inputs.device == "cuda":
