@@ -155,6 +155,31 @@ def test_fitting_changes_name_a_setting_that_fits():
     assert [after for _, after in changes] == sorted((after for _, after in changes), reverse=True)
 
 
+@pytest.mark.parametrize("spec", ["tiny-random-llama", "tiny-random-qwen3"])
+def test_tiny_models_are_known_as_npr_builds_them(spec):
+    """The listed shapes of npr's tiny random models are the models npr.models builds (parameters counted)."""
+    from npr.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(spec)
+    shape, _ = read_model_shape(spec)
+    assert shape.parameters == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B",
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_known_shapes_count_what_transformers_builds(name):
+    """Each listed config, built by transformers on the meta device (no memory), has the parameters the
+    planner counts (Qwen3-4B: 4.02 B, tied; Qwen3-8B: untied)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fields = dict(KNOWN_MODELS[name])
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert read_model_shape(name)[0].parameters == sum(p.numel() for p in model.parameters())
+
+
 def test_model_configs(tmp_path):
     assert read_model_shape("Qwen/Qwen3-4B-Instruct-2507")[0] == read_model_shape("Qwen/Qwen3-4B")[0]
     (tmp_path / "m").mkdir()

@@ -141,6 +141,11 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
 for _name in ("Qwen/Qwen3-4B-Instruct-2507", "Qwen/Qwen3-4B-Thinking-2507"):  # the 2507 releases: Qwen3-4B's shape
     KNOWN_MODELS[_name] = KNOWN_MODELS["Qwen/Qwen3-4B"]
 KNOWN_MODELS["embedded"] = dict(KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"], vocab_size=49160)
+# npr.models' tiny random models (a byte tokenizer: 3 specials + 256 bytes + the 8 tags)
+_TINY = dict(vocab_size=267, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16)
+KNOWN_MODELS["tiny-random-llama"] = dict(_TINY, model_type="llama", tie_word_embeddings=False)
+KNOWN_MODELS["tiny-random-qwen3"] = dict(_TINY, model_type="qwen3", tie_word_embeddings=True)
 
 
 def read_model_shape(spec: str) -> tuple[ModelShape, str]:
