@@ -180,6 +180,14 @@ def test_known_shapes_count_what_transformers_builds(name):
     assert read_model_shape(name)[0].parameters == sum(p.numel() for p in model.parameters())
 
 
+def test_without_checkpointing_the_fix_named_first_is_checkpointing():
+    shape, _ = read_model_shape("Qwen/Qwen3-4B")
+    inputs = inputs_from_config("stage1", stage_config("stage1", gradient_checkpointing="false", fsdp="true"), shape,
+                                gpus=8)
+    changes, fits = fitting_changes(shape, inputs, 80 * GIB, frozenset())
+    assert fits and changes[0][0].setting == "gradient_checkpointing true"
+
+
 def test_model_configs(tmp_path):
     assert read_model_shape("Qwen/Qwen3-4B-Instruct-2507")[0] == read_model_shape("Qwen/Qwen3-4B")[0]
     (tmp_path / "m").mkdir()

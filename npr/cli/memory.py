@@ -137,7 +137,7 @@ def verdict(shape, inputs, plan, gpu_gib: float, available: frozenset[str]) -> s
     if fits:
         return f"{head} (does not fit: {why}; it fits with {steps})"
     if changes:
-        return f"{head} (does not fit: {why}; even with {steps} it does not fit)"
+        return f"{head} (does not fit: {why}; nor with {steps})"
     return f"{head} (does not fit: {why}; no setting npr memory knows lowers it)"
 
 

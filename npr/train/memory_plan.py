@@ -500,10 +500,12 @@ class Change:
 
 
 def candidate_changes(inputs: PlanInputs, available: frozenset[str]) -> list[Change]:
-    """Single changes that lower the peak: chunked log-probs, a token budget of one sequence per pass,
-    FSDP, more GPUs, CPU offload, sharded gradient accumulation, the engine released for the update,
-    a smaller KV pool."""
+    """Single changes that lower the peak: gradient checkpointing, chunked log-probs, a token budget of
+    one sequence per pass, FSDP, more GPUs, CPU offload, sharded gradient accumulation, the engine
+    released for the update, a smaller KV pool."""
     changes = []
+    if not inputs.gradient_checkpointing:
+        changes.append(Change("gradient_checkpointing true", replace(inputs, gradient_checkpointing=True)))
     if inputs.logprob_chunk_tokens == 0 or inputs.logprob_chunk_tokens > 1024:
         changes.append(Change("logprob_chunk_size 1024", replace(inputs, logprob_chunk_tokens=1024),
                               "logprob_chunk_size" in available))
