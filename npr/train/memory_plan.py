@@ -46,6 +46,7 @@ DECODE_LOGITS_COPIES = 3  # the engine's decode step: fp32 logits, probabilities
 CODE_SHARDS_GRADIENT_ACCUMULATION = False
 CODE_RELEASES_ENGINE_FOR_UPDATE = False
 DEFAULT_PROMPT_TOKENS = 1024
+OFFLOAD_FIELDS = ("cpu_offload", "offload")  # the config field CPU offload will have (issue 26 item 3, not yet built)
 # npr.train.lm_head's chunk loops rebind their chunk tensors (z, grad) only after the next chunk's logits exist,
 # so from the second chunk on the previous chunk's fp32 logits-turned-gradient and its bf16 copy are still held:
 # 12 V bytes per chunk token instead of 8 (measured, benchmarks/memory_plan_check.py); `del` them to halve it
@@ -446,7 +447,6 @@ def inputs_from_config(stage: str, config: Any, shape: ModelShape, gpus: int, de
     """``PlanInputs`` of a resolved stage config (``npr.train.config``) on ``gpus`` processes: the only
     place that reads config fields. Worst case lengths: every response at ``max_new_tokens`` (Stage 1/3)
     or every example at ``max_seq_len`` (Stage 2)."""
-    get = lambda name, default=0: getattr(config, name, default)  # noqa: E731 (fields part A adds)
     rl = stage in ("stage1", "stage3")
     if rl:
         response = config.max_new_tokens
@@ -482,9 +482,9 @@ def inputs_from_config(stage: str, config: Any, shape: ModelShape, gpus: int, de
         stage=stage, gpus=gpus, fsdp=config.fsdp, device=device, master_bytes=master,
         autocast_bf16=config.mixed_precision == "bf16", gradient_checkpointing=config.gradient_checkpointing,
         unit_tokens=unit, predicted_per_unit=predicted, units_per_pass=units, passes_per_step=passes,
-        logprob_chunk_tokens=get("logprob_chunk_size"), temperature_scaled=rl and config.temperature not in (0, 1),
+        logprob_chunk_tokens=config.logprob_chunk_size, temperature_scaled=rl and config.temperature not in (0, 1),
         engine_weight_bytes=engine_bytes, kv_pool_bytes=kv, decode_rows=rows,
-        offload=bool(get("cpu_offload", False) or get("offload", False)))
+        offload=any(getattr(config, name, False) for name in OFFLOAD_FIELDS))
 
 
 # ----------------------------------------------------------------------------- what makes it fit
@@ -521,7 +521,7 @@ def candidate_changes(inputs: PlanInputs, available: frozenset[str]) -> list[Cha
         changes.append(Change(f"--gpus {inputs.gpus * 2}", replace(inputs, gpus=inputs.gpus * 2)))
     if inputs.fsdp and not inputs.offload:
         changes.append(Change("CPU offload of parameters and optimizer states", replace(inputs, offload=True),
-                              bool({"cpu_offload", "offload"} & available)))
+                              bool(set(OFFLOAD_FIELDS) & available)))
     if inputs.fsdp and not inputs.sharded_gradient_accumulation and inputs.passes_per_step > 1:
         changes.append(Change("sharded gradient accumulation", replace(inputs, sharded_gradient_accumulation=True),
                               CODE_SHARDS_GRADIENT_ACCUMULATION))
