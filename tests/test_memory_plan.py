@@ -43,11 +43,14 @@ def test_model_state_by_hand():
     assert line(plan, "gradients").update == 1448 * 4  # fp32 gradients
     assert line(plan, "optimizer states").update == 2 * 1448 * 4  # AdamW m and v, fp32
     assert line(plan, "gradients").rollout == 0  # no rollout phase in SFT; gradients are freed after a step
-    # FSDP over 2: a half of each, and with 3 passes per step the unsharded fp32 gradients besides (no_sync)
+    # FSDP over 2: a half of each (gradients reduce-scattered every pass)
     sharded = plan_memory(TINY, replace(ONE, gpus=2, fsdp=True, passes_per_step=3))
     assert line(sharded, "parameters").update == 1448 * 4 // 2
     assert line(sharded, "optimizer states").update == 1448 * 4
-    assert line(sharded, "gradients").update == 1448 * 4 // 2 + 1448 * 4
+    assert line(sharded, "gradients").update == 1448 * 4 // 2
+    # no_sync over 3 passes (npr before issue 26): the unsharded fp32 gradients besides the shards
+    no_sync = replace(ONE, gpus=2, fsdp=True, passes_per_step=3, sharded_gradient_accumulation=False)
+    assert line(plan_memory(TINY, no_sync), "gradients").update == 1448 * 4 // 2 + 1448 * 4
     one_pass = plan_memory(TINY, replace(ONE, gpus=2, fsdp=True, passes_per_step=1))
     assert line(one_pass, "gradients").update == 1448 * 4 // 2
     assert line(plan_memory(TINY, replace(ONE, gpus=2)), "gradients").update == 2 * 1448 * 4  # DDP: + buckets
@@ -224,13 +227,12 @@ QWEN = ["--preset", "qwen3-4b", "--gpu-memory", "80"]
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
 def test_qwen3_4b_fits_8_x_80_gb(capsys, stage):
     """The issue's goal: Stage 1 and Stage 3 of the qwen3-4b preset fit 8 x 80 GB, sharded (--fsdp true), with
-    one 30k-token response per pass; with two per pass (the preset's micro_batch_size 2) the plan says which
-    setting to change."""
-    code, out, err = run_cli(capsys, *QWEN, "--stage", stage, "--gpus", "8", "--fsdp", "true",
-                             "--micro-batch-tokens", "31024")
-    last = out.strip().splitlines()[-1]
-    assert code == 0 and last.startswith("peak per GPU: ") and last.endswith(" GiB of 80 GiB (fits)"), out + err
-    assert "parameters" in out and "engine KV pool" in out and "log-prob logits" in out
+    the preset's two 30k-token responses per pass and with one; without FSDP the plan names the setting."""
+    for extra in ([], ["--micro-batch-tokens", "31024"]):
+        code, out, err = run_cli(capsys, *QWEN, "--stage", stage, "--gpus", "8", "--fsdp", "true", *extra)
+        last = out.strip().splitlines()[-1]
+        assert code == 0 and last.startswith("peak per GPU: ") and last.endswith(" GiB of 80 GiB (fits)"), out + err
+        assert "parameters" in out and "engine KV pool" in out and "log-prob logits" in out
     code, out, _ = run_cli(capsys, *QWEN, "--stage", stage, "--gpus", "8")
     last = out.strip().splitlines()[-1]
     assert code == 0 and "(does not fit: " in last and "fits with fsdp true" in last

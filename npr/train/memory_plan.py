@@ -8,9 +8,10 @@ one place that reads a stage's config; ``fitting_changes`` finds the settings th
 
 The counts follow what npr's code allocates (docs/training.md, "Memory per GPU before launch"):
 
-- model state: fp32 master weights, their gradients and AdamW's two states, 1/N each under FSDP;
-  under FSDP with several passes per optimizer step today's code accumulates UNSHARDED fp32
-  gradients (``no_sync``) besides the shards; DDP keeps gradients and its buckets (2 copies);
+- model state: fp32 master weights, their gradients and AdamW's two states, 1/N each under FSDP
+  (which reduce-scatters every pass; ``sharded_gradient_accumulation`` False models the ``no_sync``
+  of earlier npr, UNSHARDED fp32 gradients besides the shards); DDP keeps gradients and its
+  buckets (2 copies);
   bf16 autocast (no FSDP) caches a bf16 copy of every linear weight during the forward/backward;
 - the engine (RL stages): its copy of the weights in ``rollout_dtype`` (always a copy under FSDP)
   and its KV pool, resident for the whole run today, plus the decode step's [rows, V] logits;
@@ -41,9 +42,10 @@ GIB = 1 << 30
 CUDA_RESERVE_BYTES = GIB  # CUDA context, NCCL buffers, allocator slack: an estimate, not a measurement
 LOGITS_BACKWARD_BYTES = 12  # per vocab entry per predicted token: [T, V] fp32 saved + grad out + grad in
 DECODE_LOGITS_COPIES = 3  # the engine's decode step: fp32 logits, probabilities, sorted copy for top-p
-# Today's code: FSDP accumulates unsharded gradients between syncs (no_sync) and the engine stays resident
-# during the update (issue 26 items 3; change these when the code changes)
-CODE_SHARDS_GRADIENT_ACCUMULATION = False
+# What this build's code does (issue 26 item 3; change these when the code changes): FSDP reduce-scatters every
+# micro-batch into the gradient shards (npr.train.update.backward_micro_batches; before, no_sync kept unsharded
+# fp32 gradients between passes), and the engine's weights and KV pool stay resident during the update
+CODE_SHARDS_GRADIENT_ACCUMULATION = True
 CODE_RELEASES_ENGINE_FOR_UPDATE = False
 DEFAULT_PROMPT_TOKENS = 1024
 OFFLOAD_FIELDS = ("cpu_offload", "offload")  # the config field CPU offload will have (issue 26 item 3, not yet built)

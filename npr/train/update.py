@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from npr.errors import NprError
+from npr.train.fsdp import is_sharded
 from npr.train.lm_head import DEFAULT_LOGPROB_CHUNK
 from npr.train.logprobs import TokenSequence, causal_sequence, response_logprobs
 
@@ -124,12 +125,15 @@ def micro_batches(lengths: Sequence[int], micro_batch_size: int, micro_batch_tok
 def backward_micro_batches(accelerator, model, chunks: list[list[int]], pad_token_id: int,
                            micro_loss: Callable[[list[int]], torch.Tensor],
                            chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> None:
-    """Backward ``micro_loss(indices)`` over this rank's micro-batches; gradients are
-    synchronised once, on the last pass, which every rank makes together."""
+    """Backward ``micro_loss(indices)`` over this rank's micro-batches, which every rank makes
+    together. DDP synchronises gradients once, on the last pass. FSDP2 reduce-scatters every
+    pass into this rank's gradient shard, as verl does: its ``no_sync`` would keep each pass's
+    gradients unsharded, in fp32 under bf16 compute (16 GB for a 4B model), until the last one."""
     passes = global_max(accelerator, len(chunks))
+    sync_every_pass = is_sharded(model)
     for i in range(passes):
         last = i == passes - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+        with contextlib.nullcontext() if last or sync_every_pass else accelerator.no_sync(model):
             loss = micro_loss(chunks[i]) if i < len(chunks) else _zero_loss(model, pad_token_id, chunk_size)
             accelerator.backward(loss)
 
