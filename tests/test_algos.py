@@ -183,7 +183,8 @@ def test_papo_loss_value_and_gradient_hand_computed():
     # d loss / d logprob_{b,t} = -A_b / 5
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.2, -0.2, -0.2], [0.4, 0.4, 0.0]]))
     assert metrics == {"ratio_mean": 1.0, "approx_kl": 0.0, "num_tokens": 5.0,
-                       "clip_fraction": 0.0, "clip_fraction_low": 0.0, "clip_fraction_high": 0.0}
+                       "clip_fraction": 0.0, "clip_fraction_low": 0.0, "clip_fraction_high": 0.0,
+                       "clip_fraction_dual": 0.0}
 
 
 def test_dapo_loss_value_gradient_and_metrics_hand_computed():
@@ -206,6 +207,45 @@ def test_dapo_loss_value_gradient_and_metrics_hand_computed():
     k3 = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 1.1, 0.7, 1.5)) / 5
     assert metrics["approx_kl"] == pytest.approx(k3)
     assert all(isinstance(v, float) for v in metrics.values())
+
+
+def test_dapo_log_ratio_is_clamped_to_20_before_exp():
+    """A log-ratio of +100 (exp overflows fp32 to inf) gives the loss of +20; a clamped token has no
+    gradient (clamp's), so nothing non-finite reaches the weights; -100 reads as -20."""
+    logprobs = torch.tensor([[100.0, 0.0], [-100.0, 0.0]], requires_grad=True)
+    old = torch.zeros(2, 2)
+    mask = torch.ones(2, 2)
+    loss, metrics = dapo_loss(logprobs, old, torch.tensor([-1.0, 1.0]), mask, clip_low=0.2, clip_high=0.28)
+    # row 0 (A=-1): max(e^20, 1.28) = e^20, then 1; row 1 (A=+1): max(-e^-20, -0.8) = -e^-20, then -1
+    assert loss.item() == pytest.approx((math.exp(20) + 1 - math.exp(-20) - 1) / 4)
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all()
+    # the clamped tokens get no gradient; the unclamped ratio-1 tokens get -A·1/4
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.25], [0.0, -0.25]]))
+    assert math.isfinite(metrics["ratio_mean"]) and math.isfinite(metrics["approx_kl"])
+    assert metrics["ratio_mean"] == pytest.approx((math.exp(20) + 1 + math.exp(-20) + 1) / 4)
+
+
+def test_dapo_dual_clip_caps_negative_advantage_tokens_hand_computed():
+    """clip_ratio_c = 3: a negative-advantage token's loss is at most -A·3 (Ye et al. 2020, verl's dual clip);
+    positive-advantage tokens and ratios below c are untouched."""
+    ratios = torch.tensor([[5.0, 2.0, 0.5], [5.0, 1.0, 1.0]])
+    logprobs = ratios.log().requires_grad_(True)
+    advantages = torch.tensor([-2.0, 1.0])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    loss, metrics = dapo_loss(logprobs, torch.zeros(2, 3), advantages, mask, clip_ratio_c=3.0)
+    # row 0 (A=-2): max(10, 2·1.28) = 10 -> capped at 6; max(4, 2.56) = 4 (< 6); max(1, 1.6) = 1.6 (clipped low)
+    # row 1 (A=+1): max(-5, -1.28) = -1.28 (clipped high, no cap for A > 0); -1
+    assert loss.item() == pytest.approx((6 + 4 + 1.6 - 1.28 - 1) / 5)
+    loss.backward()
+    # capped and clipped tokens: no gradient; token (0, 1): -A·r / 5 = 2·2 / 5; token (1, 1): -1·1 / 5
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.8, 0.0], [0.0, -0.2, 0.0]]))
+    assert metrics["clip_fraction_dual"] == pytest.approx(1 / 5)
+    assert metrics["clip_fraction"] == pytest.approx(2 / 5)  # the PPO clip, as without the dual clip
+    plain, plain_metrics = dapo_loss(ratios.log(), torch.zeros(2, 3), advantages, mask)
+    assert plain.item() == pytest.approx((10 + 4 + 1.6 - 1.28 - 1) / 5) and plain_metrics["clip_fraction_dual"] == 0.0
+    with pytest.raises(ValueError, match="clip_ratio_c must be > 1"):
+        dapo_loss(logprobs, torch.zeros(2, 3), advantages, mask, clip_ratio_c=1.0)
 
 
 def test_dapo_loss_seq_mean_token_mean_hand_computed():

@@ -100,6 +100,15 @@ CASES = {
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--lr-schedule", "exp"], "'exp' is not one of cosine"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--rollout-dtype", "half"], "'half' is not one of None"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--kv-cache-gib", "0"], "'kv_cache_gib': must be > 0"),
+        (["stage1", "--preset", "smoke", "--out", "@OUT", "--logprob-chunk-size", "0"],
+         "config field 'logprob_chunk_size': must be >= 1"),
+        (["stage1", "--preset", "smoke", "--out", "@OUT", "--micro-batch-tokens", "64"],
+         "'micro_batch_tokens': 64 is smaller than one response of max_new_tokens=96"),
+        (["stage2", "--preset", "smoke", "--out", "@OUT", "--micro-batch-tokens", "100"],
+         "'micro_batch_tokens': 100 is smaller than one example of max_seq_len=4096"),
+        (["stage1", "--preset", "smoke", "--out", "@OUT", "--clip-ratio-c", "0.5"], "'clip_ratio_c': must be > 1"),
+        (["stage3", "--preset", "smoke", "--out", "@OUT", "--max-skipped-steps", "0"],
+         "'max_skipped_steps': must be >= 1"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--train-limit", "none", "--stop-after", "0"],
          "'stop_after': must be >= 1 or None"),
         (["stage1", "--preset", "huge", "--out", "@OUT"], "argument --preset: invalid choice: 'huge'"),
@@ -135,6 +144,14 @@ CASES = {
     ],
     "version": [
         (["--verbose"], "unrecognized arguments: --verbose"),
+    ],
+    "memory": [
+        (["--stage", "stage4"], "argument --stage: invalid choice: 'stage4'"),
+        (["--stage", "stage3", "--gpus", "0"], "argument --gpus: must be >= 1, got 0"),
+        (["--stage", "stage3", "--preset", "qwen3-4b", "--model", "nobody/no-such-model"], "no config.json found"),
+        (["--stage", "stage3", "--preset", "qwen3-4b", "--model", "@DIR"], "is a directory without config.json"),
+        (["--stage", "stage3", "--preset", "qwen3-4b", "--config", "@LISTYAML"], "must be a finite number"),
+        (["--stage", "stage2", "--preset", "qwen3-4b", "--micro-batch-tokenz", "5"], "did you mean"),
     ],
 }
 

@@ -19,7 +19,10 @@ from npr.train.tracking import deterministic_fields, read_metrics
 # one process vs FSDP over 2 (and, resumed, 3) processes: the same global batch of 6 examples;
 # only the order of float reductions differs
 LOSS_REL = 1e-5
-WEIGHT_ATOL = 1e-6  # Adam moves a weight by ~lr = 1e-3 per step
+# Adam moves a weight by ~lr = 1e-3 per step, and by ~lr whatever the size of its gradient, so a near-zero gradient
+# element's rounding shows: 1 vs 2 processes differed by 5.6e-7 at most with the full-logits head, 1.5e-6 (one element
+# of layer 0's gate_proj; losses within 1e-5, grad norms within 1e-4) with the chunked head's other summation order
+WEIGHT_ATOL = 2e-6
 
 
 def launch(nproc: int, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

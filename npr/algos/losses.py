@@ -25,6 +25,10 @@ from npr.algos.aggregation import aggregate, token_mean
 
 PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
+# log-ratios are clamped to [-20, 20] before exp, as the reference (verl's compute_policy_loss): a policy that
+# drifted far from the old one gives a finite loss (exp(20) ~ 4.9e8) instead of inf and NaN weights after AdamW
+MAX_LOG_RATIO = 20.0
+
 
 def _token_advantages(advantages: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """Per-sequence advantages [B] broadcast to tokens [B, T]; [B, T] passes through (detached)."""
@@ -57,7 +61,9 @@ def _check_shapes(logprobs: torch.Tensor, mask: torch.Tensor, old_logprobs: torc
 
 @torch.no_grad()
 def _ratio_metrics(log_ratio: torch.Tensor, keep: torch.Tensor) -> dict[str, float]:
-    """Token-mean importance ratio and k3 KL estimate ``(r - 1) - log r`` (>= 0) of old vs new."""
+    """Token-mean importance ratio and k3 KL estimate ``(r - 1) - log r`` (>= 0) of old vs new,
+    from the log-ratio clamped to ``±MAX_LOG_RATIO`` (finite whatever the drift)."""
+    log_ratio = log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # [B, T]
     ratio = log_ratio.exp()  # [B, T]
     return {
         "ratio_mean": token_mean(ratio, keep).item(),
@@ -74,26 +80,39 @@ def dapo_loss(
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     agg: str = "token-mean",
+    clip_ratio_c: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO clipped surrogate with DAPO's clip-higher (arXiv 2503.14476 eq. 10).
+    """PPO clipped surrogate with DAPO's clip-higher (arXiv 2503.14476 eq. 10), optionally dual-clipped.
 
     Per token: ``max(-A·r, -A·clip(r, 1 - clip_low, 1 + clip_high))`` with
-    ``r = exp(logprobs - old_logprobs)``; reduced by the aggregation named ``agg`` (DAPO's
-    token-level mean by default). No KL or entropy term (DAPO drops the KL penalty).
+    ``r = exp(clamp(logprobs - old_logprobs, ±MAX_LOG_RATIO))``; with ``clip_ratio_c`` (> 1,
+    dual-clip PPO, Ye et al. 2020 arXiv 1912.09729) a negative-advantage token's loss is
+    capped at ``-A·c``, so a ratio far above 1 cannot make it unbounded; reduced by the
+    aggregation named ``agg`` (DAPO's token-level mean by default). No KL or entropy term
+    (DAPO drops the KL penalty). Clamp and dual clip follow the reference's verl
+    (``compute_policy_loss``; NPR's runs: c = 10).
 
     logprobs [B, T] (grad), old_logprobs [B, T] (treated as constants), advantages [B] or
     [B, T], mask [B, T] -> (loss [], metrics) where metrics (floats, computed without grad)
     hold ``clip_fraction`` (tokens where the clipped branch is active) split into
-    ``clip_fraction_low`` / ``clip_fraction_high``, ``ratio_mean``, ``approx_kl`` (k3) and
-    ``num_tokens``.
+    ``clip_fraction_low`` / ``clip_fraction_high``, ``clip_fraction_dual`` (tokens capped by
+    the dual clip; 0 without it), ``ratio_mean``, ``approx_kl`` (k3) and ``num_tokens``.
     """
+    if clip_ratio_c is not None and not clip_ratio_c > 1.0:
+        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip PPO's lower bound), got {clip_ratio_c}")
     keep = _check_shapes(logprobs, mask, old_logprobs)  # [B, T]
     adv = _zero_masked(_token_advantages(advantages, logprobs.shape), keep)  # [B, T]
     log_ratio = _zero_masked(logprobs, keep) - _zero_masked(old_logprobs.detach(), keep)  # [B, T]
-    ratio = log_ratio.exp()  # [B, T]
+    ratio = log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).exp()  # [B, T]
     unclipped = -adv * ratio  # [B, T]
     clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]
-    loss = aggregate(torch.maximum(unclipped, clipped), keep, agg)  # []
+    per_token = torch.maximum(unclipped, clipped)  # [B, T]
+    dual = torch.zeros_like(keep)  # [B, T]
+    if clip_ratio_c is not None:
+        cap = -adv * clip_ratio_c  # [B, T]
+        dual = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    loss = aggregate(per_token, keep, agg)  # []
 
     with torch.no_grad():
         active = clipped > unclipped  # [B, T]
@@ -101,6 +120,7 @@ def dapo_loss(
         metrics["clip_fraction_low"] = token_mean((active & (adv < 0)).float(), keep).item()
         metrics["clip_fraction_high"] = token_mean((active & (adv > 0)).float(), keep).item()
         metrics["clip_fraction"] = token_mean(active.float(), keep).item()
+        metrics["clip_fraction_dual"] = token_mean(dual.float(), keep).item()
     return loss, metrics
 
 
@@ -134,7 +154,7 @@ def papo_loss(
     with torch.no_grad():
         reference = logprobs if old_logprobs is None else _zero_masked(old_logprobs, keep)  # [B, T]
         metrics = _ratio_metrics(logprobs - reference, keep)
-        metrics.update(clip_fraction=0.0, clip_fraction_low=0.0, clip_fraction_high=0.0)
+        metrics.update(clip_fraction=0.0, clip_fraction_low=0.0, clip_fraction_high=0.0, clip_fraction_dual=0.0)
     return loss, metrics
 
 

@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "view": ("npr.cli.view", "render samples.jsonl or parallel traces as a self-contained HTML trajectory viewer"),
     "train": ("npr.cli.train", "train an NPR stage: stage1 (NPR-Zero, DAPO), stage2 (NPR-Beta, parallel SFT), stage3 (PAPO)"),
     "sample": ("npr.cli.sample", "rejection-sample correct, format-valid traces from a Stage-1 model for Stage 2"),
+    "memory": ("npr.cli.memory", "plan a training stage's memory per GPU before launch: does it fit, and what to change"),
     "serve": ("npr.cli.serve", "serve a model over the OpenAI API, reasoning in parallel, with a live branch view at /"),
 }
 

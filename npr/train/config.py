@@ -87,6 +87,14 @@ class TrainConfig:
     micro_batch_tokens: int = option(0, "also cap the tokens of a forward/backward pass (0: no cap); under the flex "
                                      "attention layout a pass is one packed row of that many tokens at most (a longer "
                                      "sequence runs alone). Memory knob only")
+    logprob_chunk_size: int = option(1024, "tokens per chunk of the output head when computing log-probs: lm_head, "
+                                     "temperature, logsumexp and the target's log-prob run on this many tokens at a "
+                                     "time and are recomputed in the backward, so no [tokens, vocab] logits are held "
+                                     "(npr.train.lm_head). Memory knob only: a chunk holds about 2 x N x vocab fp32 "
+                                     "at its peak (1.2 GB at 1024 and Qwen3's 151,936-token vocabulary)")
+    max_skipped_steps: int = option(5, "an optimizer step whose gradient norm is not finite is skipped (no parameter "
+                                    "or AdamW state changes; metric skipped_steps), as the reference's verl does; "
+                                    "this many skipped in a row end the run with an error")
     attention: str = option("auto", "tree attention layout of the training forward: flex (every micro-batch packed "
                             "into one row, flex_attention BlockMask from the tree ids: O(L) mask memory, no padding), "
                             "dense (padded batch, additive L x L float mask) or auto: flex on CUDA, dense on CPU "
@@ -119,6 +127,9 @@ class TrainConfig:
         self._check_warmup_ratio()
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         _check(self.micro_batch_tokens >= 0, "micro_batch_tokens", "must be >= 0 (0: no cap)")
+        _check(self.logprob_chunk_size >= 1, "logprob_chunk_size",
+               f"must be >= 1 (tokens per chunk of the output head; default 1024), got {self.logprob_chunk_size}")
+        _check(self.max_skipped_steps >= 1, "max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
         _check(self.weight_decay >= 0 and self.max_grad_norm >= 0, "weight_decay/max_grad_norm", "must be >= 0")
         _check(self.save_every >= 0 and self.keep_checkpoints >= 0, "save_every/keep_checkpoints", "must be >= 0")
         _check(self.stop_after is None or 1 <= self.stop_after, "stop_after", "must be >= 1 or None")
@@ -242,6 +253,9 @@ class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
         _check(self.mini_batch_size is None or self.mini_batch_size >= 1, "mini_batch_size", "must be >= 1 or None")
         _check(self.ppo_epochs >= 1 and self.num_epochs >= 0, "ppo_epochs/num_epochs",
                "need ppo_epochs >= 1 and num_epochs >= 0")
+        _check(self.micro_batch_tokens == 0 or self.micro_batch_tokens >= self.max_new_tokens, "micro_batch_tokens",
+               f"{self.micro_batch_tokens} is smaller than one response of max_new_tokens={self.max_new_tokens}: a "
+               "forward holds at least one whole response; raise it or set 0 (no cap)")
         self._check_instruction()
 
 
@@ -262,6 +276,9 @@ class Stage1Config(RLConfig):
     advantage: str = option("grpo", "group-normalised advantage (DAPO eq. 9)", tuple(ADVANTAGE_ESTIMATORS))
     clip_low: float = option(0.2, "DAPO lower clip epsilon (eq. 10)")
     clip_high: float = option(0.28, "DAPO clip-higher epsilon (eq. 10, §3.1)")
+    clip_ratio_c: float | None = option(None, "dual-clip PPO (Ye et al. 2020): a negative-advantage token's loss is "
+                                        "capped at -A x c, so a ratio far above 1 cannot blow it up; > 1 or None "
+                                        "(off). The reference's DAPO run: 10 (qwen3-4b preset)")
     dynamic_sampling: bool = option(True, "drop prompt groups of 2+ rollouts whose stage rewards before the overlong "
                                     "penalty are all equal (DAPO §3.2; NPR code: filter_groups on its score, ±1 "
                                     "accuracy); groups of 1 are kept, as verl keeps them. With max_gen_batches 1 the "
@@ -285,6 +302,8 @@ class Stage1Config(RLConfig):
         super().__post_init__()
         _check(0 <= self.clip_low < 1 and self.clip_high >= 0, "clip_low/clip_high",
                "need 0 <= clip_low < 1, clip_high >= 0")
+        _check(self.clip_ratio_c is None or self.clip_ratio_c > 1, "clip_ratio_c",
+               f"must be > 1 (dual-clip PPO's bound) or None, got {self.clip_ratio_c}")
         _check(0 <= self.overlong_buffer <= self.max_new_tokens, "overlong_buffer",
                f"must lie in [0, max_new_tokens={self.max_new_tokens}], got {self.overlong_buffer}")
         _check(self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0")
@@ -330,6 +349,9 @@ class Stage2Config(InstructionConfig, TrainConfig):
         super().__post_init__()
         _check(self.batch_size >= 1 and self.num_epochs >= 1 and self.max_seq_len >= 8,
                "batch_size/num_epochs/max_seq_len", "must be >= 1 (max_seq_len >= 8)")
+        _check(self.micro_batch_tokens == 0 or self.micro_batch_tokens >= self.max_seq_len, "micro_batch_tokens",
+               f"{self.micro_batch_tokens} is smaller than one example of max_seq_len={self.max_seq_len}: a forward "
+               "holds at least one whole example; raise it or set 0 (no cap)")
         self._check_instruction()
 
 

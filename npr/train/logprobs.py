@@ -38,6 +38,7 @@ from transformers import AttentionInterface
 from npr.masks import (TreeIds, attention_bias, dense_tree_mask, tree_block_mask, tree_ids_and_positions,
                        tree_visible)
 from npr.train.config import ATTENTION_CHOICES
+from npr.train.lm_head import DEFAULT_LOGPROB_CHUNK, output_head, selected_logprobs
 
 FLEX_ATTENTION_NAME = "npr_flex"
 # transformers' attention implementation that reads each layout's mask
@@ -386,33 +387,106 @@ def _flex_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int) -
     return list(logits.split(row.response_lengths))
 
 
-def response_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                    mask_dtype: torch.dtype | None = None, attention: str | None = None) -> list[torch.Tensor]:
-    """Per response (in sequence, then span order) the logits that predict its tokens:
-    FloatTensor[T_r, V] each, from the ``flex`` or ``dense`` layout (see ``response_logprobs``)."""
-    attention = attention or attention_of(model)
+def _layout(model, attention: str):
+    """A context in which ``model`` reads the ``attention`` layout's mask (checks first: see the errors)."""
     device = next(model.parameters()).device
     current = model_config(model)._attn_implementation
-    switch = attention_layout(model, attention) if current != _IMPLEMENTATION[attention] else contextlib.nullcontext()
     if current != _IMPLEMENTATION[attention] and torch.is_grad_enabled() and getattr(
             getattr(model, "module", model), "is_gradient_checkpointing", False):
         raise RuntimeError(f"the model's attention is {current!r}, not the {attention} layout's: with gradient "
                            "checkpointing the backward pass recomputes attention after this call, so call "
                            f"set_attention(model, {attention!r}) first")
-    if attention == "flex":
-        if device.type == "cpu" and torch.is_grad_enabled():
-            raise RuntimeError("flex_attention has no backward on CPU (torch 2.13); train with attention dense "
-                               "(auto picks it on CPU), or run this forward under torch.no_grad()")
-        with switch:
+    if attention == "flex" and device.type == "cpu" and torch.is_grad_enabled():
+        raise RuntimeError("flex_attention has no backward on CPU (torch 2.13); train with attention dense "
+                           "(auto picks it on CPU), or run this forward under torch.no_grad()")
+    if current == _IMPLEMENTATION[attention]:
+        return contextlib.nullcontext()
+    return attention_layout(model, attention)
+
+
+def response_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int,
+                    mask_dtype: torch.dtype | None = None, attention: str | None = None) -> list[torch.Tensor]:
+    """Per response (in sequence, then span order) the logits that predict its tokens:
+    FloatTensor[T_r, V] each, from the ``flex`` or ``dense`` layout. The full-vocabulary path:
+    for checks and benchmarks that read logits (training reads ``response_logprobs``)."""
+    attention = attention or attention_of(model)
+    with _layout(model, attention):
+        if attention == "flex":
             return _flex_logits(model, sequences, pad_token_id)
-    with switch:
         return _dense_logits(model, sequences, pad_token_id, mask_dtype or next(model.parameters()).dtype)
+
+
+def body_hidden_states(model, **inputs) -> torch.Tensor:
+    """The final hidden states [B, L, H] of ``model``'s body (after its last norm), from a call
+    of the whole model (so DDP's and FSDP2's hooks run: the root unit's embedding, norm and head
+    are gathered) whose ``lm_head`` sees no position (``logits_to_keep`` empty)."""
+    unwrapped = getattr(model, "module", model)
+    body = getattr(unwrapped, unwrapped.base_model_prefix)
+    captured: list[torch.Tensor] = []
+    handle = body.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    device = inputs["input_ids"].device
+    try:
+        model(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
+def _dense_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype) -> torch.Tensor:
+    """Right-padded batch, attention by pieces (``segment_pieces``); the hidden states at every
+    response's predicting positions, in sequence then span order: [P, H]."""
+    device = next(model.parameters()).device
+    length = max(len(s.input_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # [B, L]
+    position_ids = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, L]
+    for b, s in enumerate(sequences):
+        input_ids[b, :len(s.input_ids)] = s.input_ids
+        position_ids[b, :len(s.input_ids)] = s.position_ids
+    pieces = [segment_pieces(s, dtype, device) for s in sequences]
+    hidden = body_hidden_states(model, input_ids=input_ids.to(device), position_ids=position_ids.to(device),
+                                npr_pieces=pieces)  # [B, L, H]
+    flat = torch.cat([s.predictors(j) + b * length for b, s in enumerate(sequences) for j in range(len(s.spans))])
+    return hidden.flatten(0, 1).index_select(0, flat.to(hidden.device))  # [P, H]
+
+
+def _flex_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int) -> torch.Tensor:
+    """One packed row (document ids, no padding) under a flex_attention BlockMask; the hidden
+    states at the predicting positions [P, H]."""
+    device = next(model.parameters()).device
+    row = concat_documents(sequences)
+    n = len(row.input_ids)
+    pad = flex_row_length(n, device.type) - n  # < 128 tokens on CUDA; pads form their own document
+    ids = torch.nn.functional.pad(row.input_ids, (0, pad), value=pad_token_id)[None].to(device)  # [1, L']
+    positions = torch.nn.functional.pad(row.position_ids, (0, pad))[None].to(device)  # [1, L']
+    tree = TreeIds.cat([row.tree, TreeIds(*(torch.full((pad,), -1, dtype=torch.long) for _ in range(4)))])
+    keep = torch.cat([row.predictors(j) for j in range(len(row.spans))]).to(device)  # [P]
+    hidden = body_hidden_states(model, input_ids=ids, position_ids=positions,
+                                attention_mask=tree_block_mask(tree, device))  # [1, L', H]
+    return hidden[0].index_select(0, keep)  # [P, H]
+
+
+def response_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int,
+                    mask_dtype: torch.dtype | None = None, attention: str | None = None) -> torch.Tensor:
+    """The body's hidden states at every response token's predicting position, responses in
+    sequence then span order: FloatTensor[P, H] (P = all response tokens), from the ``flex`` or
+    ``dense`` layout (see ``response_logprobs``)."""
+    attention = attention or attention_of(model)
+    with _layout(model, attention):
+        if attention == "flex":
+            return _flex_hidden(model, sequences, pad_token_id)
+        return _dense_hidden(model, sequences, pad_token_id, mask_dtype or next(model.parameters()).dtype)
 
 
 def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: int,
                       mask_dtype: torch.dtype | None = None, attention: str | None = None,
-                      temperature: float = 1.0, untempered: bool = False):
+                      temperature: float = 1.0, untempered: bool = False,
+                      chunk_size: int = DEFAULT_LOGPROB_CHUNK):
     """Log-probs of every response token under one masked forward of ``model``.
+
+    The model's body gives the hidden states at the predicting positions; the output head,
+    the temperature, the logsumexp and the gather then run ``chunk_size`` tokens at a time,
+    recomputed in the backward (``npr.train.lm_head.selected_logprobs``), so no ``[T, V]``
+    logits are ever held: beyond the hidden states the memory is one chunk's ``[C, V]``.
 
     Args:
         model: an HF causal LM (possibly wrapped by DDP/FSDP); gradients flow.
@@ -426,6 +500,7 @@ def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: i
             ``logits.div_(temperature)``) trains; 0 (greedy rollouts) counts as 1.
         untempered: also return the temperature-1 log-probs (detached), e.g. to compare with
             the engine's, which are always the model's own (temperature 1).
+        chunk_size: tokens per chunk of the output head (the config's ``logprob_chunk_size``).
 
     Returns:
         logprobs FloatTensor[R, T] (float32; T = longest response; rows in sequence, then
@@ -435,23 +510,17 @@ def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: i
     """
     if any(s.context_end < 1 or min(s.response_lengths) < 1 for s in sequences):
         raise ValueError("every sequence needs a prompt (>= 1 token) and responses of >= 1 token")
-    per_response = response_logits(model, sequences, pad_token_id, mask_dtype, attention)
-    device = per_response[0].device
-    targets = [s.input_ids[a:b] for s in sequences for a, b in s.spans]
-    longest = max(len(t) for t in targets)
-    scale = temperature if temperature > 0 else 1.0
-    rows, plain_rows = [], []
-    for predicting, target in zip(per_response, targets):
-        logits = predicting.float()  # [T_r, V]
-        index = target.to(device)[:, None]  # [T_r, 1]
-        token_logprobs = (logits / scale if scale != 1.0 else logits).log_softmax(-1).gather(-1, index)[:, 0]  # [T_r]
-        rows.append(torch.nn.functional.pad(token_logprobs, (0, longest - len(target))))
-        if untempered:
-            with torch.no_grad():
-                plain = logits.log_softmax(-1).gather(-1, index)[:, 0] if scale != 1.0 else token_logprobs.detach()
-            plain_rows.append(torch.nn.functional.pad(plain, (0, longest - len(target))))
-    logprobs = torch.stack(rows)  # [R, T]
-    mask = (torch.arange(longest)[None, :] < torch.tensor([len(t) for t in targets])[:, None]).to(logprobs.device)
+    hidden = response_hidden(model, sequences, pad_token_id, mask_dtype, attention)  # [P, H]
+    targets = torch.cat([s.input_ids[a:b] for s in sequences for a, b in s.spans]).to(hidden.device)  # [P]
+    lengths = [b - a for s in sequences for a, b in s.spans]
+    token = selected_logprobs(hidden, output_head(model), targets, temperature, chunk_size, untempered)
+    logprobs = _rows(token.logprobs, lengths)  # [R, T]
+    mask = (torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]).to(logprobs.device)  # [R, T]
     if untempered:
-        return logprobs, mask, torch.stack(plain_rows)  # [R, T] each
+        return logprobs, mask, _rows(token.untempered, lengths)
     return logprobs, mask
+
+
+def _rows(flat: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """[P] values split into rows of ``lengths``, right-padded with 0: [R, max(lengths)]."""
+    return torch.nn.utils.rnn.pad_sequence(list(flat.split(list(lengths))), batch_first=True)

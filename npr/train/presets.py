@@ -84,6 +84,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             learning_rate=1e-6, lr_schedule="cosine", warmup_steps=10,  # Z:107,109,111
             min_learning_rate=0.0,  # Z:108 min_lr_ratio=1e-8 (1e-14)
             clip_low=0.2, clip_high=0.28,  # Z:21-22
+            clip_ratio_c=10.0,  # Z:93 dual clip
             dynamic_sampling=True, max_gen_batches=0,  # Z:33-35: filter groups, refill with no limit
             overlong_buffer=10, overlong_penalty=1.0,  # Z:26-28 (DAPO's own recipe: 4096 of 20480)
             # reward: the paper's (format penalty, else ±1); the released code comments the format term out and

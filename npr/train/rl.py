@@ -24,8 +24,7 @@ from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, appe
 from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
 from npr.train.session import RunOptions, TrainSession, open_session
 from npr.train.tracking import truncate_jsonl
-from npr.train.update import (PolicyBatch, gather_floats, global_sum, old_policy_logprobs, optimizer_step,
-                              policy_backward)
+from npr.train.update import PolicyBatch, gather_floats, global_sum, old_policy_logprobs, policy_backward
 
 EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
 
@@ -56,7 +55,8 @@ class RLRun:
 def policy_loss_fn(config: RLConfig) -> Callable:
     """``get_policy_loss(config.policy_loss)`` with the config's hyperparameters it accepts."""
     accepted = inspect.signature(POLICY_LOSSES[config.policy_loss]).parameters
-    hparams = {k: getattr(config, k) for k in ("clip_low", "clip_high") if k in accepted and hasattr(config, k)}
+    hparams = {k: getattr(config, k) for k in ("clip_low", "clip_high", "clip_ratio_c")
+               if k in accepted and hasattr(config, k)}
     return get_policy_loss(config.policy_loss, **hparams)
 
 
@@ -227,10 +227,11 @@ def combine_step_metrics(updates: Sequence[dict[str, float]]) -> dict[str, float
     means weighted by the mini-batches' loss units, ratio extremes over all, mean grad norm."""
     units = sum(u["loss_units"] for u in updates)
     out = {k: sum(u[k] * u["loss_units"] for u in updates) / max(units, 1.0)
-           for k in updates[0] if k not in ("loss_units", "ratio_max", "ratio_min", "grad_norm", "lr")}
+           for k in updates[0] if k not in ("loss_units", "ratio_max", "ratio_min", "grad_norm", "lr", "skipped_steps")}
     out.update(loss_units=units, ratio_max=max(u["ratio_max"] for u in updates),
                ratio_min=min(u["ratio_min"] for u in updates), lr=updates[0]["lr"],
-               grad_norm=sum(u["grad_norm"] for u in updates) / len(updates), optimizer_steps=float(len(updates)))
+               grad_norm=sum(u["grad_norm"] for u in updates) / len(updates), optimizer_steps=float(len(updates)),
+               skipped_steps=sum(u.get("skipped_steps", 0.0) for u in updates))
     return out
 
 
@@ -252,7 +253,8 @@ def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, 
         return {"updated": 0.0, "trained_rollouts": 0.0, "optimizer_steps": 0.0}
     pad = session.tokenizer.pad_token_id
     passes = dict(micro_batch_size=config.micro_batch_size, forward_context=session.forward_context,
-                  micro_batch_tokens=config.micro_batch_tokens, temperature=config.temperature)
+                  micro_batch_tokens=config.micro_batch_tokens, temperature=config.temperature,
+                  logprob_chunk_size=config.logprob_chunk_size)
     batches = [policy_batch([kept[i] for i in part], advantages[torch.tensor(part, dtype=torch.long)], structured,
                             tag_ids_of(run), config.loss_on_prefilled, config.pack_group_tokens)
                for part in mini_batch_parts(acc, kept, config.mini_batch_size)]
@@ -263,8 +265,7 @@ def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, 
     for _ in range(config.ppo_epochs):
         for batch in batches:
             metrics = policy_backward(acc, session.model, batch, run.loss_fn, config.loss_agg, pad, **passes)
-            metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler,
-                                          config.max_grad_norm, advance_schedule=False))
+            metrics.update(session.optimizer_step(advance_schedule=False))
             updates.append(metrics)
     session.scheduler.step()
     sync_rollout_weights(run)

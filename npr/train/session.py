@@ -33,6 +33,7 @@ from npr.train.overrides import (build_config, config_differences, config_to_yam
                                   written_values)
 from npr.train.schedule import build_optimizer, build_scheduler
 from npr.train.tracking import MetricsLog, truncate_jsonl
+from npr.train.update import NonFiniteGuard, optimizer_step
 
 CONFIG_FILE = "config.yaml"
 
@@ -160,6 +161,7 @@ class TrainSession:
     log: MetricsLog
     progress: dict[str, Any] = field(default_factory=dict)
     data_end: int | None = None
+    skip_guard: NonFiniteGuard | None = None
 
     @property
     def unwrapped(self):
@@ -189,6 +191,18 @@ class TrainSession:
     def record(self, step_count: int, metrics: dict[str, Any]) -> None:
         """Log one metrics line for ``step_count`` completed steps (0: before training)."""
         self.log.log({"stage": self.stage, "step": step_count, **metrics})
+
+    def optimizer_step(self, advance_schedule: bool = True) -> dict[str, float]:
+        """``npr.train.update.optimizer_step`` with this run's clip and its guard against
+        non-finite gradient norms (a skipped step is noted; ``max_skipped_steps`` in a row end the run)."""
+        if self.skip_guard is None:
+            self.skip_guard = NonFiniteGuard(self.config.max_skipped_steps)
+        metrics = optimizer_step(self.accelerator, self.model, self.optimizer, self.scheduler,
+                                 self.config.max_grad_norm, advance_schedule, self.skip_guard)
+        if metrics["skipped_steps"]:
+            self.log.note(f"{self.stage}: optimizer step skipped: gradient norm {metrics['grad_norm']} "
+                          f"({self.skip_guard.in_a_row} in a row, {self.skip_guard.skipped} in all)")
+        return metrics
 
     def after_step(self, step: int, metrics: dict[str, Any]) -> None:
         """Log step ``step`` (0-based) and write a checkpoint when one is due."""

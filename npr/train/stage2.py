@@ -19,7 +19,7 @@ from npr.train.data import BatchOrder, shard
 from npr.train.logprobs import pack_in_budget, structured_sequence
 from npr.train.session import RunOptions, StepTimer, model_source, open_session
 from npr.train.sft_data import load_sft_examples, tokenize_examples
-from npr.train.update import optimizer_step, sft_backward
+from npr.train.update import sft_backward
 
 
 def total_sft_steps(config: Stage2Config, num_examples: int) -> int:
@@ -57,8 +57,9 @@ def train_stage2(config: Stage2Config, options: RunOptions) -> Path | None:
         sequences = pack_in_budget([structured_sequence(kept[i].prompt_ids, kept[i].response_ids, tags)
                                     for i in indices], config.pack_tokens)
         metrics = sft_backward(acc, session.model, sequences, session.tokenizer.pad_token_id, config.micro_batch_size,
-                               forward_context=session.forward_context, micro_batch_tokens=config.micro_batch_tokens)
-        metrics.update(optimizer_step(acc, session.model, session.optimizer, session.scheduler, config.max_grad_norm))
+                               forward_context=session.forward_context, micro_batch_tokens=config.micro_batch_tokens,
+                               logprob_chunk_size=config.logprob_chunk_size)
+        metrics.update(session.optimizer_step())
         timer.lap("step")
         metrics.update(epoch=step * config.batch_size / len(kept), examples=len(kept),
                        dropped=sum(dropped.values()), tokens_per_s=metrics["tokens"] / timer.times["time_step_s"],

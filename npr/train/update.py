@@ -11,11 +11,16 @@ inside them.
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from npr.errors import NprError
+from npr.train.fsdp import is_sharded
+from npr.train.lm_head import DEFAULT_LOGPROB_CHUNK
 from npr.train.logprobs import TokenSequence, causal_sequence, response_logprobs
 
 
@@ -92,10 +97,11 @@ def global_extremes(accelerator, largest: float, smallest: float) -> tuple[float
     return float(both[0]), -float(both[1])
 
 
-def _zero_loss(model, pad_token_id: int) -> torch.Tensor:
+def _zero_loss(model, pad_token_id: int, chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> torch.Tensor:
     """A zero-weight forward (in the run's attention layout), so a rank without data still
     joins DDP/FSDP's collectives."""
-    logprobs, _ = response_logprobs(model, [causal_sequence([pad_token_id], [pad_token_id])], pad_token_id)
+    logprobs, _ = response_logprobs(model, [causal_sequence([pad_token_id], [pad_token_id])], pad_token_id,
+                                    chunk_size=chunk_size)
     return logprobs.sum() * 0.0
 
 
@@ -117,42 +123,81 @@ def micro_batches(lengths: Sequence[int], micro_batch_size: int, micro_batch_tok
 
 
 def backward_micro_batches(accelerator, model, chunks: list[list[int]], pad_token_id: int,
-                           micro_loss: Callable[[list[int]], torch.Tensor]) -> None:
-    """Backward ``micro_loss(indices)`` over this rank's micro-batches; gradients are
-    synchronised once, on the last pass, which every rank makes together."""
+                           micro_loss: Callable[[list[int]], torch.Tensor],
+                           chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> None:
+    """Backward ``micro_loss(indices)`` over this rank's micro-batches, which every rank makes
+    together. DDP synchronises gradients once, on the last pass. FSDP2 reduce-scatters every
+    pass into this rank's gradient shard, as verl does: its ``no_sync`` would keep each pass's
+    gradients unsharded, in fp32 under bf16 compute (16 GB for a 4B model), until the last one."""
     passes = global_max(accelerator, len(chunks))
+    sync_every_pass = is_sharded(model)
     for i in range(passes):
         last = i == passes - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = micro_loss(chunks[i]) if i < len(chunks) else _zero_loss(model, pad_token_id)
+        with contextlib.nullcontext() if last or sync_every_pass else accelerator.no_sync(model):
+            loss = micro_loss(chunks[i]) if i < len(chunks) else _zero_loss(model, pad_token_id, chunk_size)
             accelerator.backward(loss)
 
 
+class TrainingDiverged(NprError, RuntimeError):
+    """The gradient norm was not finite in too many optimizer steps in a row."""
+
+
+@dataclass
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite gradient norm (as verl's actor skips them);
+    ``limit`` in a row end the run with ``TrainingDiverged``. Every rank sees the same global norm,
+    so every rank skips together."""
+
+    limit: float
+    in_a_row: int = 0
+    skipped: int = 0
+
+    def admit(self, norm: float) -> bool:
+        """True when the step may be taken; counts a skip (and raises at the limit) otherwise."""
+        if math.isfinite(norm):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.skipped += 1
+        if self.in_a_row >= self.limit:
+            raise TrainingDiverged(
+                f"training diverged: the gradient norm was {norm} in {self.in_a_row} optimizer steps in a row (each "
+                f"skipped, {self.skipped} in all); lower learning_rate, check the data, or raise max_skipped_steps")
+        return False
+
+
 def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float,
-                   advance_schedule: bool = True) -> dict[str, float]:
+                   advance_schedule: bool = True, guard: NonFiniteGuard | None = None) -> dict[str, float]:
     """Clip, step, advance the schedule (unless ``advance_schedule`` is False: a mini-batch step
-    whose rollout batch advances it once); returns the pre-clip gradient norm and the lr used."""
+    whose rollout batch advances it once); returns the pre-clip gradient norm, the lr used and
+    ``skipped_steps``: 1.0 when the norm was not finite and the step was skipped (no parameter
+    or AdamW state changes, gradients dropped; the schedule still advances), counted by ``guard``
+    (None: a guard that never ends the run)."""
     lr = optimizer.param_groups[0]["lr"]
     # max_grad_norm 0: no clipping (a clip to infinity scales by exactly 1) but the same global norm,
     # computed over sharded (FSDP) or replicated gradients alike
     norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else float("inf"))
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    optimizer.step()
+    take = (guard or NonFiniteGuard(limit=math.inf)).admit(norm)
+    if take:
+        optimizer.step()
     if advance_schedule:
-        scheduler.step()
+        with warnings.catch_warnings():  # torch warns when a skipped first step leaves optimizer.step() uncalled
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+            scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"grad_norm": norm, "lr": lr}
+    return {"grad_norm": norm, "lr": lr, "skipped_steps": 0.0 if take else 1.0}
 
 
 def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_token_id: int,
                  micro_batch_size: int, forward_context: Callable = contextlib.nullcontext,
-                 micro_batch_tokens: int = 0) -> dict[str, float]:
+                 micro_batch_tokens: int = 0, logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> dict[str, float]:
     """Gradients of the token-mean NLL of every response token over the global batch.
 
     Returns ``loss`` (global token-mean NLL) and ``tokens`` (global response tokens).
     ``micro_batch_size`` counts sequences (a packed sequence holds several responses),
     ``micro_batch_tokens`` (> 0) also caps a pass's tokens; ``forward_context()`` wraps each
-    forward (e.g. bf16 autocast).
+    forward (e.g. bf16 autocast); ``logprob_chunk_size``: tokens per chunk of the output head.
     """
     local_tokens = sum(s.response_length for s in sequences)
     total_tokens, = global_sum(accelerator, [local_tokens])
@@ -162,13 +207,14 @@ def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_tok
     def micro_loss(indices: list[int]) -> torch.Tensor:
         nonlocal nll_sum
         with forward_context():
-            logprobs, mask = response_logprobs(model, [sequences[i] for i in indices], pad_token_id)  # [b, T]
+            logprobs, mask = response_logprobs(model, [sequences[i] for i in indices], pad_token_id,
+                                               chunk_size=logprob_chunk_size)  # [b, T]
         nll = -torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum()  # []
         nll_sum += float(nll.detach())
         return nll * scale
 
     chunks = micro_batches([len(s.input_ids) for s in sequences], micro_batch_size, micro_batch_tokens)
-    backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss)
+    backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss, logprob_chunk_size)
     global_nll, = global_sum(accelerator, [nll_sum])
     return {"loss": global_nll / max(total_tokens, 1.0), "tokens": total_tokens}
 
@@ -176,7 +222,8 @@ def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_tok
 @torch.no_grad()
 def old_policy_logprobs(accelerator, model, batch: PolicyBatch, pad_token_id: int, micro_batch_size: int,
                         forward_context: Callable = contextlib.nullcontext, micro_batch_tokens: int = 0,
-                        temperature: float = 1.0) -> list[torch.Tensor]:
+                        temperature: float = 1.0, logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK
+                        ) -> list[torch.Tensor]:
     """The current policy's log-probs of every response of ``batch`` (no grad): the old
     log-probs of PPO's ratio, computed once per rollout batch before its first update.
 
@@ -188,11 +235,11 @@ def old_policy_logprobs(accelerator, model, batch: PolicyBatch, pad_token_id: in
     rows: list[torch.Tensor] = []
     for i in range(global_max(accelerator, len(chunks))):
         if i >= len(chunks):
-            _zero_loss(model, pad_token_id)
+            _zero_loss(model, pad_token_id, logprob_chunk_size)
             continue
         with forward_context():
             logprobs, _ = response_logprobs(model, [batch.sequences[j] for j in chunks[i]], pad_token_id,
-                                            temperature=temperature)  # [r, T]
+                                            temperature=temperature, chunk_size=logprob_chunk_size)  # [r, T]
         for row, r in enumerate(batch.response_rows(chunks[i])):
             rows.append(logprobs[row, :len(batch.loss_masks[r])].float().cpu())  # [T_r]
     return rows
@@ -200,7 +247,8 @@ def old_policy_logprobs(accelerator, model, batch: PolicyBatch, pad_token_id: in
 
 def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, pad_token_id: int,
                     micro_batch_size: int, forward_context: Callable = contextlib.nullcontext,
-                    micro_batch_tokens: int = 0, temperature: float = 1.0) -> dict[str, float]:
+                    micro_batch_tokens: int = 0, temperature: float = 1.0,
+                    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> dict[str, float]:
     """Gradients of the policy loss ``loss_fn`` aggregated by ``agg`` over the global batch.
 
     The old log-probs are ``batch.old_logprobs`` (several updates per rollout batch), else the
@@ -219,7 +267,8 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
         rows = batch.response_rows(indices)
         with forward_context():
             logprobs, mask, plain = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id,
-                                                      temperature=temperature, untempered=True)  # [r, T] each
+                                                      temperature=temperature, untempered=True,
+                                                      chunk_size=logprob_chunk_size)  # [r, T] each
         width = logprobs.shape[1]
         loss_mask = padded([batch.loss_masks[r] for r in rows], width, False).to(mask.device) & mask  # [r, T]
         old = (logprobs.detach() if batch.old_logprobs is None
@@ -241,9 +290,9 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
         return loss * weight * scale
 
     chunks = micro_batches([len(s.input_ids) for s in batch.sequences], micro_batch_size, micro_batch_tokens)
-    backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss)
+    backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss, logprob_chunk_size)
     keys = sorted(["loss", "ratio_mean", "approx_kl", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
-                   "logprob_drift", "drift_tokens"])
+                   "clip_fraction_dual", "logprob_drift", "drift_tokens"])
     reduced = dict(zip(keys, global_sum(accelerator, [sums.get(k, 0.0) for k in keys])))
     out = {k: reduced[k] / max(total_units, 1.0) for k in keys if k not in ("logprob_drift", "drift_tokens")}
     out["logprob_drift"] = reduced["logprob_drift"] / max(reduced["drift_tokens"], 1.0)
