@@ -131,7 +131,9 @@ def run(args) -> int:
 
     from rich.console import Console
 
+    from npr.cli.args import check_out_dir
     from npr.eval.runner import EvalError, evaluate
+    from npr.runlock import locked_run_dir
 
     if args.show_config:
         return show_config(args, args.command_line)
@@ -140,8 +142,9 @@ def run(args) -> int:
     config = build_config(args)
     console = Console(stderr=True)
     progress = None if args.quiet or not console.is_terminal else EvalProgress()
+    check_out_dir(args.out)
     try:
-        with progress or nullcontext():
+        with locked_run_dir(args.out), progress or nullcontext():
             results = evaluate(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
     except KeyboardInterrupt:
         console.print(f"interrupted: finished problems are kept in {args.out}/samples.jsonl; "

@@ -42,6 +42,7 @@ def run(args) -> int:
     from npr.data import load_problems, split_specs
     from npr.data.benchmarks import resolve_data_dir
     from npr.pipeline import PRESETS, run_pipeline
+    from npr.runlock import locked_run_dir
 
     console = Console()
     out = args.out or f"runs/{args.preset}"
@@ -57,9 +58,10 @@ def run(args) -> int:
         elapsed = time.perf_counter() - start
         console.print(f"[dim]{elapsed / 60:5.1f} min[/] {line}", highlight=False)
 
-    state = run_pipeline(args.preset, out, from_step=args.from_step, baseline=args.baseline,
-                         data_dir=args.data_dir, device=args.device, quiet=args.quiet, log=log,
-                         overwrite=args.overwrite)
+    with locked_run_dir(out):
+        state = run_pipeline(args.preset, out, from_step=args.from_step, baseline=args.baseline,
+                             data_dir=args.data_dir, device=args.device, quiet=args.quiet, log=log,
+                             overwrite=args.overwrite)
     print_results(console, out, state)
     return 0
 

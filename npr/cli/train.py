@@ -105,6 +105,7 @@ def require_out(args, command: str) -> Path:
 
 def run(args) -> int:
     from npr.cli.args import check_out_dir
+    from npr.runlock import locked_run_dir
     from npr.train.config import STAGE_CONFIGS
 
     command = args.command_line
@@ -117,11 +118,12 @@ def run(args) -> int:
     from npr.train.stage3 import train_stage3
 
     out = check_out_dir(require_out(args, f"npr train {args.stage}"))
-    config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset, args.config,
-                                flags_from_args(args))
-    options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=command)
-    trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]
-    final = trainer(config, options)
+    with locked_run_dir(out):  # before reading the directory's state: a second writer is refused
+        config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset,
+                                    args.config, flags_from_args(args))
+        options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=command)
+        trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]
+        final = trainer(config, options)
     if final is not None and not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"npr train {args.stage}: final model in {final}")
     return 0

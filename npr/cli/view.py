@@ -22,6 +22,7 @@ def run(args) -> int:
     from npr.errors import UsageError
     from npr.eval.viewer import read_records, render_viewer_page
     from npr.fsio import atomic_write_text
+    from npr.runlock import locked_output_file
 
     out = check_out_file(args.out if args.out else Path(args.inputs[0]).with_suffix(".html"))
     if any(Path(p).resolve() == out.resolve() for p in args.inputs):
@@ -31,6 +32,7 @@ def run(args) -> int:
         records += read_records(path, args.format)
     title = args.title or "npr view: " + ", ".join(Path(p).name for p in args.inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, render_viewer_page(records, title))
+    with locked_output_file(out):
+        atomic_write_text(out, render_viewer_page(records, title))
     print(f"wrote {out} ({len(records)} trace{'s' if len(records) != 1 else ''})")
     return 0
