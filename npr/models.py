@@ -275,6 +275,9 @@ def _local_dir(spec: str) -> Path | None:
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"{path} is a directory without config.json; point --model at a saved HF model "
                                  "(an npr checkpoint dir, or one written by save_pretrained)")
+        from npr.validate import check_model_config
+
+        check_model_config(path)  # model_type and sizes, before transformers reads it
         return path
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelSpecError(f"model path {spec!r} does not exist (specs: embedded, {', '.join(TINY_SPECS)}, "

@@ -63,11 +63,13 @@ def _run_locked(args, out: Path, command: str) -> int:
     from npr.train.config import SampleConfig
     from npr.train.overrides import flags_from_args, resolve_config
     from npr.train.sample import run_sample
+    from npr.validate import check_rollout_memory
 
     if (out / "data.jsonl").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds sampled data (data.jsonl); pass --overwrite to replace it, "
                          "or choose another --out")
     config = resolve_config("sample", SampleConfig, args.preset, args.config, flags_from_args(args))
+    check_rollout_memory(config)
     if args.quiet or not sys.stdout.isatty():
         summary = run_sample(config, out, command=command)
     else:

@@ -164,7 +164,11 @@ def api_key(given: str | None, environ=os.environ) -> str | None:
 def run(args) -> int:
     from rich.console import Console
 
+    from npr.validate import check_kv_cache_gib
+
     args.api_key = api_key(args.api_key)
+    if args.kv_cache_tokens is None:
+        check_kv_cache_gib(args.kv_cache_gib, args.device)
     if not _is_loopback(args.host) and args.api_key is None:
         Console(stderr=True).print(
             f"[yellow]warning:[/] listening on {args.host} without an API key: anyone who can reach this port can "

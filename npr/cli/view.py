@@ -10,7 +10,10 @@ def add_parser(sub, name: str, help_text: str):
                        "or JSONL/JSON records with an output/text/response field, or a .txt file with one trace, "
                        "in the NPR, Multiverse or Parallel-R1 format.")
     p.add_argument("inputs", nargs="+", metavar="FILE", help="samples.jsonl, a .json or a .txt trace file (several allowed)")
-    p.add_argument("--out", default=None, help="HTML file to write (default: the first input with .html)")
+    from npr.cli.args import out_path
+
+    p.add_argument("--out", default=None, type=out_path,
+                   help="HTML file to write (default: the first input with .html)")
     p.add_argument("--format", default="auto", choices=("auto", "npr", "multiverse", "parallel-r1"),
                    help="trace format of records without a parsed trace (default: detected per record)")
     p.add_argument("--title", default=None, help="page title (default: the input file names)")

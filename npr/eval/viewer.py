@@ -117,6 +117,7 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[dict]:
     Raises ``TraceFileError`` naming the file and line of anything unreadable.
     """
     from npr.data.jsonl import decode_utf8
+    from npr.validate import invalid_text_field
 
     path = Path(path)
     if not path.is_file():
@@ -146,6 +147,9 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[dict]:
         where = f"{path}:{lineno}" if lineno else f"{path} record {n}"
         if not isinstance(item, (dict, str)):
             raise TraceFileError(f"{where}: a JSON {type(item).__name__}; expected a record object or a trace string")
+        bad_text = invalid_text_field(item)
+        if bad_text:
+            raise TraceFileError(f"{where}: field {bad_text[0]} {bad_text[1]}; write valid Unicode text")
         try:
             records.append(normalize_record(item, fmt))
         except ValueError as e:
