@@ -68,7 +68,8 @@ def run(args) -> int:
     from npr.validate import check_text
 
     if args.prompt == "-":  # bytes, so that non-UTF-8 input is named rather than a UnicodeDecodeError
-        question = check_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "--prompt - (stdin)", escaped_bytes=True)
+        question = check_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "--prompt - (stdin)",
+                              escaped_bytes=True)
     else:  # Python hands non-UTF-8 bytes of argv over as lone surrogates
         question = check_text(args.prompt, "--prompt", escaped_bytes=True)
     if not question.strip():
