@@ -98,6 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk is not a bug: one line naming where, and how to continue
+        from npr.fsio import disk_full_message, disk_full_path, is_disk_full
+
+        out = getattr(args, "out", None)
+        if not is_disk_full(e, out):
+            raise
+        print(f"npr {args.command}: error: {disk_full_message(disk_full_path(e) or out, args.command)}",
+              file=sys.stderr)
+        return 2
 
 
 def check_environment() -> None:
