@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -338,6 +339,11 @@ def load_tokenizer(spec: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
+        # prompts are still built the one way npr knows, but the model was never trained on this layout:
+        # say so (once per load) rather than let docs/evaluation.md's "the model's chat template" be untrue
+        print(f"npr: warning: the tokenizer of {spec} has no chat template; npr formats prompts as ChatML "
+              "(<|im_start|>role ... <|im_end|>), which this model may not have been trained on. Add the model's "
+              "template (chat_template.jinja) to use its own", file=sys.stderr)
         tok.chat_template = _CHATML
     return tok
 

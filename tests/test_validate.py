@@ -132,3 +132,39 @@ def test_non_utf8_bytes_of_a_prompt_are_named_not_a_traceback(how):
     flag = "--prompt" if how == "argv" else "--prompt - (stdin)"
     assert out.returncode == 2 and out.stderr.decode() == (
         f"npr generate: error: {flag} holds the byte 0xe9, which is not UTF-8 (at character 3); give UTF-8 text\n")
+
+
+def test_a_benchmark_path_with_a_comma_is_one_spec_when_the_file_exists(tmp_path):
+    """Before: "runs/a,b/test.jsonl" was split in two and the error named the wrong file."""
+    from npr.data import load_problems, split_specs
+
+    folder = tmp_path / "a,b"
+    folder.mkdir()
+    data = folder / "x,y.jsonl"
+    data.write_text('{"id": "1", "problem": "1+1?", "answer": "2"}\n')
+    assert split_specs(f"aime24, {data} ,math500") == ["aime24", str(data), "math500"]
+    assert split_specs(f"{data}") == [str(data)]
+    assert split_specs("aime24,math500") == ["aime24", "math500"]  # no file: the usual split
+    assert [p.id for p in load_problems(split_specs(str(data))[0])] == ["1"]
+
+
+def test_a_tokenizer_without_a_chat_template_is_warned_about(tmp_path, tiny_llama, capsys):
+    """Before: ChatML was used silently, though docs/evaluation.md promises the model's own template."""
+    import json as json_module
+
+    from npr.models import load_tokenizer, save_model
+
+    model, tok = tiny_llama
+    path = save_model(model, tok, tmp_path / "m")
+    (path / "chat_template.jinja").unlink(missing_ok=True)
+    config = json_module.loads((path / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (path / "tokenizer_config.json").write_text(json_module.dumps(config))
+    capsys.readouterr()
+    loaded = load_tokenizer(str(path))
+    err = capsys.readouterr().err
+    assert err.startswith(f"npr: warning: the tokenizer of {path} has no chat template; npr formats prompts as "
+                          "ChatML"), err
+    assert "<|im_start|>" in loaded.chat_template
+    load_tokenizer("tiny-random-llama")  # a template of its own: no warning
+    assert capsys.readouterr().err == ""
