@@ -168,3 +168,13 @@ def test_a_tokenizer_without_a_chat_template_is_warned_about(tmp_path, tiny_llam
     assert "<|im_start|>" in loaded.chat_template
     load_tokenizer("tiny-random-llama")  # a template of its own: no warning
     assert capsys.readouterr().err == ""
+
+
+def test_the_write_probe_does_not_need_to_own_the_directory(tmp_path, monkeypatch):
+    """A writable directory of another user (a shared /tmp): setting its times back is refused, not an error."""
+    def not_owner(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "utime", not_owner)
+    probe_writable(tmp_path, "--out x")
+    assert list(tmp_path.iterdir()) == []
