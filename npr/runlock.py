@@ -78,19 +78,27 @@ def locked_run_dir(path: str | Path, flag: str = "--out"):
     if not _is_rank_zero():
         yield path
         return
-    created = _missing_parents(path)
-    path.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    while True:
+        created = _missing_parents(path)
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _lock(fd, path, "this run directory", flag)  # refused: the holder owns what exists, remove nothing
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(path, fd):
+            break
+        os.close(fd)  # the previous holder removed the (empty) directory after we opened it: lock the new one
     try:
-        _lock(fd, path, "this run directory", flag)
         yield path
     finally:
-        os.close(fd)  # releases the lock
-        for directory in created:  # innermost first; stops at the first that is not empty
+        for directory in created:  # innermost first, while still locked; stops at the first that is not empty
             try:
                 directory.rmdir()
             except OSError:
                 break
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager
@@ -105,11 +113,7 @@ def locked_output_file(path: str | Path, flag: str = "--out"):
         except BaseException:
             os.close(fd)
             raise
-        try:  # the previous holder may have unlinked the file between our open and our lock
-            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            same = False
-        if same:
+        if _same_file(lock_path, fd):  # the previous holder may have unlinked it between our open and our lock
             break
         os.close(fd)
     try:
@@ -129,6 +133,14 @@ def _lock(fd: int, path: Path, what: str, flag: str) -> None:
         # a file system without flock (some network mounts): run unprotected, but say so
         print(f"npr: warning: cannot lock {path} ({e.strerror}); nothing stops a second command writing it",
               file=sys.stderr)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st, held = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _missing_parents(path: Path) -> list[Path]:

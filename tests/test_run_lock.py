@@ -139,3 +139,17 @@ def test_other_ranks_of_a_launch_do_not_take_the_lock(tmp_path, monkeypatch):
         monkeypatch.setenv("RANK", "1")
         with locked_run_dir(tmp_path / "run"):
             pass
+
+
+def test_a_refused_command_never_removes_the_holders_directory(tmp_path, monkeypatch):
+    """Two commands started together both see the directory missing; the one refused must not rmdir the
+    (still empty) directory the other has just created and locked."""
+    import npr.runlock as runlock
+
+    run = tmp_path / "run"
+    with locked_run_dir(run):
+        monkeypatch.setattr(runlock, "_missing_parents", lambda path: [Path(path).absolute()])  # "I created it"
+        with pytest.raises(RunDirLocked):
+            with locked_run_dir(run):
+                pass
+        assert run.is_dir()
