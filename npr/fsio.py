@@ -7,9 +7,73 @@ rename itself survives a power cut.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from pathlib import Path
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# what writers that do not raise OSError say when the disk fills: safetensors (Rust io::Error), torch's zip writer
+DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+SHORT_WRITE_TEXTS = ("unexpected pos", "file write failed")  # torch.save after a short write: full, or another fault
+NEARLY_FULL_BYTES = 64 << 20
+# how each command continues after the space is freed
+CONTINUE_HINTS = {"train": "run the same command again with --resume: it continues from the last checkpoint",
+                  "eval": "run the same command again with --resume: it continues from the last finished problem",
+                  "pipeline": "run the same command again: it continues from the step that was cut short"}
+
+
+def disk_full_message(path: str | Path | None, command: str | None) -> str:
+    where = f"the device holding {path}" if path else "the output device"
+    hint = CONTINUE_HINTS.get(command or "", "run the same command again")
+    return f"no space left on {where}; free some space (or choose another --out), then {hint}"
+
+
+def is_disk_full(error: BaseException, path: str | Path | None = None) -> bool:
+    """Whether ``error`` (or what caused it) says the disk or quota is full. A short write from torch.save
+    counts when the file system of ``path`` has less than 64 MiB left (measured before any clean-up)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        text = str(error)
+        if any(marker in text for marker in DISK_FULL_TEXTS):
+            return True
+        if path is not None and any(marker in text for marker in SHORT_WRITE_TEXTS):
+            try:
+                return shutil.disk_usage(_existing(Path(path))).free < NEARLY_FULL_BYTES
+            except OSError:
+                return False
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def disk_full_path(error: BaseException) -> str | None:
+    """The file an ``OSError`` in ``error``'s chain names, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.filename:
+            path = Path(error.filename)  # a temporary removed by the clean-up: name its directory
+            return str(path if path.exists() else path.parent)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def as_disk_full(error: BaseException, path: str | Path) -> OSError | None:
+    """``error`` as one ``OSError(ENOSPC)`` naming ``path`` when it says the disk is full (else None):
+    writers such as torch.save report a full disk as a RuntimeError without the file's name."""
+    if not is_disk_full(error, path):
+        return None
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -29,11 +93,15 @@ def fsync_dir(path: str | Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk (or Ctrl-C) leaves the old file and no temporary beside it
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 

@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -275,6 +276,9 @@ def _local_dir(spec: str) -> Path | None:
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"{path} is a directory without config.json; point --model at a saved HF model "
                                  "(an npr checkpoint dir, or one written by save_pretrained)")
+        from npr.validate import check_model_config
+
+        check_model_config(path)  # model_type and sizes, before transformers reads it
         return path
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ModelSpecError(f"model path {spec!r} does not exist (specs: embedded, {', '.join(TINY_SPECS)}, "
@@ -335,6 +339,11 @@ def load_tokenizer(spec: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if not tok.chat_template:
+        # prompts are still built the one way npr knows, but the model was never trained on this layout:
+        # say so (once per load) rather than let docs/evaluation.md's "the model's chat template" be untrue
+        print(f"npr: warning: the tokenizer of {spec} has no chat template; npr formats prompts as ChatML "
+              "(<|im_start|>role ... <|im_end|>), which this model may not have been trained on. Add the model's "
+              "template (chat_template.jinja) to use its own", file=sys.stderr)
         tok.chat_template = _CHATML
     return tok
 

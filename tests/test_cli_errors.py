@@ -21,9 +21,15 @@ cuda_only_here = pytest.mark.skipif(not CPU_ONLY, reason="checks the message of 
 # (argv with placeholders, words in the message); placeholders (PLACES): @OUT (not yet there), @FILE
 # (a file), @DIR (an empty directory), @LISTYAML (a YAML with a list where a float belongs), @BADJSONL
 # (line 2 lacks its answer), @NOTOK (a checkpoint without tokenizer.json), @TRUNC (a checkpoint with
-# truncated weights), @SAMPLED (a directory holding an earlier npr sample), @MISSING (no such path).
+# truncated weights), @SAMPLED (a directory holding an earlier npr sample), @MISSING (no such path), @BELOW (a path
+# below a file), @BADTYPE/@BADLAYERS/@ZEROHEADS (checkpoints whose config.json has an unknown model_type,
+# num_hidden_layers "two", num_attention_heads 0), @SURR (line 2's problem holds a JSON "\ud800" escape).
 PLACES = {"@OUT": "out", "@FILE": "a_file.txt", "@DIR": "a_dir", "@LISTYAML": "list.yaml", "@BADJSONL": "bad.jsonl",
-          "@NOTOK": "no_tokenizer", "@TRUNC": "truncated", "@SAMPLED": "sampled", "@MISSING": "missing.jsonl"}
+          "@NOTOK": "no_tokenizer", "@TRUNC": "truncated", "@SAMPLED": "sampled", "@MISSING": "missing.jsonl",
+          "@BELOW": "a_file.txt/run", "@BADTYPE": "bad_type", "@BADLAYERS": "bad_layers", "@ZEROHEADS": "zero_heads",
+          "@SURR": "surrogate.jsonl"}
+BAD_CONFIGS = {"@BADTYPE": {"model_type": "llamma"}, "@BADLAYERS": {"num_hidden_layers": "two"},
+               "@ZEROHEADS": {"num_attention_heads": 0}}
 CASES = {
     "pipeline": [
         (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
@@ -34,6 +40,8 @@ CASES = {
         (["--out", "@OUT", "--data-dir", "@MISSING"], "--data-dir @MISSING is not a directory"),
         (["--preset", "qwen3-4b", "--out", "@OUT"], "benchmark 'aime25' not found"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--out", ""], "argument --out: must not be empty"),
+        (["--out", "@BELOW"], "a_file.txt is a file, so the directory cannot be created"),
     ],
     "generate": [
         ([*TINY, "--prompt", "   "], "--prompt is empty"),
@@ -43,7 +51,7 @@ CASES = {
         ([*TINY, "--prompt", "hi", "--temperature", "nan"], "argument --temperature: must be a finite number"),
         ([*TINY, "--prompt", "hi", "--top-p", "0"], "argument --top-p: must be in (0, 1], got 0"),
         ([*TINY, "--prompt", "hi", "--top-k", "-2"], "argument --top-k: must be >= 0"),
-        ([*TINY, "--prompt", "hi", "--seed", "-1"], "argument --seed: must be >= 0"),
+        ([*TINY, "--prompt", "hi", "--seed", "-1"], "argument --seed: must lie in [0, 2**32), got -1"),
         ([*TINY, "--prompt", "hi", "--n", "0"], "argument --n: must be >= 1"),
         ([*TINY, "--prompt", "hi", "--mode", "fast"], "argument --mode: invalid choice: 'fast'"),
         ([*TINY, "--prompt", "hi", "--style", "x"], "argument --style: invalid choice"),
@@ -54,6 +62,12 @@ CASES = {
         (["--model", "@NOTOK", "--prompt", "hi"], "has no tokenizer (no tokenizer.json)"),
         (["--model", "@TRUNC", "--prompt", "hi"], "model.safetensors is truncated"),
         ([*TINY, "--prompt", "hi", "--max-new-tokens", "5000"], "exceeds the model context of 4096"),
+        ([*TINY, "--prompt", "a\udcff"], "--prompt holds the byte 0xff, which is not UTF-8 (at character 1)"),
+        ([*TINY, "--prompt", "a\ud800"], "--prompt holds a lone surrogate U+D800, which is not valid Unicode"),
+        ([*TINY, "--prompt", "hi", "--seed", "4294967296"], "argument --seed: must lie in [0, 2**32), got 4294967296"),
+        (["--model", "@BADTYPE", "--prompt", "hi"], "config.json: field 'model_type' is 'llamma', not a causal LM"),
+        (["--model", "@BADLAYERS", "--prompt", "hi"], "field 'num_hidden_layers' must be a positive integer, got 'tw"),
+        (["--model", "@ZEROHEADS", "--prompt", "hi"], "field 'num_attention_heads' must be a positive integer, got 0"),
     ],
     "eval": [
         ([*TINY, "--out", "@OUT", "--benchmarks", ""], "argument --benchmarks: must not be empty"),
@@ -81,6 +95,12 @@ CASES = {
         (["--model", "./nope", "--out", "@OUT", "--benchmarks", RG], "model path './nope' does not exist"),
         ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--resume", "--overwrite"], "not allowed with argument"),
         ([*TINY, "--benchmarks", RG], "--out DIR is required"),
+        ([*TINY, "--out", "", "--benchmarks", RG], "argument --out: must not be empty"),
+        ([*TINY, "--out", "@OUT", "--benchmarks", "@SURR"], "@SURR:2: field 'problem': holds a lone surrogate U+D800"),
+        ([*TINY, "--out", "@BELOW", "--benchmarks", RG], "a_file.txt is a file, so the directory cannot be created"),
+        ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--kv-cache-gib", "100000"], "--kv-cache-gib 100000 is more"),
+        ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--seed", "-1"], "argument --seed: must lie in [0, 2**32)"),
+        (["--model", "@ZEROHEADS", "--out", "@OUT", "--benchmarks", RG], "'num_attention_heads' must be a positive"),
     ],
     "view": [
         (["@MISSING"], "@MISSING: no such file"),
@@ -89,6 +109,8 @@ CASES = {
         (["@BADJSONL", "--out", "@BADJSONL"], "--out @BADJSONL is one of the inputs"),
         (["@BADJSONL", "--format", "xml"], "argument --format: invalid choice"),
         ([], "the following arguments are required: FILE"),
+        (["@BADJSONL", "--out", ""], "argument --out: must not be empty"),
+        (["@SURR", "--out", "@OUT"], "@SURR:2: field problem holds a lone surrogate U+D800"),
     ],
     "train": [
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--learning-rate", "-1"],
@@ -124,6 +146,13 @@ CASES = {
         (["stage3", "--preset", "smoke", "--out", "@OUT", "--model", "./nope"], "model path './nope' does not exist"),
         (["stage3", "--preset", "smoke", "--out", "@OUT", "--model", "@TRUNC"], "model.safetensors is truncated"),
         (["stage9", "--out", "@OUT"], "argument STAGE: invalid choice: 'stage9'"),
+        (["stage2", "--preset", "smoke", "--out", ""], "argument --out: must not be empty"),
+        (["stage2", "--preset", "smoke", "--out", "@BELOW"], "a_file.txt is a file, so the directory cannot be"),
+        (["stage1", "--preset", "smoke", "--out", "@OUT", "--seed", "-1"], "'seed': must lie in [0, 2**32), got -1"),
+        (["stage2", "--preset", "smoke", "--out", "@OUT", "--seed", "5000000000"], "'seed': must lie in [0, 2**32)"),
+        (["stage1", "--preset", "smoke", "--out", "@OUT", "--kv-cache-tokens", "none", "--kv-cache-gib", "100000"],
+         "--kv-cache-gib 100000 is more"),
+        (["stage2", "--preset", "smoke", "--out", "@OUT", "--model", "@BADTYPE"], "field 'model_type' is 'llamma'"),
         ([], "the following arguments are required: STAGE"),
     ],
     "sample": [
@@ -134,6 +163,9 @@ CASES = {
         (["--preset", "smoke", "--out", "@OUT", "--model", "@NOTOK"], "has no tokenizer"),
         (["--preset", "smoke", "--out", "@FILE", *TINY], "--out @FILE is a file"),
         (["--preset", "smoke", "--out", "@OUT", *TINY, "--rollout-dtype", "fp8"], "'fp8' is not one of"),
+        (["--preset", "smoke", "--out", "@OUT", *TINY, "--seed", "-1"], "'seed': must lie in [0, 2**32), got -1"),
+        (["--preset", "smoke", "--out", "", *TINY], "argument --out: must not be empty"),
+        (["--preset", "smoke", "--out", "@OUT", *TINY, "--train-data", "@SURR"], "@SURR:2: field 'problem': holds a"),
     ],
     "demo": [
         (["--model", "./nope"], "model path './nope' does not exist"),
@@ -180,6 +212,12 @@ def workspace(tmp_path_factory, tiny_llama):
         save_model(model, tok, root / PLACES[name])
     (root / PLACES["@NOTOK"] / "tokenizer.json").unlink()
     os.truncate(root / PLACES["@TRUNC"] / "model.safetensors", 10_000)
+    for name, fields in BAD_CONFIGS.items():
+        save_model(model, tok, root / PLACES[name])
+        config = json.loads((root / PLACES[name] / "config.json").read_text())
+        (root / PLACES[name] / "config.json").write_text(json.dumps({**config, **fields}))
+    (root / PLACES["@SURR"]).write_text('{"id": "a", "problem": "1+1?", "answer": "2", "output": "2"}\n'
+                                        '{"id": "b", "problem": "2+\\ud800?", "answer": "4", "output": "4"}\n')
     (root / PLACES["@SAMPLED"]).mkdir()
     (root / PLACES["@SAMPLED"] / "data.jsonl").write_text("{}\n")
     return root

@@ -183,6 +183,18 @@ def test_bad_requests_get_400_naming_the_field(server, body, param):
     assert error(post(server, "/v1/chat/completions", body), 400)["param"] == param
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
+    ("/v1/chat/completions", {**CHAT, "stop": ["ok", "\udfff"]}, "stop[1]"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a\udc80"}, "prompt"),
+])
+def test_invalid_unicode_gets_400_naming_the_field(server, path, body, param):
+    """Before: a lone surrogate reached the tokenizer and the server answered 500."""
+    err = error(post(server, path, body), 400)
+    assert err["param"] == param and err["code"] == "invalid_unicode", err
+    assert err["message"].startswith(f"{param} holds a lone surrogate U+"), err
+
+
 def test_unknown_model_404_and_limits_400(server):
     assert error(post(server, "/v1/chat/completions", {**CHAT, "model": "gpt-4"}), 404)["code"] == "model_not_found"
     assert error(httpx.get(server.url + "/v1/models/gpt-4"), 404)["code"] == "model_not_found"

@@ -108,3 +108,57 @@ def test_sigterm_drains_and_a_second_signal_cancels_then_exit_0():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("argv, env, words", [
+    (["--api-key", ""], {}, "--api-key is empty, which would switch authentication off"),
+    (["--api-key", "   "], {}, "--api-key is empty"),
+    ([], {"NPR_API_KEY": ""}, "$NPR_API_KEY is empty"),
+    (["--api-key", " key"], {}, "--api-key has spaces at its ends"),
+    (["--api-key", "kéy"], {}, "outside printable ASCII"),
+    (["--kv-cache-gib", "-1"], {}, "argument --kv-cache-gib: must be > 0"),
+    (["--repetition-penalty", "nan"], {}, "argument --repetition-penalty: must be a finite number"),
+    (["--repetition-penalty", "0"], {}, "argument --repetition-penalty: must be > 0"),
+    (["--max-n", "0"], {}, "argument --max-n: must be >= 1"),
+    (["--threads", "0"], {}, "argument --threads: must be >= 1"),
+    (["--drain-timeout", "-1"], {}, "argument --drain-timeout: must be >= 0"),
+])
+def test_bad_keys_and_values_are_refused_at_start_up(monkeypatch, capsys, argv, env, words):
+    """Fails closed: `--api-key "$KEY"` with KEY unset used to serve /v1 without a key (issue 28)."""
+    from npr.cli import serve as serve_cli
+    from npr.cli.main import main
+
+    monkeypatch.delenv("NPR_API_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(serve_cli, "serve", lambda args, sock: pytest.fail("started serving"))
+    try:
+        code = main(["serve", "--port", "0", *argv])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("host, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_a_public_address_without_a_key_is_warned_about(monkeypatch, capsys, host, warned):
+    from npr.cli import serve as serve_cli
+    from npr.cli.main import main
+
+    monkeypatch.delenv("NPR_API_KEY", raising=False)
+    seen = {}
+    monkeypatch.setattr(serve_cli, "serve", lambda args, sock: seen.update(key=args.api_key) or 0)
+    assert main(["serve", "--host", host, "--port", "0"]) == 0
+    err = capsys.readouterr().err
+    assert ("warning: listening on 0.0.0.0 without an API key: anyone who can reach this port" in err) == warned
+    assert seen == {"key": None}
+    monkeypatch.setenv("NPR_API_KEY", "secret")  # the environment's key is used, and then no warning
+    assert main(["serve", "--host", host, "--port", "0"]) == 0
+    assert seen == {"key": "secret"} and "warning" not in capsys.readouterr().err
+
+
+def test_the_server_config_refuses_an_empty_key():
+    from npr.serve import ServeConfig
+
+    with pytest.raises(ValueError, match="api_key must not be empty"):
+        ServeConfig(model_name="m", api_key=" ")

@@ -56,6 +56,24 @@ def positive_float(text: str) -> float:
     return value
 
 
+def seed(text: str) -> int:
+    """A random seed: 0 <= seed < 2**32, as numpy and torch take on every platform."""
+    from npr.validate import seed_problem
+
+    value = _number(text, int)
+    problem = seed_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def out_path(text: str) -> str:
+    """An output path: not empty (``--out ""`` would write into the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (an empty path would write into the working directory)")
+    return text
+
+
 def probability(text: str) -> float:
     """A nucleus mass: in (0, 1]."""
     value = _number(text, float)
@@ -98,7 +116,8 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
-    """``path`` as an output directory: it is one, or can be created; ``UsageError`` otherwise."""
+    """``path`` as an output directory: it is one, or can be created and written; ``UsageError`` otherwise."""
+    _refuse_empty(path, flag)
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a directory; choose another {flag}")
@@ -108,11 +127,17 @@ def check_out_dir(path: str | Path, flag: str = "--out") -> Path:
 
 def check_out_file(path: str | Path, flag: str = "--out") -> Path:
     """``path`` as an output file: not a directory, and its folder can be written."""
+    _refuse_empty(path, flag)
     path = Path(path).expanduser()
     if path.is_dir():
         raise UsageError(f"{flag} {path} is a directory; give a file name, e.g. {path / 'view.html'}")
     _check_writable(path.parent, flag)
     return path
+
+
+def _refuse_empty(path: str | Path, flag: str) -> None:
+    if isinstance(path, str) and not path.strip():
+        raise UsageError(f"{flag} is empty, which would write into the working directory; give a path")
 
 
 def _check_writable(path: Path, flag: str) -> None:
@@ -122,3 +147,6 @@ def _check_writable(path: Path, flag: str) -> None:
                          f"choose another {flag}")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: no permission to write in {existing}; choose another {flag}")
+    from npr.validate import probe_writable
+
+    probe_writable(existing, f"{flag} {path}")  # read-only mounts and root's view of permissions

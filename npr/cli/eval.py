@@ -9,7 +9,7 @@ import time
 
 def add_parser(sub, name: str, help_text: str):
     from npr.cli.args import (device_name, dtype_name, non_empty, non_negative_float, non_negative_int,
-                              positive_float, positive_int, probability)
+                              out_path, positive_float, positive_int, probability, seed)
 
     p = sub.add_parser(name, help=help_text, description=(
         f"{help_text}. Writes DIR/config.json (every setting, prompt, model and data hashes, versions), samples.jsonl, "
@@ -31,7 +31,7 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--temperature", type=non_negative_float, default=1.0, help="0 = greedy (default: 1.0)")
     p.add_argument("--top-p", type=probability, default=0.7, help="nucleus mass in (0, 1] (default: 0.7)")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off (default)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="0 <= seed < 2**32 (default: 0)")
     p.add_argument("--style", default="npr", choices=["npr", "plain"], help="prompt style (default: npr)")
     p.add_argument("--system-prompt-file", default=None, metavar="PATH",
                    help="text file whose contents replace npr's format instruction, e.g. the prompts/npr.txt that "
@@ -44,7 +44,7 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--max-num-seqs", type=positive_int, default=64, help="live streams decoded at once")
     p.add_argument("--kv-cache-gib", type=positive_float, default=2.0, help="KV pool size in GiB (default: 2)")
-    p.add_argument("--out", default=None, help="run directory (required unless --show-config)")
+    p.add_argument("--out", default=None, type=out_path, help="run directory (required unless --show-config)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (refused when the "
                        "settings, the model's weights, the data or the prompt differ from the run's config.json)")
@@ -131,7 +131,9 @@ def run(args) -> int:
 
     from rich.console import Console
 
+    from npr.cli.args import check_out_dir
     from npr.eval.runner import EvalError, evaluate
+    from npr.runlock import locked_run_dir
 
     if args.show_config:
         return show_config(args, args.command_line)
@@ -140,8 +142,9 @@ def run(args) -> int:
     config = build_config(args)
     console = Console(stderr=True)
     progress = None if args.quiet or not console.is_terminal else EvalProgress()
+    check_out_dir(args.out)
     try:
-        with progress or nullcontext():
+        with locked_run_dir(args.out), progress or nullcontext():
             results = evaluate(config, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
     except KeyboardInterrupt:
         console.print(f"interrupted: finished problems are kept in {args.out}/samples.jsonl; "

@@ -6,7 +6,8 @@ import sys
 
 
 def add_parser(sub, name: str, help_text: str):
-    from npr.cli.args import device_name, dtype_name, non_negative_float, non_negative_int, positive_int, probability
+    from npr.cli.args import (device_name, dtype_name, non_negative_float, non_negative_int, positive_int,
+                              probability, seed)
 
     p = sub.add_parser(name, help=help_text, description=help_text + ". The prompt goes through the model's chat "
                        "template with the NPR format instruction (--style npr) or a plain step-by-step request.")
@@ -21,7 +22,7 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (default: 0)")
     p.add_argument("--top-p", type=probability, default=1.0, help="nucleus mass in (0, 1] (default: 1)")
     p.add_argument("--top-k", type=non_negative_int, default=0, help="0 = off (default)")
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="0 <= seed < 2**32 (default: 0)")
     p.add_argument("--n", type=positive_int, default=1, help="samples (they share the prompt's KV)")
     p.add_argument("--dtype", default="bfloat16", type=dtype_name, help="bfloat16 (default, faster on CPU) or float32")
     p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
@@ -64,7 +65,13 @@ def run(args) -> int:
     from npr.prompts import encode_prompt
 
     console = Console(stderr=True)
-    question = sys.stdin.read() if args.prompt == "-" else args.prompt
+    from npr.validate import check_text
+
+    if args.prompt == "-":  # bytes, so that non-UTF-8 input is named rather than a UnicodeDecodeError
+        question = check_text(sys.stdin.buffer.read().decode("utf-8", "surrogateescape"), "--prompt - (stdin)",
+                              escaped_bytes=True)
+    else:  # Python hands non-UTF-8 bytes of argv over as lone surrogates
+        question = check_text(args.prompt, "--prompt", escaped_bytes=True)
     if not question.strip():
         raise UsageError("--prompt is empty" + (" (nothing on stdin)" if args.prompt == "-" else "")
                          + "; give the question, e.g. --prompt \"What is 7 + 5?\"")

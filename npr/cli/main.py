@@ -49,9 +49,12 @@ def tune_malloc() -> bool:
     every training step page-faults and zeroes its activations and logits again: on the 2-core CPU
     the cold start's SFT spent ~40 % of its time in the kernel. Raising the mmap and trim thresholds
     lets the heap reuse that memory (docs/performance.md, "Memory allocator"); the process's
-    resident size stays near its peak instead. Returns whether the settings were applied.
+    resident size stays near its peak instead. Returns whether the settings were applied; a value
+    of ``NPR_MALLOC_TUNING`` that is not a boolean (0/1/true/false/on/off/yes/no) raises ``UsageError``.
     """
-    if os.environ.get("NPR_MALLOC_TUNING", "1") == "0" or not sys.platform.startswith("linux"):
+    from npr.validate import env_bool
+
+    if not env_bool("NPR_MALLOC_TUNING", True) or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from npr.errors import NprError
 
     try:
+        check_environment()
         return module.run(args) or 0
     except NprError as e:
         print(f"npr {args.command}: error: {e}", file=sys.stderr)
@@ -95,11 +99,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a full disk is not a bug: one line naming where, and how to continue
+        from npr.fsio import disk_full_message, disk_full_path, is_disk_full
+
+        out = getattr(args, "out", None)
+        if not is_disk_full(e, out):
+            raise
+        print(f"npr {args.command}: error: {disk_full_message(disk_full_path(e) or out, args.command)}",
+              file=sys.stderr)
+        return 2
+
+
+def check_environment() -> None:
+    """The environment variables every command reads, checked before it starts (``NprError``)."""
+    from npr.validate import check_cache_dir, env_bool
+
+    env_bool("NPR_MALLOC_TUNING", True)
+    check_cache_dir()
 
 
 def console_main() -> int:
     """The ``npr`` console script: the process-wide allocator settings, then ``main``."""
-    tune_malloc()
+    from npr.errors import NprError
+
+    try:
+        tune_malloc()
+    except NprError as e:
+        print(f"npr: error: {e}", file=sys.stderr)
+        return 2
     return main()
 
 

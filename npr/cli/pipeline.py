@@ -9,7 +9,7 @@ def add_parser(sub, name: str, help_text: str):
     import argparse
 
     from npr import pipeline
-    from npr.cli.args import device_name
+    from npr.cli.args import device_name, out_path
     from npr.pipeline import PRESETS, STEPS
 
     p = sub.add_parser(name, help=help_text, description=pipeline.__doc__,
@@ -18,8 +18,8 @@ def add_parser(sub, name: str, help_text: str):
                    help="tiny: the embedded SmolLM2-135M on problems of 2-4 independent one-digit expressions (default; "
                         "docs/results.md has its measured wall time); "
                         "smoke: a tiny random model, seconds per step (CI); qwen3-4b: the paper's setting on GPUs")
-    p.add_argument("--out", default=None, help="run directory (default: runs/<preset>); a non-empty directory "
-                   "that npr pipeline did not create is refused")
+    p.add_argument("--out", default=None, type=out_path, help="run directory (default: runs/<preset>); a non-empty "
+                   "directory that npr pipeline did not create is refused")
     p.add_argument("--overwrite", action="store_true",
                    help="take over --out even if another run or a foreign directory is there: its step directories "
                         "(and pipeline.json, results.json, report.html) are deleted, other files are left alone")
@@ -42,6 +42,7 @@ def run(args) -> int:
     from npr.data import load_problems, split_specs
     from npr.data.benchmarks import resolve_data_dir
     from npr.pipeline import PRESETS, run_pipeline
+    from npr.runlock import locked_run_dir
 
     console = Console()
     out = args.out or f"runs/{args.preset}"
@@ -57,9 +58,10 @@ def run(args) -> int:
         elapsed = time.perf_counter() - start
         console.print(f"[dim]{elapsed / 60:5.1f} min[/] {line}", highlight=False)
 
-    state = run_pipeline(args.preset, out, from_step=args.from_step, baseline=args.baseline,
-                         data_dir=args.data_dir, device=args.device, quiet=args.quiet, log=log,
-                         overwrite=args.overwrite)
+    with locked_run_dir(out):
+        state = run_pipeline(args.preset, out, from_step=args.from_step, baseline=args.baseline,
+                             data_dir=args.data_dir, device=args.device, quiet=args.quiet, log=log,
+                             overwrite=args.overwrite)
     print_results(console, out, state)
     return 0
 

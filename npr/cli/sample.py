@@ -47,19 +47,29 @@ def _print_summary(summary: dict, out: Path) -> None:
 def run(args) -> int:
     from npr.cli.args import check_out_dir
     from npr.cli.train import require_out, show_config
-    from npr.errors import UsageError
+    from npr.runlock import locked_run_dir
     from npr.train.config import SampleConfig
-    from npr.train.overrides import flags_from_args, resolve_config
-    from npr.train.sample import run_sample
 
     command = args.command_line
     if args.show_config:
         return show_config("sample", SampleConfig, args, command)
     out = check_out_dir(require_out(args, "npr sample"))
+    with locked_run_dir(out):
+        return _run_locked(args, out, command)
+
+
+def _run_locked(args, out: Path, command: str) -> int:
+    from npr.errors import UsageError
+    from npr.train.config import SampleConfig
+    from npr.train.overrides import flags_from_args, resolve_config
+    from npr.train.sample import run_sample
+    from npr.validate import check_rollout_memory
+
     if (out / "data.jsonl").exists() and not args.overwrite:
         raise UsageError(f"{out} already holds sampled data (data.jsonl); pass --overwrite to replace it, "
                          "or choose another --out")
     config = resolve_config("sample", SampleConfig, args.preset, args.config, flags_from_args(args))
+    check_rollout_memory(config)
     if args.quiet or not sys.stdout.isatty():
         summary = run_sample(config, out, command=command)
     else:

@@ -28,6 +28,8 @@ docs/serving.md documents the API, the npr extension fields, the streaming order
 
 
 def add_parser(sub, name: str, help_text: str):
+    from npr.cli.args import device_name, dtype_name, non_negative_float, positive_float, positive_int
+
     p = sub.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=help_text + ". Serves POST /v1/chat/completions, POST /v1/completions, "
                        "GET /v1/models, GET /health and a chat page at / that shows branches as they decode. "
@@ -39,31 +41,37 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--served-model-name", help="the name clients send as `model` (default: the --model value)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=os.environ.get("NPR_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NPR_API_KEY, else no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NPR_API_KEY, else no key); an "
+                   "empty key is refused, so an unset $KEY in --api-key \"$KEY\" cannot switch authentication off")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential", "plain"],
                    help="parallel: branches decoded at once; sequential: one after another; plain: no structure")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default, faster on CPU) or float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--dtype", default="bfloat16", type=dtype_name, help="bfloat16 (default, faster on CPU) or float32")
+    p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     eng = p.add_argument_group("engine")
-    eng.add_argument("--max-num-seqs", type=int, default=64, help="most requests decoding at once (default: 64)")
-    eng.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV pool memory (default: 2.0)")
-    eng.add_argument("--kv-cache-tokens", type=int, help="KV pool capacity in tokens (overrides --kv-cache-gib)")
-    eng.add_argument("--max-branches", type=int, default=5, help="most plans per guideline (default: 5, as NPR)")
-    eng.add_argument("--max-depth", type=int, default=8, help="most parallel blocks per answer (default: 8)")
-    eng.add_argument("--repetition-penalty", type=float, default=1.02, help="inside branches (default: 1.02, as NPR)")
+    eng.add_argument("--max-num-seqs", type=positive_int, default=64,
+                     help="most requests decoding at once (default: 64)")
+    eng.add_argument("--kv-cache-gib", type=positive_float, default=2.0, help="KV pool memory (default: 2.0)")
+    eng.add_argument("--kv-cache-tokens", type=positive_int,
+                     help="KV pool capacity in tokens (overrides --kv-cache-gib)")
+    eng.add_argument("--max-branches", type=positive_int, default=5,
+                     help="most plans per guideline (default: 5, as NPR)")
+    eng.add_argument("--max-depth", type=positive_int, default=8, help="most parallel blocks per answer (default: 8)")
+    eng.add_argument("--repetition-penalty", type=positive_float, default=1.02,
+                     help="inside branches, finite and > 0 (default: 1.02, as NPR)")
     srv = p.add_argument_group("server")
-    srv.add_argument("--max-n", type=int, default=8, help="most samples per request (default: 8)")
-    srv.add_argument("--max-queue", type=int, default=256,
+    srv.add_argument("--max-n", type=positive_int, default=8, help="most samples per request (default: 8)")
+    srv.add_argument("--max-queue", type=positive_int, default=256,
                      help="most requests waiting to start; beyond it 503 + Retry-After (default: 256)")
-    srv.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
-    srv.add_argument("--default-max-tokens", type=int, default=1024,
+    srv.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
+                     help="largest request body (default: 1 MiB)")
+    srv.add_argument("--default-max-tokens", type=positive_int, default=1024,
                      help="chat budget when a request sets none, over all branches (default: 1024)")
     srv.add_argument("--system-prompt", default="npr", choices=["npr", "none"],
                      help="npr (default): chats without a system message get the NPR format instruction, as in "
                      "training and `npr generate`; none: messages go as sent")
-    srv.add_argument("--drain-timeout", type=float, default=30.0,
+    srv.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                      help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM (default: 30)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
@@ -133,11 +141,38 @@ def make_server(app, engine_loop, drain_timeout_s: float, log_level: str):
     return Server(config)
 
 
-def run(args) -> int:
+def api_key(given: str | None, environ=os.environ) -> str | None:
+    """The key ``/v1/*`` requires: ``--api-key``, else ``$NPR_API_KEY``, else None (no key).
+
+    Fails closed: an empty or blank key (``--api-key "$KEY"`` with ``KEY`` unset, ``NPR_API_KEY=``) is an
+    ``NprError`` rather than "no key", and so is one that an Authorization header cannot carry.
+    """
     from npr.errors import NprError
 
-    if args.drain_timeout < 0 or (args.threads is not None and args.threads < 1):
-        raise NprError("--drain-timeout must be >= 0 and --threads >= 1")
+    source, key = ("--api-key", given) if given is not None else ("$NPR_API_KEY", environ.get("NPR_API_KEY"))
+    if key is None:
+        return None
+    if not key.strip():
+        raise NprError(f"{source} is empty, which would switch authentication off; give the key (e.g. --api-key "
+                       "\"$(cat key.txt)\"), or leave both --api-key and $NPR_API_KEY unset to serve without one")
+    if key != key.strip() or not key.isascii() or not key.isprintable():
+        raise NprError(f"{source} has spaces at its ends or characters outside printable ASCII, which an "
+                       "'Authorization: Bearer' header cannot carry; use a key of printable ASCII")
+    return key
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from npr.validate import check_kv_cache_gib
+
+    args.api_key = api_key(args.api_key)
+    if args.kv_cache_tokens is None:
+        check_kv_cache_gib(args.kv_cache_gib, args.device)
+    if not _is_loopback(args.host) and args.api_key is None:
+        Console(stderr=True).print(
+            f"[yellow]warning:[/] listening on {args.host} without an API key: anyone who can reach this port can "
+            "use the model and the machine's compute; pass --api-key (or set $NPR_API_KEY)", highlight=False)
     sock = bind(args.host, args.port)  # first, before the slow imports: a taken port fails at once
     try:
         return serve(args, sock)
@@ -163,12 +198,9 @@ def serve(args, sock: socket.socket) -> int:
         config = ServeConfig(model_name=args.served_model_name or args.model, max_n=args.max_n,
                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                              default_max_tokens=args.default_max_tokens, system_prompt=args.system_prompt,
-                             api_key=args.api_key or None, drain_timeout_s=args.drain_timeout)
+                             api_key=args.api_key, drain_timeout_s=args.drain_timeout)
     except ValueError as e:
         raise NprError(f"--{str(e).replace('_', '-')}") from e
-    if not _is_loopback(args.host) and config.api_key is None:
-        console.print(f"[yellow]warning:[/] listening on {args.host} without --api-key: anyone who can reach this "
-                      "machine can use the model")
     if args.threads:
         import torch
 

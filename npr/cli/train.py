@@ -48,7 +48,10 @@ def add_run_arguments(p: argparse.ArgumentParser, stage: str, out_help: str) -> 
                         "qwen3-4b (the paper's settings, GPUs)")
     p.add_argument("--config", default=None, metavar="YAML", help="YAML file of `field: value` lines (e.g. a run's "
                    "config.yaml); overrides the preset, flags override it")
-    p.add_argument("--out", default=None, metavar="DIR", help=out_help + " (required unless --show-config)")
+    from npr.cli.args import out_path
+
+    p.add_argument("--out", default=None, metavar="DIR", type=out_path,
+                   help=out_help + " (required unless --show-config)")
     p.add_argument("--quiet", action="store_true", help="no progress display or per-step lines")
     p.add_argument("--show-config", action="store_true",
                    help="print the resolved config as YAML (usable with --config), each field's source (default, "
@@ -105,7 +108,9 @@ def require_out(args, command: str) -> Path:
 
 def run(args) -> int:
     from npr.cli.args import check_out_dir
+    from npr.runlock import locked_run_dir
     from npr.train.config import STAGE_CONFIGS
+    from npr.validate import check_rollout_memory
 
     command = args.command_line
     if args.show_config:  # before importing the trainers: nothing heavy is loaded
@@ -117,11 +122,13 @@ def run(args) -> int:
     from npr.train.stage3 import train_stage3
 
     out = check_out_dir(require_out(args, f"npr train {args.stage}"))
-    config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset, args.config,
-                                flags_from_args(args))
-    options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=command)
-    trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]
-    final = trainer(config, options)
+    with locked_run_dir(out):  # before reading the directory's state: a second writer is refused
+        config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset,
+                                    args.config, flags_from_args(args))
+        check_rollout_memory(config)
+        options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=command)
+        trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]
+        final = trainer(config, options)
     if final is not None and not args.quiet and int(os.environ.get("RANK", "0")) == 0:
         print(f"npr train {args.stage}: final model in {final}")
     return 0

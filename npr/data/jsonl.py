@@ -16,6 +16,7 @@ from pathlib import Path
 
 from npr.data.errors import DataError, DataFileError
 from npr.data.problems import Problem
+from npr.validate import unicode_problem
 
 REQUIRED_FIELDS = ("id", "problem", "answer")
 
@@ -54,6 +55,8 @@ def parse_problem_line(line: str, path: str, lineno: int, source: str) -> Proble
                                 "write it as a string, e.g. \"42\"")
         if not value.strip():
             raise DataFileError(path, lineno, name, "is empty", "fill it in or delete the line")
+        if unicode_problem(value):  # a JSON "\ud800" escape: the tokenizer cannot encode it
+            raise DataFileError(path, lineno, name, unicode_problem(value), "write valid Unicode text")
     return Problem(id=row["id"], problem=row["problem"], answer=row["answer"], source=source,
                    location=f"{path}:{lineno}")
 

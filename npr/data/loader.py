@@ -55,9 +55,16 @@ def load_problems(spec: str, data_dir: str | Path | None = None, limit: int | No
 def split_specs(text: str) -> list[str]:
     """``"aime24, math500,rg:chain_sum?size=5"`` → ``["aime24", "math500", "rg:chain_sum?size=5"]``.
 
-    Empty items are dropped; an empty list is an error.
+    Empty items are dropped; an empty list is an error. A comma inside the path of a file that exists
+    does not split it: ``"runs/a,b/test.jsonl"`` is one spec when that file is there (the longest run of
+    comma-joined items that names a file wins).
     """
-    specs = [s.strip() for s in text.split(",") if s.strip()]
+    pieces, specs, i = text.split(","), [], 0
+    while i < len(pieces):
+        j = next((j for j in range(len(pieces), i + 1, -1) if Path(",".join(pieces[i:j]).strip()).is_file()), i + 1)
+        specs.append(",".join(pieces[i:j]).strip())
+        i = j
+    specs = [s for s in specs if s]
     if not specs:
         raise DataError(f"no problem spec in {text!r}; give comma-separated benchmark names, .jsonl paths or rg: specs")
     return specs

@@ -20,6 +20,7 @@ from npr.engine import MODES, EngineConfig, EngineInputError, SamplingParams
 from npr.engine.scheduler import Scheduler
 from npr.errors import NprError
 from npr.prompts import STYLES, encode_prompt
+from npr.validate import check_kv_cache_gib, seed_problem
 
 FAILURE_REASONS = {
     "prompt_too_long": "the prompt and --max-new-tokens exceed the model's context",
@@ -65,7 +66,7 @@ def check_settings(c) -> None:
              f"--temperature must be a finite number >= 0 (0 = greedy), got {c.temperature!r}")
     _require(_is_number(c.top_p) and 0 < c.top_p <= 1, f"--top-p must be in (0, 1], got {c.top_p!r}")
     _require(_is_int(c.top_k) and c.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {c.top_k!r}")
-    _require(_is_int(c.seed) and c.seed >= 0, f"--seed must be an integer >= 0, got {c.seed!r}")
+    _require(seed_problem(c.seed) is None, f"--seed {seed_problem(c.seed)}")
     _require(c.style in STYLES, f"--style {c.style!r} is not one of {', '.join(STYLES)}")
     _require(c.dtype in DTYPES, f"--dtype {c.dtype!r} is not one of {', '.join(DTYPES)}")
     _require(_is_int(c.max_branches) and c.max_branches >= 1, f"max_branches must be >= 1, got {c.max_branches!r}")
@@ -78,6 +79,7 @@ def check_settings(c) -> None:
     if c.data_dir is not None:
         resolve_data_dir(c.data_dir)  # a given --data-dir must exist even when no benchmark reads it
     resolve_device(c.device)
+    check_kv_cache_gib(c.kv_cache_gib, c.device)
 
 
 def engine_config(c, mode: str) -> EngineConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 
 from npr.errors import NprError
@@ -67,6 +68,75 @@ def block_execution(record: dict, n_blocks: int) -> list[str]:
     return ["parallel" if i < executed else "not_parallel" for i in range(n_blocks)]
 
 
+SCALAR_FIELDS = ("benchmark", "problem_id", "sample", "mode", "finish_reason", "pred", "answer")
+NUMBER_FIELDS = ("reward", "tokens", "critical_path_tokens", "forward_passes", "wall_time_s", "parallel_blocks")
+BOOL_FIELDS = ("correct", "format_valid")
+TEXT_FIELDS = ("problem", "prompt", "output")
+
+
+def _kind(value) -> str:
+    return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def trace_shape_problem(trace: dict) -> str | None:
+    """What in a ``ParallelTrace.to_dict()``-shaped ``trace`` the viewer cannot render (None: nothing)."""
+    blocks = trace.get("blocks", [])
+    if not isinstance(blocks, list):
+        return f"trace.blocks is {_kind(blocks)}, not a list of blocks"
+    for name in ("final", "answer", "source_format"):
+        if not isinstance(trace.get(name), (str, type(None))):
+            return f"trace.{name} is {_kind(trace[name])}, not a string"
+    for b, block in enumerate(blocks):
+        if not isinstance(block, dict):
+            return f"trace.blocks[{b}] is {_kind(block)}, not an object"
+        for name in ("preamble", "takeaway"):
+            if not isinstance(block.get(name), (str, type(None))):
+                return f"trace.blocks[{b}].{name} is {_kind(block[name])}, not a string"
+        for name in ("plans", "steps"):
+            items = block.get(name, [])
+            if not isinstance(items, list):
+                return f"trace.blocks[{b}].{name} is {_kind(items)}, not a list of {{label, text}} objects"
+            for i, item in enumerate(items):
+                if not isinstance(item, dict) or not isinstance(item.get("text", ""), (str, type(None))) \
+                        or not isinstance(item.get("label"), (str, int, type(None))):
+                    return f"trace.blocks[{b}].{name}[{i}] is {_kind(item)}, not a {{label, text}} object"
+    return None
+
+
+def record_shape_problem(record: dict) -> str | None:
+    """What in a normalised record the viewer cannot render, naming the field (None: nothing). A
+    number may be NaN or infinite (``script_json`` encodes it); a wrong type is a problem."""
+    problem = trace_shape_problem(record["trace"])
+    if problem:
+        return problem
+    for name in SCALAR_FIELDS:
+        if isinstance(record.get(name), (dict, list)):
+            return f"field {name} is {_kind(record[name])}, not a string or number"
+    for name in NUMBER_FIELDS:
+        if record.get(name) is not None and not _is_number(record[name]):
+            return f"field {name} is {_kind(record[name])}, not a number"
+    for name in BOOL_FIELDS:
+        if not isinstance(record.get(name), (bool, type(None))):
+            return f"field {name} is {_kind(record[name])}, not true/false"
+    for name in TEXT_FIELDS:
+        if not isinstance(record.get(name), (str, type(None))):
+            return f"field {name} is {_kind(record[name])}, not a string"
+    branches = record.get("branches_per_block")
+    if branches is not None and not (isinstance(branches, list) and all(_is_number(n) for n in branches)):
+        return f"field branches_per_block is {_kind(branches)}, not a list of numbers"
+    errors = record.get("format_errors")
+    if not (isinstance(errors, list) and all(isinstance(e, str) for e in errors)):
+        return f"field format_errors is {_kind(errors)}, not a list of strings"
+    if not isinstance(record.get("diagnostic"), (str, dict, type(None))):
+        return f"field diagnostic is {_kind(record['diagnostic'])}, not a string"
+    return None
+
+
 def normalize_record(raw: dict | str, fmt: str = "auto") -> dict:
     """A sample record with everything the viewer and the metrics read filled in.
 
@@ -74,7 +144,8 @@ def normalize_record(raw: dict | str, fmt: str = "auto") -> dict:
     string. Adds ``output``, ``trace`` (parsed when missing), ``format_valid`` and
     ``format_errors`` (for NPR text, when missing), ``pred`` (the trace's answer when missing),
     ``block_exec`` (see ``block_execution``) and ``extra`` (unknown keys, passed through).
-    Raises ValueError when there is neither a trace nor a text field.
+    Raises ValueError when there is neither a trace nor a text field, or when a field has a shape the
+    viewer cannot render (``record_shape_problem``).
     """
     record = {"output": raw} if isinstance(raw, str) else dict(raw)
     text = next((record[k] for k in OUTPUT_KEYS if isinstance(record.get(k), str)), None)
@@ -94,6 +165,9 @@ def normalize_record(raw: dict | str, fmt: str = "auto") -> dict:
     record.setdefault("format_errors", [])
     if "pred" not in record:  # a runner's pred (even null) is the authority; text-only traces use the trace's
         record["pred"] = trace.get("answer")
+    problem = record_shape_problem(record)
+    if problem:
+        raise ValueError(problem)
     record["block_exec"] = block_execution(record, len(trace.get("blocks", [])))
     record["extra"] = {k: v for k, v in record.items() if k not in KNOWN_KEYS and k not in ("block_exec", "extra")}
     return record
@@ -111,12 +185,16 @@ def _records_from_json(value, path: str) -> list:
     raise TraceFileError(f"{path}: a JSON {type(value).__name__}; expected a list of records, a record or a string")
 
 
-def read_records(path: str | Path, fmt: str = "auto") -> list[dict]:
+def read_records(path: str | Path, fmt: str = "auto", skipped: list[str] | None = None) -> list[dict]:
     """Normalised records of a ``.jsonl``, ``.json`` or text file of traces (see the module docstring).
 
-    Raises ``TraceFileError`` naming the file and line of anything unreadable.
+    A record of a shape the viewer cannot render (no text, ``trace.blocks: null``, a string where a
+    number belongs) is left out and described, with its ``file:line``, in ``skipped``; without a
+    ``skipped`` list, or when no record is left, that is a ``TraceFileError``. So is a file that
+    cannot be read (not UTF-8, invalid JSON, invalid Unicode), naming the file and line.
     """
     from npr.data.jsonl import decode_utf8
+    from npr.validate import invalid_text_field
 
     path = Path(path)
     if not path.is_file():
@@ -141,27 +219,49 @@ def read_records(path: str | Path, fmt: str = "auto") -> list[dict]:
         items = [(0, v) for v in _records_from_json(value, str(path))]
     else:
         items = [(0, text)]
-    records = []
+    records, problems = [], []
     for n, (lineno, item) in enumerate(items):
         where = f"{path}:{lineno}" if lineno else f"{path} record {n}"
         if not isinstance(item, (dict, str)):
             raise TraceFileError(f"{where}: a JSON {type(item).__name__}; expected a record object or a trace string")
+        bad_text = invalid_text_field(item)
+        if bad_text:
+            raise TraceFileError(f"{where}: field {bad_text[0]} {bad_text[1]}; write valid Unicode text")
         try:
             records.append(normalize_record(item, fmt))
         except ValueError as e:
-            raise TraceFileError(f"{where}: {e}; add an 'output' field with the response text") from e
+            fix = "add an 'output' field with the response text" if "no trace" in str(e) else "fix or remove the record"
+            problems.append(f"{where}: {e}; {fix}")
+    if problems and (skipped is None or not records):
+        more = f" (and {len(problems) - 1} more record(s) like it)" if len(problems) > 1 else ""
+        raise TraceFileError(problems[0] + more)
     if not records:
         raise TraceFileError(f"{path} holds no traces")
+    if skipped is not None:
+        skipped.extend(problems)
     return records
 
 
 # -- page -----------------------------------------------------------------------------------
 
 
+def _json_safe(value):
+    """``value`` with NaN and infinities as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``: JSON has no
+    such numbers, and a page whose data holds one would not parse (every sample would vanish)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def script_json(value) -> str:
     """JSON for a ``<script type="application/json">`` body: ``<``, ``>``, ``&`` and U+2028/9 are
-    written as ``\\uXXXX`` escapes, so no string (e.g. ``</script>``) can end the tag early."""
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    written as ``\\uXXXX`` escapes, so no string (e.g. ``</script>``) can end the tag early; numbers
+    that JSON cannot hold are written as strings (``_json_safe``), so the body always parses."""
+    text = json.dumps(_json_safe(value), ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False)
     for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
         text = text.replace(char, escape)
     return text

@@ -74,6 +74,8 @@ class ServeConfig:
     def __post_init__(self):
         if self.system_prompt not in SYSTEM_PROMPTS:
             raise ValueError(f"system_prompt must be one of {SYSTEM_PROMPTS}, got {self.system_prompt!r}")
+        if self.api_key is not None and not self.api_key.strip():  # "" would read as "no key": fail closed
+            raise ValueError("api_key must not be empty; use None to serve without a key")
         for name in ("max_n", "max_queue", "max_body_bytes", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")

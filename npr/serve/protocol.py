@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from npr.validate import invalid_text_field
+
 
 class ApiError(Exception):
     """An answer in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -153,6 +155,10 @@ def parse_json_body(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body is a JSON {type(body).__name__}; send a JSON object", None,
                        "invalid_json")
+    bad_text = invalid_text_field(body)  # a "\ud800" escape parses, but no tokenizer can encode it
+    if bad_text:
+        field, problem = bad_text
+        raise ApiError(400, f"{field} {problem}; send valid Unicode text", field, "invalid_unicode")
     return body
 
 

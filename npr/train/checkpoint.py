@@ -21,6 +21,7 @@ and names the bad file (``verify_checkpoint``).
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 import shutil
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from npr.errors import NprError
-from npr.fsio import fsync_dir, manifest_problems, read_manifest, write_manifest
+from npr.fsio import as_disk_full, fsync_dir, manifest_problems, read_manifest, write_manifest
 
 STATE_FILE = "trainer_state.pt"
 SHARDED_DIR = "sharded"
@@ -146,21 +147,23 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    _save_model_files(accelerator, model, tokenizer, optimizer, partial)
+    with _removed_on_failure(partial):
+        _save_model_files(accelerator, model, tokenizer, optimizer, partial)
+        if accelerator.is_main_process:
+            state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict(),
+                     "progress": dict(progress or {})}
+            if not sharded:
+                state["optimizer"] = optimizer.state_dict()
+            torch.save(state, partial / STATE_FILE)
+        torch.save(rng_state(), partial / rng_file(accelerator.process_index))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            write_manifest(partial, {"format": FORMAT, "step": step, "num_processes": accelerator.num_processes,
+                                     "sharded": sharded})
+            if target.exists():  # a checkpoint of this step from before a crash: replaced whole
+                shutil.rmtree(target)
+            partial.rename(target)
     if accelerator.is_main_process:
-        state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict(),
-                 "progress": dict(progress or {})}
-        if not sharded:
-            state["optimizer"] = optimizer.state_dict()
-        torch.save(state, partial / STATE_FILE)
-    torch.save(rng_state(), partial / rng_file(accelerator.process_index))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_manifest(partial, {"format": FORMAT, "step": step, "num_processes": accelerator.num_processes,
-                                 "sharded": sharded})
-        if target.exists():  # a checkpoint of this step from before a crash: replaced whole
-            shutil.rmtree(target)
-        partial.rename(target)
         fsync_dir(root)
         if keep:
             for old in checkpoint_steps(run_dir)[:-keep]:
@@ -224,6 +227,22 @@ def saved_progress(checkpoint: Path) -> dict:
     return dict(torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False).get("progress", {}))
 
 
+@contextlib.contextmanager
+def _removed_on_failure(partial: Path):
+    """Delete the half-written ``partial`` directory when the block fails (a full disk, Ctrl-C): only complete
+    checkpoints stay behind. A disk-full failure is re-raised as one ``OSError(ENOSPC)`` naming the directory,
+    judged before the deletion frees the space (torch.save reports it as a RuntimeError about positions)."""
+    try:
+        yield
+    except BaseException as e:
+        full = as_disk_full(e, partial) if isinstance(e, Exception) else None
+        shutil.rmtree(partial, ignore_errors=True)
+        if full is not None:
+            full.filename = str(partial.parent)
+            raise full from e
+        raise
+
+
 def save_final(accelerator, model, tokenizer, out_dir: Path) -> Path:
     """``final/``: a plain ``save_pretrained`` directory (gathered from the shards under FSDP),
     written into a temporary sibling, fsynced and renamed into place. Call on every process."""
@@ -235,15 +254,16 @@ def save_final(accelerator, model, tokenizer, out_dir: Path) -> Path:
         tmp = out_dir.with_name(f".{out_dir.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        if state is not None:
-            unwrapped.save_pretrained(tmp, state_dict=state)
-        else:
-            unwrapped.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_manifest(tmp, {"format": "npr-model/1"})
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with _removed_on_failure(tmp):
+            if state is not None:
+                unwrapped.save_pretrained(tmp, state_dict=state)
+            else:
+                unwrapped.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_manifest(tmp, {"format": "npr-model/1"})
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            tmp.rename(out_dir)
         fsync_dir(out_dir.parent)
     accelerator.wait_for_everyone()
     return Path(out_dir)

@@ -55,6 +55,10 @@ def _check_choices(config: Any) -> None:
         choices = f.metadata.get("choices")
         value = getattr(config, f.name)
         _check(not choices or value in choices, f.name, f"{value!r} is not one of {', '.join(map(str, choices or ()))}")
+    if hasattr(config, "seed"):  # numpy and torch take 0 <= seed < 2**32 (npr.validate)
+        from npr.validate import seed_problem
+
+        _check(seed_problem(config.seed) is None, "seed", str(seed_problem(config.seed)))
 
 
 @dataclass(frozen=True)

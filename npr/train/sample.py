@@ -32,6 +32,7 @@ from typing import Any
 
 from npr.data import Problem
 from npr.engine import Result
+from npr.fsio import atomic_write_text
 from npr.models import load_model_and_tokenizer
 from npr.prompts import encode_prompt
 from npr.rewards import final_answer, is_correct
@@ -241,22 +242,25 @@ def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=
     part = out_dir / f".{SAMPLE_FILE}.rank{accelerator.process_index}"
     counts, format_errors = Counter(), Counter()
     decompose = config.wrap and config.wrap_mode == "decompose"
-    with part.open("w", encoding="utf-8") as f:
-        if decompose:
-            for record in decompose_wrap(worker, tokenizer, mine, start, config, counts):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        else:
-            sample = _sample_until_kept if config.stop_when_kept else _sample_all_tries
-            sample(worker, tokenizer, mine, start, config, counts, format_errors, f, progress)
+    try:
+        with part.open("w", encoding="utf-8") as f:
+            if decompose:
+                for record in decompose_wrap(worker, tokenizer, mine, start, config, counts):
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            else:
+                sample = _sample_until_kept if config.stop_when_kept else _sample_all_tries
+                sample(worker, tokenizer, mine, start, config, counts, format_errors, f, progress)
+    except BaseException:  # a full disk or Ctrl-C: a part is of no use to a later run (it starts afresh)
+        part.unlink(missing_ok=True)
+        raise
     keys = ["samples", "correct", "format_valid", "problems_with_kept", "traces", *DROP_REASONS]
     totals = dict(zip(keys, global_sum(accelerator, [float(counts[k]) for k in keys])))
     accelerator.wait_for_everyone()
     summary = _summary(totals, format_errors, len(problems), config)
     if accelerator.is_main_process:
         _merge_parts(out_dir, accelerator.num_processes)
-        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        (out_dir / "config.yaml").write_text(config_to_yaml(config, f"npr sample: resolved config\n{command}"),
-                                             encoding="utf-8")
+        atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out_dir / "config.yaml", config_to_yaml(config, f"npr sample: resolved config\n{command}"))
     accelerator.wait_for_everyone()
     return summary
 
@@ -344,9 +348,9 @@ def _summary(totals: dict[str, float], format_errors: Counter, num_problems: int
 def _merge_parts(out_dir: Path, num_processes: int) -> None:
     """Concatenate the per-process parts, in process (= problem) order, into data.jsonl (atomically:
     a kill leaves the previous data.jsonl or the complete new one, never a part of it)."""
-    from npr.fsio import atomic_write_text
-
     parts = [out_dir / f".{SAMPLE_FILE}.rank{rank}" for rank in range(num_processes)]
-    atomic_write_text(out_dir / SAMPLE_FILE, "".join(part.read_text(encoding="utf-8") for part in parts))
-    for part in parts:
-        part.unlink()
+    try:
+        atomic_write_text(out_dir / SAMPLE_FILE, "".join(part.read_text(encoding="utf-8") for part in parts))
+    finally:
+        for part in parts:
+            part.unlink(missing_ok=True)

@@ -57,6 +57,10 @@ def _field(row: dict, name: str, path: str, lineno: int) -> str:
     if not isinstance(value, str) or not value.strip():
         raise DataFileError(path, lineno, name, f"must be a non-empty string, got {json.dumps(value)[:40]}",
                             "fill it in or delete the line")
+    from npr.validate import unicode_problem
+
+    if unicode_problem(value):
+        raise DataFileError(path, lineno, name, unicode_problem(value), "write valid Unicode text")
     return value
 
 
