@@ -45,6 +45,9 @@ def output_head(model) -> OutputHead:
     Reads the transforms transformers' causal LMs apply after ``lm_head``: Gemma's
     ``final_logit_softcapping``, Cohere's ``logit_scale`` and Granite's ``logits_scaling``. Read at
     each call: under FSDP2 the weight is the unsharded parameter while the forward holds it.
+    A family whose ``ForCausalLM.forward`` does anything else between its body and ``lm_head`` or
+    after it (npr trains Llama, SmolLM2 and Qwen3, which do not) needs adding here, with a case in
+    tests/test_train_lm_head.py that compares the family's own logits.
     """
     unwrapped = getattr(model, "module", model)
     head = unwrapped.get_output_embeddings()
