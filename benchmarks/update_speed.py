@@ -35,7 +35,7 @@ from npr.train.logprobs import pack_in_budget, response_logits, response_logprob
 from npr.train.session import make_accelerator
 from npr.train.update import PolicyBatch, optimizer_step, policy_backward, sft_backward
 
-from benchmarks.sft_step import batch_of_traces
+from sft_step import batch_of_traces  # benchmarks/sft_step.py: a script's folder is on sys.path
 
 
 def full_logits_logprobs(model, sequences, pad_token_id, mask_dtype=None, attention=None, temperature=1.0,

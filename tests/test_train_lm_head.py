@@ -15,7 +15,7 @@ import torch
 
 from npr.train.lm_head import OutputHead, output_head, selected_logprobs
 from npr.train.logprobs import pack_shared_prefix, response_logits, response_logprobs
-from tests.test_train_attention import random_sequences
+from test_train_attention import random_sequences
 
 
 def reference_logprobs(model, sequences, pad_token_id, temperature=1.0, attention="dense"):
