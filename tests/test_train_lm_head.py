@@ -15,7 +15,7 @@ import torch
 
 from npr.train.lm_head import OutputHead, output_head, selected_logprobs
 from npr.train.logprobs import pack_shared_prefix, response_logits, response_logprobs
-from tests.test_train_attention import random_sequences
+from test_train_attention import random_sequences
 
 
 def reference_logprobs(model, sequences, pad_token_id, temperature=1.0, attention="dense"):
@@ -196,3 +196,30 @@ def test_bf16_autocast_follows_the_full_logits_path(tiny_qwen3):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
     for name, g in ref_grads.items():
         assert float((got_grads[name] - g).norm() / g.norm()) < 2e-2, name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flex_attention's backward needs CUDA (torch 2.13)")
+def test_cuda_flex_layout_gradients_equal_the_full_logits_path(tiny_qwen3):
+    """On a GPU (benchmarks/gpu_train_check.sh runs it): the flex layout with gradients, fp32."""
+    _, tok = tiny_qwen3
+    model, _ = _tiny("tiny-random-qwen3")
+    model.cuda()
+    from npr.train.logprobs import set_attention
+
+    set_attention(model, "flex")
+    for sequences in _cases(tok, 5):
+        results = []
+        for chunked in (True, False):
+            model.zero_grad()
+            if chunked:
+                logprobs, mask = response_logprobs(model, sequences, tok.pad_token_id, temperature=0.7, chunk_size=9)
+            else:
+                logprobs, _ = reference_logprobs(model, sequences, tok.pad_token_id, 0.7, attention="flex")
+                mask = torch.ones_like(logprobs, dtype=torch.bool)
+            weights = torch.linspace(-1.0, 2.0, logprobs.numel(), device=logprobs.device).view_as(logprobs)
+            (logprobs * weights * mask).sum().backward()
+            results.append((logprobs.detach(), _grads(model)))
+        (got, got_grads), (ref, ref_grads) = results
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(got_grads[name], g, atol=1e-5, rtol=1e-5, msg=name)

@@ -94,8 +94,8 @@ class TrainConfig:
     logprob_chunk_size: int = option(1024, "tokens per chunk of the output head when computing log-probs: lm_head, "
                                      "temperature, logsumexp and the target's log-prob run on this many tokens at a "
                                      "time and are recomputed in the backward, so no [tokens, vocab] logits are held "
-                                     "(npr.train.lm_head). Memory knob only: a chunk holds about 2 x N x vocab fp32 "
-                                     "at its peak (1.2 GB at 1024 and Qwen3's 151,936-token vocabulary)")
+                                     "(npr.train.lm_head). Memory knob only: a chunk holds N x vocab fp32 (0.6 GB at "
+                                     "1024 and Qwen3's 151,936-token vocabulary; x 1.5 under bf16)")
     max_skipped_steps: int = option(5, "an optimizer step whose gradient norm is not finite is skipped (no parameter "
                                     "or AdamW state changes; metric skipped_steps), as the reference's verl does; "
                                     "this many skipped in a row end the run with an error")

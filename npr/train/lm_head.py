@@ -7,9 +7,10 @@ at the predicting positions ``[N, H]``; ``selected_logprobs`` computes, per chun
 softcap), the temperature, ``logsumexp`` and the gather of the target token. Only each token's
 ``logsumexp`` is kept ([N] floats); the backward recomputes one chunk's logits at a time and
 writes its gradient into them in place. So the memory beyond the hidden states is one chunk's
-``[C, V]`` (about two fp32 copies at the peak of the backward) whatever N is, where the
-full-logits path kept ``[N, V]`` logits, their fp32 copy and ``log_softmax``'s output (12.3 V
-bytes per token, docs/performance.md). The same pure-torch code runs on CPU and CUDA.
+fp32 ``[C, V]`` (plus its compute-dtype copy under bf16) and the head weight's ``[V, H]``
+gradient, whatever N is, where the full-logits path kept ``[N, V]`` logits, their fp32 copy and
+``log_softmax``'s output (12.2 V bytes per token, docs/performance.md). The same pure-torch code
+runs on CPU and CUDA.
 
 The arithmetic is that of the full path: logits in the compute dtype (bf16 under autocast,
 as ``lm_head`` would produce them), then fp32 for the softmax; gradients back into the compute
@@ -45,6 +46,9 @@ def output_head(model) -> OutputHead:
     Reads the transforms transformers' causal LMs apply after ``lm_head``: Gemma's
     ``final_logit_softcapping``, Cohere's ``logit_scale`` and Granite's ``logits_scaling``. Read at
     each call: under FSDP2 the weight is the unsharded parameter while the forward holds it.
+    A family whose ``ForCausalLM.forward`` does anything else between its body and ``lm_head`` or
+    after it (npr trains Llama, SmolLM2 and Qwen3, which do not) needs adding here, with a case in
+    tests/test_train_lm_head.py that compares the family's own logits.
     """
     unwrapped = getattr(model, "module", model)
     head = unwrapped.get_output_embeddings()
@@ -100,11 +104,15 @@ class _ChunkedSelectedLogprobs(torch.autograd.Function):
                 untempered[start:end] = z.gather(-1, target)[:, 0] - z.logsumexp(-1)
             if inv_temperature != 1.0:
                 z.mul_(inv_temperature)
-            lse[start:end] = z.logsumexp(-1)
-            out[start:end] = z.gather(-1, target)[:, 0] - lse[start:end]
+            picked = z.gather(-1, target)[:, 0]  # [C]
             if want_entropy:  # H = -sum_v p_v log p_v (not lse - E[z], which cancels in fp32)
+                lse[start:end] = z.logsumexp(-1)
                 logp = z.sub_(lse[start:end, None])  # [C, V], in place: z is spent
                 entropy[start:end] = -(logp.exp() * logp).sum(-1)
+            else:  # logsumexp in place: no second [C, V] buffer
+                top = z.amax(-1, keepdim=True)  # [C, 1]
+                lse[start:end] = z.sub_(top).exp_().sum(-1).log_().add_(top[:, 0])
+            out[start:end] = picked - lse[start:end]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.settings = (inv_temperature, scale, softcap, chunk, dtype)
         ctx.mark_non_differentiable(untempered, entropy)
@@ -133,8 +141,11 @@ class _ChunkedSelectedLogprobs(torch.autograd.Function):
             grad = grad.to(dtype)  # [C, V]
             if need_hidden:
                 grad_hidden[start:end] = (grad @ w).to(hidden.dtype)
-            if need_weight:
-                grad_weight.add_(grad.t() @ h)
+            if need_weight:  # [V, H], summed over chunks in fp32 (in place when the compute dtype is fp32)
+                if grad.dtype == grad_weight.dtype:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight.add_(grad.t() @ h)
             if need_bias:
                 grad_bias.add_(grad.float().sum(0))
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
