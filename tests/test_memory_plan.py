@@ -61,10 +61,10 @@ def test_logits_by_hand():
     assert log_prob_bytes(TINY, ONE)[0] == 12 * 32 * 6
     # one chunk covering the 6 tokens: max(forward 8 V C, backward 6 V C + 2 V H) = max(1536, 1664)
     assert log_prob_bytes(TINY, replace(ONE, logprob_chunk_tokens=8))[0] == 1664
-    # chunks of 4 (two chunks): the previous chunk is still held while the next is made: 12 V C
-    assert log_prob_bytes(TINY, replace(ONE, logprob_chunk_tokens=4))[0] == 12 * 32 * 4
+    # chunks of 4 (two chunks), one alive at a time: max(8 V C, 6 V C + 2 V H) = max(1024, 768 + 512)
+    assert log_prob_bytes(TINY, replace(ONE, logprob_chunk_tokens=4))[0] == 1280
     long = replace(ONE, unit_tokens=100_004, predicted_per_unit=100_000, logprob_chunk_tokens=4)
-    assert log_prob_bytes(TINY, long)[0] == 12 * 32 * 4  # whatever the length
+    assert log_prob_bytes(TINY, long)[0] == 1280  # whatever the length
 
 
 def test_activations_by_hand():

@@ -109,10 +109,12 @@ class _ChunkedSelectedLogprobs(torch.autograd.Function):
                 lse[start:end] = z.logsumexp(-1)
                 logp = z.sub_(lse[start:end, None])  # [C, V], in place: z is spent
                 entropy[start:end] = -(logp.exp() * logp).sum(-1)
+                del logp
             else:  # logsumexp in place: no second [C, V] buffer
                 top = z.amax(-1, keepdim=True)  # [C, 1]
                 lse[start:end] = z.sub_(top).exp_().sum(-1).log_().add_(top[:, 0])
             out[start:end] = picked - lse[start:end]
+            del z  # before the next chunk's logits exist: one [C, V] chunk alive, not two
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.settings = (inv_temperature, scale, softcap, chunk, dtype)
         ctx.mark_non_differentiable(untempered, entropy)
@@ -148,6 +150,7 @@ class _ChunkedSelectedLogprobs(torch.autograd.Function):
                     grad_weight.add_(grad.t() @ h)
             if need_bias:
                 grad_bias.add_(grad.float().sum(0))
+            del z, grad, capped  # before the next chunk's logits exist: one chunk alive, not two
         return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
                 None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None, None)
 

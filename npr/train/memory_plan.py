@@ -49,10 +49,10 @@ CODE_SHARDS_GRADIENT_ACCUMULATION = True
 CODE_RELEASES_ENGINE_FOR_UPDATE = False
 DEFAULT_PROMPT_TOKENS = 1024
 OFFLOAD_FIELDS = ("cpu_offload", "offload")  # the config field CPU offload will have (issue 26 item 3, not yet built)
-# npr.train.lm_head's chunk loops rebind their chunk tensors (z, grad) only after the next chunk's logits exist,
-# so from the second chunk on the previous chunk's fp32 logits-turned-gradient and its bf16 copy are still held:
-# 12 V bytes per chunk token instead of 8 (measured, benchmarks/memory_plan_check.py); `del` them to halve it
-CHUNK_LOOP_HOLDS_PREVIOUS = True
+# Whether npr.train.lm_head's chunk loops still hold the previous chunk's tensors (z, grad) while the next chunk's
+# logits are made: 12 V bytes per chunk token instead of 8 (measured, benchmarks/memory_plan_check.py). They `del`
+# them at the end of each chunk since the merge of issue 26's two halves
+CHUNK_LOOP_HOLDS_PREVIOUS = False
 
 
 class MemoryPlanError(NprError, ValueError):
