@@ -11,6 +11,7 @@ try:  # the openai client's HTTP library: httpx2 in openai >= 3, httpx before
     import httpx2 as httpx
 except ImportError:
     import httpx
+import openai
 import pytest
 from openai import OpenAI
 
@@ -113,6 +114,20 @@ def test_streaming_chat_gives_the_same_text_and_usage(server):
     assert texts == [ch.message.content for ch in whole.choices]
     assert finish == [ch.finish_reason for ch in whole.choices] and "assistant" in roles
     assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(server):
+    c = client(server)
+    messages = [{"role": "user", "content": QUESTION}]
+    first = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "Are you sure?"}]
+    second = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + len("Are you sure?")
+    tool_call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages[1] = {**messages[1], "tool_calls": [tool_call]}
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    assert info.value.body["param"] == "messages[1].tool_calls" and "no tools" in info.value.body["message"]
 
 
 def test_completions_and_logprobs(server):

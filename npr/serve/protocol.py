@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from npr.validate import invalid_text_field
 
@@ -65,6 +65,16 @@ CHAT_ONLY = {"tools", "tool_choice", "parallel_tool_calls", "functions", "functi
 COMPLETION_ONLY = {"echo", "suffix"}
 
 
+# assistant-message fields the openai client sends back as null: why a live value is refused
+UNRENDERABLE = {
+    "tool_calls": "npr serve has no tools, and a chat template cannot render a tool call it did not make",
+    "function_call": "npr serve has no functions",
+    "refusal": "npr serve never refuses, and a refusal text is not rendered into a prompt",
+    "audio": "npr serve is text only",
+    "annotations": "npr serve makes no annotations",
+}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -79,12 +89,35 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    """One message. An assistant message is accepted as the ``openai`` client dumps it
+    (``messages.append(r.choices[0].message.model_dump())``): its null or empty ``refusal``,
+    ``annotations``, ``audio``, ``function_call``, ``tool_calls`` mean "none" and pass; a live value
+    (a tool call, a refusal text) cannot be rendered into a prompt and is refused naming the field."""
+
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None
     name: None = None
     """Names are not rendered by chat templates: only null is accepted."""
+    refusal: None = None
+    annotations: Annotated[list, Field(max_length=0)] | None = None
+    audio: None = None
+    function_call: None = None
+    tool_calls: Annotated[list, Field(max_length=0)] | None = None
+    reasoning_content: str | None = None
+    """An earlier turn's reasoning, as this server returned it: accepted and not rendered (chat templates of
+    reasoners, Qwen3's among them, drop earlier turns' reasoning; only ``content`` goes into the prompt)."""
+
+    @model_validator(mode="after")
+    def _content_needed(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (only an assistant message may have null content)")
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise ValueError("reasoning_content is only for assistant messages")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -191,6 +224,9 @@ def _validation_error(e: ValidationError) -> ApiError:
         return ApiError(400, f"'{param}' is required", param, "missing_required_parameter")
     given = json.dumps(chosen.get("input"), default=str)[:80]
     detail = chosen["msg"]
+    why = UNRENDERABLE.get(param.rsplit(".", 1)[-1]) if param and param.startswith("messages[") else None
+    if why:
+        return ApiError(400, f"'{param}' must be null or empty: {why} (got {given})", param, "unsupported_parameter")
     if len(union) > 1 and chosen is errors[0]:
         kinds = [next(p for p in x["loc"] if _is_union_label(p)).replace("constrained-", "") for x in union]
         detail = f"expected one of: {', '.join(dict.fromkeys(kinds))}"
