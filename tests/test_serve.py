@@ -16,6 +16,7 @@ import pytest
 from openai import OpenAI
 
 from npr.engine import Engine, EngineConfig, StructureForcer
+from npr.schema import parse
 from npr.serve import ServeConfig, create_app
 from npr.serve.background import BackgroundServer
 
@@ -284,12 +285,34 @@ def stream_answer(c: OpenAI, question: str) -> tuple[str, str, dict, int]:
     for chunk in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
                                            max_tokens=400, temperature=0, stream=True):
         for ch in chunk.choices:
-            content += ch.delta.content or ""
+            content += (getattr(ch.delta, "reasoning_content", None) or "") + (ch.delta.content or "")
             finish = ch.finish_reason or finish
             for b in (getattr(ch, "npr", None) or {}).get("branches", []):
                 extension_chunks += 1
                 branches[(b["block"], b["branch"])] = branches.get((b["block"], b["branch"]), "") + b["text"]
     return content, finish, branches, extension_chunks
+
+
+def test_the_reasoning_split_puts_the_trace_in_reasoning_content(forced, tiny_llama):
+    """--reasoning-parser npr (the default): blocks in reasoning_content, the final text in content, streamed pieces
+    adding up to the same strings; --reasoning-parser none: today's whole text in content."""
+    c = client(forced)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=200, temperature=0)
+    message = c.chat.completions.create(**kw).choices[0].message
+    reasoning, content = message.reasoning_content, message.content
+    trace = parse(reasoning + content)
+    assert len(trace.blocks) == 1 and reasoning.startswith("<guideline>") and reasoning.rstrip().endswith("</takeaway>")
+    assert content == trace.final and "<" not in content
+    pieces = {"reasoning_content": "", "content": ""}
+    for chunk in c.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            for key in pieces:
+                pieces[key] += getattr(ch.delta, key, None) or ""
+    assert pieces == {"reasoning_content": reasoning, "content": content}
+    forcer = forced.server.config.app.state.api.config.logits_processors
+    with make_server(tiny_llama, system_prompt="none", reasoning_parser="none", logits_processors=forcer) as raw:
+        whole = client(raw).chat.completions.create(**kw).choices[0].message
+    assert whole.content == reasoning + content and getattr(whole, "reasoning_content", None) is None
 
 
 def test_64_concurrent_streams_equal_one_at_a_time(forced):

@@ -71,6 +71,9 @@ def add_parser(sub, name: str, help_text: str):
     srv.add_argument("--system-prompt", default="npr", choices=["npr", "none"],
                      help="npr (default): chats without a system message get the NPR format instruction, as in "
                      "training and `npr generate`; none: messages go as sent")
+    srv.add_argument("--reasoning-parser", default="npr", choices=["npr", "none"],
+                     help="npr (default): a chat reply's NPR blocks go to message.reasoning_content and the final "
+                     "text to content, as vLLM's --reasoning-parser; none: the whole text is content")
     srv.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                      help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM (default: 30)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -198,6 +201,7 @@ def serve(args, sock: socket.socket) -> int:
         config = ServeConfig(model_name=args.served_model_name or args.model, max_n=args.max_n,
                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                              default_max_tokens=args.default_max_tokens, system_prompt=args.system_prompt,
+                             reasoning_parser=args.reasoning_parser,
                              api_key=args.api_key, drain_timeout_s=args.drain_timeout)
     except ValueError as e:
         raise NprError(f"--{str(e).replace('_', '-')}") from e

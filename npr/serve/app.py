@@ -43,6 +43,7 @@ from npr.serve.responses import (
 
 log = logging.getLogger("npr.serve")
 SYSTEM_PROMPTS = ("npr", "none")
+REASONING_PARSERS = ("npr", "none")
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,18 @@ class ServeConfig:
     """``Retry-After`` of a 503."""
     drain_timeout_s: float = 30.0
     """On SIGINT/SIGTERM, in-flight requests get this long to finish before they are cancelled."""
+    reasoning_parser: str = "npr"
+    """``npr`` (default): a chat reply's NPR trace (its blocks) goes to ``message.reasoning_content`` /
+    ``delta.reasoning_content`` and the final text to ``content``, as vLLM's ``--reasoning-parser``;
+    ``none``: the whole canonical text is ``content``. Completions always return the whole text."""
     logits_processors: tuple = ()
     """Applied to every request (tests and benchmarks force a structure with ``StructureForcer``)."""
 
     def __post_init__(self):
         if self.system_prompt not in SYSTEM_PROMPTS:
             raise ValueError(f"system_prompt must be one of {SYSTEM_PROMPTS}, got {self.system_prompt!r}")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         if self.api_key is not None and not self.api_key.strip():  # "" would read as "no key": fail closed
             raise ValueError("api_key must not be empty; use None to serve without a key")
         for name in ("max_n", "max_queue", "max_body_bytes", "default_max_tokens"):
@@ -205,7 +212,8 @@ class Api:
         stops = req.stop_strings()
         ids = self.chat_prompt(req)
         params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages")
-        fmt = ChatFormat(await self.start([ids], params, stops), self.config.model_name, bool(req.logprobs))
+        fmt = ChatFormat(await self.start([ids], params, stops), self.config.model_name, bool(req.logprobs),
+                         reasoning=self.config.reasoning_parser == "npr")
         return self.respond(fmt, req)
 
     async def completions(self, request: Request):

@@ -20,6 +20,7 @@ from npr.engine import Result, StreamDelta
 from npr.schema import parse
 from npr.serve.loop import EngineLoop, Job
 from npr.serve.protocol import ApiError
+from npr.serve.reasoning import ReasoningSplitter, split_reasoning
 from npr.serve.stream import SampleStream, Update
 
 FINAL = object()  # marks a choice's end in a batch of updates
@@ -117,9 +118,11 @@ class ChatFormat:
 
     object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, generation: Generation, model: str, logprobs: bool):
+    def __init__(self, generation: Generation, model: str, logprobs: bool, reasoning: bool = False):
         self.g, self.model, self.logprobs = generation, model, logprobs
         self.id = self.id_prefix + uuid.uuid4().hex
+        self.splitters = [ReasoningSplitter() for _ in generation.streams] if reasoning else None
+        """``--reasoning-parser npr``: the trace goes to ``reasoning_content`` (see ``npr.serve.reasoning``)."""
 
     def _base(self, name: str) -> dict:
         return {"id": self.id, "object": name, "created": self.g.created, "model": self.model}
@@ -140,30 +143,53 @@ class ChatFormat:
                 for c in range(len(self.g.streams))]
 
     def _chunk_choice(self, c: int, text: str | None, entries=(), finish: str | None = None,
-                      npr: dict | None = None) -> dict:
-        """One choice of a chunk: new content ``text`` (None: no content in this chunk)."""
-        choice = {"index": c, "delta": {} if text is None else {"content": text},
-                  "logprobs": self._logprobs(entries) if entries else None, "finish_reason": finish}
+                      npr: dict | None = None, reasoning: str = "") -> dict:
+        """One choice of a chunk: new content ``text`` (None: no content in this chunk) and new reasoning."""
+        delta = {} if text is None else {"content": text}
+        if reasoning:
+            delta = {"reasoning_content": reasoning, **({"content": text} if text else {})}
+        choice = {"index": c, "delta": delta, "logprobs": self._logprobs(entries) if entries else None,
+                  "finish_reason": finish}
         return {**choice, "npr": npr} if npr is not None else choice
+
+    def _content_choice(self, c: int, text: str, entries=(), final: bool = False) -> dict | None:
+        """A content chunk's choice; with the reasoning split, ``text`` is cut into reasoning and content."""
+        reasoning = ""
+        if self.splitters is not None:
+            splitter = self.splitters[c]
+            reasoning, text = splitter.feed(text)
+            if final:
+                more_reasoning, more_text = splitter.finish()
+                reasoning, text = reasoning + more_reasoning, text + more_text
+        if not (reasoning or text or entries):
+            return None
+        return self._chunk_choice(c, text, entries, reasoning=reasoning)
 
     def chunks(self, c: int, update) -> list[dict]:
         """The SSE objects of one update: branch text in an ``npr`` chunk, content in an ordinary one, and
         at the end the finish reason with the tree and stats."""
         if update is FINAL:
             choices = [self._chunk_choice(c, None, finish=self.g.streams[c].finish_reason(), npr=self.g.extension(c))]
+            if self.splitters is not None:  # what the split held back (whitespace after the last block)
+                choices = [x for x in [self._content_choice(c, "", final=True)] if x] + choices
         else:
             choices = []
             if update.branches:
                 branches = [{"block": b, "branch": k, "text": t} for b, k, t in update.branches]
                 choices.append(self._chunk_choice(c, None, npr={"branches": branches}))
-            if update.content or (self.logprobs and update.logprobs):
-                choices.append(self._chunk_choice(c, update.content, update.logprobs if self.logprobs else ()))
+            content = self._content_choice(c, update.content, update.logprobs if self.logprobs else ())
+            if content is not None:
+                choices.append(content)
         return [{**self._base(self.chunk_name), "choices": [choice]} for choice in choices]
 
     def response(self) -> dict:
         choices = []
         for c, stream in enumerate(self.g.streams):
-            choices.append({"index": c, "message": {"role": "assistant", "content": stream.text},
+            message = {"role": "assistant", "content": stream.text}
+            if self.splitters is not None:
+                reasoning, content = split_reasoning(stream.text)
+                message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+            choices.append({"index": c, "message": message,
                             "logprobs": self._logprobs(stream.content_logprobs()),
                             "finish_reason": stream.finish_reason(), "npr": self.g.extension(c)})
         return {**self._base(self.object_name), "choices": choices, "usage": self.g.usage()}
@@ -187,7 +213,7 @@ class CompletionFormat(ChatFormat):
         return []
 
     def _chunk_choice(self, c: int, text: str | None, entries=(), finish: str | None = None,
-                      npr: dict | None = None) -> dict:
+                      npr: dict | None = None, reasoning: str = "") -> dict:
         choice = {"index": c, "text": text or "", "logprobs": self._logprobs(entries) if entries else None,
                   "finish_reason": finish}
         return {**choice, "npr": npr} if npr is not None else choice
