@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from npr.schema import parse
 from npr.serve.reasoning import ReasoningSplitter, split_reasoning
 
-BLOCK = ("<guideline>\n<plan>1: add them</plan>\n<plan>2: check</plan>\n</guideline>\n<step>\n1: 12 + 30 = 42\n</step>\n"
-         "<step>\n2: 42 - 30 = 12\n</step>\n<takeaway>\nit is 42\n</takeaway>\n")
+BLOCK = ("<guideline>\n<plan>1: add them</plan>\n<plan>2: check</plan>\n</guideline>\n"
+         "<step>\n1: 12 + 30 = 42\n</step>\n<step>\n2: 42 - 30 = 12\n</step>\n<takeaway>\nit is 42\n</takeaway>\n")
 FINAL = "The answer is \\boxed{42}."
 
 

@@ -1,4 +1,4 @@
-"""The reasoning split (vLLM's ``--reasoning-parser``): the NPR trace in ``reasoning_content``, the answer in ``content``.
+"""The reasoning split (vLLM's ``--reasoning-parser``): the NPR trace in ``reasoning_content``, the answer after.
 
 Where the trace ends is read by ``npr.schema.parse``, the parser training and evaluation use:
 
