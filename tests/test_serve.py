@@ -131,6 +131,46 @@ def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(server):
     assert info.value.body["param"] == "messages[1].tool_calls" and "no tools" in info.value.body["message"]
 
 
+def test_vllm_sampling_extras_are_honoured(server, tiny_llama):
+    c = client(server)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=24)
+    greedy = c.chat.completions.create(**kw, temperature=0)
+
+    def text(r) -> str:
+        return (getattr(r.choices[0].message, "reasoning_content", None) or "") + r.choices[0].message.content
+
+    min_p_1 = c.chat.completions.create(**kw, temperature=1.0, seed=3, extra_body={"min_p": 1.0})
+    assert text(min_p_1) == text(greedy)  # min_p = 1 keeps only the top token: greedy
+    same = c.chat.completions.create(**kw, temperature=0, extra_body={"repetition_penalty": 1.0})
+    penalised = c.chat.completions.create(**kw, temperature=0, extra_body={"repetition_penalty": 3.0})
+    assert text(same) == text(greedy) != text(penalised)
+    stop = text(greedy)[5:9]
+    kept = c.chat.completions.create(**kw, temperature=0, stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert text(kept) == text(greedy)[:text(greedy).index(stop) + len(stop)]
+    bare = c.chat.completions.create(**kw, temperature=0, extra_body={"add_generation_prompt": False})
+    assert bare.usage.prompt_tokens < greedy.usage.prompt_tokens
+    usages = [chunk.usage for chunk in c.chat.completions.create(
+        **kw, temperature=0, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})]
+    assert all(u is not None for u in usages)
+    assert [u.completion_tokens for u in usages] == sorted(u.completion_tokens for u in usages)
+    assert usages[-1].completion_tokens == greedy.usage.completion_tokens and usages[0].prompt_tokens > 0
+    eos = tiny_llama[1].eos_token_id
+
+    def eager_eos(stream, logits):  # the model would end at once
+        logits[eos] += 1e4
+        return logits
+
+    with make_server(tiny_llama, logits_processors=(eager_eos,)) as s:
+        c = client(s)
+        assert c.chat.completions.create(**kw).usage.completion_tokens == 1
+        r = c.chat.completions.create(**kw, extra_body={"min_tokens": 6})
+        assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "stop"  # 6 tokens, then EOS
+        r = c.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
+        r = c.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, extra_body={"min_tokens": 3})
+        assert r.usage.completion_tokens == 4
+
+
 def test_completions_and_logprobs(server):
     c = client(server)
     r = c.completions.create(model=MODEL, prompt=["Once upon", "In a galaxy"], max_tokens=12, n=2, temperature=0,

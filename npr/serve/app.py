@@ -33,6 +33,7 @@ from npr.serve.protocol import (
     parse_completion_request,
     parse_json_body,
 )
+from npr.serve.sampling import request_processors
 from npr.serve.responses import (
     ChatFormat,
     CompletionFormat,
@@ -116,6 +117,8 @@ class Api:
         self.eos_ids = engine.scaffold.eos_ids
         self.vocab = engine.model.get_input_embeddings().num_embeddings
         self.started = int(time.time())
+        self.skip_ids = frozenset(self.tokenizer.all_special_ids) - set(engine.scaffold.tag_of) - self.eos_ids
+        """skip_special_tokens drops these: special tokens but not the NPR tags (the final EOS is always dropped)."""
 
     # ------------------------------------------------------------------ checks
 
@@ -150,11 +153,16 @@ class Api:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                            f"{longest + budget} tokens ({longest} in the prompt, {budget} for the completion); "
                            "shorten the prompt or lower max_tokens", "max_tokens", "context_length_exceeded")
+        if request.min_tokens and request.min_tokens > budget:
+            raise ApiError(400, f"min_tokens={request.min_tokens} is above the budget of {budget} tokens; lower "
+                           "min_tokens or raise max_tokens", "min_tokens")
+        processors = request_processors(request.repetition_penalty, request.min_tokens, request.min_p, self.eos_ids)
         params = SamplingParams(
-            max_new_tokens=budget, temperature=1.0 if request.temperature is None else request.temperature,
+            max_new_tokens=budget, ignore_eos=bool(request.ignore_eos),
+            temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0, n=n,
             seed=random.randrange(2**31) if request.seed is None else request.seed, logprobs=logprobs,
-            logits_processors=self.config.logits_processors)
+            logits_processors=processors + self.config.logits_processors)
         # the engine admits by actual use and preempts when the pool runs dry, so only a request that
         # cannot even start (its prompt pages plus one per sample) is refused here
         need = self.engine.scheduler.start_blocks(longest, params)
@@ -173,9 +181,12 @@ class Api:
         if self.config.system_prompt == "npr" and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": NPR_INSTRUCTION})
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=request.add_generation_prompt is not False,
+                **(request.chat_template_kwargs or {}))
         except Exception as e:  # the template rejects this conversation (e.g. roles out of order)
-            raise ApiError(400, f"the model's chat template rejects these messages: {e}", "messages") from e
+            where = "messages or chat_template_kwargs" if request.chat_template_kwargs else "messages"
+            raise ApiError(400, f"the model's chat template rejects these {where}: {e}", "messages") from e
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
@@ -194,7 +205,8 @@ class Api:
 
     # ------------------------------------------------------------------ routes
 
-    async def start(self, prompts: list[list[int]], params: SamplingParams, stops: list[str]) -> Generation:
+    async def start(self, prompts: list[list[int]], params: SamplingParams, stops: list[str],
+                    req: ChatCompletionRequest | CompletionRequest) -> Generation:
         sink = Sink()
         jobs = [Job(self.loop.new_index(), ids, params, sink) for ids in prompts]
         try:
@@ -202,7 +214,9 @@ class Api:
         except Overloaded as e:
             raise ApiError(503, f"{e}; retry later", code=e.code, kind="server_error",
                            headers={"Retry-After": str(self.config.retry_after_s)}) from e
-        return Generation(self.loop, jobs, self.tokenizer, self.eos_ids, stops)
+        return Generation(self.loop, jobs, self.tokenizer, self.eos_ids, stops,
+                          skip_special=self.skip_ids if req.skip_special_tokens else frozenset(),
+                          include_stop=bool(req.include_stop_str_in_output))
 
     async def chat_completions(self, request: Request):
         self.authorize(request)
@@ -212,7 +226,7 @@ class Api:
         stops = req.stop_strings()
         ids = self.chat_prompt(req)
         params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages")
-        fmt = ChatFormat(await self.start([ids], params, stops), self.config.model_name, bool(req.logprobs),
+        fmt = ChatFormat(await self.start([ids], params, stops, req), self.config.model_name, bool(req.logprobs),
                          reasoning=self.config.reasoning_parser == "npr")
         return self.respond(fmt, req)
 
@@ -225,7 +239,7 @@ class Api:
         prompts = self.completion_prompts(req)
         logprobs = req.logprobs is not None
         params = self.sampling(req, [len(p) for p in prompts], req.budget(), logprobs, "prompt")
-        fmt = CompletionFormat(await self.start(prompts, params, stops), self.config.model_name, logprobs)
+        fmt = CompletionFormat(await self.start(prompts, params, stops, req), self.config.model_name, logprobs)
         return self.respond(fmt, req)
 
     @staticmethod
@@ -236,7 +250,9 @@ class Api:
     @staticmethod
     def respond(fmt: ChatFormat, req):
         if req.stream:
-            return StreamingResponse(fmt, bool(req.stream_options and req.stream_options.include_usage))
+            options = req.stream_options
+            return StreamingResponse(fmt, bool(options and options.include_usage),
+                                     bool(options and options.continuous_usage_stats))
         return JsonResponse(fmt)
 
     def _model_card(self) -> dict:

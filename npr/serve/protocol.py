@@ -81,6 +81,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM: every chunk carries the usage so far (prompt tokens, completion tokens generated up to it)."""
 
 
 class TextPart(_Strict):
@@ -135,6 +137,15 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     """Accepted and not used (it changes no output)."""
+    # vLLM's extra sampling fields (npr.serve.sampling), with vLLM's meanings
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    skip_special_tokens: bool | None = None
+    """vLLM's default is true; npr's NPR tags are kept either way (they are the structure, as vLLM keeps
+    Qwen3's ``<think>``); true drops the other special tokens from the text, e.g. a ``<|im_end|>`` mid-answer."""
+    include_stop_str_in_output: bool | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -149,6 +160,10 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
+    chat_template_kwargs: dict | None = None
+    """vLLM: extra variables for the chat template (e.g. ``{"enable_thinking": false}`` for Qwen3)."""
+    add_generation_prompt: bool | None = None
+    """vLLM: end the prompt with the assistant turn's opening (default true)."""
 
     def budget(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -271,8 +286,18 @@ def _validate(model: type[BaseModel], body: dict, endpoint: str):
         raise _validation_error(e) from e
 
 
+TEMPLATE_RESERVED = ("messages", "conversation", "tokenize", "add_generation_prompt", "continue_final_message",
+                     "tools", "documents", "return_dict", "chat_template")
+
+
 def parse_chat_request(body: dict) -> ChatCompletionRequest:
-    return _validate(ChatCompletionRequest, body, "chat")
+    request = _validate(ChatCompletionRequest, body, "chat")
+    for key in request.chat_template_kwargs or {}:
+        if key in TEMPLATE_RESERVED:
+            raise ApiError(400, f"chat_template_kwargs.{key} is set by the server, not by a request"
+                           + (" (send add_generation_prompt at the top level)" if key == "add_generation_prompt"
+                              else ""), f"chat_template_kwargs.{key}", "invalid_value")
+    return request
 
 
 def parse_completion_request(body: dict) -> CompletionRequest:

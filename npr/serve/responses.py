@@ -47,10 +47,12 @@ def npr_extension(result: Result, content: str, queued_s: float) -> dict:
 class Generation:
     """The jobs of one request; choice ``j * n + i`` is sample i of job j."""
 
-    def __init__(self, loop: EngineLoop, jobs: list[Job], tokenizer, eos_ids: frozenset[int], stops: list[str]):
+    def __init__(self, loop: EngineLoop, jobs: list[Job], tokenizer, eos_ids: frozenset[int], stops: list[str],
+                 skip_special: frozenset[int] = frozenset(), include_stop: bool = False):
         self.loop, self.jobs, self.tokenizer = loop, jobs, tokenizer
         self.n = jobs[0].params.n
-        self.streams = [SampleStream(tokenizer, eos_ids, stops) for _ in range(len(jobs) * self.n)]
+        self.streams = [SampleStream(tokenizer, eos_ids, stops, skip_special, include_stop)
+                        for _ in range(len(jobs) * self.n)]
         self._position = {job.index: j for j, job in enumerate(jobs)}
         self._stop_sent: set[int] = set()
         self.created = int(time.time())
@@ -101,8 +103,9 @@ class Generation:
         return npr_extension(stream.result, stream.text, queued)
 
     def usage(self) -> dict:
+        """Token counts; before the end (``continuous_usage_stats``), the tokens generated so far."""
         prompt = sum(len(job.prompt_ids) for job in self.jobs)
-        completion = sum(len(s.result.token_ids) for s in self.streams)
+        completion = sum(len(s.result.token_ids) if s.done else s.generated for s in self.streams)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def token_text(self, token: int) -> str:
@@ -237,16 +240,20 @@ def error_body(error: ApiError) -> bytes:
 class StreamingResponse:
     """``text/event-stream`` of a generation: ``data: {chunk}`` lines, then ``data: [DONE]``."""
 
-    def __init__(self, fmt: ChatFormat, include_usage: bool):
-        self.fmt, self.include_usage = fmt, include_usage
+    def __init__(self, fmt: ChatFormat, include_usage: bool, continuous_usage: bool = False):
+        self.fmt, self.include_usage, self.continuous_usage = fmt, include_usage, continuous_usage
+
+    def _with_usage(self, chunk: dict) -> dict:
+        """vLLM's ``continuous_usage_stats``: every chunk carries the usage so far."""
+        return {**chunk, "usage": self.fmt.g.usage()} if self.continuous_usage else chunk
 
     async def _events(self) -> AsyncIterator[str]:
         for chunk in self.fmt.opening():
-            yield f"data: {_json(chunk)}\n\n"
+            yield f"data: {_json(self._with_usage(chunk))}\n\n"
         try:
             async with aclosing(self.fmt.g.updates()) as updates:
                 async for batch in updates:
-                    yield "".join(f"data: {_json(chunk)}\n\n" for c, update in batch
+                    yield "".join(f"data: {_json(self._with_usage(chunk))}\n\n" for c, update in batch
                                   for chunk in self.fmt.chunks(c, update))
         except ApiError as e:  # headers are sent: report the failure in the stream, as OpenAI does
             yield f"data: {_json(e.body())}\n\n"
