@@ -33,7 +33,6 @@ from npr.serve.protocol import (
     parse_completion_request,
     parse_json_body,
 )
-from npr.serve.sampling import request_processors
 from npr.serve.responses import (
     ChatFormat,
     CompletionFormat,
@@ -41,6 +40,7 @@ from npr.serve.responses import (
     JsonResponse,
     StreamingResponse,
 )
+from npr.serve.sampling import request_processors
 
 log = logging.getLogger("npr.serve")
 SYSTEM_PROMPTS = ("npr", "none")
