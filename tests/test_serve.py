@@ -449,3 +449,57 @@ def test_draining_refuses_new_requests_and_cancels_after_the_timeout(tiny_llama)
         finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
         assert finish == ["cancelled"] and 0.4 < time.monotonic() - start < 10
         assert engine_of(s).pool.used_blocks == 0
+
+
+# -- operations: /version, /tokenize, /detokenize, /metrics, CORS ----------------------------------------------
+
+
+def test_version_tokenize_and_detokenize_in_vllm_shapes(server):
+    import npr
+
+    assert httpx.get(server.url + "/version").json() == {"version": npr.__version__}
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "hi there", "return_token_strs": True})
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) and body["max_model_len"] > 0
+    assert httpx.post(server.url + "/detokenize", json={"tokens": body["tokens"]}).json()["prompt"].endswith("hi there")
+    chat = client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                                   max_tokens=2, temperature=0)
+    counted = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": QUESTION}]}).json()
+    assert counted["count"] == chat.usage.prompt_tokens  # the ids a chat request prefills
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    bad = httpx.post(server.url + "/tokenize", json={"prompt": "x", "max_tokens": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_metrics_in_prometheus_text_format(server):
+    client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=5, temperature=0)
+    wait_until_idle(server)
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in r.text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    label = f'{{model_name="{MODEL}"}}'
+    assert samples[f"vllm:num_requests_running{label}"] == 0 and samples[f"vllm:kv_cache_usage_perc{label}"] == 0
+    assert samples[f"vllm:prompt_tokens_total{label}"] > 0 and samples[f"vllm:generation_tokens_total{label}"] >= 5
+    count = samples[f"vllm:e2e_request_latency_seconds_count{label}"]
+    assert count >= 1 and samples[f'vllm:e2e_request_latency_seconds_bucket{{model_name="{MODEL}",le="+Inf"}}'] == count
+    assert f"npr:branches_total{label}" in samples and f"npr:invalid_schema_total{label}" in samples
+
+
+def test_cors_is_off_by_default_and_follows_allowed_origins(server, tiny_llama):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    assert httpx.options(server.url + "/v1/chat/completions", headers=preflight).status_code == 405
+    with make_server(tiny_llama, allowed_origins=("http://app.example",)) as s:
+        r = httpx.options(s.url + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        other = httpx.options(s.url + "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example"})
+        assert r.headers["access-control-allow-origin"] == "http://app.example"

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -29,9 +31,12 @@ from npr.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    TokenizeChatRequest,
     parse_chat_request,
     parse_completion_request,
+    parse_detokenize_request,
     parse_json_body,
+    parse_tokenize_request,
 )
 from npr.serve.responses import (
     ChatFormat,
@@ -75,6 +80,12 @@ class ServeConfig:
     ``delta.reasoning_content`` and the final text to ``content``, as vLLM's ``--reasoning-parser``;
     ``none``: the whole canonical text is ``content``. Completions always return the whole text."""
     logits_processors: tuple = ()
+    allowed_origins: tuple[str, ...] = ()
+    """CORS (vLLM's ``--allowed-origins``): origins a browser app may call from; ``*`` any. Empty (default): no
+    CORS headers, so browsers on other origins are refused (vLLM's default allows every origin)."""
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
     """Applied to every request (tests and benchmarks force a structure with ``StructureForcer``)."""
 
     def __post_init__(self):
@@ -175,7 +186,7 @@ class Api:
                            "(--max-num-seqs)", "n")
         return params
 
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, request: ChatCompletionRequest | TokenizeChatRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in request.messages]
         if self.config.system_prompt == "npr" and not any(m["role"] == "system" for m in messages):
@@ -278,6 +289,41 @@ class Api:
             body["failure"] = self.loop.failure
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
+    async def version(self, request: Request):
+        from npr import __version__
+
+        return JSONResponse({"version": __version__})
+
+    async def metrics(self, request: Request):
+        stats = self.loop.stats()
+        text = self.loop.metrics.render(self.config.model_name, stats["running"], stats["queued"],
+                                        stats["kv_blocks_used"], stats["kv_blocks_total"])
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def tokenize(self, request: Request):
+        """vLLM's ``POST /tokenize``: a prompt, or messages rendered exactly as a chat request renders them."""
+        self.authorize(request)
+        req = parse_tokenize_request(parse_json_body(await read_body(request, self.config.max_body_bytes)))
+        self.check_model(req.model)
+        if isinstance(req, TokenizeChatRequest):
+            ids = self.chat_prompt(req)
+            if req.add_special_tokens and self.tokenizer.bos_token_id is not None:
+                ids = [self.tokenizer.bos_token_id, *ids]
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse({"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids,
+                             "token_strs": strs})
+
+    async def detokenize(self, request: Request):
+        self.authorize(request)
+        req = parse_detokenize_request(parse_json_body(await read_body(request, self.config.max_body_bytes)))
+        self.check_model(req.model)
+        bad = next((t for t in req.tokens if t >= self.vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{self.vocab - 1})", "tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)})
+
     async def page(self, request: Request):
         return HTMLResponse(chat_page(self.config.model_name))
 
@@ -322,8 +368,18 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> Starlette:
         Route("/v1/models/{name:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/version", api.version, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/tokenize", api.tokenize, methods=["POST"]),
+        Route("/detokenize", api.detokenize, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    middleware = []
+    if api.config.allowed_origins:  # as vLLM: Starlette's CORS middleware answers the OPTIONS preflight
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(api.config.allowed_origins),
+                                     allow_methods=list(api.config.allowed_methods),
+                                     allow_headers=list(api.config.allowed_headers),
+                                     allow_credentials=api.config.allow_credentials))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={
         ApiError: _api_error, Exception: _server_error, 404: _not_found, 405: _method_not_allowed})
     app.state.api = api
     return app

@@ -192,6 +192,43 @@ class CompletionRequest(_Sampling):
         return list(p)
 
 
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's ``POST /tokenize`` with a prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    """vLLM's ``POST /tokenize`` with messages: the ids ``/v1/chat/completions`` would prefill."""
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+def parse_tokenize_request(body: dict) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    model = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+    request = _validate(model, body, "tokenize")
+    if isinstance(request, TokenizeChatRequest):
+        _check_template_kwargs(request)
+    return request
+
+
+def parse_detokenize_request(body: dict) -> DetokenizeRequest:
+    return _validate(DetokenizeRequest, body, "detokenize")
+
+
 def parse_json_body(raw: bytes) -> dict:
     """The body as a JSON object; 400 naming the position when it is not one."""
     try:
@@ -263,7 +300,7 @@ def _is_neutral(value, options) -> bool:
 
 def _screen(body: dict, fields: set[str], endpoint: str) -> None:
     """400 for fields this endpoint does not know and for known-but-unsupported fields with a live value."""
-    other_only = COMPLETION_ONLY if endpoint == "chat" else CHAT_ONLY
+    other_only = {"chat": COMPLETION_ONLY, "completions": CHAT_ONLY}.get(endpoint, set(NEUTRAL))
     for key, value in body.items():
         if key in fields:
             continue
@@ -292,12 +329,16 @@ TEMPLATE_RESERVED = ("messages", "conversation", "tokenize", "add_generation_pro
 
 def parse_chat_request(body: dict) -> ChatCompletionRequest:
     request = _validate(ChatCompletionRequest, body, "chat")
+    _check_template_kwargs(request)
+    return request
+
+
+def _check_template_kwargs(request) -> None:
     for key in request.chat_template_kwargs or {}:
         if key in TEMPLATE_RESERVED:
             raise ApiError(400, f"chat_template_kwargs.{key} is set by the server, not by a request"
                            + (" (send add_generation_prompt at the top level)" if key == "add_generation_prompt"
                               else ""), f"chat_template_kwargs.{key}", "invalid_value")
-    return request
 
 
 def parse_completion_request(body: dict) -> CompletionRequest:
