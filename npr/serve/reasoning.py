@@ -49,11 +49,16 @@ class ReasoningSplitter:
         self._reasoning_end = 0
         self._base = 0
         self._decided = False
+        self._in_block = False  # inside an open block: only a new tag (a ">") can change the split
 
     def feed(self, piece: str) -> tuple[str, str]:
         self.text += piece
         if not self._decided:
+            if self._in_block and ">" not in piece:  # no re-parse of a long block at every piece
+                self._reasoning_end = len(self.text)
+                return self._take(self._reasoning_end)
             end, self._base, self._decided = _reasoning_end(self.text, self._base)
+            self._in_block = not self._decided and end == len(self.text) > self._base
             self._reasoning_end = max(self._reasoning_end, end)
             if not self._decided:
                 return self._take(self._reasoning_end)
