@@ -190,13 +190,17 @@ def test_vllm_style_command_lines(monkeypatch):
     (["--gpu-memory-utilization", "0.9"], "--gpu-memory-utilization is a vLLM flag that npr serve does not have: "
                                           "size the KV pool with --kv-cache-gib"),
     (["--enforce-eager"], "--enforce-eager is a vLLM flag"),
+    (["--max-num-seq-s", "4"], "unrecognized argument --max-num-seq-s; the closest npr serve flag is --max-num-seqs"),
+    (["--servd-model-name", "x"], "the closest npr serve flag is --served-model-name"),
+    (["--block-size=16"], "unrecognized argument --block-size; `npr serve --help` lists the flags"),
     (["--max-model-len", "0"], "argument --max-model-len: must be >= 1"),
     (["--dtype", "int8"], "is not a dtype"),
     (["--allowed-origins", "[1]"], "every item must be a string"),
 ])
-def test_vllm_flags_npr_lacks_name_what_to_use(capsys, argv, words):
+def test_vllm_flags_npr_lacks_name_what_to_use(monkeypatch, capsys, argv, words):
     from npr.cli.main import main
 
+    monkeypatch.setattr("npr.cli.serve.serve", lambda args, sock: pytest.fail("started serving"))
     with pytest.raises(SystemExit) as info:
         main(["serve", "--port", "0", *argv])
     err = capsys.readouterr().err

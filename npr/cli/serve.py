@@ -134,7 +134,27 @@ def add_parser(sub, name: str, help_text: str):
     srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (default: off)")
     for flag, hint in VLLM_ONLY.items():
         p.add_argument(flag, nargs="?", action=_vllm_only_action(hint), help=argparse.SUPPRESS)
+    _suggest_on_unknown_flags(p)
     return p
+
+
+def _suggest_on_unknown_flags(p: argparse.ArgumentParser) -> None:
+    """An unknown flag (a vLLM flag npr lacks, a typo) fails naming the closest npr serve flag."""
+    import difflib
+
+    parse_known_args = p.parse_known_args
+
+    def checked(args=None, namespace=None):
+        namespace, extras = parse_known_args(args, namespace)
+        flags = [a.split("=", 1)[0] for a in extras if a.startswith("--")]
+        if flags:
+            known = [o for a in p._actions if a.help is not argparse.SUPPRESS for o in a.option_strings]
+            close = difflib.get_close_matches(flags[0], known, n=1, cutoff=0.6)
+            p.error(f"unrecognized argument {flags[0]}; " + (f"the closest npr serve flag is {close[0]}" if close
+                                                              else "`npr serve --help` lists the flags"))
+        return namespace, extras
+
+    p.parse_known_args = checked
 
 
 def bind(host: str, port: int) -> socket.socket:
