@@ -421,11 +421,11 @@ def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(tiny_llama)
             if len(stream.tokens) == 3:
                 failures.append(stream.prompt_index)
                 raise RuntimeError("boom")
-            logits[list(stream_eos)] = float("-inf")  # the random model must not end the request before the failure
+            logits[ending] = float("-inf")  # the random model must not end the request before the failure
         return logits
 
     with make_server(tiny_llama, system_prompt="none", logits_processors=(fail_once,)) as s:
-        stream_eos = engine_of(s).scaffold.eos_ids
+        ending = [*engine_of(s).scaffold.eos_ids, *engine_of(s).scaffold.tag_of]  # EOS, and a misplaced tag
         err = error(post(s, "/v1/chat/completions", {**CHAT, "max_tokens": 20}), 500)
         assert err["code"] == "engine_error" and "boom" in err["message"]
         assert client(s).chat.completions.create(**{**CHAT, "max_tokens": 5}).choices[0].message.content is not None
