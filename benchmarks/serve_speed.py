@@ -105,7 +105,7 @@ def stream_one(port: int, question: str, budget: int, start: threading.Event, ou
         if chunk.get("usage"):
             out["tokens"] = chunk["usage"]["completion_tokens"]
         for choice in chunk["choices"]:
-            piece = choice["delta"].get("content") or ""
+            piece = (choice["delta"].get("reasoning_content") or "") + (choice["delta"].get("content") or "")
             if "first" not in out and (piece or (choice.get("npr") or {}).get("branches")):
                 out["first"] = time.perf_counter()
             text += piece

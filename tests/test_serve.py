@@ -11,10 +11,12 @@ try:  # the openai client's HTTP library: httpx2 in openai >= 3, httpx before
     import httpx2 as httpx
 except ImportError:
     import httpx
+import openai
 import pytest
 from openai import OpenAI
 
 from npr.engine import Engine, EngineConfig, StructureForcer
+from npr.schema import parse
 from npr.serve import ServeConfig, create_app
 from npr.serve.background import BackgroundServer
 
@@ -113,6 +115,60 @@ def test_streaming_chat_gives_the_same_text_and_usage(server):
     assert texts == [ch.message.content for ch in whole.choices]
     assert finish == [ch.finish_reason for ch in whole.choices] and "assistant" in roles
     assert usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_a_reply_sent_back_as_the_client_dumps_it_continues_the_chat(server):
+    c = client(server)
+    messages = [{"role": "user", "content": QUESTION}]
+    first = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    messages += [first.choices[0].message.model_dump(), {"role": "user", "content": "Are you sure?"}]
+    second = c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens + len("Are you sure?")
+    tool_call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages[1] = {**messages[1], "tool_calls": [tool_call]}
+    with pytest.raises(openai.BadRequestError) as info:
+        c.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    assert info.value.body["param"] == "messages[1].tool_calls" and "no tools" in info.value.body["message"]
+
+
+def test_vllm_sampling_extras_are_honoured(server, tiny_llama):
+    c = client(server)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=24)
+    greedy = c.chat.completions.create(**kw, temperature=0)
+
+    def text(r) -> str:
+        return (getattr(r.choices[0].message, "reasoning_content", None) or "") + r.choices[0].message.content
+
+    min_p_1 = c.chat.completions.create(**kw, temperature=1.0, seed=3, extra_body={"min_p": 1.0})
+    assert text(min_p_1) == text(greedy)  # min_p = 1 keeps only the top token: greedy
+    same = c.chat.completions.create(**kw, temperature=0, extra_body={"repetition_penalty": 1.0})
+    penalised = c.chat.completions.create(**kw, temperature=0, extra_body={"repetition_penalty": 3.0})
+    assert text(same) == text(greedy) != text(penalised)
+    stop = text(greedy)[5:9]
+    kept = c.chat.completions.create(**kw, temperature=0, stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert text(kept) == text(greedy)[:text(greedy).index(stop) + len(stop)]
+    bare = c.chat.completions.create(**kw, temperature=0, extra_body={"add_generation_prompt": False})
+    assert bare.usage.prompt_tokens < greedy.usage.prompt_tokens
+    usages = [chunk.usage for chunk in c.chat.completions.create(
+        **kw, temperature=0, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})]
+    assert all(u is not None for u in usages)
+    assert [u.completion_tokens for u in usages] == sorted(u.completion_tokens for u in usages)
+    assert usages[-1].completion_tokens == greedy.usage.completion_tokens and usages[0].prompt_tokens > 0
+    eos = tiny_llama[1].eos_token_id
+
+    def eager_eos(stream, logits):  # the model would end at once
+        logits[eos] += 1e4
+        return logits
+
+    with make_server(tiny_llama, logits_processors=(eager_eos,)) as s:
+        c = client(s)
+        assert c.chat.completions.create(**kw).usage.completion_tokens == 1
+        r = c.chat.completions.create(**kw, extra_body={"min_tokens": 6})
+        assert r.usage.completion_tokens == 7 and r.choices[0].finish_reason == "stop"  # 6 tokens, then EOS
+        r = c.chat.completions.create(**kw, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 24 and r.choices[0].finish_reason == "length"
+        r = c.completions.create(model=MODEL, prompt="Once upon", max_tokens=5, extra_body={"min_tokens": 3})
+        assert r.usage.completion_tokens == 4
 
 
 def test_completions_and_logprobs(server):
@@ -269,12 +325,34 @@ def stream_answer(c: OpenAI, question: str) -> tuple[str, str, dict, int]:
     for chunk in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
                                            max_tokens=400, temperature=0, stream=True):
         for ch in chunk.choices:
-            content += ch.delta.content or ""
+            content += (getattr(ch.delta, "reasoning_content", None) or "") + (ch.delta.content or "")
             finish = ch.finish_reason or finish
             for b in (getattr(ch, "npr", None) or {}).get("branches", []):
                 extension_chunks += 1
                 branches[(b["block"], b["branch"])] = branches.get((b["block"], b["branch"]), "") + b["text"]
     return content, finish, branches, extension_chunks
+
+
+def test_the_reasoning_split_puts_the_trace_in_reasoning_content(forced, tiny_llama):
+    """--reasoning-parser npr (the default): blocks in reasoning_content, the final text in content, streamed pieces
+    adding up to the same strings; --reasoning-parser none: today's whole text in content."""
+    c = client(forced)
+    kw = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=200, temperature=0)
+    message = c.chat.completions.create(**kw).choices[0].message
+    reasoning, content = message.reasoning_content, message.content
+    trace = parse(reasoning + content)
+    assert len(trace.blocks) == 1 and reasoning.startswith("<guideline>") and reasoning.rstrip().endswith("</takeaway>")
+    assert content == trace.final and "<" not in content
+    pieces = {"reasoning_content": "", "content": ""}
+    for chunk in c.chat.completions.create(**kw, stream=True):
+        for ch in chunk.choices:
+            for key in pieces:
+                pieces[key] += getattr(ch.delta, key, None) or ""
+    assert pieces == {"reasoning_content": reasoning, "content": content}
+    forcer = forced.server.config.app.state.api.config.logits_processors
+    with make_server(tiny_llama, system_prompt="none", reasoning_parser="none", logits_processors=forcer) as raw:
+        whole = client(raw).chat.completions.create(**kw).choices[0].message
+    assert whole.content == reasoning + content and getattr(whole, "reasoning_content", None) is None
 
 
 def test_64_concurrent_streams_equal_one_at_a_time(forced):
@@ -343,11 +421,11 @@ def test_an_engine_failure_fails_its_requests_and_the_server_goes_on(tiny_llama)
             if len(stream.tokens) == 3:
                 failures.append(stream.prompt_index)
                 raise RuntimeError("boom")
-            logits[list(stream_eos)] = float("-inf")  # the random model must not end the request before the failure
+            logits[ending] = float("-inf")  # the random model must not end the request before the failure
         return logits
 
     with make_server(tiny_llama, system_prompt="none", logits_processors=(fail_once,)) as s:
-        stream_eos = engine_of(s).scaffold.eos_ids
+        ending = [*engine_of(s).scaffold.eos_ids, *engine_of(s).scaffold.tag_of]  # EOS, and a misplaced tag
         err = error(post(s, "/v1/chat/completions", {**CHAT, "max_tokens": 20}), 500)
         assert err["code"] == "engine_error" and "boom" in err["message"]
         assert client(s).chat.completions.create(**{**CHAT, "max_tokens": 5}).choices[0].message.content is not None
@@ -371,3 +449,57 @@ def test_draining_refuses_new_requests_and_cancels_after_the_timeout(tiny_llama)
         finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
         assert finish == ["cancelled"] and 0.4 < time.monotonic() - start < 10
         assert engine_of(s).pool.used_blocks == 0
+
+
+# -- operations: /version, /tokenize, /detokenize, /metrics, CORS ----------------------------------------------
+
+
+def test_version_tokenize_and_detokenize_in_vllm_shapes(server):
+    import npr
+
+    assert httpx.get(server.url + "/version").json() == {"version": npr.__version__}
+    r = httpx.post(server.url + "/tokenize", json={"model": MODEL, "prompt": "hi there", "return_token_strs": True})
+    body = r.json()
+    assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) and body["max_model_len"] > 0
+    assert httpx.post(server.url + "/detokenize", json={"tokens": body["tokens"]}).json()["prompt"].endswith("hi there")
+    chat = client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                                   max_tokens=2, temperature=0)
+    counted = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": QUESTION}]}).json()
+    assert counted["count"] == chat.usage.prompt_tokens  # the ids a chat request prefills
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    bad = httpx.post(server.url + "/tokenize", json={"prompt": "x", "max_tokens": 3})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+def test_metrics_in_prometheus_text_format(server):
+    client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
+                                           max_tokens=5, temperature=0)
+    wait_until_idle(server)
+    r = httpx.get(server.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in r.text.splitlines():
+        if not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    label = f'{{model_name="{MODEL}"}}'
+    assert samples[f"vllm:num_requests_running{label}"] == 0 and samples[f"vllm:kv_cache_usage_perc{label}"] == 0
+    assert samples[f"vllm:prompt_tokens_total{label}"] > 0 and samples[f"vllm:generation_tokens_total{label}"] >= 5
+    count = samples[f"vllm:e2e_request_latency_seconds_count{label}"]
+    assert count >= 1 and samples[f'vllm:e2e_request_latency_seconds_bucket{{model_name="{MODEL}",le="+Inf"}}'] == count
+    assert f"npr:branches_total{label}" in samples and f"npr:invalid_schema_total{label}" in samples
+
+
+def test_cors_is_off_by_default_and_follows_allowed_origins(server, tiny_llama):
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    assert httpx.options(server.url + "/v1/chat/completions", headers=preflight).status_code == 405
+    with make_server(tiny_llama, allowed_origins=("http://app.example",)) as s:
+        r = httpx.options(s.url + "/v1/chat/completions", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        other = httpx.options(s.url + "/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": "http://app.example"})
+        assert r.headers["access-control-allow-origin"] == "http://app.example"

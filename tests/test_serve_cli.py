@@ -162,3 +162,67 @@ def test_the_server_config_refuses_an_empty_key():
 
     with pytest.raises(ValueError, match="api_key must not be empty"):
         ServeConfig(model_name="m", api_key=" ")
+
+
+def parsed(monkeypatch, argv: list[str]):
+    """The args ``serve`` would get (it is replaced: nothing loads)."""
+    from npr.cli import serve as serve_cli
+    from npr.cli.main import main
+
+    monkeypatch.delenv("NPR_API_KEY", raising=False)
+    seen = {}
+    monkeypatch.setattr(serve_cli, "serve", lambda args, sock: seen.update(args=args) or 0)
+    assert main(["serve", "--port", "0", *argv]) == 0
+    return seen["args"]
+
+
+def test_vllm_style_command_lines(monkeypatch):
+    args = parsed(monkeypatch, ["tiny-random-llama", "--dtype", "auto", "--max-model-len", "512",
+                                "--allowed-origins", '["http://a.example", "http://b.example"]',
+                                "--allowed-methods", "GET,POST"])
+    assert args.model == "tiny-random-llama" and args.dtype == "bfloat16" and args.max_model_len == 512
+    assert args.allowed_origins == ("http://a.example", "http://b.example") and args.allowed_methods == ("GET", "POST")
+    assert parsed(monkeypatch, ["--model", "tiny-random-llama"]).model == "tiny-random-llama"
+    assert parsed(monkeypatch, []).model == "embedded" and parsed(monkeypatch, []).allowed_origins == ()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--gpu-memory-utilization", "0.9"], "--gpu-memory-utilization is a vLLM flag that npr serve does not have: "
+                                          "size the KV pool with --kv-cache-gib"),
+    (["--enforce-eager"], "--enforce-eager is a vLLM flag"),
+    (["--max-num-seq-s", "4"], "unrecognized argument --max-num-seq-s; the closest npr serve flag is --max-num-seqs"),
+    (["--servd-model-name", "x"], "the closest npr serve flag is --served-model-name"),
+    (["--block-size=16"], "unrecognized argument --block-size; `npr serve --help` lists the flags"),
+    (["--max-model-len", "0"], "argument --max-model-len: must be >= 1"),
+    (["--dtype", "int8"], "is not a dtype"),
+    (["--allowed-origins", "[1]"], "every item must be a string"),
+])
+def test_vllm_flags_npr_lacks_name_what_to_use(monkeypatch, capsys, argv, words):
+    from npr.cli.main import main
+
+    monkeypatch.setattr("npr.cli.serve.serve", lambda args, sock: pytest.fail("started serving"))
+    with pytest.raises(SystemExit) as info:
+        main(["serve", "--port", "0", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and words in err, err
+
+
+def test_two_different_models_are_an_error(monkeypatch, capsys):
+    from npr.cli.main import main
+
+    monkeypatch.setattr("npr.cli.serve.serve", lambda args, sock: pytest.fail("started serving"))
+    assert main(["serve", "tiny-random-llama", "--model", "embedded", "--port", "0"]) == 2
+    assert "two models given" in capsys.readouterr().err
+
+
+def test_max_model_len_caps_the_context():
+    """A real start: --max-model-len is the context the server checks requests against."""
+    proc, url = start_server("--max-model-len", "300")
+    try:
+        card = httpx.get(url + "/v1/models").json()["data"][0]
+        assert card["max_model_len"] == 300
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x" * 290, "max_tokens": 20})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -213,3 +213,48 @@ def test_npr_extension_tree_and_stats():
                             "branches_per_block": [2], "forward_passes": 60, "wall_time_s": 1.2346, "queued_s": 0.5,
                             "mode": "parallel"}
     assert not math.isnan(ext["stats"]["wall_time_s"])
+
+
+# -- round-trips --------------------------------------------------------------------------------------
+
+
+def _dumped_reply(**message) -> dict:
+    """An assistant message exactly as the ``openai`` client dumps a reply (``message.model_dump()``)."""
+    from openai.types.chat import ChatCompletion
+
+    reply = ChatCompletion.model_validate({"id": "x", "object": "chat.completion", "created": 1, "model": "m",
+                                           "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                               "role": "assistant", "content": "5", **message}}]})
+    return reply.choices[0].message.model_dump()
+
+
+def test_a_dumped_reply_can_be_sent_back():
+    reply = _dumped_reply(reasoning_content="<guideline>…")
+    assert reply["refusal"] is None and reply["tool_calls"] is None and "reasoning_content" in reply
+    request = parse_chat_request({"messages": [*MESSAGES, reply, {"role": "user", "content": "And 3 + 4?"}]})
+    assert [m.text() for m in request.messages] == ["What is 2 + 3?", "5", "And 3 + 4?"]
+    empty = {**reply, "content": None, "tool_calls": [], "annotations": []}
+    assert parse_chat_request({"messages": [*MESSAGES, empty]}).messages[1].text() == ""
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("tool_calls", [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}], "no tools"),
+    ("function_call", {"name": "f", "arguments": "{}"}, "no functions"),
+    ("refusal", "I cannot", "never refuses"),
+    ("audio", {"id": "a1"}, "text only"),
+    ("annotations", [{"type": "url_citation"}], "no annotations"),
+])
+def test_live_values_in_a_sent_back_reply_are_refused_saying_why(field, value, words):
+    with pytest.raises(ApiError) as info:
+        parse_chat_request({"messages": [*MESSAGES, {**_dumped_reply(), field: value}]})
+    assert info.value.status == 400 and info.value.param == f"messages[1].{field}" and words in info.value.message
+
+
+@pytest.mark.parametrize("message,words", [
+    ({"role": "user", "content": None}, "needs content"),
+    ({"role": "user", "content": "x", "reasoning_content": "r"}, "only for assistant"),
+])
+def test_null_content_and_reasoning_only_on_assistant_messages(message, words):
+    with pytest.raises(ApiError) as info:
+        parse_chat_request({"messages": [message]})
+    assert info.value.param == "messages[0]" and words in info.value.message

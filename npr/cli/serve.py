@@ -27,6 +27,50 @@ docs/serving.md documents the API, the npr extension fields, the streaming order
 """
 
 
+# vLLM flags npr serve does not have -> what to use instead (unknown flags otherwise fail with argparse's message)
+VLLM_ONLY = {
+    "--tensor-parallel-size": "npr serve runs one engine on one --device",
+    "--pipeline-parallel-size": "npr serve runs one engine on one --device",
+    "--data-parallel-size": "run one npr serve per device",
+    "--gpu-memory-utilization": "size the KV pool with --kv-cache-gib or --kv-cache-tokens",
+    "--max-num-batched-tokens": "npr batches by --max-num-seqs",
+    "--enable-prefix-caching": "npr shares prompt KV between samples and branches always",
+    "--trust-remote-code": "npr loads Llama/Qwen-style checkpoints only",
+    "--tokenizer": "npr loads the tokenizer saved with --model",
+    "--chat-template": "npr uses the model's own chat template",
+    "--quantization": "npr serves --dtype bfloat16 or float32",
+    "--enforce-eager": "npr has no CUDA graphs to turn off",
+    "--uvicorn-log-level": "use --log-level",
+    "--tool-call-parser": "npr serve has no tools",
+    "--enable-auto-tool-choice": "npr serve has no tools",
+    "--seed": "send seed in each request",
+    "--disable-log-requests": "use --log-level warning",
+}
+
+
+def _csv_or_json(text: str) -> tuple[str, ...]:
+    """vLLM's list flags take JSON (``'["http://a"]'``); a comma-separated list is accepted too."""
+    import json
+
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list: {e}") from e
+        if not all(isinstance(x, str) for x in items):
+            raise argparse.ArgumentTypeError(f"{text!r}: every item must be a string")
+        return tuple(items)
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _vllm_only_action(hint: str):
+    class VllmOnly(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} is a vLLM flag that npr serve does not have: {hint}")
+
+    return VllmOnly
+
+
 def add_parser(sub, name: str, help_text: str):
     from npr.cli.args import device_name, dtype_name, non_negative_float, positive_float, positive_int
 
@@ -36,7 +80,8 @@ def add_parser(sub, name: str, help_text: str):
                        "One engine loop serves every client (continuous batching). Ctrl-C or SIGTERM stops "
                        "accepting requests, lets in-flight ones finish for --drain-timeout seconds, cancels the "
                        "rest and exits; a second Ctrl-C cancels at once.")
-    p.add_argument("--model", default="embedded", help="embedded (default: SmolLM2-135M-Instruct), tiny-random-llama, "
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", help="the model, as `vllm serve MODEL` (same as --model)")
+    p.add_argument("--model", default=None, help="embedded (default: SmolLM2-135M-Instruct), tiny-random-llama, "
                    "tiny-random-qwen3, a local directory (e.g. a run's final/) or an HF hub id")
     p.add_argument("--served-model-name", help="the name clients send as `model` (default: the --model value)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -46,7 +91,11 @@ def add_parser(sub, name: str, help_text: str):
                    "empty key is refused, so an unset $KEY in --api-key \"$KEY\" cannot switch authentication off")
     p.add_argument("--mode", default="parallel", choices=["parallel", "sequential", "plain"],
                    help="parallel: branches decoded at once; sequential: one after another; plain: no structure")
-    p.add_argument("--dtype", default="bfloat16", type=dtype_name, help="bfloat16 (default, faster on CPU) or float32")
+    p.add_argument("--dtype", default="bfloat16", type=lambda t: t if t == "auto" else dtype_name(t),
+                   help="bfloat16 (default, faster on CPU), float32, or auto (as vLLM: half precision, bfloat16)")
+    p.add_argument("--max-model-len", type=positive_int,
+                   help="longest prompt + completion in tokens (default: the model's max_position_embeddings); "
+                   "above the model's own limit is an error")
     p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's choice)")
     eng = p.add_argument_group("engine")
@@ -71,10 +120,41 @@ def add_parser(sub, name: str, help_text: str):
     srv.add_argument("--system-prompt", default="npr", choices=["npr", "none"],
                      help="npr (default): chats without a system message get the NPR format instruction, as in "
                      "training and `npr generate`; none: messages go as sent")
+    srv.add_argument("--reasoning-parser", default="npr", choices=["npr", "none"],
+                     help="npr (default): a chat reply's NPR blocks go to message.reasoning_content and the final "
+                     "text to content, as vLLM's --reasoning-parser; none: the whole text is content")
     srv.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                      help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM (default: 30)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    srv.add_argument("--allowed-origins", type=_csv_or_json, default=(),
+                     help="CORS: origins browser apps may call from, a JSON list as vLLM ('[\"http://a.example\"]') "
+                     "or comma-separated; \"*\" for any (default: none; vLLM's default is every origin)")
+    srv.add_argument("--allowed-methods", type=_csv_or_json, default=("*",), help="CORS methods (default: *)")
+    srv.add_argument("--allowed-headers", type=_csv_or_json, default=("*",), help="CORS headers (default: *)")
+    srv.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials (default: off)")
+    for flag, hint in VLLM_ONLY.items():
+        p.add_argument(flag, nargs="?", action=_vllm_only_action(hint), help=argparse.SUPPRESS)
+    _suggest_on_unknown_flags(p)
     return p
+
+
+def _suggest_on_unknown_flags(p: argparse.ArgumentParser) -> None:
+    """An unknown flag (a vLLM flag npr lacks, a typo) fails naming the closest npr serve flag."""
+    import difflib
+
+    parse_known_args = p.parse_known_args
+
+    def checked(args=None, namespace=None):
+        namespace, extras = parse_known_args(args, namespace)
+        flags = [a.split("=", 1)[0] for a in extras if a.startswith("--")]
+        if flags:
+            known = [o for a in p._actions if a.help is not argparse.SUPPRESS for o in a.option_strings]
+            close = difflib.get_close_matches(flags[0], known, n=1, cutoff=0.6)
+            p.error(f"unrecognized argument {flags[0]}; " + (f"the closest npr serve flag is {close[0]}" if close
+                                                              else "`npr serve --help` lists the flags"))
+        return namespace, extras
+
+    p.parse_known_args = checked
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -166,6 +246,13 @@ def run(args) -> int:
 
     from npr.validate import check_kv_cache_gib
 
+    from npr.errors import NprError
+
+    if args.model_tag and args.model and args.model_tag != args.model:
+        raise NprError(f"two models given: {args.model_tag} (positional) and --model {args.model}; give one")
+    args.model = args.model_tag or args.model or "embedded"
+    if args.dtype == "auto":
+        args.dtype = "bfloat16"
     args.api_key = api_key(args.api_key)
     if args.kv_cache_tokens is None:
         check_kv_cache_gib(args.kv_cache_gib, args.device)
@@ -198,6 +285,9 @@ def serve(args, sock: socket.socket) -> int:
         config = ServeConfig(model_name=args.served_model_name or args.model, max_n=args.max_n,
                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
                              default_max_tokens=args.default_max_tokens, system_prompt=args.system_prompt,
+                             reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins,
+                             allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
+                             allow_credentials=args.allow_credentials,
                              api_key=args.api_key, drain_timeout_s=args.drain_timeout)
     except ValueError as e:
         raise NprError(f"--{str(e).replace('_', '-')}") from e
@@ -208,6 +298,11 @@ def serve(args, sock: socket.socket) -> int:
     with console.status(f"loading {args.model}"):
         model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
         engine = Engine(model, tok, engine_config)
+    if args.max_model_len:
+        if engine.context_length and args.max_model_len > engine.context_length:
+            raise NprError(f"--max-model-len {args.max_model_len} is above {args.model}'s limit of "
+                           f"{engine.context_length} tokens (max_position_embeddings); lower it")
+        engine.context_length = args.max_model_len
     app = create_app(engine, config)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     host, port = sock.getsockname()[:2]

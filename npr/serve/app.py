@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -29,9 +31,12 @@ from npr.serve.protocol import (
     ApiError,
     ChatCompletionRequest,
     CompletionRequest,
+    TokenizeChatRequest,
     parse_chat_request,
     parse_completion_request,
+    parse_detokenize_request,
     parse_json_body,
+    parse_tokenize_request,
 )
 from npr.serve.responses import (
     ChatFormat,
@@ -40,9 +45,11 @@ from npr.serve.responses import (
     JsonResponse,
     StreamingResponse,
 )
+from npr.serve.sampling import request_processors
 
 log = logging.getLogger("npr.serve")
 SYSTEM_PROMPTS = ("npr", "none")
+REASONING_PARSERS = ("npr", "none")
 
 
 @dataclass(frozen=True)
@@ -68,12 +75,24 @@ class ServeConfig:
     """``Retry-After`` of a 503."""
     drain_timeout_s: float = 30.0
     """On SIGINT/SIGTERM, in-flight requests get this long to finish before they are cancelled."""
+    reasoning_parser: str = "npr"
+    """``npr`` (default): a chat reply's NPR trace (its blocks) goes to ``message.reasoning_content`` /
+    ``delta.reasoning_content`` and the final text to ``content``, as vLLM's ``--reasoning-parser``;
+    ``none``: the whole canonical text is ``content``. Completions always return the whole text."""
     logits_processors: tuple = ()
+    allowed_origins: tuple[str, ...] = ()
+    """CORS (vLLM's ``--allowed-origins``): origins a browser app may call from; ``*`` any. Empty (default): no
+    CORS headers, so browsers on other origins are refused (vLLM's default allows every origin)."""
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
     """Applied to every request (tests and benchmarks force a structure with ``StructureForcer``)."""
 
     def __post_init__(self):
         if self.system_prompt not in SYSTEM_PROMPTS:
             raise ValueError(f"system_prompt must be one of {SYSTEM_PROMPTS}, got {self.system_prompt!r}")
+        if self.reasoning_parser not in REASONING_PARSERS:
+            raise ValueError(f"reasoning_parser must be one of {REASONING_PARSERS}, got {self.reasoning_parser!r}")
         if self.api_key is not None and not self.api_key.strip():  # "" would read as "no key": fail closed
             raise ValueError("api_key must not be empty; use None to serve without a key")
         for name in ("max_n", "max_queue", "max_body_bytes", "default_max_tokens"):
@@ -109,6 +128,8 @@ class Api:
         self.eos_ids = engine.scaffold.eos_ids
         self.vocab = engine.model.get_input_embeddings().num_embeddings
         self.started = int(time.time())
+        self.skip_ids = frozenset(self.tokenizer.all_special_ids) - set(engine.scaffold.tag_of) - self.eos_ids
+        """skip_special_tokens drops these: special tokens but not the NPR tags (the final EOS is always dropped)."""
 
     # ------------------------------------------------------------------ checks
 
@@ -143,11 +164,16 @@ class Api:
             raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                            f"{longest + budget} tokens ({longest} in the prompt, {budget} for the completion); "
                            "shorten the prompt or lower max_tokens", "max_tokens", "context_length_exceeded")
+        if request.min_tokens and request.min_tokens > budget:
+            raise ApiError(400, f"min_tokens={request.min_tokens} is above the budget of {budget} tokens; lower "
+                           "min_tokens or raise max_tokens", "min_tokens")
+        processors = request_processors(request.repetition_penalty, request.min_tokens, request.min_p, self.eos_ids)
         params = SamplingParams(
-            max_new_tokens=budget, temperature=1.0 if request.temperature is None else request.temperature,
+            max_new_tokens=budget, ignore_eos=bool(request.ignore_eos),
+            temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0, n=n,
             seed=random.randrange(2**31) if request.seed is None else request.seed, logprobs=logprobs,
-            logits_processors=self.config.logits_processors)
+            logits_processors=processors + self.config.logits_processors)
         # the engine admits by actual use and preempts when the pool runs dry, so only a request that
         # cannot even start (its prompt pages plus one per sample) is refused here
         need = self.engine.scheduler.start_blocks(longest, params)
@@ -160,15 +186,18 @@ class Api:
                            "(--max-num-seqs)", "n")
         return params
 
-    def chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, request: ChatCompletionRequest | TokenizeChatRequest) -> list[int]:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in request.messages]
         if self.config.system_prompt == "npr" and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": NPR_INSTRUCTION})
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=request.add_generation_prompt is not False,
+                **(request.chat_template_kwargs or {}))
         except Exception as e:  # the template rejects this conversation (e.g. roles out of order)
-            raise ApiError(400, f"the model's chat template rejects these messages: {e}", "messages") from e
+            where = "messages or chat_template_kwargs" if request.chat_template_kwargs else "messages"
+            raise ApiError(400, f"the model's chat template rejects these {where}: {e}", "messages") from e
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def completion_prompts(self, request: CompletionRequest) -> list[list[int]]:
@@ -187,7 +216,8 @@ class Api:
 
     # ------------------------------------------------------------------ routes
 
-    async def start(self, prompts: list[list[int]], params: SamplingParams, stops: list[str]) -> Generation:
+    async def start(self, prompts: list[list[int]], params: SamplingParams, stops: list[str],
+                    req: ChatCompletionRequest | CompletionRequest) -> Generation:
         sink = Sink()
         jobs = [Job(self.loop.new_index(), ids, params, sink) for ids in prompts]
         try:
@@ -195,7 +225,9 @@ class Api:
         except Overloaded as e:
             raise ApiError(503, f"{e}; retry later", code=e.code, kind="server_error",
                            headers={"Retry-After": str(self.config.retry_after_s)}) from e
-        return Generation(self.loop, jobs, self.tokenizer, self.eos_ids, stops)
+        return Generation(self.loop, jobs, self.tokenizer, self.eos_ids, stops,
+                          skip_special=self.skip_ids if req.skip_special_tokens else frozenset(),
+                          include_stop=bool(req.include_stop_str_in_output))
 
     async def chat_completions(self, request: Request):
         self.authorize(request)
@@ -205,7 +237,8 @@ class Api:
         stops = req.stop_strings()
         ids = self.chat_prompt(req)
         params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages")
-        fmt = ChatFormat(await self.start([ids], params, stops), self.config.model_name, bool(req.logprobs))
+        fmt = ChatFormat(await self.start([ids], params, stops, req), self.config.model_name, bool(req.logprobs),
+                         reasoning=self.config.reasoning_parser == "npr")
         return self.respond(fmt, req)
 
     async def completions(self, request: Request):
@@ -217,7 +250,7 @@ class Api:
         prompts = self.completion_prompts(req)
         logprobs = req.logprobs is not None
         params = self.sampling(req, [len(p) for p in prompts], req.budget(), logprobs, "prompt")
-        fmt = CompletionFormat(await self.start(prompts, params, stops), self.config.model_name, logprobs)
+        fmt = CompletionFormat(await self.start(prompts, params, stops, req), self.config.model_name, logprobs)
         return self.respond(fmt, req)
 
     @staticmethod
@@ -228,7 +261,9 @@ class Api:
     @staticmethod
     def respond(fmt: ChatFormat, req):
         if req.stream:
-            return StreamingResponse(fmt, bool(req.stream_options and req.stream_options.include_usage))
+            options = req.stream_options
+            return StreamingResponse(fmt, bool(options and options.include_usage),
+                                     bool(options and options.continuous_usage_stats))
         return JsonResponse(fmt)
 
     def _model_card(self) -> dict:
@@ -253,6 +288,41 @@ class Api:
         if self.loop.failure:
             body["failure"] = self.loop.failure
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    async def version(self, request: Request):
+        from npr import __version__
+
+        return JSONResponse({"version": __version__})
+
+    async def metrics(self, request: Request):
+        stats = self.loop.stats()
+        text = self.loop.metrics.render(self.config.model_name, stats["running"], stats["queued"],
+                                        stats["kv_blocks_used"], stats["kv_blocks_total"])
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def tokenize(self, request: Request):
+        """vLLM's ``POST /tokenize``: a prompt, or messages rendered exactly as a chat request renders them."""
+        self.authorize(request)
+        req = parse_tokenize_request(parse_json_body(await read_body(request, self.config.max_body_bytes)))
+        self.check_model(req.model)
+        if isinstance(req, TokenizeChatRequest):
+            ids = self.chat_prompt(req)
+            if req.add_special_tokens and self.tokenizer.bos_token_id is not None:
+                ids = [self.tokenizer.bos_token_id, *ids]
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse({"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids,
+                             "token_strs": strs})
+
+    async def detokenize(self, request: Request):
+        self.authorize(request)
+        req = parse_detokenize_request(parse_json_body(await read_body(request, self.config.max_body_bytes)))
+        self.check_model(req.model)
+        bad = next((t for t in req.tokens if t >= self.vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"token id {bad} is outside the vocabulary (0..{self.vocab - 1})", "tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens, skip_special_tokens=False)})
 
     async def page(self, request: Request):
         return HTMLResponse(chat_page(self.config.model_name))
@@ -298,8 +368,18 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> Starlette:
         Route("/v1/models/{name:path}", api.model, methods=["GET"]),
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/version", api.version, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/tokenize", api.tokenize, methods=["POST"]),
+        Route("/detokenize", api.detokenize, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={
+    middleware = []
+    if api.config.allowed_origins:  # as vLLM: Starlette's CORS middleware answers the OPTIONS preflight
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(api.config.allowed_origins),
+                                     allow_methods=list(api.config.allowed_methods),
+                                     allow_headers=list(api.config.allowed_headers),
+                                     allow_credentials=api.config.allow_credentials))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={
         ApiError: _api_error, Exception: _server_error, 404: _not_found, 405: _method_not_allowed})
     app.state.api = api
     return app

@@ -23,6 +23,7 @@ import traceback
 from dataclasses import dataclass, field
 
 from npr.engine import Engine, Result, SamplingParams, StreamDelta
+from npr.serve.metrics import Metrics
 
 log = logging.getLogger("npr.serve")
 
@@ -85,6 +86,7 @@ class EngineLoop:
         self.failure: str | None = None  # set when a step raised and the engine could not be cleaned up
         self.steps = 0
         self.generated_tokens = 0
+        self.metrics = Metrics()
 
     # ------------------------------------------------------------------ any thread
 
@@ -188,6 +190,7 @@ class EngineLoop:
             job.started = time.perf_counter()
             with self._cond:
                 self._queued -= 1
+            self.metrics.request_started(len(job.prompt_ids), job.started - job.submitted)
 
     def _cancel(self, job: Job, sample: int | None, out: dict) -> None:
         if job.index not in self._jobs:
@@ -201,9 +204,12 @@ class EngineLoop:
     def _finished(self, job: Job, result: Result, out: dict) -> None:
         self._mark_started(job)
         out.setdefault(job, []).append(result)
+        reason = {"eos": "stop"}.get(result.finish_reason, result.finish_reason)
+        self.metrics.sample_finished(reason, sum(result.branches_per_block), result.stats.parallel_blocks)
         job.left -= 1
         if job.left <= 0:
             del self._jobs[job.index]
+            self.metrics.request_finished(time.perf_counter() - job.submitted)
 
     def _step(self, out: dict) -> None:
         try:
@@ -220,7 +226,9 @@ class EngineLoop:
                 del self._jobs[job.index]
             return
         self.steps += 1
-        self.generated_tokens += sum(len(d.token_ids) for d in event.deltas)
+        generated = sum(len(d.token_ids) for d in event.deltas)
+        self.generated_tokens += generated
+        self.metrics.step(generated)
         for delta in event.deltas:
             job = self._jobs.get(delta.prompt_index)
             if job is not None:

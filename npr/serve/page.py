@@ -105,12 +105,13 @@ function onEvent(turn,data){
  if(data==="[DONE]")return;var o=JSON.parse(data);
  if(o.error)throw new Error(o.error.message);
  (o.choices||[]).forEach(function(c){
-  if(c.delta&&c.delta.content)turn.content+=c.delta.content;
+  if(c.delta&&c.delta.reasoning_content)turn.content+=c.delta.reasoning_content;
+  if(c.delta&&c.delta.content){turn.content+=c.delta.content;turn.answer+=c.delta.content;}
   if(c.npr&&c.npr.branches)c.npr.branches.forEach(function(b){var blk=turn.live[b.block]=turn.live[b.block]||{};blk[b.branch]=(blk[b.branch]||"")+b.text;});
   if(c.finish_reason){turn.finish=c.finish_reason;turn.ext=c.npr||null;}});
  schedule(turn);}
 async function ask(question){
- var turn={content:"",live:{},finish:null,ext:null,pending:false},wrap=el("div","turn");
+ var turn={content:"",answer:"",live:{},finish:null,ext:null,pending:false},wrap=el("div","turn");
  wrap.appendChild(el("div","q",question));turn.box=el("div","answer");wrap.appendChild(turn.box);log.appendChild(wrap);
  messages.push({role:"user",content:question});
  var body={model:CFG.model,messages:messages,stream:true,max_tokens:+document.getElementById("max-tokens").value,
@@ -123,7 +124,7 @@ async function ask(question){
   var reader=r.body.getReader(),dec=new TextDecoder(),buf="";
   for(;;){var chunk=await reader.read();if(chunk.done)break;buf+=dec.decode(chunk.value,{stream:true});
    var i;while((i=buf.indexOf("\n\n"))>=0){var ev=buf.slice(0,i);buf=buf.slice(i+2);if(ev.indexOf("data: ")===0)onEvent(turn,ev.slice(6));}}
-  render(turn);messages.push({role:"assistant",content:turn.content});setState("done");
+  render(turn);messages.push({role:"assistant",content:turn.answer});setState("done");
  }catch(err){messages.pop();render(turn);
   turn.box.appendChild(el("div","err",err.name==="AbortError"?"stopped: the server cancelled the request":String(err.message||err)));
   setState(err.name==="AbortError"?"done":"error");}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from npr.validate import invalid_text_field
 
@@ -65,12 +65,24 @@ CHAT_ONLY = {"tools", "tool_choice", "parallel_tool_calls", "functions", "functi
 COMPLETION_ONLY = {"echo", "suffix"}
 
 
+# assistant-message fields the openai client sends back as null: why a live value is refused
+UNRENDERABLE = {
+    "tool_calls": "npr serve has no tools, and a chat template cannot render a tool call it did not make",
+    "function_call": "npr serve has no functions",
+    "refusal": "npr serve never refuses, and a refusal text is not rendered into a prompt",
+    "audio": "npr serve is text only",
+    "annotations": "npr serve makes no annotations",
+}
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = False
+    """vLLM: every chunk carries the usage so far (prompt tokens, completion tokens generated up to it)."""
 
 
 class TextPart(_Strict):
@@ -79,12 +91,35 @@ class TextPart(_Strict):
 
 
 class ChatMessage(_Strict):
+    """One message. An assistant message is accepted as the ``openai`` client dumps it
+    (``messages.append(r.choices[0].message.model_dump())``): its null or empty ``refusal``,
+    ``annotations``, ``audio``, ``function_call``, ``tool_calls`` mean "none" and pass; a live value
+    (a tool call, a refusal text) cannot be rendered into a prompt and is refused naming the field."""
+
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None
     name: None = None
     """Names are not rendered by chat templates: only null is accepted."""
+    refusal: None = None
+    annotations: Annotated[list, Field(max_length=0)] | None = None
+    audio: None = None
+    function_call: None = None
+    tool_calls: Annotated[list, Field(max_length=0)] | None = None
+    reasoning_content: str | None = None
+    """An earlier turn's reasoning, as this server returned it: accepted and not rendered (chat templates of
+    reasoners, Qwen3's among them, drop earlier turns' reasoning; only ``content`` goes into the prompt)."""
+
+    @model_validator(mode="after")
+    def _content_needed(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (only an assistant message may have null content)")
+        if self.reasoning_content is not None and self.role != "assistant":
+            raise ValueError("reasoning_content is only for assistant messages")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
@@ -102,6 +137,15 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None
     """Accepted and not used (it changes no output)."""
+    # vLLM's extra sampling fields (npr.serve.sampling), with vLLM's meanings
+    repetition_penalty: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: Annotated[int, Field(ge=0)] | None = None
+    skip_special_tokens: bool | None = None
+    """vLLM's default is true; npr's NPR tags are kept either way (they are the structure, as vLLM keeps
+    Qwen3's ``<think>``); true drops the other special tokens from the text, e.g. a ``<|im_end|>`` mid-answer."""
+    include_stop_str_in_output: bool | None = None
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -116,6 +160,10 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
+    chat_template_kwargs: dict | None = None
+    """vLLM: extra variables for the chat template (e.g. ``{"enable_thinking": false}`` for Qwen3)."""
+    add_generation_prompt: bool | None = None
+    """vLLM: end the prompt with the assistant turn's opening (default true)."""
 
     def budget(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens is not None \
@@ -142,6 +190,43 @@ class CompletionRequest(_Sampling):
         if p and isinstance(p[0], int):
             return [list(p)]
         return list(p)
+
+
+class TokenizeCompletionRequest(_Strict):
+    """vLLM's ``POST /tokenize`` with a prompt."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    """vLLM's ``POST /tokenize`` with messages: the ids ``/v1/chat/completions`` would prefill."""
+
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+def parse_tokenize_request(body: dict) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    model = TokenizeChatRequest if "messages" in body else TokenizeCompletionRequest
+    request = _validate(model, body, "tokenize")
+    if isinstance(request, TokenizeChatRequest):
+        _check_template_kwargs(request)
+    return request
+
+
+def parse_detokenize_request(body: dict) -> DetokenizeRequest:
+    return _validate(DetokenizeRequest, body, "detokenize")
 
 
 def parse_json_body(raw: bytes) -> dict:
@@ -191,6 +276,9 @@ def _validation_error(e: ValidationError) -> ApiError:
         return ApiError(400, f"'{param}' is required", param, "missing_required_parameter")
     given = json.dumps(chosen.get("input"), default=str)[:80]
     detail = chosen["msg"]
+    why = UNRENDERABLE.get(param.rsplit(".", 1)[-1]) if param and param.startswith("messages[") else None
+    if why:
+        return ApiError(400, f"'{param}' must be null or empty: {why} (got {given})", param, "unsupported_parameter")
     if len(union) > 1 and chosen is errors[0]:
         kinds = [next(p for p in x["loc"] if _is_union_label(p)).replace("constrained-", "") for x in union]
         detail = f"expected one of: {', '.join(dict.fromkeys(kinds))}"
@@ -212,7 +300,7 @@ def _is_neutral(value, options) -> bool:
 
 def _screen(body: dict, fields: set[str], endpoint: str) -> None:
     """400 for fields this endpoint does not know and for known-but-unsupported fields with a live value."""
-    other_only = COMPLETION_ONLY if endpoint == "chat" else CHAT_ONLY
+    other_only = {"chat": COMPLETION_ONLY, "completions": CHAT_ONLY}.get(endpoint, set(NEUTRAL))
     for key, value in body.items():
         if key in fields:
             continue
@@ -235,8 +323,22 @@ def _validate(model: type[BaseModel], body: dict, endpoint: str):
         raise _validation_error(e) from e
 
 
+TEMPLATE_RESERVED = ("messages", "conversation", "tokenize", "add_generation_prompt", "continue_final_message",
+                     "tools", "documents", "return_dict", "chat_template")
+
+
 def parse_chat_request(body: dict) -> ChatCompletionRequest:
-    return _validate(ChatCompletionRequest, body, "chat")
+    request = _validate(ChatCompletionRequest, body, "chat")
+    _check_template_kwargs(request)
+    return request
+
+
+def _check_template_kwargs(request) -> None:
+    for key in request.chat_template_kwargs or {}:
+        if key in TEMPLATE_RESERVED:
+            raise ApiError(400, f"chat_template_kwargs.{key} is set by the server, not by a request"
+                           + (" (send add_generation_prompt at the top level)" if key == "add_generation_prompt"
+                              else ""), f"chat_template_kwargs.{key}", "invalid_value")
 
 
 def parse_completion_request(body: dict) -> CompletionRequest:

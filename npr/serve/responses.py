@@ -20,6 +20,7 @@ from npr.engine import Result, StreamDelta
 from npr.schema import parse
 from npr.serve.loop import EngineLoop, Job
 from npr.serve.protocol import ApiError
+from npr.serve.reasoning import ReasoningSplitter, split_reasoning
 from npr.serve.stream import SampleStream, Update
 
 FINAL = object()  # marks a choice's end in a batch of updates
@@ -46,10 +47,12 @@ def npr_extension(result: Result, content: str, queued_s: float) -> dict:
 class Generation:
     """The jobs of one request; choice ``j * n + i`` is sample i of job j."""
 
-    def __init__(self, loop: EngineLoop, jobs: list[Job], tokenizer, eos_ids: frozenset[int], stops: list[str]):
+    def __init__(self, loop: EngineLoop, jobs: list[Job], tokenizer, eos_ids: frozenset[int], stops: list[str],
+                 skip_special: frozenset[int] = frozenset(), include_stop: bool = False):
         self.loop, self.jobs, self.tokenizer = loop, jobs, tokenizer
         self.n = jobs[0].params.n
-        self.streams = [SampleStream(tokenizer, eos_ids, stops) for _ in range(len(jobs) * self.n)]
+        self.streams = [SampleStream(tokenizer, eos_ids, stops, skip_special, include_stop)
+                        for _ in range(len(jobs) * self.n)]
         self._position = {job.index: j for j, job in enumerate(jobs)}
         self._stop_sent: set[int] = set()
         self.created = int(time.time())
@@ -100,8 +103,9 @@ class Generation:
         return npr_extension(stream.result, stream.text, queued)
 
     def usage(self) -> dict:
+        """Token counts; before the end (``continuous_usage_stats``), the tokens generated so far."""
         prompt = sum(len(job.prompt_ids) for job in self.jobs)
-        completion = sum(len(s.result.token_ids) for s in self.streams)
+        completion = sum(len(s.result.token_ids) if s.done else s.generated for s in self.streams)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def token_text(self, token: int) -> str:
@@ -117,9 +121,11 @@ class ChatFormat:
 
     object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, generation: Generation, model: str, logprobs: bool):
+    def __init__(self, generation: Generation, model: str, logprobs: bool, reasoning: bool = False):
         self.g, self.model, self.logprobs = generation, model, logprobs
         self.id = self.id_prefix + uuid.uuid4().hex
+        self.splitters = [ReasoningSplitter() for _ in generation.streams] if reasoning else None
+        """``--reasoning-parser npr``: the trace goes to ``reasoning_content`` (see ``npr.serve.reasoning``)."""
 
     def _base(self, name: str) -> dict:
         return {"id": self.id, "object": name, "created": self.g.created, "model": self.model}
@@ -140,30 +146,53 @@ class ChatFormat:
                 for c in range(len(self.g.streams))]
 
     def _chunk_choice(self, c: int, text: str | None, entries=(), finish: str | None = None,
-                      npr: dict | None = None) -> dict:
-        """One choice of a chunk: new content ``text`` (None: no content in this chunk)."""
-        choice = {"index": c, "delta": {} if text is None else {"content": text},
-                  "logprobs": self._logprobs(entries) if entries else None, "finish_reason": finish}
+                      npr: dict | None = None, reasoning: str = "") -> dict:
+        """One choice of a chunk: new content ``text`` (None: no content in this chunk) and new reasoning."""
+        delta = {} if text is None else {"content": text}
+        if reasoning:
+            delta = {"reasoning_content": reasoning, **({"content": text} if text else {})}
+        choice = {"index": c, "delta": delta, "logprobs": self._logprobs(entries) if entries else None,
+                  "finish_reason": finish}
         return {**choice, "npr": npr} if npr is not None else choice
+
+    def _content_choice(self, c: int, text: str, entries=(), final: bool = False) -> dict | None:
+        """A content chunk's choice; with the reasoning split, ``text`` is cut into reasoning and content."""
+        reasoning = ""
+        if self.splitters is not None:
+            splitter = self.splitters[c]
+            reasoning, text = splitter.feed(text)
+            if final:
+                more_reasoning, more_text = splitter.finish()
+                reasoning, text = reasoning + more_reasoning, text + more_text
+        if not (reasoning or text or entries):
+            return None
+        return self._chunk_choice(c, text, entries, reasoning=reasoning)
 
     def chunks(self, c: int, update) -> list[dict]:
         """The SSE objects of one update: branch text in an ``npr`` chunk, content in an ordinary one, and
         at the end the finish reason with the tree and stats."""
         if update is FINAL:
             choices = [self._chunk_choice(c, None, finish=self.g.streams[c].finish_reason(), npr=self.g.extension(c))]
+            if self.splitters is not None:  # what the split held back (whitespace after the last block)
+                choices = [x for x in [self._content_choice(c, "", final=True)] if x] + choices
         else:
             choices = []
             if update.branches:
                 branches = [{"block": b, "branch": k, "text": t} for b, k, t in update.branches]
                 choices.append(self._chunk_choice(c, None, npr={"branches": branches}))
-            if update.content or (self.logprobs and update.logprobs):
-                choices.append(self._chunk_choice(c, update.content, update.logprobs if self.logprobs else ()))
+            content = self._content_choice(c, update.content, update.logprobs if self.logprobs else ())
+            if content is not None:
+                choices.append(content)
         return [{**self._base(self.chunk_name), "choices": [choice]} for choice in choices]
 
     def response(self) -> dict:
         choices = []
         for c, stream in enumerate(self.g.streams):
-            choices.append({"index": c, "message": {"role": "assistant", "content": stream.text},
+            message = {"role": "assistant", "content": stream.text}
+            if self.splitters is not None:
+                reasoning, content = split_reasoning(stream.text)
+                message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+            choices.append({"index": c, "message": message,
                             "logprobs": self._logprobs(stream.content_logprobs()),
                             "finish_reason": stream.finish_reason(), "npr": self.g.extension(c)})
         return {**self._base(self.object_name), "choices": choices, "usage": self.g.usage()}
@@ -187,7 +216,7 @@ class CompletionFormat(ChatFormat):
         return []
 
     def _chunk_choice(self, c: int, text: str | None, entries=(), finish: str | None = None,
-                      npr: dict | None = None) -> dict:
+                      npr: dict | None = None, reasoning: str = "") -> dict:
         choice = {"index": c, "text": text or "", "logprobs": self._logprobs(entries) if entries else None,
                   "finish_reason": finish}
         return {**choice, "npr": npr} if npr is not None else choice
@@ -211,16 +240,20 @@ def error_body(error: ApiError) -> bytes:
 class StreamingResponse:
     """``text/event-stream`` of a generation: ``data: {chunk}`` lines, then ``data: [DONE]``."""
 
-    def __init__(self, fmt: ChatFormat, include_usage: bool):
-        self.fmt, self.include_usage = fmt, include_usage
+    def __init__(self, fmt: ChatFormat, include_usage: bool, continuous_usage: bool = False):
+        self.fmt, self.include_usage, self.continuous_usage = fmt, include_usage, continuous_usage
+
+    def _with_usage(self, chunk: dict) -> dict:
+        """vLLM's ``continuous_usage_stats``: every chunk carries the usage so far."""
+        return {**chunk, "usage": self.fmt.g.usage()} if self.continuous_usage else chunk
 
     async def _events(self) -> AsyncIterator[str]:
         for chunk in self.fmt.opening():
-            yield f"data: {_json(chunk)}\n\n"
+            yield f"data: {_json(self._with_usage(chunk))}\n\n"
         try:
             async with aclosing(self.fmt.g.updates()) as updates:
                 async for batch in updates:
-                    yield "".join(f"data: {_json(chunk)}\n\n" for c, update in batch
+                    yield "".join(f"data: {_json(self._with_usage(chunk))}\n\n" for c, update in batch
                                   for chunk in self.fmt.chunks(c, update))
         except ApiError as e:  # headers are sent: report the failure in the stream, as OpenAI does
             yield f"data: {_json(e.body())}\n\n"

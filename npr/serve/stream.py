@@ -82,10 +82,14 @@ class Update:
 class SampleStream:
     """One sample of one request: feed it the sample's ``StreamDelta``s in order, then its ``Result``."""
 
-    def __init__(self, tokenizer, eos_ids: frozenset[int], stops: list[str] = ()):
+    def __init__(self, tokenizer, eos_ids: frozenset[int], stops: list[str] = (),
+                 skip_special: frozenset[int] = frozenset(), include_stop: bool = False):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.stops = list(stops)
+        self.skip_special = skip_special  # skip_special_tokens: these ids add no text (their log-probs stay)
+        self.include_stop = include_stop  # include_stop_str_in_output: the content ends after the match
+        self.generated = 0  # tokens the engine reported so far, every branch (usage before the end)
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._content = IncrementalDecoder(tokenizer)
         self._decoded = ""  # all content text decoded so far
@@ -119,6 +123,7 @@ class SampleStream:
         if self.stopped or self.done:
             return update
         pairs = list(zip(delta.token_ids, delta.logprobs))
+        self.generated += len(delta.token_ids)
         if delta.branch:
             key = (delta.block, delta.branch)
             decoder = self._branch_text.setdefault(key, IncrementalDecoder(self.tokenizer))
@@ -170,7 +175,8 @@ class SampleStream:
 
     def _push(self, update: Update, token: int, logprob: float) -> None:
         entry = (token, None if math.isnan(logprob) else logprob, len(self._decoded))
-        self._decoded += self._content.push(token)
+        if token not in self.skip_special:
+            self._decoded += self._content.push(token)
         self.entries.append(entry)
         update.logprobs.append(entry)
 
@@ -178,10 +184,11 @@ class SampleStream:
         upto = len(self._decoded)
         if self.stops:
             start = max(0, self._searched - self._hold)
-            found = [i for i in (self._decoded.find(s, start) for s in self.stops) if i >= 0]
+            found = [(i, i + len(s) if self.include_stop else i)
+                     for i, s in ((self._decoded.find(s, start), s) for s in self.stops) if i >= 0]
             self._searched = len(self._decoded)
             if found:
-                upto = min(found)
+                upto = min(found)[1]
                 self._decoded = self._decoded[:upto]
                 self.stopped = True
             elif not final:
