@@ -291,4 +291,4 @@ def test_the_benchmark_runs_a_real_update_and_plans_it():
     measured = bench.run_case(1, 64, 48, 16, True, None, vocab=256)
     assert measured["peak"] > 0 and measured["baseline"] > 0
     plan = bench.predicted(1, 64, 48, 16, True, vocab=256)
-    assert plan.peak > 0 and line(plan, "log-prob logits").note.startswith("[16, 256] chunks")
+    assert plan.peak > 0 and line(plan, "log-prob logits").note.startswith("one [16, 256] chunk")

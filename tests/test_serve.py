@@ -19,6 +19,7 @@ from npr.engine import Engine, EngineConfig, StructureForcer
 from npr.schema import parse
 from npr.serve import ServeConfig, create_app
 from npr.serve.background import BackgroundServer
+from npr.tokens import tag_token_ids
 
 MODEL = "tiny"
 QUESTION = "What is 12 + 30?"
@@ -155,9 +156,11 @@ def test_vllm_sampling_extras_are_honoured(server, tiny_llama):
     assert [u.completion_tokens for u in usages] == sorted(u.completion_tokens for u in usages)
     assert usages[-1].completion_tokens == greedy.usage.completion_tokens and usages[0].prompt_tokens > 0
     eos = tiny_llama[1].eos_token_id
+    tags = list(tag_token_ids(tiny_llama[1]).values())
 
-    def eager_eos(stream, logits):  # the model would end at once
-        logits[eos] += 1e4
+    def eager_eos(stream, logits):  # the model would end at once, and never writes a tag: these requests sample
+        logits[eos] += 1e4  # without a seed, and a random tag would end them with invalid_schema
+        logits[tags] = float("-inf")
         return logits
 
     with make_server(tiny_llama, logits_processors=(eager_eos,)) as s:
