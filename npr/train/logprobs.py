@@ -351,11 +351,10 @@ def segmented_attention_forward(module, query, key, value, attention_mask=None, 
 AttentionInterface.register(SEGMENTS_ATTENTION_NAME, segmented_attention_forward)
 
 
-def _dense_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype
-                  ) -> list[torch.Tensor]:
-    """Right-padded batch, attention by pieces (``segment_pieces``); per response its predicting
-    logits [T_r, V]."""
-    device = next(model.parameters()).device
+def _dense_inputs(sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype, device: torch.device
+                  ) -> tuple[dict, int]:
+    """The right-padded batch of the dense layout, as model inputs (ids, positions, attention pieces from
+    ``segment_pieces``), and its length L."""
     length = max(len(s.input_ids) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # [B, L]
     position_ids = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, L]
@@ -363,18 +362,25 @@ def _dense_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int, 
         input_ids[b, :len(s.input_ids)] = s.input_ids
         position_ids[b, :len(s.input_ids)] = s.position_ids
     pieces = [segment_pieces(s, dtype, device) for s in sequences]
+    return dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device), npr_pieces=pieces), length
+
+
+def _dense_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype
+                  ) -> list[torch.Tensor]:
+    """Right-padded batch, attention by pieces (``segment_pieces``); per response its predicting
+    logits [T_r, V]."""
+    inputs, length = _dense_inputs(sequences, pad_token_id, dtype, next(model.parameters()).device)
     # Only logits from the first predicting token onward are read: skip the (shared) prompt.
     first = min(s.first_predictor(j) for s in sequences for j in range(len(s.spans)))
-    logits = model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), npr_pieces=pieces,
-                   logits_to_keep=length - first, use_cache=False).logits  # [B, L - first, V]
+    logits = model(**inputs, logits_to_keep=length - first, use_cache=False).logits  # [B, L - first, V]
     return [logits[b].index_select(0, (s.predictors(j) - first).to(logits.device))
             for b, s in enumerate(sequences) for j in range(len(s.spans))]
 
 
-def _flex_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int) -> list[torch.Tensor]:
-    """One packed row (document ids, no padding) under a flex_attention BlockMask; logits only
-    at the predicting positions. Per response its predicting logits [T_r, V]."""
-    device = next(model.parameters()).device
+def _flex_inputs(sequences: Sequence[TokenSequence], pad_token_id: int, device: torch.device
+                 ) -> tuple[TokenSequence, dict, torch.Tensor]:
+    """The flex layout's one packed row (document ids, no padding but the tail to ``flex_row_length``), its model
+    inputs (ids, positions, the BlockMask of its tree) and its predicting positions [P]."""
     row = concat_documents(sequences)
     n = len(row.input_ids)
     pad = flex_row_length(n, device.type) - n  # < 128 tokens on CUDA; pads form their own document
@@ -382,8 +388,14 @@ def _flex_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int) -
     positions = torch.nn.functional.pad(row.position_ids, (0, pad))[None].to(device)  # [1, L']
     tree = TreeIds.cat([row.tree, TreeIds(*(torch.full((pad,), -1, dtype=torch.long) for _ in range(4)))])
     keep = torch.cat([row.predictors(j) for j in range(len(row.spans))]).to(device)  # [P]
-    logits = model(input_ids=ids, position_ids=positions, attention_mask=tree_block_mask(tree, device),
-                   logits_to_keep=keep, use_cache=False).logits[0]  # [P, V]
+    return row, dict(input_ids=ids, position_ids=positions, attention_mask=tree_block_mask(tree, device)), keep
+
+
+def _flex_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int) -> list[torch.Tensor]:
+    """One packed row (document ids, no padding) under a flex_attention BlockMask; logits only
+    at the predicting positions. Per response its predicting logits [T_r, V]."""
+    row, inputs, keep = _flex_inputs(sequences, pad_token_id, next(model.parameters()).device)
+    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits[0]  # [P, V]
     return list(logits.split(row.response_lengths))
 
 
@@ -435,16 +447,8 @@ def body_hidden_states(model, **inputs) -> torch.Tensor:
 def _dense_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype) -> torch.Tensor:
     """Right-padded batch, attention by pieces (``segment_pieces``); the hidden states at every
     response's predicting positions, in sequence then span order: [P, H]."""
-    device = next(model.parameters()).device
-    length = max(len(s.input_ids) for s in sequences)
-    input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # [B, L]
-    position_ids = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, L]
-    for b, s in enumerate(sequences):
-        input_ids[b, :len(s.input_ids)] = s.input_ids
-        position_ids[b, :len(s.input_ids)] = s.position_ids
-    pieces = [segment_pieces(s, dtype, device) for s in sequences]
-    hidden = body_hidden_states(model, input_ids=input_ids.to(device), position_ids=position_ids.to(device),
-                                npr_pieces=pieces)  # [B, L, H]
+    inputs, length = _dense_inputs(sequences, pad_token_id, dtype, next(model.parameters()).device)
+    hidden = body_hidden_states(model, **inputs)  # [B, L, H]
     flat = torch.cat([s.predictors(j) + b * length for b, s in enumerate(sequences) for j in range(len(s.spans))])
     return hidden.flatten(0, 1).index_select(0, flat.to(hidden.device))  # [P, H]
 
@@ -452,17 +456,8 @@ def _dense_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int, 
 def _flex_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int) -> torch.Tensor:
     """One packed row (document ids, no padding) under a flex_attention BlockMask; the hidden
     states at the predicting positions [P, H]."""
-    device = next(model.parameters()).device
-    row = concat_documents(sequences)
-    n = len(row.input_ids)
-    pad = flex_row_length(n, device.type) - n  # < 128 tokens on CUDA; pads form their own document
-    ids = torch.nn.functional.pad(row.input_ids, (0, pad), value=pad_token_id)[None].to(device)  # [1, L']
-    positions = torch.nn.functional.pad(row.position_ids, (0, pad))[None].to(device)  # [1, L']
-    tree = TreeIds.cat([row.tree, TreeIds(*(torch.full((pad,), -1, dtype=torch.long) for _ in range(4)))])
-    keep = torch.cat([row.predictors(j) for j in range(len(row.spans))]).to(device)  # [P]
-    hidden = body_hidden_states(model, input_ids=ids, position_ids=positions,
-                                attention_mask=tree_block_mask(tree, device))  # [1, L', H]
-    return hidden[0].index_select(0, keep)  # [P, H]
+    _, inputs, keep = _flex_inputs(sequences, pad_token_id, next(model.parameters()).device)
+    return body_hidden_states(model, **inputs)[0].index_select(0, keep)  # [P, H]
 
 
 def response_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int,
