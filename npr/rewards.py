@@ -159,6 +159,22 @@ def rg_score(response: str, problem: Problem) -> float:
 
 # ---------------------------------------------------------------- rewards
 
+# name -> reward, filled by @register_reward; a config's ``reward`` field names one (npr.train.config)
+REWARDS: dict[str, Reward] = {}
+
+
+def register_reward(name: str) -> Callable[[Reward], Reward]:
+    """Decorator adding a pure ``(response, problem) -> float`` reward to ``REWARDS`` as ``name``."""
+
+    def register(reward: Reward) -> Reward:
+        if name in REWARDS:
+            raise ValueError(f"reward {name!r} is already registered ({REWARDS[name].__qualname__})")
+        REWARDS[name] = reward
+        return reward
+
+    return register
+
+
 
 def is_correct(response: str, problem: Problem) -> bool:
     """Whether ``response`` answers ``problem``: reasoning-gym's scorer at full credit (>= 1.0;
@@ -169,6 +185,7 @@ def is_correct(response: str, problem: Problem) -> bool:
     return math_correct(response, problem.answer)
 
 
+@register_reward("accuracy")
 def accuracy_reward(response: str, problem: Problem) -> float:
     """NPR's accuracy reward: +1.0 correct, -1.0 wrong, 0.0 for an empty (whitespace) response."""
     if not response.strip():
@@ -176,6 +193,7 @@ def accuracy_reward(response: str, problem: Problem) -> float:
     return 1.0 if is_correct(response, problem) else -1.0
 
 
+@register_reward("stage1")
 def stage1_reward(response: str, problem: Problem) -> float:
     """NPR Stage-1 (NPR-Zero) reward, arXiv 2512.07461 §3.1: the format penalty in [-2, 0)
     (``npr.schema.format_score``) when the format is invalid, else ``accuracy_reward``."""
@@ -183,7 +201,6 @@ def stage1_reward(response: str, problem: Problem) -> float:
     return penalty if penalty < 0 else accuracy_reward(response, problem)
 
 
-REWARDS: dict[str, Reward] = {"accuracy": accuracy_reward, "stage1": stage1_reward}
 
 
 def get_reward(name: str) -> Reward:

@@ -2,7 +2,8 @@
 
 Each family is a registry by name so that a config picks the variant and the trainer never
 branches on it: ``get_advantage_estimator("papo")``, ``get_policy_loss("dapo", clip_high=0.28)``,
-``get_aggregation("token-mean")``.
+``get_aggregation("token-mean")``. A new policy loss is one function decorated with
+``@register_policy_loss(name, uses_old_logprobs=...)`` (docs/training.md shows one).
 """
 
 from __future__ import annotations
@@ -26,7 +27,18 @@ from npr.algos.aggregation import (
     seq_mean_token_sum,
     token_mean,
 )
-from npr.algos.losses import POLICY_LOSSES, RATIO_LOSSES, PolicyLoss, dapo_loss, get_policy_loss, papo_loss
+from npr.algos.losses import (
+    CALL_ARGUMENTS,
+    POLICY_LOSSES,
+    RATIO_LOSSES,
+    PolicyLoss,
+    dapo_loss,
+    get_policy_loss,
+    hyperparameter_names,
+    metric_names,
+    papo_loss,
+    register_policy_loss,
+)
 
 AdvantageEstimator = Callable[..., torch.Tensor]
 
@@ -48,8 +60,9 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
 
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "POLICY_LOSSES", "RATIO_LOSSES", "AdvantageEstimator", "PolicyLoss",
-    "aggregate", "dapo_loss", "dynamic_sampling_filter", "get_advantage_estimator", "get_aggregation",
-    "get_policy_loss", "group_advantages", "group_mean_std", "overlong_penalty", "papo_advantages",
-    "papo_loss", "seq_mean_token_mean", "seq_mean_token_sum", "token_mean",
+    "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "CALL_ARGUMENTS", "POLICY_LOSSES", "RATIO_LOSSES", "AdvantageEstimator",
+    "PolicyLoss", "aggregate", "dapo_loss", "dynamic_sampling_filter", "get_advantage_estimator", "get_aggregation",
+    "get_policy_loss", "group_advantages", "group_mean_std", "hyperparameter_names", "metric_names",
+    "overlong_penalty", "papo_advantages", "papo_loss", "register_policy_loss", "seq_mean_token_mean",
+    "seq_mean_token_sum", "token_mean",
 ]

@@ -4,11 +4,20 @@ Shapes: B responses, T response token positions. ``logprobs`` [B, T] are the cur
 log-probabilities of the sampled tokens (with grad), ``mask`` [B, T] is 1 on response tokens
 that carry loss, ``advantages`` are per response [B] or per token [B, T].
 
-Both losses share one keyword call, so that a trainer never branches on the loss name::
+Every loss shares one keyword call, so that a trainer never branches on the loss name::
 
     loss, metrics = loss_fn(logprobs=lp, old_logprobs=old, advantages=adv, mask=mask, agg=agg)
 
-with hyperparameters bound in advance by ``get_policy_loss(name, **hyperparameters)``.
+with hyperparameters bound in advance by ``get_policy_loss(name, **hyperparameters)``. A loss
+joins by registration, as verl's ``register_policy_loss``::
+
+    @register_policy_loss("my_loss", uses_old_logprobs=True)
+    def my_loss(logprobs, old_logprobs, advantages, mask, agg="token-mean", my_coef=0.1): ...
+
+Its parameters beyond the call's are its hyperparameters: a trainer binds each from the config
+field of the same name (``npr.train.rl.policy_loss_fn``). Every metric it returns (a float per
+name, the same names on every call) is reduced over the global batch and logged by the trainer:
+a name starting with ``num_`` is a count (summed), any other a unit-weighted mean.
 Masked positions are replaced by zeros *before* any arithmetic, so whatever they hold
 (padding, -inf, nan) changes neither the loss nor its gradient.
 """
@@ -17,13 +26,70 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 from npr.algos.aggregation import aggregate, token_mean
 
 PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, float]]]
+_Loss = TypeVar("_Loss", bound=PolicyLoss)
+
+# name -> loss function, filled by @register_policy_loss (a live view: configs read it for their choices)
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+# Losses whose objective reads old_logprobs (an importance ratio against the sampling policy). With
+# several updates per rollout batch a trainer computes the old log-probs once for these; PAPO's sg-ratio
+# is the current policy's own, so it needs none (NPR's code: on_policy=True, no recompute).
+RATIO_LOSSES: set[str] = set()
+
+# The keyword arguments a trainer passes on every call; a loss's other parameters are hyperparameters.
+CALL_ARGUMENTS = ("logprobs", "old_logprobs", "advantages", "mask", "agg")
+
+
+def register_policy_loss(name: str, *, uses_old_logprobs: bool) -> Callable[[_Loss], _Loss]:
+    """Decorator adding a loss to ``POLICY_LOSSES`` as ``name`` (and to ``RATIO_LOSSES`` when its
+    objective reads ``old_logprobs``). The loss must accept the keywords of ``CALL_ARGUMENTS``
+    (``old_logprobs`` may be keyword-only and unused) and give every other parameter a default;
+    ValueError for a taken name or a signature a trainer cannot call."""
+
+    def register(loss_fn: _Loss) -> _Loss:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is already registered ({POLICY_LOSSES[name].__qualname__})")
+        parameters = inspect.signature(loss_fn).parameters
+        missing = [a for a in CALL_ARGUMENTS if a not in parameters]
+        if missing:
+            raise ValueError(f"policy loss {name!r} must accept the keyword(s) {missing} (npr.algos.CALL_ARGUMENTS)")
+        no_default = [k for k, p in parameters.items() if k not in CALL_ARGUMENTS and p.default is p.empty]
+        if no_default:
+            raise ValueError(f"policy loss {name!r}: hyperparameter(s) {no_default} need a default")
+        POLICY_LOSSES[name] = loss_fn
+        if uses_old_logprobs:
+            RATIO_LOSSES.add(name)
+        return loss_fn
+
+    return register
+
+
+def hyperparameter_names(name: str) -> tuple[str, ...]:
+    """The hyperparameters of the loss registered as ``name``: its parameters beyond ``CALL_ARGUMENTS``."""
+    return tuple(k for k in inspect.signature(_registered(name)).parameters if k not in CALL_ARGUMENTS)
+
+
+def _registered(name: str) -> PolicyLoss:
+    try:
+        return POLICY_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy loss {name!r}; choose one of {sorted(POLICY_LOSSES)}") from None
+
+
+def metric_names(loss_fn: PolicyLoss) -> tuple[str, ...]:
+    """The sorted metric names ``loss_fn`` (registered or bound) returns, read from one call on a
+    single masked-out token: what a trainer reduces over ranks even where a rank has no tokens."""
+    zeros = torch.zeros(1, 1)  # [1, 1]
+    _, metrics = loss_fn(logprobs=zeros, old_logprobs=zeros, advantages=torch.zeros(1),
+                         mask=torch.zeros(1, 1, dtype=torch.bool), agg="token-mean")
+    return tuple(sorted(metrics))
 
 # log-ratios are clamped to [-20, 20] before exp, as the reference (verl's compute_policy_loss): a policy that
 # drifted far from the old one gives a finite loss (exp(20) ~ 4.9e8) instead of inf and NaN weights after AdamW
@@ -72,6 +138,7 @@ def _ratio_metrics(log_ratio: torch.Tensor, keep: torch.Tensor) -> dict[str, flo
     }
 
 
+@register_policy_loss("dapo", uses_old_logprobs=True)
 def dapo_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -124,6 +191,7 @@ def dapo_loss(
     return loss, metrics
 
 
+@register_policy_loss("papo", uses_old_logprobs=False)
 def papo_loss(
     logprobs: torch.Tensor,
     advantages: torch.Tensor,
@@ -158,27 +226,14 @@ def papo_loss(
     return loss, metrics
 
 
-POLICY_LOSSES: dict[str, PolicyLoss] = {"dapo": dapo_loss, "papo": papo_loss}
-
-# Losses whose objective reads old_logprobs (an importance ratio against the sampling policy). With
-# several updates per rollout batch a trainer computes the old log-probs once for these; PAPO's sg-ratio
-# is the current policy's own, so it needs none (NPR's code: on_policy=True, no recompute).
-RATIO_LOSSES = frozenset({"dapo"})
-
-_CALL_ARGUMENTS = ("logprobs", "old_logprobs", "advantages", "mask", "agg")
-
-
 def get_policy_loss(name: str, **hyperparameters: float) -> PolicyLoss:
     """The loss registered as ``name`` with its ``hyperparameters`` (e.g. ``clip_high``) bound.
 
     The result is called as ``fn(logprobs=, old_logprobs=, advantages=, mask=, agg=)``.
     Unknown names, and hyperparameters the loss does not take, raise ValueError.
     """
-    try:
-        loss_fn = POLICY_LOSSES[name]
-    except KeyError:
-        raise ValueError(f"unknown policy loss {name!r}; choose one of {sorted(POLICY_LOSSES)}") from None
-    accepted = set(inspect.signature(loss_fn).parameters) - set(_CALL_ARGUMENTS)
+    loss_fn = _registered(name)
+    accepted = set(hyperparameter_names(name))
     unknown = sorted(set(hyperparameters) - accepted)
     if unknown:
         raise ValueError(

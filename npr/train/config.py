@@ -12,11 +12,13 @@ x.yaml`` < ``--field value`` flags. Every field's help text below is also its ``
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from npr.algos import AGGREGATIONS, ADVANTAGE_ESTIMATORS, POLICY_LOSSES
+from npr.algos import AGGREGATIONS
 from npr.errors import NprError
 from npr.prompts import PLACEMENTS, read_instruction_file
 
@@ -36,7 +38,30 @@ class ConfigError(NprError, ValueError):
     """A config value, file or flag that cannot be used; the message names it and the fix."""
 
 
-def option(default: Any = MISSING, help: str = "", choices: tuple[str, ...] | None = None) -> Any:
+class RegistryNames:
+    """The names in a registry (``module.attribute``, a dict filled by a ``register_*`` decorator), read when asked:
+    a loss or reward registered after this module is imported is a valid choice, and a heavy registry module
+    (npr.rewards imports sympy) is imported only when a config is checked."""
+
+    def __init__(self, module: str, attribute: str):
+        self.module, self.attribute = module, attribute
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(getattr(importlib.import_module(self.module), self.attribute))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names()
+
+
+POLICY_LOSS_NAMES = RegistryNames("npr.algos", "POLICY_LOSSES")
+ADVANTAGE_NAMES = RegistryNames("npr.algos", "ADVANTAGE_ESTIMATORS")
+REWARD_NAMES = RegistryNames("npr.rewards", "REWARDS")
+
+
+def option(default: Any = MISSING, help: str = "", choices: tuple[str, ...] | RegistryNames | None = None) -> Any:
     """A dataclass field carrying its ``--help`` text (and allowed values) in its metadata."""
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -215,9 +240,9 @@ class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
 
     prompts_per_step: int = option(32, "prompts per optimizer step, across all processes (NPR Stage 1: 32)")
     samples_per_prompt: int = option(16, "rollouts per prompt, the group size G (NPR: 16)")
-    policy_loss: str = option("dapo", "policy loss from npr.algos.POLICY_LOSSES", tuple(POLICY_LOSSES))
+    policy_loss: str = option("dapo", "policy loss from npr.algos.POLICY_LOSSES", POLICY_LOSS_NAMES)
     advantage: str = option("grpo", "advantage estimator from npr.algos.ADVANTAGE_ESTIMATORS",
-                            tuple(ADVANTAGE_ESTIMATORS))
+                            ADVANTAGE_NAMES)
     loss_agg: str = option("token-mean", "loss aggregation over the GLOBAL batch: token-mean (DAPO §3.3, PAPO's "
                            "1/Σ|y|), seq-mean-token-mean or seq-mean-token-sum", tuple(AGGREGATIONS))
     loss_on_prefilled: bool = option(False, "also put loss on the scaffold tokens the engine prefilled (the label "
@@ -276,8 +301,8 @@ class Stage1Config(RLConfig):
                         "as for the other stages")
     learning_rate: float = option(1e-6, "peak learning rate (NPR Stage 1: 1e-6, cosine, warm-up)")
     warmup_steps: int = option(10, "linear warm-up steps (NPR code: 10, npr-zero/experiments/run.sh)")
-    policy_loss: str = option("dapo", "DAPO clipped surrogate (arXiv 2503.14476 eq. 10)", tuple(POLICY_LOSSES))
-    advantage: str = option("grpo", "group-normalised advantage (DAPO eq. 9)", tuple(ADVANTAGE_ESTIMATORS))
+    policy_loss: str = option("dapo", "DAPO clipped surrogate (arXiv 2503.14476 eq. 10)", POLICY_LOSS_NAMES)
+    advantage: str = option("grpo", "group-normalised advantage (DAPO eq. 9)", ADVANTAGE_NAMES)
     clip_low: float = option(0.2, "DAPO lower clip epsilon (eq. 10)")
     clip_high: float = option(0.28, "DAPO clip-higher epsilon (eq. 10, §3.1)")
     clip_ratio_c: float | None = option(None, "dual-clip PPO (Ye et al. 2020): a negative-advantage token's loss is "
@@ -296,7 +321,7 @@ class Stage1Config(RLConfig):
                                   "over the last N tokens of max_new_tokens; 0 makes it a step at the budget")
     overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")
     reward: str = option("stage1", "stage1: format penalty, else ±1 accuracy (NPR-Zero); accuracy: ±1 only (with "
-                         "prompt_style plain: the sequential-RL baseline, NPR's SR)", ("stage1", "accuracy"))
+                         "prompt_style plain: the sequential-RL baseline, NPR's SR); any name in npr.rewards.REWARDS", REWARD_NAMES)
     rollout_mode: str = option("plain", "engine mode of the rollouts: plain (NPR: the instruct model writes the whole "
                                "trace itself; causal log-probs) or parallel (NOT the paper's Stage 1: the engine forks "
                                "at </guideline> and log-probs use the tree mask, as in Stage 3; for a model whose "
@@ -376,8 +401,10 @@ class Stage3Config(RLConfig):
     lr_schedule: str = option("constant", "schedule after warm-up (NPR code: constant, no warm-up)", SCHEDULES)
     prompts_per_step: int = option(16, "prompts per optimizer step (NPR Stage 3: 16)")
     samples_per_prompt: int = option(16, "rollouts per prompt (NPR Stage 3: 16)")
-    policy_loss: str = option("papo", "PAPO on-policy objective (npr.algos.papo_loss)", tuple(POLICY_LOSSES))
-    advantage: str = option("papo", "PAPO advantage: group mean, batch-level std", tuple(ADVANTAGE_ESTIMATORS))
+    policy_loss: str = option("papo", "PAPO on-policy objective (npr.algos.papo_loss)", POLICY_LOSS_NAMES)
+    advantage: str = option("papo", "PAPO advantage: group mean, batch-level std", ADVANTAGE_NAMES)
+    reward: str = option("accuracy", "reward of each rollout the schema filter keeps, from npr.rewards.REWARDS (NPR "
+                         "Stage 3: accuracy, ±1; the filter replaces a format reward)", REWARD_NAMES)
     require_parallel: bool = option(True, "drop rollouts with no parallel block at all (schema kind no_block). The "
                                     "paper replaces Stage 3's format reward by schema-level filtering of rollouts "
                                     "that break the parallel format; true (npr's reading) counts a trace without any "

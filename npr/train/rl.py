@@ -4,14 +4,13 @@ selected (DAPO's dynamic sampling vs PAPO's schema filter)."""
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from npr.algos import POLICY_LOSSES, RATIO_LOSSES, get_advantage_estimator, get_policy_loss
+from npr.algos import RATIO_LOSSES, get_advantage_estimator, get_policy_loss, hyperparameter_names
 from npr.data import Problem
 from npr.prompts import encode_prompt
 from npr.rewards import accuracy_reward
@@ -24,7 +23,8 @@ from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, appe
 from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
 from npr.train.session import RunOptions, TrainSession, open_session
 from npr.train.tracking import truncate_jsonl
-from npr.train.update import PolicyBatch, gather_floats, global_sum, old_policy_logprobs, policy_backward
+from npr.train.update import (PolicyBatch, gather_floats, global_sum, is_count_metric, old_policy_logprobs,
+                              policy_backward)
 
 EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
 
@@ -53,10 +53,9 @@ class RLRun:
 
 
 def policy_loss_fn(config: RLConfig) -> Callable:
-    """``get_policy_loss(config.policy_loss)`` with the config's hyperparameters it accepts."""
-    accepted = inspect.signature(POLICY_LOSSES[config.policy_loss]).parameters
-    hparams = {k: getattr(config, k) for k in ("clip_low", "clip_high", "clip_ratio_c")
-               if k in accepted and hasattr(config, k)}
+    """``get_policy_loss(config.policy_loss)`` with each of its hyperparameters bound from the config
+    field of the same name (by the loss's signature); one without such a field keeps its default."""
+    hparams = {k: getattr(config, k) for k in hyperparameter_names(config.policy_loss) if hasattr(config, k)}
     return get_policy_loss(config.policy_loss, **hparams)
 
 
@@ -226,7 +225,8 @@ def combine_step_metrics(updates: Sequence[dict[str, float]]) -> dict[str, float
     """One step's metrics from its optimizer steps' (each a global mean over its mini-batch):
     means weighted by the mini-batches' loss units, ratio extremes over all, mean grad norm."""
     units = sum(u["loss_units"] for u in updates)
-    out = {k: sum(u[k] * u["loss_units"] for u in updates) / max(units, 1.0)
+    out = {k: (sum(u[k] for u in updates) if is_count_metric(k)
+               else sum(u[k] * u["loss_units"] for u in updates) / max(units, 1.0))
            for k in updates[0] if k not in ("loss_units", "ratio_max", "ratio_min", "grad_norm", "lr", "skipped_steps")}
     out.update(loss_units=units, ratio_max=max(u["ratio_max"] for u in updates),
                ratio_min=min(u["ratio_min"] for u in updates), lr=updates[0]["lr"],

@@ -4,7 +4,7 @@ One step::
 
     rollouts = collect_rollouts(...)   # engine, parallel mode: branches forked at </guideline>
     kept     = schema filter           # drop rollouts whose structure fails, counted by reason
-    rewards  = accuracy only (±1)      # no format reward: the filter replaces it
+    rewards  = config.reward           # accuracy only (±1) by default: the filter replaces a format reward
     advs     = papo_advantages         # group mean baseline, batch-level std
     update   = papo_loss on flat tree-masked forwards, no KL; one step per batch (strictly on-policy)
                or, with mini_batch_size, one per mini-batch as NPR's code (then not strictly on-policy)
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from npr.masks import has_complete_blocks
-from npr.rewards import accuracy_reward
+from npr.rewards import get_reward
 from npr.schema import validate
 from npr.train.config import Stage3Config
 from npr.train.rl import apply_update, collect_rollouts, global_advantages, run_eval_if_due, start_rl_run, tag_ids_of
@@ -75,13 +75,14 @@ def train_stage3(config: Stage3Config, options: RunOptions) -> Path | None:
     run = start_rl_run("stage3", config, options, mode="parallel")
     session, acc = run.session, run.session.accelerator
     tags = tag_ids_of(run)
+    reward = get_reward(config.reward)
     run_eval_if_due(run, "before")
     for step in session.steps():
         if not run.data_left():
             session.data_end = step
             break
         timer = StepTimer()
-        rollouts, metrics = collect_rollouts(run, step, accuracy_reward)
+        rollouts, metrics = collect_rollouts(run, step, reward)
         timer.lap("rollout")
         kept, drops = select_papo(rollouts, tags, config)
         advantages = papo_advantages_of(acc, kept, config)

@@ -18,10 +18,22 @@ from dataclasses import dataclass
 
 import torch
 
+from npr.algos import metric_names
 from npr.errors import NprError
 from npr.train.fsdp import is_sharded
 from npr.train.lm_head import DEFAULT_LOGPROB_CHUNK
 from npr.train.logprobs import TokenSequence, causal_sequence, response_logprobs
+
+
+# Metrics policy_backward adds beside the loss's own; a loss may not return these names.
+TRAINER_POLICY_METRICS = frozenset({"loss", "logprob_drift", "drift_tokens", "ratio_max", "ratio_min", "loss_units",
+                                    "grad_norm", "lr", "skipped_steps", "optimizer_steps"})
+
+
+def is_count_metric(name: str) -> bool:
+    """A loss metric named ``num_*`` is a count, summed over micro-batches, ranks and optimizer steps; any other
+    is a per-unit mean, averaged with the loss units as weights."""
+    return name.startswith("num_")
 
 
 @dataclass
@@ -253,10 +265,15 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
 
     The old log-probs are ``batch.old_logprobs`` (several updates per rollout batch), else the
     recomputed ones, detached (one on-policy update, the paper's setting). Log-probs are taken
-    at the rollout ``temperature`` (``response_logprobs``). Metrics are unit-weighted means over
-    the global batch, ``ratio_max``/``ratio_min`` over its loss tokens, plus ``logprob_drift``:
-    mean |trainer - engine| temperature-1 log-prob over sampled loss tokens.
+    at the rollout ``temperature`` (``response_logprobs``). Metrics: every metric the loss returns
+    (``metric_names``) reduced over the global batch, a unit-weighted mean or, for a ``num_*``
+    count, a sum; ``loss`` likewise; ``ratio_max``/``ratio_min`` over its loss tokens, plus
+    ``logprob_drift``: mean |trainer - engine| temperature-1 log-prob over sampled loss tokens.
     """
+    loss_keys = metric_names(loss_fn)
+    clash = sorted(set(loss_keys) & TRAINER_POLICY_METRICS)
+    if clash:
+        raise ValueError(f"policy loss metric(s) {clash} clash with the trainer's own {sorted(TRAINER_POLICY_METRICS)}")
     units = [aggregation_units(m[None], agg) for m in batch.loss_masks]
     total_units, = global_sum(accelerator, [sum(units)])
     scale = accelerator.num_processes / max(total_units, 1.0)
@@ -282,19 +299,21 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
         engine = padded([batch.sampler_logprobs[r] for r in rows], width, float("nan")).to(logprobs.device)
         seen = loss_mask & ~engine.isnan()  # [r, T]
         drift = (plain - engine).abs()[seen].sum()
+        if set(metrics) != set(loss_keys):
+            raise ValueError(f"the policy loss returned metrics {sorted(metrics)}, not {list(loss_keys)}: a loss "
+                             "returns the same metric names on every call")
         for key, value in (*metrics.items(), ("loss", float(loss.detach()))):
-            if key != "num_tokens":
-                sums[key] = sums.get(key, 0.0) + value * weight
+            sums[key] = sums.get(key, 0.0) + (value if is_count_metric(key) else value * weight)
         sums["logprob_drift"] = sums.get("logprob_drift", 0.0) + float(drift)
         sums["drift_tokens"] = sums.get("drift_tokens", 0.0) + float(seen.sum())
         return loss * weight * scale
 
     chunks = micro_batches([len(s.input_ids) for s in batch.sequences], micro_batch_size, micro_batch_tokens)
     backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss, logprob_chunk_size)
-    keys = sorted(["loss", "ratio_mean", "approx_kl", "clip_fraction", "clip_fraction_low", "clip_fraction_high",
-                   "clip_fraction_dual", "logprob_drift", "drift_tokens"])
+    keys = sorted({"loss", *loss_keys, "logprob_drift", "drift_tokens"})  # the same list on every rank
     reduced = dict(zip(keys, global_sum(accelerator, [sums.get(k, 0.0) for k in keys])))
-    out = {k: reduced[k] / max(total_units, 1.0) for k in keys if k not in ("logprob_drift", "drift_tokens")}
+    out = {k: reduced[k] if is_count_metric(k) else reduced[k] / max(total_units, 1.0)
+           for k in keys if k not in ("logprob_drift", "drift_tokens")}
     out["logprob_drift"] = reduced["logprob_drift"] / max(reduced["drift_tokens"], 1.0)
     out["ratio_max"], out["ratio_min"] = global_extremes(accelerator, *extremes)
     out["loss_units"] = total_units
