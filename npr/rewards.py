@@ -130,7 +130,9 @@ def math_correct(response: str, answer: str) -> bool:
 @functools.lru_cache(maxsize=None)
 def _rg_scorer(task: str) -> Callable[[str | None, dict[str, Any]], float]:
     """reasoning-gym's ``score_answer`` for ``task``, built once per task."""
-    import reasoning_gym  # imported lazily: it takes most of a second and math-only runs never need it
+    from npr.extras import require
+
+    reasoning_gym = require("reasoning_gym", "gym")  # lazily: it takes most of a second; math-only runs never need it
 
     try:
         return reasoning_gym.get_score_answer_fn(task)

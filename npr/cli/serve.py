@@ -27,6 +27,9 @@ docs/serving.md documents the API, the npr extension fields, the streaming order
 """
 
 
+# what the serve extra installs (pyproject.toml), checked before anything loads
+SERVE_PACKAGES = ("starlette", "uvicorn", "pydantic", "anyio")
+
 # vLLM flags npr serve does not have -> what to use instead (unknown flags otherwise fail with argparse's message)
 VLLM_ONLY = {
     "--tensor-parallel-size": "npr serve runs one engine on one --device",
@@ -274,7 +277,11 @@ def serve(args, sock: socket.socket) -> int:
 
     from npr.engine import Engine, EngineConfig
     from npr.errors import NprError
+    from npr.extras import require
     from npr.models import load_model_and_tokenizer
+
+    for package in SERVE_PACKAGES:  # a missing one names the serve extra, before the model loads
+        require(package, "serve")
     from npr.serve import ServeConfig, create_app
 
     console = Console(stderr=True)

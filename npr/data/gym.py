@@ -21,6 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from npr.data.errors import DataError, UnknownSpecError
 from npr.data.problems import Problem
+from npr.extras import require
 
 DEFAULT_SIZE = 100
 DEFAULT_SEED = 0
@@ -61,7 +62,7 @@ def parse_rg_spec(spec: str) -> tuple[str, dict[str, int | float | bool | str]]:
 
 
 def _config_fields(task: str) -> list[str]:
-    from reasoning_gym.factory import DATASETS
+    DATASETS = require("reasoning_gym.factory", "gym").DATASETS  # noqa: N806 (reasoning-gym's name)
 
     if task not in DATASETS:
         raise UnknownSpecError(f"unknown reasoning-gym task {task!r}; valid tasks: {', '.join(sorted(DATASETS))}")
@@ -92,8 +93,7 @@ def resolve_params(task: str, params: dict, spec: str) -> dict:
 
 def load_rg_spec(spec: str, limit: int | None = None) -> list[Problem]:
     """The problems of a reasoning-gym spec (the first ``limit`` only, when given)."""
-    import reasoning_gym
-
+    reasoning_gym = require("reasoning_gym", "gym")
     spec = spec.strip()
     task, params = parse_rg_spec(spec)
     kwargs = resolve_params(task, params, spec)

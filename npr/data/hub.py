@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from npr.data.errors import DataError
 from npr.data.problems import Problem
+from npr.extras import install_hint
 
 PROBLEM_COLUMNS = ("problem", "question", "Problem", "Question", "prompt", "puzzle")
 # no "solution": in MATH-style sets it is a full worked solution, not a gradable answer
@@ -55,7 +56,7 @@ def hub_unavailable_reason() -> str | None:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
     if importlib.util.find_spec("datasets") is None:
-        return "the `datasets` package is not installed (pip install datasets)"
+        return f"the `datasets` package is not installed ({install_hint('hub')})"
     return None
 
 
@@ -90,7 +91,7 @@ def _load_rows(repo: str, config: str | None, split: str, spec: str):
     reason = hub_unavailable_reason()
     if reason is not None:
         raise DataError(f"{spec}: cannot read the Hugging Face hub: {reason}. "
-                        "Install `datasets` and go online, or use a local .jsonl file instead")
+                        "Install the hub extra and go online, or use a local .jsonl file instead")
     import datasets
 
     try:
