@@ -21,6 +21,7 @@ from typing import Any
 from npr.algos import AGGREGATIONS
 from npr.errors import NprError
 from npr.prompts import PLACEMENTS, read_instruction_file
+from npr.train.trackers import parse_report_to
 
 ATTENTION_CHOICES = ("auto", "flex", "dense")  # npr.train.logprobs.resolve_attention
 
@@ -140,7 +141,13 @@ class TrainConfig:
     keep_checkpoints: int = option(2, "keep the newest K checkpoints/step-N directories (0: keep all)")
     stop_after: int | None = option(None, "end the process after this global step as if interrupted (a checkpoint is "
                                     "written); the schedule still spans max_steps. Continue with --resume")
-    tensorboard: bool = option(False, "also write TensorBoard events under RUN/tensorboard (needs `tensorboard`)")
+    tensorboard: bool = option(False, "also write TensorBoard events under RUN/tensorboard/<stage> when the "
+                               "tensorboard package is installed (older form of --report-to tensorboard, which "
+                               "insists on the package)")
+    report_to: str = option("none", "experiment trackers that also get every metrics.jsonl line and the config, "
+                            "comma-separated: tensorboard, wandb, mlflow, trackio (e.g. mlflow,trackio), or none; "
+                            "through accelerate's trackers, configured by their own environment variables "
+                            "(MLFLOW_TRACKING_URI, WANDB_PROJECT, TRACKIO_DIR); needs the trackers extra")
     cpu_threads: int | None = option(None, CPU_THREADS_HELP)
 
     def __post_init__(self):
@@ -154,6 +161,10 @@ class TrainConfig:
                f"must lie in [0, learning_rate={self.learning_rate}], got {self.min_learning_rate}")
         self._check_steps()
         self._check_warmup_ratio()
+        try:
+            parse_report_to(self.report_to)
+        except ValueError as e:
+            raise ConfigError(f"config field 'report_to': {e}") from None
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         _check(self.micro_batch_tokens >= 0, "micro_batch_tokens", "must be >= 0 (0: no cap)")
         _check(self.logprob_chunk_size >= 1, "logprob_chunk_size",
@@ -491,4 +502,4 @@ STAGE_CONFIGS: dict[str, type] = {
 }
 
 # Fields that may change when a run is resumed: they do not change what is computed.
-RESUMABLE_FIELDS = frozenset({"stop_after", "save_every", "keep_checkpoints", "tensorboard"})
+RESUMABLE_FIELDS = frozenset({"stop_after", "save_every", "keep_checkpoints", "tensorboard", "report_to"})

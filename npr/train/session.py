@@ -32,6 +32,8 @@ from npr.train.logprobs import resolve_attention, set_attention
 from npr.train.overrides import (build_config, config_differences, config_to_yaml, read_yaml_layer, resolve_config,
                                   written_values)
 from npr.train.schedule import build_optimizer, build_scheduler
+from npr.extras import install_hint
+from npr.train.trackers import resolve_report_to, start_trackers
 from npr.train.tracking import MetricsLog, truncate_jsonl
 from npr.train.update import NonFiniteGuard, optimizer_step
 
@@ -257,6 +259,7 @@ def open_session(stage: str, config, options: RunOptions, total_steps: int) -> T
     from accelerate.utils import set_seed
 
     check_fsdp_launch(config)
+    report_to, tensorboard_missing = resolve_report_to(config)  # a missing tracker package fails here, before compute
     set_cpu_threads(config.cpu_threads)
     accelerator = make_accelerator(config)
     run_dir = Path(options.out_dir)
@@ -280,7 +283,11 @@ def open_session(stage: str, config, options: RunOptions, total_steps: int) -> T
     if accelerator.is_main_process:  # a resumed run logs its later steps again; a restarted one all of them
         truncate_jsonl(run_dir / "metrics.jsonl", start if checkpoint is not None else -1)
     accelerator.wait_for_everyone()
-    log = MetricsLog(run_dir, stage, total_steps, accelerator.is_main_process, options.quiet, config.tensorboard)
+    trackers = (start_trackers(report_to, run_dir, stage, {f.name: getattr(config, f.name) for f in fields(config)})
+                if accelerator.is_main_process and report_to else [])
+    log = MetricsLog(run_dir, stage, total_steps, accelerator.is_main_process, options.quiet, trackers)
+    if tensorboard_missing:
+        log.note(f"tensorboard is not installed ({install_hint('trackers')}); metrics go to metrics.jsonl only")
     mode = f"FSDP over {accelerator.num_processes} processes" if config.fsdp else f"{accelerator.num_processes} process(es)"
     log.note(f"{stage}: {mode} on {accelerator.device.type}, attention {attention}"
              + (", gradient checkpointing" if config.gradient_checkpointing else ""))

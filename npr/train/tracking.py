@@ -1,5 +1,6 @@
-"""Metrics of a run: ``RUN/metrics.jsonl`` (one JSON object per step), a rich live display,
-and optional TensorBoard events. Only the main process writes or draws.
+"""Metrics of a run: ``RUN/metrics.jsonl`` (one JSON object per step, the canonical record), a rich
+live display, and the experiment trackers of ``--report-to`` (npr.train.trackers), which get each
+line's numeric fields after it is written. Only the main process writes, draws or tracks.
 
 Wall-clock fields (``time_*``, ``*_per_s``) are the only fields of a metrics line that differ
 between two runs of the same config; ``deterministic_fields`` drops them for comparisons.
@@ -11,7 +12,10 @@ import json
 import math
 import sys
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
+
+from npr.train.trackers import tracked_values
 
 # what the live display shows, in order: metric key -> label
 DISPLAY = {"reward": "reward", "accuracy": "acc", "format_valid_rate": "fmt-valid", "trigger_rate": "trigger",
@@ -69,14 +73,16 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends metrics lines, mirrors them to TensorBoard and the live display (main process only)."""
+    """Appends metrics lines, mirrors them to the trackers and the live display (main process only).
+    ``trackers``: started accelerate trackers (``npr.train.trackers.start_trackers``), finished by ``close``."""
 
-    def __init__(self, run_dir: Path, stage: str, total_steps: int, enabled: bool, quiet: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, stage: str, total_steps: int, enabled: bool, quiet: bool,
+                 trackers: Sequence[Any] = ()):
         self.path = run_dir / "metrics.jsonl"
         self.stage, self.total, self.enabled = stage, total_steps, enabled
         self.display = LiveDisplay(stage, total_steps) if enabled and not quiet and sys.stdout.isatty() else None
         self.plain = enabled and not quiet and self.display is None
-        self.writer = _tensorboard_writer(run_dir) if enabled and tensorboard else None
+        self.trackers = list(trackers) if enabled else []
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -84,10 +90,10 @@ class MetricsLog:
         record = {k: _clean(v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
-                    self.writer.add_scalar(f"{self.stage}/{key}", value, record.get("step", 0))
+        if self.trackers:
+            values = tracked_values(record)
+            for tracker in self.trackers:
+                tracker.log(values, step=record.get("step", 0))
         if self.display is not None:
             self.display.update(record)
         elif self.plain:
@@ -105,8 +111,9 @@ class MetricsLog:
     def close(self) -> None:
         if self.display is not None:
             self.display.stop()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
 
 
 def summary_line(stage: str, record: dict[str, Any], total: int) -> str:
@@ -116,16 +123,6 @@ def summary_line(stage: str, record: dict[str, Any], total: int) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             parts.append(f"{label} {value:.3g}")
     return "  ".join(parts)
-
-
-def _tensorboard_writer(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed (pip install tensorboard); metrics go to metrics.jsonl only",
-              file=sys.stderr)
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 class LiveDisplay:
