@@ -137,6 +137,35 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+def crc32_file(path: str | Path, chunk: int = 1 << 24) -> str:
+    """CRC-32 of a file's bytes as 8 hex digits. A manifest's checksum guards against torn, truncated
+    or bit-flipped files, not against tampering, so a non-cryptographic checksum is enough: zlib's runs
+    at ~2x sha256's speed on one core and, like the file reads, releases the GIL (``file_checksums``
+    runs files in parallel threads)."""
+    import zlib
+
+    value = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            value = zlib.crc32(block, value)
+    return f"{value:08x}"
+
+
+def checksum_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _parallel(function, items: list, threads: int | None = None) -> list:
+    """``[function(x) for x in items]`` on a thread pool (hashing and fsync release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    threads = min(threads or checksum_threads(), len(items))
+    if threads <= 1:
+        return [function(x) for x in items]
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(function, items))
+
+
 def tree_files(root: str | Path) -> list[str]:
     """Every regular file under ``root`` (hidden ones included), as sorted relative POSIX paths."""
     root = Path(root)
@@ -145,14 +174,16 @@ def tree_files(root: str | Path) -> list[str]:
 
 def write_manifest(root: str | Path, extra: dict | None = None) -> dict:
     """fsync every file under ``root``, then write ``root/manifest.json`` (atomically, LAST)
-    listing each file's size and sha256: a directory is complete only once it has one."""
+    listing each file's size and CRC-32 (``crc32_file``; files in parallel threads): a directory
+    is complete only once it has one."""
     root = Path(root)
-    files = {}
-    for name in tree_files(root):
-        if name == MANIFEST_FILE:
-            continue
+
+    def entry(name: str) -> dict:
         fsync_file(root / name)
-        files[name] = {"size": (root / name).stat().st_size, "sha256": sha256_file(root / name)}
+        return {"size": (root / name).stat().st_size, "crc32": crc32_file(root / name)}
+
+    names = [name for name in tree_files(root) if name != MANIFEST_FILE]
+    files = dict(zip(names, _parallel(entry, names)))
     for directory in {(root / name).parent for name in files} | {root}:
         fsync_dir(directory)
     manifest = {**(extra or {}), "files": files}
@@ -169,9 +200,12 @@ def read_manifest(root: str | Path) -> dict | None:
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) else None
 
 
-def manifest_problems(root: str | Path, hashes: bool = True) -> list[str]:
+def manifest_problems(root: str | Path, hashes: bool = True, part: tuple[int, int] = (0, 1)) -> list[str]:
     """What is wrong with ``root`` against its manifest (empty: intact): a missing manifest, a
-    missing file, a size or (with ``hashes``) a sha256 that differs, naming each file."""
+    missing file, a size or (with ``hashes``) a checksum that differs, naming each file.
+    ``part=(k, n)`` checksums only every n-th listed file from the k-th (n processes verifying one
+    directory, each its own share); sizes are checked for all. A manifest written before the
+    CRC-32 (``sha256`` entries) is checked with sha256."""
     root = Path(root)
     manifest = read_manifest(root)
     if manifest is None:
@@ -184,6 +218,17 @@ def manifest_problems(root: str | Path, hashes: bool = True) -> list[str]:
         elif path.stat().st_size != entry.get("size"):
             problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {entry.get('size')} "
                             "(truncated or overwritten)")
-        elif hashes and sha256_file(path) != entry.get("sha256"):
-            problems.append(f"{path} does not match its sha256 in the manifest (corrupted)")
+    if hashes and not problems:
+        mine = [item for i, item in enumerate(manifest["files"].items()) if i % part[1] == part[0]]
+        mine = [(root / name, entry) for name, entry in mine]
+        for (path, entry), matches in zip(mine, _parallel(_matches_checksum, mine)):
+            if not matches:
+                problems.append(f"{path} does not match its checksum in the manifest (corrupted)")
     return problems
+
+
+def _matches_checksum(item: tuple[Path, dict]) -> bool:
+    path, entry = item
+    if "crc32" in entry:
+        return crc32_file(path) == entry["crc32"]
+    return sha256_file(path) == entry.get("sha256")

@@ -129,7 +129,7 @@ def _resume_error(capsys, run: Path) -> str:
 
 
 def test_a_checkpoint_holds_a_manifest_of_every_file(stopped_run):
-    from npr.fsio import sha256_file
+    from npr.fsio import crc32_file
 
     checkpoint = stopped_run / "checkpoints" / "step-2"
     manifest = json.loads((checkpoint / "manifest.json").read_text())
@@ -137,7 +137,7 @@ def test_a_checkpoint_holds_a_manifest_of_every_file(stopped_run):
     files = sorted(p.relative_to(checkpoint).as_posix() for p in checkpoint.rglob("*") if p.is_file())
     assert sorted(manifest["files"]) == [f for f in files if f != "manifest.json"]
     for name, entry in manifest["files"].items():
-        assert entry["size"] == (checkpoint / name).stat().st_size and entry["sha256"] == sha256_file(checkpoint / name)
+        assert entry["size"] == (checkpoint / name).stat().st_size and entry["crc32"] == crc32_file(checkpoint / name)
 
 
 def test_truncated_weights_make_a_checkpoint_incomplete(stopped_run, tmp_path):
@@ -159,7 +159,7 @@ def test_a_corrupted_file_is_named_on_load(stopped_run, tmp_path, capsys):
     data[-5] ^= 0xFF  # same size, different bytes
     weights.write_bytes(bytes(data))
     err = _resume_error(capsys, run)
-    assert f"{weights} does not match its sha256" in err and "delete" in err and "step-1" in err
+    assert f"{weights} does not match its checksum" in err and "delete" in err and "step-1" in err
 
 
 def test_a_missing_rng_file_is_reported_as_such(stopped_run, tmp_path, capsys):

@@ -12,11 +12,16 @@ Layout under FSDP (sharded: no process ever holds the whole optimizer state)::
              trainer_state.pt (scheduler, step, processes), rng_state_rank{r}.pt, manifest.json
 
 Every process writes into ``.step-N.partial``; the main process then fsyncs each file, writes
-``manifest.json`` LAST (every file with its size and sha256), renames the directory into
+``manifest.json`` LAST (every file with its size and CRC-32, ``npr.fsio.crc32_file``: an
+integrity check, not a security one, computed on parallel threads), renames the directory into
 place and fsyncs its parent. So a checkpoint is "complete" only with a manifest whose files
 are all there at their sizes (``checkpoint_steps``), a ``kill -9`` at any moment leaves at
-worst a ``.partial`` directory (cleared by the next save), and loading verifies every sha256
-and names the bad file (``verify_checkpoint``).
+worst a ``.partial`` directory (cleared by the next save), and loading verifies every checksum,
+each process its own share of the files, and names the bad file (``verify_checkpoint``).
+
+Loading never unpickles code: every ``.pt`` file is read with ``torch.load(weights_only=True)``,
+with only numpy's RNG-state array types allowed beyond tensors and plain containers
+(``ALLOWED_GLOBALS``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,25 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(NprError):
     """A checkpoint that is missing, damaged or does not fit the run; the message says what to do."""
+
+
+# What a checkpoint's .pt files may hold beyond tensors and plain containers: numpy's RNG state (an
+# MT19937 key array). torch.load(weights_only=True) refuses every other global, so loading runs no code.
+ALLOWED_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def load_pt(path: Path) -> Any:
+    """``torch.load`` of a checkpoint file without pickled code (``weights_only=True``, ``ALLOWED_GLOBALS``);
+    ``CheckpointError`` naming the file when it holds anything else."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(ALLOWED_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), type(e).__name__)
+        raise CheckpointError(f"{path} holds an object a checkpoint may not ({reason[:200]}); npr loads checkpoints "
+                              "weights-only and does not unpickle code from them") from None
 
 
 def rng_file(rank: int) -> str:
@@ -102,10 +126,18 @@ def resume_point(run_dir: Path) -> tuple[Path | None, str | None]:
     return root / f"step-{complete[-1]}", note
 
 
-def verify_checkpoint(checkpoint: Path) -> dict:
-    """The manifest of ``checkpoint`` after checking every file's size and sha256;
-    ``CheckpointError`` naming the first bad file otherwise."""
-    problems = manifest_problems(checkpoint)
+def verify_checkpoint(checkpoint: Path, accelerator=None) -> dict:
+    """The manifest of ``checkpoint`` after checking every file's size and checksum;
+    ``CheckpointError`` naming the first bad file otherwise. With an ``accelerator`` of N
+    processes each checksums every N-th file and the verdicts are gathered, so every process
+    raises the same error (one process's disk reads instead of N times all of them)."""
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    problems = manifest_problems(checkpoint, part=(rank, world))
+    if world > 1:
+        gathered: list[list[str]] = [[] for _ in range(world)]
+        torch.distributed.all_gather_object(gathered, problems)
+        problems = [p for found in gathered for p in found]
     if problems:
         older = [s for s in checkpoint_steps(checkpoint.parent.parent) if f"step-{s}" != checkpoint.name]
         hint = (f"delete {checkpoint} to resume from step-{older[-1]}" if older else
@@ -181,7 +213,7 @@ def _restore_rng(checkpoint: Path, manifest: dict, process_index: int, num_proce
         if not path.is_file():
             raise CheckpointError(f"checkpoint {checkpoint} has no {path.name} (the RNG state of process "
                                   f"{process_index}); it is incomplete: delete it to resume from an earlier one")
-        set_rng_state(torch.load(path, map_location="cpu", weights_only=False))
+        set_rng_state(load_pt(path))
         return None
     from accelerate.utils import set_seed
 
@@ -199,13 +231,13 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler, 
     """
     from npr.train.fsdp import is_sharded
 
-    manifest = verify_checkpoint(checkpoint)
+    manifest = verify_checkpoint(checkpoint, accelerator)
     if bool(manifest.get("sharded")) != is_sharded(model):
         kind = "sharded (FSDP)" if manifest.get("sharded") else "unsharded"
         raise CheckpointError(f"checkpoint {checkpoint} is {kind} and this run is "
                               f"{'sharded' if is_sharded(model) else 'not'}; resume with the fsdp setting it was "
                               "written with")
-    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=False)
+    state = load_pt(checkpoint / STATE_FILE)
     if is_sharded(model):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -224,7 +256,7 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler, 
 
 def saved_progress(checkpoint: Path) -> dict:
     """The ``progress`` a checkpoint was saved with ({} for one written before npr saved it)."""
-    return dict(torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False).get("progress", {}))
+    return dict(load_pt(Path(checkpoint) / STATE_FILE).get("progress", {}))
 
 
 @contextlib.contextmanager
