@@ -184,7 +184,21 @@ def is_correct(response: str, problem: Problem) -> bool:
     math-verify against ``problem.answer`` otherwise."""
     if problem.rg_entry is not None:
         return rg_score(response, problem) >= 1.0
+    if problem.grader is not None:
+        return _benchmark_correct(response, problem)
     return math_correct(response, problem.answer)
+
+
+def _benchmark_correct(response: str, problem: Problem) -> bool:
+    """ZebraLogic's own grading (``npr.data.zebralogic``): the boxed letter, or every cell of the grid."""
+    from npr.data import zebralogic
+
+    if problem.grader == zebralogic.CHOICE:
+        return zebralogic.choice_correct(final_answer(response), problem.answer)
+    if problem.grader == zebralogic.GRID:
+        right, total = zebralogic.grid_cells(response, problem.answer)
+        return right == total > 0
+    raise ValueError(f"problem {problem.id}: unknown grader {problem.grader!r}")
 
 
 @register_reward("accuracy")

@@ -10,11 +10,13 @@ from its hub dataset when ``datasets`` is installed and the hub is online; other
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from npr.data.errors import DataError, MissingBenchmarkError, UnknownSpecError
-from npr.data.hub import HubSource, hub_unavailable_reason, load_hub_source
+from npr.data import zebralogic
+from npr.data.hub import HubSource, hub_rows, hub_unavailable_reason, load_hub_source
 from npr.data.jsonl import read_problems_jsonl
 from npr.data.problems import Problem
 
@@ -23,13 +25,16 @@ DATA_DIR_ENV = "NPR_DATA_DIR"
 
 @dataclass(frozen=True)
 class Benchmark:
-    """A named benchmark: the pack's file name, its expected size and its hub dataset."""
+    """A named benchmark: the pack's file name, its expected size and its hub dataset. ``row_problem``
+    (row, source, location) -> Problem reads a benchmark whose rows are not ``{id, problem, answer}``:
+    its local file then holds the hub's own fields, one row per line."""
 
     name: str
     pack_file: str
     rows: int | None
     hub: HubSource
     description: str
+    row_problem: Callable[[dict, str, str], Problem] | None = None
 
 
 # Hub ids are public datasets with the same problem sets as the pack (see its README for how
@@ -51,11 +56,25 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               HubSource("Hothan/OlympiadBench", "train", "question", "final_answer", "id", config="OE_TO_maths_en_COMP"),
               "OlympiadBench OE_TO_maths_en_COMP"),
     Benchmark("zebralogic", "zebralogic.jsonl", None,
+              HubSource("WildEval/ZebraLogic", "test", "puzzle", "answer", "id", config="mc_mode"),
+              "ZebraLogic multiple choice as NPR evaluates it (answer = the gold choice's letter)",
+              zebralogic.choice_problem),
+    Benchmark("zebralogic-grid", "zebralogic-grid.jsonl", None,
               HubSource("WildEval/ZebraLogic", "test", "puzzle", "solution", "id", config="grid_mode"),
-              "ZebraLogic grid puzzles (answer = the solution grid as JSON)"),
+              "ZebraLogic grid puzzles, ZeroEval's puzzle and cell accuracy", zebralogic.grid_problem),
 )}
 
-ALIASES = {"minerva_math": "minerva", "math-500": "math500", "olympiad_bench": "olympiadbench", "zebra_logic": "zebralogic"}
+ALIASES = {"minerva_math": "minerva", "math-500": "math500", "olympiad_bench": "olympiadbench", "zebra_logic": "zebralogic",
+           "zebralogic_grid": "zebralogic-grid"}
+
+
+def row_fields(bench: Benchmark) -> str:
+    """What one line of the benchmark's local file holds, for messages."""
+    if bench.row_problem is zebralogic.choice_problem:
+        return f"one {bench.hub.repo} {bench.hub.config} row {{id, puzzle, question, choices, answer}}"
+    if bench.row_problem is zebralogic.grid_problem:
+        return f"one {bench.hub.repo} {bench.hub.config} row {{id, size, puzzle, solution: {{header, rows}}}}"
+    return 'one {"id", "problem", "answer"} object'
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path | None:
@@ -95,10 +114,16 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
     bench = get_benchmark(name)
     folder = resolve_data_dir(data_dir)
     path = local_benchmark_file(bench, folder)
+    if path is not None and bench.row_problem is not None:
+        rows = zebralogic.read_rows_jsonl(path)[:limit]
+        return [bench.row_problem(row, bench.name, location) for row, location in rows]
     if path is not None:
         problems = read_problems_jsonl(path, source=bench.name)
         return problems if limit is None else problems[:limit]
     reason = hub_unavailable_reason()
+    if reason is None and bench.row_problem is not None:
+        rows = hub_rows(bench.hub, bench.name, limit)
+        return [bench.row_problem(row, bench.name, location) for row, location in rows]
     if reason is None:
         return load_hub_source(bench.hub, bench.name, limit)
     names = list(dict.fromkeys((f"{bench.name}.jsonl", bench.pack_file)))
@@ -108,5 +133,5 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
     raise MissingBenchmarkError(
         f"benchmark {bench.name!r} not found: {looked}, and the hub fallback "
         f"({bench.hub.repo}) is off because {reason}. Fix: point --data-dir or ${DATA_DIR_ENV} at a folder "
-        f"with {bench.name}.jsonl (one {{\"id\", \"problem\", \"answer\"}} object per line), "
+        f"with {bench.name}.jsonl ({row_fields(bench)} per line), "
         "or install `datasets` and go online (unset HF_HUB_OFFLINE).")

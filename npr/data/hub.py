@@ -101,6 +101,14 @@ def _load_rows(repo: str, config: str | None, split: str, spec: str):
                         f" split {split!r} from the hub failed: {type(e).__name__}: {e}") from e
 
 
+def hub_rows(source: HubSource, name: str, limit: int | None = None) -> list[tuple[dict, str]]:
+    """The first ``limit`` rows (all with None) of a hub dataset, each with its location for messages."""
+    rows = _load_rows(source.repo, source.config, source.split, name)
+    count = len(rows) if limit is None else min(limit, len(rows))
+    return [(dict(rows[i]), f"{source.repo} {source.config or ''} {source.split} row {i}".replace("  ", " "))
+            for i in range(count)]
+
+
 def load_hub_source(source: HubSource, name: str, limit: int | None = None) -> list[Problem]:
     """The problems of a known benchmark's hub dataset."""
     rows = _load_rows(source.repo, source.config, source.split, name)

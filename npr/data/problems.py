@@ -17,7 +17,9 @@ class Problem:
     procedural, so that reasoning-gym's own scorer grades it; ``location`` says where it was read
     (``file.jsonl:LINE``, a reasoning-gym spec with its index, a hub dataset row), for messages. ``size`` is the number of
     independent sub-problems of a decomposable generated problem (``npr.data.generated``), None
-    elsewhere; the evaluation correlates it with the branches the model opens.
+    elsewhere; the evaluation correlates it with the branches the model opens. ``grader`` names a
+    benchmark's own grading when math-verify is not it (``zebralogic-choice``, ``zebralogic-grid``:
+    ``npr.data.zebralogic``); None grades with math-verify or reasoning-gym.
     """
 
     id: str
@@ -27,6 +29,7 @@ class Problem:
     rg_entry: dict[str, Any] | None = field(default=None, compare=False, repr=False)
     location: str | None = field(default=None, compare=False, repr=False)
     size: int | None = None
+    grader: str | None = None
 
     @property
     def rg_task(self) -> str | None:

@@ -8,7 +8,7 @@ task has one), ``correct`` (bool; missing = wrong), ``format_valid`` (bool),
 ``finish_reason`` (``"invalid_schema"`` counts as a schema failure), ``diagnostic`` (why),
 ``parallel_blocks`` (int), ``branches_per_block`` (list[int]), ``trace`` (``ParallelTrace.to_dict()``,
 only as a stand-in when the engine fields are absent), ``tokens``, ``critical_path_tokens``,
-``wall_time_s``.
+``wall_time_s``, ``cells`` ([right, total]: grid-mode ZebraLogic only).
 
 A record that lacks the field a rate needs is left out of that rate's denominator, and a value
 that cannot be computed (no samples, no blocks, zero time) is None, never a made-up 0.
@@ -399,6 +399,14 @@ def _total(records: list[dict], key: str) -> float | None:
 # -- aggregation ----------------------------------------------------------------------------
 
 
+def cell_accuracy(records: list[dict]) -> float | None:
+    """ZeroEval's cell accuracy of grid-mode ZebraLogic samples (records with ``cells`` = [right, total]): right
+    cells over all cells, every sample counted; None when no record has cells. Puzzle accuracy is ``avg_at_k``."""
+    cells = [r["cells"] for r in records if isinstance(r.get("cells"), list) and len(r["cells"]) == 2]
+    total = sum(c[1] for c in cells)
+    return sum(c[0] for c in cells) / total if total else None
+
+
 def summarize_group(records: list[dict], wall_time_s: float | None = None) -> dict:
     """The metrics of one group of samples (a benchmark, or all of them) as a JSON-ready dict.
 
@@ -418,6 +426,7 @@ def summarize_group(records: list[dict], wall_time_s: float | None = None) -> di
         "problems": len(groups),
         "k": k,
         "avg_at_k": avg_at_k(groups) if groups else None,
+        "cell_accuracy": cell_accuracy(records),
         "best_at_k": best_at_k(groups, k) if groups else None,
         "format_valid_rate": format_valid_rate(records),
         "trigger_rate": trigger_rate(records),

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from npr.data import load_problems
 from npr.data.problems import Problem
+from npr.data.zebralogic import GRID, grid_cells
 from npr.engine import Engine, Result, SamplingParams
 from npr.eval.preflight import EvalError, ProblemPlan, check_settings, engine_config, failure_record, plan_problems
 from npr.eval.rundir import (RUN_FILES, Ledger, check_out_dir, prepare_out_dir, read_wall_times,  # noqa: F401
@@ -153,6 +154,7 @@ def sample_record(benchmark: str, problem: Problem, prompt: str, result: Result)
         "branches_per_block": result.branches_per_block,
         "tokens": result.stats.generated_tokens, "critical_path_tokens": result.stats.critical_path_tokens,
         "forward_passes": result.stats.forward_passes, "wall_time_s": round(result.stats.wall_time_s, 4),
+        **({"cells": list(grid_cells(text, problem.answer))} if problem.grader == GRID else {}),
     }
 
 
