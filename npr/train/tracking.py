@@ -9,6 +9,7 @@ between two runs of the same config; ``deterministic_fields`` drops them for com
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from npr.train.trackers import tracked_values
+
+LOGGER = logging.getLogger("npr.train")
 
 # what the live display shows, in order: metric key -> label
 DISPLAY = {"reward": "reward", "accuracy": "acc", "format_valid_rate": "fmt-valid", "trigger_rate": "trigger",
@@ -83,6 +86,14 @@ class MetricsLog:
         self.display = LiveDisplay(stage, total_steps) if enabled and not quiet and sys.stdout.isatty() else None
         self.plain = enabled and not quiet and self.display is None
         self.trackers = list(trackers) if enabled else []
+        self.console_handler = None
+        if self.display is not None or self.plain:  # the console shows notes unless --quiet
+            self.console_handler = _ConsoleHandler(self._show)
+            for stale in [h for h in LOGGER.handlers if isinstance(h, _ConsoleHandler)]:  # a run that never closed
+                LOGGER.removeHandler(stale)
+            LOGGER.addHandler(self.console_handler)
+            if LOGGER.level == logging.NOTSET:  # an application's own level for npr.train wins
+                LOGGER.setLevel(logging.INFO)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -100,20 +111,41 @@ class MetricsLog:
             print(summary_line(self.stage, record, self.total), flush=True)
 
     def note(self, text: str) -> None:
-        """A one-off message (dropped samples, checkpoints) shown above the live display."""
-        if not self.enabled:
-            return
+        """A one-off message (dropped samples, checkpoints): an INFO record of the ``npr.train`` logger, shown
+        above the live display (or printed) unless quiet; a library user silences or redirects it with
+        ``logging.getLogger("npr.train")``."""
+        if self.enabled:
+            LOGGER.info(text)
+
+    def _show(self, text: str) -> None:
         if self.display is not None:
             self.display.console.print(text)
-        elif self.plain:
+        else:
             print(text, flush=True)
 
     def close(self) -> None:
+        if self.console_handler is not None:
+            LOGGER.removeHandler(self.console_handler)
+            self.console_handler = None
         if self.display is not None:
             self.display.stop()
         for tracker in self.trackers:
             tracker.finish()
         self.trackers = []
+
+
+class _ConsoleHandler(logging.Handler):
+    """Hands each ``npr.train`` record's message to the run's console (the rich display or stdout)."""
+
+    def __init__(self, show):
+        super().__init__(logging.INFO)
+        self.show = show
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.show(record.getMessage())
+        except Exception:  # logging's contract: a failing handler reports, never raises into the caller
+            self.handleError(record)
 
 
 def summary_line(stage: str, record: dict[str, Any], total: int) -> str:
