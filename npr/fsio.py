@@ -221,7 +221,7 @@ def manifest_problems(root: str | Path, hashes: bool = True, part: tuple[int, in
     if hashes and not problems:
         mine = [item for i, item in enumerate(manifest["files"].items()) if i % part[1] == part[0]]
         mine = [(root / name, entry) for name, entry in mine]
-        for (path, entry), matches in zip(mine, _parallel(_matches_checksum, mine)):
+        for (path, _entry), matches in zip(mine, _parallel(_matches_checksum, mine)):
             if not matches:
                 problems.append(f"{path} does not match its checksum in the manifest (corrupted)")
     return problems

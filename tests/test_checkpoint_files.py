@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from distributed_util import run_gloo
+
 from npr.fsio import crc32_file, manifest_problems, sha256_file, write_manifest
 from npr.train.checkpoint import CheckpointError, load_pt, rng_state, set_rng_state, verify_checkpoint
 

@@ -7,8 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from npr.algos import (POLICY_LOSSES, RATIO_LOSSES, dapo_loss, get_policy_loss, hyperparameter_names, metric_names,
-                       papo_loss, register_policy_loss)
+from npr.algos import (
+    POLICY_LOSSES,
+    RATIO_LOSSES,
+    dapo_loss,
+    get_policy_loss,
+    hyperparameter_names,
+    metric_names,
+    papo_loss,
+    register_policy_loss,
+)
 from npr.algos.aggregation import aggregate, token_mean
 from npr.rewards import REWARDS, get_reward, register_reward
 from npr.train.config import ConfigError, Stage1Config, Stage3Config

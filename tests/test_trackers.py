@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from npr.train.config import ConfigError, Stage2Config
-from npr.train.tracking import read_metrics
 from npr.train.trackers import parse_report_to, tracked_values
+from npr.train.tracking import read_metrics
 
 
 def test_parse_report_to():

@@ -68,7 +68,8 @@ def test_grid_mode_prompt_and_cells():
     assert json.loads(problem.answer) == {"House 1": {"Name": "Eric", "Drink": "tea"},
                                           "House 2": {"Name": "Arnold", "Drink": "milk"}}
     template = json.loads(problem.problem[problem.problem.index("{"):])
-    assert template["solution"] == {"House 1": {"Name": "___", "Drink": "___"}, "House 2": {"Name": "___", "Drink": "___"}}
+    blank = {"Name": "___", "Drink": "___"}
+    assert template["solution"] == {"House 1": blank, "House 2": blank}
     right = {"House 1": {"Name": "eric ", "Drink": ["Tea"]}, "House 2": {"Name": "Arnold", "Drink": "milk"}}
     assert grid_cells(_answer(right), problem.answer) == (4, 4) and is_correct(_answer(right), problem)
     three = {"House 1": {"Name": "Eric", "Drink": "milk"}, "House 2": {"Name": "Arnold", "Drink": "milk"}}

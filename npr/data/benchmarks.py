@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from npr.data.errors import DataError, MissingBenchmarkError, UnknownSpecError
 from npr.data import zebralogic
+from npr.data.errors import DataError, MissingBenchmarkError, UnknownSpecError
 from npr.data.hub import HubSource, hub_rows, hub_unavailable_reason, load_hub_source
 from npr.data.jsonl import read_problems_jsonl
 from npr.data.problems import Problem
@@ -64,8 +64,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "ZebraLogic grid puzzles, ZeroEval's puzzle and cell accuracy", zebralogic.grid_problem),
 )}
 
-ALIASES = {"minerva_math": "minerva", "math-500": "math500", "olympiad_bench": "olympiadbench", "zebra_logic": "zebralogic",
-           "zebralogic_grid": "zebralogic-grid"}
+ALIASES = {"minerva_math": "minerva", "math-500": "math500", "olympiad_bench": "olympiadbench",
+           "zebra_logic": "zebralogic", "zebralogic_grid": "zebralogic-grid"}
 
 
 def row_fields(bench: Benchmark) -> str:

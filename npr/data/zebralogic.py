@@ -58,7 +58,8 @@ def solution_table(solution: dict, location: str) -> dict[str, dict[str, str]]:
     header, rows = solution.get("header"), solution.get("rows")
     if not isinstance(header, list) or not isinstance(rows, list) or not header or header[0] != "House":
         raise DataError(f"{location}: solution must hold header ['House', …] and rows")
-    return {f"House {i + 1}": {str(header[j]): str(row[j]) for j in range(1, len(header))} for i, row in enumerate(rows)}
+    columns = range(1, len(header))
+    return {f"House {i + 1}": {str(header[j]): str(row[j]) for j in columns} for i, row in enumerate(rows)}
 
 
 def grid_problem(row: dict, source: str, location: str) -> Problem:

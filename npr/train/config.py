@@ -332,7 +332,8 @@ class Stage1Config(RLConfig):
                                   "over the last N tokens of max_new_tokens; 0 makes it a step at the budget")
     overlong_penalty: float = option(1.0, "most penalty of the overlong punishment (DAPO: 1.0); 0 disables it")
     reward: str = option("stage1", "stage1: format penalty, else ±1 accuracy (NPR-Zero); accuracy: ±1 only (with "
-                         "prompt_style plain: the sequential-RL baseline, NPR's SR); any name in npr.rewards.REWARDS", REWARD_NAMES)
+                         "prompt_style plain: the sequential-RL baseline, NPR's SR); any name in npr.rewards.REWARDS",
+                         REWARD_NAMES)
     rollout_mode: str = option("plain", "engine mode of the rollouts: plain (NPR: the instruct model writes the whole "
                                "trace itself; causal log-probs) or parallel (NOT the paper's Stage 1: the engine forks "
                                "at </guideline> and log-probs use the tree mask, as in Stage 3; for a model whose "

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from npr.extras import install_hint
 from npr.fsio import atomic_write_text
 from npr.models import load_model_and_tokenizer
 from npr.train.checkpoint import (CheckpointError, checkpoint_steps, load_checkpoint, resume_point, save_checkpoint,
@@ -32,7 +33,6 @@ from npr.train.logprobs import resolve_attention, set_attention
 from npr.train.overrides import (build_config, config_differences, config_to_yaml, read_yaml_layer, resolve_config,
                                   written_values)
 from npr.train.schedule import build_optimizer, build_scheduler
-from npr.extras import install_hint
 from npr.train.trackers import resolve_report_to, start_trackers
 from npr.train.tracking import MetricsLog, truncate_jsonl
 from npr.train.update import NonFiniteGuard, optimizer_step

@@ -12,8 +12,8 @@ import json
 import logging
 import math
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from npr.train.trackers import tracked_values

@@ -24,7 +24,6 @@ from npr.train.fsdp import is_sharded
 from npr.train.lm_head import DEFAULT_LOGPROB_CHUNK
 from npr.train.logprobs import TokenSequence, causal_sequence, response_logprobs
 
-
 # Metrics policy_backward adds beside the loss's own; a loss may not return these names.
 TRAINER_POLICY_METRICS = frozenset({"loss", "logprob_drift", "drift_tokens", "ratio_max", "ratio_min", "loss_units",
                                     "grad_norm", "lr", "skipped_steps", "optimizer_steps"})
