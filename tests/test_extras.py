@@ -74,7 +74,7 @@ def test_serve_without_the_serve_extra_exits_2_naming_it(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_core_install_trains_and_samples_without_any_extra(tmp_path):
-    """With every extra's package hidden, Stage 3 and npr sample run a step on generated data (the
+    """With every extra's package hidden, Stage 3, npr sample and npr eval run on generated data (the
     tiny pipeline's kind) and none of the hidden packages is imported."""
     data = "gen:expressions?size=8&seed=1&parts=2-4"
     script = HIDE_EXTRAS + textwrap.dedent(f"""
@@ -84,6 +84,10 @@ def test_core_install_trains_and_samples_without_any_extra(tmp_path):
         assert code == 0, code
         code = main(["sample", "--preset", "smoke", "--out", {str(tmp_path / "sample")!r}, "--quiet",
                      "--train-data", {data!r}])
+        assert code == 0, code
+        code = main(["eval", "--model", "tiny-random-llama", "--benchmarks", {data!r}, "--limit", "2", "--k", "1",
+                     "--max-new-tokens", "16", "--dtype", "float32", "--kv-cache-gib", "0.05", "--quiet",
+                     "--out", {str(tmp_path / "eval")!r}])
         assert code == 0, code
         leaked = sorted(k for k in sys.modules if k.split(".")[0] in HIDDEN)
         assert not leaked, leaked

@@ -89,3 +89,19 @@ def test_cell_accuracy_counts_cells_over_samples():
     records = [{"cells": [4, 4]}, {"cells": [1, 4]}, {"cells": [0, 6]}, {"correct": True}]
     assert cell_accuracy(records) == pytest.approx(5 / 14)
     assert cell_accuracy([{"correct": True}]) is None
+
+
+def test_an_eval_run_records_grid_cells_and_summarises_cell_accuracy(tmp_path):
+    from npr.cli.main import main
+    from npr.eval.metrics import summarize
+
+    out = tmp_path / "run"
+    assert main(["eval", "--model", "tiny-random-llama", "--benchmarks", "zebralogic-grid,zebralogic", "--data-dir",
+                 str(FIXTURES), "--k", "2", "--max-new-tokens", "8", "--dtype", "float32", "--kv-cache-gib", "0.05",
+                 "--quiet", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    grid = [r for r in records if r["benchmark"] == "zebralogic-grid"]
+    assert len(grid) == 2 and all(r["cells"] == [0, 4] and r["correct"] is False for r in grid)  # 8 random tokens
+    assert all("cells" not in r for r in records if r["benchmark"] == "zebralogic")
+    summary = summarize(records)["benchmarks"]
+    assert summary["zebralogic-grid"]["cell_accuracy"] == 0.0 and summary["zebralogic"]["cell_accuracy"] is None
