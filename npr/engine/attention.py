@@ -204,6 +204,7 @@ class CallPlan:
     npages: int
     flex_base: int
     flex_where: int | None
+    padded: bool  # some query slots are pads (groups with fewer than Qmax queries)
 
 
 def plan_call(bucket: list, q_meta: torch.Tensor, kernel: str, table, upload: StepUpload, flex_base: int
@@ -231,7 +232,8 @@ def plan_call(bucket: list, q_meta: torch.Tensor, kernel: str, table, upload: St
     npages = [table.row_len[r] if c else 0 for r, c in zip(rows, counts)]
     where = upload.add([flex_base, qmax], torch.int32) if kernel == "flex" else None
     plan = CallPlan(kernel, rows, g, qmax, max(table.row_len[r] for r in rows), q_range, q_index,
-                    upload.add(meta, torch.int32), upload.add(rows), upload.add(npages), flex_base, where)
+                    upload.add(meta, torch.int32), upload.add(rows), upload.add(npages), flex_base, where,
+                    any(c != qmax for c in counts))
     return plan, index, valid
 
 
@@ -243,7 +245,7 @@ class AttentionCall:
         self.kernel = plan.kernel
         self._folded = None
         table, device = pool.pages, pool.pages.device
-        self.g, self.qmax, self.q_range = plan.g, plan.qmax, plan.q_range
+        self.g, self.qmax, self.q_range, self.padded = plan.g, plan.qmax, plan.q_range, plan.padded
         self.q_index = None if plan.q_index is None else upload[plan.q_index]  # [G*Qmax]
         meta = upload[plan.meta]  # [3, G, Qmax] int32
         width = plan.width
@@ -271,7 +273,8 @@ class AttentionCall:
         allowed = tree_rule(table.page_seg, table.page_start, table.page_valid, page_size, q_seg, q_off, q_fork,
                             slots[:, None, :])  # [G, Qmax, K]
         allowed &= live.repeat_interleave(page_size, dim=1)[:, None, :]
-        allowed |= (q_seg < 0)  # pad queries see everything: no empty softmax row (their output is dropped)
+        if self.padded:  # pad queries see everything: no empty softmax row (their output is dropped)
+            allowed |= (q_seg < 0)
         return allowed
 
     def _block_mask(self, pool: KVPool, live, meta, flex_queries: FlexQueries, where: torch.Tensor):
@@ -364,8 +367,8 @@ class AttentionCall:
 def additive_bias(allowed: torch.Tensor, dtype) -> torch.Tensor:
     """[G, Qmax, K] bool -> the additive mask [G, 1, Qmax, K]: 0 or the dtype's lowest value (never -inf, so
     a row that sees nothing stays finite)."""
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    lowest = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), lowest).unsqueeze(1)
 
 
 def gather_pages(pool: torch.Tensor, pages: torch.Tensor, g: int, page_size: int) -> torch.Tensor:

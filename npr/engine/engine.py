@@ -345,13 +345,14 @@ class Engine:
         """Process and sample one token per stream, batched on the device; log-probs are those of
         the unprocessed model (temperature 1). logits: [S, V] float32, edited in place."""
         want_logprobs = any(s.request.params.logprobs for s in streams)
-        edits = sampling.penalty is not None or any(s.request.params.logits_processors for s in streams)
+        processors = any(s.request.params.logits_processors for s in streams)
+        edits = sampling.penalty is not None or processors
         raw = logits.clone() if want_logprobs and edits else logits
         if sampling.penalty is not None:
             pen = sampling.penalty
             seen_ids = self._seen.ids.index_select(0, upload[pen.slots])[:, :pen.width]  # [r, w]
             apply_repetition_penalty(logits, seen_ids, upload[pen.factor], rows=upload[pen.rows])
-        for i, stream in enumerate(streams):
+        for i, stream in enumerate(streams if processors else ()):
             for processor in stream.request.params.logits_processors:
                 row = logits[i]
                 out = processor(stream, row)

@@ -329,9 +329,11 @@ class Scheduler:
         new page per live stream, so a step rarely preempts what it just admitted. With nothing
         resident, the first in line is admitted regardless (``check_fits`` guarantees a new group
         fits an empty pool; a preempted request that no longer fits alone ends as ``length``)."""
+        need, self._running_need = self._running_need, None
+        if not self.preempted and not self.waiting:
+            return
         cap, pool = self.config.max_num_seqs, self.pool
         live = self.live_streams()
-        need, self._running_need = self._running_need, None
         if need is None:
             need = sum(self._pages_to_feed(r) for r in self.running)
         spare = pool.free_blocks - need
@@ -418,11 +420,17 @@ class Scheduler:
                 items.append((feed, streams, req.group))
             else:
                 items.append((feed, None, None))
-        live = {id(s.segment): s for s in req.streams()}
+        live = req.streams()  # at most max_branches: a list beats a dict built per request per step
+        bs = self.pool.block_size
         for seg in req.segments:
             if seg.written < len(seg):
-                self._allocate(seg, [req.row])
-                stream = live.get(id(seg))
+                if len(seg.pages) * bs < len(seg) or seg.frozen:
+                    self._allocate(seg, [req.row])
+                stream = None
+                for s in live:
+                    if s.segment is seg:
+                        stream = s
+                        break
                 wants = stream is not None and stream.wants_sample
                 items.append((Feed(seg, seg.written, seg.tokens[seg.written:], req.row, wants),
                               [stream] if wants else None, None))
@@ -469,10 +477,12 @@ class Scheduler:
             self._on_sample(stream, token, logprob)
             if not req.finished and req.used >= req.params.max_new_tokens:
                 self._finish(req, "length", None)
-        live = self.live_streams()
-        for req in self.running:
-            if not req.finished and req.open_block is not None:
-                live += self._advance_block(req, live)
+        blocks = [req for req in self.running if not req.finished and req.open_block is not None]
+        if blocks:
+            live = self.live_streams()
+            for req in blocks:
+                if not req.finished and req.open_block is not None:  # a branch started above may end a request
+                    live += self._advance_block(req, live)
         deltas = []
         for req, seg in self._touched.values():
             if seg.delivered < len(seg):
@@ -486,7 +496,8 @@ class Scheduler:
     def _append(self, stream: Stream, token: int, logprob: float, sampled: bool) -> None:
         seg = stream.segment
         seg.append(token, logprob, sampled)
-        self._touched.setdefault(id(seg), (stream.request, seg))
+        if id(seg) not in self._touched:
+            self._touched[id(seg)] = (stream.request, seg)
 
     def _spend(self, req: Request, count: int) -> bool:
         if req.used + count > req.params.max_new_tokens:
