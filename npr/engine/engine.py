@@ -23,7 +23,7 @@ from npr.engine.kv_pool import KVPool
 from npr.engine.sampling import (RowParams, SamplingPlan, SeenTokens, apply_repetition_penalty, plan_sampling,
                                  redraw_wide, row_uniform, sample)
 from npr.engine.scheduler import Scheduler
-from npr.engine.state import Request, Scaffold, Stream, StreamDelta
+from npr.engine.state import FinishReason, Request, Scaffold, Stream, StreamDelta
 from npr.engine.upload import StepUpload
 from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
 from npr.tokens import tag_token_ids
@@ -67,7 +67,7 @@ class Result:
     logprobs: list[float]
     sampled: list[bool]
     text: str
-    finish_reason: str
+    finish_reason: FinishReason  # equal to its string: "stop", "eos", "length", "invalid_schema", "cancelled"
     diagnostic: str | None
     mode: str
     blocks: list[list[tuple[int, int]]]

@@ -51,6 +51,16 @@ class StreamKind(StrEnum):
     BRANCH = "branch"
 
 
+class FinishReason(StrEnum):
+    """Why a request ended (equal to its string, which is what results and the server report)."""
+
+    STOP = "stop"  # sampled one of its stop token ids
+    EOS = "eos"  # sampled an end-of-sequence token where the schema allows one (plain mode: anywhere)
+    LENGTH = "length"  # its token budget, max_depth, min_fork_budget or the KV pool ended it
+    INVALID_SCHEMA = "invalid_schema"  # sampled a tag the NPR grammar does not allow there
+    CANCELLED = "cancelled"  # the caller cancelled it
+
+
 class Stream:
     """A live decoding position: the main line of a request or one branch. Logits processors see
     it read-only: ``prompt_index``, ``sample_index``, ``kind`` (``StreamKind``: "main"/"branch"), ``block`` (number
@@ -131,7 +141,7 @@ class Request:
         self.open_block: OpenBlock | None = None
         self.blocks: list[list[Segment]] = []  # executed blocks: their branch segments
         self.used = 0
-        self.finish_reason: str | None = None
+        self.finish_reason: FinishReason | None = None
         self.diagnostic: str | None = None
         self.forward_passes = 0
         self.preemptions = 0
