@@ -49,7 +49,7 @@ Q_BLOCK_SMALL = 16  # flex query-block size for decode-sized calls
 Q_BLOCK_LARGE = 128  # and for prefills
 
 
-@dataclass
+@dataclass(slots=True)
 class Feed:
     """Tokens of one segment fed in one forward: ``tokens`` go at offsets ``start…`` of ``segment``.
 

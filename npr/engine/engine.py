@@ -21,7 +21,7 @@ from npr.engine.attention import BatchPlan, paged_attention, plan_batch
 from npr.engine.config import CPU_KV_CACHE_GIB, EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool
 from npr.engine.sampling import (RowParams, SamplingPlan, SeenTokens, apply_repetition_penalty, plan_sampling,
-                                 redraw_wide, row_uniform, sample)
+                                 redraw_wide, row_uniforms, sample)
 from npr.engine.scheduler import Scheduler
 from npr.engine.state import FinishReason, Request, Scaffold, Stream, StreamDelta
 from npr.engine.upload import StepUpload
@@ -331,13 +331,18 @@ class Engine:
         return StepSampling(params, plan, penalty)
 
     def _row_params(self, streams: list[Stream]) -> RowParams:
-        temperature, top_p, top_k, uniform = [], [], [], []
-        for s in streams:
+        temperature, top_p, top_k, keys, drawn = [], [], [], [], []
+        for i, s in enumerate(streams):
             p = s.request.params
             temperature.append(p.temperature)
             top_p.append(p.top_p)
             top_k.append(p.top_k)
-            uniform.append(row_uniform(*s.noise_key()) if p.temperature > 0 else 0.0)
+            if p.temperature > 0:
+                keys.append(s.noise_key())
+                drawn.append(i)
+        uniform = [0.0] * len(streams)
+        for i, u in zip(drawn, row_uniforms(keys)):  # one vectorised hash for the step's drawing rows
+            uniform[i] = u
         return RowParams(temperature, top_p, top_k, uniform)
 
     def _sample(self, streams: list[Stream], logits: torch.Tensor, sampling: StepSampling, upload: StepUpload

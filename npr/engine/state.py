@@ -24,9 +24,10 @@ class Scaffold:
     eos_ids: frozenset[int]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StreamDelta:
-    """Tokens a stream appended in one step (sampled and prefilled), for streaming servers.
+    """Tokens a stream appended in one step (sampled and prefilled), for streaming servers (read-only by
+    convention: not frozen, since a frozen dataclass takes 2.2 us to build against 0.4, once per stream per step).
 
     ``segment`` is the index of the segment in the request's canonical order: concatenating every
     delta's ``token_ids`` per segment, then the segments by index, gives ``Result.token_ids``.
