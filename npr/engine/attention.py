@@ -80,6 +80,22 @@ def tree_rule(page_seg, page_start, page_valid, page_size: int, q_seg, q_off, q_
     return own | ancestor
 
 
+def paged_rule(page_seg, page_start, page_valid, page_size: int, pages, live, q_seg, q_off, q_fork):
+    """``tree_rule`` at every slot of each row's pages, evaluated a page at a time: the page tables are read
+    once per page (not once per slot) and the slots of a page differ only by their offset. ``pages`` [G, W]
+    (``live`` [G, W]: the row's real pages; the rest see nothing), q_* [G, Q] -> [G, Q, W * page_size]."""
+    p = pages.long()
+    seg = page_seg[p][:, None, :, None]  # [G, 1, W, 1]
+    start = page_start[p][:, None, :, None]
+    valid = page_valid[p][:, None, :, None]
+    offset = torch.arange(page_size, device=pages.device, dtype=page_start.dtype)  # [S]
+    q_seg, q_off, q_fork = (m[:, :, None, None] for m in (q_seg, q_off, q_fork))  # [G, Q, 1, 1]
+    own = (seg == q_seg) & (start + offset <= q_off)  # [G, Q, W, S]
+    ancestor = (seg < q_fork) & (offset < valid)
+    allowed = (own | ancestor) & live[:, None, :, None]
+    return allowed.reshape(allowed.shape[0], allowed.shape[1], -1)
+
+
 class FlexQueries:
     """Per-query metadata of a forward for flex's ``mask_mod``, in fixed-capacity device buffers.
 
@@ -291,15 +307,10 @@ class DenseCall(AttentionCall):
 
     def _dense_allowed(self, table, live: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         """The rule over the slots of each row's pages, [G, Qmax, K] (K = W * page_size)."""
-        page_size, device = table.page_size, self.pages.device
-        offsets = torch.arange(page_size, device=device, dtype=torch.int32)
-        slots = (self.pages[:, :, None] * page_size + offsets).reshape(self.g, -1).long()  # [G, K]
-        q_seg, q_off, q_fork = (m[:, :, None] for m in meta)  # [G, Qmax, 1]
-        allowed = tree_rule(table.page_seg, table.page_start, table.page_valid, page_size, q_seg, q_off, q_fork,
-                            slots[:, None, :])  # [G, Qmax, K]
-        allowed &= live.repeat_interleave(page_size, dim=1)[:, None, :]
+        allowed = paged_rule(table.page_seg, table.page_start, table.page_valid, table.page_size, self.pages, live,
+                             meta[0], meta[1], meta[2])  # [G, Qmax, K]
         if self.padded:  # pad queries see everything: no empty softmax row (their output is dropped)
-            allowed |= (q_seg < 0)
+            allowed |= (meta[0] < 0)[:, :, None]
         return allowed
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
