@@ -108,6 +108,30 @@ def test_the_rule_is_the_training_mask():
     assert torch.equal(allowed, reference)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_the_paged_rule_is_the_rule_at_every_slot(seed):
+    """``paged_rule`` (per page, then per offset) equals ``tree_rule`` at each slot of each row's pages, dead
+    pages (past a row's length) seeing nothing, on random page tables and queries."""
+    from npr.engine.attention import paged_rule
+
+    g = torch.Generator().manual_seed(seed)
+    pages_total, page_size, rows, width, queries = 24, 4, 5, 7, 3
+    page_seg = torch.randint(0, 9, (pages_total,), generator=g, dtype=torch.int32)
+    page_start = torch.randint(0, 5, (pages_total,), generator=g, dtype=torch.int32) * page_size
+    page_valid = torch.randint(0, page_size + 1, (pages_total,), generator=g, dtype=torch.int32)
+    pages = torch.randint(0, pages_total, (rows, width), generator=g, dtype=torch.int32)
+    live = torch.arange(width)[None, :] < torch.randint(0, width + 1, (rows, 1), generator=g)
+    q_seg, q_fork = (torch.randint(-1, 9, (rows, queries), generator=g, dtype=torch.int32) for _ in range(2))
+    q_off = torch.randint(-1, 24, (rows, queries), generator=g, dtype=torch.int32)
+    got = paged_rule(page_seg, page_start, page_valid, page_size, pages, live, q_seg, q_off, q_fork)
+    slots = (pages[:, :, None].long() * page_size + torch.arange(page_size)).reshape(rows, -1)  # [G, K]
+    want = tree_rule(page_seg, page_start, page_valid, page_size, q_seg[:, :, None], q_off[:, :, None],
+                     q_fork[:, :, None], slots[:, None, :])
+    want &= live.repeat_interleave(page_size, dim=1)[:, None, :]
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert want.any() and not want.all()  # the draw exercises both outcomes
+
+
 def test_dense_calls_split_by_padded_work():
     """SDPA pads every group of a call to its largest query count and page count; groups share a call
     only while the padded work stays within 1.25x the real work. Hand-computed (groups: row, queries,

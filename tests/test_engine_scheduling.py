@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
-from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
+from npr.engine import Engine, EngineConfig, FinishReason, SamplingParams, StructureForcer
 
 PROMPTS = [[1, 72, 73, 74, 75, 2, 201], [1, 80, 81, 201], [1, 90, 91, 92, 201], [1, 60, 201],
            [1, 100, 101, 102, 103, 104, 201], [1, 110, 201]]
@@ -66,9 +67,12 @@ def test_a_request_larger_than_the_pool_ends_as_length(tiny_llama):
     params = SamplingParams(max_new_tokens=400, temperature=0, logits_processors=(PerPrompt(tok, shapes),))
     engine, results = run(tiny_llama, params, prompts=PROMPTS[:2], kv_cache_tokens=16 * 8)
     big, small = results
-    assert big.finish_reason == "length" and "cannot hold this request alone" in big.diagnostic
-    assert small.finish_reason == "eos"
+    assert big.finish_reason is FinishReason.LENGTH and "cannot hold this request alone" in big.diagnostic
+    assert small.finish_reason is FinishReason.EOS
     assert not engine.has_work()
+    # the enum is its string wherever results go: comparisons, JSON records, f-strings
+    assert small.finish_reason == "eos" and json.dumps({"r": big.finish_reason}) == '{"r": "length"}'
+    assert f"{big.finish_reason}" == "length"
 
 
 def test_max_num_seqs_bounds_live_streams(tiny_llama):

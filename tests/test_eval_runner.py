@@ -145,6 +145,7 @@ CPU_ONLY = not torch.cuda.is_available()
         (["--temperature", "nan"], "argument --temperature: must be a finite number"),
         (["--dtype", "flaot32"], "argument --dtype: 'flaot32' is not a dtype"),
         (["--kv-cache-gib", "0"], "argument --kv-cache-gib: must be > 0"),
+        (["--gpu-memory-utilization", "0"], "argument --gpu-memory-utilization: must be in (0, 1]"),
         # checks that need the model, still before any file is written:
         (["--max-new-tokens", "5000"], "--max-new-tokens 5000 leaves no problem room: the model context is 4096"),
         (["--kv-cache-gib", "0.00001"], "--kv-cache-gib 1e-05 holds"),

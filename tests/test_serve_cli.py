@@ -183,12 +183,15 @@ def test_vllm_style_command_lines(monkeypatch):
     assert args.model == "tiny-random-llama" and args.dtype == "bfloat16" and args.max_model_len == 512
     assert args.allowed_origins == ("http://a.example", "http://b.example") and args.allowed_methods == ("GET", "POST")
     assert parsed(monkeypatch, ["--model", "tiny-random-llama"]).model == "tiny-random-llama"
+    # the KV pool as vLLM sizes it: by --gpu-memory-utilization unless a size is given
+    default = parsed(monkeypatch, [])
+    assert default.kv_cache_gib is None and default.gpu_memory_utilization == 0.9
+    assert parsed(monkeypatch, ["--gpu-memory-utilization", "0.5"]).gpu_memory_utilization == 0.5
     assert parsed(monkeypatch, []).model == "embedded" and parsed(monkeypatch, []).allowed_origins == ()
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--gpu-memory-utilization", "0.9"], "--gpu-memory-utilization is a vLLM flag that npr serve does not have: "
-                                          "size the KV pool with --kv-cache-gib"),
+    (["--gpu-memory-utilization", "1.5"], "argument --gpu-memory-utilization: must be in (0, 1]"),
     (["--enforce-eager"], "--enforce-eager is a vLLM flag"),
     (["--max-num-seq-s", "4"], "unrecognized argument --max-num-seq-s; the closest npr serve flag is --max-num-seqs"),
     (["--servd-model-name", "x"], "the closest npr serve flag is --served-model-name"),

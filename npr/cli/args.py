@@ -75,7 +75,7 @@ def out_path(text: str) -> str:
 
 
 def probability(text: str) -> float:
-    """A nucleus mass: in (0, 1]."""
+    """A share in (0, 1]: a nucleus mass, a memory fraction."""
     value = _number(text, float)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")

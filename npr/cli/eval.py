@@ -43,7 +43,11 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--dtype", default="bfloat16", type=dtype_name, help="bfloat16 (default) or float32")
     p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--max-num-seqs", type=positive_int, default=64, help="live streams decoded at once")
-    p.add_argument("--kv-cache-gib", type=positive_float, default=2.0, help="KV pool size in GiB (default: 2)")
+    p.add_argument("--kv-cache-gib", type=positive_float, default=None,
+                   help="KV pool size in GiB (default: on CUDA what --gpu-memory-utilization leaves; 2 on a CPU)")
+    p.add_argument("--gpu-memory-utilization", type=probability, default=0.9,
+                   help="on CUDA without --kv-cache-gib: the share of the GPU's memory the weights, a forward and "
+                        "the KV pool may take, as vLLM (default: 0.9)")
     p.add_argument("--out", default=None, type=out_path, help="run directory (required unless --show-config)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (refused when the "
@@ -89,6 +93,7 @@ FLAG_FIELDS = {"model": "model", "benchmarks": "benchmarks", "k": "k", "mode": "
                "limit": "limit", "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                "top_k": "top_k", "seed": "seed", "style": "style", "data_dir": "data_dir", "dtype": "dtype",
                "device": "device", "max_num_seqs": "max_num_seqs", "kv_cache_gib": "kv_cache_gib",
+               "gpu_memory_utilization": "gpu_memory_utilization",
                "system_prompt_file": "system_prompt_file", "system_prompt_placement": "system_prompt_placement"}
 
 

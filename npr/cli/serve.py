@@ -35,7 +35,6 @@ VLLM_ONLY = {
     "--tensor-parallel-size": "npr serve runs one engine on one --device",
     "--pipeline-parallel-size": "npr serve runs one engine on one --device",
     "--data-parallel-size": "run one npr serve per device",
-    "--gpu-memory-utilization": "size the KV pool with --kv-cache-gib or --kv-cache-tokens",
     "--max-num-batched-tokens": "npr batches by --max-num-seqs",
     "--enable-prefix-caching": "npr shares prompt KV between samples and branches always",
     "--trust-remote-code": "npr loads Llama/Qwen-style checkpoints only",
@@ -75,7 +74,7 @@ def _vllm_only_action(hint: str):
 
 
 def add_parser(sub, name: str, help_text: str):
-    from npr.cli.args import device_name, dtype_name, non_negative_float, positive_float, positive_int
+    from npr.cli.args import device_name, dtype_name, non_negative_float, positive_float, positive_int, probability
 
     p = sub.add_parser(name, help=help_text, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description=help_text + ". Serves POST /v1/chat/completions, POST /v1/completions, "
@@ -104,7 +103,11 @@ def add_parser(sub, name: str, help_text: str):
     eng = p.add_argument_group("engine")
     eng.add_argument("--max-num-seqs", type=positive_int, default=64,
                      help="most requests decoding at once (default: 64)")
-    eng.add_argument("--kv-cache-gib", type=positive_float, default=2.0, help="KV pool memory (default: 2.0)")
+    eng.add_argument("--kv-cache-gib", type=positive_float, default=None,
+                     help="KV pool memory (default: on CUDA what --gpu-memory-utilization leaves; 2 GiB on a CPU)")
+    eng.add_argument("--gpu-memory-utilization", type=probability, default=0.9,
+                     help="on CUDA without --kv-cache-gib/--kv-cache-tokens: the share of the GPU's memory the weights, "
+                     "a forward and the KV pool may take, as vLLM (default: 0.9)")
     eng.add_argument("--kv-cache-tokens", type=positive_int,
                      help="KV pool capacity in tokens (overrides --kv-cache-gib)")
     eng.add_argument("--max-branches", type=positive_int, default=5,
@@ -257,7 +260,7 @@ def run(args) -> int:
     if args.dtype == "auto":
         args.dtype = "bfloat16"
     args.api_key = api_key(args.api_key)
-    if args.kv_cache_tokens is None:
+    if args.kv_cache_tokens is None and args.kv_cache_gib is not None:
         check_kv_cache_gib(args.kv_cache_gib, args.device)
     if not _is_loopback(args.host) and args.api_key is None:
         Console(stderr=True).print(
@@ -287,7 +290,8 @@ def serve(args, sock: socket.socket) -> int:
     console = Console(stderr=True)
     engine_config = EngineConfig(mode=args.mode, max_branches=args.max_branches, max_depth=args.max_depth,
                                  repetition_penalty=args.repetition_penalty, max_num_seqs=args.max_num_seqs,
-                                 kv_cache_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens)
+                                 kv_cache_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens,
+                                 gpu_memory_utilization=args.gpu_memory_utilization)
     try:
         config = ServeConfig(model_name=args.served_model_name or args.model, max_n=args.max_n,
                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,

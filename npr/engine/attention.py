@@ -49,7 +49,7 @@ Q_BLOCK_SMALL = 16  # flex query-block size for decode-sized calls
 Q_BLOCK_LARGE = 128  # and for prefills
 
 
-@dataclass
+@dataclass(slots=True)
 class Feed:
     """Tokens of one segment fed in one forward: ``tokens`` go at offsets ``start…`` of ``segment``.
 
@@ -78,6 +78,22 @@ def tree_rule(page_seg, page_start, page_valid, page_size: int, q_seg, q_off, q_
     own = (seg == q_seg) & (page_start[page] + offset <= q_off)
     ancestor = (seg < q_fork) & (offset < page_valid[page])
     return own | ancestor
+
+
+def paged_rule(page_seg, page_start, page_valid, page_size: int, pages, live, q_seg, q_off, q_fork):
+    """``tree_rule`` at every slot of each row's pages, evaluated a page at a time: the page tables are read
+    once per page (not once per slot) and the slots of a page differ only by their offset. ``pages`` [G, W]
+    (``live`` [G, W]: the row's real pages; the rest see nothing), q_* [G, Q] -> [G, Q, W * page_size]."""
+    p = pages.long()
+    seg = page_seg[p][:, None, :, None]  # [G, 1, W, 1]
+    start = page_start[p][:, None, :, None]
+    valid = page_valid[p][:, None, :, None]
+    offset = torch.arange(page_size, device=pages.device, dtype=page_start.dtype)  # [S]
+    q_seg, q_off, q_fork = (m[:, :, None, None] for m in (q_seg, q_off, q_fork))  # [G, Q, 1, 1]
+    own = (seg == q_seg) & (start + offset <= q_off)  # [G, Q, W, S]
+    ancestor = (seg < q_fork) & (offset < valid)
+    allowed = (own | ancestor) & live[:, None, :, None]
+    return allowed.reshape(allowed.shape[0], allowed.shape[1], -1)
 
 
 class FlexQueries:
@@ -204,6 +220,7 @@ class CallPlan:
     npages: int
     flex_base: int
     flex_where: int | None
+    padded: bool  # some query slots are pads (groups with fewer than Qmax queries)
 
 
 def plan_call(bucket: list, q_meta: torch.Tensor, kernel: str, table, upload: StepUpload, flex_base: int
@@ -231,48 +248,105 @@ def plan_call(bucket: list, q_meta: torch.Tensor, kernel: str, table, upload: St
     npages = [table.row_len[r] if c else 0 for r, c in zip(rows, counts)]
     where = upload.add([flex_base, qmax], torch.int32) if kernel == "flex" else None
     plan = CallPlan(kernel, rows, g, qmax, max(table.row_len[r] for r in rows), q_range, q_index,
-                    upload.add(meta, torch.int32), upload.add(rows), upload.add(npages), flex_base, where)
+                    upload.add(meta, torch.int32), upload.add(rows), upload.add(npages), flex_base, where,
+                    any(c != qmax for c in counts))
     return plan, index, valid
 
 
 class AttentionCall:
-    """The device-side metadata of one planned call (``CallPlan``) for its kernel, built once per forward."""
+    """The device-side metadata of one planned call (``CallPlan``), built once per forward and read by every
+    layer; one subclass per kernel (``DenseCall``: SDPA, ``FlexCall``: flex_attention). ``build`` picks it."""
+
+    def __init__(self, pool: KVPool, plan: CallPlan, upload: StepUpload):
+        table, device = pool.pages, pool.pages.device
+        self.g, self.qmax, self.q_range, self.padded = plan.g, plan.qmax, plan.q_range, plan.padded
+        self.q_index = None if plan.q_index is None else upload[plan.q_index]  # [G*Qmax]
+        self.meta = upload[plan.meta]  # [3, G, Qmax] int32
+        self.pages = table.rows[upload[plan.row_ids], :plan.width]  # [G, W]
+        self.live = torch.arange(plan.width, device=device)[None, :] < upload[plan.npages][:, None]  # [G, W]
+
+    @staticmethod
+    def build(pool: KVPool, plan: CallPlan, upload: StepUpload, dtype: torch.dtype, flex_queries: FlexQueries | None,
+              shared_prefix: bool = True) -> AttentionCall:
+        if plan.kernel == "flex":
+            return FlexCall(pool, plan, upload, flex_queries)
+        return DenseCall(pool, plan, upload, dtype, shared_prefix)
+
+    def grouped_queries(self, q: torch.Tensor) -> torch.Tensor:
+        """The call's queries out of the packed q [N, H, D] -> [G, H, Qmax, D] (a view when unpadded)."""
+        g, qmax = self.g, self.qmax
+        if self.q_range is not None:
+            start, end = self.q_range
+            return q[start:end].view(g, qmax, *q.shape[1:]).transpose(1, 2)
+        return q.index_select(0, self.q_index).view(g, qmax, *q.shape[1:]).transpose(1, 2)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
+        """Queries q [N, H, D] (packed) against one layer's pool [Hkv, slots, D] -> [G, H, Qmax, D]."""
+        raise NotImplementedError
+
+
+class DenseCall(AttentionCall):
+    """SDPA: the keys of each row's pages gathered (or a shared prefix attended once, ``SharedPrefix``) and
+    the mask rule evaluated densely, [G, Qmax, K], as an additive bias."""
+
+    kernel = "sdpa"
 
     def __init__(self, pool: KVPool, plan: CallPlan, upload: StepUpload, dtype: torch.dtype,
-                 flex_queries: FlexQueries | None, shared_prefix: bool = True):
-        self.kernel = plan.kernel
+                 shared_prefix: bool = True):
+        super().__init__(pool, plan, upload)
+        table = pool.pages
         self._folded = None
-        table, device = pool.pages, pool.pages.device
-        self.g, self.qmax, self.q_range = plan.g, plan.qmax, plan.q_range
-        self.q_index = None if plan.q_index is None else upload[plan.q_index]  # [G*Qmax]
-        meta = upload[plan.meta]  # [3, G, Qmax] int32
-        width = plan.width
-        self.pages = table.rows[upload[plan.row_ids], :width]  # [G, W]
-        live = torch.arange(width, device=device)[None, :] < upload[plan.npages][:, None]  # [G, W]
-        if self.kernel == "flex":
-            flex_queries.store(plan.flex_base, meta.reshape(3, -1), 2 * Q_BLOCK_LARGE)
-            self.block_mask = self._block_mask(pool, live, meta, flex_queries, upload[plan.flex_where])
-        else:
-            self.page_size = table.page_size
-            allowed = self._dense_allowed(table, live, meta)
-            self.shared = SharedPrefix.plan(table, plan.rows, self.pages, allowed, dtype) if shared_prefix else None
-            if self.shared is None:
-                self.page_index = self.pages.reshape(-1).long()  # [G*W]
-                self.bias = additive_bias(allowed, dtype)
-            else:  # the bias of the split's per-row part
-                self.bias = self.shared.suffix_bias
+        self.page_size = table.page_size
+        allowed = self._dense_allowed(table, self.live, self.meta)
+        self.shared = SharedPrefix.plan(table, plan.rows, self.pages, allowed, dtype) if shared_prefix else None
+        if self.shared is None:
+            self.page_index = self.pages.reshape(-1).long()  # [G*W]
+            self.bias = additive_bias(allowed, dtype)
+        else:  # the bias of the split's per-row part
+            self.bias = self.shared.suffix_bias
 
     def _dense_allowed(self, table, live: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-        """SDPA: the rule over the slots of each row's pages, [G, Qmax, K] (K = W * page_size)."""
-        page_size, device = table.page_size, self.pages.device
-        offsets = torch.arange(page_size, device=device, dtype=torch.int32)
-        slots = (self.pages[:, :, None] * page_size + offsets).reshape(self.g, -1).long()  # [G, K]
-        q_seg, q_off, q_fork = (m[:, :, None] for m in meta)  # [G, Qmax, 1]
-        allowed = tree_rule(table.page_seg, table.page_start, table.page_valid, page_size, q_seg, q_off, q_fork,
-                            slots[:, None, :])  # [G, Qmax, K]
-        allowed &= live.repeat_interleave(page_size, dim=1)[:, None, :]
-        allowed |= (q_seg < 0)  # pad queries see everything: no empty softmax row (their output is dropped)
+        """The rule over the slots of each row's pages, [G, Qmax, K] (K = W * page_size)."""
+        allowed = paged_rule(table.page_seg, table.page_start, table.page_valid, table.page_size, self.pages, live,
+                             meta[0], meta[1], meta[2])  # [G, Qmax, K]
+        if self.padded:  # pad queries see everything: no empty softmax row (their output is dropped)
+            allowed |= (meta[0] < 0)[:, :, None]
         return allowed
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
+        g, qmax = self.g, self.qmax
+        qg = self.grouped_queries(q)
+        heads, dim = keys.shape[0], keys.shape[2]
+        # GQA folded into the queries: the query heads sharing a KV head become more queries of that head,
+        # [G, Hkv, rep*Qmax, D] (head h = kv*rep + j -> query row j*Qmax + i). SDPA then needs no enable_gqa,
+        # which with an explicit mask takes the math kernel (CPU and CUDA): 1.1-5.3x slower on the CPU
+        # (docs/performance.md, "SDPA calls on a CPU")
+        rep = q.shape[1] // heads
+        qf = qg.reshape(g, heads, rep * qmax, dim)
+        if self.shared is not None:
+            out = self.shared.attend(qf, keys, values, scaling, self.folded_bias(rep), self.page_size)
+        else:
+            k = gather_pages(keys, self.page_index, g, self.page_size)
+            v = gather_pages(values, self.page_index, g, self.page_size)
+            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=self.folded_bias(rep), scale=scaling)
+        return out.view(g, heads * rep, qmax, dim)
+
+    def folded_bias(self, rep: int) -> torch.Tensor:
+        """The bias [G, 1, rep*Qmax, K] of the GQA-folded queries (built once per forward, reused by every layer)."""
+        if self._folded is None or self._folded[0] != rep:
+            self._folded = (rep, self.bias.repeat(1, 1, rep, 1) if rep > 1 else self.bias)
+        return self._folded[1]
+
+
+class FlexCall(AttentionCall):
+    """flex_attention (compiled) over the pool in place, through a ``BlockMask`` whose KV blocks are pool pages."""
+
+    kernel = "flex"
+
+    def __init__(self, pool: KVPool, plan: CallPlan, upload: StepUpload, flex_queries: FlexQueries):
+        super().__init__(pool, plan, upload)
+        flex_queries.store(plan.flex_base, self.meta.reshape(3, -1), 2 * Q_BLOCK_LARGE)
+        self.block_mask = self._block_mask(pool, self.live, self.meta, flex_queries, upload[plan.flex_where])
 
     def _block_mask(self, pool: KVPool, live, meta, flex_queries: FlexQueries, where: torch.Tensor):
         """flex: a BlockMask over pool pages; per query block, the pages seen whole ("full", no mask_mod)
@@ -326,46 +400,18 @@ class AttentionCall:
                                         compute_q_blocks=False)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
-        """Queries q [N, H, D] (packed) against one layer's pool [Hkv, slots, D] -> [G, H, Qmax, D]."""
-        g, qmax = self.g, self.qmax
-        if self.q_range is not None:
-            start, end = self.q_range
-            qg = q[start:end].view(g, qmax, *q.shape[1:]).transpose(1, 2)  # [G, H, Qmax, D]
-        else:
-            qg = q.index_select(0, self.q_index).view(g, qmax, *q.shape[1:]).transpose(1, 2)
+        qg = self.grouped_queries(q).contiguous()
         gqa = keys.shape[0] != q.shape[1]
-        if self.kernel == "flex":  # the pool itself, [1, Hkv, slots, D]: no copy
-            qg = qg.contiguous()
-            keys, values = keys[None], values[None]
-            _mark_flex_dynamic(qg, keys, values, self.block_mask)
-            return compiled_flex()(qg, keys, values, self.block_mask, scaling, gqa, self.kernel_options)
-        heads, dim = keys.shape[0], keys.shape[2]
-        # GQA folded into the queries: the query heads sharing a KV head become more queries of that head,
-        # [G, Hkv, rep*Qmax, D] (head h = kv*rep + j -> query row j*Qmax + i). SDPA then needs no enable_gqa,
-        # which with an explicit mask takes the math kernel (CPU and CUDA): 1.1-5.3x slower on the CPU
-        # (docs/performance.md, "SDPA calls on a CPU")
-        rep = q.shape[1] // heads
-        qf = qg.reshape(g, heads, rep * qmax, dim)
-        if self.shared is not None:
-            out = self.shared.attend(qf, keys, values, scaling, self.folded_bias(rep), self.page_size)
-        else:
-            k = gather_pages(keys, self.page_index, g, self.page_size)
-            v = gather_pages(values, self.page_index, g, self.page_size)
-            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=self.folded_bias(rep), scale=scaling)
-        return out.view(g, heads * rep, qmax, dim)
-
-    def folded_bias(self, rep: int) -> torch.Tensor:
-        """The bias [G, 1, rep*Qmax, K] of the GQA-folded queries (built once per forward, reused by every layer)."""
-        if self._folded is None or self._folded[0] != rep:
-            self._folded = (rep, self.bias.repeat(1, 1, rep, 1) if rep > 1 else self.bias)
-        return self._folded[1]
+        keys, values = keys[None], values[None]  # the pool itself, [1, Hkv, slots, D]: no copy
+        _mark_flex_dynamic(qg, keys, values, self.block_mask)
+        return compiled_flex()(qg, keys, values, self.block_mask, scaling, gqa, self.kernel_options)
 
 
 def additive_bias(allowed: torch.Tensor, dtype) -> torch.Tensor:
     """[G, Qmax, K] bool -> the additive mask [G, 1, Qmax, K]: 0 or the dtype's lowest value (never -inf, so
     a row that sees nothing stays finite)."""
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return bias.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    lowest = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), lowest).unsqueeze(1)
 
 
 def gather_pages(pool: torch.Tensor, pages: torch.Tensor, g: int, page_size: int) -> torch.Tensor:
@@ -579,7 +625,7 @@ class BatchPlan:
             if pool.flex_queries is None:
                 pool.flex_queries = FlexQueries.for_pool(pool)
             flex_queries = pool.flex_queries
-        calls = [AttentionCall(pool, c, upload, dtype, flex_queries, shared_prefix) for c in self.calls]
+        calls = [AttentionCall.build(pool, c, upload, dtype, flex_queries, shared_prefix) for c in self.calls]
         out_index = None if self.out_index is None else upload[self.out_index]
         batch = PagedBatch(pool, upload[self.write_slots], calls, out_index)
         return upload[self.input_ids], upload[self.position_ids], batch, upload[self.logit_rows]

@@ -21,9 +21,9 @@ from npr.engine.attention import BatchPlan, paged_attention, plan_batch
 from npr.engine.config import CPU_KV_CACHE_GIB, EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool
 from npr.engine.sampling import (RowParams, SamplingPlan, SeenTokens, apply_repetition_penalty, plan_sampling,
-                                 redraw_wide, row_uniform, sample)
+                                 redraw_wide, row_uniforms, sample)
 from npr.engine.scheduler import Scheduler
-from npr.engine.state import Request, Scaffold, Stream, StreamDelta
+from npr.engine.state import FinishReason, Request, Scaffold, Stream, StreamDelta
 from npr.engine.upload import StepUpload
 from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
 from npr.tokens import tag_token_ids
@@ -67,7 +67,7 @@ class Result:
     logprobs: list[float]
     sampled: list[bool]
     text: str
-    finish_reason: str
+    finish_reason: FinishReason  # equal to its string: "stop", "eos", "length", "invalid_schema", "cancelled"
     diagnostic: str | None
     mode: str
     blocks: list[list[tuple[int, int]]]
@@ -331,13 +331,18 @@ class Engine:
         return StepSampling(params, plan, penalty)
 
     def _row_params(self, streams: list[Stream]) -> RowParams:
-        temperature, top_p, top_k, uniform = [], [], [], []
-        for s in streams:
+        temperature, top_p, top_k, keys, drawn = [], [], [], [], []
+        for i, s in enumerate(streams):
             p = s.request.params
             temperature.append(p.temperature)
             top_p.append(p.top_p)
             top_k.append(p.top_k)
-            uniform.append(row_uniform(*s.noise_key()) if p.temperature > 0 else 0.0)
+            if p.temperature > 0:
+                keys.append(s.noise_key())
+                drawn.append(i)
+        uniform = [0.0] * len(streams)
+        for i, u in zip(drawn, row_uniforms(keys)):  # one vectorised hash for the step's drawing rows
+            uniform[i] = u
         return RowParams(temperature, top_p, top_k, uniform)
 
     def _sample(self, streams: list[Stream], logits: torch.Tensor, sampling: StepSampling, upload: StepUpload
@@ -345,13 +350,14 @@ class Engine:
         """Process and sample one token per stream, batched on the device; log-probs are those of
         the unprocessed model (temperature 1). logits: [S, V] float32, edited in place."""
         want_logprobs = any(s.request.params.logprobs for s in streams)
-        edits = sampling.penalty is not None or any(s.request.params.logits_processors for s in streams)
+        processors = any(s.request.params.logits_processors for s in streams)
+        edits = sampling.penalty is not None or processors
         raw = logits.clone() if want_logprobs and edits else logits
         if sampling.penalty is not None:
             pen = sampling.penalty
             seen_ids = self._seen.ids.index_select(0, upload[pen.slots])[:, :pen.width]  # [r, w]
             apply_repetition_penalty(logits, seen_ids, upload[pen.factor], rows=upload[pen.rows])
-        for i, stream in enumerate(streams):
+        for i, stream in enumerate(streams if processors else ()):
             for processor in stream.request.params.logits_processors:
                 row = logits[i]
                 out = processor(stream, row)

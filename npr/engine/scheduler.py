@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from npr.engine.attention import Feed
 from npr.engine.config import EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool, Segment
-from npr.engine.state import Group, OpenBlock, Request, Scaffold, Stream, StreamDelta, StreamKind
+from npr.engine.state import FinishReason, Group, OpenBlock, Request, Scaffold, Stream, StreamDelta, StreamKind
 from npr.masks import Phase, StructureError, branch_start_position, next_phase, takeaway_position
 
 
@@ -172,7 +172,7 @@ class Scheduler:
         groups = [g for g in (*self.waiting, *self._groups_alive) if g.prompt_index == prompt_index]
         hit = [r for g in groups for r in g.requests if not r.finished and sample_index in (None, r.sample_index)]
         for req in hit:
-            self._finish(req, "cancelled", "cancelled by the caller")
+            self._finish(req, FinishReason.CANCELLED, "cancelled by the caller")
             if not req.resident:  # queued or preempted: nothing to release
                 self.finished.append(req)
         self.waiting = deque(g for g in self.waiting if not all(r.finished for r in g.requests))
@@ -313,7 +313,7 @@ class Scheduler:
             if len(self.running) == 1:
                 held = sum(len(s.pages) for s in (*victim.segments, victim.group.prompt, victim.group.prefix)
                            if s is not None)
-                self._finish(victim, "length", self._too_big(victim, held + need))
+                self._finish(victim, FinishReason.LENGTH, self._too_big(victim, held + need))
                 self._collect()
                 return
             self.running.pop()
@@ -329,9 +329,11 @@ class Scheduler:
         new page per live stream, so a step rarely preempts what it just admitted. With nothing
         resident, the first in line is admitted regardless (``check_fits`` guarantees a new group
         fits an empty pool; a preempted request that no longer fits alone ends as ``length``)."""
+        need, self._running_need = self._running_need, None
+        if not self.preempted and not self.waiting:
+            return
         cap, pool = self.config.max_num_seqs, self.pool
         live = self.live_streams()
-        need, self._running_need = self._running_need, None
         if need is None:
             need = sum(self._pages_to_feed(r) for r in self.running)
         spare = pool.free_blocks - need
@@ -342,7 +344,7 @@ class Scheduler:
             if not self.running:
                 if need > pool.free_blocks:
                     self.preempted.pop(0)
-                    self._finish(req, "length", self._too_big(req, need))
+                    self._finish(req, FinishReason.LENGTH, self._too_big(req, need))
                     self.finished.append(req)
                     continue
             elif live + streams > cap or need + live + streams > spare or pool.pages.free_rows == 0:
@@ -418,11 +420,17 @@ class Scheduler:
                 items.append((feed, streams, req.group))
             else:
                 items.append((feed, None, None))
-        live = {id(s.segment): s for s in req.streams()}
+        live = req.streams()  # at most max_branches: a list beats a dict built per request per step
+        bs = self.pool.block_size
         for seg in req.segments:
             if seg.written < len(seg):
-                self._allocate(seg, [req.row])
-                stream = live.get(id(seg))
+                if len(seg.pages) * bs < len(seg) or seg.frozen:
+                    self._allocate(seg, [req.row])
+                stream = None
+                for s in live:
+                    if s.segment is seg:
+                        stream = s
+                        break
                 wants = stream is not None and stream.wants_sample
                 items.append((Feed(seg, seg.written, seg.tokens[seg.written:], req.row, wants),
                               [stream] if wants else None, None))
@@ -468,11 +476,13 @@ class Scheduler:
                 continue  # the budget ran out on an earlier branch of this step
             self._on_sample(stream, token, logprob)
             if not req.finished and req.used >= req.params.max_new_tokens:
-                self._finish(req, "length", None)
-        live = self.live_streams()
-        for req in self.running:
-            if not req.finished and req.open_block is not None:
-                live += self._advance_block(req, live)
+                self._finish(req, FinishReason.LENGTH, None)
+        blocks = [req for req in self.running if not req.finished and req.open_block is not None]
+        if blocks:
+            live = self.live_streams()
+            for req in blocks:
+                if not req.finished and req.open_block is not None:  # a branch started above may end a request
+                    live += self._advance_block(req, live)
         deltas = []
         for req, seg in self._touched.values():
             if seg.delivered < len(seg):
@@ -486,11 +496,12 @@ class Scheduler:
     def _append(self, stream: Stream, token: int, logprob: float, sampled: bool) -> None:
         seg = stream.segment
         seg.append(token, logprob, sampled)
-        self._touched.setdefault(id(seg), (stream.request, seg))
+        if id(seg) not in self._touched:
+            self._touched[id(seg)] = (stream.request, seg)
 
     def _spend(self, req: Request, count: int) -> bool:
         if req.used + count > req.params.max_new_tokens:
-            self._finish(req, "length", f"the budget of {req.params.max_new_tokens} tokens ran out")
+            self._finish(req, FinishReason.LENGTH, f"the budget of {req.params.max_new_tokens} tokens ran out")
             return False
         req.used += count
         return True
@@ -509,14 +520,14 @@ class Scheduler:
         if stream.kind is StreamKind.BRANCH:
             stream.history.append(token)
         if token in req.params.stop_token_ids:
-            return self._finish(req, "stop", None)
+            return self._finish(req, FinishReason.STOP, None)
         mode = self.config.mode
         if token in self.scaffold.eos_ids and not req.params.ignore_eos:
             if mode == "plain" or stream.phase is Phase.TEXT:
-                return self._finish(req, "eos", None)
+                return self._finish(req, FinishReason.EOS, None)
             branch = stream.kind is StreamKind.BRANCH
             where = f"step {stream.branch} of block {stream.block}" if branch else stream.phase.value
-            return self._finish(req, "invalid_schema", f"EOS inside {where}")
+            return self._finish(req, FinishReason.INVALID_SCHEMA, f"EOS inside {where}")
         if mode == "plain":
             return
         tag = self.scaffold.tag_of.get(token)
@@ -524,7 +535,7 @@ class Scheduler:
             phase = next_phase(stream.phase, tag)
         except StructureError as e:
             where = f" (step {stream.branch} of block {stream.block})" if stream.kind is StreamKind.BRANCH else ""
-            return self._finish(req, "invalid_schema", f"{e}{where}")
+            return self._finish(req, FinishReason.INVALID_SCHEMA, f"{e}{where}")
         stream.phase = phase
         if tag == "<guideline>":
             stream.plans = 0
@@ -545,14 +556,15 @@ class Scheduler:
         req, cfg = main.request, self.config
         k = main.plans
         if k == 0:
-            return self._finish(req, "invalid_schema", "</guideline> closes a guideline with no <plan>")
+            return self._finish(req, FinishReason.INVALID_SCHEMA, "</guideline> closes a guideline with no <plan>")
         if k > cfg.max_branches:
-            return self._finish(req, "invalid_schema", f"{k} plans; at most max_branches={cfg.max_branches}")
+            return self._finish(req, FinishReason.INVALID_SCHEMA, f"{k} plans; at most max_branches={cfg.max_branches}")
         if len(req.blocks) >= cfg.max_depth:
-            return self._finish(req, "length", f"max_depth={cfg.max_depth} parallel blocks reached")
+            return self._finish(req, FinishReason.LENGTH, f"max_depth={cfg.max_depth} parallel blocks reached")
         remaining = req.params.max_new_tokens - req.used
         if remaining < cfg.min_fork_budget:
-            return self._finish(req, "length", f"{remaining} tokens left, below min_fork_budget={cfg.min_fork_budget}")
+            return self._finish(req, FinishReason.LENGTH,
+                                f"{remaining} tokens left, below min_fork_budget={cfg.min_fork_budget}")
         if not self._force(main, self.scaffold.guideline_separator):
             return
         main.wants_sample = False
@@ -609,7 +621,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ finishing
 
-    def _finish(self, req: Request, reason: str, diagnostic: str | None) -> None:
+    def _finish(self, req: Request, reason: FinishReason, diagnostic: str | None) -> None:
         if req.finished:
             return
         req.finish_reason, req.diagnostic = reason, diagnostic

@@ -71,7 +71,10 @@ def check_settings(c) -> None:
     _require(c.dtype in DTYPES, f"--dtype {c.dtype!r} is not one of {', '.join(DTYPES)}")
     _require(_is_int(c.max_branches) and c.max_branches >= 1, f"max_branches must be >= 1, got {c.max_branches!r}")
     _require(_is_int(c.max_num_seqs) and c.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {c.max_num_seqs!r}")
-    _require(_is_number(c.kv_cache_gib) and c.kv_cache_gib > 0, f"--kv-cache-gib must be > 0, got {c.kv_cache_gib!r}")
+    _require(c.kv_cache_gib is None or (_is_number(c.kv_cache_gib) and c.kv_cache_gib > 0),
+             f"--kv-cache-gib must be > 0, got {c.kv_cache_gib!r}")
+    _require(_is_number(c.gpu_memory_utilization) and 0 < c.gpu_memory_utilization <= 1,
+             f"--gpu-memory-utilization must be in (0, 1], got {c.gpu_memory_utilization!r}")
     try:
         engine_config(c, c.mode)
     except TypeError as e:
@@ -79,13 +82,15 @@ def check_settings(c) -> None:
     if c.data_dir is not None:
         resolve_data_dir(c.data_dir)  # a given --data-dir must exist even when no benchmark reads it
     resolve_device(c.device)
-    check_kv_cache_gib(c.kv_cache_gib, c.device)
+    if c.kv_cache_gib is not None:
+        check_kv_cache_gib(c.kv_cache_gib, c.device)
 
 
 def engine_config(c, mode: str) -> EngineConfig:
     """The engine settings of an ``EvalConfig`` for one mode."""
     return EngineConfig(mode=mode, max_branches=c.max_branches, max_num_seqs=c.max_num_seqs,
-                        kv_cache_gib=c.kv_cache_gib, **c.engine_options)
+                        kv_cache_gib=c.kv_cache_gib, gpu_memory_utilization=c.gpu_memory_utilization,
+                        **c.engine_options)
 
 
 # ----------------------------------------------------------------------------- problems
@@ -155,8 +160,19 @@ def _check_problem(problem, config, engine, tokenizer, schedulers, params, index
             need = scheduler.start_blocks(len(ids), params)
             return ProblemFailure("kv_cache_too_small", f"{where(problem)}: kv_cache_too_small: its {config.k} samples "
                                   f"need {need} KV blocks to start, the pool has "
-                                  f"{engine.pool.num_blocks} (--kv-cache-gib {config.kv_cache_gib})"), ids
+                                  f"{engine.pool.num_blocks} ({_pool_words(config, engine)})"), ids
     return None, ids
+
+
+def _pool_gib(engine) -> float:
+    """The engine's KV pool, GiB (as sized from --kv-cache-gib, or by the engine's rule when it is not given)."""
+    return engine.pool.num_blocks * engine.pool.bytes_per_block() / 2**30
+
+
+def _pool_words(config, engine) -> str:
+    if config.kv_cache_gib is not None:
+        return f"--kv-cache-gib {config.kv_cache_gib}"
+    return f"the default KV pool ({_pool_gib(engine):.3g} GiB; set --kv-cache-gib)"
 
 
 def _nothing_runs(config, engine, schedulers, params, plan, lengths) -> EvalError:
@@ -169,8 +185,8 @@ def _nothing_runs(config, engine, schedulers, params, plan, lengths) -> EvalErro
                          f"--max-new-tokens {max(1, room)} or less")
     if reasons["kv_cache_too_small"]:
         need = max(s.start_blocks(shortest, params) for s in schedulers)
-        gib = config.kv_cache_gib * need / engine.pool.num_blocks
-        return EvalError(f"--kv-cache-gib {config.kv_cache_gib} holds {engine.pool.num_blocks} KV blocks; even the "
+        gib = _pool_gib(engine) * need / engine.pool.num_blocks
+        return EvalError(f"{_pool_words(config, engine)} holds {engine.pool.num_blocks} KV blocks; even the "
                          f"shortest prompt's {config.k} samples need {need} to start: use --kv-cache-gib {gib:.3g} or "
                          "more, or lower --k or --max-new-tokens")
     listing = "; ".join(f.message for f in list(plan.failures.values())[:3])

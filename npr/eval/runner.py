@@ -68,7 +68,10 @@ class EvalConfig:
     device: str = "cpu"
     max_branches: int = 5
     max_num_seqs: int = 64
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: float | None = None
+    """KV pool memory; None: on CUDA what ``gpu_memory_utilization`` leaves, on a CPU 2 GiB (the engine's rule)."""
+    gpu_memory_utilization: float = 0.9
+    """On CUDA with no ``kv_cache_gib``: the share of device memory the weights, a forward and the pool may use."""
     engine_options: dict = field(default_factory=dict)
     system_prompt_file: str | None = None  # replaces npr's format instruction (npr.prompts); read when built
     system_prompt_placement: str = "system"  # system message, or "user": after the problem (NPR's released code)
