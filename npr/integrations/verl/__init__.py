@@ -1,0 +1,18 @@
+"""NPR inside verl (``pip install npr[verl]``; docs/verl.md).
+
+Importing this package registers npr's pieces in verl's registries, in the process that imports it:
+
+- ``npr_papo`` policy loss and advantage estimator (``algos``): PAPO exactly as ``npr.algos``;
+- ``npr`` reward manager and ``compute_score`` (``rewards``): npr's Stage-1 / Stage-3 rewards;
+- ``npr_parallel`` agent loop (``agent_loop``): fork at ``</guideline>``, join at ``<takeaway>``;
+- the tree-attention log-prob override for verl's actor (``actor``).
+
+verl imports it in every worker through the ``verl.plugins`` entry point that npr's pyproject declares
+(or ``VERL_USE_EXTERNAL_MODULES=npr.integrations.verl``).
+"""
+
+from __future__ import annotations
+
+from npr.integrations.verl import algos, rewards  # noqa: F401  (registers npr_papo and the npr reward manager)
+
+__all__ = ["algos", "rewards"]
