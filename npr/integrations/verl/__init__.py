@@ -5,7 +5,7 @@ Importing this package registers npr's pieces in verl's registries, in the proce
 - ``npr_papo`` policy loss and advantage estimator (``algos``): PAPO exactly as ``npr.algos``;
 - ``npr`` reward manager and ``compute_score`` (``rewards``): npr's Stage-1 / Stage-3 rewards;
 - ``npr_parallel`` agent loop (``agent_loop``): fork at ``</guideline>``, join at ``<takeaway>``;
-- the tree-attention log-prob override for verl's actor (``actor``).
+- the tree-attention log-prob override for verl's actor (``actor``), with ``NPR_VERL_TREE_ACTOR=1``.
 
 verl imports it in every worker through the ``verl.plugins`` entry point that npr's pyproject declares
 (or ``VERL_USE_EXTERNAL_MODULES=npr.integrations.verl``).
@@ -13,6 +13,13 @@ verl imports it in every worker through the ``verl.plugins`` entry point that np
 
 from __future__ import annotations
 
+import os
+
 from npr.integrations.verl import algos, rewards  # noqa: F401  (registers npr_papo and the npr reward manager)
+
+if os.environ.get("NPR_VERL_TREE_ACTOR") == "1":  # verl builds npr's tree-attention actor (actor.py)
+    from npr.integrations.verl.actor import use_tree_actor
+
+    use_tree_actor()
 
 __all__ = ["algos", "rewards"]
