@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import os
 
-from npr.integrations.verl import algos, rewards  # noqa: F401  (registers npr_papo and the npr reward manager)
+# importing registers npr_papo, the npr reward manager and the npr_parallel agent loop
+from npr.integrations.verl import agent_loop, algos, rewards  # noqa: F401
 
 if os.environ.get("NPR_VERL_TREE_ACTOR") == "1":  # verl builds npr's tree-attention actor (actor.py)
     from npr.integrations.verl.actor import use_tree_actor
 
     use_tree_actor()
 
-__all__ = ["algos", "rewards"]
+__all__ = ["agent_loop", "algos", "rewards"]

@@ -1,0 +1,164 @@
+"""The npr_parallel agent loop against an in-process server backed by npr's engine in plain mode.
+
+A forced structure (npr's StructureForcer) must give the same flat token ids and response mask as npr's engine
+in sequential mode on the same model; the join's re-prefill is measured (rollout vs tree-attention log-probs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
+from npr.integrations.verl.agent_loop import (
+    EngineServer,
+    ForkJoinLimits,
+    NprParallelAgentLoop,
+    Scaffold,
+    fork_join,
+    join_gap,
+    kept_by_stage3,
+)
+from npr.tokens import tag_token_ids
+from npr.train.logprobs import response_logprobs, structured_sequence
+
+BUDGET = 400
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_qwen3):
+    model, tok = tiny_qwen3
+    return model.eval(), tok
+
+
+class ScriptAt:
+    """The StructureForcer's script for the segment a server request continues: a main-line request reads
+    the flat (plain-mode) script at its context's position in the flat response, a branch request (its
+    context ends with ``<step>\nk:``) the script of branch k of its block, as the engine's streams do."""
+
+    def __init__(self, forcer: StructureForcer, tok, prompt: list[int], context: list[int]) -> None:
+        self.forcer, response = forcer, context[len(prompt):]
+        scaffold = Scaffold.of(tok, 8)
+        block = response.count(tag_token_ids(tok)["</guideline>"])
+        branch = next((k for k, ids in enumerate(scaffold.step_open, 1) if tuple(response[-len(ids):]) == ids), 0)
+        self.stream = SimpleNamespace(kind="branch" if branch else "main", block=block if branch else 0,
+                                      branch=branch)
+        self.offset = 0 if branch else len(response)
+
+    def __call__(self, stream, logits: torch.Tensor) -> torch.Tensor:
+        slots, _ = self.forcer.script(self.stream)
+        i = self.offset + len(stream.tokens)
+        return self.forcer._apply(logits, slots[i] if i < len(slots) else self.forcer.eos)
+
+
+def plain_server(model, tok, prompt, forcer) -> EngineServer:
+    return EngineServer(engine(model, tok, "plain"), lambda ids: [ScriptAt(forcer, tok, prompt, ids)])
+
+
+def engine(model, tok, mode: str) -> Engine:
+    return Engine(model, tok, EngineConfig(mode=mode, kv_cache_tokens=8192, repetition_penalty=1.0, debug=True))
+
+
+def sequential_result(model, tok, prompt, forcer):
+    params = SamplingParams(max_new_tokens=BUDGET, temperature=0.0, logits_processors=(forcer,))
+    (result,) = engine(model, tok, "sequential").generate([prompt], params)
+    return result
+
+
+def loop_result(model, tok, prompt, forcer, budget=BUDGET):
+    server = plain_server(model, tok, prompt, forcer)
+    scaffold = Scaffold.of(tok, ForkJoinLimits().max_branches)
+    return asyncio.run(fork_join(server.generate, prompt, scaffold, budget, {"temperature": 0.0}))
+
+
+SHAPES = {  # name -> (branch tokens per block, StructureForcer keywords)
+    # every token after the join is forced: the loop must reproduce the engine token for token
+    "one_block_forced_tail": ([[5, 9, 3]], {"prefix_tokens": 4, "takeaway_tokens": 0, "final_tokens": 0}),
+    # model-chosen text after the joins: same layout and mask, tokens may differ after a join
+    "two_blocks": ([[4, 6], [3, 3, 3]], {"prefix_tokens": 2}),
+}
+
+
+@pytest.mark.parametrize("name", SHAPES)
+def test_loop_matches_engine_sequential(qwen, name):
+    model, tok = qwen
+    branches, kw = SHAPES[name]
+    prompt = tok.encode("Q: 23+34?\n", add_special_tokens=False)
+    expected = sequential_result(model, tok, prompt, StructureForcer(tok, branches, **kw))
+    got = loop_result(model, tok, prompt, StructureForcer(tok, branches, **kw))
+
+    assert expected.finish_reason == got.finish_reason == "eos"
+    assert got.blocks == len(branches)
+    assert got.requests == 1 + sum(len(b) for b in branches) + len(branches) + sum(len(b) for b in branches)
+    assert len(got.token_ids) == len(expected.token_ids)
+    assert got.sampled == [int(s) for s in expected.sampled]  # the response mask: decoded 1, prefilled 0
+    first_join = got.after_join.index(1) if 1 in got.after_join else len(got.token_ids)
+    if name == "one_block_forced_tail":
+        assert got.token_ids == expected.token_ids
+    else:  # identical up to the first token decoded from a re-prefilled join, and the forced skeleton after it
+        assert got.token_ids[:first_join] == expected.token_ids[:first_join]
+        forced = [i for i, s in enumerate(got.sampled) if not s]
+        assert [got.token_ids[i] for i in forced] == [expected.token_ids[i] for i in forced]
+    assert kept_by_stage3(prompt, got, tag_token_ids(tok))
+
+
+def test_join_gap_measured_against_the_tree_actor(qwen):
+    """Before the join the server's log-probs are the tree actor's (same context, same positions); after it
+    the re-prefilled context differs: the gap is what verl's rollout correction has to absorb."""
+    model, tok = qwen
+    prompt = tok.encode("Q: 23+34?\n", add_special_tokens=False)
+    got = loop_result(model, tok, prompt, StructureForcer(tok, [[4, 6], [3, 3, 3]], prefix_tokens=2))
+    with torch.no_grad():
+        actor, mask = response_logprobs(model, [structured_sequence(prompt, got.token_ids, tag_token_ids(tok))], 0,
+                                        attention="dense")
+    rollout = torch.tensor(got.logprobs)[None]
+    sampled = torch.tensor(got.sampled)[None] * mask
+    gap = join_gap(rollout, actor, sampled, torch.tensor(got.after_join)[None])
+    assert gap["npr/join_gap_before"] < 1e-4
+    assert gap["npr/join_gap_after"] > 10 * max(gap["npr/join_gap_before"], 1e-6)
+    assert 0 < gap["npr/after_join_fraction"] < 1
+
+
+def test_budget_counts_every_branch_and_scaffold(qwen):
+    model, tok = qwen
+    prompt = tok.encode("Q: 1?\n", add_special_tokens=False)
+    budget = 60
+    got = loop_result(model, tok, prompt, StructureForcer(tok, [[30, 30]], prefix_tokens=2), budget=budget)
+    expected = sequential_result(model, tok, prompt, StructureForcer(tok, [[30, 30]], prefix_tokens=2))
+    assert got.finish_reason == "length" and len(got.token_ids) <= budget
+    assert got.token_ids == expected.token_ids[:len(got.token_ids)]
+
+
+def test_illegal_structure_ends_the_sample_and_masks_it(qwen):
+    """More plans than max_branches: npr's engine ends the request as invalid_schema; the agent loop too,
+    and its AgentLoopOutput masks the whole response (npr_papo's estimator drops it)."""
+    model, tok = qwen
+    prompt = tok.encode("Q: 1?\n", add_special_tokens=False)
+    forcer = StructureForcer(tok, [[2] * 6], prefix_tokens=1)
+    server = plain_server(model, tok, prompt, forcer)
+    agent = object.__new__(NprParallelAgentLoop)  # verl builds it inside a Ray worker; run_tokens needs these
+    agent.server_manager, agent.response_length = server, BUDGET
+    agent.scaffold, agent.tag_ids = Scaffold.of(tok, 5), tag_token_ids(tok)
+    out = asyncio.run(agent.run_tokens(prompt, {"temperature": 0.0}))
+    expected = sequential_result(model, tok, prompt, StructureForcer(tok, [[2] * 6], prefix_tokens=1))
+    assert expected.finish_reason == out.extra_fields["npr_finish_reason"] == "invalid_schema"
+    assert out.response_ids == expected.token_ids
+    assert out.response_mask == [0] * len(out.response_ids) and not out.extra_fields["npr_kept"]
+
+
+def test_plain_server_refuses_parallel_engine(qwen):
+    model, tok = qwen
+    with pytest.raises(ValueError, match="mode plain"):
+        EngineServer(engine(model, tok, "parallel"))
+
+
+def test_registered_as_npr_parallel():
+    from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+
+    import npr.integrations.verl  # noqa: F401
+
+    assert _agent_loop_registry["npr_parallel"]["_target_"] == (
+        "npr.integrations.verl.agent_loop.NprParallelAgentLoop")
