@@ -20,7 +20,8 @@ from npr.integrations.verl.agent_loop import (
     Scaffold,
     fork_join,
     join_gap,
-    kept_by_stage3,
+    Stage3Filter,
+    stage3_drop_reason,
 )
 from npr.tokens import tag_token_ids
 from npr.train.logprobs import response_logprobs, structured_sequence
@@ -102,7 +103,7 @@ def test_loop_matches_engine_sequential(qwen, name):
         assert got.token_ids[:first_join] == expected.token_ids[:first_join]
         forced = [i for i, s in enumerate(got.sampled) if not s]
         assert [got.token_ids[i] for i in forced] == [expected.token_ids[i] for i in forced]
-    assert kept_by_stage3(prompt, got, tag_token_ids(tok))
+    assert stage3_drop_reason(prompt, got, tok.decode(got.token_ids[:-1]), Stage3Filter(tag_token_ids(tok))) is None
 
 
 def test_join_gap_measured_against_the_tree_actor(qwen):
@@ -132,21 +133,49 @@ def test_budget_counts_every_branch_and_scaffold(qwen):
     assert got.token_ids == expected.token_ids[:len(got.token_ids)]
 
 
+def agent(server, tok, budget: int = BUDGET, **fields) -> NprParallelAgentLoop:
+    loop = object.__new__(NprParallelAgentLoop)  # verl builds it inside a Ray worker; run_tokens needs these
+    loop.server_manager, loop.response_length = server, budget
+    loop.configure(tok, **fields)
+    return loop
+
+
 def test_illegal_structure_ends_the_sample_and_masks_it(qwen):
     """More plans than max_branches: npr's engine ends the request as invalid_schema; the agent loop too,
     and its AgentLoopOutput masks the whole response (npr_papo's estimator drops it)."""
     model, tok = qwen
     prompt = tok.encode("Q: 1?\n", add_special_tokens=False)
     forcer = StructureForcer(tok, [[2] * 6], prefix_tokens=1)
-    server = plain_server(model, tok, prompt, forcer)
-    agent = object.__new__(NprParallelAgentLoop)  # verl builds it inside a Ray worker; run_tokens needs these
-    agent.server_manager, agent.response_length = server, BUDGET
-    agent.scaffold, agent.tag_ids = Scaffold.of(tok, 5), tag_token_ids(tok)
-    out = asyncio.run(agent.run_tokens(prompt, {"temperature": 0.0}))
+    out = asyncio.run(agent(plain_server(model, tok, prompt, forcer), tok).run_tokens(prompt, {"temperature": 0.0}))
     expected = sequential_result(model, tok, prompt, StructureForcer(tok, [[2] * 6], prefix_tokens=1))
     assert expected.finish_reason == out.extra_fields["npr_finish_reason"] == "invalid_schema"
     assert out.response_ids == expected.token_ids
-    assert out.response_mask == [0] * len(out.response_ids) and not out.extra_fields["npr_kept"]
+    assert out.response_mask == [0] * len(out.response_ids)
+    assert out.extra_fields["npr_drop_reason"] == "finish_invalid_schema"
+
+
+@pytest.mark.parametrize("loss_on_prefilled", [True, False])
+def test_kept_rollout_mask_follows_loss_on_prefilled(qwen, loss_on_prefilled):
+    model, tok = qwen
+    prompt = tok.encode("Q: 1?\n", add_special_tokens=False)
+    forcer = StructureForcer(tok, [[3, 4]], prefix_tokens=1)
+    loop = agent(plain_server(model, tok, prompt, forcer), tok, loss_on_prefilled=loss_on_prefilled)
+    out = asyncio.run(loop.run_tokens(prompt, {"temperature": 0.0}))
+    assert out.extra_fields["npr_drop_reason"] is None and out.extra_fields["npr_finish_reason"] == "eos"
+    sampled = out.extra_fields["npr_sampled"]
+    assert 0 in sampled and out.response_mask == ([1] * len(sampled) if loss_on_prefilled else sampled)
+
+
+def test_cut_rollout_kept_only_when_its_blocks_are_complete(qwen):
+    """The qwen3-4b preset keeps a cut rollout (drop_truncated false) whose tokens form complete blocks."""
+    model, tok = qwen
+    prompt = tok.encode("Q: 1?\n", add_special_tokens=False)
+    forcer = StructureForcer(tok, [[3, 4]], prefix_tokens=1, final_tokens=200)
+    out = asyncio.run(agent(plain_server(model, tok, prompt, forcer), tok, 100).run_tokens(prompt, {"temperature": 0.0}))
+    assert out.extra_fields["npr_finish_reason"] == "length" and out.extra_fields["npr_drop_reason"] is None
+    strict = agent(plain_server(model, tok, prompt, forcer), tok, 100, drop_truncated=True)
+    out = asyncio.run(strict.run_tokens(prompt, {"temperature": 0.0}))
+    assert out.extra_fields["npr_drop_reason"] == "finish_length" and set(out.response_mask) == {0}
 
 
 def test_plain_server_refuses_parallel_engine(qwen):

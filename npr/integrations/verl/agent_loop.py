@@ -12,8 +12,9 @@ The loop replays npr's engine scheduler (``npr.engine.scheduler``) with one serv
 Budgets count every token of every branch and every prefilled scaffold token against ``response_length``,
 as npr's engine does; an illegal tag, an EOS inside a block or a fork the engine would refuse end the sample
 with npr's finish reason. The flat response is npr's layout (``Result.token_ids``); ``response_mask`` is 1 on
-sampled tokens and 0 on prefilled scaffold, and all 0 when npr's Stage 3 would drop the rollout (any finish
-but EOS, or blocks that do not scan), which ``npr_papo``'s estimator reads as "masked out".
+sampled tokens and 0 on prefilled scaffold (1 there too with ``loss_on_prefilled``), and all 0 when npr's
+Stage 3 would drop the rollout (``npr.train.stage3.drop_reason``), which ``npr_papo``'s estimator reads as
+"masked out".
 
 The join is approximate. A stock server re-prefills ``prefix + branches + <takeaway>`` causally with
 sequential positions, so each branch sees its earlier siblings and the takeaway's positions differ from the
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
 
@@ -36,9 +38,14 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopOutp
 from verl.workers.rollout.replica import TokenOutput
 
 from npr.engine import SamplingParams
-from npr.masks import Phase, StructureError, has_complete_blocks, next_phase
+from npr.integrations.verl.rewards import TagKeepingDecoder
+from npr.masks import Phase, StructureError, next_phase
 from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
 from npr.tokens import tag_token_ids
+from npr.train.presets import PRESETS
+from npr.train.stage3 import drop_reason
+
+_STAGE3_PRESET = PRESETS["stage3"]["qwen3-4b"]
 
 AGENT_NAME = "npr_parallel"
 
@@ -237,10 +244,23 @@ async def fork_join(generate: Generate, prompt_ids: Sequence[int], scaffold: Sca
     return run.out
 
 
-def kept_by_stage3(prompt_ids: Sequence[int], result: ForkJoinResult, tag_ids: dict[str, int]) -> bool:
-    """Whether npr's Stage 3 trains on this rollout (``npr.train.stage3.drop_reason``'s token-level checks):
-    it ended with EOS and its blocks scan (so the tree mask describes them)."""
-    return result.finish_reason == "eos" and has_complete_blocks(prompt_ids, result.token_ids, tag_ids)
+def stage3_drop_reason(prompt_ids: Sequence[int], result: ForkJoinResult, text: str, settings: Stage3Filter
+                       ) -> str | None:
+    """npr's Stage-3 filter (``npr.train.stage3.drop_reason``, imported) on a loop result: None when it trains."""
+    rollout = SimpleNamespace(result=SimpleNamespace(finish_reason=result.finish_reason, prompt_ids=list(prompt_ids),
+                                                     token_ids=result.token_ids, text=text))
+    return drop_reason(rollout, settings.tag_ids, settings)
+
+
+@dataclass(frozen=True)
+class Stage3Filter:
+    """The ``Stage3Config`` fields npr's Stage-3 filter and loss read; defaults: the ``qwen3-4b`` preset."""
+
+    tag_ids: dict[str, int]
+    drop_truncated: bool = _STAGE3_PRESET.get("drop_truncated", True)
+    require_parallel: bool = _STAGE3_PRESET.get("require_parallel", True)
+    drop_any_schema_error: bool = _STAGE3_PRESET.get("drop_any_schema_error", False)
+    loss_on_prefilled: bool = _STAGE3_PRESET.get("loss_on_prefilled", False)
 
 
 def join_gap(rollout_logprobs: torch.Tensor, actor_logprobs: torch.Tensor, response_mask: torch.Tensor,
@@ -295,16 +315,26 @@ class NprParallelAgentLoop(AgentLoopBase):
     """verl agent loop ``npr_parallel``: ``fork_join`` on the rollout servers, one sample per call.
 
     Set ``actor_rollout_ref.rollout.agent.default_agent_loop=npr_parallel`` (or an ``agent_name`` column).
-    Budget: ``rollout.response_length`` tokens, every branch and scaffold token counted.
+    Budget: ``rollout.response_length`` tokens, every branch and scaffold token counted. A rollout npr's
+    Stage 3 would drop (``Stage3Filter``) gets an all-zero response mask; a kept one is 1 on sampled tokens,
+    and on prefilled scaffold too with ``loss_on_prefilled`` (the preset's, as the reference trains).
+    Keyword arguments (from an ``agent_loop_config_path`` entry) override ``ForkJoinLimits`` / ``Stage3Filter``.
     """
 
-    limits = ForkJoinLimits()
-
     def __init__(self, *args, **kwargs):
+        npr_fields = {k: kwargs.pop(k) for k in list(kwargs)
+                      if k in ForkJoinLimits.__dataclass_fields__ or k in Stage3Filter.__dataclass_fields__}
         super().__init__(*args, **kwargs)
         self.response_length = self.rollout_config.response_length
-        self.scaffold = Scaffold.of(self.tokenizer, self.limits.max_branches)
-        self.tag_ids = tag_token_ids(self.tokenizer)
+        self.configure(self.tokenizer, **npr_fields)
+
+    def configure(self, tokenizer, **fields: Any) -> None:
+        """Set the limits, scaffold and filter for ``tokenizer`` (``__init__`` calls it; tests call it alone)."""
+        self.limits = ForkJoinLimits(**{k: v for k, v in fields.items() if k in ForkJoinLimits.__dataclass_fields__})
+        self.filter = Stage3Filter(tag_token_ids(tokenizer),
+                                   **{k: v for k, v in fields.items() if k in Stage3Filter.__dataclass_fields__})
+        self.scaffold = Scaffold.of(tokenizer, self.limits.max_branches)
+        self.decoder = TagKeepingDecoder(tokenizer, self.scaffold.eos_ids)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         prompt_ids = await self.ct_build_initial_tokens(list(kwargs["raw_prompt"]))
@@ -314,14 +344,19 @@ class NprParallelAgentLoop(AgentLoopBase):
         """``run`` after the chat template: the sample's AgentLoopOutput for ``prompt_ids``."""
         result = await fork_join(self.server_manager.generate, prompt_ids, self.scaffold, self.response_length,
                                  sampling_params, self.limits)
-        kept = kept_by_stage3(prompt_ids, result, self.tag_ids)
+        dropped = stage3_drop_reason(prompt_ids, result, self.decoder.decode(result.token_ids), self.filter)
+        if dropped is not None:
+            mask = [0] * len(result.token_ids)
+        else:
+            mask = [1] * len(result.token_ids) if self.filter.loss_on_prefilled else result.sampled
         return AgentLoopOutput(
             prompt_ids=list(prompt_ids),
             response_ids=result.token_ids,
-            response_mask=result.sampled if kept else [0] * len(result.token_ids),
+            response_mask=mask,
             response_logprobs=result.logprobs,
             num_turns=2,
             metrics={},
-            extra_fields={"npr_finish_reason": result.finish_reason, "npr_kept": kept, "npr_blocks": result.blocks,
-                          "npr_requests": result.requests, "npr_after_join": result.after_join},
+            extra_fields={"npr_finish_reason": result.finish_reason, "npr_drop_reason": dropped,
+                          "npr_blocks": result.blocks, "npr_requests": result.requests,
+                          "npr_sampled": result.sampled, "npr_after_join": result.after_join},
         )
