@@ -86,3 +86,22 @@ def test_npr_manager_refuses_missing_compute_score(tiny_qwen3):
     _, tokenizer = tiny_qwen3
     with pytest.raises(NprError, match="custom_reward_function"):
         get_reward_manager_cls("npr")(config=None, tokenizer=tokenizer, compute_score=None)
+
+
+def test_overlong_penalty_is_npr_stage1s(tiny_qwen3):
+    """verl's DAPO reward settings switch on npr's soft overlong penalty, on the response length as npr's Stage 1."""
+    import torch as _torch
+
+    from npr.algos import overlong_penalty
+
+    _, tokenizer = tiny_qwen3
+    text, gold = SAMPLES["valid_correct"]
+    length = len(tokenizer.encode(text, add_special_tokens=False)) + 1  # + EOS
+    config = OmegaConf.merge(reward_config("compute_score_stage1"), {"reward": {"reward_kwargs": {
+        "max_resp_len": length + 3, "overlong_buffer_cfg": {"enable": True, "len": 10, "penalty_factor": 1.0}}}})
+    manager = load_reward_manager(config, tokenizer)
+    out = manager.loop.run_until_complete(manager.run_single(sample_batch(tokenizer, text, gold)))
+    expected = float(overlong_penalty(_torch.tensor([length]), length + 3, 10, 1.0)[0])
+    assert expected == pytest.approx(-0.7)  # 7 tokens into the last 10
+    assert out["reward_extra_info"]["npr_reward"] == 1.0
+    assert out["reward_score"] == pytest.approx(1.0 + expected)

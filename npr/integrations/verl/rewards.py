@@ -20,6 +20,9 @@ from typing import Any
 from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
 
+from verl import DataProto
+
+from npr.algos import overlong_penalty
 from npr.data.problems import Problem
 from npr.errors import NprError
 from npr.rewards import accuracy_reward, stage1_reward
@@ -83,7 +86,13 @@ class TagKeepingDecoder:
 
 @register(REWARD_MANAGER_NAME)
 class NprRewardManager(NaiveRewardManager):
-    """verl's naive reward manager with npr's decoding (``TagKeepingDecoder``); needs npr's compute_score."""
+    """verl's naive reward manager with npr's decoding (``TagKeepingDecoder``); needs npr's compute_score.
+
+    With verl's DAPO reward settings (``reward.reward_kwargs.overlong_buffer_cfg`` {enable, len, penalty_factor}
+    and ``reward.reward_kwargs.max_resp_len``) it adds npr's soft overlong penalty
+    (``npr.algos.overlong_penalty`` on the response length, as npr's Stage 1). ``npr_reward`` in the extra info
+    is the reward before that penalty: npr's dynamic-sampling metric (``algorithm.filter_groups.metric``).
+    """
 
     def __init__(self, config, tokenizer, compute_score, reward_router_address=None, reward_model_tokenizer=None):
         if compute_score is None:
@@ -93,3 +102,25 @@ class NprRewardManager(NaiveRewardManager):
             )
         super().__init__(config, TagKeepingDecoder(tokenizer), compute_score, reward_router_address,
                          reward_model_tokenizer)
+        kwargs = (config.reward.get("reward_kwargs") or {}) if config is not None else {}
+        buffer = kwargs.get("overlong_buffer_cfg") or {}
+        self.overlong = None
+        if buffer.get("enable", False):
+            max_len = kwargs.get("max_resp_len")
+            if max_len is None:
+                raise NprError("reward.reward_kwargs.overlong_buffer_cfg.enable needs reward.reward_kwargs.max_resp_len "
+                               "(the rollout's response_length)")
+            self.overlong = (int(max_len), int(buffer.get("len", 0)), float(buffer.get("penalty_factor", 1.0)))
+
+    async def run_single(self, data: DataProto) -> dict:
+        out = await super().run_single(data)
+        out["reward_extra_info"]["npr_reward"] = out["reward_score"]
+        if self.overlong is not None:
+            item = data[-1]
+            width = item.batch["responses"].shape[-1]
+            length = item.batch["attention_mask"][-width:].sum()  # [] response tokens, EOS included
+            max_len, buffer_len, factor = self.overlong
+            penalty = float(overlong_penalty(length[None], max_len, buffer_len, factor)[0])
+            out["reward_score"] += penalty
+            out["reward_extra_info"]["overlong_reward"] = penalty
+        return out
