@@ -105,3 +105,24 @@ def test_overlong_penalty_is_npr_stage1s(tiny_qwen3):
     assert expected == pytest.approx(-0.7)  # 7 tokens into the last 10
     assert out["reward_extra_info"]["npr_reward"] == 1.0
     assert out["reward_score"] == pytest.approx(1.0 + expected)
+
+
+def test_parquet_rows_grade_as_npr(tmp_path):
+    """npr's problems written as verl's parquet come back as the same Problem: the scores equal npr's."""
+    import pandas
+
+    from npr.data import load_problems
+    from npr.integrations.verl.data import main
+    from npr.integrations.verl.rewards import compute_score_stage3
+
+    spec = "rg:chain_sum?size=3&seed=7&terms=2"
+    main([spec, str(tmp_path / "train.parquet")])
+    rows = pandas.read_parquet(tmp_path / "train.parquet").to_dict("records")
+    problems = load_problems(spec)
+    assert [r["prompt"][-1]["content"] for r in rows] == [p.problem for p in problems]
+    for row, problem in zip(rows, problems):
+        for answer in (problem.answer, problem.answer + "1"):
+            text = BLOCK + f" so \\boxed{{{answer}}}"
+            got = compute_score_stage3(row["data_source"], text, row["reward_model"]["ground_truth"],
+                                       row["extra_info"])
+            assert got["score"] == accuracy_reward(text, problem)

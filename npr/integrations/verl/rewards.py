@@ -15,6 +15,7 @@ verl configuration (docs/verl.md)::
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from verl.experimental.reward_loop.reward_manager import register
@@ -35,15 +36,19 @@ def problem_of(data_source: str, ground_truth: Any, extra_info: dict[str, Any] |
     """The ``Problem`` npr grades against, from verl's per-sample fields.
 
     ``ground_truth`` is the reference answer; a reasoning-gym problem carries its dataset entry as
-    ``extra_info["rg_entry"]`` so that reasoning-gym's own scorer grades it, as in npr.
+    ``extra_info["rg_entry"]`` (or as JSON in ``rg_entry_json``, as ``npr.integrations.verl.data`` writes it)
+    so that reasoning-gym's own scorer grades it, as in npr.
     """
     extra = extra_info or {}
+    rg_entry = extra.get("rg_entry")
+    if rg_entry is None and extra.get("rg_entry_json"):
+        rg_entry = json.loads(extra["rg_entry_json"])
     return Problem(
         id=str(extra.get("index", "")),
         problem=str(extra.get("problem", "")),
         answer=str(ground_truth),
         source=str(data_source),
-        rg_entry=extra.get("rg_entry"),
+        rg_entry=rg_entry,
     )
 
 
