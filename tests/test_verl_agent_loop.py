@@ -171,7 +171,8 @@ def test_cut_rollout_kept_only_when_its_blocks_are_complete(qwen):
     model, tok = qwen
     prompt = tok.encode("Q: 1?\n", add_special_tokens=False)
     forcer = StructureForcer(tok, [[3, 4]], prefix_tokens=1, final_tokens=200)
-    out = asyncio.run(agent(plain_server(model, tok, prompt, forcer), tok, 100).run_tokens(prompt, {"temperature": 0.0}))
+    loose = agent(plain_server(model, tok, prompt, forcer), tok, 100)
+    out = asyncio.run(loose.run_tokens(prompt, {"temperature": 0.0}))
     assert out.extra_fields["npr_finish_reason"] == "length" and out.extra_fields["npr_drop_reason"] is None
     strict = agent(plain_server(model, tok, prompt, forcer), tok, 100, drop_truncated=True)
     out = asyncio.run(strict.run_tokens(prompt, {"temperature": 0.0}))

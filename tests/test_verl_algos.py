@@ -142,7 +142,8 @@ def test_loss_refuses_unknown_mode_and_missing_global_counts():
 
 
 def test_verl_imports_npr_in_its_processes(tmp_path):
-    """verl's own hook (what the verl.plugins entry point in pyproject.toml also triggers) registers npr_papo."""
+    """The verl.plugins entry point npr's pyproject declares registers npr_papo in a fresh verl process (a
+    distribution carrying the same entry point stands in for the editable install, whose metadata is older)."""
     import os
     import subprocess
     import sys
@@ -150,9 +151,15 @@ def test_verl_imports_npr_in_its_processes(tmp_path):
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
-    assert pyproject["project"]["entry-points"]["verl.plugins"]["npr"] == "npr.integrations.verl"
+    target = pyproject["project"]["entry-points"]["verl.plugins"]["npr"]
+    assert target == "npr.integrations.verl"
+    info = tmp_path / "npr_verl_plugin-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: npr-verl-plugin\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[verl.plugins]\nnpr = {target}\n")
     code = ("import verl\nfrom verl.trainer.ppo.core_algos import get_policy_loss_fn, get_adv_estimator_fn\n"
             "print(get_policy_loss_fn('npr_papo').__module__, get_adv_estimator_fn('npr_papo').__module__)")
-    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="npr.integrations.verl", VERL_USE_EXTERNAL_PLUGINS="none")
+    path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parents[1])])
+    env = dict(os.environ, PYTHONPATH=path, VERL_USE_EXTERNAL_PLUGINS="npr")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["npr.integrations.verl.algos"] * 2, out.stderr[-2000:]

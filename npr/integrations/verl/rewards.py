@@ -113,8 +113,8 @@ class NprRewardManager(NaiveRewardManager):
         if buffer.get("enable", False):
             max_len = kwargs.get("max_resp_len")
             if max_len is None:
-                raise NprError("reward.reward_kwargs.overlong_buffer_cfg.enable needs reward.reward_kwargs.max_resp_len "
-                               "(the rollout's response_length)")
+                raise NprError("reward.reward_kwargs.overlong_buffer_cfg.enable needs "
+                               "reward.reward_kwargs.max_resp_len (the rollout's response_length)")
             self.overlong = (int(max_len), int(buffer.get("len", 0)), float(buffer.get("penalty_factor", 1.0)))
 
     async def run_single(self, data: DataProto) -> dict:
