@@ -74,10 +74,10 @@ def test_tree_log_probs_equal_npr_in_verl_layout(qwen):
     data = verl_batch(tok)
     prompt_lens = data["attention_mask"][:, :data["prompts"].shape[1]].sum(1).tolist()
     with torch.no_grad():
-        nested, causal = tree_log_probs(model, data["input_ids"], prompt_lens, tag_token_ids(tok), attention="dense")
+        scored = tree_log_probs(model, data["input_ids"], prompt_lens, tag_token_ids(tok), attention="dense")
         reference, mask = npr_reference(model, tok)
-    assert causal == 1  # the cut-off block
-    got = no_padding_2_padding(nested, data)  # verl's own slicing of the response log-probs
+    assert scored.causal_fallbacks == 1 and scored.entropy is None  # the cut-off block
+    got = no_padding_2_padding(scored.log_probs, data)  # verl's own slicing of the response log-probs
     width = mask.shape[1]
     assert got.dtype == torch.float32
     assert torch.allclose(got[:, :width][mask], reference[mask], atol=1e-5)
@@ -93,6 +93,28 @@ def test_tree_log_probs_equal_npr_in_verl_layout(qwen):
 def actor_config() -> FSDPActorConfig:
     return FSDPActorConfig(strategy="fsdp", rollout_n=2, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=1,
                            policy_loss=PolicyLossConfig(loss_mode="npr_papo"))
+
+
+def test_entropy_is_the_tree_contexts(qwen):
+    """The log-prob pass's entropy (verl's metric): the tempered distribution at each tree position, checked
+    against a full-logits forward of one sequence with its dense tree mask."""
+    from npr.masks import attention_bias
+
+    model, tok = qwen
+    data = verl_batch(tok)
+    prompt_lens = data["attention_mask"][:, :data["prompts"].shape[1]].sum(1).tolist()
+    with torch.no_grad():
+        scored = tree_log_probs(model, data["input_ids"], prompt_lens, tag_token_ids(tok), temperature=0.7,
+                                attention="dense", entropy=True)
+        enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+        seq = structured_sequence(enc(SAMPLES[0][0]), enc(SAMPLES[0][1]) + [tok.eos_token_id], tag_token_ids(tok))
+        bias = attention_bias(seq.allowed, model.dtype)[None, None]
+        logits = model(input_ids=seq.input_ids[None], position_ids=seq.position_ids[None],
+                       attention_mask=bias).logits[0, seq.response_start - 1:-1] / 0.7  # [R, V]
+        logp = logits.log_softmax(-1)
+        expected = -(logp.exp() * logp).sum(-1)  # [R]
+    got = no_padding_2_padding(scored.entropy, data)[0, :len(expected)]
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def tree_engine(model, tok):
@@ -144,9 +166,19 @@ def test_refuses_unsupported_options(qwen, flag, advice):
     _, tok = qwen
     data, _ = micro_batch(tok, **{flag: flag != "use_remove_padding"})
     with pytest.raises(NprError, match=advice):
-        check_micro_batch(data)
+        check_micro_batch(data, forward_only=False)
     with pytest.raises(NprError, match="ulysses_sequence_parallel_size=1"):
         check_micro_batch(micro_batch(tok)[0], ulysses_size=2)
+
+
+def test_log_prob_pass_returns_entropy(qwen):
+    """verl computes old log-probs with calculate_entropy=True (a metric): the forward-only pass serves it."""
+    model, tok = qwen
+    data, _ = micro_batch(tok, calculate_entropy=True)
+    with torch.no_grad():
+        _, output = tree_engine(model, tok).forward_step(data, None, forward_only=True)
+    entropy = no_padding_2_padding(output["model_output"]["entropy"], data)
+    assert (entropy[data["response_mask"] > 0] > 0).all()
 
 
 def test_use_tree_actor_swaps_verl_engine(monkeypatch):
