@@ -51,7 +51,7 @@ def main() -> None:
         for name, shape in SHAPES.items():
             engine = Engine(model, tok, EngineConfig(mode="plain", kv_cache_tokens=8192, repetition_penalty=1.0))
             forcer = StructureForcer(tok, shape, prefix_tokens=2)
-            server = EngineServer(engine, lambda ids, f=forcer: [ScriptAt(f, tok, prompt, ids)])
+            server = EngineServer(engine, lambda ids, f=forcer, t=tok, p=prompt: [ScriptAt(f, t, p, ids)])
             got = asyncio.run(fork_join(server.generate, prompt, Scaffold.of(tok, ForkJoinLimits().max_branches), 400,
                                         {"temperature": 0.0}))
             sequential = Engine(model, tok, EngineConfig(mode="sequential", kv_cache_tokens=8192,

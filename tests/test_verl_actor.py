@@ -9,6 +9,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
+from verl.workers.config import FSDPActorConfig, PolicyLossConfig
 from verl.workers.engine.base import EngineRegistry
 from verl.workers.utils.losses import ppo_loss
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding
@@ -19,7 +20,6 @@ from npr.errors import NprError
 from npr.integrations.verl.actor import NprTreeFSDPEngine, check_micro_batch, tree_log_probs, use_tree_actor
 from npr.tokens import tag_token_ids
 from npr.train.logprobs import causal_sequence, response_logprobs, structured_sequence
-from verl.workers.config import FSDPActorConfig, PolicyLossConfig
 
 TRACE = ("<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
          "<step>\n2: 3+4=7 and more\n</step>\n<takeaway>\n57\n</takeaway>\nSo \\boxed{57}.")

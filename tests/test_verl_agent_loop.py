@@ -18,9 +18,9 @@ from npr.integrations.verl.agent_loop import (
     ForkJoinLimits,
     NprParallelAgentLoop,
     Scaffold,
+    Stage3Filter,
     fork_join,
     join_gap,
-    Stage3Filter,
     stage3_drop_reason,
 )
 from npr.tokens import tag_token_ids

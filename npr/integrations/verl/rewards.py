@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from verl import DataProto
 from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.naive import NaiveRewardManager
-
-from verl import DataProto
 
 from npr.algos import overlong_penalty
 from npr.data.problems import Problem
