@@ -162,3 +162,28 @@ def test_verl_imports_npr_in_its_processes(tmp_path):
     env = dict(os.environ, PYTHONPATH=path, VERL_USE_EXTERNAL_PLUGINS="npr")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.stdout.split() == ["npr.integrations.verl.algos"] * 2, out.stderr[-2000:]
+
+
+def test_stage1_needs_nothing_new_verls_grpo_and_vanilla_loss_are_npr_dapo():
+    """docs/verl.md's claim for Stage 1: verl's GRPO advantage and vanilla PPO loss (clip-higher, dual clip)
+    equal npr's group_advantages and dapo_loss on the same tensors (groups of two or more)."""
+    from npr.algos import dapo_loss, group_advantages
+
+    gen = torch.Generator().manual_seed(5)
+    rewards = torch.randint(-1, 2, (12,), generator=gen).float()
+    uids = [f"p{i % 3}" for i in range(12)]
+    out = compute_advantage(rollout_batch(rewards.tolist(), uids, [4] * 12), adv_estimator="grpo",
+                            config=AlgoConfig())
+    expected = group_advantages(rewards, torch.tensor([i % 3 for i in range(12)]))
+    assert torch.allclose(out.batch["advantages"][:, 0], expected, atol=1e-6)
+
+    log_prob, old, adv, mask = random_step(4)
+    old = log_prob.detach() + 0.4 * torch.randn(log_prob.shape, generator=gen)  # ratios far enough to clip
+    config = FSDPActorConfig(strategy="fsdp", rollout_n=2, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=1,
+                             clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=10.0)
+    loss, metrics = get_policy_loss_fn("vanilla")(old, log_prob, adv, mask.bool(), "token-mean", config, None)
+    reference, reference_metrics = dapo_loss(logprobs=log_prob, old_logprobs=old, advantages=adv, mask=mask,
+                                             clip_low=0.2, clip_high=0.28, clip_ratio_c=10.0)
+    assert torch.allclose(loss, reference, atol=1e-6)
+    assert reference_metrics["clip_fraction"] > 0
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(reference_metrics["clip_fraction"], abs=1e-6)
