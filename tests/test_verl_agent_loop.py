@@ -7,7 +7,10 @@ in sequential mode on the same model; the join's re-prefill is measured (rollout
 from __future__ import annotations
 
 import asyncio
+import random
+from collections.abc import Callable
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -104,6 +107,70 @@ def test_loop_matches_engine_sequential(qwen, name):
         forced = [i for i, s in enumerate(got.sampled) if not s]
         assert [got.token_ids[i] for i in forced] == [expected.token_ids[i] for i in forced]
     assert stage3_drop_reason(prompt, got, tok.decode(got.token_ids[:-1]), Stage3Filter(tag_token_ids(tok))) is None
+
+
+class EndAt:
+    """With probability ``p`` per position, EOS instead of the script's token (legal as the final answer's
+    end, illegal inside a block: npr's engine then ends the sample as invalid_schema). Keyed by the engine's
+    stream position (kind, block, branch, offset in the segment), which ``segment_key`` recovers for a server
+    request, so the engine and the loop draw the same."""
+
+    def __init__(self, script, seed: int, p: float, eos: int, key: Callable[[Any], tuple]) -> None:
+        self.script, self.seed, self.p, self.eos, self.key = script, seed, p, eos, key
+
+    def __call__(self, stream, logits: torch.Tensor) -> torch.Tensor:
+        if random.Random(f"{self.seed}/{self.key(stream)}").random() < self.p:
+            forced = torch.full_like(logits, float("-inf"))
+            forced[self.eos] = 0.0
+            return forced
+        return self.script(stream, logits)
+
+
+def engine_key(stream) -> tuple:
+    return str(stream.kind), stream.block, stream.branch, len(stream.tokens)
+
+
+def segment_key(tok, prompt: list[int], context: list[int]) -> tuple:
+    """The engine stream a server request continues, as (kind, block, branch, offset of its first new token)."""
+    response, tags, opens = context[len(prompt):], tag_token_ids(tok), Scaffold.of(tok, 8).step_open
+    branch = next((k for k, ids in enumerate(opens, 1) if tuple(response[-len(ids):]) == ids), 0)
+    if branch:
+        return "branch", response.count(tags["</guideline>"]), branch, len(opens[branch - 1])
+    joins = [i for i, t in enumerate(response) if t == tags["<takeaway>"]]  # main: segments restart at joins
+    return "main", len(joins), 0, len(response) - (joins[-1] if joins else 0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_structures_and_ends_match_the_engine(qwen, seed):
+    """Random shapes (blocks, branches, lengths, budgets) with random EOS anywhere: the loop ends each sample
+    where npr's engine in sequential mode ends it, with the same finish reason, length and response mask,
+    the same tokens up to the first join (after it only the model's text choices may differ) and at every
+    prefilled position."""
+    model, tok = qwen
+    rng = random.Random(seed)
+    shape = [[rng.randint(1, 8) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 3))]
+    kw = dict(prefix_tokens=rng.randint(0, 3), plan_tokens=rng.randint(1, 3), takeaway_tokens=rng.randint(1, 4))
+    budget, p_eos = rng.choice([60, 120, 400]), rng.choice([0.0, 0.01, 0.03])
+    prompt = tok.encode("Q: 1?\n", add_special_tokens=False)
+
+    sequential = EndAt(StructureForcer(tok, shape, **kw), seed, p_eos, tok.eos_token_id, engine_key)
+    params = SamplingParams(max_new_tokens=budget, temperature=0.0, logits_processors=(sequential,))
+    (expected,) = engine(model, tok, "sequential").generate([prompt], params)
+
+    forcer = StructureForcer(tok, shape, **kw)
+
+    def processors(ids):
+        kind, block, branch, offset = segment_key(tok, prompt, ids)
+        return [EndAt(ScriptAt(forcer, tok, prompt, ids), seed, p_eos, tok.eos_token_id,
+                      lambda stream: (kind, block, branch, offset + len(stream.tokens)))]
+
+    server = EngineServer(engine(model, tok, "plain"), processors)
+    got = asyncio.run(fork_join(server.generate, prompt, Scaffold.of(tok, 5), budget, {"temperature": 0.0}))
+    assert got.finish_reason == expected.finish_reason, (got.diagnostic, expected.diagnostic)
+    assert got.sampled == [int(s) for s in expected.sampled]
+    first_join = got.after_join.index(1) if 1 in got.after_join else len(got.token_ids)
+    assert got.token_ids[:first_join] == expected.token_ids[:first_join]
+    assert all(got.token_ids[i] == expected.token_ids[i] for i, s in enumerate(got.sampled) if not s)
 
 
 def test_join_gap_measured_against_the_tree_actor(qwen):
