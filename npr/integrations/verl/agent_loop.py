@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 from typing import Any
 from uuid import uuid4
@@ -42,10 +42,16 @@ from npr.integrations.verl.rewards import TagKeepingDecoder
 from npr.masks import Phase, StructureError, next_phase
 from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
 from npr.tokens import tag_token_ids
+from npr.train.config import Stage3Config
 from npr.train.presets import PRESETS
 from npr.train.stage3 import drop_reason
 
-_STAGE3_PRESET = PRESETS["stage3"]["qwen3-4b"]
+
+def _stage3_setting(name: str) -> Any:
+    """``Stage3Config``'s value of ``name`` under the ``qwen3-4b`` preset (the preset, else the field default)."""
+    preset = PRESETS["stage3"]["qwen3-4b"]
+    return preset[name] if name in preset else {f.name: f.default for f in fields(Stage3Config)}[name]
+
 
 AGENT_NAME = "npr_parallel"
 
@@ -257,10 +263,10 @@ class Stage3Filter:
     """The ``Stage3Config`` fields npr's Stage-3 filter and loss read; defaults: the ``qwen3-4b`` preset."""
 
     tag_ids: dict[str, int]
-    drop_truncated: bool = _STAGE3_PRESET.get("drop_truncated", True)
-    require_parallel: bool = _STAGE3_PRESET.get("require_parallel", True)
-    drop_any_schema_error: bool = _STAGE3_PRESET.get("drop_any_schema_error", False)
-    loss_on_prefilled: bool = _STAGE3_PRESET.get("loss_on_prefilled", False)
+    drop_truncated: bool = _stage3_setting("drop_truncated")
+    require_parallel: bool = _stage3_setting("require_parallel")
+    drop_any_schema_error: bool = _stage3_setting("drop_any_schema_error")
+    loss_on_prefilled: bool = _stage3_setting("loss_on_prefilled")
 
 
 def join_gap(rollout_logprobs: torch.Tensor, actor_logprobs: torch.Tensor, response_mask: torch.Tensor,
