@@ -148,7 +148,7 @@ class Api:
                            "(GET /v1/models)", "model", "model_not_found")
 
     def sampling(self, request: ChatCompletionRequest | CompletionRequest, prompt_lengths: list[int],
-                 budget: int | None, logprobs: bool, prompt_field: str) -> SamplingParams:
+                 budget: int | None, logprobs: bool, prompt_field: str, top_logprobs: int = 0) -> SamplingParams:
         n = request.n or 1
         if n > self.config.max_n:
             raise ApiError(400, f"n={n} is above this server's maximum of {self.config.max_n} (--max-n)", "n")
@@ -173,7 +173,7 @@ class Api:
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0, n=n,
             seed=random.randrange(2**31) if request.seed is None else request.seed, logprobs=logprobs,
-            logits_processors=processors + self.config.logits_processors)
+            top_logprobs=top_logprobs, logits_processors=processors + self.config.logits_processors)
         # the engine admits by actual use and preempts when the pool runs dry, so only a request that
         # cannot even start (its prompt pages plus one per sample) is refused here
         need = self.engine.scheduler.start_blocks(longest, params)
@@ -236,7 +236,8 @@ class Api:
         self.check_stream_options(req)
         stops = req.stop_strings()
         ids = self.chat_prompt(req)
-        params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages")
+        top = (req.top_logprobs or 0) if req.logprobs else 0
+        params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages", top)
         fmt = ChatFormat(await self.start([ids], params, stops, req), self.config.model_name, bool(req.logprobs),
                          reasoning=self.config.reasoning_parser == "npr")
         return self.respond(fmt, req)
@@ -249,8 +250,10 @@ class Api:
         stops = req.stop_strings()
         prompts = self.completion_prompts(req)
         logprobs = req.logprobs is not None
-        params = self.sampling(req, [len(p) for p in prompts], req.budget(), logprobs, "prompt")
-        fmt = CompletionFormat(await self.start(prompts, params, stops, req), self.config.model_name, logprobs)
+        params = self.sampling(req, [len(p) for p in prompts], req.budget(), logprobs, "prompt",
+                               top_logprobs=req.logprobs or 0)
+        fmt = CompletionFormat(await self.start(prompts, params, stops, req), self.config.model_name, logprobs,
+                               top_logprobs=req.logprobs or 0)
         return self.respond(fmt, req)
 
     @staticmethod
