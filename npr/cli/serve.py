@@ -123,6 +123,10 @@ def add_parser(sub, name: str, help_text: str):
     srv.add_argument("--reasoning-parser", default="npr", choices=["npr", "none"],
                      help="npr (default): a chat reply's NPR blocks go to message.reasoning_content and the final "
                      "text to content, as vLLM's --reasoning-parser; none: the whole text is content")
+    srv.add_argument("--deterministic", action="store_true",
+                     help="run requests one at a time: a seeded or greedy request then gives exactly the output it "
+                     "gives alone, whatever else is sent, at any dtype (no batching across requests; default: off, "
+                     "where bfloat16 outputs can change with the load)")
     srv.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                      help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM (default: 30)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -280,7 +284,8 @@ def serve(args, sock: socket.socket) -> int:
     console = Console(stderr=True)
     engine_config = EngineConfig(mode=args.mode, max_branches=args.max_branches, max_depth=args.max_depth,
                                  repetition_penalty=args.repetition_penalty, max_num_seqs=args.max_num_seqs,
-                                 kv_cache_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens)
+                                 kv_cache_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens,
+                                 share_prompt_prefix=not args.deterministic)
     try:
         config = ServeConfig(model_name=args.served_model_name or args.model, max_n=args.max_n,
                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
@@ -288,7 +293,7 @@ def serve(args, sock: socket.socket) -> int:
                              reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins,
                              allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
                              allow_credentials=args.allow_credentials,
-                             api_key=args.api_key, drain_timeout_s=args.drain_timeout)
+                             api_key=args.api_key, drain_timeout_s=args.drain_timeout, deterministic=args.deterministic)
     except ValueError as e:
         raise NprError(f"--{str(e).replace('_', '-')}") from e
     if args.threads:

@@ -79,6 +79,12 @@ class ServeConfig:
     """``npr`` (default): a chat reply's NPR trace (its blocks) goes to ``message.reasoning_content`` /
     ``delta.reasoning_content`` and the final text to ``content``, as vLLM's ``--reasoning-parser``;
     ``none``: the whole canonical text is ``content``. Completions always return the whole text."""
+    deterministic: bool = False
+    """``npr serve --deterministic``: requests run one at a time (``EngineLoop.one_at_a_time``), so a seeded or
+    greedy request gives exactly its output on an idle server whatever else is sent, at any dtype; the price is
+    no batching across requests. Needs an engine with ``share_prompt_prefix=False`` (a prefix remembered from an
+    earlier request would change how this one is laid out). Off: requests share forwards (continuous batching)
+    and, in bfloat16, a request's output can change with what runs beside it (docs/serving.md)."""
     logits_processors: tuple = ()
     allowed_origins: tuple[str, ...] = ()
     """CORS (vLLM's ``--allowed-origins``): origins a browser app may call from; ``*`` any. Empty (default): no
@@ -124,7 +130,9 @@ class Api:
     def __init__(self, engine: Engine, config: ServeConfig):
         self.engine, self.config = engine, config
         self.tokenizer = engine.tokenizer
-        self.loop = EngineLoop(engine, config.max_queue)
+        if config.deterministic and engine.config.share_prompt_prefix:
+            raise ValueError("deterministic serving needs an engine built with EngineConfig(share_prompt_prefix=False)")
+        self.loop = EngineLoop(engine, config.max_queue, one_at_a_time=config.deterministic)
         self.eos_ids = engine.scaffold.eos_ids
         self.vocab = engine.model.get_input_embeddings().num_embeddings
         self.started = int(time.time())
