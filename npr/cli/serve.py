@@ -310,6 +310,8 @@ def serve(args, sock: socket.socket) -> int:
         engine.context_length = args.max_model_len
     app = create_app(engine, config)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # the page polls GET /live every 400 ms: not an access-log line each time
+    logging.getLogger("uvicorn.access").addFilter(lambda record: "/live" not in record.getMessage())
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     console.print(f"npr serve: [bold]{config.model_name}[/] ({args.mode} mode) listening on {url}  "

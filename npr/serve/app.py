@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from npr.engine import Engine, SamplingParams
 from npr.prompts import NPR_INSTRUCTION
+from npr.serve.live import LiveRequests
 from npr.serve.loop import EngineLoop, Job, Overloaded, Sink
 from npr.serve.page import chat_page
 from npr.serve.protocol import (
@@ -136,6 +137,7 @@ class Api:
         self.eos_ids = engine.scaffold.eos_ids
         self.vocab = engine.model.get_input_embeddings().num_embeddings
         self.started = int(time.time())
+        self.live = LiveRequests()
         self.skip_ids = frozenset(self.tokenizer.all_special_ids) - set(engine.scaffold.tag_of) - self.eos_ids
         """skip_special_tokens drops these: special tokens but not the NPR tags (the final EOS is always dropped)."""
 
@@ -248,6 +250,8 @@ class Api:
         params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages", top)
         fmt = ChatFormat(await self.start([ids], params, stops, req), self.config.model_name, bool(req.logprobs),
                          reasoning=self.config.reasoning_parser == "npr")
+        users = [m.text() for m in req.messages if m.role == "user"]
+        self.live.add(fmt, "chat", users[-1] if users else req.messages[-1].text())
         return self.respond(fmt, req)
 
     async def completions(self, request: Request):
@@ -262,6 +266,8 @@ class Api:
                                top_logprobs=req.logprobs or 0)
         fmt = CompletionFormat(await self.start(prompts, params, stops, req), self.config.model_name, logprobs,
                                top_logprobs=req.logprobs or 0)
+        first = req.prompts()[0]
+        self.live.add(fmt, "completions", first if isinstance(first, str) else f"[{len(first)} token ids]")
         return self.respond(fmt, req)
 
     @staticmethod
@@ -299,6 +305,13 @@ class Api:
         if self.loop.failure:
             body["failure"] = self.loop.failure
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    async def live_view(self, request: Request):
+        """The live page's snapshot (``npr.serve.live``): needs the key when one is set (it shows every
+        client's prompts and outputs)."""
+        self.authorize(request)
+        stats = self.loop.stats()
+        return JSONResponse(self.live.snapshot(stats, request.query_params.get("follow")))
 
     async def version(self, request: Request):
         from npr import __version__
@@ -381,6 +394,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> Starlette:
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/version", api.version, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/live", api.live_view, methods=["GET"]),
         Route("/tokenize", api.tokenize, methods=["POST"]),
         Route("/detokenize", api.detokenize, methods=["POST"]),
     ]

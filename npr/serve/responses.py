@@ -56,6 +56,7 @@ class Generation:
         self._position = {job.index: j for j, job in enumerate(jobs)}
         self._stop_sent: set[int] = set()
         self.created = int(time.time())
+        self.closed = False  # the response ended (``close``)
 
     def choice(self, item: StreamDelta | Result) -> int:
         return self._position[item.prompt_index] * self.n + item.sample_index
@@ -92,6 +93,7 @@ class Generation:
 
     def close(self) -> None:
         """Cancel whatever has not finished (the client left, or the response failed)."""
+        self.closed = True
         for j, job in enumerate(self.jobs):
             if not all(s.done for s in self.streams[j * self.n:(j + 1) * self.n]):
                 self.loop.cancel(job)

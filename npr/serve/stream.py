@@ -110,6 +110,7 @@ class SampleStream:
         self._held_eos: tuple | None = None  # an EOS is content only if more content follows
         self._pending: dict[int, dict[int, list[tuple]]] = {}  # block -> branch -> (token, logprob, top)
         self._branch_text: dict[tuple[int, int], IncrementalDecoder] = {}
+        self.branch_text: dict[tuple[int, int], str] = {}  # (block, branch) -> its text so far, while it decodes
         self.entries: list[LogprobEntry] = []
         self.stopped = False  # a stop string matched: the content is final, the engine may still be running
         self.result: Result | None = None
@@ -142,6 +143,7 @@ class SampleStream:
             text = "".join(decoder.push(t) for t in delta.token_ids)
             if text:
                 update.branches.append((delta.block, delta.branch, text))
+                self.branch_text[key] = self.branch_text.get(key, "") + text
             self._pending.setdefault(delta.block, {}).setdefault(delta.branch, []).extend(pairs)
         else:
             self._join(update, delta.block)
@@ -173,6 +175,7 @@ class SampleStream:
             for branch in sorted(self._pending[b]):
                 self._commit(update, self._pending[b][branch])
                 self._branch_text.pop((b, branch), None)
+                self.branch_text.pop((b, branch), None)
             del self._pending[b]
 
     def _commit(self, update: Update, pairs) -> None:
