@@ -116,7 +116,8 @@ def main() -> None:
     torch.set_num_threads(1)
     model, tok = load_model_and_tokenizer("tiny-random-llama")
     print(f"# engine_host: tiny-random-llama ({model.config.num_hidden_layers} layers), plain, sampled, "
-          f"top_logprobs {args.top_logprobs}, torch threads {torch.get_num_threads()}, median of {args.steps} steady decode steps")
+          f"top_logprobs {args.top_logprobs}, torch threads {torch.get_num_threads()}, "
+          f"median of {args.steps} steady decode steps")
     print(f"{'rows':>5} {'step ms':>8} {'forward ms':>10} {'host ms':>8} {'dispatches':>10} {'in forward':>10}")
     results = {}
     for rows in (int(r) for r in args.rows.split(",")):
