@@ -25,7 +25,7 @@ from npr.engine import Engine
 from npr.serve.responses import FINAL, ChatFormat, Generation, _json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import serve_speed  # noqa: E402  (the same workload)
+import serve_speed  # the same workload (after the path insert above)
 
 
 def record(engine: Engine, prompts, params) -> tuple[list, float]:

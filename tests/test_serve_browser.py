@@ -87,7 +87,8 @@ def test_the_page_shows_the_server_and_follows_a_request(tiny_llama, tmp_path):
                          ".textContent)", timeout=30)
         stats = browser.evaluate("document.getElementById('srv-stats').textContent")
         assert "3 running" in stats and "0 queued" in stats and "KV " in stats, stats
-        labels = browser.evaluate("Array.from(document.querySelectorAll('#srv-list button.req')).map(b => b.textContent)")
+        labels = browser.evaluate("Array.from(document.querySelectorAll('#srv-list button.req'))"
+                                  ".map(b => b.textContent)")
         assert sorted(q for q in questions if any(q in label for label in labels)) == sorted(questions), labels
         target = browser.evaluate("document.querySelector('#srv-list button.req').dataset.id")
         box = browser.rect(f"#srv-list button.req[data-id='{target}']")

@@ -91,7 +91,7 @@ def test_completion_logprobs_k_as_vllm(branched):
     """``logprobs: k``: per token a dict of the k best alternatives' texts plus the sampled token's (vLLM's shape);
     greedy main-line tokens are their position's best; streamed chunks add up to the answer."""
     c = client(branched)
-    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=40, temperature=0, logprobs=3)
+    kw = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 40, "temperature": 0, "logprobs": 3}
     r = c.completions.create(**kw)
     lp = r.choices[0].logprobs
     assert len(lp.top_logprobs) == len(lp.tokens) == len(lp.token_logprobs)
