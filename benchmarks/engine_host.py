@@ -55,10 +55,11 @@ class ForwardTimer:
         model.forward = timed
 
 
-def measure(model, tok, rows: int, steps: int, warm: int) -> dict[str, float]:
+def measure(model, tok, rows: int, steps: int, warm: int, top_logprobs: int = 0) -> dict[str, float]:
     config = EngineConfig(mode="plain", max_num_seqs=rows, kv_cache_tokens=rows * (warm + 2 * steps + 64))
     engine = Engine(model, tok, config)
-    params = SamplingParams(max_new_tokens=warm + 2 * steps + 8, temperature=1.0, seed=0, ignore_eos=True)
+    extra = {"top_logprobs": top_logprobs} if top_logprobs else {}  # runs on engines without the field
+    params = SamplingParams(max_new_tokens=warm + 2 * steps + 8, temperature=1.0, seed=0, ignore_eos=True, **extra)
     engine.submit([[1, 10 + i % 200, 11 + i % 150, 12] for i in range(rows)], params)
     for _ in range(warm):  # the prefill and a few decode steps
         engine.step()
@@ -108,17 +109,19 @@ def main() -> None:
     ap.add_argument("--rows", default="64,256")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--top-logprobs", type=int, default=0, help="every request also asks its K best log-probs")
     args = ap.parse_args()
     from npr.models import load_model_and_tokenizer
 
     torch.set_num_threads(1)
     model, tok = load_model_and_tokenizer("tiny-random-llama")
     print(f"# engine_host: tiny-random-llama ({model.config.num_hidden_layers} layers), plain, sampled, "
-          f"torch threads {torch.get_num_threads()}, median of {args.steps} steady decode steps")
+          f"top_logprobs {args.top_logprobs}, torch threads {torch.get_num_threads()}, "
+          f"median of {args.steps} steady decode steps")
     print(f"{'rows':>5} {'step ms':>8} {'forward ms':>10} {'host ms':>8} {'dispatches':>10} {'in forward':>10}")
     results = {}
     for rows in (int(r) for r in args.rows.split(",")):
-        r = results[rows] = measure(model, tok, rows, args.steps, args.warm)
+        r = results[rows] = measure(model, tok, rows, args.steps, args.warm, args.top_logprobs)
         print(f"{rows:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>10.2f} {r['host_ms']:>8.2f} "
               f"{r['dispatches']:>10.0f} {r['forward_dispatches']:>10.0f}")
     last = max(results)

@@ -13,7 +13,9 @@ Throughput is generated tokens (every branch, ``usage.completion_tokens``) per s
 the table gives server / direct (goal >= 0.9). Time to first token (TTFT) is from a request's
 send to its first chunk carrying text (content or a branch), at 1 and at N concurrent requests,
 next to the engine's own time to the first token of those requests. Rounds alternate direct and
-server; medians are reported.
+server; medians are reported. CPU ms per generated token compares the work of each side (the server's
+whole process from /proc, the direct side's process time), which unlike wall time does not depend on
+what else shares the cores. The last line reads ``server/direct at N requests: X`` (wall throughput).
 
     flock -x /tmp/npr-cpu.lock python benchmarks/serve_speed.py --model embedded --dtype bfloat16
 """
@@ -113,8 +115,16 @@ def stream_one(port: int, question: str, budget: int, start: threading.Event, ou
     conn.close()
 
 
-def through_server(port: int, questions: list[str], budget: int) -> dict:
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used, all its threads (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def through_server(port: int, questions: list[str], budget: int, pid: int) -> dict:
     start, results = threading.Event(), [{} for _ in questions]
+    cpu = process_cpu_s(pid)
     threads = [threading.Thread(target=stream_one, args=(port, q, budget, start, r))
                for q, r in zip(questions, results)]
     for t in threads:
@@ -125,10 +135,12 @@ def through_server(port: int, questions: list[str], budget: int) -> dict:
         t.join()
     t0 = min(r["sent"] for r in results)
     return {"wall": max(r["end"] for r in results) - t0, "tokens": sum(r["tokens"] for r in results),
+            "cpu": process_cpu_s(pid) - cpu,
             "ttft": [r["first"] - r["sent"] for r in results], "texts": [r["text"] for r in results]}
 
 
 def direct(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> dict:
+    cpu = time.process_time()
     start = time.perf_counter()
     engine.submit(prompts, params)
     first, results = {}, []
@@ -140,7 +152,7 @@ def direct(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> 
         results += event.finished
     results.sort(key=lambda r: r.prompt_index)
     return {"wall": time.perf_counter() - start, "tokens": sum(len(r.token_ids) for r in results),
-            "ttft": list(first.values()), "texts": [r.text for r in results]}
+            "cpu": time.process_time() - cpu, "ttft": list(first.values()), "texts": [r.text for r in results]}
 
 
 def main(argv=None) -> None:
@@ -157,13 +169,13 @@ def main(argv=None) -> None:
         print(f"# serve_speed: {args.model}, {args.dtype}, torch threads {args.threads}, {args.requests} requests, "
               f"one forced block of {args.branches} x {args.branch_tokens}-token branches, greedy")
         direct(engine, prompts[:2], params)  # warm-up
-        through_server(port, questions[:2], params.max_new_tokens)
+        through_server(port, questions[:2], params.max_new_tokens, child.pid)
         rows = {"direct": [], "server": [], "direct1": [], "server1": []}
         for _ in range(args.rounds):
             rows["direct"].append(direct(engine, prompts, params))
-            rows["server"].append(through_server(port, questions, params.max_new_tokens))
+            rows["server"].append(through_server(port, questions, params.max_new_tokens, child.pid))
             rows["direct1"].append(direct(engine, prompts[:1], params))
-            rows["server1"].append(through_server(port, questions[:1], params.max_new_tokens))
+            rows["server1"].append(through_server(port, questions[:1], params.max_new_tokens, child.pid))
     finally:
         child.stdin.close()
         child.wait(timeout=60)
@@ -180,6 +192,15 @@ def report(rows: dict, n: int) -> None:
     print(f"| {n} | {tps['direct']:.1f} | {tps['server']:.1f} | {tps['server'] / tps['direct']:.2f} | {same} |")
     print(f"| 1 | {tps['direct1']:.1f} | {tps['server1']:.1f} | {tps['server1'] / tps['direct1']:.2f} | "
           f"{all(s['texts'] == d['texts'] for s, d in zip(rows['server1'], rows['direct1']))} |")
+    cpu = {k: med(1000 * r["cpu"] / r["tokens"] for r in rows[k]) for k in rows}
+    print(f"\n1b. CPU ms per generated token (server: its whole process, HTTP and event loop included; direct: "
+          f"this process; median of {len(rows['direct'])} rounds). Unlike wall time, this does not depend on what "
+          "else the machine's cores run (the client threads, other jobs)")
+    print("| requests | direct CPU ms/token | server CPU ms/token | server / direct |")
+    print("|---|---|---|---|")
+    for key, count in (("", n), ("1", 1)):
+        print(f"| {count} | {cpu['direct' + key]:.1f} | {cpu['server' + key]:.1f} | "
+              f"{cpu['server' + key] / cpu['direct' + key]:.2f} |")
     print("\n2. time to first token, ms (median over requests and rounds; max in parentheses)")
     print("| concurrent | server TTFT | engine TTFT | server - engine |")
     print("|---|---|---|---|")
@@ -188,6 +209,7 @@ def report(rows: dict, n: int) -> None:
         engine = [t * 1000 for r in rows["direct" + key] for t in r["ttft"]]
         print(f"| {count} | {med(server):.0f} ({max(server):.0f}) | {med(engine):.0f} ({max(engine):.0f}) | "
               f"{med(server) - med(engine):.0f} |")
+    print(f"\nserver/direct at {n} requests: {tps['server'] / tps['direct']:.2f}")
 
 
 if __name__ == "__main__":

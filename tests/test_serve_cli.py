@@ -229,3 +229,26 @@ def test_max_model_len_caps_the_context():
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_flag_runs_requests_one_at_a_time(monkeypatch, deterministic):
+    """--deterministic: the engine loop hands the engine one request at a time, with no prompt-prefix sharing."""
+    from npr.cli.main import main
+
+    seen = {}
+
+    class NotServing:
+        def run(self, sockets):
+            pass
+
+    def capture(app, engine_loop, drain_timeout_s, log_level):
+        seen["api"] = app.state.api
+        return NotServing()
+
+    monkeypatch.setattr("npr.cli.serve.make_server", capture)
+    argv = ["serve", "tiny-random-llama", "--port", "0", "--kv-cache-tokens", "4096"]
+    assert main(argv + (["--deterministic"] if deterministic else [])) == 0
+    api = seen["api"]
+    assert api.config.deterministic is api.loop.one_at_a_time is deterministic
+    assert api.engine.config.share_prompt_prefix is not deterministic

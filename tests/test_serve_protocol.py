@@ -41,7 +41,8 @@ MESSAGES = [{"role": "user", "content": "What is 2 + 3?"}]
     ({"messages": MESSAGES, "logit_bias": {"1": 2}}, "logit_bias", "not supported"),
     ({"messages": MESSAGES, "tools": [{"type": "function"}]}, "tools", "not supported"),
     ({"messages": MESSAGES, "response_format": {"type": "json_object"}}, "response_format", "not supported"),
-    ({"messages": MESSAGES, "top_logprobs": 3}, "top_logprobs", "not supported"),
+    ({"messages": MESSAGES, "top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
+    ({"messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "less than or equal to 20"),
     ({"messages": MESSAGES, "store": 0}, "store", "not supported"),  # 0 is not false
     ({"messages": MESSAGES, "echo": False}, "echo", "Unrecognized"),  # a completions field
     ({"messages": MESSAGES, "temprature": 0.5}, "temprature", "Unrecognized request argument supplied"),
@@ -67,7 +68,8 @@ def test_neutral_values_of_unsupported_fields_are_accepted():
 @pytest.mark.parametrize("body,param,words", [
     ({"prompt": 5}, "prompt", "expected one of"),
     ({"prompt": [1, "a"]}, "prompt", "expected one of"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs", "send logprobs=0"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs", "less than or equal to 20"),
+    ({"prompt": "x", "top_logprobs": 2}, "top_logprobs", "Unrecognized"),  # chat's field
     ({"prompt": "x", "echo": True}, "echo", "not supported"),
     ({"prompt": "x", "suffix": "y"}, "suffix", "not supported"),
     ({"prompt": "x", "best_of": 3}, "best_of", "not supported"),
@@ -173,7 +175,7 @@ def test_stop_strings_cut_the_content_and_never_leak(stops, expected):
     assert "".join(u.content for u in updates) == expected  # held-back text never went out
     stream.finish(SimpleNamespace(finish_reason="cancelled"))
     assert stream.finish_reason() == "stop" and stream.text == expected
-    assert all(offset < len(expected) for _, _, offset in stream.content_logprobs())
+    assert all(e.offset < len(expected) for e in stream.content_logprobs())
 
 
 def test_multibyte_characters_are_never_split():

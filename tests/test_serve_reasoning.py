@@ -57,3 +57,15 @@ def test_streamed_pieces_equal_the_whole_split(blocks, final, cut_at):
     reasoning, content = split_reasoning(text)
     assert (reasoning or "") + content == text
     assert streamed(text, cuts) == (reasoning, content)
+
+
+def test_a_whole_guideline_tag_is_reasoning_at_once():
+    """The first piece of an NPR answer is often just ``<guideline>``: it opens a block, so it goes out as
+    reasoning in the same step (holding it until the next piece cost a step of time to first token); a partial
+    tag still waits."""
+    splitter = ReasoningSplitter()
+    assert splitter.feed("<guideline>") == ("<guideline>", "")
+    assert splitter.feed("\n<plan>") == ("\n<plan>", "")
+    partial = ReasoningSplitter()
+    assert partial.feed("<guide") == ("", "")
+    assert partial.feed("line>") == ("<guideline>", "")

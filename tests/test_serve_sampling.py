@@ -127,7 +127,7 @@ def test_chat_template_kwargs_and_add_generation_prompt_reach_the_template():
     ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "valid dictionary"),
     ({"stream": True, "stream_options": {"continuous_usage_stats": 1}}, "stream_options.continuous_usage_stats",
      "valid boolean"),
-    ({"top_logprobs": 3}, "top_logprobs", "not supported"),
+    ({"top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
 ])
 def test_bad_extra_fields_name_the_field(body, param, words):
     with pytest.raises(ApiError) as info:

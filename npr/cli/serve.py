@@ -129,6 +129,10 @@ def add_parser(sub, name: str, help_text: str):
     srv.add_argument("--reasoning-parser", default="npr", choices=["npr", "none"],
                      help="npr (default): a chat reply's NPR blocks go to message.reasoning_content and the final "
                      "text to content, as vLLM's --reasoning-parser; none: the whole text is content")
+    srv.add_argument("--deterministic", action="store_true",
+                     help="run requests one at a time: a seeded or greedy request then gives exactly the output it "
+                     "gives alone, whatever else is sent, at any dtype (no batching across requests; default: off, "
+                     "where bfloat16 outputs can change with the load)")
     srv.add_argument("--drain-timeout", type=non_negative_float, default=30.0,
                      help="seconds in-flight requests get to finish on Ctrl-C/SIGTERM (default: 30)")
     srv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -291,7 +295,8 @@ def serve(args, sock: socket.socket) -> int:
     engine_config = EngineConfig(mode=args.mode, max_branches=args.max_branches, max_depth=args.max_depth,
                                  repetition_penalty=args.repetition_penalty, max_num_seqs=args.max_num_seqs,
                                  kv_cache_gib=args.kv_cache_gib, kv_cache_tokens=args.kv_cache_tokens,
-                                 gpu_memory_utilization=args.gpu_memory_utilization)
+                                 gpu_memory_utilization=args.gpu_memory_utilization,
+                                 share_prompt_prefix=not args.deterministic)
     try:
         config = ServeConfig(model_name=args.served_model_name or args.model, max_n=args.max_n,
                              max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
@@ -299,7 +304,7 @@ def serve(args, sock: socket.socket) -> int:
                              reasoning_parser=args.reasoning_parser, allowed_origins=args.allowed_origins,
                              allowed_methods=args.allowed_methods, allowed_headers=args.allowed_headers,
                              allow_credentials=args.allow_credentials,
-                             api_key=args.api_key, drain_timeout_s=args.drain_timeout)
+                             api_key=args.api_key, drain_timeout_s=args.drain_timeout, deterministic=args.deterministic)
     except ValueError as e:
         raise NprError(f"--{str(e).replace('_', '-')}") from e
     if args.threads:
@@ -316,6 +321,8 @@ def serve(args, sock: socket.socket) -> int:
         engine.context_length = args.max_model_len
     app = create_app(engine, config)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    # the page polls GET /live every 400 ms: not an access-log line each time
+    logging.getLogger("uvicorn.access").addFilter(lambda record: "/live" not in record.getMessage())
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     console.print(f"npr serve: [bold]{config.model_name}[/] ({args.mode} mode) listening on {url}  "

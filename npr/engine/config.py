@@ -119,6 +119,9 @@ class SamplingParams:
     """Keep decoding past EOS (benchmarks): EOS is then an ordinary token."""
     logprobs: bool = True
     """Record the model's log-prob of every sampled token (RL needs them; evaluation can skip the work)."""
+    top_logprobs: int = 0
+    """Also record, at every sampled position, the ``top_logprobs`` most likely tokens and their log-probs
+    (same distribution as ``logprobs``; ``Result.top_logprobs``): one ``topk`` over the rows that ask."""
     logits_processors: tuple = field(default=(), compare=False)
     """Callables ``(stream: StreamView, logits: FloatTensor[V]) -> FloatTensor[V]`` applied
     before sampling (see ``npr.engine.forcing``)."""
@@ -130,5 +133,5 @@ class SamplingParams:
             raise EngineInputError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise EngineInputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0 or self.n < 1:
-            raise EngineInputError("top_k must be >= 0 and n >= 1")
+        if self.top_k < 0 or self.n < 1 or self.top_logprobs < 0:
+            raise EngineInputError("top_k and top_logprobs must be >= 0 and n >= 1")

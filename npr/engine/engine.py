@@ -72,6 +72,9 @@ class Result:
     mode: str
     blocks: list[list[tuple[int, int]]]
     stats: RequestStats
+    top_logprobs: list[tuple[tuple[int, float], ...]] | None = None
+    """With ``SamplingParams.top_logprobs``: per token, its position's most likely (id, log-prob), best first
+    (``()`` for prefilled tokens); else None."""
 
     @property
     def branches_per_block(self) -> list[int]:
@@ -278,8 +281,8 @@ class Engine:
             logits = self._forward(batch_plan, upload)  # [rows asking for logits, V] float32
             if fan_out is not None:
                 logits = logits.index_select(0, upload[fan_out])
-            tokens, logprobs = self._sample(streams, logits, sampling, upload)
-            event.deltas = self.scheduler.consume(list(zip(streams, tokens, logprobs)))
+            tokens, logprobs, top = self._sample(streams, logits, sampling, upload)
+            event.deltas = self.scheduler.consume(list(zip(streams, tokens, logprobs)), top)
             event.tokens = sum(len(f.tokens) for f in feeds)
         event.finished = [self._result(r) for r in self.scheduler.take_finished()]
         event.live_requests = len(self.scheduler.running)
@@ -346,10 +349,13 @@ class Engine:
         return RowParams(temperature, top_p, top_k, uniform)
 
     def _sample(self, streams: list[Stream], logits: torch.Tensor, sampling: StepSampling, upload: StepUpload
-                ) -> tuple[list[int], list[float]]:
+                ) -> tuple[list[int], list[float], dict[int, tuple[tuple[int, float], ...]]]:
         """Process and sample one token per stream, batched on the device; log-probs are those of
-        the unprocessed model (temperature 1). logits: [S, V] float32, edited in place."""
-        want_logprobs = any(s.request.params.logprobs for s in streams)
+        the unprocessed model (temperature 1). logits: [S, V] float32, edited in place. Returns the
+        tokens, their log-probs and, for the streams that ask ``top_logprobs``, their row's top (id,
+        log-prob) pairs (one ``topk`` over those rows only, read back in the step's one transfer)."""
+        top_rows = [i for i, s in enumerate(streams) if s.request.params.top_logprobs]
+        want_logprobs = bool(top_rows) or any(s.request.params.logprobs for s in streams)
         processors = any(s.request.params.logits_processors for s in streams)
         edits = sampling.penalty is not None or processors
         raw = logits.clone() if want_logprobs and edits else logits
@@ -368,8 +374,25 @@ class Engine:
         lse = torch.logsumexp(raw, dim=-1) if want_logprobs else None  # [S]
         chosen = raw.gather(1, tokens[:, None])[:, 0] - lse if want_logprobs else torch.full_like(wide, math.nan,
                                                                                               dtype=torch.float32)
-        token_ids, logprobs, wide_rows = torch.stack([tokens.double(), chosen.double(), wide.double()]).tolist()
-        token_ids = [int(t) for t in token_ids]  # the step's one transfer, just above
+        parts = [tokens.double(), chosen.double(), wide.double()]
+        k = max((streams[i].request.params.top_logprobs for i in top_rows), default=0)
+        if top_rows:  # [t, k]: the same k for every asking row (the widest), cut per row on the host
+            rows = torch.tensor(top_rows, device=raw.device) if len(top_rows) < len(streams) else None
+            top_raw = raw if rows is None else raw.index_select(0, rows)  # [t, V]
+            top_lse = lse if rows is None else lse.index_select(0, rows)  # [t]
+            values, ids = top_raw.topk(min(k, raw.shape[1]), dim=-1)  # [t, k]
+            parts += [(values - top_lse[:, None]).double().reshape(-1), ids.double().reshape(-1)]
+        flat = torch.cat(parts).tolist()  # the step's one transfer
+        count = len(streams)
+        token_ids = [int(t) for t in flat[:count]]
+        logprobs, wide_rows = flat[count:2 * count], flat[2 * count:3 * count]
+        top = {}
+        if top_rows:
+            k = min(k, raw.shape[1])
+            values, ids = flat[3 * count:3 * count + len(top_rows) * k], flat[3 * count + len(top_rows) * k:]
+            for j, i in enumerate(top_rows):
+                want = streams[i].request.params.top_logprobs
+                top[i] = tuple((int(ids[j * k + c]), values[j * k + c]) for c in range(min(want, k)))
         redo = [i for i, w in enumerate(wide_rows) if w]
         if redo:  # rare: a nucleus wider than the candidates
             for i, t in zip(redo, redraw_wide(logits, params, redo)):
@@ -380,12 +403,15 @@ class Engine:
             for s, t in zip(streams, token_ids):
                 if s.seen_slot >= 0:
                     self._seen.add(s.seen_slot, t)
-        return token_ids, logprobs
+        return token_ids, logprobs, top
 
     def _result(self, req: Request) -> Result:
         tokens, positions, logprobs, sampled = [], [], [], []
+        top = [] if req.params.top_logprobs else None
         offsets = {}
         for seg in req.segments:
+            if top is not None:
+                top += [seg.top_logprobs.get(i, ()) for i in range(len(seg))]
             offsets[seg.id] = len(tokens)
             tokens += seg.tokens
             positions += range(seg.start_pos, seg.start_pos + len(seg))
@@ -407,4 +433,5 @@ class Engine:
                 generated_tokens=len(tokens), critical_path_tokens=len(tokens) - saved,
                 forward_passes=req.forward_passes, wall_time_s=ended - (req.started or ended),
                 parallel_blocks=len(blocks), preemptions=req.preemptions),
+            top_logprobs=top,
         )

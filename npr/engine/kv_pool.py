@@ -185,7 +185,7 @@ class Segment:
     whose KV is not computed yet (``written`` counts those that are)."""
 
     __slots__ = ("id", "fork", "order", "start_pos", "tokens", "logprobs", "sampled", "written", "pages",
-                 "delivered", "block", "branch", "frozen")
+                 "delivered", "block", "branch", "frozen", "top_logprobs")
 
     def __init__(self, seg_id: int, start_pos: int, fork: int | None = None, order: int = 0, block: int = 0,
                  branch: int = 0):
@@ -201,11 +201,14 @@ class Segment:
         self.delivered = 0  # tokens already reported in an EngineEvent delta
         self.block, self.branch = block, branch
         self.frozen = False  # complete: other segments read it (its last page's valid count is set)
+        self.top_logprobs: dict[int, tuple[tuple[int, float], ...]] = {}  # offset -> top (id, log-prob), if asked
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def append(self, token: int, logprob: float, sampled: bool) -> None:
+    def append(self, token: int, logprob: float, sampled: bool, top: tuple | None = None) -> None:
+        if top is not None:
+            self.top_logprobs[len(self.tokens)] = top
         self.tokens.append(token)
         self.logprobs.append(logprob)
         self.sampled.append(sampled)

@@ -467,14 +467,17 @@ class Scheduler:
 
     # ------------------------------------------------------------------ consuming samples
 
-    def consume(self, samples: list[tuple[Stream, int, float]]) -> list[StreamDelta]:
+    def consume(self, samples: list[tuple[Stream, int, float]],
+                top_logprobs: dict[int, tuple[tuple[int, float], ...]] | None = None) -> list[StreamDelta]:
         """Apply sampled (stream, token, logprob) in order; return the step's token deltas.
+        ``top_logprobs``: sample index -> its position's top (id, log-prob), for streams that asked.
         Finished requests are collected for ``take_finished``."""
-        for stream, token, logprob in samples:
+        top_logprobs = top_logprobs or {}
+        for i, (stream, token, logprob) in enumerate(samples):
             req = stream.request
             if req.finished:
                 continue  # the budget ran out on an earlier branch of this step
-            self._on_sample(stream, token, logprob)
+            self._on_sample(stream, token, logprob, top_logprobs.get(i))
             if not req.finished and req.used >= req.params.max_new_tokens:
                 self._finish(req, FinishReason.LENGTH, None)
         blocks = [req for req in self.running if not req.finished and req.open_block is not None]
@@ -486,16 +489,18 @@ class Scheduler:
         deltas = []
         for req, seg in self._touched.values():
             if seg.delivered < len(seg):
+                top = tuple(seg.top_logprobs.get(i, ()) for i in range(seg.delivered, len(seg))) \
+                    if req.params.top_logprobs else ()
                 deltas.append(StreamDelta(req.prompt_index, req.sample_index, seg.order, seg.block, seg.branch,
-                                          tuple(seg.tokens[seg.delivered:]), tuple(seg.logprobs[seg.delivered:])))
+                                          tuple(seg.tokens[seg.delivered:]), tuple(seg.logprobs[seg.delivered:]), top))
                 seg.delivered = len(seg)
         self._touched = {}
         self._collect()
         return deltas
 
-    def _append(self, stream: Stream, token: int, logprob: float, sampled: bool) -> None:
+    def _append(self, stream: Stream, token: int, logprob: float, sampled: bool, top: tuple | None = None) -> None:
         seg = stream.segment
-        seg.append(token, logprob, sampled)
+        seg.append(token, logprob, sampled, top)
         if id(seg) not in self._touched:
             self._touched[id(seg)] = (stream.request, seg)
 
@@ -513,9 +518,9 @@ class Scheduler:
             self._append(stream, t, math.nan, False)
         return True
 
-    def _on_sample(self, stream: Stream, token: int, logprob: float) -> None:
+    def _on_sample(self, stream: Stream, token: int, logprob: float, top: tuple | None = None) -> None:
         req = stream.request
-        self._append(stream, token, logprob, True)
+        self._append(stream, token, logprob, True, top)
         req.used += 1
         if stream.kind is StreamKind.BRANCH:
             stream.history.append(token)

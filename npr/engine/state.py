@@ -43,6 +43,9 @@ class StreamDelta:
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...] = ()
     """Per token, as in ``Result.logprobs`` (NaN for prefilled tokens and when log-probs are off)."""
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] = ()
+    """Per token (empty unless the request asked ``top_logprobs``): its position's most likely (id, log-prob),
+    best first; ``()`` for prefilled tokens."""
 
 
 class StreamKind(StrEnum):

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from npr.engine import Engine, SamplingParams
 from npr.prompts import NPR_INSTRUCTION
+from npr.serve.live import LiveRequests
 from npr.serve.loop import EngineLoop, Job, Overloaded, Sink
 from npr.serve.page import chat_page
 from npr.serve.protocol import (
@@ -79,6 +80,12 @@ class ServeConfig:
     """``npr`` (default): a chat reply's NPR trace (its blocks) goes to ``message.reasoning_content`` /
     ``delta.reasoning_content`` and the final text to ``content``, as vLLM's ``--reasoning-parser``;
     ``none``: the whole canonical text is ``content``. Completions always return the whole text."""
+    deterministic: bool = False
+    """``npr serve --deterministic``: requests run one at a time (``EngineLoop.one_at_a_time``), so a seeded or
+    greedy request gives exactly its output on an idle server whatever else is sent, at any dtype; the price is
+    no batching across requests. Needs an engine with ``share_prompt_prefix=False`` (a prefix remembered from an
+    earlier request would change how this one is laid out). Off: requests share forwards (continuous batching)
+    and, in bfloat16, a request's output can change with what runs beside it (docs/serving.md)."""
     logits_processors: tuple = ()
     allowed_origins: tuple[str, ...] = ()
     """CORS (vLLM's ``--allowed-origins``): origins a browser app may call from; ``*`` any. Empty (default): no
@@ -124,10 +131,13 @@ class Api:
     def __init__(self, engine: Engine, config: ServeConfig):
         self.engine, self.config = engine, config
         self.tokenizer = engine.tokenizer
-        self.loop = EngineLoop(engine, config.max_queue)
+        if config.deterministic and engine.config.share_prompt_prefix:
+            raise ValueError("deterministic serving needs an engine built with EngineConfig(share_prompt_prefix=False)")
+        self.loop = EngineLoop(engine, config.max_queue, one_at_a_time=config.deterministic)
         self.eos_ids = engine.scaffold.eos_ids
         self.vocab = engine.model.get_input_embeddings().num_embeddings
         self.started = int(time.time())
+        self.live = LiveRequests()
         self.skip_ids = frozenset(self.tokenizer.all_special_ids) - set(engine.scaffold.tag_of) - self.eos_ids
         """skip_special_tokens drops these: special tokens but not the NPR tags (the final EOS is always dropped)."""
 
@@ -148,7 +158,7 @@ class Api:
                            "(GET /v1/models)", "model", "model_not_found")
 
     def sampling(self, request: ChatCompletionRequest | CompletionRequest, prompt_lengths: list[int],
-                 budget: int | None, logprobs: bool, prompt_field: str) -> SamplingParams:
+                 budget: int | None, logprobs: bool, prompt_field: str, top_logprobs: int = 0) -> SamplingParams:
         n = request.n or 1
         if n > self.config.max_n:
             raise ApiError(400, f"n={n} is above this server's maximum of {self.config.max_n} (--max-n)", "n")
@@ -173,7 +183,7 @@ class Api:
             temperature=1.0 if request.temperature is None else request.temperature,
             top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0, n=n,
             seed=random.randrange(2**31) if request.seed is None else request.seed, logprobs=logprobs,
-            logits_processors=processors + self.config.logits_processors)
+            top_logprobs=top_logprobs, logits_processors=processors + self.config.logits_processors)
         # the engine admits by actual use and preempts when the pool runs dry, so only a request that
         # cannot even start (its prompt pages plus one per sample) is refused here
         need = self.engine.scheduler.start_blocks(longest, params)
@@ -236,9 +246,12 @@ class Api:
         self.check_stream_options(req)
         stops = req.stop_strings()
         ids = self.chat_prompt(req)
-        params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages")
+        top = (req.top_logprobs or 0) if req.logprobs else 0
+        params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages", top)
         fmt = ChatFormat(await self.start([ids], params, stops, req), self.config.model_name, bool(req.logprobs),
                          reasoning=self.config.reasoning_parser == "npr")
+        users = [m.text() for m in req.messages if m.role == "user"]
+        self.live.add(fmt, "chat", users[-1] if users else req.messages[-1].text())
         return self.respond(fmt, req)
 
     async def completions(self, request: Request):
@@ -249,8 +262,12 @@ class Api:
         stops = req.stop_strings()
         prompts = self.completion_prompts(req)
         logprobs = req.logprobs is not None
-        params = self.sampling(req, [len(p) for p in prompts], req.budget(), logprobs, "prompt")
-        fmt = CompletionFormat(await self.start(prompts, params, stops, req), self.config.model_name, logprobs)
+        params = self.sampling(req, [len(p) for p in prompts], req.budget(), logprobs, "prompt",
+                               top_logprobs=req.logprobs or 0)
+        fmt = CompletionFormat(await self.start(prompts, params, stops, req), self.config.model_name, logprobs,
+                               top_logprobs=req.logprobs or 0)
+        first = req.prompts()[0]
+        self.live.add(fmt, "completions", first if isinstance(first, str) else f"[{len(first)} token ids]")
         return self.respond(fmt, req)
 
     @staticmethod
@@ -288,6 +305,13 @@ class Api:
         if self.loop.failure:
             body["failure"] = self.loop.failure
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    async def live_view(self, request: Request):
+        """The live page's snapshot (``npr.serve.live``): needs the key when one is set (it shows every
+        client's prompts and outputs)."""
+        self.authorize(request)
+        stats = self.loop.stats()
+        return JSONResponse(self.live.snapshot(stats, request.query_params.get("follow")))
 
     async def version(self, request: Request):
         from npr import __version__
@@ -370,6 +394,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> Starlette:
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/version", api.version, methods=["GET"]),
         Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/live", api.live_view, methods=["GET"]),
         Route("/tokenize", api.tokenize, methods=["POST"]),
         Route("/detokenize", api.detokenize, methods=["POST"]),
     ]

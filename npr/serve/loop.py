@@ -9,6 +9,11 @@ finished results to their sinks: one ``call_soon_threadsafe`` per event loop per
 
 Admission is bounded: at most ``max_queue`` jobs may wait for the engine to start them; beyond
 that ``submit`` raises ``Overloaded`` and the server answers 503 with ``Retry-After``.
+
+``one_at_a_time`` (``npr serve --deterministic``): the loop hands the engine the next job only when
+the previous one has finished, so every job runs exactly as it would alone on an idle server (the
+same forwards, the same shapes, the same kernels): its output cannot depend on other requests, at
+any dtype. Its own samples and branches are still batched; other requests wait in the queue.
 """
 
 from __future__ import annotations
@@ -67,11 +72,12 @@ class EngineLoop:
     """Owns ``engine`` on one thread; see the module docstring. Thread-safe: ``submit``, ``cancel``,
     ``drain``, ``stop``, ``stats`` (a signal handler may call ``drain``: the lock is reentrant)."""
 
-    def __init__(self, engine: Engine, max_queue: int = 256):
+    def __init__(self, engine: Engine, max_queue: int = 256, one_at_a_time: bool = False):
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
         self.engine = engine
         self.max_queue = max_queue
+        self.one_at_a_time = one_at_a_time
         self._cond = threading.Condition(threading.RLock())
         self._inbox: list[Job] = []
         self._cancels: list[tuple[Job, int | None]] = []
@@ -154,7 +160,12 @@ class EngineLoop:
                 while not (self._inbox or self._cancels or self._cancel_all or self._stopping
                            or self.engine.scheduler.has_work()):
                     self._cond.wait()  # idle: nothing to drain either
-                inbox, self._inbox = self._inbox, []
+                if not self.one_at_a_time:
+                    inbox, self._inbox = self._inbox, []
+                elif self._jobs or self.engine.scheduler.has_work():
+                    inbox = []  # the running job finishes first
+                else:
+                    inbox, self._inbox = self._inbox[:1], self._inbox[1:]
                 cancels, self._cancels = self._cancels, []
                 if self._drain_deadline is not None and time.monotonic() >= self._drain_deadline:
                     self._cancel_all = True

@@ -6,8 +6,15 @@ a block, then each block with its guideline, its branches in side-by-side column
 ``\\boxed{}`` marked and the engine stats. It uses the report viewer's style sheet and, like the
 viewer, writes text only through ``textContent``, so model output cannot inject markup.
 
+Above the chat, the **server panel** shows the whole server, polled from ``GET /live`` (``npr.serve.live``):
+running and queued requests, KV blocks in use, and one button per in-flight request from any client (this
+page, curl, the ``openai`` client). Clicking one follows it: its text so far, rendered like a chat answer,
+with its branches decoding side by side, until it ends.
+
 Test hooks: ``body[data-state]`` is ``ready``, ``streaming``, ``done`` or ``error``;
-``body[data-live-columns]`` is the most branch columns seen decoding at once.
+``body[data-live-columns]`` is the most branch columns seen decoding at once; ``body[data-server-requests]``
+the requests the server panel lists; ``body[data-follow]`` the followed request's id and
+``body[data-follow-columns]`` the most of its branches seen decoding at once.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ CHAT_CSS = """
 .ask button{font:inherit;padding:8px 14px;border-radius:6px;border:1px solid var(--acc);background:var(--acc);color:#fff;cursor:pointer}
 .ask button.stop{background:#fff;color:var(--bad);border-color:var(--bad)}.ask button:disabled{opacity:.5;cursor:default}
 .opts{display:flex;gap:10px;font-size:12px;color:var(--mut);margin:0 auto 6px;max-width:1280px}
+.server{border:1px solid var(--line);border-radius:8px;padding:8px 10px;margin:10px 0;font-size:13px}
+.srv-list{display:flex;flex-direction:column;gap:4px;margin-top:6px}
+button.req{text-align:left;font:inherit;background:#fff;border:1px solid var(--line);border-radius:6px;padding:4px 8px;cursor:pointer}
+button.req.on{border-color:var(--acc);background:#ddf4ff}.follow{margin-top:8px;border-top:1px dashed var(--line)}
 .opts input{width:80px;font:inherit}.err{color:var(--bad);white-space:pre-wrap}.hint{color:var(--mut);font-size:13px}
 """
 
@@ -132,6 +143,33 @@ async function ask(question){
 form.addEventListener("submit",function(e){e.preventDefault();if(busy){busy.abort();return;}
  var q=input.value.trim();if(!q)return;input.value="";ask(q);});
 input.addEventListener("keydown",function(e){if(e.key==="Enter"&&!e.shiftKey){e.preventDefault();form.requestSubmit();}});
+// The server panel: GET /live every 400 ms; a click follows one request.
+var following=null,followTurn=null,followCols=0;
+function follow(id,label){following=id;followCols=0;document.body.dataset.follow=id;document.body.dataset.followColumns="0";
+ document.getElementById("follow").hidden=false;document.getElementById("follow-title").textContent="Following "+id+": "+label;
+ followTurn={content:"",answer:"",live:{},finish:null,ext:null,pending:false,box:document.getElementById("follow-box")};}
+function showFollow(f){var c=f.choices[0];if(!c)return;followTurn.content=c.content;followTurn.live={};
+ c.branches.forEach(function(b){var blk=followTurn.live[b.block]=followTurn.live[b.block]||{};blk[b.branch]=b.text;});
+ followCols=Math.max(followCols,c.branches.length);document.body.dataset.followColumns=String(followCols);schedule(followTurn);}
+function showServer(s){var v=s.server,list=document.getElementById("srv-list");
+ document.getElementById("srv-stats").textContent="Server: "+v.running+" running · "+v.queued+" queued · KV "+
+  v.kv_blocks_used+"/"+v.kv_blocks_total+" blocks ("+(100*v.kv_usage).toFixed(1)+"%) · "+v.steps+" steps · "+
+  v.generated_tokens+" tokens generated";
+ list.textContent="";
+ s.requests.forEach(function(q){var b=el("button","req"+(q.id===following?" on":""));b.type="button";b.dataset.id=q.id;
+  b.appendChild(el("b",null,q.state));b.appendChild(document.createTextNode(" "+q.endpoint+" · "+q.label+" · "+
+   q.generated_tokens+" tokens"+(q.branches_decoding?" · "+q.branches_decoding+" branches decoding":"")+" · "+
+   q.age_s.toFixed(1)+" s"));
+  b.addEventListener("click",function(){follow(q.id,q.label);});list.appendChild(b);});
+ if(!s.requests.length)list.appendChild(el("span","hint","No request in flight."));
+ document.body.dataset.serverRequests=String(s.requests.length);
+ if(following&&s.follow)showFollow(s.follow);
+ else if(following&&followTurn&&!followTurn.finish){followTurn.finish="ended";
+  document.getElementById("follow-title").textContent+=" (ended)";schedule(followTurn);}}
+function poll(){fetch("/live"+(following?"?follow="+encodeURIComponent(following):""),{headers:headers()})
+ .then(function(r){if(r.status===401){keyBox.hidden=false;throw new Error("key");}return r.json();})
+ .then(showServer).catch(function(){}).then(function(){setTimeout(poll,400);});}
+poll();
 setState("ready");
 })();
 """
@@ -142,7 +180,10 @@ def chat_page(model_name: str) -> str:
     body = (
         '<main class="chat"><p class="hint">Ask a question. Sequential text streams as it is written; each parallel '
         'block shows its branches side by side while they decode, then its takeaway; the answer in '
-        '<code>\\boxed{}</code> is marked. <span id="mode"></span></p><div id="log"></div></main>'
+        '<code>\\boxed{}</code> is marked. <span id="mode"></span></p>'
+        '<section class="server"><div id="srv-stats">Server: …</div><div class="srv-list" id="srv-list"></div>'
+        '<div class="follow" id="follow" hidden><div class="lbl" id="follow-title"></div>'
+        '<div class="answer" id="follow-box"></div></div></section><div id="log"></div></main>'
         '<div class="ask"><div class="opts"><label>max tokens <input id="max-tokens" type="number" min="1" value="512">'
         '</label><label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" value="0"></label>'
         '<label id="key-box" hidden>API key <input id="key" type="password" autocomplete="off"></label></div>'

@@ -54,14 +54,12 @@ NEUTRAL = {
     "prompt_cache_retention": (None,),
     "safety_identifier": (None,),
     "moderation": (None,),
-    "top_logprobs": (None, 0),  # the engine scores the sampled token only
     "echo": (None, False),
     "suffix": (None, ""),
 }
 CHAT_ONLY = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
              "modalities", "audio", "prediction", "store", "metadata", "service_tier", "reasoning_effort", "verbosity",
-             "web_search_options", "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "moderation",
-             "top_logprobs"}
+             "web_search_options", "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "moderation"}
 COMPLETION_ONLY = {"echo", "suffix"}
 
 
@@ -73,6 +71,9 @@ UNRENDERABLE = {
     "audio": "npr serve is text only",
     "annotations": "npr serve makes no annotations",
 }
+
+
+MAX_LOGPROBS = 20  # top_logprobs (chat) and logprobs (completions): OpenAI's and vLLM's default maximum
 
 
 class _Strict(BaseModel):
@@ -160,6 +161,8 @@ class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """The most likely tokens at each content position, with their log-probs (needs ``logprobs: true``)."""
     chat_template_kwargs: dict | None = None
     """vLLM: extra variables for the chat template (e.g. ``{"enable_thinking": false}`` for Qwen3)."""
     add_generation_prompt: bool | None = None
@@ -176,8 +179,8 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
         | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
-    logprobs: Annotated[int, Field(ge=0)] | None = None
-    """Only 0 (the sampled tokens' log-probs): the engine does not compute alternatives."""
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    """The sampled tokens' log-probs, and with k > 0 the k most likely tokens at each position."""
     best_of: Annotated[int, Field(ge=1)] | None = None
 
     def budget(self) -> int:
@@ -330,6 +333,9 @@ TEMPLATE_RESERVED = ("messages", "conversation", "tokenize", "add_generation_pro
 def parse_chat_request(body: dict) -> ChatCompletionRequest:
     request = _validate(ChatCompletionRequest, body, "chat")
     _check_template_kwargs(request)
+    if request.top_logprobs and not request.logprobs:
+        raise ApiError(400, f"top_logprobs={request.top_logprobs} needs logprobs: true", "top_logprobs",
+                       "invalid_value")
     return request
 
 
@@ -343,9 +349,6 @@ def _check_template_kwargs(request) -> None:
 
 def parse_completion_request(body: dict) -> CompletionRequest:
     request = _validate(CompletionRequest, body, "completions")
-    if request.logprobs:
-        raise ApiError(400, f"logprobs={request.logprobs} asks for alternatives; npr serve returns the sampled "
-                       "tokens' log-probs only: send logprobs=0", "logprobs", "unsupported_parameter")
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise ApiError(400, f"best_of={request.best_of} is not supported (npr returns every sample: leave best_of "
                        "unset or equal to n)", "best_of", "unsupported_parameter")

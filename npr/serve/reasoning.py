@@ -32,7 +32,7 @@ def _reasoning_end(text: str, start: int) -> tuple[int, int, bool]:
         end = block.span.end
     rest = text[end:]
     body = rest.lstrip()
-    if not body or GUIDELINE.startswith(body):
+    if not body or (GUIDELINE.startswith(body) and body != GUIDELINE):  # a partial tag may still become one
         return end, end, False
     if body.startswith(GUIDELINE) and "</takeaway>" not in body:
         return len(text), end, False

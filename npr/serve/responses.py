@@ -56,6 +56,7 @@ class Generation:
         self._position = {job.index: j for j, job in enumerate(jobs)}
         self._stop_sent: set[int] = set()
         self.created = int(time.time())
+        self.closed = False  # the response ended (``close``)
 
     def choice(self, item: StreamDelta | Result) -> int:
         return self._position[item.prompt_index] * self.n + item.sample_index
@@ -92,6 +93,7 @@ class Generation:
 
     def close(self) -> None:
         """Cancel whatever has not finished (the client left, or the response failed)."""
+        self.closed = True
         for j, job in enumerate(self.jobs):
             if not all(s.done for s in self.streams[j * self.n:(j + 1) * self.n]):
                 self.loop.cancel(job)
@@ -112,6 +114,11 @@ class Generation:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
 
+def _finite(logprob: float | None) -> float | None:
+    """JSON has no -inf: a log-prob below -9999 is sent as -9999.0 (vLLM's rule)."""
+    return None if logprob is None else max(logprob, -9999.0)
+
+
 def _json(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -121,8 +128,9 @@ class ChatFormat:
 
     object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, generation: Generation, model: str, logprobs: bool, reasoning: bool = False):
-        self.g, self.model, self.logprobs = generation, model, logprobs
+    def __init__(self, generation: Generation, model: str, logprobs: bool, reasoning: bool = False,
+                 top_logprobs: int = 0):
+        self.g, self.model, self.logprobs, self.top_logprobs = generation, model, logprobs, top_logprobs
         self.id = self.id_prefix + uuid.uuid4().hex
         self.splitters = [ReasoningSplitter() for _ in generation.streams] if reasoning else None
         """``--reasoning-parser npr``: the trace goes to ``reasoning_content`` (see ``npr.serve.reasoning``)."""
@@ -131,14 +139,17 @@ class ChatFormat:
         return {"id": self.id, "object": name, "created": self.g.created, "model": self.model}
 
     def _logprobs(self, entries) -> dict | None:
+        """OpenAI's chat shape: per content token its text, log-prob, UTF-8 bytes and ``top_logprobs`` (the
+        position's most likely tokens, best first; ``[]`` unless asked, and for tokens the engine wrote)."""
         if not self.logprobs:
             return None
-        content = []
-        for token, logprob, _ in entries:
-            text = self.g.token_text(token)
-            content.append({"token": text, "logprob": logprob,
-                            "bytes": None if "\ufffd" in text else list(text.encode("utf-8")), "top_logprobs": []})
-        return {"content": content}
+        return {"content": [{**self._token(e.token, e.logprob),
+                             "top_logprobs": [self._token(t, lp) for t, lp in e.top]} for e in entries]}
+
+    def _token(self, token: int, logprob: float | None) -> dict:
+        text = self.g.token_text(token)
+        return {"token": text, "logprob": _finite(logprob),
+                "bytes": None if "\ufffd" in text else list(text.encode("utf-8"))}
 
     def opening(self) -> list[dict]:
         return [{**self._base(self.chunk_name), "choices": [{"index": c, "delta": {"role": "assistant", "content": ""},
@@ -207,10 +218,23 @@ class CompletionFormat(ChatFormat):
     object_name, chunk_name, id_prefix = "text_completion", "text_completion", "cmpl-"
 
     def _logprobs(self, entries) -> dict | None:
+        """The legacy shape; with ``logprobs`` k > 0, ``top_logprobs`` per token maps the text of the position's
+        k most likely tokens, and of the sampled one (as vLLM), to their log-probs (``{}`` for engine-written
+        tokens; two tokens with the same text keep the likelier)."""
         if not self.logprobs:
             return None
-        return {"tokens": [self.g.token_text(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
-                "top_logprobs": None, "text_offset": [offset for _, _, offset in entries]}
+        top = None
+        if self.top_logprobs:
+            top = [{} if e.logprob is None else self._alternatives(e) for e in entries]
+        return {"tokens": [self.g.token_text(e.token) for e in entries],
+                "token_logprobs": [_finite(e.logprob) for e in entries],
+                "top_logprobs": top, "text_offset": [e.offset for e in entries]}
+
+    def _alternatives(self, entry) -> dict[str, float]:
+        alternatives: dict[str, float] = {}
+        for token, logprob in (*entry.top, (entry.token, entry.logprob)):
+            alternatives.setdefault(self.g.token_text(token), _finite(logprob))
+        return alternatives
 
     def opening(self) -> list[dict]:
         return []

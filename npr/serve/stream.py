@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from npr.engine import Result, StreamDelta
 
@@ -65,6 +66,18 @@ class IncrementalDecoder:
         return ""
 
 
+class LogprobEntry(NamedTuple):
+    """One content token's log-prob entry."""
+
+    token: int
+    logprob: float | None
+    """None for tokens the engine wrote itself (scaffold)."""
+    offset: int
+    """Where its text starts in the content."""
+    top: tuple[tuple[int, float], ...] = ()
+    """With ``top_logprobs``: the position's most likely (id, log-prob), best first (() for scaffold)."""
+
+
 @dataclass
 class Update:
     """What one batch of deltas added to a sample."""
@@ -72,8 +85,7 @@ class Update:
     content: str = ""
     branches: list[tuple[int, int, str]] = field(default_factory=list)
     """(block, branch, new text) while branches decode."""
-    logprobs: list[tuple[int, float | None, int]] = field(default_factory=list)
-    """(token id, log-prob or None for engine-written tokens, offset of its text in the content)."""
+    logprobs: list[LogprobEntry] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.content or self.branches or self.logprobs)
@@ -95,10 +107,11 @@ class SampleStream:
         self._decoded = ""  # all content text decoded so far
         self._emitted = 0  # characters of _decoded handed out
         self._searched = 0  # characters of _decoded already searched for stop strings
-        self._held_eos: tuple[int, float] | None = None  # an EOS is content only if more content follows
-        self._pending: dict[int, dict[int, list[tuple[int, float]]]] = {}  # block -> branch -> (token, logprob)
+        self._held_eos: tuple | None = None  # an EOS is content only if more content follows
+        self._pending: dict[int, dict[int, list[tuple]]] = {}  # block -> branch -> (token, logprob, top)
         self._branch_text: dict[tuple[int, int], IncrementalDecoder] = {}
-        self.entries: list[tuple[int, float | None, int]] = []
+        self.branch_text: dict[tuple[int, int], str] = {}  # (block, branch) -> its text so far, while it decodes
+        self.entries: list[LogprobEntry] = []
         self.stopped = False  # a stop string matched: the content is final, the engine may still be running
         self.result: Result | None = None
 
@@ -114,15 +127,15 @@ class SampleStream:
     def finish_reason(self) -> str:
         return "stop" if self.stopped else FINISH_REASONS.get(self.result.finish_reason, self.result.finish_reason)
 
-    def content_logprobs(self) -> list[tuple[int, float | None, int]]:
+    def content_logprobs(self) -> list[LogprobEntry]:
         """Log-prob entries of the content's tokens (after a stop string: those whose text starts before it)."""
-        return [e for e in self.entries if e[2] < self._emitted] if self.stopped else list(self.entries)
+        return [e for e in self.entries if e.offset < self._emitted] if self.stopped else list(self.entries)
 
     def feed(self, delta: StreamDelta) -> Update:
         update = Update()
         if self.stopped or self.done:
             return update
-        pairs = list(zip(delta.token_ids, delta.logprobs))
+        pairs = list(zip(delta.token_ids, delta.logprobs, delta.top_logprobs or ((),) * len(delta.token_ids)))
         self.generated += len(delta.token_ids)
         if delta.branch:
             key = (delta.block, delta.branch)
@@ -130,6 +143,7 @@ class SampleStream:
             text = "".join(decoder.push(t) for t in delta.token_ids)
             if text:
                 update.branches.append((delta.block, delta.branch, text))
+                self.branch_text[key] = self.branch_text.get(key, "") + text
             self._pending.setdefault(delta.block, {}).setdefault(delta.branch, []).extend(pairs)
         else:
             self._join(update, delta.block)
@@ -161,20 +175,21 @@ class SampleStream:
             for branch in sorted(self._pending[b]):
                 self._commit(update, self._pending[b][branch])
                 self._branch_text.pop((b, branch), None)
+                self.branch_text.pop((b, branch), None)
             del self._pending[b]
 
     def _commit(self, update: Update, pairs) -> None:
-        for token, logprob in pairs:
+        for token, logprob, top in pairs:
             if self._held_eos is not None:
                 self._push(update, *self._held_eos)
                 self._held_eos = None
             if token in self.eos_ids:
-                self._held_eos = (token, logprob)
+                self._held_eos = (token, logprob, top)
             else:
-                self._push(update, token, logprob)
+                self._push(update, token, logprob, top)
 
-    def _push(self, update: Update, token: int, logprob: float) -> None:
-        entry = (token, None if math.isnan(logprob) else logprob, len(self._decoded))
+    def _push(self, update: Update, token: int, logprob: float, top: tuple = ()) -> None:
+        entry = LogprobEntry(token, None if math.isnan(logprob) else logprob, len(self._decoded), top)
         if token not in self.skip_special:
             self._decoded += self._content.push(token)
         self.entries.append(entry)
