@@ -226,9 +226,10 @@ class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
                                      "loss, so <step> and <takeaway> never do. The paper keeps gradients on the tags "
                                      "that control branching and NPR's code trains every response token: the "
                                      "qwen3-4b presets set true")
-    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: the kept groups of all processes "
-                                         "are cut into consecutive mini-batches of this many, each one Adam step with "
-                                         "its own global loss normaliser (PPO's ppo_mini_batch_size); the old "
+    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: ceil(kept groups / this) Adam "
+                                         "steps, each taking a share of every process's rollouts (the global order "
+                                         "dealt out in turn) and its own global loss normaliser (PPO's "
+                                         "ppo_mini_batch_size); the old "
                                          "log-probs are computed once per rollout batch, so DAPO's clip binds from the "
                                          "2nd step; the lr schedule advances once per rollout batch. None: the whole "
                                          "batch, one on-policy step (NPR code: 1)")

@@ -142,7 +142,8 @@ def generate_round(run: RLRun, step: int, reward: Callable[[str, Problem], float
     started = time.perf_counter()
     results = run.worker.generate([run.prompts[i] for i in indices], first, params)
     wall = time.perf_counter() - started
-    rollouts = score(results, [run.problems[i] for i in indices], first, reward)
+    group_base = batch * run.order.batch_size  # group ids unique over the generation batches
+    rollouts = score(results, [run.problems[i] for i in indices], first, reward, group_base)
     session.progress["gen_batches"] = batch + 1
     append_rollouts(rollouts_path(session), step + 1, rollouts)
     return rollouts, global_sum(acc, rollout_sums(rollouts)), wall
@@ -206,19 +207,22 @@ def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structur
 def mini_batch_parts(accelerator, rollouts: Sequence[Rollout], mini_batch_size: int | None) -> list[list[int]]:
     """This rank's rollout indices in each of the step's mini-batches (PPO's ppo_mini_batch_size).
 
-    The kept prompt groups of all ranks, in global prompt order, are cut into consecutive runs
-    of ``mini_batch_size`` groups (None: one run, the whole batch); mini-batch k takes the
-    groups this rank holds of run k, possibly none. So every rank makes the same number of
-    optimizer steps and a mini-batch is the same set of groups whatever the number of ranks.
+    The step makes M = ceil(global kept groups / ``mini_batch_size``) optimizer steps (None: one,
+    the whole batch). All ranks' kept rollouts in global order (group id, then the order within
+    a rank) are dealt out in turn: the j-th goes to mini-batch j mod M. Ranks hold contiguous
+    runs of that order, so each mini-batch takes about 1/M of every rank's share, as verl cuts
+    each rank's share into ``ppo_mini_batch_size`` x n / world rollouts, and every rank computes
+    in every optimizer step whenever it holds at least M rollouts (``mini_batch_size`` x samples
+    per prompt >= processes). Unlike verl's contiguous cut per rank, mini-batch k is the same
+    set of rollouts on 1 or N processes, so N processes make one process's update.
     """
-    groups = list(dict.fromkeys(r.group for r in rollouts))  # this rank's groups, in order
-    counts, rank = gather_floats(accelerator, [len(groups)])  # one count per rank, this rank's index
-    total, first = int(sum(counts)), int(sum(counts[:rank]))
-    size = mini_batch_size or max(total, 1)
-    parts: list[list[int]] = [[] for _ in range(max(1, -(-total // size)))]
-    slot = {g: (first + k) // size for k, g in enumerate(groups)}
-    for i, r in enumerate(rollouts):
-        parts[slot[r.group]].append(i)
+    all_groups, offset = gather_floats(accelerator, [r.group for r in rollouts])  # every rank's, in rank order
+    steps = max(1, -(-len(set(all_groups)) // mini_batch_size)) if mini_batch_size else 1
+    order = sorted(range(len(all_groups)), key=lambda j: all_groups[j])  # stable: rank order within a group
+    position = {j: k for k, j in enumerate(order)}
+    parts: list[list[int]] = [[] for _ in range(steps)]
+    for i in range(len(rollouts)):
+        parts[position[offset + i] % steps].append(i)
     return parts
 
 

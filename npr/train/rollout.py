@@ -89,10 +89,14 @@ class Rollout:
     correct: bool
     format_valid: bool
     parallel_blocks: int
+    group_base: int = 0  # the group id of its generation batch's prompt 0
 
     @property
     def group(self) -> int:
-        return self.result.prompt_index
+        """The prompt group's id, unique over a step's generation rounds (DAPO's refill draws
+        several batches whose prompt indices restart at 0; one id per batch would merge two
+        problems into one group for the advantages and the mini-batches)."""
+        return self.group_base + self.result.prompt_index
 
 
 def count_blocks(result: Result) -> int:
@@ -104,14 +108,14 @@ def count_blocks(result: Result) -> int:
 
 
 def score(results: Sequence[Result], problems: Sequence[Problem], first_index: int,
-          reward: Callable[[str, Problem], float]) -> list[Rollout]:
+          reward: Callable[[str, Problem], float], group_base: int = 0) -> list[Rollout]:
     """Rollouts with reward, correctness and format validity; ``problems[i - first_index]`` is
-    the problem of global prompt index i."""
+    the problem of global prompt index i, whose group id is ``group_base + i``."""
     out = []
     for r in results:
         problem = problems[r.prompt_index - first_index]
         out.append(Rollout(problem, r, float(reward(r.text, problem)), is_correct(r.text, problem),
-                           not validate(r.text), count_blocks(r)))
+                           not validate(r.text), count_blocks(r), group_base))
     return out
 
 
