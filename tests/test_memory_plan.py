@@ -114,7 +114,8 @@ def test_peak_and_what_dominates():
 
 
 def test_engine_lines():
-    rl = replace(ONE, stage="stage3", engine_weight_bytes=2, kv_pool_bytes=1000, decode_rows=4)
+    rl = replace(ONE, stage="stage3", engine_weight_bytes=2, kv_pool_bytes=1000, decode_rows=4,
+                 engine_released_for_update=False)
     plan = plan_memory(TINY, rl)
     assert line(plan, "engine weights").rollout == 1448 * 2 == line(plan, "engine weights").update
     assert line(plan, "engine KV pool").update == 1000
@@ -136,14 +137,17 @@ def test_inputs_of_the_qwen3_4b_stage3_preset():
     shape, _ = read_model_shape("Qwen/Qwen3-4B")
     assert shape.parameters == 4_022_468_096  # Qwen3-4B's 4.02 B (tied embeddings)
     inputs = inputs_from_config("stage3", stage_config("stage3", fsdp="true"), shape, gpus=8, prompt_tokens=1000)
-    # 2 responses of 30,000 tokens per pass, each behind its 1,000-token prompt; mini_batch_size 1: one group of
-    # 16 responses per step, all on one rank today: 8 passes
+    # 2 responses of 30,000 tokens per pass, each behind its 1,000-token prompt; mini_batch_size 1: one group's
+    # worth of 16 responses per step, 2 on each of the 8 ranks: 1 pass
     assert (inputs.units_per_pass, inputs.unit_tokens, inputs.predicted_per_pass) == (2, 31000, 60000)
-    assert inputs.passes_per_step == 8 and inputs.fsdp and inputs.engine_weight_bytes == 2
+    assert inputs.passes_per_step == 1 and inputs.fsdp and inputs.engine_weight_bytes == 2
+    assert inputs.engine_released_for_update  # release_engine_for_update auto on a CUDA plan
     assert inputs.kv_pool_bytes == 20 * GIB and inputs.decode_rows == 256
     capped = inputs_from_config("stage3", stage_config("stage3", micro_batch_tokens=31000), shape, 8,
                                 prompt_tokens=1000)
-    assert capped.units_per_pass == 1 and capped.passes_per_step == 16 and capped.engine_weight_bytes == 2
+    assert capped.units_per_pass == 1 and capped.passes_per_step == 2 and capped.engine_weight_bytes == 2
+    kept = inputs_from_config("stage3", stage_config("stage3", release_engine_for_update="off"), shape, 8)
+    assert not kept.engine_released_for_update
     sft = inputs_from_config("stage2", stage_config("stage2"), shape, gpus=8, prompt_tokens=1000)
     assert (sft.unit_tokens, sft.predicted_per_unit, sft.decode_rows) == (32768, 31768, 0)
 

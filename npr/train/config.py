@@ -22,6 +22,7 @@ from npr.prompts import PLACEMENTS, read_instruction_file
 
 ATTENTION_CHOICES = ("auto", "flex", "dense")  # npr.train.logprobs.resolve_attention
 
+RELEASE_CHOICES = ("auto", "on", "off")  # release_engine_for_update
 FORCING_CHOICES = ("none", "structure", "structure-answer")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -247,6 +248,10 @@ class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
                                    "(eval_* metrics in metrics.jsonl); None skips evaluation")
     eval_limit: int = option(32, "evaluate only the first N eval_data problems")
     eval_samples: int = option(1, "samples per eval problem (at the rollout temperature)")
+    release_engine_for_update: str = option("auto", "free the engine's KV pool and its own copy of the weights "
+                                            "during the update and rebuild them at the weight sync after it, as "
+                                            "NPR's code sleeps its rollout engine: on, off, or auto (on for a CUDA "
+                                            "device; a CPU keeps them, saving the reallocation)", RELEASE_CHOICES)
 
     def __post_init__(self):
         super().__post_init__()

@@ -19,8 +19,8 @@ from npr.tokens import tag_token_ids
 from npr.train.config import ConfigError, RLConfig
 from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
 from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
-from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, append_rollouts, rollout_metrics,
-                               rollout_sums, score)
+from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, append_rollouts, release_wanted,
+                               rollout_metrics, rollout_sums, score)
 from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
 from npr.train.session import RunOptions, TrainSession, open_session
 from npr.train.tracking import truncate_jsonl
@@ -72,7 +72,8 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
     if config.prompts_per_step % world:
         raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
                           f"{world} processes; use a multiple of {world}")
-    worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode)
+    worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode,
+                           policy_is_trained=not is_sharded(session.model))
     truncate_jsonl(rollouts_path(session), session.start_step)  # a resumed run writes later steps again
     prompts = encode_prompts(session.tokenizer, problems, config)
     return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems, data_batches)
@@ -116,6 +117,7 @@ def sync_rollout_weights(run: RLRun) -> None:
     """After an update: refresh the engine's copy of the weights (every process: under FSDP it
     all-gathers each parameter)."""
     if is_sharded(run.session.model):
+        run.worker.restore_memory()
         copy_full_weights(run.session.model, run.worker.model)
     else:
         run.worker.sync()
@@ -255,6 +257,8 @@ def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, 
         session.optimizer.step()  # no gradients: AdamW leaves every parameter and its state alone
         session.scheduler.step()
         return {"updated": 0.0, "trained_rollouts": 0.0, "optimizer_steps": 0.0}
+    if release_wanted(config.release_engine_for_update, acc.device):
+        run.worker.release_memory()  # rebuilt by sync_rollout_weights below
     pad = session.tokenizer.pad_token_id
     passes = dict(micro_batch_size=config.micro_batch_size, forward_context=session.forward_context,
                   micro_batch_tokens=config.micro_batch_tokens, temperature=config.temperature,
