@@ -100,8 +100,10 @@ class RolloutWorker:
         if not self.released:
             return
         pool = self.engine.pool
-        pool.keys = torch.zeros(self._released.pool_shape, dtype=pool.keys.dtype, device=pool.keys.device)
-        pool.values = torch.zeros(self._released.pool_shape, dtype=pool.values.dtype, device=pool.values.device)
+        # one allocation for keys and values: a large pool then lies above glibc's mmap threshold (1 GiB under the
+        # npr command's tuning), so the next release unmaps it instead of leaving its pages in the heap
+        both = torch.zeros((2, *self._released.pool_shape), dtype=pool.keys.dtype, device=pool.keys.device)
+        pool.keys, pool.values = both[0], both[1]  # [layers, Hkv, slots, D] each
         for p, shape in self._released.parameters:
             p.data = p.data.new_empty(shape)
         self._released = None
