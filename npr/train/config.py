@@ -112,6 +112,10 @@ class TrainConfig:
                         "sharded resumable checkpoints; needs >= 2 processes (docs/training.md)")
     fsdp_layer_class: str | None = option(None, "decoder layer class(es) FSDP wraps as units, comma-separated (None: "
                                           "the model's _no_split_modules, e.g. Qwen3DecoderLayer)")
+    cpu_offload: bool = option(False, "with fsdp: keep the parameter shards, their gradients and AdamW's states in "
+                               "host memory (accelerate's FSDP2 CPUOffloadPolicy), copying each layer to the device "
+                               "when it runs: ~16 bytes per parameter / N off each GPU, at the cost of host-device "
+                               "copies and an optimizer step on the CPU (NPR's Stage 3 offloads)")
     save_every: int = option(0, "write checkpoints/step-N every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "keep the newest K checkpoints/step-N directories (0: keep all)")
     stop_after: int | None = option(None, "end the process after this global step as if interrupted (a checkpoint is "
@@ -132,6 +136,8 @@ class TrainConfig:
         self._check_warmup_ratio()
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         _check(self.micro_batch_tokens >= 0, "micro_batch_tokens", "must be >= 0 (0: no cap)")
+        _check(self.fsdp or not self.cpu_offload, "cpu_offload",
+               "offloads FSDP's shards and needs fsdp true (launch N >= 2 processes with --fsdp true), or drop it")
         _check(self.logprob_chunk_size >= 1, "logprob_chunk_size",
                f"must be >= 1 (tokens per chunk of the output head; default 1024), got {self.logprob_chunk_size}")
         _check(self.max_skipped_steps >= 1, "max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")

@@ -49,7 +49,7 @@ DECODE_LOGITS_COPIES = 3  # the engine's decode step: fp32 logits, probabilities
 CODE_SHARDS_GRADIENT_ACCUMULATION = True
 CODE_RELEASES_ENGINE_FOR_UPDATE = True
 DEFAULT_PROMPT_TOKENS = 1024
-OFFLOAD_FIELDS = ("cpu_offload", "offload")  # the config field CPU offload will have (issue 26 item 3, not yet built)
+OFFLOAD_FIELDS = ("cpu_offload",)  # the config field of FSDP's CPU offload (npr.train.fsdp.fsdp_plugin)
 # Whether npr.train.lm_head's chunk loops still hold the previous chunk's tensors (z, grad) while the next chunk's
 # logits are made: 12 V bytes per chunk token instead of 8 (measured, benchmarks/memory_plan_check.py). They `del`
 # them at the end of each chunk since the merge of issue 26's two halves
