@@ -531,7 +531,7 @@ def candidate_changes(inputs: PlanInputs, available: frozenset[str]) -> list[Cha
     if inputs.fsdp and inputs.gpus < 1024:
         changes.append(Change(f"--gpus {inputs.gpus * 2}", replace(inputs, gpus=inputs.gpus * 2)))
     if inputs.fsdp and not inputs.offload:
-        changes.append(Change("CPU offload of parameters and optimizer states", replace(inputs, offload=True),
+        changes.append(Change("cpu_offload true (shards and AdamW states in host memory)", replace(inputs, offload=True),
                               bool(set(OFFLOAD_FIELDS) & available)))
     if inputs.fsdp and not inputs.sharded_gradient_accumulation and inputs.passes_per_step > 1:
         changes.append(Change("sharded gradient accumulation", replace(inputs, sharded_gradient_accumulation=True),
