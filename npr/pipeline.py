@@ -257,26 +257,6 @@ def planned_steps(run: PipelineRun) -> list[str]:
     return [s for s in STEPS if s not in skip]
 
 
-def return_freed_memory() -> bool:
-    """Give the memory a finished step freed back to the OS (glibc's ``malloc_trim``; False elsewhere).
-
-    Every step runs in this one process, and the ``npr`` command's allocator settings keep freed
-    memory in the heap for reuse (npr.cli.main.tune_malloc): without a trim each step's engine, KV
-    pool, activations and optimizer states left their pages resident, and fragments a later step
-    could not reuse added up to a pipeline peak far above any one step's."""
-    import ctypes
-    import gc
-    import sys
-
-    gc.collect()  # the step's models and engines may sit in reference cycles
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
 MANIFEST_FORMAT = 2  # pipeline.json with "owner" and "created"; earlier runs wrote none
 
 
@@ -355,6 +335,10 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
         save_state(run.out, state)  # recorded before the step writes anything, so a kill leaves it owned
         t0 = time.perf_counter()
         STEP_FUNCTIONS[step](run)
+        from npr.train.freed_memory import return_freed_memory
+
+        # every step runs in this one process: without this, pages a finished step freed stayed in the tuned heap
+        # and fragments later steps could not reuse added up to a pipeline peak far above any one step's
         return_freed_memory()
         state["seconds"][step] = round(time.perf_counter() - t0, 1)
         state["done"].append(step)

@@ -12,7 +12,7 @@ import pytest
 PROBE = """
 import torch
 from npr.cli.main import tune_malloc
-from npr.pipeline import return_freed_memory
+from npr.train.freed_memory import return_freed_memory
 
 def rss_mib():
     with open("/proc/self/statm") as f:

@@ -24,6 +24,7 @@ from npr.models import resolve_dtype
 from npr.rewards import is_correct
 from npr.schema import parse, validate
 from npr.train.config import RolloutConfig
+from npr.train.freed_memory import return_freed_memory
 
 # Branch lengths the smoke presets force: one block of two branches (npr.engine.forcing).
 SMOKE_BRANCH_TOKENS = [[6, 9]]
@@ -100,6 +101,9 @@ class RolloutWorker:
         if not self.released:
             return
         pool = self.engine.pool
+        # the update's freed activations go back first, so the pool takes their room instead of adding to it (a CPU
+        # heap keeps freed pages under the npr command's malloc tuning; CUDA's allocator caches freed blocks)
+        return_freed_memory(pool.keys.device)
         # one allocation for keys and values: a large pool then lies above glibc's mmap threshold (1 GiB under the
         # npr command's tuning), so the next release unmaps it instead of leaving its pages in the heap
         both = torch.zeros((2, *self._released.pool_shape), dtype=pool.keys.dtype, device=pool.keys.device)
