@@ -94,6 +94,7 @@ class RolloutWorker:
         pool.values = pool.values.new_empty(layers, heads, 0, head_dim)
         for p in owned:
             p.data = p.data.new_empty(0)
+        return_freed_memory(pool.keys.device)  # and what decoding freed: the update starts from live memory only
 
     def restore_memory(self) -> None:
         """Reallocate what ``release_memory`` freed: a zeroed KV pool (its pages are all free) and
