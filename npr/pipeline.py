@@ -335,6 +335,11 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
         save_state(run.out, state)  # recorded before the step writes anything, so a kill leaves it owned
         t0 = time.perf_counter()
         STEP_FUNCTIONS[step](run)
+        from npr.train.freed_memory import return_freed_memory
+
+        # every step runs in this one process: without this, pages a finished step freed stayed in the tuned heap
+        # and fragments later steps could not reuse added up to a pipeline peak far above any one step's
+        return_freed_memory()
         state["seconds"][step] = round(time.perf_counter() - t0, 1)
         state["done"].append(step)
         save_state(run.out, state)

@@ -114,7 +114,8 @@ def test_peak_and_what_dominates():
 
 
 def test_engine_lines():
-    rl = replace(ONE, stage="stage3", engine_weight_bytes=2, kv_pool_bytes=1000, decode_rows=4)
+    rl = replace(ONE, stage="stage3", engine_weight_bytes=2, kv_pool_bytes=1000, decode_rows=4,
+                 engine_released_for_update=False)
     plan = plan_memory(TINY, rl)
     assert line(plan, "engine weights").rollout == 1448 * 2 == line(plan, "engine weights").update
     assert line(plan, "engine KV pool").update == 1000
@@ -136,21 +137,24 @@ def test_inputs_of_the_qwen3_4b_stage3_preset():
     shape, _ = read_model_shape("Qwen/Qwen3-4B")
     assert shape.parameters == 4_022_468_096  # Qwen3-4B's 4.02 B (tied embeddings)
     inputs = inputs_from_config("stage3", stage_config("stage3", fsdp="true"), shape, gpus=8, prompt_tokens=1000)
-    # 2 responses of 30,000 tokens per pass, each behind its 1,000-token prompt; mini_batch_size 1: one group of
-    # 16 responses per step, all on one rank today: 8 passes
+    # 2 responses of 30,000 tokens per pass, each behind its 1,000-token prompt; mini_batch_size 1: one group's
+    # worth of 16 responses per step, 2 on each of the 8 ranks: 1 pass
     assert (inputs.units_per_pass, inputs.unit_tokens, inputs.predicted_per_pass) == (2, 31000, 60000)
-    assert inputs.passes_per_step == 8 and inputs.fsdp and inputs.engine_weight_bytes == 2
+    assert inputs.passes_per_step == 1 and inputs.fsdp and inputs.engine_weight_bytes == 2
+    assert inputs.engine_released_for_update  # release_engine_for_update auto on a CUDA plan
     assert inputs.kv_pool_bytes == 20 * GIB and inputs.decode_rows == 256
     capped = inputs_from_config("stage3", stage_config("stage3", micro_batch_tokens=31000), shape, 8,
                                 prompt_tokens=1000)
-    assert capped.units_per_pass == 1 and capped.passes_per_step == 16 and capped.engine_weight_bytes == 2
+    assert capped.units_per_pass == 1 and capped.passes_per_step == 2 and capped.engine_weight_bytes == 2
+    kept = inputs_from_config("stage3", stage_config("stage3", release_engine_for_update="off"), shape, 8)
+    assert not kept.engine_released_for_update
     sft = inputs_from_config("stage2", stage_config("stage2"), shape, gpus=8, prompt_tokens=1000)
     assert (sft.unit_tokens, sft.predicted_per_unit, sft.decode_rows) == (32768, 31768, 0)
 
 
 def test_fitting_changes_name_a_setting_that_fits():
     shape, _ = read_model_shape("Qwen/Qwen3-4B")
-    inputs = inputs_from_config("stage3", stage_config("stage3"), shape, gpus=8)  # DDP: does not fit 80 GiB
+    inputs = inputs_from_config("stage3", stage_config("stage3", fsdp="false"), shape, gpus=8)  # DDP: > 80 GiB
     assert plan_memory(shape, inputs).peak > 80 * GIB
     changes, fits = fitting_changes(shape, inputs, 80 * GIB, frozenset({"logprob_chunk_size"}))
     assert fits and changes[0][0].setting == "fsdp true"
@@ -226,20 +230,22 @@ QWEN = ["--preset", "qwen3-4b", "--gpu-memory", "80"]
 
 @pytest.mark.parametrize("stage", ["stage1", "stage3"])
 def test_qwen3_4b_fits_8_x_80_gb(capsys, stage):
-    """The issue's goal: Stage 1 and Stage 3 of the qwen3-4b preset fit 8 x 80 GB, sharded (--fsdp true), with
-    the preset's two 30k-token responses per pass and with one; without FSDP the plan names the setting."""
+    """The issue's goal: Stage 1 and Stage 3 of the qwen3-4b preset fit 8 x 80 GB, sharded (the preset's fsdp
+    true), with the preset's two 30k-token responses per pass and with one; without FSDP the plan names the
+    setting."""
     for extra in ([], ["--micro-batch-tokens", "31024"]):
-        code, out, err = run_cli(capsys, *QWEN, "--stage", stage, "--gpus", "8", "--fsdp", "true", *extra)
+        code, out, err = run_cli(capsys, *QWEN, "--stage", stage, "--gpus", "8", *extra)
         last = out.strip().splitlines()[-1]
         assert code == 0 and last.startswith("peak per GPU: ") and last.endswith(" GiB of 80 GiB (fits)"), out + err
         assert "parameters" in out and "engine KV pool" in out and "log-prob logits" in out
-    code, out, _ = run_cli(capsys, *QWEN, "--stage", stage, "--gpus", "8")
+    code, out, _ = run_cli(capsys, *QWEN, "--stage", stage, "--gpus", "8", "--fsdp", "false")
     last = out.strip().splitlines()[-1]
     assert code == 0 and "(does not fit: " in last and "fits with fsdp true" in last
 
 
 def test_what_does_not_fit_on_one_24_gb_gpu(capsys):
-    code, out, _ = run_cli(capsys, "--preset", "qwen3-4b", "--stage", "stage1", "--gpus", "1", "--gpu-memory", "24")
+    code, out, _ = run_cli(capsys, "--preset", "qwen3-4b", "--stage", "stage1", "--gpus", "1", "--gpu-memory", "24",
+                           "--fsdp", "false")  # the preset shards, which one process refuses
     last = out.strip().splitlines()[-1]
     assert code == 0 and last.startswith("peak per GPU: ") and " GiB of 24 GiB (does not fit: " in last
     assert "parameters, gradients and AdamW states alone take 59.9 GiB" in last

@@ -97,14 +97,18 @@ def test_a_sharded_checkpoint_resumes_on_another_process_count(runs):
     assert all(torch.allclose(w2[k], w3[k], atol=WEIGHT_ATOL, rtol=0) for k in w2)
 
 
-def test_fsdp_stage3_with_bf16_and_checkpointing_matches_one_process(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--cpu-offload", "true", "--release-engine-for-update", "on"]],
+                         ids=["resident", "offloaded-and-released"])
+def test_fsdp_stage3_with_bf16_and_checkpointing_matches_one_process(tmp_path, extra):
     """The RL path under FSDP: the engine decodes a gathered copy refreshed after each update;
     PAPO's batch statistics over both processes; bf16 mixed precision and gradient
     checkpointing. bf16 compute differs in kind between FSDP's policy (bf16 parameters) and
-    one process's autocast (fp32 parameters, bf16 matmuls), so losses agree to 2% only."""
+    one process's autocast (fp32 parameters, bf16 matmuls), so losses agree to 2% only. Also with
+    the shards offloaded to host memory and the gathered copy and KV pool freed for each update
+    (rebuilt and re-gathered after it)."""
     args = ["train", "stage3", "--preset", "smoke", "--max-steps", "2", "--quiet", "--mixed-precision", "bf16"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
-    out = launch(2, *args, "--fsdp", "true", "--gradient-checkpointing", "true", "--out", str(tmp_path / "two"))
+    out = launch(2, *args, "--fsdp", "true", "--gradient-checkpointing", "true", *extra, "--out", str(tmp_path / "two"))
     assert out.returncode == 0, out.stderr[-3000:]
     m1, m2 = read_metrics(tmp_path / "one" / "metrics.jsonl"), read_metrics(tmp_path / "two" / "metrics.jsonl")
     for a, b in zip(m1, m2):
@@ -119,6 +123,28 @@ def test_fsdp_on_one_process_is_refused_before_compute(tmp_path, capsys):
     assert main(["train", "stage2", "--preset", "smoke", "--fsdp", "true", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "FSDP shards the model over processes and this launch has one" in err and "--nproc_per_node" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cpu_offload_follows_the_single_process_loss_trajectory(runs, tmp_path):
+    """accelerate's FSDP2 CPU offload (CPUOffloadPolicy, unpinned without an accelerator) runs on gloo CPU
+    processes: the same losses and weights as one process."""
+    one = runs[0]
+    out = launch(2, *STAGE2, "--fsdp", "true", "--cpu-offload", "true", "--out", str(tmp_path / "off"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(tmp_path / "off" / "metrics.jsonl")
+    assert len(m1) == len(m2) == 3
+    for a, b in zip(m1, m2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_REL)
+    w1, w2 = _weights(one / "final"), _weights(tmp_path / "off" / "final")
+    assert all(torch.allclose(w1[k], w2[k], atol=WEIGHT_ATOL, rtol=0) for k in w1)
+
+
+def test_cpu_offload_without_fsdp_is_refused_before_compute(tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["train", "stage2", "--preset", "smoke", "--cpu-offload", "true", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cpu_offload" in err and "needs fsdp true" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
 
 

@@ -45,15 +45,20 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_mini_batch_parts_cut_global_groups_consecutively():
+def test_mini_batch_parts_deal_the_global_order_in_turn():
+    """M = ceil(groups / mini_batch_size) steps; the j-th rollout in global (group) order goes to
+    step j mod M, so each step takes a share of every rank's rollouts."""
     acc = SimpleNamespace(num_processes=1, process_index=0)
     rollouts = [SimpleNamespace(group=g) for g in (3, 3, 5, 5, 6, 8, 8)]  # 4 groups
     assert mini_batch_parts(acc, rollouts, None) == [[0, 1, 2, 3, 4, 5, 6]]
     assert mini_batch_parts(acc, rollouts, 4) == [[0, 1, 2, 3, 4, 5, 6]]  # whole batch: one step
-    assert mini_batch_parts(acc, rollouts, 2) == [[0, 1, 2, 3], [4, 5, 6]]
-    assert mini_batch_parts(acc, rollouts, 3) == [[0, 1, 2, 3, 4], [5, 6]]
-    assert mini_batch_parts(acc, rollouts, 1) == [[0, 1], [2, 3], [4], [5, 6]]
+    assert mini_batch_parts(acc, rollouts, 2) == [[0, 2, 4, 6], [1, 3, 5]]
+    assert mini_batch_parts(acc, rollouts, 3) == [[0, 2, 4, 6], [1, 3, 5]]
+    assert mini_batch_parts(acc, rollouts, 1) == [[0, 4], [1, 5], [2, 6], [3]]
     assert mini_batch_parts(acc, [], 2) == [[]]
+    # a refill round's groups (larger ids) listed before an earlier round's are dealt in id order
+    late_first = [SimpleNamespace(group=g) for g in (40, 40, 3, 3, 3)]  # id order: 2 3 4 0 1
+    assert mini_batch_parts(acc, late_first, 1) == [[1, 2, 4], [0, 3]]
 
 
 def test_old_logprobs_of_the_current_policy_give_todays_single_step(llama):

@@ -25,6 +25,7 @@ from npr.train.trackers import parse_report_to
 
 ATTENTION_CHOICES = ("auto", "flex", "dense")  # npr.train.logprobs.resolve_attention
 
+RELEASE_CHOICES = ("auto", "on", "off")  # release_engine_for_update
 FORCING_CHOICES = ("none", "structure", "structure-answer")
 SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16")
@@ -137,6 +138,10 @@ class TrainConfig:
                         "sharded resumable checkpoints; needs >= 2 processes (docs/training.md)")
     fsdp_layer_class: str | None = option(None, "decoder layer class(es) FSDP wraps as units, comma-separated (None: "
                                           "the model's _no_split_modules, e.g. Qwen3DecoderLayer)")
+    cpu_offload: bool = option(False, "with fsdp: keep the parameter shards, their gradients and AdamW's states in "
+                               "host memory (accelerate's FSDP2 CPUOffloadPolicy), copying each layer to the device "
+                               "when it runs: ~16 bytes per parameter / N off each GPU, at the cost of host-device "
+                               "copies and an optimizer step on the CPU (NPR's Stage 3 offloads)")
     save_every: int = option(0, "write checkpoints/step-N every N steps (0: only at the end)")
     keep_checkpoints: int = option(2, "keep the newest K checkpoints/step-N directories (0: keep all)")
     stop_after: int | None = option(None, "end the process after this global step as if interrupted (a checkpoint is "
@@ -167,6 +172,8 @@ class TrainConfig:
             raise ConfigError(f"config field 'report_to': {e}") from None
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         _check(self.micro_batch_tokens >= 0, "micro_batch_tokens", "must be >= 0 (0: no cap)")
+        _check(self.fsdp or not self.cpu_offload, "cpu_offload",
+               "offloads FSDP's shards and needs fsdp true (launch N >= 2 processes with --fsdp true), or drop it")
         _check(self.logprob_chunk_size >= 1, "logprob_chunk_size",
                f"must be >= 1 (tokens per chunk of the output head; default 1024), got {self.logprob_chunk_size}")
         _check(self.max_skipped_steps >= 1, "max_skipped_steps", f"must be >= 1, got {self.max_skipped_steps}")
@@ -262,9 +269,10 @@ class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
                                      "loss, so <step> and <takeaway> never do. The paper keeps gradients on the tags "
                                      "that control branching and NPR's code trains every response token: the "
                                      "qwen3-4b presets set true")
-    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: the kept groups of all processes "
-                                         "are cut into consecutive mini-batches of this many, each one Adam step with "
-                                         "its own global loss normaliser (PPO's ppo_mini_batch_size); the old "
+    mini_batch_size: int | None = option(None, "prompt groups per optimizer step: ceil(kept groups / this) Adam "
+                                         "steps, each taking a share of every process's rollouts (the global order "
+                                         "dealt out in turn) and its own global loss normaliser (PPO's "
+                                         "ppo_mini_batch_size); the old "
                                          "log-probs are computed once per rollout batch, so DAPO's clip binds from the "
                                          "2nd step; the lr schedule advances once per rollout batch. None: the whole "
                                          "batch, one on-policy step (NPR code: 1)")
@@ -282,6 +290,10 @@ class RLConfig(InstructionConfig, RolloutConfig, TrainConfig):
                                    "(eval_* metrics in metrics.jsonl); None skips evaluation")
     eval_limit: int = option(32, "evaluate only the first N eval_data problems")
     eval_samples: int = option(1, "samples per eval problem (at the rollout temperature)")
+    release_engine_for_update: str = option("auto", "free the engine's KV pool and its own copy of the weights "
+                                            "during the update and rebuild them at the weight sync after it, as "
+                                            "NPR's code sleeps its rollout engine: on, off, or auto (on for a CUDA "
+                                            "device; a CPU keeps them, saving the reallocation)", RELEASE_CHOICES)
 
     def __post_init__(self):
         super().__post_init__()

@@ -70,7 +70,18 @@ def fsdp_plugin(config, layers: list[str]):
         fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=layers,
         mixed_precision_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
         activation_checkpointing=config.gradient_checkpointing, reshard_after_forward=True,
-        state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False)
+        state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False,
+        cpu_offload=_offload_policy(config))
+
+
+def _offload_policy(config):
+    """FSDP2's CPU offload of the shards with ``cpu_offload`` (else False): pinned host memory for fast
+    copies to a CUDA device; unpinned where there is none (pinning needs an accelerator)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if not getattr(config, "cpu_offload", False):
+        return False
+    return CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
 
 
 def make_fsdp_accelerator(plugin):

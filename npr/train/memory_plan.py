@@ -44,11 +44,12 @@ LOGITS_BACKWARD_BYTES = 12  # per vocab entry per predicted token: [T, V] fp32 s
 DECODE_LOGITS_COPIES = 3  # the engine's decode step: fp32 logits, probabilities, sorted copy for top-p
 # What this build's code does (issue 26 item 3; change these when the code changes): FSDP reduce-scatters every
 # micro-batch into the gradient shards (npr.train.update.backward_micro_batches; before, no_sync kept unsharded
-# fp32 gradients between passes), and the engine's weights and KV pool stay resident during the update
+# fp32 gradients between passes), and the RL stages free the engine's weight copy and KV pool for the update
+# (release_engine_for_update, on for CUDA by default: npr.train.rollout.RolloutWorker.release_memory)
 CODE_SHARDS_GRADIENT_ACCUMULATION = True
-CODE_RELEASES_ENGINE_FOR_UPDATE = False
+CODE_RELEASES_ENGINE_FOR_UPDATE = True
 DEFAULT_PROMPT_TOKENS = 1024
-OFFLOAD_FIELDS = ("cpu_offload", "offload")  # the config field CPU offload will have (issue 26 item 3, not yet built)
+OFFLOAD_FIELDS = ("cpu_offload",)  # the config field of FSDP's CPU offload (npr.train.fsdp.fsdp_plugin)
 # Whether npr.train.lm_head's chunk loops still hold the previous chunk's tensors (z, grad) while the next chunk's
 # logits are made: 12 V bytes per chunk token instead of 8 (measured, benchmarks/memory_plan_check.py). They `del`
 # them at the end of each chunk since the merge of issue 26's two halves
@@ -454,9 +455,9 @@ def inputs_from_config(stage: str, config: Any, shape: ModelShape, gpus: int, de
         response = config.max_new_tokens
         sequence = prompt_tokens + response
         pack = config.pack_group_tokens
-        per_rank_groups = math.ceil(config.prompts_per_step / gpus)
-        groups = min(config.mini_batch_size or per_rank_groups, per_rank_groups)
-        items = groups * config.samples_per_prompt
+        # a mini-batch takes its share of every rank's rollouts (npr.train.rl.mini_batch_parts)
+        groups = min(config.mini_batch_size or config.prompts_per_step, config.prompts_per_step)
+        items = math.ceil(groups * config.samples_per_prompt / gpus)
     else:
         sequence = config.max_seq_len
         response = max(1, sequence - prompt_tokens)
@@ -486,7 +487,15 @@ def inputs_from_config(stage: str, config: Any, shape: ModelShape, gpus: int, de
         unit_tokens=unit, predicted_per_unit=predicted, units_per_pass=units, passes_per_step=passes,
         logprob_chunk_tokens=config.logprob_chunk_size, temperature_scaled=rl and config.temperature not in (0, 1),
         engine_weight_bytes=engine_bytes, kv_pool_bytes=kv, decode_rows=rows,
-        offload=any(getattr(config, name, False) for name in OFFLOAD_FIELDS))
+        offload=any(getattr(config, name, False) for name in OFFLOAD_FIELDS),
+        engine_released_for_update=rl and CODE_RELEASES_ENGINE_FOR_UPDATE and _releases_engine(config, device))
+
+
+def _releases_engine(config: Any, device: str) -> bool:
+    """Whether the config's ``release_engine_for_update`` frees the engine for the update on ``device``."""
+    from npr.train.rollout import release_wanted
+
+    return release_wanted(getattr(config, "release_engine_for_update", "auto"), device)
 
 
 # ----------------------------------------------------------------------------- what makes it fit
@@ -522,13 +531,13 @@ def candidate_changes(inputs: PlanInputs, available: frozenset[str]) -> list[Cha
     if inputs.fsdp and inputs.gpus < 1024:
         changes.append(Change(f"--gpus {inputs.gpus * 2}", replace(inputs, gpus=inputs.gpus * 2)))
     if inputs.fsdp and not inputs.offload:
-        changes.append(Change("CPU offload of parameters and optimizer states", replace(inputs, offload=True),
+        changes.append(Change("cpu_offload true (shards and AdamW states in host memory)", replace(inputs, offload=True),
                               bool(set(OFFLOAD_FIELDS) & available)))
     if inputs.fsdp and not inputs.sharded_gradient_accumulation and inputs.passes_per_step > 1:
         changes.append(Change("sharded gradient accumulation", replace(inputs, sharded_gradient_accumulation=True),
                               CODE_SHARDS_GRADIENT_ACCUMULATION))
     if inputs.decode_rows and not inputs.engine_released_for_update:
-        changes.append(Change("release the engine's weights and KV pool for the update",
+        changes.append(Change("release_engine_for_update on",
                               replace(inputs, engine_released_for_update=True), CODE_RELEASES_ENGINE_FOR_UPDATE))
     if inputs.kv_pool_bytes > 2 * GIB:
         changes.append(Change(f"kv_cache_gib {inputs.kv_pool_bytes / GIB / 2:g}",

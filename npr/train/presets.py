@@ -41,13 +41,17 @@ _TINY_THREADS = None
 # 128 sequences at once: 323 vs 270 tok/s at 64 (held-out eval, 128 samples, docs/results.md)
 _TINY_ENGINE: dict[str, Any] = dict(cpu_threads=_TINY_THREADS, rollout_dtype="bfloat16", kv_cache_tokens=65536,
                                     max_num_seqs=128)
+# memory (issue 26, docs/performance.md): one pack of a prompt's responses per forward (two made the update's
+# activations 4-7 GiB of a 10.6 GB Stage-3 peak) and the engine's KV pool and bf16 copy freed for the update
 _TINY_RL: dict[str, Any] = dict(_TINY_ENGINE, train_data=_EXPRESSIONS, mixed_precision="bf16", eval_data=_EXPRESSIONS_EVAL,
                                 eval_limit=8, eval_samples=2, warmup_steps=0, lr_schedule="constant",
-                                pack_group_tokens=2048, micro_batch_size=2, prompts_per_step=8)
+                                pack_group_tokens=2048, micro_batch_size=1, prompts_per_step=8,
+                                release_engine_for_update="on")
 # fp32 master weights, bf16 compute; checkpointing: an 8k-token rollout's activations otherwise dominate.
-# Add --fsdp true on several GPUs (docs/training.md)
+# FSDP: `npr memory --preset qwen3-4b --gpus 8 --gpu-memory 80` puts every stage above 80 GiB per GPU without it
+# (Stage 1 and 3: 121.9 GiB, Stage 2: 103.8) and within it with it (docs/training.md); it needs >= 2 processes
 _QWEN_TRAIN: dict[str, Any] = dict(dtype="float32", mixed_precision="bf16", micro_batch_size=2, save_every=20,
-                                   gradient_checkpointing=True)
+                                   gradient_checkpointing=True, fsdp=True)
 _QWEN_GPU: dict[str, Any] = dict(_QWEN_TRAIN, rollout_dtype="bfloat16", kv_cache_gib=20.0, max_num_seqs=256)
 # NPR's launch scripts (reference repo bigai-nlco/Native-Parallel-Reasoner at e148ad5): Stage 1
 # npr-zero/experiments/run.sh (Z), Stage 3 npr-rl/experiments/run.sh (R), Stage 2 npr-beta/train/sft_math.sh (B),

@@ -18,8 +18,8 @@ from npr.tokens import tag_token_ids
 from npr.train.config import ConfigError, RLConfig
 from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
 from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
-from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, append_rollouts, rollout_metrics,
-                               rollout_sums, score)
+from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, append_rollouts, release_wanted,
+                               rollout_metrics, rollout_sums, score)
 from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
 from npr.train.session import RunOptions, TrainSession, open_session
 from npr.train.tracking import truncate_jsonl
@@ -71,7 +71,8 @@ def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -
     if config.prompts_per_step % world:
         raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
                           f"{world} processes; use a multiple of {world}")
-    worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode)
+    worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode,
+                           policy_is_trained=not is_sharded(session.model))
     truncate_jsonl(rollouts_path(session), session.start_step)  # a resumed run writes later steps again
     prompts = encode_prompts(session.tokenizer, problems, config)
     return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems, data_batches)
@@ -115,6 +116,7 @@ def sync_rollout_weights(run: RLRun) -> None:
     """After an update: refresh the engine's copy of the weights (every process: under FSDP it
     all-gathers each parameter)."""
     if is_sharded(run.session.model):
+        run.worker.restore_memory()
         copy_full_weights(run.session.model, run.worker.model)
     else:
         run.worker.sync()
@@ -141,7 +143,8 @@ def generate_round(run: RLRun, step: int, reward: Callable[[str, Problem], float
     started = time.perf_counter()
     results = run.worker.generate([run.prompts[i] for i in indices], first, params)
     wall = time.perf_counter() - started
-    rollouts = score(results, [run.problems[i] for i in indices], first, reward)
+    group_base = batch * run.order.batch_size  # group ids unique over the generation batches
+    rollouts = score(results, [run.problems[i] for i in indices], first, reward, group_base)
     session.progress["gen_batches"] = batch + 1
     append_rollouts(rollouts_path(session), step + 1, rollouts)
     return rollouts, global_sum(acc, rollout_sums(rollouts)), wall
@@ -205,19 +208,22 @@ def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structur
 def mini_batch_parts(accelerator, rollouts: Sequence[Rollout], mini_batch_size: int | None) -> list[list[int]]:
     """This rank's rollout indices in each of the step's mini-batches (PPO's ppo_mini_batch_size).
 
-    The kept prompt groups of all ranks, in global prompt order, are cut into consecutive runs
-    of ``mini_batch_size`` groups (None: one run, the whole batch); mini-batch k takes the
-    groups this rank holds of run k, possibly none. So every rank makes the same number of
-    optimizer steps and a mini-batch is the same set of groups whatever the number of ranks.
+    The step makes M = ceil(global kept groups / ``mini_batch_size``) optimizer steps (None: one,
+    the whole batch). All ranks' kept rollouts in global order (group id, then the order within
+    a rank) are dealt out in turn: the j-th goes to mini-batch j mod M. Ranks hold contiguous
+    runs of that order, so each mini-batch takes about 1/M of every rank's share, as verl cuts
+    each rank's share into ``ppo_mini_batch_size`` x n / world rollouts, and every rank computes
+    in every optimizer step whenever it holds at least M rollouts (``mini_batch_size`` x samples
+    per prompt >= processes). Unlike verl's contiguous cut per rank, mini-batch k is the same
+    set of rollouts on 1 or N processes, so N processes make one process's update.
     """
-    groups = list(dict.fromkeys(r.group for r in rollouts))  # this rank's groups, in order
-    counts, rank = gather_floats(accelerator, [len(groups)])  # one count per rank, this rank's index
-    total, first = int(sum(counts)), int(sum(counts[:rank]))
-    size = mini_batch_size or max(total, 1)
-    parts: list[list[int]] = [[] for _ in range(max(1, -(-total // size)))]
-    slot = {g: (first + k) // size for k, g in enumerate(groups)}
-    for i, r in enumerate(rollouts):
-        parts[slot[r.group]].append(i)
+    all_groups, offset = gather_floats(accelerator, [r.group for r in rollouts])  # every rank's, in rank order
+    steps = max(1, -(-len(set(all_groups)) // mini_batch_size)) if mini_batch_size else 1
+    order = sorted(range(len(all_groups)), key=lambda j: all_groups[j])  # stable: rank order within a group
+    position = {j: k for k, j in enumerate(order)}
+    parts: list[list[int]] = [[] for _ in range(steps)]
+    for i in range(len(rollouts)):
+        parts[position[offset + i] % steps].append(i)
     return parts
 
 
@@ -251,6 +257,8 @@ def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, 
         session.optimizer.step()  # no gradients: AdamW leaves every parameter and its state alone
         session.scheduler.step()
         return {"updated": 0.0, "trained_rollouts": 0.0, "optimizer_steps": 0.0}
+    if release_wanted(config.release_engine_for_update, acc.device):
+        run.worker.release_memory()  # rebuilt by sync_rollout_weights below
     pad = session.tokenizer.pad_token_id
     passes = dict(micro_batch_size=config.micro_batch_size, forward_context=session.forward_context,
                   micro_batch_tokens=config.micro_batch_tokens, temperature=config.temperature,

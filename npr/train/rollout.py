@@ -24,6 +24,7 @@ from npr.models import resolve_dtype
 from npr.rewards import is_correct
 from npr.schema import parse, validate
 from npr.train.config import RolloutConfig
+from npr.train.freed_memory import return_freed_memory
 
 # Branch lengths the smoke presets force: one block of two branches (npr.engine.forcing).
 SMOKE_BRANCH_TOKENS = [[6, 9]]
@@ -36,10 +37,30 @@ def build_forcer(tokenizer, forcing: str):
     return None
 
 
-class RolloutWorker:
-    """The engine over the policy's weights (or a synced copy in ``rollout_dtype``)."""
+def release_wanted(setting: str, device: torch.device) -> bool:
+    """Whether ``release_engine_for_update`` (auto, on, off) frees the engine's memory for the
+    update on ``device``: auto frees it on CUDA, where the update needs the room, and keeps it on
+    a CPU, where the host's memory is larger and reallocating costs time."""
+    return setting == "on" or (setting == "auto" and torch.device(device).type == "cuda")
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, config: RolloutConfig, mode: str):
+
+@dataclass
+class _Released:
+    """What ``RolloutWorker.release_memory`` freed: the KV pool's shape, and the weight copy's
+    parameters with their shapes (empty when the engine decodes the trained weights)."""
+
+    pool_shape: torch.Size
+    parameters: list[tuple[torch.nn.Parameter, torch.Size]]
+
+
+class RolloutWorker:
+    """The engine over the policy's weights (or a synced copy in ``rollout_dtype``).
+
+    ``policy_is_trained``: ``policy`` is the trained module itself (False: a gathered copy of
+    sharded weights, which ``release_memory`` may free like a ``rollout_dtype`` copy)."""
+
+    def __init__(self, policy: torch.nn.Module, tokenizer, config: RolloutConfig, mode: str,
+                 policy_is_trained: bool = True):
         self.policy, self.tokenizer, self.config = policy, tokenizer, config
         policy_dtype = next(policy.parameters()).dtype
         dtype = resolve_dtype(config.rollout_dtype) if config.rollout_dtype else policy_dtype
@@ -47,18 +68,63 @@ class RolloutWorker:
             self.model = policy
         else:
             self.model = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
+        self.owns_weights = self.model is not policy or not policy_is_trained
         self.engine = Engine(self.model, tokenizer, EngineConfig(
             mode=mode, kv_cache_tokens=config.kv_cache_tokens, kv_cache_gib=config.kv_cache_gib,
             max_num_seqs=config.max_num_seqs))
+        self._released: _Released | None = None
+
+    @property
+    def released(self) -> bool:
+        return self._released is not None
+
+    def release_memory(self) -> None:
+        """Free the KV pool and the engine's own weight copy (not the trained weights) while the
+        engine is idle, e.g. for an update; ``restore_memory`` (which ``sync`` calls) rebuilds
+        them. The same code on every device; ``release_wanted`` decides where it runs."""
+        if self.released:
+            return
+        if self.engine.scheduler.has_work():
+            raise RuntimeError("release_memory: the engine still has requests in flight")
+        pool = self.engine.pool
+        owned = list(self.model.parameters()) if self.owns_weights else []
+        self._released = _Released(pool.keys.shape, [(p, p.shape) for p in owned])
+        layers, heads, _, head_dim = pool.keys.shape
+        pool.keys = pool.keys.new_empty(layers, heads, 0, head_dim)  # keeps dtype, device and the per-slot shape
+        pool.values = pool.values.new_empty(layers, heads, 0, head_dim)
+        for p in owned:
+            p.data = p.data.new_empty(0)
+        return_freed_memory(pool.keys.device)  # and what decoding freed: the update starts from live memory only
+
+    def restore_memory(self) -> None:
+        """Reallocate what ``release_memory`` freed: a zeroed KV pool (its pages are all free) and
+        the weight copy's parameters, UNINITIALISED: the caller copies the weights in (``sync``)."""
+        if not self.released:
+            return
+        pool = self.engine.pool
+        # the update's freed activations go back first, so the pool takes their room instead of adding to it (a CPU
+        # heap keeps freed pages under the npr command's malloc tuning; CUDA's allocator caches freed blocks)
+        return_freed_memory(pool.keys.device)
+        # one allocation for keys and values: a large pool then lies above glibc's mmap threshold (1 GiB under the
+        # npr command's tuning), so the next release unmaps it instead of leaving its pages in the heap
+        both = torch.zeros((2, *self._released.pool_shape), dtype=pool.keys.dtype, device=pool.keys.device)
+        pool.keys, pool.values = both[0], both[1]  # [layers, Hkv, slots, D] each
+        for p, shape in self._released.parameters:
+            p.data = p.data.new_empty(shape)
+        self._released = None
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Copy the policy's updated weights into the engine's copy (no-op when shared)."""
+        """Copy the policy's updated weights into the engine's copy (no-op when shared), after
+        rebuilding what ``release_memory`` freed."""
+        self.restore_memory()
         if self.model is not self.policy:
             self.model.load_state_dict(self.policy.state_dict())
 
     def generate(self, prompts: Sequence[Sequence[int]], first_index: int, params: SamplingParams) -> list[Result]:
         """Decode ``prompts`` (global indices from ``first_index``); results by prompt, then sample."""
+        if self.released:
+            raise RuntimeError("generate: the engine's memory was released and the weights not synced since")
         if not prompts:
             return []
         was_training = self.model.training
@@ -89,10 +155,14 @@ class Rollout:
     correct: bool
     format_valid: bool
     parallel_blocks: int
+    group_base: int = 0  # the group id of its generation batch's prompt 0
 
     @property
     def group(self) -> int:
-        return self.result.prompt_index
+        """The prompt group's id, unique over a step's generation rounds (DAPO's refill draws
+        several batches whose prompt indices restart at 0; one id per batch would merge two
+        problems into one group for the advantages and the mini-batches)."""
+        return self.group_base + self.result.prompt_index
 
 
 def count_blocks(result: Result) -> int:
@@ -104,14 +174,14 @@ def count_blocks(result: Result) -> int:
 
 
 def score(results: Sequence[Result], problems: Sequence[Problem], first_index: int,
-          reward: Callable[[str, Problem], float]) -> list[Rollout]:
+          reward: Callable[[str, Problem], float], group_base: int = 0) -> list[Rollout]:
     """Rollouts with reward, correctness and format validity; ``problems[i - first_index]`` is
-    the problem of global prompt index i."""
+    the problem of global prompt index i, whose group id is ``group_base + i``."""
     out = []
     for r in results:
         problem = problems[r.prompt_index - first_index]
         out.append(Rollout(problem, r, float(reward(r.text, problem)), is_correct(r.text, problem),
-                           not validate(r.text), count_blocks(r)))
+                           not validate(r.text), count_blocks(r), group_base))
     return out
 
 
