@@ -38,7 +38,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def ctx(gguf_path):
-    c = LlamaContext(gguf_path, ContextSize(cells=256, seqs=8, batch=64, threads=2))
+    c = LlamaContext(gguf_path, ContextSize(cells=256, seqs=8, batch=64, threads=1))
     yield c
     c.close()
 

@@ -43,6 +43,9 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--dtype", default="bfloat16", type=dtype_name, help="bfloat16 (default) or float32")
     p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
     p.add_argument("--max-num-seqs", type=positive_int, default=64, help="live streams decoded at once")
+    p.add_argument("--backend", default="npr", choices=["npr", "llamacpp"], help="npr's engine (default) or "
+                   "llama.cpp from the model's GGUF (embedded: the shipped Q4_1 file with the NPR tags; needs "
+                   "npr[llamacpp])")
     p.add_argument("--kv-cache-gib", type=positive_float, default=2.0, help="KV pool size in GiB (default: 2)")
     p.add_argument("--out", default=None, type=out_path, help="run directory (required unless --show-config)")
     group = p.add_mutually_exclusive_group()
@@ -88,7 +91,7 @@ class EvalProgress:
 FLAG_FIELDS = {"model": "model", "benchmarks": "benchmarks", "k": "k", "mode": "mode", "baseline_mode": "baseline_mode",
                "limit": "limit", "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                "top_k": "top_k", "seed": "seed", "style": "style", "data_dir": "data_dir", "dtype": "dtype",
-               "device": "device", "max_num_seqs": "max_num_seqs", "kv_cache_gib": "kv_cache_gib",
+               "device": "device", "max_num_seqs": "max_num_seqs", "kv_cache_gib": "kv_cache_gib", "backend": "backend",
                "system_prompt_file": "system_prompt_file", "system_prompt_placement": "system_prompt_placement"}
 
 

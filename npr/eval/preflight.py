@@ -72,6 +72,9 @@ def check_settings(c) -> None:
     _require(_is_int(c.max_branches) and c.max_branches >= 1, f"max_branches must be >= 1, got {c.max_branches!r}")
     _require(_is_int(c.max_num_seqs) and c.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {c.max_num_seqs!r}")
     _require(_is_number(c.kv_cache_gib) and c.kv_cache_gib > 0, f"--kv-cache-gib must be > 0, got {c.kv_cache_gib!r}")
+    from npr.backends import BACKENDS
+
+    _require(c.backend in BACKENDS, f"--backend {c.backend!r} is not one of {', '.join(BACKENDS)}")
     try:
         engine_config(c, c.mode)
     except TypeError as e:
