@@ -147,33 +147,46 @@ def test_continuous_batching_and_cancel(gguf, tok):
 
 @pytest.mark.slow
 def test_join_matches_the_tree_mask_on_the_dequantised_model(gguf, tok, embedded):
-    """The takeaway after a join (and every other sampled token) against one flat forward with npr's tree
-    mask on the de-quantised f32 model: the same tree, positions and tokens; the log-probs differ only by
-    llama.cpp's quantised arithmetic (Q4_1 weights times Q8 activations) within ``QUANT_TOL``."""
+    """Every sampled token (the takeaways after each join included) against one flat forward with npr's
+    tree mask on the de-quantised f32 model: the same tree, positions and tokens; the log-probs differ
+    only by llama.cpp's quantised arithmetic (Q4_1 weights times 8-bit activations), within ``QUANT_TOL``.
+    The HF model's tag rows are set to the GGUF's (de-quantised), so both run the same weights."""
+    import copy
+
+    import gguf as gguf_lib
+    import numpy as np
     import torch
 
     from npr.masks import attention_bias, parallel_mask_and_positions
     from npr.tokens import tag_token_ids
 
-    model, hf_tok = embedded
+    model = copy.deepcopy(embedded[0])
+    reader = gguf_lib.GGUFReader(gguf)
+    table = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    rows = gguf_lib.quants.dequantize(np.asarray(table.data), gguf_lib.GGMLQuantizationType(table.tensor_type))
+    tags = sorted(tag_token_ids(tok).values())
+    with torch.no_grad():
+        model.get_input_embeddings().weight[tags] = torch.from_numpy(rows[tags])  # tied: the head's rows too
     params = SamplingParams(max_new_tokens=200, temperature=0, logits_processors=(forced(tok),))
     (r, _) = make(gguf, tok).generate(prompts(tok), params)
     ids = torch.tensor(r.prompt_ids + r.token_ids)
     p = len(r.prompt_ids)
-    allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(hf_tok), response_start=p)
+    allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(tok), response_start=p)
     with torch.no_grad():
         logits = model(input_ids=ids[None], position_ids=positions[None],
                        attention_mask=attention_bias(allowed, model.dtype)[None, None]).logits[0].float()
     logp = torch.log_softmax(logits, -1)
     flat = [logp[p + i - 1, t].item() for i, t in enumerate(r.token_ids)]
     diffs = [abs(a - b) for a, b, s in zip(flat, r.logprobs, r.sampled) if s]
-    takeaway = r.token_ids.index(tag_token_ids(tok)["<takeaway>"])
-    after_join = [abs(flat[i] - r.logprobs[i]) for i in range(takeaway + 1, takeaway + 7) if r.sampled[i]]
-    print(f"max |dlogp| all {max(diffs):.3f} mean {sum(diffs) / len(diffs):.4f}; after the join {max(after_join):.3f}")
+    start = r.token_ids.index(tag_token_ids(tok)["<takeaway>"]) + 1
+    after_join = [abs(flat[i] - r.logprobs[i]) for i in range(start, start + 6) if r.sampled[i]]
+    print(f"max |dlogp| {max(diffs):.3f}, mean {sum(diffs) / len(diffs):.4f}; after the join {max(after_join):.3f}")
     assert max(diffs) <= QUANT_TOL and max(after_join) <= QUANT_TOL
+    assert sum(diffs) / len(diffs) <= QUANT_MEAN_TOL
 
 
-QUANT_TOL = 0.5
+QUANT_TOL = 1.0
+QUANT_MEAN_TOL = 0.15
 
 
 def fuzz_round(gguf, tok, seed: int) -> int:
