@@ -227,3 +227,24 @@ def test_stress_frees_every_cell_and_sequence(gguf, tok):
 def test_stress_thousands_of_streams(gguf, tok):
     streams = sum(fuzz_round(gguf, tok, seed) for seed in range(100, 160))
     assert streams >= 1000, streams
+
+
+@pytest.mark.slow
+def test_npr_eval_and_generate_take_backend_llamacpp(tmp_path, gguf):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "npr.cli.main"]
+    out = tmp_path / "eval"
+    done = subprocess.run([*run, "eval", "--backend", "llamacpp", "--benchmarks", "rg:basic_arithmetic?size=2&seed=1",
+                           "--k", "2", "--max-new-tokens", "16", "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "config.json").read_text())["settings"]["backend"] == "llamacpp"
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+    done = subprocess.run([*run, "generate", "--backend", "llamacpp", "--prompt", "What is 2+3?", "--max-new-tokens",
+                           "12"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]
