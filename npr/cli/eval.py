@@ -48,6 +48,9 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--gpu-memory-utilization", type=probability, default=0.9,
                    help="on CUDA without --kv-cache-gib: the share of the GPU's memory the weights, a forward and "
                         "the KV pool may take, as vLLM (default: 0.9)")
+    p.add_argument("--backend", default="npr", choices=["npr", "llamacpp"], help="npr's engine (default) or "
+                   "llama.cpp from the model's GGUF (embedded: the shipped Q4_1 file with the NPR tags; needs "
+                   "npr[llamacpp])")
     p.add_argument("--out", default=None, type=out_path, help="run directory (required unless --show-config)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (refused when the "
@@ -93,7 +96,7 @@ FLAG_FIELDS = {"model": "model", "benchmarks": "benchmarks", "k": "k", "mode": "
                "limit": "limit", "max_new_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
                "top_k": "top_k", "seed": "seed", "style": "style", "data_dir": "data_dir", "dtype": "dtype",
                "device": "device", "max_num_seqs": "max_num_seqs", "kv_cache_gib": "kv_cache_gib",
-               "gpu_memory_utilization": "gpu_memory_utilization",
+               "gpu_memory_utilization": "gpu_memory_utilization", "backend": "backend",
                "system_prompt_file": "system_prompt_file", "system_prompt_placement": "system_prompt_placement"}
 
 

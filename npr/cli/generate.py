@@ -26,6 +26,8 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--n", type=positive_int, default=1, help="samples (they share the prompt's KV)")
     p.add_argument("--dtype", default="bfloat16", type=dtype_name, help="bfloat16 (default, faster on CPU) or float32")
     p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
+    p.add_argument("--backend", default="npr", choices=["npr", "llamacpp"], help="npr's engine (default) or llama.cpp "
+                   "from the model's GGUF (embedded: the shipped Q4_1 file with the NPR tags; needs npr[llamacpp])")
     p.add_argument("--tree", action="store_true", help="print each sample's branch tree and engine stats")
     return p
 
@@ -59,7 +61,8 @@ def run(args) -> int:
 
     from rich.console import Console
 
-    from npr.engine import Engine, EngineConfig, SamplingParams
+    from npr.backends import build_engine
+    from npr.engine import EngineConfig, SamplingParams
     from npr.errors import UsageError
     from npr.models import load_model_and_tokenizer
     from npr.prompts import encode_prompt
@@ -80,7 +83,7 @@ def run(args) -> int:
     config = EngineConfig(mode=args.mode)
     with console.status(f"loading {args.model}"):
         model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine(model, tok, config)
+    engine = build_engine(args.backend, args.model, model, tok, config)
     prompt = encode_prompt(tok, question, style=args.style)
     results, tokens, start = [], 0, time.perf_counter()
     with console.status("decoding") as status:

@@ -75,6 +75,9 @@ def check_settings(c) -> None:
              f"--kv-cache-gib must be > 0, got {c.kv_cache_gib!r}")
     _require(_is_number(c.gpu_memory_utilization) and 0 < c.gpu_memory_utilization <= 1,
              f"--gpu-memory-utilization must be in (0, 1], got {c.gpu_memory_utilization!r}")
+    from npr.backends import BACKENDS
+
+    _require(c.backend in BACKENDS, f"--backend {c.backend!r} is not one of {', '.join(BACKENDS)}")
     try:
         engine_config(c, c.mode)
     except TypeError as e:

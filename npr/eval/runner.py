@@ -72,6 +72,9 @@ class EvalConfig:
     """KV pool memory; None: on CUDA what ``gpu_memory_utilization`` leaves, on a CPU 2 GiB (the engine's rule)."""
     gpu_memory_utilization: float = 0.9
     """On CUDA with no ``kv_cache_gib``: the share of device memory the weights, a forward and the pool may use."""
+    backend: str = "npr"
+    """``npr``: npr's engine on ``device``; ``llamacpp``: llama.cpp on the CPU, from the model's GGUF
+    (``npr.backends``: ``embedded`` runs the shipped Q4_1 file with the NPR tags)."""
     engine_options: dict = field(default_factory=dict)
     system_prompt_file: str | None = None  # replaces npr's format instruction (npr.prompts); read when built
     system_prompt_placement: str = "system"  # system message, or "user": after the problem (NPR's released code)
@@ -105,6 +108,13 @@ class EvalConfig:
                             f"{self.speed_rounds}, {self.latency_requests}, {self.speed_problems}")
         if self.baseline_mode and not self.baseline_eval and not self.speed_rounds:
             raise EvalError("baseline_eval false leaves the baseline mode only its timing; it needs speed_rounds >= 1")
+
+
+def make_engine(config: EvalConfig, model, tokenizer, mode: str):
+    """The engine of ``config.backend`` for one mode (``npr.backends.build_engine``)."""
+    from npr.backends import build_engine
+
+    return build_engine(config.backend, config.model, model, tokenizer, engine_config(config, mode))
 
 
 def model_hash(model) -> str:
@@ -184,7 +194,7 @@ class EvalRun:
         """Every record of the run: those kept from before (on resume) and the new ones."""
         ledger = Ledger.open(self.out, self.config.k)
         records = list(ledger.records)
-        engine = self.engine or Engine(self.model, self.tokenizer, engine_config(self.config, self.mode))
+        engine = self.engine or make_engine(self.config, self.model, self.tokenizer, self.mode)
         offset = 0
         for bench, problems in self.problems.items():
             todo = [(offset + i, p) for i, p in enumerate(problems) if not ledger.is_done(bench, p.id)]
@@ -266,7 +276,7 @@ def time_modes(config: EvalConfig, model, tokenizer, plan: ProblemPlan, logits_p
     encoded = [(i, ids) for prompts in plan.prompts.values() for i, ids in sorted(prompts.items())]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
                             top_k=config.top_k, n=config.k, seed=config.seed, logits_processors=logits_processors)
-    engines = {m: Engine(model, tokenizer, engine_config(config, m)) for m in (config.mode, config.baseline_mode)}
+    engines = {m: make_engine(config, model, tokenizer, m) for m in (config.mode, config.baseline_mode)}
     batch = encoded[:config.speed_problems] if config.speed_problems else encoded
     single = encoded[:config.latency_requests]
     one = replace(params, n=1)
@@ -362,7 +372,7 @@ def evaluate(config: EvalConfig, out_dir: str | Path, resume: bool = False, over
     problems = load_benchmarks(config)
     model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(config.model, dtype=config.dtype,
                                                                        device=config.device)
-    engine = Engine(model, tokenizer, engine_config(config, config.mode))
+    engine = make_engine(config, model, tokenizer, config.mode)
     plan = plan_problems(config, engine, tokenizer, problems)
     description = describe(config, model, tokenizer, problems)
     for run_dir in dirs:
