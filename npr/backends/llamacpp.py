@@ -43,7 +43,7 @@ from npr.backends.llama_context import LLAMA_MAX_SEQ, ContextSize, LlamaContext,
 from npr.engine.config import CPU_KV_CACHE_GIB, EngineConfig, EngineInputError
 from npr.engine.engine import Engine, EngineEvent
 from npr.engine.kv_pool import KVPool, Segment
-from npr.engine.sampling import RowParams, apply_repetition_penalty, redraw_wide, row_uniform, sample
+from npr.engine.sampling import apply_repetition_penalty, redraw_wide, sample
 from npr.engine.scheduler import Scheduler
 from npr.engine.state import Request, Scaffold, Stream
 from npr.schema import GUIDELINE_SEPARATOR, STEP_SEPARATOR, TAKEAWAY_OPEN, plan_label, step_open
@@ -305,9 +305,7 @@ class LlamaCppEngine(Engine):
                 out = processor(stream, logits[i])
                 if out is not logits[i]:
                     logits[i] = out
-        params = RowParams([s.request.params.temperature for s in streams], [s.request.params.top_p for s in streams],
-                           [s.request.params.top_k for s in streams],
-                           [row_uniform(*s.noise_key()) if s.request.params.temperature > 0 else 0.0 for s in streams])
+        params = self._row_params(streams)  # the engine's settings and noise: the same draws as npr's engine
         tokens, wide = sample(logits, params)
         token_ids = tokens.tolist()
         for i in [i for i, w in enumerate(wide.tolist()) if w]:
