@@ -37,9 +37,10 @@ def test_missing_tracker_package_names_the_extra_before_any_write(monkeypatch, c
     from npr.cli.main import main
 
     monkeypatch.setitem(sys.modules, "mlflow", None)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # absent either way: named first, whatever is installed
     run = tmp_path / "run"
     assert main(["train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet",
-                 "--report-to", "tensorboard,mlflow"]) == 2
+                 "--report-to", "mlflow,tensorboard"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the package 'mlflow'" in err[0] and "npr[trackers]" in err[0]
     assert not run.exists()
