@@ -56,25 +56,30 @@ def eager(q, k, v, bias):
     g, h, qn, d = q.shape
     hkv = k.shape[1]
     rep = h // hkv
-    scores = torch.matmul(q.reshape(g, hkv, rep * qn, d) * d ** -0.5, k.transpose(-1, -2)).float()
+    scores = torch.matmul(q.reshape(g, hkv, rep * qn, d) * d**-0.5, k.transpose(-1, -2)).float()
     probs = (scores + bias.repeat(1, 1, rep, 1).float()).softmax(-1).to(q.dtype)
     return torch.matmul(probs, v).view(g, h, qn, d)
 
 
 def section_fold(args, dtype) -> None:
-    print("## 1. one call: enable_gqa vs folded queries "
-          f"(G {args.rows}, H {args.heads}, Hkv {args.kv_heads}, D {args.dim}, {dtype})")
-    print("| queries | keys | enable_gqa ms | folded ms | speedup | eager ms | eager speedup over folded "
-          "| max abs error vs fp32: folded, eager |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "## 1. one call: enable_gqa vs folded queries "
+        f"(G {args.rows}, H {args.heads}, Hkv {args.kv_heads}, D {args.dim}, {dtype})"
+    )
+    print(
+        "| queries | keys | enable_gqa ms | folded ms | speedup | eager ms | eager speedup over folded "
+        "| max abs error vs fp32: folded, eager |\n|---|---|---|---|---|---|---|---|"
+    )
     for qn, kn in ((1, 256), (1, 512), (4, 512), (13, 512), (1, 2048)):
         q = torch.randn(args.rows, args.heads, qn, args.dim, dtype=dtype)
         k, v = (torch.randn(args.rows, args.kv_heads, kn, args.dim, dtype=dtype) for _ in range(2))
         bias = torch.zeros(args.rows, 1, qn, kn, dtype=dtype)
-        bias[..., kn * 3 // 4:] = torch.finfo(dtype).min
+        bias[..., kn * 3 // 4 :] = torch.finfo(dtype).min
         exact = gqa(q.float(), k.float(), v.float(), bias.float())
         err = [(fn(q, k, v, bias).float() - exact).abs().max().item() for fn in (folded, eager)]
-        a, b, c = median_ms([lambda: gqa(q, k, v, bias), lambda: folded(q, k, v, bias), lambda: eager(q, k, v, bias)],
-                            args.repeats)
+        a, b, c = median_ms(
+            [lambda: gqa(q, k, v, bias), lambda: folded(q, k, v, bias), lambda: eager(q, k, v, bias)], args.repeats
+        )
         print(f"| {qn} | {kn} | {a:.2f} | {b:.2f} | {a / b:.2f} | {c:.2f} | {b / c:.2f} | {err[0]:.1e}, {err[1]:.1e} |")
 
 
@@ -109,7 +114,7 @@ def prepare(groups_per_call, page: int, dtype):
         slots = torch.cat([torch.arange(x[0] * 64 * page, x[0] * 64 * page + pmax * page) for x in groups])
         bias = torch.zeros(len(groups), 1, qmax, pmax * page, dtype=dtype)
         for i, x in enumerate(groups):
-            bias[i, 0, :, x[2] * page:] = torch.finfo(dtype).min
+            bias[i, 0, :, x[2] * page :] = torch.finfo(dtype).min
         q_index = torch.tensor([x[3] + min(j, x[1] - 1) for x in groups for j in range(qmax)])
         calls.append((groups, slots, bias, q_index))
     return calls
@@ -125,8 +130,13 @@ def section_calls(args, dtype) -> None:
     q = torch.randn(sum(x[1] for x in groups), args.heads, args.dim, dtype=dtype)
     padded = [sum(len(c) * max(x[1] for x in c) * max(x[2] for x in c) for c in calls) for calls in (one, split)]
     before, after = prepare(one, page, dtype), prepare(split, page, dtype)
-    a, b = median_ms([lambda: step_attention(pool_k, pool_v, q, before, page, dtype),
-                      lambda: step_attention(pool_k, pool_v, q, after, page, dtype)], args.repeats)
+    a, b = median_ms(
+        [
+            lambda: step_attention(pool_k, pool_v, q, before, page, dtype),
+            lambda: step_attention(pool_k, pool_v, q, after, page, dtype),
+        ],
+        args.repeats,
+    )
     print(f"\n## 2. one decode step's attention (one layer), {args.rows} rows of mixed shapes ({dtype})")
     print("| calls | padded / real work | ms | speedup |\n|---|---|---|---|")
     print(f"| 1 (all rows padded together) | {padded[0] / real:.2f} | {a:.2f} | 1.00 |")

@@ -31,9 +31,11 @@ def main() -> None:
         for p in paths:
             p.write_bytes(os.urandom(args.mib << 20))
         total = args.files * (args.mib << 20)
-        ways = {"sha256, serial (before)": lambda: [sha256_file(p) for p in paths],
-                "crc32, serial": lambda: [crc32_file(p) for p in paths],
-                f"crc32, {checksum_threads()} threads (now)": lambda: _parallel(crc32_file, paths)}
+        ways = {
+            "sha256, serial (before)": lambda: [sha256_file(p) for p in paths],
+            "crc32, serial": lambda: [crc32_file(p) for p in paths],
+            f"crc32, {checksum_threads()} threads (now)": lambda: _parallel(crc32_file, paths),
+        }
         seconds: dict[str, list[float]] = {name: [] for name in ways}
         for r in range(args.rounds):
             order = list(ways) if r % 2 == 0 else list(reversed(ways))

@@ -100,8 +100,13 @@ def measure(model, tok, rows: int, steps: int, warm: int, top_logprobs: int = 0)
     step_ms = 1e3 * statistics.median(totals)
     forward_ms = 1e3 * statistics.median(forwards)
     host = [t - f for t, f in zip(totals, forwards)]
-    return {"step_ms": step_ms, "forward_ms": forward_ms, "host_ms": 1e3 * statistics.median(host),
-            "dispatches": statistics.median(dispatches), "forward_dispatches": statistics.median(forward_dispatches)}
+    return {
+        "step_ms": step_ms,
+        "forward_ms": forward_ms,
+        "host_ms": 1e3 * statistics.median(host),
+        "dispatches": statistics.median(dispatches),
+        "forward_dispatches": statistics.median(forward_dispatches),
+    }
 
 
 def main() -> None:
@@ -115,15 +120,19 @@ def main() -> None:
 
     torch.set_num_threads(1)
     model, tok = load_model_and_tokenizer("tiny-random-llama")
-    print(f"# engine_host: tiny-random-llama ({model.config.num_hidden_layers} layers), plain, sampled, "
-          f"top_logprobs {args.top_logprobs}, torch threads {torch.get_num_threads()}, "
-          f"median of {args.steps} steady decode steps")
+    print(
+        f"# engine_host: tiny-random-llama ({model.config.num_hidden_layers} layers), plain, sampled, "
+        f"top_logprobs {args.top_logprobs}, torch threads {torch.get_num_threads()}, "
+        f"median of {args.steps} steady decode steps"
+    )
     print(f"{'rows':>5} {'step ms':>8} {'forward ms':>10} {'host ms':>8} {'dispatches':>10} {'in forward':>10}")
     results = {}
     for rows in (int(r) for r in args.rows.split(",")):
         r = results[rows] = measure(model, tok, rows, args.steps, args.warm, args.top_logprobs)
-        print(f"{rows:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>10.2f} {r['host_ms']:>8.2f} "
-              f"{r['dispatches']:>10.0f} {r['forward_dispatches']:>10.0f}")
+        print(
+            f"{rows:>5} {r['step_ms']:>8.2f} {r['forward_ms']:>10.2f} {r['host_ms']:>8.2f} "
+            f"{r['dispatches']:>10.0f} {r['forward_dispatches']:>10.0f}"
+        )
     last = max(results)
     print(f"host ms/step at {last} rows: {results[last]['host_ms']:.2f}")
 

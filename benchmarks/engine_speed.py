@@ -32,9 +32,18 @@ import torch
 
 from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
 
-QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                 tie_word_embeddings=True, rope_theta=1_000_000.0)
+QWEN3_06B = dict(
+    vocab_size=151936,
+    hidden_size=1024,
+    intermediate_size=3072,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+    rope_theta=1_000_000.0,
+)
 
 
 def load(spec: str, dtype: str, device: str):
@@ -98,11 +107,22 @@ def bench_vs_hf(model, tok, device, batches, new_tokens, prompt_len, repeats):
 
         def hf():
             with torch.no_grad():
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               do_sample=False, suppress_tokens=[eos], pad_token_id=tok.pad_token_id)
+                model.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=new_tokens,
+                    do_sample=False,
+                    suppress_tokens=[eos],
+                    pad_token_id=tok.pad_token_id,
+                )
 
-        engine = Engine(model, tok, EngineConfig(mode="plain", max_num_seqs=max(batch, 1),
-                                                 kv_cache_tokens=batch * (prompt_len + new_tokens + 64)))
+        engine = Engine(
+            model,
+            tok,
+            EngineConfig(
+                mode="plain", max_num_seqs=max(batch, 1), kv_cache_tokens=batch * (prompt_len + new_tokens + 64)
+            ),
+        )
         # HF generate returns no log-probs by default; skip them too so both do the same work
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0, logprobs=False, logits_processors=(no_eos,))
         check = engine.generate(prompts[:1], params)[0].token_ids
@@ -112,8 +132,14 @@ def bench_vs_hf(model, tok, device, batches, new_tokens, prompt_len, repeats):
 
         t_hf, t_ours = timed([hf, ours], device, repeats)
         with torch.no_grad():
-            ref = model.generate(ids[:1], attention_mask=torch.ones_like(ids[:1]), max_new_tokens=new_tokens,
-                                 do_sample=False, suppress_tokens=[eos], pad_token_id=tok.pad_token_id)
+            ref = model.generate(
+                ids[:1],
+                attention_mask=torch.ones_like(ids[:1]),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                suppress_tokens=[eos],
+                pad_token_id=tok.pad_token_id,
+            )
         same = ref[0, prompt_len:].tolist() == check
         tokens = batch * new_tokens
         rows.append((batch, tokens / t_hf, tokens / t_ours, t_hf / t_ours, same))
@@ -124,18 +150,27 @@ def bench_parallel(model, tok, device, ks, branch_len, prompt_len, repeats):
     rows = []
     prompt = prompts_for(tok, 1, prompt_len)
     for k in ks:
-        forcer = StructureForcer(tok, [[branch_len] * k], prefix_tokens=0, plan_tokens=4, takeaway_tokens=8,
-                                 final_tokens=8)
-        params = SamplingParams(max_new_tokens=k * (branch_len + 16) + 256, temperature=0,
-                                logits_processors=(forcer,))
+        forcer = StructureForcer(
+            tok, [[branch_len] * k], prefix_tokens=0, plan_tokens=4, takeaway_tokens=8, final_tokens=8
+        )
+        params = SamplingParams(max_new_tokens=k * (branch_len + 16) + 256, temperature=0, logits_processors=(forcer,))
         engines, results = {}, {}
         for mode in ("sequential", "parallel"):
-            engines[mode] = Engine(model, tok, EngineConfig(mode=mode, max_branches=max(k, 5), kv_cache_tokens=16384,
-                                                            repetition_penalty=1.0))
+            engines[mode] = Engine(
+                model,
+                tok,
+                EngineConfig(mode=mode, max_branches=max(k, 5), kv_cache_tokens=16384, repetition_penalty=1.0),
+            )
             results[mode] = engines[mode].generate(prompt, params)[0]
-        seq_wall, par_wall = timed([lambda: engines["sequential"].generate(prompt, params),
-                                    lambda: engines["parallel"].generate(prompt, params)], device, repeats,
-                                   warmup=False)  # the runs above were the warm-up
+        seq_wall, par_wall = timed(
+            [
+                lambda: engines["sequential"].generate(prompt, params),
+                lambda: engines["parallel"].generate(prompt, params),
+            ],
+            device,
+            repeats,
+            warmup=False,
+        )  # the runs above were the warm-up
         walls = {"sequential": seq_wall, "parallel": par_wall}
         par, seq = results["parallel"], results["sequential"]
         # the forcer fixes the structure and lengths, so both modes do the same work; in bf16 the
@@ -143,8 +178,17 @@ def bench_parallel(model, tok, device, ks, branch_len, prompt_len, repeats):
         assert par.position_ids == seq.position_ids, "parallel and sequential modes built different trees"
         ideal = par.stats.ideal_speedup
         speedup = walls["sequential"] / walls["parallel"]
-        rows.append((k, par.stats.generated_tokens, par.stats.critical_path_tokens, ideal, speedup, speedup / ideal,
-                     par.token_ids == seq.token_ids))
+        rows.append(
+            (
+                k,
+                par.stats.generated_tokens,
+                par.stats.critical_path_tokens,
+                ideal,
+                speedup,
+                speedup / ideal,
+                par.token_ids == seq.token_ids,
+            )
+        )
     return rows
 
 
@@ -153,8 +197,7 @@ def bench_kv(model, tok, device, ks, branch_len, prompt_len):
     prompt = prompts_for(tok, 1, prompt_len)
     for k in ks:
         forcer = StructureForcer(tok, [[branch_len] * k], prefix_tokens=0)
-        params = SamplingParams(max_new_tokens=k * (branch_len + 16) + 256, temperature=0,
-                                logits_processors=(forcer,))
+        params = SamplingParams(max_new_tokens=k * (branch_len + 16) + 256, temperature=0, logits_processors=(forcer,))
         engine = Engine(model, tok, EngineConfig(mode="parallel", max_branches=max(k, 5), kv_cache_tokens=65536))
         engine.submit(prompt, params)
         peak = 0
@@ -208,17 +251,24 @@ def hf_decode_only(model, tok, device, prompts, new_tokens, sampled: bool) -> fl
     extra = dict(do_sample=True, temperature=1.0, top_p=0.7, top_k=0) if sampled else dict(do_sample=False)
     sync(device)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens,
-                             suppress_tokens=[eos], pad_token_id=tok.pad_token_id,
-                             logits_processor=LogitsProcessorList([clock]), **extra)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            suppress_tokens=[eos],
+            pad_token_id=tok.pad_token_id,
+            logits_processor=LogitsProcessorList([clock]),
+            **extra,
+        )
     clock.finish(out)
     assert out.shape[1] == ids.shape[1] + new_tokens
     return time.perf_counter() - clock.first
 
 
-def engine_decode_only(engine, tok, device, prompts, new_tokens, sampled: bool, n: int = 1, out: list | None = None
-                       ) -> float:
+def engine_decode_only(
+    engine, tok, device, prompts, new_tokens, sampled: bool, n: int = 1, out: list | None = None
+) -> float:
     """The engine's decode-only seconds, the same way: every step after the first (prefill) one."""
     params = replace(engine_decode_params(tok, new_tokens, sampled), n=n)
     engine.submit(prompts, params)
@@ -240,8 +290,10 @@ def engine_decode_only(engine, tok, device, prompts, new_tokens, sampled: bool, 
 
 def decode_only(model, tok, device, prompts, new_tokens, sampled: bool, engine) -> tuple[float, float]:
     """(HF, engine) decode-only seconds for ``new_tokens`` tokens per prompt."""
-    return (hf_decode_only(model, tok, device, prompts, new_tokens, sampled),
-            engine_decode_only(engine, tok, device, prompts, new_tokens, sampled))
+    return (
+        hf_decode_only(model, tok, device, prompts, new_tokens, sampled),
+        engine_decode_only(engine, tok, device, prompts, new_tokens, sampled),
+    )
 
 
 def engine_decode_params(tok, new_tokens: int, sampled: bool) -> SamplingParams:
@@ -264,9 +316,16 @@ def bench_decode(model, tok, device, contexts, batches, new_tokens, repeats):
     for context in contexts:
         for batch in batches:
             prompts = prompts_for(tok, batch, context)
-            engine = Engine(model, tok, EngineConfig(mode="plain", max_num_seqs=max(batch, 1),
-                                                     kv_cache_tokens=batch * (context + new_tokens + 64),
-                                                     max_num_batched_tokens=None))  # the prefill in one step
+            engine = Engine(
+                model,
+                tok,
+                EngineConfig(
+                    mode="plain",
+                    max_num_seqs=max(batch, 1),
+                    kv_cache_tokens=batch * (context + new_tokens + 64),
+                    max_num_batched_tokens=None,
+                ),
+            )  # the prefill in one step
             for sampled in (False, True):
                 hf, ours = [], []
                 for _ in range(repeats):
@@ -275,8 +334,16 @@ def bench_decode(model, tok, device, contexts, batches, new_tokens, repeats):
                     ours.append(b)
                 tokens = batch * (new_tokens - 1)
                 t_hf, t_ours = statistics.median(hf), statistics.median(ours)
-                rows.append((context, batch, "T1.0 top-p0.7 +logprobs" if sampled else "greedy",
-                             tokens / t_hf, tokens / t_ours, t_hf / t_ours))
+                rows.append(
+                    (
+                        context,
+                        batch,
+                        "T1.0 top-p0.7 +logprobs" if sampled else "greedy",
+                        tokens / t_hf,
+                        tokens / t_ours,
+                        t_hf / t_ours,
+                    )
+                )
                 print(f"  {rows[-1]}", flush=True)
     return rows
 
@@ -287,10 +354,20 @@ def bench_kernels(model, tok, device, contexts, batches, new_tokens, repeats):
     for context in contexts:
         for batch in batches:
             prompts = prompts_for(tok, batch, context)
-            engines = [Engine(model, tok, EngineConfig(mode="plain", attention=kernel, max_num_seqs=max(batch, 1),
-                                                       kv_cache_tokens=batch * (context + new_tokens + 64),
-                                                       max_num_batched_tokens=None))
-                       for kernel in ("sdpa", "flex")]
+            engines = [
+                Engine(
+                    model,
+                    tok,
+                    EngineConfig(
+                        mode="plain",
+                        attention=kernel,
+                        max_num_seqs=max(batch, 1),
+                        kv_cache_tokens=batch * (context + new_tokens + 64),
+                        max_num_batched_tokens=None,
+                    ),
+                )
+                for kernel in ("sdpa", "flex")
+            ]
             # compile outside the clock
             engine_decode_only(engines[1], tok, device, prompts_for(tok, batch, 32), 4, False)
             times = [[], []]
@@ -310,10 +387,21 @@ def bench_shared(model, tok, device, contexts, prompts_n, samples, new_tokens, r
     for context in contexts:
         prompts = prompts_for(tok, prompts_n, context)
         rows_n = prompts_n * samples
-        engines = [Engine(model, tok, EngineConfig(mode="plain", attention="sdpa", max_num_seqs=rows_n,
-                                                   shared_prefix_attention=shared, max_num_batched_tokens=None,
-                                                   kv_cache_tokens=prompts_n * context + rows_n * (new_tokens + 64)))
-                   for shared in (False, True)]
+        engines = [
+            Engine(
+                model,
+                tok,
+                EngineConfig(
+                    mode="plain",
+                    attention="sdpa",
+                    max_num_seqs=rows_n,
+                    shared_prefix_attention=shared,
+                    max_num_batched_tokens=None,
+                    kv_cache_tokens=prompts_n * context + rows_n * (new_tokens + 64),
+                ),
+            )
+            for shared in (False, True)
+        ]
         outs = [[], []]
         for engine, out in zip(engines, outs):  # warm-up, and the tokens compared
             engine_decode_only(engine, tok, device, prompts, new_tokens, False, samples, out)
@@ -348,9 +436,11 @@ def main() -> None:
     ap.add_argument("--branch-len", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
-    ap.add_argument("--sections", default="hf,parallel,kv,decode",
-                    help="comma list of sections to run: hf (1), parallel (2), kv (3), decode (4), kernels (5), "
-                         "shared (6)")
+    ap.add_argument(
+        "--sections",
+        default="hf,parallel,kv,decode",
+        help="comma list of sections to run: hf (1), parallel (2), kv (3), decode (4), kernels (5), shared (6)",
+    )
     ap.add_argument("--contexts", default="512,2048,6144", help="section 4: prompt lengths")
     ap.add_argument("--decode-batches", default="1,8", help="section 4: batch sizes")
     ap.add_argument("--decode-tokens", type=int, default=64, help="section 4: new tokens per prompt")
@@ -367,39 +457,68 @@ def main() -> None:
     print(f"# engine_speed: {where}")
     if "hf" in sections:
         rows = bench_vs_hf(model, tok, args.device, batches, args.new_tokens, args.prompt_len, args.repeats)
-        print(table(f"1. plain decoding vs HF generate ({args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
-                    "greedy, median of repeats)",
-                    ["batch", "HF tok/s", "npr tok/s", "npr / HF", "same tokens"], rows))
+        print(
+            table(
+                f"1. plain decoding vs HF generate ({args.prompt_len}-token prompts, {args.new_tokens} new tokens, "
+                "greedy, median of repeats)",
+                ["batch", "HF tok/s", "npr tok/s", "npr / HF", "same tokens"],
+                rows,
+            )
+        )
     if "parallel" in sections:
         rows = bench_parallel(model, tok, args.device, ks, args.branch_len, args.prompt_len, args.repeats)
-        print(table(f"2. parallel vs sequential mode, same forced trajectory "
-                    f"(branches of {args.branch_len} text tokens)",
-                    ["k", "tokens", "critical path", "ideal", "speedup", "speedup / ideal", "same tokens"], rows))
+        print(
+            table(
+                f"2. parallel vs sequential mode, same forced trajectory (branches of {args.branch_len} text tokens)",
+                ["k", "tokens", "critical path", "ideal", "speedup", "speedup / ideal", "same tokens"],
+                rows,
+            )
+        )
     if "kv" in sections:
         rows = bench_kv(model, tok, args.device, ks, args.branch_len, args.prompt_len)
-        print(table("3. KV held: one request with k branches vs k separate requests",
-                    ["k", "one request MiB", "k requests MiB", "saving"], rows))
+        print(
+            table(
+                "3. KV held: one request with k branches vs k separate requests",
+                ["k", "one request MiB", "k requests MiB", "saving"],
+                rows,
+            )
+        )
     if "decode" in sections:
         contexts = [int(c) for c in args.contexts.split(",")]
         decode_batches = [int(b) for b in args.decode_batches.split(",")]
         rows = bench_decode(model, tok, args.device, contexts, decode_batches, args.decode_tokens, args.repeats)
-        print(table(f"4. decode-only tokens/s vs HF generate ({args.decode_tokens} new tokens: time for all minus "
-                    "time for the first; EOS suppressed in both; median of repeats)",
-                    ["context", "batch", "sampling", "HF tok/s", "npr tok/s", "npr / HF"], rows))
+        print(
+            table(
+                f"4. decode-only tokens/s vs HF generate ({args.decode_tokens} new tokens: time for all minus "
+                "time for the first; EOS suppressed in both; median of repeats)",
+                ["context", "batch", "sampling", "HF tok/s", "npr tok/s", "npr / HF"],
+                rows,
+            )
+        )
     if "kernels" in sections:
         contexts = [int(c) for c in args.contexts.split(",")]
         decode_batches = [int(b) for b in args.decode_batches.split(",")]
         rows = bench_kernels(model, tok, args.device, contexts, decode_batches, args.decode_tokens, args.repeats)
-        print(table(f"5. attention kernels: engine decode-only tokens/s, greedy ({args.decode_tokens} new tokens)",
-                    ["context", "batch", "sdpa tok/s", "flex tok/s", "flex speedup"], rows))
+        print(
+            table(
+                f"5. attention kernels: engine decode-only tokens/s, greedy ({args.decode_tokens} new tokens)",
+                ["context", "batch", "sdpa tok/s", "flex tok/s", "flex speedup"],
+                rows,
+            )
+        )
     if "shared" in sections:
         contexts = [int(c) for c in args.contexts.split(",")]
-        rows = bench_shared(model, tok, args.device, contexts, args.shared_prompts, args.samples, args.decode_tokens,
-                            args.repeats)
-        print(table(f"6. sdpa decode-only tokens/s, shared-prefix attention off vs on ({args.decode_tokens} new tokens "
-                    "per sample, greedy, EOS suppressed; median of repeats)",
-                    ["prompt tokens", "prompts", "samples each", "gather tok/s", "shared tok/s", "speedup",
-                     "same tokens"], rows))
+        rows = bench_shared(
+            model, tok, args.device, contexts, args.shared_prompts, args.samples, args.decode_tokens, args.repeats
+        )
+        print(
+            table(
+                f"6. sdpa decode-only tokens/s, shared-prefix attention off vs on ({args.decode_tokens} new tokens "
+                "per sample, greedy, EOS suppressed; median of repeats)",
+                ["prompt tokens", "prompts", "samples each", "gather tok/s", "shared tok/s", "speedup", "same tokens"],
+                rows,
+            )
+        )
 
 
 if __name__ == "__main__":

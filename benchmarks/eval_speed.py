@@ -28,10 +28,21 @@ HELD_OUT = "gen:expressions?size=32&seed=2&parts=2-4"  # the tiny preset's held-
 
 
 def run_once(args, setting: bool, out: str) -> dict:
-    config = EvalConfig(model=args.model, benchmarks=(args.benchmark,), k=args.k, mode=args.mode,
-                        max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=0.7, dtype=args.dtype,
-                        device=args.device, kv_cache_gib=1.0, max_num_seqs=128, speed_rounds=0,
-                        engine_options={args.option: setting})
+    config = EvalConfig(
+        model=args.model,
+        benchmarks=(args.benchmark,),
+        k=args.k,
+        mode=args.mode,
+        max_new_tokens=args.max_new_tokens,
+        temperature=1.0,
+        top_p=0.7,
+        dtype=args.dtype,
+        device=args.device,
+        kv_cache_gib=1.0,
+        max_num_seqs=128,
+        speed_rounds=0,
+        engine_options={args.option: setting},
+    )
     start = time.perf_counter()
     results = evaluate(config, out, overwrite=True)
     seconds = time.perf_counter() - start
@@ -43,9 +54,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded")
     ap.add_argument("--mode", default="plain", choices=["plain", "parallel", "sequential"])
-    ap.add_argument("--option", required=True,
-                    choices=[f.name for f in fields(EngineConfig) if f.type in ("bool", bool) and f.name != "debug"],
-                    help="the boolean EngineConfig field to compare off vs on")
+    ap.add_argument(
+        "--option",
+        required=True,
+        choices=[f.name for f in fields(EngineConfig) if f.type in ("bool", bool) and f.name != "debug"],
+        help="the boolean EngineConfig field to compare off vs on",
+    )
     ap.add_argument("--benchmark", default=HELD_OUT)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=320)
@@ -56,14 +70,23 @@ def main() -> None:
     rows, times = [], {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for setting in ((False, True) if r % 2 == 0 else (True, False)):
+            for setting in (False, True) if r % 2 == 0 else (True, False):
                 got = run_once(args, setting, f"{tmp}/{r}-{setting}")
                 times[setting].append(got["seconds"])
-                rows.append((r + 1, "on" if setting else "off", f"{got['seconds']:.1f}", got["tokens"],
-                             f"{got['avg_at_k']:.3f}"))
+                rows.append(
+                    (
+                        r + 1,
+                        "on" if setting else "off",
+                        f"{got['seconds']:.1f}",
+                        got["tokens"],
+                        f"{got['avg_at_k']:.3f}",
+                    )
+                )
                 print(f"round {r + 1} {args.option}={setting}: {got['seconds']:.1f} s", flush=True)
-    print(f"\n# eval_speed: {args.model}, {args.mode}, {args.dtype}, {args.device}, torch threads "
-          f"{__import__('torch').get_num_threads()}, option {args.option}")
+    print(
+        f"\n# eval_speed: {args.model}, {args.mode}, {args.dtype}, {args.device}, torch threads "
+        f"{__import__('torch').get_num_threads()}, option {args.option}"
+    )
     print("| round | setting | seconds | generated tokens | avg@k |\n|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")

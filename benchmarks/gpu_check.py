@@ -44,12 +44,36 @@ from engine_speed import (  # noqa: E402
 from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer  # noqa: E402
 
 SHAPES = {
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "qwen3-4b": dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, tie_word_embeddings=True),
+    "qwen3-0.6b": dict(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "qwen3-4b": dict(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+    ),
 }
 PEAK_TBPS = {"H200": 4.8, "H100": 3.35, "A100": 2.0}  # HBM, TB/s (SXM parts)
 
@@ -60,8 +84,14 @@ def random_model(shape: str, dtype: torch.dtype, device: str):
     from npr.models import load_tokenizer
 
     tok = load_tokenizer("tiny-random-qwen3")  # ids only: the forcer needs the tags
-    config = Qwen3Config(**SHAPES[shape], max_position_embeddings=40960, rope_theta=1_000_000.0,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = Qwen3Config(
+        **SHAPES[shape],
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -96,8 +126,9 @@ def check_parity(args, shape: str) -> dict:
         model, tok = random_model(shape, dtype, args.device)
         tags = tag_token_ids(tok)
         forcer = StructureForcer(tok, [[7, 12, 3], [5, 9]], prefix_tokens=4)
-        params = SamplingParams(max_new_tokens=400, temperature=1.0, top_p=0.9, n=2, seed=3,
-                                logits_processors=(forcer,))
+        params = SamplingParams(
+            max_new_tokens=400, temperature=1.0, top_p=0.9, n=2, seed=3, logits_processors=(forcer,)
+        )
         prompts = prompts_for(tok, 3, 48)
         for kernel in kernels:
             engine = Engine(model, tok, EngineConfig(attention=kernel, kv_cache_tokens=16384, max_num_seqs=16))
@@ -108,24 +139,35 @@ def check_parity(args, shape: str) -> dict:
                 p = len(r.prompt_ids)
                 allowed, positions = parallel_mask_and_positions(ids.cpu(), tags, response_start=p)
                 with torch.no_grad():
-                    logits = model(input_ids=ids[None], position_ids=positions[None].to(args.device),
-                                   attention_mask=attention_bias(allowed.to(args.device), dtype)[None, None]).logits[0]
+                    logits = model(
+                        input_ids=ids[None],
+                        position_ids=positions[None].to(args.device),
+                        attention_mask=attention_bias(allowed.to(args.device), dtype)[None, None],
+                    ).logits[0]
                 logp = torch.log_softmax(logits.float(), -1)
-                flat = logp[torch.arange(p - 1, p - 1 + len(r.token_ids), device=args.device),
-                            torch.tensor(r.token_ids, device=args.device)].tolist()
+                flat = logp[
+                    torch.arange(p - 1, p - 1 + len(r.token_ids), device=args.device),
+                    torch.tensor(r.token_ids, device=args.device),
+                ].tolist()
                 worst = max([worst] + [abs(a - b) for a, b, s in zip(flat, r.logprobs, r.sampled) if s])
             same = None
             if dtype == torch.float32:  # bf16 batches round differently; fp32 must reproduce exactly
                 solo = Engine(model, tok, EngineConfig(attention=kernel, kv_cache_tokens=16384)).generate(
-                    prompts[:1], params)
-                tight = Engine(model, tok, EngineConfig(attention=kernel, kv_cache_tokens=16 * 80, max_num_seqs=4)
-                               ).generate(prompts, params)  # preempts and recomputes
-                same = ([r.token_ids for r in solo] == [r.token_ids for r in results[:2]]
-                        and [r.token_ids for r in tight] == [r.token_ids for r in results])
+                    prompts[:1], params
+                )
+                tight = Engine(
+                    model, tok, EngineConfig(attention=kernel, kv_cache_tokens=16 * 80, max_num_seqs=4)
+                ).generate(prompts, params)  # preempts and recomputes
+                same = [r.token_ids for r in solo] == [r.token_ids for r in results[:2]] and [
+                    r.token_ids for r in tight
+                ] == [r.token_ids for r in results]
             name = f"{str(dtype).split('.')[-1]}/{kernel}"
             out[name] = {"max_abs_diff": worst, "seeded_reproduces": same}
-            print(f"  parity {shape} {name}: max |engine - flat| = {worst:.2e}"
-                  + ("" if same is None else f", seeded sampling reproduces: {same}"), flush=True)
+            print(
+                f"  parity {shape} {name}: max |engine - flat| = {worst:.2e}"
+                + ("" if same is None else f", seeded sampling reproduces: {same}"),
+                flush=True,
+            )
         del model
     return out
 
@@ -135,8 +177,12 @@ def check_decode(args, shape: str, batches, contexts, new_tokens: int) -> list[d
     engine of a shape has the same pool, sized for the largest batch and context, so flex compiles once;
     each is freed before HF runs (on an 80 GB card the two KV caches of batch 64 at 8k do not fit together)."""
     model, tok = random_model(shape, torch.bfloat16, args.device)
-    config = EngineConfig(mode="plain", max_num_seqs=max(batches), max_num_batched_tokens=None,
-                          kv_cache_tokens=max(batches) * (max(contexts) + new_tokens + 64))
+    config = EngineConfig(
+        mode="plain",
+        max_num_seqs=max(batches),
+        max_num_batched_tokens=None,
+        kv_cache_tokens=max(batches) * (max(contexts) + new_tokens + 64),
+    )
 
     def free():
         if args.device.startswith("cuda"):
@@ -160,21 +206,35 @@ def check_decode(args, shape: str, batches, contexts, new_tokens: int) -> list[d
                 free()
             ours, hf = statistics.median(ours), statistics.median(hf)
             steps = new_tokens - 1
-            row = dict(shape=shape, batch=batch, context=context, hf_tok_s=batch * steps / hf,
-                       npr_tok_s=batch * steps / ours, ratio=hf / ours, step_ms=ours / steps * 1e3,
-                       repeats=args.repeats)
+            row = dict(
+                shape=shape,
+                batch=batch,
+                context=context,
+                hf_tok_s=batch * steps / hf,
+                npr_tok_s=batch * steps / ours,
+                ratio=hf / ours,
+                step_ms=ours / steps * 1e3,
+                repeats=args.repeats,
+            )
             row["bandwidth_fraction"] = bandwidth(model, row, args)
             rows.append(row)
             goal = "  goal >= 1.50 at batch 64: " + verdict(row["ratio"], 1.5) if batch == 64 else ""
-            print(f"  decode {shape} batch {batch:3d} ctx {context:5d}: HF {row['hf_tok_s']:9.1f} tok/s, "
-                  f"npr {row['npr_tok_s']:9.1f} tok/s, npr/HF {row['ratio']:.2f} (median of {args.repeats}){goal}",
-                  flush=True)
+            print(
+                f"  decode {shape} batch {batch:3d} ctx {context:5d}: HF {row['hf_tok_s']:9.1f} tok/s, "
+                f"npr {row['npr_tok_s']:9.1f} tok/s, npr/HF {row['ratio']:.2f} (median of {args.repeats}){goal}",
+                flush=True,
+            )
             fraction = row["bandwidth_fraction"]
             if fraction is not None:
-                goal = ("  goal >= 0.50 at batch 64, ctx 8k: " + verdict(fraction, 0.5)
-                        if (batch, context) == (64, 8192) else "")
-                print(f"    bandwidth: {row['step_ms']:.2f} ms/step, {fraction:.2f} of peak HBM bandwidth{goal}",
-                      flush=True)
+                goal = (
+                    "  goal >= 0.50 at batch 64, ctx 8k: " + verdict(fraction, 0.5)
+                    if (batch, context) == (64, 8192)
+                    else ""
+                )
+                print(
+                    f"    bandwidth: {row['step_ms']:.2f} ms/step, {fraction:.2f} of peak HBM bandwidth{goal}",
+                    flush=True,
+                )
     return rows
 
 
@@ -185,20 +245,22 @@ def bandwidth(model, row: dict, args) -> float | None:
         return None
     config = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    kv = (row["batch"] * row["context"] * config.num_hidden_layers * 2 * config.num_key_value_heads
-          * config.head_dim * 2)
+    kv = row["batch"] * row["context"] * config.num_hidden_layers * 2 * config.num_key_value_heads * config.head_dim * 2
     return (weights + kv) / (row["step_ms"] / 1e3) / (peak * 1e12)
 
 
 def check_parallel(args, shape: str, ks, branch_len: int) -> list[dict]:
     model, tok = random_model(shape, torch.bfloat16, args.device)
     rows = []
-    for k, total, critical, ideal, speedup, fraction, same in bench_parallel(model, tok, args.device, ks, branch_len,
-                                                                              64, repeats=1):
+    for k, total, critical, ideal, speedup, fraction, _same in bench_parallel(
+        model, tok, args.device, ks, branch_len, 64, repeats=1
+    ):
         rows.append(dict(k=k, tokens=total, critical_path=critical, ideal=ideal, speedup=speedup, of_ideal=fraction))
         goal = "  goal >= 0.90 at k = 8: " + verdict(fraction, 0.9) if k == 8 else ""
-        print(f"  parallel {shape} k={k}: speedup {speedup:.2f} vs ideal {ideal:.2f} ({fraction:.2f} of ideal){goal}",
-              flush=True)
+        print(
+            f"  parallel {shape} k={k}: speedup {speedup:.2f} vs ideal {ideal:.2f} ({fraction:.2f} of ideal){goal}",
+            flush=True,
+        )
     return rows
 
 
@@ -207,13 +269,22 @@ def check_parallel(args, shape: str, ks, branch_len: int) -> list[dict]:
 
 def plan(args) -> list[tuple[str, callable]]:
     if args.tiny:
-        return [("parity", lambda: check_parity(args, "tiny")),
-                ("decode", lambda: check_decode(args, "tiny", [1, 4], [64, 128], 8)),
-                ("parallel", lambda: check_parallel(args, "tiny", [2], 16))]
-    return [("parity", lambda: check_parity(args, "qwen3-0.6b")),
-            ("decode", lambda: check_decode(args, "qwen3-0.6b", [1, 16, 64], [1024, 8192], 64)
-             + check_decode(args, "qwen3-4b", [1, 16], [1024], 64)),
-            ("parallel", lambda: check_parallel(args, "qwen3-4b", [2, 4, 8], 512))]
+        return [
+            ("parity", lambda: check_parity(args, "tiny")),
+            ("decode", lambda: check_decode(args, "tiny", [1, 4], [64, 128], 8)),
+            ("parallel", lambda: check_parallel(args, "tiny", [2], 16)),
+        ]
+    return [
+        ("parity", lambda: check_parity(args, "qwen3-0.6b")),
+        (
+            "decode",
+            lambda: (
+                check_decode(args, "qwen3-0.6b", [1, 16, 64], [1024, 8192], 64)
+                + check_decode(args, "qwen3-4b", [1, 16], [1024], 64)
+            ),
+        ),
+        ("parallel", lambda: check_parallel(args, "qwen3-4b", [2, 4, 8], 512)),
+    ]
 
 
 def main() -> int:
@@ -231,8 +302,10 @@ def main() -> int:
         return 2
     wanted = set(args.sections.split(","))
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"# gpu_check: {where}, torch {torch.__version__}, peak {peak_tbps(args.device, args.peak_tbps)} TB/s",
-          flush=True)
+    print(
+        f"# gpu_check: {where}, torch {torch.__version__}, peak {peak_tbps(args.device, args.peak_tbps)} TB/s",
+        flush=True,
+    )
     start, report, failed = time.perf_counter(), {"device": where}, []
     for name, run in plan(args):
         if name not in wanted:
@@ -253,8 +326,10 @@ def main() -> int:
         sync(args.device)
         peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
         report[f"{name}_seconds"], report[f"{name}_peak_gib"] = time.perf_counter() - t0, peak
-        print(f"  ({time.perf_counter() - t0:.0f} s" + ("" if peak is None else f", peak memory {peak:.1f} GiB") + ")",
-              flush=True)
+        print(
+            f"  ({time.perf_counter() - t0:.0f} s" + ("" if peak is None else f", peak memory {peak:.1f} GiB") + ")",
+            flush=True,
+        )
     failures = f"; failed sections: {', '.join(failed)}" if failed else ""
     print(f"# done in {time.perf_counter() - start:.0f} s{failures}")
     if args.json:

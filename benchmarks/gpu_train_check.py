@@ -23,8 +23,14 @@ import time
 import torch
 
 from npr.tokens import tag_token_ids
-from npr.train.logprobs import (TokenSequence, causal_sequence, resolve_attention, response_logits, set_attention,
-                                structured_sequence)
+from npr.train.logprobs import (
+    TokenSequence,
+    causal_sequence,
+    resolve_attention,
+    response_logits,
+    set_attention,
+    structured_sequence,
+)
 
 
 def qwen3_0_6b_config(dry: bool):
@@ -33,16 +39,34 @@ def qwen3_0_6b_config(dry: bool):
     from transformers import Qwen3Config
 
     if dry:
-        return Qwen3Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32768,
-                           tie_word_embeddings=True)
-    return Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                       rope_theta=1_000_000.0, tie_word_embeddings=True)
+        return Qwen3Config(
+            vocab_size=1024,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=32768,
+            tie_word_embeddings=True,
+        )
+    return Qwen3Config(
+        vocab_size=151936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=True,
+    )
 
 
-def long_tree_ids(tags: dict[str, int], length: int, branches: int, rng: random.Random, text: range
-                  ) -> tuple[list[int], list[int]]:
+def long_tree_ids(
+    tags: dict[str, int], length: int, branches: int, rng: random.Random, text: range
+) -> tuple[list[int], list[int]]:
     """(prompt, response) token ids of about ``length`` tokens: a 128-token prompt, then one
     parallel block whose ``branches`` steps share the rest (random lengths around the mean),
     then a takeaway and a closing line. Text tokens are drawn from ``text`` (no tag ids)."""
@@ -88,7 +112,7 @@ def papo_step(model, optimizer, logits_fn, seq: TokenSequence, advantage: float,
     device = next(model.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed):
         (logits,) = logits_fn()
-        target = seq.input_ids[seq.spans[0][0]:seq.spans[0][1]].to(device)
+        target = seq.input_ids[seq.spans[0][0] : seq.spans[0][1]].to(device)
         logprobs = logits.float().log_softmax(-1).gather(-1, target[:, None])[:, 0]  # [T]
         loss = -advantage * logprobs.mean()
     loss.backward()
@@ -174,14 +198,16 @@ def main() -> None:
 
     variants = {f"tree ({attention})": tree_step, "causal (no mask)": causal_step}
     results = {name: [] for name in variants}
-    for name, run in variants.items():
+    for run in variants.values():
         run()  # warm-up: compile, allocator
     for _ in range(args.repeats):  # alternated, so a drifting clock hits both alike
         for name, run in variants.items():
             results[name].append(measure(device, run))
     n = len(tree.input_ids)
-    print(f"one Stage-3 update, {'dry: 2-layer miniature' if args.dry else 'Qwen3-0.6B shape, random init'}, "
-          f"{n} tokens ({args.branches} branches), {device}, bf16 autocast {mixed}, gradient checkpointing")
+    print(
+        f"one Stage-3 update, {'dry: 2-layer miniature' if args.dry else 'Qwen3-0.6B shape, random init'}, "
+        f"{n} tokens ({args.branches} branches), {device}, bf16 autocast {mixed}, gradient checkpointing"
+    )
     print(f"{'variant':<22} {'seconds':>8} {'tokens/s':>10} {'peak GiB':>9}")
     best = {}
     for name, values in results.items():

@@ -25,10 +25,16 @@ import torch
 
 from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
 
-QUESTIONS = ["What is 17 + 25?", "A train travels 60 km in 1.5 hours. What is its speed in km/h?",
-             "How many prime numbers are there below 30?", "What is the remainder of 2^10 divided by 7?",
-             "Solve for x: 3x + 5 = 20.", "What is the area of a circle of radius 3?",
-             "How many ways can 3 books be arranged on a shelf?", "What is 12 factorial divided by 10 factorial?"]
+QUESTIONS = [
+    "What is 17 + 25?",
+    "A train travels 60 km in 1.5 hours. What is its speed in km/h?",
+    "How many prime numbers are there below 30?",
+    "What is the remainder of 2^10 divided by 7?",
+    "Solve for x: 3x + 5 = 20.",
+    "What is the area of a circle of radius 3?",
+    "How many ways can 3 books be arranged on a shelf?",
+    "What is 12 factorial divided by 10 factorial?",
+]
 
 
 def timed(engine, prompts, params):
@@ -62,32 +68,37 @@ def main() -> None:
     gguf = tagged_embedded_gguf(tok)
     shape = [[int(x) for x in block.split(",")] for block in args.shape.split("/")]
     forcer = StructureForcer(tok, shape)
-    prompts = [encode_prompt(tok, q) for q in (QUESTIONS * 8)[:args.problems]]
+    prompts = [encode_prompt(tok, q) for q in (QUESTIONS * 8)[: args.problems]]
     sections = args.sections.split(",")
 
     def engines(mode, **kw):
         config = EngineConfig(mode=mode, kv_cache_tokens=32768, **kw)
         return {"npr": Engine(model, tok, config), "llamacpp": LlamaCppEngine(gguf, tok, config, threads=args.threads)}
 
-    print(f"# embedded SmolLM2-135M: npr engine {args.dtype} vs llama.cpp Q4_1; {args.threads} thread(s); "
-          f"{args.rounds} rounds ABBA")
+    print(
+        f"# embedded SmolLM2-135M: npr engine {args.dtype} vs llama.cpp Q4_1; {args.threads} thread(s); "
+        f"{args.rounds} rounds ABBA"
+    )
     if "eval" in sections:
-        params = SamplingParams(max_new_tokens=1024, temperature=1.0, top_p=0.7, n=args.k, seed=0,
-                                logits_processors=(forcer,))
+        params = SamplingParams(
+            max_new_tokens=1024, temperature=1.0, top_p=0.7, n=args.k, seed=0, logits_processors=(forcer,)
+        )
         for mode in ("parallel", "sequential"):
             pair = engines(mode)
             walls = {name: [] for name in pair}
             tokens = {}
             for r in range(args.rounds):
-                for name in (("npr", "llamacpp") if r % 2 == 0 else ("llamacpp", "npr")):
+                for name in ("npr", "llamacpp") if r % 2 == 0 else ("llamacpp", "npr"):
                     wall, results = timed(pair[name], prompts, params)
                     walls[name].append(wall)
                     tokens[name] = sum(len(x.token_ids) for x in results)
                     assert all(x.finish_reason == "eos" for x in results), {x.finish_reason for x in results}
             ratio = [a / b for a, b in zip(walls["npr"], walls["llamacpp"])]
-            print(f"eval {mode:10s} {args.problems} problems x k={args.k}: npr {statistics.median(walls['npr']):.2f} s,"
-                  f" llama.cpp {statistics.median(walls['llamacpp']):.2f} s ({tokens['llamacpp']} tokens); "
-                  f"llama.cpp faster by {spread(ratio)}")
+            print(
+                f"eval {mode:10s} {args.problems} problems x k={args.k}: npr {statistics.median(walls['npr']):.2f} s,"
+                f" llama.cpp {statistics.median(walls['llamacpp']):.2f} s ({tokens['llamacpp']} tokens); "
+                f"llama.cpp faster by {spread(ratio)}"
+            )
     if "decode" in sections:
         pair = engines("plain", max_num_seqs=64)
         short = [tok.encode("Once upon a time", add_special_tokens=False)]
@@ -95,12 +106,14 @@ def main() -> None:
             params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, n=batch, ignore_eos=True)
             rates = {name: [] for name in pair}
             for r in range(args.rounds):
-                for name in (("npr", "llamacpp") if r % 2 == 0 else ("llamacpp", "npr")):
+                for name in ("npr", "llamacpp") if r % 2 == 0 else ("llamacpp", "npr"):
                     wall, results = timed(pair[name], short, params)
                     rates[name].append(sum(len(x.token_ids) for x in results) / wall)
             ratio = [b / a for a, b in zip(rates["npr"], rates["llamacpp"])]
-            print(f"decode batch {batch:2d}: npr {statistics.median(rates['npr']):.0f} tok/s, llama.cpp "
-                  f"{statistics.median(rates['llamacpp']):.0f} tok/s; llama.cpp / npr {spread(ratio)}")
+            print(
+                f"decode batch {batch:2d}: npr {statistics.median(rates['npr']):.0f} tok/s, llama.cpp "
+                f"{statistics.median(rates['llamacpp']):.0f} tok/s; llama.cpp / npr {spread(ratio)}"
+            )
     if "speedup" in sections:
         params = SamplingParams(max_new_tokens=1024, temperature=0, n=1, logits_processors=(forcer,))
         par, seq = engines("parallel"), engines("sequential")
@@ -108,14 +121,16 @@ def main() -> None:
             speedups, ideal = [], 0.0
             for r in range(args.rounds):
                 for i, prompt in enumerate(prompts[:2]):
-                    order = ((par, seq) if (r + i) % 2 == 0 else (seq, par))
+                    order = (par, seq) if (r + i) % 2 == 0 else (seq, par)
                     walls = {}
                     for which in order:
                         walls[id(which)], results = timed(which[name], [prompt], params)
                     speedups.append(walls[id(seq)] / walls[id(par)])
                     ideal = results[0].stats.ideal_speedup
-            print(f"speedup {name:9s} batch 1: sequential / parallel {spread(speedups)}; ideal {ideal:.2f}x; "
-                  f"fraction of ideal {statistics.median(speedups) / ideal:.2f}")
+            print(
+                f"speedup {name:9s} batch 1: sequential / parallel {spread(speedups)}; ideal {ideal:.2f}x; "
+                f"fraction of ideal {statistics.median(speedups) / ideal:.2f}"
+            )
 
 
 if __name__ == "__main__":

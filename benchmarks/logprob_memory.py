@@ -35,9 +35,17 @@ PROMPT = 16
 def tiny_qwen3_with_real_vocab(device: str):
     from transformers import AutoModelForCausalLM, Qwen3Config
 
-    config = Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=32, tie_word_embeddings=False,
-                         max_position_embeddings=32768)
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+    )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).float().to(device).train()
 
@@ -48,8 +56,12 @@ def full_logits_logprobs(model, sequences, temperature: float) -> torch.Tensor:
 
     logits = response_logits(model, sequences, 0, attention="dense")
     targets = [s.input_ids[a:b] for s in sequences for a, b in s.spans]
-    return torch.cat([(z.float() / temperature).log_softmax(-1).gather(-1, t.to(z.device)[:, None])[:, 0]
-                      for z, t in zip(logits, targets)])
+    return torch.cat(
+        [
+            (z.float() / temperature).log_softmax(-1).gather(-1, t.to(z.device)[:, None])[:, 0]
+            for z, t in zip(logits, targets)
+        ]
+    )
 
 
 def _resident() -> int:
@@ -99,22 +111,40 @@ def main() -> None:
     if args.one:
         print(json.dumps({"bytes": measure(args.one[0], int(args.one[1]), args.chunk, args.device)}))
         return
-    print(f"device {args.device}, vocab {VOCAB}, 1 layer, hidden 64, fp32, prompt {PROMPT}, temperature 0.7, "
-          f"chunk {args.chunk}; one process per measurement")
+    print(
+        f"device {args.device}, vocab {VOCAB}, 1 layer, hidden 64, fp32, prompt {PROMPT}, temperature 0.7, "
+        f"chunk {args.chunk}; one process per measurement"
+    )
     print(f"{'path':>8} {'T':>6} {'extra MiB':>10} {'V bytes/token':>14}")
     slopes = {}
     for path in ("full", "chunked"):
         points = []
         for length in args.lengths:
-            out = subprocess.run([sys.executable, __file__, "--device", args.device, "--chunk", str(args.chunk),
-                                  "--one", path, str(length)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--device",
+                    args.device,
+                    "--chunk",
+                    str(args.chunk),
+                    "--one",
+                    path,
+                    str(length),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             extra = json.loads(out.stdout.strip().splitlines()[-1])["bytes"]
             points.append((length, extra))
             print(f"{path:>8} {length:>6} {extra / 2**20:>10.1f} {extra / length / VOCAB:>14.2f}")
         (t0, m0), (t1, m1) = points[0], points[-1]
         slopes[path] = (m1 - m0) / (t1 - t0) / VOCAB
-    print(f"per response token (slope {args.lengths[0]}..{args.lengths[-1]}): full {slopes['full']:.2f} V bytes, "
-          f"chunked {slopes['chunked']:.2f} V bytes ({slopes['full'] / max(slopes['chunked'], 1e-9):.0f}x less)")
+    print(
+        f"per response token (slope {args.lengths[0]}..{args.lengths[-1]}): full {slopes['full']:.2f} V bytes, "
+        f"chunked {slopes['chunked']:.2f} V bytes ({slopes['full'] / max(slopes['chunked'], 1e-9):.0f}x less)"
+    )
 
 
 if __name__ == "__main__":

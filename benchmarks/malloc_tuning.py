@@ -26,10 +26,29 @@ from pathlib import Path
 
 def run_once(args, tuning: bool, out: Path) -> dict:
     env = {**os.environ, "NPR_MALLOC_TUNING": "1" if tuning else "0", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "npr.cli.main", "train", "stage2", "--model", args.model,
-           "--train-data", args.train_data, "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-           "--pack-tokens", str(args.pack_tokens), "--dtype", args.dtype, "--mixed-precision", args.mixed_precision,
-           "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "npr.cli.main",
+        "train",
+        "stage2",
+        "--model",
+        args.model,
+        "--train-data",
+        args.train_data,
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        str(args.batch_size),
+        "--pack-tokens",
+        str(args.pack_tokens),
+        "--dtype",
+        args.dtype,
+        "--mixed-precision",
+        args.mixed_precision,
+        "--out",
+        str(out),
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -51,15 +70,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     sums = {False: [], True: []}
-    print("| round | tuning | step seconds | sum | wall s | sys s | max RSS GB (children so far) |\n|---|---|---|---|---|---|---|")
+    print(
+        "| round | tuning | step seconds | sum | wall s | sys s | max RSS GB (children so far) |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for tuning in ((False, True) if r % 2 == 0 else (True, False)):
+            for tuning in (False, True) if r % 2 == 0 else (True, False):
                 got = run_once(args, tuning, Path(tmp) / f"{r}-{tuning}")
                 sums[tuning].append(sum(got["steps"]))
-                print(f"| {r + 1} | {'on' if tuning else 'off'} | {', '.join(f'{t:.1f}' for t in got['steps'])} | "
-                      f"{sum(got['steps']):.1f} | {got['wall']:.1f} | {got['sys']:.1f} | {got['rss_gb']:.1f} |",
-                      flush=True)
+                print(
+                    f"| {r + 1} | {'on' if tuning else 'off'} | {', '.join(f'{t:.1f}' for t in got['steps'])} | "
+                    f"{sum(got['steps']):.1f} | {got['wall']:.1f} | {got['sys']:.1f} | {got['rss_gb']:.1f} |",
+                    flush=True,
+                )
     off, on = statistics.median(sums[False]), statistics.median(sums[True])
     print(f"\nmedian summed step seconds: off {off:.1f}, on {on:.1f}; off / on = {off / on:.2f}")
 

@@ -35,9 +35,17 @@ PROMPT_TOKENS = 64
 def shape(layers: int, hidden: int, vocab: int = VOCAB) -> dict:
     """A Qwen3-shaped model config: Qwen3's vocabulary, head_dim 64, GQA 2:1, MLP 3x hidden."""
     heads = max(2, hidden // 64)
-    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=64,
-                tie_word_embeddings=True, max_position_embeddings=32768)
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=64,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    )
 
 
 def rss_bytes() -> int:
@@ -72,21 +80,34 @@ def measure(layers: int, hidden: int, response: int, chunk: int, checkpointing: 
     generator = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (PROMPT_TOKENS,), generator=generator).tolist()
     tokens = torch.randint(0, vocab, (response,), generator=generator).tolist()
-    batch = PolicyBatch(sequences=[causal_sequence(prompt, tokens)],
-                        loss_masks=[torch.ones(response, dtype=torch.bool)], advantages=torch.tensor([1.0]),
-                        sampler_logprobs=[torch.full((response,), float("nan"))])
+    batch = PolicyBatch(
+        sequences=[causal_sequence(prompt, tokens)],
+        loss_masks=[torch.ones(response, dtype=torch.bool)],
+        advantages=torch.tensor([1.0]),
+        sampler_logprobs=[torch.full((response,), float("nan"))],
+    )
     extra = {"logprob_chunk_size": chunk} if chunk else {}
     loss_fn = get_policy_loss("papo")
     for _ in range(2):
-        policy_backward(accelerator, model, batch, loss_fn, "token-mean", 0, micro_batch_size=1,
-                        forward_context=lambda: autocast(torch.device("cpu"), "bf16"), **extra)
+        policy_backward(
+            accelerator,
+            model,
+            batch,
+            loss_fn,
+            "token-mean",
+            0,
+            micro_batch_size=1,
+            forward_context=lambda: autocast(torch.device("cpu"), "bf16"),
+            **extra,
+        )
         optimizer_step(accelerator, model, optimizer, scheduler, 1.0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return {"peak": peak - baseline, "baseline": baseline}
 
 
-def run_case(layers: int, hidden: int, response: int, chunk: int, checkpointing: bool, code: str | None,
-             vocab: int = VOCAB) -> dict:
+def run_case(
+    layers: int, hidden: int, response: int, chunk: int, checkpointing: bool, code: str | None, vocab: int = VOCAB
+) -> dict:
     """``measure`` in a fresh process (peak resident size is per process), importing npr from ``code``."""
     argv = [sys.executable, __file__, "--child", json.dumps([layers, hidden, response, chunk, checkpointing, vocab])]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -103,9 +124,20 @@ def predicted(layers: int, hidden: int, response: int, chunk: int, checkpointing
     from npr.train.memory_plan import PlanInputs, plan_memory, shape_from_config
 
     model = shape_from_config(dict(shape(layers, hidden, vocab), model_type="qwen3"), "benchmark")
-    inputs = PlanInputs(stage="stage3", gpus=1, fsdp=False, device="cpu", master_bytes=4, autocast_bf16=True,
-                        gradient_checkpointing=checkpointing, unit_tokens=PROMPT_TOKENS + response,
-                        predicted_per_unit=response, units_per_pass=1, passes_per_step=1, logprob_chunk_tokens=chunk)
+    inputs = PlanInputs(
+        stage="stage3",
+        gpus=1,
+        fsdp=False,
+        device="cpu",
+        master_bytes=4,
+        autocast_bf16=True,
+        gradient_checkpointing=checkpointing,
+        unit_tokens=PROMPT_TOKENS + response,
+        predicted_per_unit=response,
+        units_per_pass=1,
+        passes_per_step=1,
+        logprob_chunk_tokens=chunk,
+    )
     return plan_memory(model, inputs)
 
 
@@ -114,13 +146,27 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024], help="response tokens")
     parser.add_argument("--layers", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--chunk", type=int, default=1024, help="logprob_chunk_size (0: the [T, V] path of npr "
-                        "before chunked log-probs, whose policy_backward takes no chunk size)")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=1024,
+        help="logprob_chunk_size (0: the [T, V] path of npr "
+        "before chunked log-probs, whose policy_backward takes no chunk size)",
+    )
     parser.add_argument("--no-checkpointing", action="store_true", help="keep every layer's activations")
-    parser.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary (default: Qwen3's); a small one leaves "
-                        "the activations as what grows with the length")
-    parser.add_argument("--code", default=None, metavar="DIR", help="measure the npr package under DIR (e.g. an "
-                        "older commit's tree from `git archive`) against this checkout's plan")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=VOCAB,
+        help="vocabulary (default: Qwen3's); a small one leaves the activations as what grows with the length",
+    )
+    parser.add_argument(
+        "--code",
+        default=None,
+        metavar="DIR",
+        help="measure the npr package under DIR (e.g. an "
+        "older commit's tree from `git archive`) against this checkout's plan",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -128,27 +174,37 @@ def main() -> None:
         return
     mib = 1 << 20
     checkpointing = "no checkpointing" if args.no_checkpointing else "gradient checkpointing"
-    print(f"update step (PAPO, bf16 autocast, {checkpointing}, AdamW, 2 steps), Qwen3-shaped, vocab {args.vocab}, "
-          f"hidden {args.hidden}, prompt {PROMPT_TOKENS}, logprob chunk {args.chunk or 'none ([T, V])'}; cpu, 1 thread"
-          + (f"; npr from {args.code}" if args.code else ""))
-    print(f"{'layers':>6} {'tokens':>7} {'predicted MiB':>14} {'measured MiB':>13} {'measured/predicted':>19}  "
-          "largest line of the plan")
+    print(
+        f"update step (PAPO, bf16 autocast, {checkpointing}, AdamW, 2 steps), Qwen3-shaped, vocab {args.vocab}, "
+        f"hidden {args.hidden}, prompt {PROMPT_TOKENS}, logprob chunk {args.chunk or 'none ([T, V])'}; cpu, 1 thread"
+        + (f"; npr from {args.code}" if args.code else "")
+    )
+    print(
+        f"{'layers':>6} {'tokens':>7} {'predicted MiB':>14} {'measured MiB':>13} {'measured/predicted':>19}  "
+        "largest line of the plan"
+    )
     worst = 0.0
     for layers in args.layers:
         points = []
         for length in args.lengths:
             plan = predicted(layers, args.hidden, length, args.chunk, not args.no_checkpointing, args.vocab)
-            measured = run_case(layers, args.hidden, length, args.chunk, not args.no_checkpointing, args.code,
-                                args.vocab)["peak"]
+            measured = run_case(
+                layers, args.hidden, length, args.chunk, not args.no_checkpointing, args.code, args.vocab
+            )["peak"]
             ratio = measured / plan.peak
             worst = max(worst, abs(ratio - 1))
-            print(f"{layers:>6} {length:>7} {plan.peak / mib:>14.0f} {measured / mib:>13.0f} {ratio:>19.2f}  "
-                  f"{plan.dominant.name} ({plan.dominant.at(plan.peak_phase) / mib:.0f} MiB)", flush=True)
+            print(
+                f"{layers:>6} {length:>7} {plan.peak / mib:>14.0f} {measured / mib:>13.0f} {ratio:>19.2f}  "
+                f"{plan.dominant.name} ({plan.dominant.at(plan.peak_phase) / mib:.0f} MiB)",
+                flush=True,
+            )
             points.append((length, plan.peak, measured))
         (a, plan_a, measured_a), (b, plan_b, measured_b) = points[-2:] if len(points) > 1 else (points[0],) * 2
         if b > a:
-            print(f"{'':>6} growth per token from {a} to {b}: plan {(plan_b - plan_a) / (b - a) / 1024:.0f} KiB, "
-                  f"measured {(measured_b - measured_a) / (b - a) / 1024:.0f} KiB")
+            print(
+                f"{'':>6} growth per token from {a} to {b}: plan {(plan_b - plan_a) / (b - a) / 1024:.0f} KiB, "
+                f"measured {(measured_b - measured_a) / (b - a) / 1024:.0f} KiB"
+            )
     print(f"largest deviation: {worst * 100:.0f} % (goal: within 20 %)")
 
 

@@ -71,8 +71,10 @@ def main(argv=None) -> None:
     events, step_s = record(Engine(model, tok, config), prompts, params)
     streams = statistics.median(len(e.deltas) for e in events)
     serving = statistics.median(replay(events, tok, prompts, params) for _ in range(args.repeats)) / len(events)
-    print(f"# serve_overhead: {args.model}, {args.dtype}, {args.requests} requests, {len(events)} steps, "
-          f"median {streams:.0f} deltas/step")
+    print(
+        f"# serve_overhead: {args.model}, {args.dtype}, {args.requests} requests, {len(events)} steps, "
+        f"median {streams:.0f} deltas/step"
+    )
     print("| engine ms/step | serving path CPU ms/step | serving / engine |")
     print("|---|---|---|")
     print(f"| {1e3 * step_s:.1f} | {1e3 * serving:.2f} | {serving / step_s:.4f} |")

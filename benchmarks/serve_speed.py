@@ -55,15 +55,17 @@ def workload(tok, args):
     from npr.prompts import encode_prompt
 
     questions = [f"What is {17 * i + 3} + {29 * i + 11}?" for i in range(args.requests)]
-    forcer = StructureForcer(tok, [[args.branch_tokens] * args.branches], plan_tokens=4, takeaway_tokens=8,
-                             final_tokens=4, answer="0")
+    forcer = StructureForcer(
+        tok, [[args.branch_tokens] * args.branches], plan_tokens=4, takeaway_tokens=8, final_tokens=4, answer="0"
+    )
     budget = args.branches * (args.branch_tokens + 12) + 96
     params = SamplingParams(max_new_tokens=budget, temperature=0, logprobs=False, logits_processors=(forcer,))
     prompts = [encode_prompt(tok, q) for q in questions]
     # the engine reserves a request's worst case: its budget plus a partial block per segment it could open
     per_request = max(len(p) for p in prompts) + budget + 16 * (min(48, -(-budget // 5)) + 2)
-    config = EngineConfig(mode="parallel", max_num_seqs=max(64, args.requests),
-                          kv_cache_tokens=args.requests * per_request)
+    config = EngineConfig(
+        mode="parallel", max_num_seqs=max(64, args.requests), kv_cache_tokens=args.requests * per_request
+    )
     return prompts, questions, params, config
 
 
@@ -81,8 +83,10 @@ def run_server(args) -> None:
 
     model, tok = load(args)
     _, _, params, config = workload(tok, args)
-    app = create_app(Engine(model, tok, config), ServeConfig(model_name="bench", max_queue=4 * args.requests,
-                                                             logits_processors=params.logits_processors))
+    app = create_app(
+        Engine(model, tok, config),
+        ServeConfig(model_name="bench", max_queue=4 * args.requests, logits_processors=params.logits_processors),
+    )
     with BackgroundServer(app) as server:
         print(f"PORT {server.port}", flush=True)
         sys.stdin.read()
@@ -90,8 +94,16 @@ def run_server(args) -> None:
 
 def stream_one(port: int, question: str, budget: int, start: threading.Event, out: dict) -> None:
     """One streaming chat request; records its send time, first-text time, end time, text and usage."""
-    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": question}], "max_tokens": budget,
-                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+    body = json.dumps(
+        {
+            "model": "bench",
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": budget,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    )
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     start.wait()
     out["sent"] = time.perf_counter()
@@ -125,8 +137,9 @@ def process_cpu_s(pid: int) -> float:
 def through_server(port: int, questions: list[str], budget: int, pid: int) -> dict:
     start, results = threading.Event(), [{} for _ in questions]
     cpu = process_cpu_s(pid)
-    threads = [threading.Thread(target=stream_one, args=(port, q, budget, start, r))
-               for q, r in zip(questions, results)]
+    threads = [
+        threading.Thread(target=stream_one, args=(port, q, budget, start, r)) for q, r in zip(questions, results)
+    ]
     for t in threads:
         t.start()
     time.sleep(0.2)  # every thread connected and waiting
@@ -134,9 +147,13 @@ def through_server(port: int, questions: list[str], budget: int, pid: int) -> di
     for t in threads:
         t.join()
     t0 = min(r["sent"] for r in results)
-    return {"wall": max(r["end"] for r in results) - t0, "tokens": sum(r["tokens"] for r in results),
-            "cpu": process_cpu_s(pid) - cpu,
-            "ttft": [r["first"] - r["sent"] for r in results], "texts": [r["text"] for r in results]}
+    return {
+        "wall": max(r["end"] for r in results) - t0,
+        "tokens": sum(r["tokens"] for r in results),
+        "cpu": process_cpu_s(pid) - cpu,
+        "ttft": [r["first"] - r["sent"] for r in results],
+        "texts": [r["text"] for r in results],
+    }
 
 
 def direct(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> dict:
@@ -151,8 +168,13 @@ def direct(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> 
             first.setdefault(d.prompt_index, now - start)
         results += event.finished
     results.sort(key=lambda r: r.prompt_index)
-    return {"wall": time.perf_counter() - start, "tokens": sum(len(r.token_ids) for r in results),
-            "cpu": time.process_time() - cpu, "ttft": list(first.values()), "texts": [r.text for r in results]}
+    return {
+        "wall": time.perf_counter() - start,
+        "tokens": sum(len(r.token_ids) for r in results),
+        "cpu": time.process_time() - cpu,
+        "ttft": list(first.values()),
+        "texts": [r.text for r in results],
+    }
 
 
 def main(argv=None) -> None:
@@ -162,12 +184,18 @@ def main(argv=None) -> None:
     model, tok = load(args)
     prompts, questions, params, config = workload(tok, args)
     engine = Engine(model, tok, config)
-    child = subprocess.Popen([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--as-server"],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]), "--as-server"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = int(child.stdout.readline().split()[1])
-        print(f"# serve_speed: {args.model}, {args.dtype}, torch threads {args.threads}, {args.requests} requests, "
-              f"one forced block of {args.branches} x {args.branch_tokens}-token branches, greedy")
+        print(
+            f"# serve_speed: {args.model}, {args.dtype}, torch threads {args.threads}, {args.requests} requests, "
+            f"one forced block of {args.branches} x {args.branch_tokens}-token branches, greedy"
+        )
         direct(engine, prompts[:2], params)  # warm-up
         through_server(port, questions[:2], params.max_new_tokens, child.pid)
         rows = {"direct": [], "server": [], "direct1": [], "server1": []}
@@ -190,25 +218,33 @@ def report(rows: dict, n: int) -> None:
     print("| requests | direct tok/s | server tok/s | server / direct | same text |")
     print("|---|---|---|---|---|")
     print(f"| {n} | {tps['direct']:.1f} | {tps['server']:.1f} | {tps['server'] / tps['direct']:.2f} | {same} |")
-    print(f"| 1 | {tps['direct1']:.1f} | {tps['server1']:.1f} | {tps['server1'] / tps['direct1']:.2f} | "
-          f"{all(s['texts'] == d['texts'] for s, d in zip(rows['server1'], rows['direct1']))} |")
+    print(
+        f"| 1 | {tps['direct1']:.1f} | {tps['server1']:.1f} | {tps['server1'] / tps['direct1']:.2f} | "
+        f"{all(s['texts'] == d['texts'] for s, d in zip(rows['server1'], rows['direct1']))} |"
+    )
     cpu = {k: med(1000 * r["cpu"] / r["tokens"] for r in rows[k]) for k in rows}
-    print(f"\n1b. CPU ms per generated token (server: its whole process, HTTP and event loop included; direct: "
-          f"this process; median of {len(rows['direct'])} rounds). Unlike wall time, this does not depend on what "
-          "else the machine's cores run (the client threads, other jobs)")
+    print(
+        f"\n1b. CPU ms per generated token (server: its whole process, HTTP and event loop included; direct: "
+        f"this process; median of {len(rows['direct'])} rounds). Unlike wall time, this does not depend on what "
+        "else the machine's cores run (the client threads, other jobs)"
+    )
     print("| requests | direct CPU ms/token | server CPU ms/token | server / direct |")
     print("|---|---|---|---|")
     for key, count in (("", n), ("1", 1)):
-        print(f"| {count} | {cpu['direct' + key]:.1f} | {cpu['server' + key]:.1f} | "
-              f"{cpu['server' + key] / cpu['direct' + key]:.2f} |")
+        print(
+            f"| {count} | {cpu['direct' + key]:.1f} | {cpu['server' + key]:.1f} | "
+            f"{cpu['server' + key] / cpu['direct' + key]:.2f} |"
+        )
     print("\n2. time to first token, ms (median over requests and rounds; max in parentheses)")
     print("| concurrent | server TTFT | engine TTFT | server - engine |")
     print("|---|---|---|---|")
     for key, count in (("1", 1), ("", n)):
         server = [t * 1000 for r in rows["server" + key] for t in r["ttft"]]
         engine = [t * 1000 for r in rows["direct" + key] for t in r["ttft"]]
-        print(f"| {count} | {med(server):.0f} ({max(server):.0f}) | {med(engine):.0f} ({max(engine):.0f}) | "
-              f"{med(server) - med(engine):.0f} |")
+        print(
+            f"| {count} | {med(server):.0f} ({max(server):.0f}) | {med(engine):.0f} ({max(engine):.0f}) | "
+            f"{med(server) - med(engine):.0f} |"
+        )
     print(f"\nserver/direct at {n} requests: {tps['server'] / tps['direct']:.2f}")
 
 

@@ -72,6 +72,7 @@ class PeakRSS:
 def trace(tokenizer, length: int, seed: int = 0):
     """Prompt + response ids of ``length`` tokens (long_tree_ids of gpu_train_check, real text ids)."""
     from gpu_train_check import long_tree_ids
+
     from npr.tokens import tag_token_ids
 
     tags = tag_token_ids(tokenizer)
@@ -83,6 +84,7 @@ def step(model, variant: str, prompt, response, tags, mixed: bool, backward: boo
     """Forward (+ backward) of Stage 2's loss (token-mean NLL of the response) for one variant:
     tree (the auto layout), flex, dense or causal."""
     from gpu_train_check import causal_logits
+
     from npr.train.logprobs import causal_sequence, resolve_attention, response_logits, structured_sequence
 
     device = next(model.parameters()).device
@@ -94,7 +96,7 @@ def step(model, variant: str, prompt, response, tags, mixed: bool, backward: boo
             seq = structured_sequence(prompt, response, tags)
             attention = resolve_attention("auto", device) if variant == "tree" else variant
             (logits,) = response_logits(model, [seq], 0, attention=attention)
-        target = seq.input_ids[seq.spans[0][0]:].to(device)
+        target = seq.input_ids[seq.spans[0][0] :].to(device)
         loss = -logits.float().log_softmax(-1).gather(-1, target[:, None]).mean()
     if backward:
         loss.backward()
@@ -111,8 +113,9 @@ def load(device: str, checkpointing: bool):
     return model, tokenizer
 
 
-def measure_one(variant: str, length: int, device: str, mixed: bool, checkpointing: bool,
-                backward: bool = True) -> dict:
+def measure_one(
+    variant: str, length: int, device: str, mixed: bool, checkpointing: bool, backward: bool = True
+) -> dict:
     """Load, one warm-up step, one measured step: seconds and peak bytes of the measured step."""
     model, tokenizer = load(device, checkpointing)
     (prompt, response), tags = trace(tokenizer, length)
@@ -138,7 +141,10 @@ def measure(variant: str, length: int, args) -> dict:
     if args.device == "cuda":
         return measure_one(variant, length, "cuda", args.bf16, args.checkpointing, not args.forward_only)
     command = [sys.executable, __file__, "--one", variant, str(length), "--device", "cpu"]
-    command += ["--bf16" if args.bf16 else "--no-bf16", "--checkpointing" if args.checkpointing else "--no-checkpointing"]
+    command += [
+        "--bf16" if args.bf16 else "--no-bf16",
+        "--checkpointing" if args.checkpointing else "--no-checkpointing",
+    ]
     command += ["--forward-only"] * args.forward_only
     if args.threads:
         command += ["--threads", str(args.threads)]
@@ -147,7 +153,9 @@ def measure(variant: str, length: int, args) -> dict:
 
 
 def memory_table(args) -> None:
-    variants = tuple(args.variants) if args.variants else (("flex", "dense", "causal") if args.forward_only else VARIANTS)
+    variants = (
+        tuple(args.variants) if args.variants else (("flex", "dense", "causal") if args.forward_only else VARIANTS)
+    )
     results: dict[tuple[str, int], dict] = {}
     for i, length in enumerate(args.lengths):
         order = list(variants) if i % 2 else list(reversed(variants))  # alternate the order per length
@@ -158,43 +166,49 @@ def memory_table(args) -> None:
 
     tree = resolve_attention("auto", torch.device(args.device))
     what = "forward only, no grad" if args.forward_only else "forward + backward"
-    print(f"one Stage-2 step ({what}), embedded SmolLM2-135M, {args.device}, {torch.get_num_threads()} threads, "
-          f"{'bf16 autocast' if args.bf16 else 'fp32'}{', gradient checkpointing' if args.checkpointing else ''}; "
-          f"tree = the {tree} layout (attention auto on {args.device})")
+    print(
+        f"one Stage-2 step ({what}), embedded SmolLM2-135M, {args.device}, {torch.get_num_threads()} threads, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}{', gradient checkpointing' if args.checkpointing else ''}; "
+        f"tree = the {tree} layout (attention auto on {args.device})"
+    )
     print(f"{'L':>6} {'variant':<8} {'peak MiB':>9} {'seconds':>8} {'mem/causal':>10} {'time/causal':>11}")
     for length in args.lengths:
         causal = results[("causal", length)]
         for variant in variants:
             r = results[(variant, length)]
-            print(f"{length:6d} {variant:<8} {r['bytes'] / 2**20:9.0f} {r['seconds']:8.2f} "
-                  f"{r['bytes'] / causal['bytes']:10.2f} {r['seconds'] / causal['seconds']:11.2f}")
+            print(
+                f"{length:6d} {variant:<8} {r['bytes'] / 2**20:9.0f} {r['seconds']:8.2f} "
+                f"{r['bytes'] / causal['bytes']:10.2f} {r['seconds'] / causal['seconds']:11.2f}"
+            )
     longest = max(args.lengths)
     tree_name = variants[0]
     t, c = results[(tree_name, longest)], results[("causal", longest)]
-    print(f"{tree_name}/causal at {longest}: memory {t['bytes'] / c['bytes']:.2f}, time {t['seconds'] / c['seconds']:.2f}")
+    print(
+        f"{tree_name}/causal at {longest}: memory {t['bytes'] / c['bytes']:.2f}, time {t['seconds'] / c['seconds']:.2f}"
+    )
 
 
 def packing_table(args) -> None:
     """Stage-2 tokens/s on ``args.data``: padded batches vs one packed row per micro-batch."""
-    from npr.train.logprobs import concat_documents, structured_sequence
-    from npr.train.sft_data import load_sft_examples, tokenize_examples
     from npr.tokens import tag_token_ids
-    from npr.train.update import sft_backward
+    from npr.train.logprobs import concat_documents, structured_sequence
     from npr.train.session import make_accelerator
+    from npr.train.sft_data import load_sft_examples, tokenize_examples
+    from npr.train.update import sft_backward
 
     model, tokenizer = load(args.device, args.checkpointing)
     tags = tag_token_ids(tokenizer)
     kept, _ = tokenize_examples(load_sft_examples(args.data), tokenizer, tags, 1024)
     sequences = [structured_sequence(k.prompt_ids, k.response_ids, tags) for k in kept]
-    batches = [sequences[i:i + args.micro_batch] for i in range(0, len(sequences), args.micro_batch)][:args.batches]
+    batches = [sequences[i : i + args.micro_batch] for i in range(0, len(sequences), args.micro_batch)][: args.batches]
     accelerator = make_accelerator()
     attention = "flex" if args.device == "cuda" else "dense"
     runs = {
         "padded": lambda batch: sft_backward(accelerator, model, batch, tokenizer.pad_token_id, len(batch)),
         # one row per micro-batch: on CUDA the flex layout does this itself; on CPU a dense mask over the row
         "packed": (lambda batch: sft_backward(accelerator, model, batch, tokenizer.pad_token_id, len(batch)))
-        if attention == "flex" else
-        (lambda batch: sft_backward(accelerator, model, [concat_documents(batch)], tokenizer.pad_token_id, 1)),
+        if attention == "flex"
+        else (lambda batch: sft_backward(accelerator, model, [concat_documents(batch)], tokenizer.pad_token_id, 1)),
     }
     from npr.train.logprobs import set_attention
 
@@ -205,7 +219,7 @@ def packing_table(args) -> None:
     times = {name: [] for name in runs}
     tokens = sum(len(s.input_ids) for b in batches for s in b)
     with autocast:
-        for name, run in runs.items():
+        for run in runs.values():
             run(batches[0])  # warm-up
         for _ in range(args.repeats):
             for name, run in runs.items():  # alternated
@@ -215,8 +229,10 @@ def packing_table(args) -> None:
                 model.zero_grad(set_to_none=True)
                 times[name].append(time.perf_counter() - start)
     padded_tokens = sum(len(b) * max(len(s.input_ids) for s in b) for b in batches)
-    print(f"Stage-2 throughput, data {args.data}, {len(batches)} micro-batches of "
-          f"{args.micro_batch}, {tokens} tokens ({padded_tokens} when padded), {args.device}, median of {args.repeats}")
+    print(
+        f"Stage-2 throughput, data {args.data}, {len(batches)} micro-batches of "
+        f"{args.micro_batch}, {tokens} tokens ({padded_tokens} when padded), {args.device}, median of {args.repeats}"
+    )
     for name, values in times.items():
         print(f"  {name:<7} {tokens / statistics.median(values):9.0f} tokens/s")
     print(f"packed/padded tokens/s: {statistics.median(times['padded']) / statistics.median(times['packed']):.2f}")
@@ -235,18 +251,33 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast")
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                        help="gradient checkpointing (default on: what a long-trace run uses)")
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="gradient checkpointing (default on: what a long-trace run uses)",
+    )
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--variants", nargs="+", choices=("tree", "flex", "dense", "causal"), default=None,
-                        help="measure only these (the first is compared with causal in the final line)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=("tree", "flex", "dense", "causal"),
+        default=None,
+        help="measure only these (the first is compared with causal in the final line)",
+    )
     parser.add_argument("--packing", action="store_true", help="only part 2: packed vs padded tokens/s")
-    parser.add_argument("--forward-only", action="store_true",
-                        help="no-grad forwards of flex vs dense vs causal (where the layouts compare on CPU)")
+    parser.add_argument(
+        "--forward-only",
+        action="store_true",
+        help="no-grad forwards of flex vs dense vs causal (where the layouts compare on CPU)",
+    )
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--data", default="synthetic:chain_sum?size=64&seed=3&terms=2&digits=1",
-                        help="Stage-2 data of --packing: a spec or a data.jsonl, e.g. the tiny pipeline's "
-                             "runs/tiny/sample/data.jsonl (default: synthetic chain-sum traces)")
+    parser.add_argument(
+        "--data",
+        default="synthetic:chain_sum?size=64&seed=3&terms=2&digits=1",
+        help="Stage-2 data of --packing: a spec or a data.jsonl, e.g. the tiny pipeline's "
+        "runs/tiny/sample/data.jsonl (default: synthetic chain-sum traces)",
+    )
     parser.add_argument("--batches", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "L"), help=argparse.SUPPRESS)
@@ -254,8 +285,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(measure_one(args.one[0], int(args.one[1]), args.device, args.bf16, args.checkpointing,
-                                     not args.forward_only)))
+        print(
+            json.dumps(
+                measure_one(
+                    args.one[0], int(args.one[1]), args.device, args.bf16, args.checkpointing, not args.forward_only
+                )
+            )
+        )
     elif args.packing:
         packing_table(args)
     else:

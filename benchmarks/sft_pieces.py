@@ -41,8 +41,10 @@ def main() -> None:
     model.train()
     set_attention(model, "dense")
     tags = tag_token_ids(tok)
-    examples = load_sft_examples(args.data) if args.data else synthetic_examples(f"synthetic:arith?n={args.batch}&seed=1")
-    kept, _ = tokenize_examples(examples[:args.batch], tok, tags, 4096)
+    examples = (
+        load_sft_examples(args.data) if args.data else synthetic_examples(f"synthetic:arith?n={args.batch}&seed=1")
+    )
+    kept, _ = tokenize_examples(examples[: args.batch], tok, tags, 4096)
     rows = pack_in_budget([structured_sequence(k.prompt_ids, k.response_ids, tags) for k in kept], args.pack_tokens)
 
     def pieces():
@@ -56,8 +58,12 @@ def main() -> None:
         for s in rows:
             bias = attention_bias(s.allowed, torch.float32)[None, None]  # [1, 1, L, L]
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(input_ids=s.input_ids[None], position_ids=s.position_ids[None], attention_mask=bias,
-                               logits_to_keep=len(s.input_ids) - s.context_end + 1).logits[0]
+                logits = model(
+                    input_ids=s.input_ids[None],
+                    position_ids=s.position_ids[None],
+                    attention_mask=bias,
+                    logits_to_keep=len(s.input_ids) - s.context_end + 1,
+                ).logits[0]
             index = torch.cat([s.predictors(j) for j in range(len(s.spans))]) - (s.context_end - 1)
             targets = torch.cat([s.input_ids[a:b] for a, b in s.spans])
             (-logits[index].float().log_softmax(-1).gather(-1, targets[:, None]).sum()).backward()
@@ -72,8 +78,10 @@ def main() -> None:
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    print(f"model {args.model}, {torch.get_num_threads()} threads, {len(kept)} examples in {len(rows)} packed rows "
-          f"of {[len(s.input_ids) for s in rows]} tokens (shared prefix {[s.context_end for s in rows]})")
+    print(
+        f"model {args.model}, {torch.get_num_threads()} threads, {len(kept)} examples in {len(rows)} packed rows "
+        f"of {[len(s.input_ids) for s in rows]} tokens (shared prefix {[s.context_end for s in rows]})"
+    )
     print("| layout | s per step (median) | speedup |\n|---|---|---|")
     base = statistics.median(times["full mask"])
     for name, t in times.items():

@@ -56,13 +56,13 @@ def causal_fast_step(model, optimizer, sequences, pad_id) -> float:
     length = max(len(s.input_ids) for s in sequences)
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     for b, s in enumerate(sequences):
-        ids[b, :len(s.input_ids)] = s.input_ids
+        ids[b, : len(s.input_ids)] = s.input_ids
     first = min(s.response_start for s in sequences) - 1  # logits only from the first response on, as Stage 2
     logits = model(input_ids=ids, use_cache=False, logits_to_keep=length - first).logits  # [B, L - first, V]
     nll, count = 0.0, 0
     for b, s in enumerate(sequences):
         n, r = len(s.input_ids), s.response_start
-        logp = logits[b, r - 1 - first:n - 1 - first].float().log_softmax(-1).gather(-1, s.input_ids[r:, None])
+        logp = logits[b, r - 1 - first : n - 1 - first].float().log_softmax(-1).gather(-1, s.input_ids[r:, None])
         nll, count = nll - logp.sum(), count + n - r
     (nll / count).backward()
     optimizer.step()
@@ -97,7 +97,7 @@ def main() -> None:
     times = {name: [] for name in runs}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
     with autocast:
-        for name, run in runs.items():
+        for run in runs.values():
             run()  # warm-up
         for _ in range(args.repeats):  # interleaved, so drifting machine load hits every row alike
             for name, run in runs.items():
@@ -105,8 +105,10 @@ def main() -> None:
     tokens = sum(len(s.input_ids) for s in tree)
     response = sum(s.response_length for s in tree)
     baseline = statistics.median(times["causal SFT (no mask: SDPA causal path)"])
-    print(f"model {args.model}, batch {args.batch}, {tokens} tokens ({response} response), "
-          f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.repeats}")
+    print(
+        f"model {args.model}, batch {args.batch}, {tokens} tokens ({response} response), "
+        f"{torch.get_num_threads()} threads, {'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.repeats}"
+    )
     print(f"{'step':<42} {'ms':>9} {'vs causal':>10}")
     for name, values in times.items():
         median = statistics.median(values)

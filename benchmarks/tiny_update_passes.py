@@ -45,8 +45,12 @@ def policy_batch_from(rollouts_path: str, tok, config):
     n = len(sequences)
     g = torch.Generator().manual_seed(0)
     masks = [torch.ones(s.response_length, dtype=torch.bool) for s in sequences]
-    return PolicyBatch(pack_in_budget(sequences, config.pack_group_tokens), masks, torch.randn(n, generator=g),
-                       [torch.full((s.response_length,), float("nan")) for s in sequences])
+    return PolicyBatch(
+        pack_in_budget(sequences, config.pack_group_tokens),
+        masks,
+        torch.randn(n, generator=g),
+        [torch.full((s.response_length,), float("nan")) for s in sequences],
+    )
 
 
 def main() -> None:
@@ -73,28 +77,45 @@ def main() -> None:
     batch = policy_batch_from(args.rollouts, tok, config)
     if args.packs:
         rows = batch.response_rows(range(args.packs))
-        batch = type(batch)(batch.sequences[:args.packs], batch.loss_masks[:len(rows)], batch.advantages[:len(rows)],
-                            batch.sampler_logprobs[:len(rows)])
+        batch = type(batch)(
+            batch.sequences[: args.packs],
+            batch.loss_masks[: len(rows)],
+            batch.advantages[: len(rows)],
+            batch.sampler_logprobs[: len(rows)],
+        )
     loss_fn = get_policy_loss("papo")
     sizes = [int(x) for x in args.sizes.split(",")]
     times: dict[int, list[float]] = {s: [] for s in sizes}
     losses: dict[int, float] = {}
-    print(f"{len(batch.sequences)} packs, {len(batch.loss_masks)} responses, "
-          f"{sum(len(s.input_ids) for s in batch.sequences)} tokens")
+    print(
+        f"{len(batch.sequences)} packs, {len(batch.loss_masks)} responses, "
+        f"{sum(len(s.input_ids) for s in batch.sequences)} tokens"
+    )
     for _ in range(args.rounds):
-        for size in (sizes + sizes[::-1]):
+        for size in sizes + sizes[::-1]:
             model.zero_grad(set_to_none=True)
             start = time.perf_counter()
-            metrics = policy_backward(acc, model, batch, loss_fn, config.loss_agg, tok.pad_token_id, size,
-                                      forward_context=lambda: autocast(torch.device("cpu"), "bf16"),
-                                      temperature=config.temperature, logprob_chunk_size=config.logprob_chunk_size)
+            metrics = policy_backward(
+                acc,
+                model,
+                batch,
+                loss_fn,
+                config.loss_agg,
+                tok.pad_token_id,
+                size,
+                forward_context=lambda: autocast(torch.device("cpu"), "bf16"),
+                temperature=config.temperature,
+                logprob_chunk_size=config.logprob_chunk_size,
+            )
             times[size].append(time.perf_counter() - start)
             losses[size] = metrics["loss"]
     print("| micro_batch_size | update seconds (each) | median | loss |")
     print("|---|---|---|---|")
     for size in sizes:
-        print(f"| {size} | {', '.join(f'{t:.1f}' for t in times[size])} | {statistics.median(times[size]):.1f} | "
-              f"{losses[size]:.6g} |")
+        print(
+            f"| {size} | {', '.join(f'{t:.1f}' for t in times[size])} | {statistics.median(times[size]):.1f} | "
+            f"{losses[size]:.6g} |"
+        )
     a, b = sizes
     print(f"median {b} / {a} = {statistics.median(times[b]) / statistics.median(times[a]):.2f}")
 
@@ -108,8 +129,10 @@ def main() -> None:
             worker.sync()
             cost[label].append(time.perf_counter() - start)
     pool_gib = worker.engine.pool.keys.numel() * worker.engine.pool.keys.element_size() * 2 / 2**30
-    print(f"engine: KV pool {pool_gib:.2f} GiB + bf16 copy; " + ", ".join(
-        f"{k} median {statistics.median(v):.2f} s" for k, v in cost.items()))
+    print(
+        f"engine: KV pool {pool_gib:.2f} GiB + bf16 copy; "
+        + ", ".join(f"{k} median {statistics.median(v):.2f} s" for k, v in cost.items())
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from sft_step import batch_of_traces  # benchmarks/sft_step.py: a script's folder is on sys.path
 
 import npr.train.update as update
 from npr.algos import get_policy_loss
@@ -35,11 +36,10 @@ from npr.train.logprobs import pack_in_budget, response_logits, response_logprob
 from npr.train.session import make_accelerator
 from npr.train.update import PolicyBatch, optimizer_step, policy_backward, sft_backward
 
-from sft_step import batch_of_traces  # benchmarks/sft_step.py: a script's folder is on sys.path
 
-
-def full_logits_logprobs(model, sequences, pad_token_id, mask_dtype=None, attention=None, temperature=1.0,
-                         untempered=False, chunk_size=None):
+def full_logits_logprobs(
+    model, sequences, pad_token_id, mask_dtype=None, attention=None, temperature=1.0, untempered=False, chunk_size=None
+):
     """``response_logprobs`` as it was before the chunked head: full [T_r, V] logits per response."""
     per_response = response_logits(model, sequences, pad_token_id, mask_dtype, attention)
     targets = [s.input_ids[a:b] for s in sequences for a, b in s.spans]
@@ -88,7 +88,7 @@ def main() -> None:
     traces = batch_of_traces(tok, 8, 6)
     sft_rows = pack_in_budget([structured_sequence(t.prompt_ids, t.response_ids, tags) for t in traces], 2048)
     group_rows, masks = [], []
-    for t in traces[:args.prompts]:  # 4 responses per prompt (the trace itself: only lengths matter here), packed
+    for t in traces[: args.prompts]:  # 4 responses per prompt (the trace itself: only lengths matter here), packed
         group = [structured_sequence(t.prompt_ids, t.response_ids, tags) for _ in range(4)]
         group_rows += pack_in_budget(group, 2048)
         masks += [torch.ones(len(t.response_ids), dtype=torch.bool) for _ in range(4)]
@@ -107,15 +107,17 @@ def main() -> None:
     def stage3() -> float:
         start = time.perf_counter()
         with autocast:
-            policy_backward(acc, model, policy, loss_fn, "token-mean", pad, 2, temperature=0.6,
-                            logprob_chunk_size=args.chunk)
+            policy_backward(
+                acc, model, policy, loss_fn, "token-mean", pad, 2, temperature=0.6, logprob_chunk_size=args.chunk
+            )
         optimizer_step(acc, model, optimizer, scheduler, 1.0)
         return time.perf_counter() - start
 
     times = {(stage, path): [] for stage in args.stages for path in ("full", "chunked")}
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for stage, run in [(name, step) for name, step in (("stage2", stage2), ("stage3", stage3))
-                           if name in args.stages]:
+        for stage, run in [
+            (name, step) for name, step in (("stage2", stage2), ("stage3", stage3)) if name in args.stages
+        ]:
             for path in ("full", "chunked") if repeat % 2 else ("chunked", "full"):
                 with log_prob_path(path):
                     elapsed = run()
@@ -124,10 +126,14 @@ def main() -> None:
                 print(f"round {repeat} {stage} {path} {elapsed:.2f} s", file=sys.stderr, flush=True)
     sft_tokens = sum(len(s.input_ids) for s in sft_rows)
     rl_tokens = sum(len(s.input_ids) for s in group_rows)
-    print(f"model {args.model} (V={model.config.vocab_size}), bf16 autocast, {args.threads} thread(s), chunk "
-          f"{args.chunk}, median of {args.repeats} alternated")
-    print(f"stage2: {len(sft_rows)} rows, {sft_tokens} tokens; stage3: {n} responses in {len(group_rows)} rows, "
-          f"{rl_tokens} tokens")
+    print(
+        f"model {args.model} (V={model.config.vocab_size}), bf16 autocast, {args.threads} thread(s), chunk "
+        f"{args.chunk}, median of {args.repeats} alternated"
+    )
+    print(
+        f"stage2: {len(sft_rows)} rows, {sft_tokens} tokens; stage3: {n} responses in {len(group_rows)} rows, "
+        f"{rl_tokens} tokens"
+    )
     print(f"{'update':<8} {'full ms':>9} {'chunked ms':>11} {'chunked/full':>13}")
     for stage in args.stages:
         full = statistics.median(times[(stage, "full")])

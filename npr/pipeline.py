@@ -61,30 +61,72 @@ class PipelinePreset:
 
 PRESETS: dict[str, PipelinePreset] = {
     # tiny random model, seconds per step: checks that every step runs and writes loadable artefacts
-    "smoke": PipelinePreset(model="tiny-random-llama", train_preset="smoke", held_out="rg:chain_sum?size=3&seed=99&terms=2&digits=1",
-                            eval_k=2, eval_max_new_tokens=48, eval_dtype="float32",
-                            eval_engine={"kv_cache_gib": 0.1, "speed_rounds": 2, "speed_problems": 2,
-                                         "latency_requests": 1}),
+    "smoke": PipelinePreset(
+        model="tiny-random-llama",
+        train_preset="smoke",
+        held_out="rg:chain_sum?size=3&seed=99&terms=2&digits=1",
+        eval_k=2,
+        eval_max_new_tokens=48,
+        eval_dtype="float32",
+        eval_engine={"kv_cache_gib": 0.1, "speed_rounds": 2, "speed_problems": 2, "latency_requests": 1},
+    ),
     # the embedded SmolLM2-135M-Instruct on 2-4 independent one-digit expressions per problem (training split seed 1,
     # held-out seed 2). Decomposing cold start: each distinct part asked alone ("What is 3 + 4?"), 6 tries; the
     # model's own correct answers become the steps under plans read from the problem ("compute 3 + 4").
     # Timing: 2 rounds, one ABBA cycle (round 2 runs the sequential baseline first), so drift falls on both modes.
-    "tiny": PipelinePreset(model="embedded", train_preset="tiny", held_out="gen:expressions?size=32&seed=2&parts=2-4",
-                           eval_k=4, eval_max_new_tokens=320, coldstart=True,
-                           coldstart_sample={"prompt_style": "plain", "wrap": True, "wrap_mode": "decompose", "tries": 6,
-                                             "train_limit": 256, "max_new_tokens": 80, "temperature": 0.7,
-                                             "prompts_per_batch": 21},
-                           coldstart_sft={"num_epochs": 2, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
-                           eval_engine={"kv_cache_gib": 1.0, "max_num_seqs": 128, "speed_rounds": 2,
-                                        "speed_problems": 2, "latency_requests": 2, "baseline_eval": False}),
+    "tiny": PipelinePreset(
+        model="embedded",
+        train_preset="tiny",
+        held_out="gen:expressions?size=32&seed=2&parts=2-4",
+        eval_k=4,
+        eval_max_new_tokens=320,
+        coldstart=True,
+        coldstart_sample={
+            "prompt_style": "plain",
+            "wrap": True,
+            "wrap_mode": "decompose",
+            "tries": 6,
+            "train_limit": 256,
+            "max_new_tokens": 80,
+            "temperature": 0.7,
+            "prompts_per_batch": 21,
+        },
+        coldstart_sft={"num_epochs": 2, "learning_rate": 1e-4, "min_learning_rate": 5e-5},
+        eval_engine={
+            "kv_cache_gib": 1.0,
+            "max_num_seqs": 128,
+            "speed_rounds": 2,
+            "speed_problems": 2,
+            "latency_requests": 2,
+            "baseline_eval": False,
+        },
+    ),
     # the paper's setting on GPUs: Qwen3-4B-Instruct, NPR's benchmarks (NPR_DATA_DIR or the hub)
-    "qwen3-4b": PipelinePreset(model="Qwen/Qwen3-4B-Instruct-2507", train_preset="qwen3-4b",
-                               held_out="aime25,hmmt25,amc23,math500", eval_k=8, eval_max_new_tokens=32768,
-                               eval_dtype="bfloat16", eval_engine={"kv_cache_gib": 20.0, "max_num_seqs": 256}),
+    "qwen3-4b": PipelinePreset(
+        model="Qwen/Qwen3-4B-Instruct-2507",
+        train_preset="qwen3-4b",
+        held_out="aime25,hmmt25,amc23,math500",
+        eval_k=8,
+        eval_max_new_tokens=32768,
+        eval_dtype="bfloat16",
+        eval_engine={"kv_cache_gib": 20.0, "max_num_seqs": 256},
+    ),
 }
 
-STEPS = ("base_eval", "coldstart", "stage1", "zero_eval", "sample", "stage2", "beta_eval", "stage3", "npr_eval",
-         "sr", "sr_eval", "report")
+STEPS = (
+    "base_eval",
+    "coldstart",
+    "stage1",
+    "zero_eval",
+    "sample",
+    "stage2",
+    "beta_eval",
+    "stage3",
+    "npr_eval",
+    "sr",
+    "sr_eval",
+    "report",
+)
 
 
 @dataclass
@@ -137,27 +179,43 @@ def _sample(run: PipelineRun, out: Path, overrides: dict) -> dict:
 
     config = resolve_config("sample", SampleConfig, run.preset.train_preset, None, overrides)
     summary = run_sample(config, out, command="npr pipeline: sample")
-    run.log(f"  kept {summary['kept']} of {summary['samples']} samples ({summary['problems_with_kept']} problems); "
-            f"dropped {summary['dropped']}")
+    run.log(
+        f"  kept {summary['kept']} of {summary['samples']} samples ({summary['problems_with_kept']} problems); "
+        f"dropped {summary['dropped']}"
+    )
     if summary["kept"] == 0:
         raise PipelineError(f"{out}: no sample kept, so the next SFT has no data; see {out}/summary.json")
     return summary
 
 
-def _evaluate(run: PipelineRun, step: str, model: str, mode: str, baseline_mode: str | None = None,
-              style: str = "npr") -> None:
+def _evaluate(
+    run: PipelineRun, step: str, model: str, mode: str, baseline_mode: str | None = None, style: str = "npr"
+) -> None:
     from npr.data import split_specs
     from npr.eval.runner import EvalConfig, evaluate
 
     p = run.preset
-    config = EvalConfig(model=model, benchmarks=tuple(split_specs(p.held_out)), k=p.eval_k, mode=mode,
-                        baseline_mode=baseline_mode, max_new_tokens=p.eval_max_new_tokens,
-                        temperature=p.eval_temperature, top_p=p.eval_top_p, style=style, data_dir=run.data_dir,
-                        dtype=p.eval_dtype, device=run.device, **(p.eval_engine or {}))
+    config = EvalConfig(
+        model=model,
+        benchmarks=tuple(split_specs(p.held_out)),
+        k=p.eval_k,
+        mode=mode,
+        baseline_mode=baseline_mode,
+        max_new_tokens=p.eval_max_new_tokens,
+        temperature=p.eval_temperature,
+        top_p=p.eval_top_p,
+        style=style,
+        data_dir=run.data_dir,
+        dtype=p.eval_dtype,
+        device=run.device,
+        **(p.eval_engine or {}),
+    )
     results = evaluate(config, run.step_dir(step), overwrite=True)
     o = results["overall"]
-    run.log(f"  avg@k {o['avg_at_k']:.3f}  format-valid {o['format_valid_rate'] or 0:.3f}  "
-            f"trigger {o['trigger_rate'] or 0:.3f}")
+    run.log(
+        f"  avg@k {o['avg_at_k']:.3f}  format-valid {o['format_valid_rate'] or 0:.3f}  "
+        f"trigger {o['trigger_rate'] or 0:.3f}"
+    )
 
 
 def step_base_eval(run):
@@ -167,8 +225,12 @@ def step_base_eval(run):
 def step_coldstart(run):
     p = run.preset
     _sample(run, run.step_dir("coldstart") / "data", {"model": p.model, **(p.coldstart_sample or {})})
-    _train(run, "stage2", "coldstart", {"model": p.model, "train_data": str(run.step_dir("coldstart") / "data"),
-                                        **(p.coldstart_sft or {})})
+    _train(
+        run,
+        "stage2",
+        "coldstart",
+        {"model": p.model, "train_data": str(run.step_dir("coldstart") / "data"), **(p.coldstart_sft or {})},
+    )
     # the SFT run writes DIR/coldstart/final beside DIR/coldstart/data
 
 
@@ -212,9 +274,19 @@ def step_sr(run):
 
     stage1 = resolve_config("stage1", Stage1Config, run.preset.train_preset)
     stage3 = resolve_config("stage3", Stage3Config, run.preset.train_preset)
-    _train(run, "stage1", "sr", {"model": run.preset.model, "reward": "accuracy", "prompt_style": "plain",
-                                 "rollout_mode": "plain",
-                                 "max_steps": stage1.max_steps + stage3.max_steps, **NO_STAGE_EVAL})
+    _train(
+        run,
+        "stage1",
+        "sr",
+        {
+            "model": run.preset.model,
+            "reward": "accuracy",
+            "prompt_style": "plain",
+            "rollout_mode": "plain",
+            "max_steps": stage1.max_steps + stage3.max_steps,
+            **NO_STAGE_EVAL,
+        },
+    )
 
 
 def step_sr_eval(run):
@@ -277,23 +349,36 @@ def claim_run_dir(out: Path, preset: str, overwrite: bool) -> dict:
     cleaned. ``overwrite`` takes such a directory over: the entries the pipeline would write (step
     directories, its state, results and report) are deleted, anything else is left alone.
     """
-    fresh = {"format": MANIFEST_FORMAT, "owner": "npr pipeline", "preset": preset, "created": [], "done": [],
-             "seconds": {}}
+    fresh = {
+        "format": MANIFEST_FORMAT,
+        "owner": "npr pipeline",
+        "preset": preset,
+        "created": [],
+        "done": [],
+        "seconds": {},
+    }
     if out.exists() and not out.is_dir():
         raise PipelineError(f"--out {out} is a file, not a directory; use another --out")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     state = load_state(out) if STATE_FILE in entries else None
     owned = state is not None and state.get("format") == MANIFEST_FORMAT and state.get("owner") == "npr pipeline"
     if owned and state.get("preset") != preset and not overwrite:
-        raise PipelineError(f"{out} holds a pipeline run with preset {state['preset']!r}; use another --out, or "
-                            f"--overwrite to start a {preset!r} run there (its step directories are deleted)")
+        raise PipelineError(
+            f"{out} holds a pipeline run with preset {state['preset']!r}; use another --out, or "
+            f"--overwrite to start a {preset!r} run there (its step directories are deleted)"
+        )
     if owned and not overwrite:
         return state
     if entries and not overwrite:
-        what = ("a pipeline run from an npr without run manifests" if state is not None
-                else f"files npr pipeline did not create ({', '.join(entries[:5])}{', …' if len(entries) > 5 else ''})")
-        raise PipelineError(f"{out} holds {what}; the pipeline only deletes what it created, so use another --out, "
-                            f"or --overwrite to let it delete its step directories there ({', '.join(STEPS)})")
+        what = (
+            "a pipeline run from an npr without run manifests"
+            if state is not None
+            else f"files npr pipeline did not create ({', '.join(entries[:5])}{', …' if len(entries) > 5 else ''})"
+        )
+        raise PipelineError(
+            f"{out} holds {what}; the pipeline only deletes what it created, so use another --out, "
+            f"or --overwrite to let it delete its step directories there ({', '.join(STEPS)})"
+        )
     for name in entries:
         if name in STEPS or name in (STATE_FILE, "results.json", "report.html"):
             target = out / name
@@ -303,9 +388,18 @@ def claim_run_dir(out: Path, preset: str, overwrite: bool) -> dict:
     return fresh
 
 
-def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, baseline: bool = False,
-                 data_dir: str | None = None, device: str = "cpu", quiet: bool = False,
-                 log: Callable[[str], None] = print, overrides: dict | None = None, overwrite: bool = False) -> dict:
+def run_pipeline(
+    preset: str,
+    out: str | Path,
+    from_step: str | None = None,
+    baseline: bool = False,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+    overrides: dict | None = None,
+    overwrite: bool = False,
+) -> dict:
     """Run (or continue) the pipeline; returns the state (steps done, seconds per step)."""
     if preset not in PRESETS:
         raise PipelineError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
@@ -316,20 +410,21 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
         raise PipelineError(f"--from {from_step!r} is not a step of this pipeline; steps: {', '.join(steps)}")
     state = claim_run_dir(run.out, preset, overwrite)
     if from_step is not None:
-        later = steps[steps.index(from_step):]
+        later = steps[steps.index(from_step) :]
         state["done"] = [s for s in state["done"] if s not in later]
     start = time.perf_counter()
     for index, step in enumerate(steps, 1):
         if step in state["done"]:
             continue
-        remaining = [s for s in steps[index - 1:] if s not in state["done"]]
+        remaining = [s for s in steps[index - 1 :] if s not in state["done"]]
         log(f"[{index}/{len(steps)}] {step}: {DESCRIPTIONS[step]}{eta_text(remaining, state, preset)}")
         step_dir = run.step_dir(step)
         if step in state["created"]:
             shutil.rmtree(step_dir, ignore_errors=True)  # a step cut short is redone from its start
         elif step_dir.exists():
-            raise PipelineError(f"{step_dir} exists but this pipeline run did not create it; move it away, or "
-                                f"use another --out")
+            raise PipelineError(
+                f"{step_dir} exists but this pipeline run did not create it; move it away, or use another --out"
+            )
         if step not in state["created"]:
             state["created"].append(step)
         save_state(run.out, state)  # recorded before the step writes anything, so a kill leaves it owned
@@ -352,8 +447,20 @@ def run_pipeline(preset: str, out: str | Path, from_step: str | None = None, bas
 # clone on the idle 2-core development CPU, torch's default threads (docs/results.md, 2026-12-06, commit 6a75ef6);
 # sr and sr_eval (--baseline, not measured) guessed from stage1's per-step time and an evaluation's. A shared
 # machine is slower, and a run's Stage 1 takes longer the more of its rollouts it keeps.
-TINY_SECONDS = {"base_eval": 41, "coldstart": 286, "stage1": 103, "zero_eval": 83, "sample": 156, "stage2": 52,
-                "beta_eval": 92, "stage3": 143, "npr_eval": 182, "sr": 400, "sr_eval": 100, "report": 1}
+TINY_SECONDS = {
+    "base_eval": 41,
+    "coldstart": 286,
+    "stage1": 103,
+    "zero_eval": 83,
+    "sample": 156,
+    "stage2": 52,
+    "beta_eval": 92,
+    "stage3": 143,
+    "npr_eval": 182,
+    "sr": 400,
+    "sr_eval": 100,
+    "report": 1,
+}
 
 
 def eta_text(remaining: list[str], state: dict, preset: str) -> str:

@@ -54,8 +54,10 @@ def read_instruction_file(path: str | Path, flag: str = "--system-prompt-file") 
     ``PromptError`` naming ``flag``."""
     path = Path(path)
     if not path.is_file():
-        raise PromptError(f"{flag} {path}: no such file; pass a text file holding the format instruction "
-                          "(e.g. the prompts/npr.txt of NPR's released code)")
+        raise PromptError(
+            f"{flag} {path}: no such file; pass a text file holding the format instruction "
+            "(e.g. the prompts/npr.txt of NPR's released code)"
+        )
     try:
         text = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
@@ -65,8 +67,9 @@ def read_instruction_file(path: str | Path, flag: str = "--system-prompt-file") 
     return text
 
 
-def build_messages(problem: str, style: str = "npr", instruction: str | None = None,
-                   placement: str = "system") -> list[dict[str, str]]:
+def build_messages(
+    problem: str, style: str = "npr", instruction: str | None = None, placement: str = "system"
+) -> list[dict[str, str]]:
     """Chat messages for one problem.
 
     ``npr`` adds the format instruction (``instruction``, default ``NPR_INSTRUCTION``) as the
@@ -89,15 +92,18 @@ def build_messages(problem: str, style: str = "npr", instruction: str | None = N
     raise ValueError(f"unknown prompt style {style!r}; use one of {STYLES}")
 
 
-def prompt_text(tokenizer, problem: str, style: str = "npr", instruction: str | None = None,
-                placement: str = "system") -> str:
+def prompt_text(
+    tokenizer, problem: str, style: str = "npr", instruction: str | None = None, placement: str = "system"
+) -> str:
     """The full prompt string after the chat template, ending where the assistant starts."""
-    return tokenizer.apply_chat_template(build_messages(problem, style, instruction, placement), tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        build_messages(problem, style, instruction, placement), tokenize=False, add_generation_prompt=True
+    )
 
 
-def encode_prompt(tokenizer, problem: str, style: str = "npr", instruction: str | None = None,
-                  placement: str = "system") -> list[int]:
+def encode_prompt(
+    tokenizer, problem: str, style: str = "npr", instruction: str | None = None, placement: str = "system"
+) -> list[int]:
     """Prompt token ids (chat template applied, no extra BOS: the template has its own)."""
     if not problem or not problem.strip():
         raise ValueError("empty problem text: every prompt needs a question")

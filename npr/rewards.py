@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import sympy
 from math_verify import parse as mv_parse
@@ -127,7 +128,7 @@ def math_correct(response: str, answer: str) -> bool:
 # ---------------------------------------------------------------- reasoning-gym answers
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rg_scorer(task: str) -> Callable[[str | None, dict[str, Any]], float]:
     """reasoning-gym's ``score_answer`` for ``task``, built once per task."""
     from npr.extras import require
@@ -177,7 +178,6 @@ def register_reward(name: str) -> Callable[[Reward], Reward]:
     return register
 
 
-
 def is_correct(response: str, problem: Problem) -> bool:
     """Whether ``response`` answers ``problem``: reasoning-gym's scorer at full credit (>= 1.0;
     partial credit such as 0.3 for ``"153 apples"`` counts as wrong) for a procedural problem,
@@ -215,8 +215,6 @@ def stage1_reward(response: str, problem: Problem) -> float:
     (``npr.schema.format_score``) when the format is invalid, else ``accuracy_reward``."""
     penalty = format_score(response)
     return penalty if penalty < 0 else accuracy_reward(response, problem)
-
-
 
 
 def get_reward(name: str) -> Reward:

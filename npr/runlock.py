@@ -42,7 +42,7 @@ def _holder(st: os.stat_result) -> tuple[int, str] | None:
             continue
         pid, where = fields[4], fields[5]
         if where == device or where.rsplit(":", 1)[-1] == str(st.st_ino):  # overlay file systems report
-            matches.append((where == device, int(pid)))                     # another device number
+            matches.append((where == device, int(pid)))  # another device number
     if not matches:
         return None
     pid = max(matches)[1]
@@ -63,8 +63,7 @@ def _is_rank_zero() -> bool:
 def _describe(path: Path, st: os.stat_result, what: str, flag: str) -> str:
     holder = _holder(st)
     who = f"process {holder[0]} ({holder[1]})" if holder else "another process"
-    return (f"{flag} {path}: {what} is being written by {who}; wait for it to finish, stop it, "
-            f"or choose another {flag}")
+    return f"{flag} {path}: {what} is being written by {who}; wait for it to finish, stop it, or choose another {flag}"
 
 
 @contextlib.contextmanager
@@ -131,8 +130,10 @@ def _lock(fd: int, path: Path, what: str, flag: str) -> None:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise RunDirLocked(_describe(path, os.fstat(fd), what, flag)) from None
         # a file system without flock (some network mounts): run unprotected, but say so
-        print(f"npr: warning: cannot lock {path} ({e.strerror}); nothing stops a second command writing it",
-              file=sys.stderr)
+        print(
+            f"npr: warning: cannot lock {path} ({e.strerror}); nothing stops a second command writing it",
+            file=sys.stderr,
+        )
 
 
 def _same_file(path: Path, fd: int) -> bool:

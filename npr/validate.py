@@ -15,11 +15,19 @@ from pathlib import Path
 
 from npr.errors import NprError, UsageError
 
-SEED_LIMIT = 2 ** 32  # numpy's RandomState and torch.manual_seed on every platform take 0 <= seed < 2**32
+SEED_LIMIT = 2**32  # numpy's RandomState and torch.manual_seed on every platform take 0 <= seed < 2**32
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 # config.json fields that size a model: when present each must be a positive integer
-MODEL_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings")
+MODEL_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 
 
 # ----------------------------------------------------------------------------- values
@@ -78,9 +86,11 @@ def check_kv_cache_gib(gib: float, device: str, what: str = "--kv-cache-gib") ->
     if problem:
         raise UsageError(f"{what} {problem}")
     total = device_memory_bytes(device)
-    if total is not None and gib * 2 ** 30 > total:
-        raise UsageError(f"{what} {gib:g} is more than the {total / 2 ** 30:.1f} GiB of memory {device} has; "
-                         "give a smaller pool (it also has to leave room for the model)")
+    if total is not None and gib * 2**30 > total:
+        raise UsageError(
+            f"{what} {gib:g} is more than the {total / 2**30:.1f} GiB of memory {device} has; "
+            "give a smaller pool (it also has to leave room for the model)"
+        )
 
 
 def check_rollout_memory(config) -> None:
@@ -106,8 +116,10 @@ def check_cache_dir() -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise UsageError(f"$NPR_CACHE_DIR={value}: {existing} is a file, not a directory; point NPR_CACHE_DIR at a "
-                         "directory (or unset it for ~/.cache/npr)")
+        raise UsageError(
+            f"$NPR_CACHE_DIR={value}: {existing} is a file, not a directory; point NPR_CACHE_DIR at a "
+            "directory (or unset it for ~/.cache/npr)"
+        )
 
 
 def probe_writable(directory: Path, what: str) -> None:
@@ -118,8 +130,9 @@ def probe_writable(directory: Path, what: str) -> None:
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
-        raise UsageError(f"{what}: cannot write in {directory} ({e.strerror}); choose another {what.split()[0]}") \
-            from None
+        raise UsageError(
+            f"{what}: cannot write in {directory} ({e.strerror}); choose another {what.split()[0]}"
+        ) from None
     os.close(fd)
     os.unlink(probe)
     try:
@@ -138,8 +151,9 @@ def check_model_config(path: Path) -> dict:
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise NprError(f"{config_file} cannot be read ({type(e).__name__}: {e}); re-save or re-copy the model") \
-            from None
+        raise NprError(
+            f"{config_file} cannot be read ({type(e).__name__}: {e}); re-save or re-copy the model"
+        ) from None
     if not isinstance(config, dict):
         raise NprError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -149,14 +163,19 @@ def check_model_config(path: Path) -> dict:
         import difflib
 
         close = difflib.get_close_matches(str(model_type), list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), n=1)
-        raise NprError(f"{config_file}: field 'model_type' is {model_type!r}, not a causal LM this transformers "
-                       "knows" + (f" (did you mean {close[0]!r}?)" if close else "")
-                       + "; npr runs decoder-only models such as llama, qwen2 or qwen3")
+        raise NprError(
+            f"{config_file}: field 'model_type' is {model_type!r}, not a causal LM this transformers "
+            "knows"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + "; npr runs decoder-only models such as llama, qwen2 or qwen3"
+        )
     for name in MODEL_SIZE_FIELDS:
         value = config.get(name)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise NprError(f"{config_file}: field {name!r} must be a positive integer, got {value!r}; fix the file "
-                           "or re-save the model")
+            raise NprError(
+                f"{config_file}: field {name!r} must be a positive integer, got {value!r}; fix the file "
+                "or re-save the model"
+            )
     return config
 
 
@@ -197,8 +216,9 @@ def invalid_text_field(value, path: str = "") -> tuple[str, str] | None:
         key_problem = unicode_problem(key) if isinstance(key, str) else None
         if key_problem:
             return (f"{path}.<key>" if path else "<key>", key_problem)
-        found = invalid_text_field(item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path
-                                   else str(key))
+        found = invalid_text_field(
+            item, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        )
         if found:
             return found
     return None

@@ -22,9 +22,17 @@ import time
 
 import pytest
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--remote-debugging-pipe"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-pipe",
+]
 
 
 def chromium_binary() -> str:
@@ -40,12 +48,19 @@ class Browser:
     def __init__(self, tmp_path, width: int = 1280, height: int = 900):
         cmd_read, self._cmd_write = os.pipe()  # we write commands; Chromium reads them as fd 3
         self._reply_read, reply_write = os.pipe()  # Chromium writes replies to fd 4
-        args = [*FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", f"--window-size={width},{height}",
-                "about:blank"]
+        args = [
+            *FLAGS,
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            f"--window-size={width},{height}",
+            "about:blank",
+        ]
         # bash moves the two pipe ends onto fds 3 and 4 (no preexec_fn: the test process has threads)
-        self._proc = subprocess.Popen(["bash", "-c", f'exec "$0" "$@" 3<&{cmd_read} 4>&{reply_write}',
-                                       chromium_binary(), *args], pass_fds=(cmd_read, reply_write),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" "$@" 3<&{cmd_read} 4>&{reply_write}', chromium_binary(), *args],
+            pass_fds=(cmd_read, reply_write),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(cmd_read)
         os.close(reply_write)
         self._buffer = b""
@@ -56,8 +71,10 @@ class Browser:
         self._session = attached["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable")
-        self.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height, "deviceScaleFactor": 1,
-                                                         "mobile": False})
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
 
     def __enter__(self) -> Browser:
         return self
@@ -65,8 +82,9 @@ class Browser:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def call(self, method: str, params: dict | None = None, session: str | None | bool = True,
-             timeout: float = 30.0) -> dict:
+    def call(
+        self, method: str, params: dict | None = None, session: str | None | bool = True, timeout: float = 30.0
+    ) -> dict:
         self._next_id += 1
         message = {"id": self._next_id, "method": method, "params": params or {}}
         if session is True:
@@ -92,8 +110,9 @@ class Browser:
 
     def evaluate(self, expression: str, timeout: float = 30.0):
         """The JSON value of a JavaScript expression (promises are awaited); page exceptions raise."""
-        out = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True},
-                        timeout=timeout)
+        out = self.call(
+            "Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True}, timeout=timeout
+        )
         if "exceptionDetails" in out:
             raise RuntimeError(f"page exception: {out['exceptionDetails']}")
         return out["result"].get("value")
@@ -111,9 +130,11 @@ class Browser:
 
     def rect(self, selector: str) -> dict:
         """The bounding box of the first element matching ``selector`` (left, right, top, bottom in px)."""
-        return self.evaluate(f"(function(){{var r=document.querySelector({json.dumps(selector)})"
-                             ".getBoundingClientRect();"
-                             "return {left:r.left,right:r.right,top:r.top,bottom:r.bottom};})()")
+        return self.evaluate(
+            f"(function(){{var r=document.querySelector({json.dumps(selector)})"
+            ".getBoundingClientRect();"
+            "return {left:r.left,right:r.right,top:r.top,bottom:r.bottom};})()"
+        )
 
     def console_errors(self) -> list[str]:
         """Console errors, uncaught exceptions and error log entries seen so far."""

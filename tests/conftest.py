@@ -67,14 +67,24 @@ MINI_PACK = {
     "aime25.jsonl": [("aime25-I-01", "What is $10 - 4$?", "6"), ("aime25-I-02", "What is $9 + 9$?", "18")],
     "hmmt25.jsonl": [("hmmt25-1", "What is $1 + 1$?", "2")],
     "amc23.jsonl": [("amc23-1", "What is $\\frac{1}{2} + \\frac{1}{2}$?", "1")],
-    "math500.jsonl": [("test/algebra/1.json", "Solve $x + 1 = 3$.", "2"), ("test/algebra/2.json", "What is $3^2$?", "9"),
-                      ("test/prealgebra/3.json", "What is $12 / 4$?", "3")],
+    "math500.jsonl": [
+        ("test/algebra/1.json", "Solve $x + 1 = 3$.", "2"),
+        ("test/algebra/2.json", "What is $3^2$?", "9"),
+        ("test/prealgebra/3.json", "What is $12 / 4$?", "3"),
+    ],
     "minerva_math.jsonl": [("minerva-0", "What is $5 \\times 5$?", "25")],
     "olympiadbench.jsonl": [("olympiad-0", "What is $100 - 1$?", "99")],
     "train_math.jsonl": [("math-train-0000", "What is $4 + 4$?", "8"), ("math-train-0001", "What is $6 - 1$?", "5")],
 }
-SHARED_ROWS = {"aime24": 30, "aime25": 30, "hmmt25": 30, "amc23": 40, "math500": 500, "minerva": 272,
-               "olympiadbench": 675}
+SHARED_ROWS = {
+    "aime24": 30,
+    "aime25": 30,
+    "hmmt25": 30,
+    "amc23": 40,
+    "math500": 500,
+    "minerva": 272,
+    "olympiadbench": 675,
+}
 
 
 class BenchmarkPack:

@@ -18,8 +18,17 @@ def free_port() -> int:
 
 def torchrun(nproc: int = 2) -> list[str]:
     """``python -m torch.distributed.run`` for ``nproc`` local processes on a free port."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+    ]
 
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:

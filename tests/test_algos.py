@@ -182,9 +182,15 @@ def test_papo_loss_value_and_gradient_hand_computed():
     loss.backward()
     # d loss / d logprob_{b,t} = -A_b / 5
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.2, -0.2, -0.2], [0.4, 0.4, 0.0]]))
-    assert metrics == {"ratio_mean": 1.0, "approx_kl": 0.0, "num_tokens": 5.0,
-                       "clip_fraction": 0.0, "clip_fraction_low": 0.0, "clip_fraction_high": 0.0,
-                       "clip_fraction_dual": 0.0}
+    assert metrics == {
+        "ratio_mean": 1.0,
+        "approx_kl": 0.0,
+        "num_tokens": 5.0,
+        "clip_fraction": 0.0,
+        "clip_fraction_low": 0.0,
+        "clip_fraction_high": 0.0,
+        "clip_fraction_dual": 0.0,
+    }
 
 
 def test_dapo_loss_value_gradient_and_metrics_hand_computed():
@@ -250,8 +256,13 @@ def test_dapo_dual_clip_caps_negative_advantage_tokens_hand_computed():
 
 def test_dapo_loss_seq_mean_token_mean_hand_computed():
     logprobs = torch.zeros(2, 3, requires_grad=True)
-    loss, _ = dapo_loss(logprobs, torch.zeros(2, 3), torch.tensor([1.0, -1.0]), torch.tensor([[1, 1, 1], [1, 0, 0]]),
-                        agg="seq-mean-token-mean")
+    loss, _ = dapo_loss(
+        logprobs,
+        torch.zeros(2, 3),
+        torch.tensor([1.0, -1.0]),
+        torch.tensor([[1, 1, 1], [1, 0, 0]]),
+        agg="seq-mean-token-mean",
+    )
     assert loss.item() == pytest.approx(0.0)  # (-1 + 1) / 2
     loss.backward()
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-1 / 6, -1 / 6, -1 / 6], [0.5, 0.0, 0.0]]))
@@ -339,8 +350,13 @@ def test_registries_pick_by_name_and_reject_unknown_names():
 
 def test_policy_losses_share_one_call_with_bound_hyperparameters():
     logprobs = torch.log(torch.tensor([[2.0, 1.0]]))
-    kwargs = dict(logprobs=logprobs, old_logprobs=torch.zeros(1, 2), advantages=torch.tensor([1.0]),
-                  mask=torch.ones(1, 2), agg="token-mean")
+    kwargs = dict(
+        logprobs=logprobs,
+        old_logprobs=torch.zeros(1, 2),
+        advantages=torch.tensor([1.0]),
+        mask=torch.ones(1, 2),
+        agg="token-mean",
+    )
     wide, _ = get_policy_loss("dapo", clip_low=0.2, clip_high=2.0)(**kwargs)
     default, _ = get_policy_loss("dapo")(**kwargs)
     papo, _ = get_policy_loss("papo")(**kwargs)

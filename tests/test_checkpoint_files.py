@@ -56,7 +56,7 @@ def test_manifest_lists_crc32_and_verifies_per_part(tmp_path):
     data[7] ^= 1
     victim.write_bytes(bytes(data))
     assert manifest_problems(tmp_path, part=(0, 2)) == []  # files 0 and 2: not this process's victim
-    problem, = manifest_problems(tmp_path, part=(1, 2))
+    (problem,) = manifest_problems(tmp_path, part=(1, 2))
     assert problem == f"{victim} does not match its checksum in the manifest (corrupted)"
     assert manifest_problems(tmp_path, hashes=False) == []
 

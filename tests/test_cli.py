@@ -37,14 +37,14 @@ def test_demo_bad_model_is_a_clear_error():
     assert "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
-
 MAPPED_PROBE = """
 import ctypes, sys
 from npr.cli.main import tune_malloc
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
-                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
 
 applied = tune_malloc()
 libc = ctypes.CDLL("libc.so.6")
@@ -60,7 +60,12 @@ libc.free(ctypes.c_void_p(block))
 def test_the_console_script_keeps_large_blocks_on_the_heap_unless_told_not_to(setting, applied, mapped):
     """``npr`` (npr.cli.main.console_main) raises glibc's mmap threshold before any work, so a 64 MiB
     block comes from the heap instead of a fresh mapping; ``NPR_MALLOC_TUNING=0`` leaves glibc alone."""
-    out = subprocess.run([sys.executable, "-c", MAPPED_PROBE], env={**os.environ, "NPR_MALLOC_TUNING": setting},
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", MAPPED_PROBE],
+        env={**os.environ, "NPR_MALLOC_TUNING": setting},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(applied), str(mapped)]

@@ -24,12 +24,27 @@ cuda_only_here = pytest.mark.skipif(not CPU_ONLY, reason="checks the message of 
 # truncated weights), @SAMPLED (a directory holding an earlier npr sample), @MISSING (no such path), @BELOW (a path
 # below a file), @BADTYPE/@BADLAYERS/@ZEROHEADS (checkpoints whose config.json has an unknown model_type,
 # num_hidden_layers "two", num_attention_heads 0), @SURR (line 2's problem holds a JSON "\ud800" escape).
-PLACES = {"@OUT": "out", "@FILE": "a_file.txt", "@DIR": "a_dir", "@LISTYAML": "list.yaml", "@BADJSONL": "bad.jsonl",
-          "@NOTOK": "no_tokenizer", "@TRUNC": "truncated", "@SAMPLED": "sampled", "@MISSING": "missing.jsonl",
-          "@BELOW": "a_file.txt/run", "@BADTYPE": "bad_type", "@BADLAYERS": "bad_layers", "@ZEROHEADS": "zero_heads",
-          "@SURR": "surrogate.jsonl"}
-BAD_CONFIGS = {"@BADTYPE": {"model_type": "llamma"}, "@BADLAYERS": {"num_hidden_layers": "two"},
-               "@ZEROHEADS": {"num_attention_heads": 0}}
+PLACES = {
+    "@OUT": "out",
+    "@FILE": "a_file.txt",
+    "@DIR": "a_dir",
+    "@LISTYAML": "list.yaml",
+    "@BADJSONL": "bad.jsonl",
+    "@NOTOK": "no_tokenizer",
+    "@TRUNC": "truncated",
+    "@SAMPLED": "sampled",
+    "@MISSING": "missing.jsonl",
+    "@BELOW": "a_file.txt/run",
+    "@BADTYPE": "bad_type",
+    "@BADLAYERS": "bad_layers",
+    "@ZEROHEADS": "zero_heads",
+    "@SURR": "surrogate.jsonl",
+}
+BAD_CONFIGS = {
+    "@BADTYPE": {"model_type": "llamma"},
+    "@BADLAYERS": {"num_hidden_layers": "two"},
+    "@ZEROHEADS": {"num_attention_heads": 0},
+}
 CASES = {
     "pipeline": [
         (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
@@ -86,9 +101,15 @@ CASES = {
         ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--max-num-seqs", "0"], "argument --max-num-seqs: must be >= 1"),
         ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--kv-cache-gib", "-1"], "argument --kv-cache-gib: must be > 0"),
         ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--dtype", "half"], "argument --dtype: 'half' is not a dtype"),
-        pytest.param([*TINY, "--out", "@OUT", "--benchmarks", RG, "--device", "cuda"], "--device cuda: this torch",
-                     marks=cuda_only_here),
-        ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--data-dir", "@MISSING"], "--data-dir @MISSING is not a directory"),
+        pytest.param(
+            [*TINY, "--out", "@OUT", "--benchmarks", RG, "--device", "cuda"],
+            "--device cuda: this torch",
+            marks=cuda_only_here,
+        ),
+        (
+            [*TINY, "--out", "@OUT", "--benchmarks", RG, "--data-dir", "@MISSING"],
+            "--data-dir @MISSING is not a directory",
+        ),
         ([*TINY, "--out", "@FILE", "--benchmarks", RG], "--out @FILE is a file, not a directory"),
         ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--max-new-tokens", "4096"], "--max-new-tokens 4096 leaves no"),
         ([*TINY, "--out", "@OUT", "--benchmarks", RG, "--kv-cache-gib", "0.000001"], "--kv-cache-gib 1e-06 holds"),
@@ -113,35 +134,54 @@ CASES = {
         (["@SURR", "--out", "@OUT"], "@SURR:2: field problem holds a lone surrogate U+D800"),
     ],
     "train": [
-        (["stage1", "--preset", "smoke", "--out", "@OUT", "--learning-rate", "-1"],
-         "--learning-rate: config field 'learning_rate': must be > 0"),
-        (["stage1", "--preset", "smoke", "--out", "@OUT", "--learning-rate", "fast"], "'learning_rate' must be a finite"),
+        (
+            ["stage1", "--preset", "smoke", "--out", "@OUT", "--learning-rate", "-1"],
+            "--learning-rate: config field 'learning_rate': must be > 0",
+        ),
+        (
+            ["stage1", "--preset", "smoke", "--out", "@OUT", "--learning-rate", "fast"],
+            "'learning_rate' must be a finite",
+        ),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--max-steps", "0"], "'max_steps': must be >= 1"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--max-steps", "2.5"], "'max_steps' must be a int"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--dynamic-sampling", "maybe"], "must be true or false"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--lr-schedule", "exp"], "'exp' is not one of cosine"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--rollout-dtype", "half"], "'half' is not one of None"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--kv-cache-gib", "0"], "'kv_cache_gib': must be > 0"),
-        (["stage1", "--preset", "smoke", "--out", "@OUT", "--logprob-chunk-size", "0"],
-         "config field 'logprob_chunk_size': must be >= 1"),
-        (["stage1", "--preset", "smoke", "--out", "@OUT", "--micro-batch-tokens", "64"],
-         "'micro_batch_tokens': 64 is smaller than one response of max_new_tokens=96"),
-        (["stage2", "--preset", "smoke", "--out", "@OUT", "--micro-batch-tokens", "100"],
-         "'micro_batch_tokens': 100 is smaller than one example of max_seq_len=4096"),
+        (
+            ["stage1", "--preset", "smoke", "--out", "@OUT", "--logprob-chunk-size", "0"],
+            "config field 'logprob_chunk_size': must be >= 1",
+        ),
+        (
+            ["stage1", "--preset", "smoke", "--out", "@OUT", "--micro-batch-tokens", "64"],
+            "'micro_batch_tokens': 64 is smaller than one response of max_new_tokens=96",
+        ),
+        (
+            ["stage2", "--preset", "smoke", "--out", "@OUT", "--micro-batch-tokens", "100"],
+            "'micro_batch_tokens': 100 is smaller than one example of max_seq_len=4096",
+        ),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--clip-ratio-c", "0.5"], "'clip_ratio_c': must be > 1"),
-        (["stage3", "--preset", "smoke", "--out", "@OUT", "--max-skipped-steps", "0"],
-         "'max_skipped_steps': must be >= 1"),
-        (["stage1", "--preset", "smoke", "--out", "@OUT", "--train-limit", "none", "--stop-after", "0"],
-         "'stop_after': must be >= 1 or None"),
+        (
+            ["stage3", "--preset", "smoke", "--out", "@OUT", "--max-skipped-steps", "0"],
+            "'max_skipped_steps': must be >= 1",
+        ),
+        (
+            ["stage1", "--preset", "smoke", "--out", "@OUT", "--train-limit", "none", "--stop-after", "0"],
+            "'stop_after': must be >= 1 or None",
+        ),
         (["stage1", "--preset", "huge", "--out", "@OUT"], "argument --preset: invalid choice: 'huge'"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--learning-rat", "1e-5"], "did you mean 'learning_rate'"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--config", "@MISSING"], "@MISSING: no such config file"),
-        (["stage1", "--preset", "smoke", "--out", "@OUT", "--config", "@LISTYAML"],
-         "@LISTYAML:2: config field 'learning_rate' must be a finite number, got a list [0.1, 0.2]"),
+        (
+            ["stage1", "--preset", "smoke", "--out", "@OUT", "--config", "@LISTYAML"],
+            "@LISTYAML:2: config field 'learning_rate' must be a finite number, got a list [0.1, 0.2]",
+        ),
         (["stage1", "--preset", "smoke", "--out", "@FILE"], "--out @FILE is a file, not a directory"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--resume"], "--resume: @OUT/config.yaml does not exist"),
-        (["stage1", "--preset", "smoke", "--out", "@OUT", "--train-data", "rg:nosuchtask"],
-         "unknown reasoning-gym task 'nosuchtask'"),
+        (
+            ["stage1", "--preset", "smoke", "--out", "@OUT", "--train-data", "rg:nosuchtask"],
+            "unknown reasoning-gym task 'nosuchtask'",
+        ),
         (["stage2", "--preset", "smoke", "--out", "@OUT", *TINY, "--train-data", "@MISSING"], "@MISSING"),
         (["stage3", "--preset", "smoke", "--out", "@OUT", "--model", "./nope"], "model path './nope' does not exist"),
         (["stage3", "--preset", "smoke", "--out", "@OUT", "--model", "@TRUNC"], "model.safetensors is truncated"),
@@ -150,15 +190,20 @@ CASES = {
         (["stage2", "--preset", "smoke", "--out", "@BELOW"], "a_file.txt is a file, so the directory cannot be"),
         (["stage1", "--preset", "smoke", "--out", "@OUT", "--seed", "-1"], "'seed': must lie in [0, 2**32), got -1"),
         (["stage2", "--preset", "smoke", "--out", "@OUT", "--seed", "5000000000"], "'seed': must lie in [0, 2**32)"),
-        (["stage1", "--preset", "smoke", "--out", "@OUT", "--kv-cache-tokens", "none", "--kv-cache-gib", "100000"],
-         "--kv-cache-gib 100000 is more"),
+        (
+            ["stage1", "--preset", "smoke", "--out", "@OUT", "--kv-cache-tokens", "none", "--kv-cache-gib", "100000"],
+            "--kv-cache-gib 100000 is more",
+        ),
         (["stage2", "--preset", "smoke", "--out", "@OUT", "--model", "@BADTYPE"], "field 'model_type' is 'llamma'"),
         ([], "the following arguments are required: STAGE"),
     ],
     "sample": [
         (["--preset", "smoke", "--out", "@OUT", *TINY, "--tries", "0"], "'tries/prompts_per_batch': must be >= 1"),
         (["--preset", "smoke", "--out", "@OUT", *TINY, "--temperature", "-1"], "need temperature >= 0"),
-        (["--preset", "smoke", "--out", "@SAMPLED", *TINY], "already holds sampled data (data.jsonl); pass --overwrite"),
+        (
+            ["--preset", "smoke", "--out", "@SAMPLED", *TINY],
+            "already holds sampled data (data.jsonl); pass --overwrite",
+        ),
         (["--preset", "smoke", "--out", "@OUT", *TINY, "--train-data", "@BADJSONL"], "@BADJSONL:2: field 'answer'"),
         (["--preset", "smoke", "--out", "@OUT", "--model", "@NOTOK"], "has no tokenizer"),
         (["--preset", "smoke", "--out", "@FILE", *TINY], "--out @FILE is a file"),
@@ -206,7 +251,9 @@ def workspace(tmp_path_factory, tiny_llama):
     (root / PLACES["@FILE"]).write_text("not a directory\n")
     (root / PLACES["@DIR"]).mkdir()
     (root / PLACES["@LISTYAML"]).write_text("seed: 1\nlearning_rate: [0.1, 0.2]\n")
-    (root / PLACES["@BADJSONL"]).write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "2+2?"}\n')
+    (root / PLACES["@BADJSONL"]).write_text(
+        '{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "2+2?"}\n'
+    )
     model, tok = tiny_llama
     for name in ("@NOTOK", "@TRUNC"):
         save_model(model, tok, root / PLACES[name])
@@ -216,8 +263,10 @@ def workspace(tmp_path_factory, tiny_llama):
         save_model(model, tok, root / PLACES[name])
         config = json.loads((root / PLACES[name] / "config.json").read_text())
         (root / PLACES[name] / "config.json").write_text(json.dumps({**config, **fields}))
-    (root / PLACES["@SURR"]).write_text('{"id": "a", "problem": "1+1?", "answer": "2", "output": "2"}\n'
-                                        '{"id": "b", "problem": "2+\\ud800?", "answer": "4", "output": "4"}\n')
+    (root / PLACES["@SURR"]).write_text(
+        '{"id": "a", "problem": "1+1?", "answer": "2", "output": "2"}\n'
+        '{"id": "b", "problem": "2+\\ud800?", "answer": "4", "output": "4"}\n'
+    )
     (root / PLACES["@SAMPLED"]).mkdir()
     (root / PLACES["@SAMPLED"] / "data.jsonl").write_text("{}\n")
     return root
@@ -278,7 +327,11 @@ def test_a_real_process_shows_no_traceback(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "npr.cli.main", "generate", "--model", "tiny-random-llama",
-                           "--prompt", " "], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "npr.cli.main", "generate", "--model", "tiny-random-llama", "--prompt", " "],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "--prompt is empty" in proc.stderr and "Traceback" not in proc.stderr
     assert json.dumps(proc.stderr).count("error:") == 1

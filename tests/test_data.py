@@ -9,8 +9,16 @@ import types
 import pytest
 
 from npr.data import (
-    BENCHMARKS, DataError, DataFileError, MissingBenchmarkError, Problem, UnknownSpecError, load_problems,
-    parse_rg_spec, read_problems_jsonl, split_specs,
+    BENCHMARKS,
+    DataError,
+    DataFileError,
+    MissingBenchmarkError,
+    Problem,
+    UnknownSpecError,
+    load_problems,
+    parse_rg_spec,
+    read_problems_jsonl,
+    split_specs,
 )
 from npr.data.gym import parse_value
 from npr.data.hub import answer_text, parse_hf_spec
@@ -146,8 +154,12 @@ def fake_datasets(monkeypatch):
 
     def load_dataset(repo, config=None, split=None):
         calls.append((repo, config, split))
-        return FakeRows([{"id": 1, "question": "Find x.", "final_answer": ["$3$", "$4$"]},
-                         {"id": 2, "question": "Find y.", "final_answer": ["5"]}])
+        return FakeRows(
+            [
+                {"id": 1, "question": "Find x.", "final_answer": ["$3$", "$4$"]},
+                {"id": 2, "question": "Find y.", "final_answer": ["5"]},
+            ]
+        )
 
     module.load_dataset = load_dataset
     monkeypatch.setitem(sys.modules, "datasets", module)
@@ -165,8 +177,10 @@ def test_benchmark_falls_back_to_the_hub(fake_datasets):
 def test_hf_spec_guesses_columns(fake_datasets):
     problems = load_problems("hf:someone/olympiad:dev")
     assert fake_datasets == [("someone/olympiad", None, "dev")]
-    assert [(p.id, p.answer, p.source) for p in problems] == [("1", "3, 4", "hf:someone/olympiad:dev"),
-                                                               ("2", "5", "hf:someone/olympiad:dev")]
+    assert [(p.id, p.answer, p.source) for p in problems] == [
+        ("1", "3, 4", "hf:someone/olympiad:dev"),
+        ("2", "5", "hf:someone/olympiad:dev"),
+    ]
 
 
 def test_hf_spec_offline_is_a_clear_error(monkeypatch):
@@ -218,14 +232,17 @@ def test_rg_answers_are_strings_of_the_entry_answer():
     assert int(problem.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
 
 
-@pytest.mark.parametrize("spec,words", [
-    ("rg:no_such_task", ["unknown reasoning-gym task", "chain_sum", "basic_arithmetic"]),
-    ("rg:chain_sum?bogus=1", ["no parameter 'bogus'", "min_terms", "allow_negation", "terms"]),
-    ("rg:chain_sum?min_terms=5&max_terms=2", ["refused the config", "max_terms must be >= min_terms"]),
-    ("rg:chain_sum?size=0", ["size must be a positive integer"]),
-    ("rg:chain_sum?seed=x", ["seed must be a non-negative integer"]),
-    ("rg:", ["expected rg:<task>"]),
-])
+@pytest.mark.parametrize(
+    "spec,words",
+    [
+        ("rg:no_such_task", ["unknown reasoning-gym task", "chain_sum", "basic_arithmetic"]),
+        ("rg:chain_sum?bogus=1", ["no parameter 'bogus'", "min_terms", "allow_negation", "terms"]),
+        ("rg:chain_sum?min_terms=5&max_terms=2", ["refused the config", "max_terms must be >= min_terms"]),
+        ("rg:chain_sum?size=0", ["size must be a positive integer"]),
+        ("rg:chain_sum?seed=x", ["seed must be a non-negative integer"]),
+        ("rg:", ["expected rg:<task>"]),
+    ],
+)
 def test_rg_spec_errors_list_valid_options(spec, words):
     with pytest.raises(DataError) as info:
         load_problems(spec)

@@ -20,14 +20,22 @@ RG = "rg:chain_sum?size=20&seed=1&terms=2"
 
 
 def npr(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "npr.cli.main", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "npr.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 def leftovers(root: Path) -> list[str]:
     """Half-written files: checkpoint/final partials, atomic-write temporaries, sample parts, lock files."""
-    return sorted(str(p) for p in root.rglob(".*") if ".partial" in p.name or ".tmp" in p.name
-                  or ".rank" in p.name or p.name.endswith(".lock"))
+    return sorted(
+        str(p)
+        for p in root.rglob(".*")
+        if ".partial" in p.name or ".tmp" in p.name or ".rank" in p.name or p.name.endswith(".lock")
+    )
 
 
 @pytest.fixture
@@ -38,8 +46,13 @@ def small_disk(tmp_path):
     def mount(size: str) -> Path:
         target = tmp_path / f"disk{len(mounted)}"
         target.mkdir()
-        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-                                               capture_output=True).returncode != 0:
+        if (
+            os.geteuid() != 0
+            or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)], capture_output=True
+            ).returncode
+            != 0
+        ):
             pytest.skip("cannot mount a tmpfs here (the ENOSPC-writer tests below cover the same paths)")
         mounted.append(target)
         return target
@@ -65,8 +78,19 @@ def test_training_on_a_full_disk_names_it_leaves_no_partial_and_resumes(small_di
     """Before: RuntimeError '... unexpected pos 242432 vs 242324' and an orphan .step-2.partial."""
     disk = small_disk("2m")
     run = disk / "run"
-    args = ["train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet", "--save-every", "1",
-            "--keep-checkpoints", "0"]
+    args = [
+        "train",
+        "stage2",
+        "--preset",
+        "smoke",
+        "--out",
+        str(run),
+        "--quiet",
+        "--save-every",
+        "1",
+        "--keep-checkpoints",
+        "0",
+    ]
     _one_line(npr(*args), "train", run / "checkpoints", "run the same command again with --resume")
     assert leftovers(disk) == []
     grow(disk)
@@ -80,8 +104,22 @@ def test_eval_on_a_full_disk_names_it_and_resumes(small_disk):
     """Before: a bare OSError [Errno 28] traceback."""
     disk = small_disk("64k")
     out = disk / "ev"
-    args = ["eval", "--model", "tiny-random-llama", "--benchmarks", RG, "--k", "2", "--max-new-tokens", "200",
-            "--dtype", "float32", "--out", str(out), "--quiet"]
+    args = [
+        "eval",
+        "--model",
+        "tiny-random-llama",
+        "--benchmarks",
+        RG,
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "200",
+        "--dtype",
+        "float32",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     _one_line(npr(*args), "eval", out, "run the same command again with --resume")
     assert leftovers(disk) == []
     grow(disk)
@@ -131,8 +169,10 @@ def test_the_cli_turns_enospc_into_one_line_naming_the_out(tmp_path, monkeypatch
     monkeypatch.setattr(fsio.os, "fsync", full)
     assert main(["view", str(traces), "--out", str(tmp_path / "out" / "page.html")]) == 2
     err = capsys.readouterr().err
-    assert err == (f"npr view: error: no space left on the device holding {tmp_path / 'out' / 'page.html'}; free "
-                   "some space (or choose another --out), then run the same command again\n"), err
+    assert err == (
+        f"npr view: error: no space left on the device holding {tmp_path / 'out' / 'page.html'}; free "
+        "some space (or choose another --out), then run the same command again\n"
+    ), err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
 
 
@@ -149,8 +189,10 @@ def test_a_checkpoint_cut_by_a_full_disk_is_removed_and_named(tmp_path, monkeypa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=4096))
     with pytest.raises(OSError) as caught:
         with checkpoint._removed_on_failure(partial):
-            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
-                               "data/0: unexpected pos 242432 vs 242324")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                "data/0: unexpected pos 242432 vs 242324"
+            )
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path / "checkpoints")
     assert not partial.exists()
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=1 << 40))  # a short write, disk not full

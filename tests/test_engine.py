@@ -32,8 +32,15 @@ def flat_logprobs(model, tok, result):
     allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(tok), response_start=p)
     assert positions[p:].tolist() == result.position_ids
     with torch.no_grad():
-        logits = model(input_ids=ids[None], position_ids=positions[None],
-                       attention_mask=attention_bias(allowed, model.dtype)[None, None]).logits[0].float()
+        logits = (
+            model(
+                input_ids=ids[None],
+                position_ids=positions[None],
+                attention_mask=attention_bias(allowed, model.dtype)[None, None],
+            )
+            .logits[0]
+            .float()
+        )
     logp = torch.log_softmax(logits, -1)
     return [logp[p + i - 1, t].item() for i, t in enumerate(result.token_ids)]
 
@@ -73,8 +80,9 @@ def test_greedy_parallel_equals_sequential(which, request):
 
 def test_seeded_sampling_same_in_both_modes_and_any_batch(tiny_llama):
     model, tok = tiny_llama
-    params = SamplingParams(max_new_tokens=300, temperature=1.0, top_p=0.9, top_k=50, seed=11,
-                            logits_processors=(forced(tok),))
+    params = SamplingParams(
+        max_new_tokens=300, temperature=1.0, top_p=0.9, top_k=50, seed=11, logits_processors=(forced(tok),)
+    )
     par = make_engine(tiny_llama, "parallel").generate(PROMPTS, params)
     seq = make_engine(tiny_llama, "sequential").generate(PROMPTS, params)
     alone = make_engine(tiny_llama, "parallel").generate(PROMPTS[1:], params)
@@ -93,11 +101,17 @@ def test_plain_mode_is_ordinary_decoding(tiny_llama):
         return logits
 
     r = make_engine(tiny_llama, "plain").generate(
-        [PROMPTS[0]], SamplingParams(max_new_tokens=12, temperature=0, logits_processors=(no_eos,)))[0]
+        [PROMPTS[0]], SamplingParams(max_new_tokens=12, temperature=0, logits_processors=(no_eos,))
+    )[0]
     ids = torch.tensor([PROMPTS[0]])
     with torch.no_grad():
-        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                                  suppress_tokens=[tok.eos_token_id])[0, ids.shape[1]:].tolist()
+        expected = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=12,
+            do_sample=False,
+            suppress_tokens=[tok.eos_token_id],
+        )[0, ids.shape[1] :].tolist()
     assert r.token_ids == expected
     assert r.position_ids == list(range(len(PROMPTS[0]), len(PROMPTS[0]) + 12))
     assert r.finish_reason == "length" and r.blocks == []
@@ -109,8 +123,7 @@ def test_plain_mode_is_ordinary_decoding(tiny_llama):
 @pytest.mark.parametrize("budget", [40, 57, 58, 61, 75, 90])
 def test_budget_counts_every_branch_token(tiny_llama, budget):
     _, tok = tiny_llama
-    params = SamplingParams(max_new_tokens=budget, temperature=0,
-                            logits_processors=(forced(tok, [(20, 20, 20)]),))
+    params = SamplingParams(max_new_tokens=budget, temperature=0, logits_processors=(forced(tok, [(20, 20, 20)]),))
     engine = make_engine(tiny_llama, "parallel", min_fork_budget=4)
     r = engine.generate([PROMPTS[0]], params)[0]
     assert r.stats.generated_tokens == len(r.token_ids) <= budget
@@ -121,8 +134,8 @@ def test_budget_counts_every_branch_token(tiny_llama, budget):
 def test_stats_critical_path(tiny_llama):
     _, tok = tiny_llama
     r = make_engine(tiny_llama).generate(
-        [PROMPTS[0]], SamplingParams(max_new_tokens=400, temperature=0,
-                                     logits_processors=(forced(tok, [(5, 9, 3)]),)))[0]
+        [PROMPTS[0]], SamplingParams(max_new_tokens=400, temperature=0, logits_processors=(forced(tok, [(5, 9, 3)]),))
+    )[0]
     spans = r.blocks[0]
     lengths = [e - s for s, e in spans]
     assert lengths == [5 + 4 + 2, 9 + 4 + 2, 3 + 4 + 2]  # scaffold "<step>\nk:" (4) + text + "</step>\n"
@@ -155,8 +168,10 @@ class Script:
 
 def _tags(tok):
     t = tag_token_ids(tok)
-    return (t[k] for k in ["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>",
-                           "<takeaway>", "</takeaway>"])
+    return (
+        t[k]
+        for k in ["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>", "<takeaway>", "</takeaway>"]
+    )
 
 
 def _plan_label(tok, k: int) -> list[int]:
@@ -165,8 +180,7 @@ def _plan_label(tok, k: int) -> list[int]:
 
 def _run_script(model_tok, script, mode="parallel", **cfg):
     engine = make_engine(model_tok, mode, **cfg)
-    r = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=200, temperature=0,
-                                                     logits_processors=(script,)))[0]
+    r = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=200, temperature=0, logits_processors=(script,)))[0]
     assert engine.pool.used_blocks == 0
     return r
 
@@ -214,7 +228,11 @@ def test_illegal_tokens_inside_a_branch(tiny_llama, branch_seq, diagnostic):
     _, tok = tiny_llama
     G, G_, P, P_, S, S_, T, T_ = _tags(tok)
     bad = {"eos": tok.eos_token_id, "guideline": G, "step": S}[branch_seq]
-    script = Script([G, P, *_plan_label(tok, 1), 70, P_, P, *_plan_label(tok, 2), 71, P_, G_], {(1, 1): [80, 81, S_], (1, 2): [82, bad]}, eos=tok.eos_token_id)
+    script = Script(
+        [G, P, *_plan_label(tok, 1), 70, P_, P, *_plan_label(tok, 2), 71, P_, G_],
+        {(1, 1): [80, 81, S_], (1, 2): [82, bad]},
+        eos=tok.eos_token_id,
+    )
     r = _run_script(tiny_llama, script)
     assert r.finish_reason == "invalid_schema" and diagnostic in r.diagnostic
 
@@ -230,9 +248,9 @@ def test_engine_prefills_plan_labels(tiny_llama, mode):
     script = Script(main, {(1, 1): [80, 81, S_], (1, 2): [82, 83, S_]}, eos=tok.eos_token_id)
     r = _run_script(tiny_llama, script, mode=mode)
     assert r.finish_reason == "invalid_schema" and "EOS inside takeaway" in r.diagnostic  # the script ends at the join
-    assert r.token_ids[:len(main)] == main
+    assert r.token_ids[: len(main)] == main
     labels = [2 + i for i in range(len(one))] + [6 + len(one) + i for i in range(len(two))]
-    assert [i for i, s in enumerate(r.sampled[:len(main)]) if not s] == labels
+    assert [i for i, s in enumerate(r.sampled[: len(main)]) if not s] == labels
     assert r.branches_per_block == [2] and r.text.startswith("<guideline><plan>1:")
 
 
@@ -251,8 +269,10 @@ def test_stop_tokens(tiny_llama):
     _, tok = tiny_llama
     script = Script([70, 71, 72, 73], eos=tok.eos_token_id)
     engine = make_engine(tiny_llama, "plain")
-    r = engine.generate([PROMPTS[0]], SamplingParams(max_new_tokens=50, temperature=0, stop_token_ids=(72,),
-                                                     logits_processors=(script,)))[0]
+    r = engine.generate(
+        [PROMPTS[0]],
+        SamplingParams(max_new_tokens=50, temperature=0, stop_token_ids=(72,), logits_processors=(script,)),
+    )[0]
     assert r.finish_reason == "stop" and r.token_ids == [70, 71, 72]
 
 
@@ -282,8 +302,7 @@ def test_prompt_and_prefix_stored_once(tiny_llama):
     _, tok = tiny_llama
     long_prompt = [1] + [70 + i % 50 for i in range(800)]
     engine = make_engine(tiny_llama, block_size=16)
-    params = SamplingParams(max_new_tokens=200, temperature=0, n=4,
-                            logits_processors=(forced(tok, [(6, 6, 6, 6)]),))
+    params = SamplingParams(max_new_tokens=200, temperature=0, n=4, logits_processors=(forced(tok, [(6, 6, 6, 6)]),))
     engine.submit([long_prompt], params)
     peak = 0
     while engine.scheduler.has_work():
@@ -351,10 +370,12 @@ def test_repetition_penalty_only_inside_steps(tiny_llama, monkeypatch):
     monkeypatch.setattr(engine_module, "apply_repetition_penalty", spy)
     _, tok = tiny_llama
     r = make_engine(tiny_llama, "parallel").generate(
-        [PROMPTS[0]], SamplingParams(max_new_tokens=300, temperature=0, logits_processors=(forced(tok, [(5, 5)]),)))[0]
+        [PROMPTS[0]], SamplingParams(max_new_tokens=300, temperature=0, logits_processors=(forced(tok, [(5, 5)]),))
+    )[0]
     # a row's seen ids (pads repeat its first id); a row with factor 1 has seen nothing yet
-    rows = [set(ids.tolist()) if p != 1.0 else set()
-            for seen, penalty in calls for ids, p in zip(seen, penalty.tolist())]
+    rows = [
+        set(ids.tolist()) if p != 1.0 else set() for seen, penalty in calls for ids, p in zip(seen, penalty.tolist())
+    ]
     sampled_in_branches = [[t for t, s in zip(r.token_ids[a:b], r.sampled[a:b]) if s] for a, b in r.blocks[0]]
     assert len(rows) == sum(len(b) for b in sampled_in_branches) == 2 * (5 + 1)  # 5 text tokens + </step> each
     expected = sorted([set(b[:i]) for b in sampled_in_branches for i in range(len(b))], key=sorted)
@@ -371,19 +392,25 @@ def test_repetition_penalty_rule():
     assert logits.tolist() == [[1.0, -4.0, 1.0], [2.0, -2.0, 0.25]]
     # seen rows that describe other rows of the logits (the branch rows of a step); factor 1: nothing seen
     logits = torch.tensor([[2.0, -2.0, 1.0], [2.0, -2.0, 1.0], [3.0, 3.0, -3.0]])
-    apply_repetition_penalty(logits, torch.tensor([[2, 2], [0, 2], [1, 0]]), torch.tensor([2.0, 3.0, 1.0]),
-                             rows=torch.tensor([2, 0, 1]))
-    assert logits.tolist() == [[pytest.approx(2.0 / 3.0), -2.0, pytest.approx(1.0 / 3.0)], [2.0, -2.0, 1.0],
-                               [3.0, 3.0, -6.0]]
+    apply_repetition_penalty(
+        logits, torch.tensor([[2, 2], [0, 2], [1, 0]]), torch.tensor([2.0, 3.0, 1.0]), rows=torch.tensor([2, 0, 1])
+    )
+    assert logits.tolist() == [
+        [pytest.approx(2.0 / 3.0), -2.0, pytest.approx(1.0 / 3.0)],
+        [2.0, -2.0, 1.0],
+        [3.0, 3.0, -6.0],
+    ]
 
 
 def test_logprobs_can_be_skipped(tiny_llama):
     _, tok = tiny_llama
     f = (forced(tok, [(4, 4)]),)
-    with_lp = make_engine(tiny_llama).generate(PROMPTS, SamplingParams(max_new_tokens=200, temperature=0,
-                                                                       logits_processors=f))
-    without = make_engine(tiny_llama).generate(PROMPTS, SamplingParams(max_new_tokens=200, temperature=0,
-                                                                       logprobs=False, logits_processors=f))
+    with_lp = make_engine(tiny_llama).generate(
+        PROMPTS, SamplingParams(max_new_tokens=200, temperature=0, logits_processors=f)
+    )
+    without = make_engine(tiny_llama).generate(
+        PROMPTS, SamplingParams(max_new_tokens=200, temperature=0, logprobs=False, logits_processors=f)
+    )
     assert [r.token_ids for r in with_lp] == [r.token_ids for r in without]
     assert all(math.isnan(lp) for r in without for lp in r.logprobs)
     assert not any(math.isnan(lp) for r in with_lp for lp, s in zip(r.logprobs, r.sampled) if s)

@@ -27,9 +27,14 @@ class RandomTrees:
 
     def __init__(self, tok, seed: int, prompts: int):
         rng = random.Random(seed)
-        self.forcers = [StructureForcer(tok, [[rng.randint(1, 12) for _ in range(rng.randint(1, 4))]
-                                              for _ in range(rng.randint(1, 2))], prefix_tokens=rng.randint(0, 9))
-                        for _ in range(prompts)]
+        self.forcers = [
+            StructureForcer(
+                tok,
+                [[rng.randint(1, 12) for _ in range(rng.randint(1, 4))] for _ in range(rng.randint(1, 2))],
+                prefix_tokens=rng.randint(0, 9),
+            )
+            for _ in range(prompts)
+        ]
 
     def __call__(self, stream, logits):
         return self.forcers[stream.prompt_index](stream, logits)
@@ -54,8 +59,9 @@ def test_kernels_equal_the_flat_masked_forward(which, kernel, request):
     model, tok = request.getfixturevalue(which)
     rng = random.Random(17)
     prompts = [[1] + [rng.randrange(3, 250) for _ in range(rng.randint(2, 40))] for _ in range(5)]
-    params = SamplingParams(max_new_tokens=300, temperature=1.0, n=2, seed=1,
-                            logits_processors=(RandomTrees(tok, 4, len(prompts)),))
+    params = SamplingParams(
+        max_new_tokens=300, temperature=1.0, n=2, seed=1, logits_processors=(RandomTrees(tok, 4, len(prompts)),)
+    )
     # a pool of 40 pages also preempts: re-prefills join the mix
     engine = Engine(model, tok, EngineConfig(attention=kernel, debug=True, kv_cache_tokens=16 * 40, max_num_seqs=8))
     results = staggered(engine, prompts, params)
@@ -72,8 +78,12 @@ def test_flex_and_sdpa_decode_the_same_tokens(tiny_qwen3):
     model, tok = tiny_qwen3
     params = SamplingParams(max_new_tokens=300, temperature=0, logits_processors=(RandomTrees(tok, 9, 3),))
     prompts = [[1, 70, 71], [1, 80, 81, 82, 83], [1, 90]]
-    out = {k: Engine(model, tok, EngineConfig(attention=k, kv_cache_tokens=16 * 40, max_num_seqs=8)).generate(
-        prompts, params) for k in ("flex", "sdpa")}
+    out = {
+        k: Engine(model, tok, EngineConfig(attention=k, kv_cache_tokens=16 * 40, max_num_seqs=8)).generate(
+            prompts, params
+        )
+        for k in ("flex", "sdpa")
+    }
     assert [r.token_ids for r in out["flex"]] == [r.token_ids for r in out["sdpa"]]
 
 
@@ -91,19 +101,42 @@ def test_the_rule_is_the_training_mask():
             page_seg.append(seg)
             page_start.append(start)
             page_valid.append(min(page_size, n - start))
-        slot_of += [(len(page_seg) - math.ceil(n / page_size) + i // page_size) * page_size + i % page_size
-                    for i in range(n)]
+        slot_of += [
+            (len(page_seg) - math.ceil(n / page_size) + i // page_size) * page_size + i % page_size for i in range(n)
+        ]
     tables = [torch.tensor(t, dtype=torch.int32) for t in (page_seg, page_start, page_valid)]
     segs = torch.tensor([seg for seg, n in lengths.items() for _ in range(n)])
     offs = torch.tensor([i for n in lengths.values() for i in range(n)])
     forks = torch.tensor([fork[seg] for seg, n in lengths.items() for _ in range(n)])
-    allowed = tree_rule(*tables, page_size, segs[:, None], offs[:, None], forks[:, None],
-                        torch.tensor(slot_of)[None, :])
-    tags = {t: 100 + i for i, t in enumerate(["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>",
-                                              "<takeaway>", "</takeaway>"])}
-    ids = [7, 7, 7, tags["<guideline>"], tags["<plan>"], tags["</plan>"], tags["<plan>"], tags["</plan>"],
-           tags["</guideline>"], tags["<step>"], 8, 8, tags["</step>"], tags["<step>"], tags["</step>"],
-           tags["<takeaway>"], tags["</takeaway>"], 9]
+    allowed = tree_rule(
+        *tables, page_size, segs[:, None], offs[:, None], forks[:, None], torch.tensor(slot_of)[None, :]
+    )
+    tags = {
+        t: 100 + i
+        for i, t in enumerate(
+            ["<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>", "<takeaway>", "</takeaway>"]
+        )
+    }
+    ids = [
+        7,
+        7,
+        7,
+        tags["<guideline>"],
+        tags["<plan>"],
+        tags["</plan>"],
+        tags["<plan>"],
+        tags["</plan>"],
+        tags["</guideline>"],
+        tags["<step>"],
+        8,
+        8,
+        tags["</step>"],
+        tags["<step>"],
+        tags["</step>"],
+        tags["<takeaway>"],
+        tags["</takeaway>"],
+        9,
+    ]
     reference, _ = parallel_mask_and_positions(ids, tags, response_start=3)
     assert torch.equal(allowed, reference)
 
@@ -125,8 +158,16 @@ def test_the_paged_rule_is_the_rule_at_every_slot(seed):
     q_off = torch.randint(-1, 24, (rows, queries), generator=g, dtype=torch.int32)
     got = paged_rule(page_seg, page_start, page_valid, page_size, pages, live, q_seg, q_off, q_fork)
     slots = (pages[:, :, None].long() * page_size + torch.arange(page_size)).reshape(rows, -1)  # [G, K]
-    want = tree_rule(page_seg, page_start, page_valid, page_size, q_seg[:, :, None], q_off[:, :, None],
-                     q_fork[:, :, None], slots[:, None, :])
+    want = tree_rule(
+        page_seg,
+        page_start,
+        page_valid,
+        page_size,
+        q_seg[:, :, None],
+        q_off[:, :, None],
+        q_fork[:, :, None],
+        slots[:, None, :],
+    )
     want &= live.repeat_interleave(page_size, dim=1)[:, None, :]
     assert got.shape == want.shape and torch.equal(got, want)
     assert want.any() and not want.all()  # the draw exercises both outcomes
@@ -170,12 +211,18 @@ def test_shared_prefix_attention_equals_the_flat_masked_forward(which, request, 
     lengths, samples = (60, 70, 25, 80, 30, 40), (3, 1, 3, 3, 1, 3)  # a lone sample shares nothing
     prompts = [[1] + [rng.randrange(3, 250) for _ in range(n)] for n in lengths]
     forcer = RandomTrees(tok, 6, len(prompts))
-    params = [SamplingParams(max_new_tokens=300, temperature=1.0, n=n, seed=2, logits_processors=(forcer,))
-              for n in samples]
+    params = [
+        SamplingParams(max_new_tokens=300, temperature=1.0, n=n, seed=2, logits_processors=(forcer,)) for n in samples
+    ]
     results = {}
     for shared in (True, False):
-        engine = Engine(model, tok, EngineConfig(attention="sdpa", debug=True, kv_cache_tokens=16 * 80, max_num_seqs=12,
-                                                 shared_prefix_attention=shared))
+        engine = Engine(
+            model,
+            tok,
+            EngineConfig(
+                attention="sdpa", debug=True, kv_cache_tokens=16 * 80, max_num_seqs=12, shared_prefix_attention=shared
+            ),
+        )
         results[shared] = staggered(engine, prompts, params, every=4)
     used = len(plans)
     assert used >= 20, f"the shared-prefix split was used in only {used} calls"

@@ -15,10 +15,16 @@ from tests.test_engine_attention import RandomTrees, staggered
 def run(model, tok, cap, kernel="sdpa", pages=40):
     rng = random.Random(5)
     prompts = [[1] + [rng.randrange(3, 250) for _ in range(rng.randint(2, 70))] for _ in range(5)]
-    params = SamplingParams(max_new_tokens=300, temperature=1.0, n=2, seed=2,
-                            logits_processors=(RandomTrees(tok, 6, len(prompts)),))
-    engine = Engine(model, tok, EngineConfig(attention=kernel, debug=True, kv_cache_tokens=16 * pages, max_num_seqs=8,
-                                             max_num_batched_tokens=cap))
+    params = SamplingParams(
+        max_new_tokens=300, temperature=1.0, n=2, seed=2, logits_processors=(RandomTrees(tok, 6, len(prompts)),)
+    )
+    engine = Engine(
+        model,
+        tok,
+        EngineConfig(
+            attention=kernel, debug=True, kv_cache_tokens=16 * pages, max_num_seqs=8, max_num_batched_tokens=cap
+        ),
+    )
     fed = []
     real_step = engine.step
 
@@ -31,8 +37,10 @@ def run(model, tok, cap, kernel="sdpa", pages=40):
     return staggered(engine, prompts, params, every=2), fed
 
 
-@pytest.mark.parametrize("which, kernel", [("tiny_llama", "sdpa"), ("tiny_qwen3", "sdpa"),
-                                           pytest.param("tiny_llama", "flex", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "which, kernel",
+    [("tiny_llama", "sdpa"), ("tiny_qwen3", "sdpa"), pytest.param("tiny_llama", "flex", marks=pytest.mark.slow)],
+)
 def test_chunked_prefill_changes_nothing(which, kernel, request):
     model, tok = request.getfixturevalue(which)
     whole, fed_whole = run(model, tok, None, kernel)
@@ -41,8 +49,12 @@ def test_chunked_prefill_changes_nothing(which, kernel, request):
     assert sum(r.stats.preemptions for r in chunked) > 0 and sum(r.stats.parallel_blocks for r in chunked) >= 6
     assert all(r.finish_reason == "eos" for r in chunked)
     for a, b in zip(whole, chunked):
-        assert (a.prompt_index, a.sample_index, a.token_ids, a.position_ids) == \
-            (b.prompt_index, b.sample_index, b.token_ids, b.position_ids)
+        assert (a.prompt_index, a.sample_index, a.token_ids, a.position_ids) == (
+            b.prompt_index,
+            b.sample_index,
+            b.token_ids,
+            b.position_ids,
+        )
         assert max(abs(x - y) for x, y, s in zip(a.logprobs, b.logprobs, a.sampled) if s) <= 1e-4
     worst = 0.0
     for r in chunked:  # and against one training-style flat masked forward
@@ -51,8 +63,9 @@ def test_chunked_prefill_changes_nothing(which, kernel, request):
     assert worst <= 1e-4
 
 
-@pytest.mark.parametrize("cap, message", [(8, "max_num_batched_tokens=8 is below one KV block"),
-                                          (20, "max_num_batched_tokens=20 is below")])
+@pytest.mark.parametrize(
+    "cap, message", [(8, "max_num_batched_tokens=8 is below one KV block"), (20, "max_num_batched_tokens=20 is below")]
+)
 def test_a_cap_below_a_block_or_the_streams_is_refused(cap, message):
     with pytest.raises(EngineInputError, match=message):
         EngineConfig(max_num_batched_tokens=cap, max_num_seqs=32)

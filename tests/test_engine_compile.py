@@ -36,8 +36,9 @@ def workload(engine: Engine, tok, seed: int, long_prompt: int) -> list:
     rng = random.Random(seed)
     prompts = [[1] + [rng.randrange(3, 250) for _ in range(rng.randint(2, 60))] for _ in range(5)]
     prompts.insert(2, [1] + [rng.randrange(3, 250) for _ in range(long_prompt)])
-    params = SamplingParams(max_new_tokens=200, temperature=1.0, n=2, seed=seed,
-                            logits_processors=(RandomTrees(tok, seed, len(prompts)),))
+    params = SamplingParams(
+        max_new_tokens=200, temperature=1.0, n=2, seed=seed, logits_processors=(RandomTrees(tok, seed, len(prompts)),)
+    )
     return staggered(engine, prompts, params, every=2)
 
 
@@ -45,8 +46,9 @@ def test_no_graphs_after_warm_up(tiny_llama, aot_eager_flex):
     model, tok = tiny_llama
     compiled = []
     for pages, long_prompt in ((80, 1000), (300, 3700)):  # a pool that preempts, and a larger one
-        engine = Engine(model, tok, EngineConfig(attention="flex", kv_cache_tokens=16 * pages, max_num_seqs=8,
-                                                 debug=True))
+        engine = Engine(
+            model, tok, EngineConfig(attention="flex", kv_cache_tokens=16 * pages, max_num_seqs=8, debug=True)
+        )
         before = graphs()
         workload(engine, tok, seed=1, long_prompt=200)  # warm-up
         warm = graphs()

@@ -29,19 +29,32 @@ def fuzz_round(model_tok, seed: int) -> int:
     n = rng.randint(1, 3)
     # a 256-token pool is far too small for the batch: requests are preempted and recomputed, and
     # the largest end as "length" (the pool cannot hold them alone)
-    config = EngineConfig(mode=mode, debug=True, max_branches=rng.randint(1, 5), max_depth=rng.randint(1, 4),
-                          min_fork_budget=rng.choice([0, 8, 32]), block_size=rng.choice([4, 16]),
-                          kv_cache_tokens=rng.choice([256, 2048, 8192]), max_num_seqs=rng.choice([n, 2 * n, 64]))
+    config = EngineConfig(
+        mode=mode,
+        debug=True,
+        max_branches=rng.randint(1, 5),
+        max_depth=rng.randint(1, 4),
+        min_fork_budget=rng.choice([0, 8, 32]),
+        block_size=rng.choice([4, 16]),
+        kv_cache_tokens=rng.choice([256, 2048, 8192]),
+        max_num_seqs=rng.choice([n, 2 * n, 64]),
+    )
     # chunked prefill in a third of the rounds, at the smallest cap allowed (drawn apart: the rounds stay as they were)
     if random.Random(f"chunk/{seed}").random() < 1 / 3:
         config = replace(config, max_num_batched_tokens=max(16, config.block_size, config.max_num_seqs))
     engine = Engine(model, tok, config)
-    fuzzer = TokenFuzzer(tok, seed, p_tag=rng.uniform(0.05, 0.5), p_eos=rng.uniform(0.0, 0.05),
-                         plan_bias=rng.choice([0.0, 0.5, 0.95]))
+    fuzzer = TokenFuzzer(
+        tok, seed, p_tag=rng.uniform(0.05, 0.5), p_eos=rng.uniform(0.0, 0.05), plan_bias=rng.choice([0.0, 0.5, 0.95])
+    )
     budget = rng.randint(8, 160)
-    params = SamplingParams(max_new_tokens=budget, temperature=rng.choice([0.0, 1.0]), n=n,
-                            seed=seed, stop_token_ids=(rng.randrange(3, 250),) if rng.random() < 0.2 else (),
-                            logits_processors=(fuzzer,))
+    params = SamplingParams(
+        max_new_tokens=budget,
+        temperature=rng.choice([0.0, 1.0]),
+        n=n,
+        seed=seed,
+        stop_token_ids=(rng.randrange(3, 250),) if rng.random() < 0.2 else (),
+        logits_processors=(fuzzer,),
+    )
     head = [1] + [rng.randrange(3, 250) for _ in range(rng.choice([0, 0, 7, 20, 40]))]  # prompts may share pages
     prompts = [head + [rng.randrange(3, 250) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 6))]
     results = engine.generate(prompts, params)
@@ -54,7 +67,7 @@ def fuzz_round(model_tok, seed: int) -> int:
         assert len(r.position_ids) == len(r.logprobs) == len(r.sampled) == len(r.token_ids)
         if r.finish_reason == "eos" and mode != "plain":
             _, positions = parallel_mask_and_positions(r.prompt_ids + r.token_ids, tags, len(r.prompt_ids))
-            assert positions[len(r.prompt_ids):].tolist() == r.position_ids
+            assert positions[len(r.prompt_ids) :].tolist() == r.position_ids
         if r.finish_reason == "invalid_schema":
             assert r.diagnostic
         streams += 1 + sum(r.branches_per_block)
@@ -89,8 +102,11 @@ def test_fifty_plans_and_unclosed_steps(tiny_llama):
     label = lambda k: tok.encode(plan_label(k), add_special_tokens=False) if k <= engine.config.max_branches else []  # noqa: E731
 
     def fifty_plans(stream, logits):
-        seq = [t["<guideline>"]] + sum(([t["<plan>"], *label(k), 70, t["</plan>"]] for k in range(1, 51)), []) \
+        seq = (
+            [t["<guideline>"]]
+            + sum(([t["<plan>"], *label(k), 70, t["</plan>"]] for k in range(1, 51)), [])
             + [t["</guideline>"]]
+        )
         out = logits.new_full(logits.shape, float("-inf"))
         out[seq[len(stream.tokens)] if len(stream.tokens) < len(seq) else tok.eos_token_id] = 0
         return out
@@ -101,8 +117,12 @@ def test_fifty_plans_and_unclosed_steps(tiny_llama):
         out[70 if stream.kind == "branch" else seq[min(len(stream.tokens), len(seq) - 1)]] = 0
         return out
 
-    r = engine.generate([[1, 70]], SamplingParams(max_new_tokens=400, temperature=0, logits_processors=(fifty_plans,)))[0]
+    r = engine.generate([[1, 70]], SamplingParams(max_new_tokens=400, temperature=0, logits_processors=(fifty_plans,)))[
+        0
+    ]
     assert r.finish_reason == "invalid_schema" and "50 plans" in r.diagnostic
-    r = engine.generate([[1, 70]], SamplingParams(max_new_tokens=100, temperature=0, logits_processors=(never_close,)))[0]
+    r = engine.generate([[1, 70]], SamplingParams(max_new_tokens=100, temperature=0, logits_processors=(never_close,)))[
+        0
+    ]
     assert r.finish_reason == "length" and len(r.token_ids) == 100
     engine.pool.assert_empty()

@@ -75,13 +75,16 @@ def test_a_row_draws_the_same_whatever_shares_its_batch():
     rng = random.Random(3)
     vocab, rows = 300, 24
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(1)) * 2
-    params = RowParams([rng.choice([0.0, 0.8, 1.0]) for _ in range(rows)],
-                       [rng.choice([1.0, 0.7, 0.95]) for _ in range(rows)],
-                       [rng.choice([0, 5, 50]) for _ in range(rows)], [rng.random() for _ in range(rows)])
+    params = RowParams(
+        [rng.choice([0.0, 0.8, 1.0]) for _ in range(rows)],
+        [rng.choice([1.0, 0.7, 0.95]) for _ in range(rows)],
+        [rng.choice([0, 5, 50]) for _ in range(rows)],
+        [rng.random() for _ in range(rows)],
+    )
     together = draw(logits, params)
     for i in range(rows):
         alone = RowParams([params.temperature[i]], [params.top_p[i]], [params.top_k[i]], [params.uniform[i]])
-        assert draw(logits[i:i + 1], alone) == [together[i]]
+        assert draw(logits[i : i + 1], alone) == [together[i]]
     greedy = [i for i in range(rows) if params.temperature[i] == 0]
     assert greedy and all(together[i] == int(logits[i].argmax()) for i in greedy)
 
@@ -99,8 +102,15 @@ def reference_uniform(*key: int) -> float:
 
 
 def test_row_uniforms_equal_the_integer_reference():
-    keys = [(0, 0, 0, 0, 0), (11, 2, 1, 3, 19), (2**32 - 1, 7, 8, 5, 30000), (-5, 0, 0, 0, 0), (2**63 - 1, 1, 1, 1, 1),
-            (2**64 + 3, 0, 0, 0, 1), (-(2**63), 4, 0, 2, 9)]
+    keys = [
+        (0, 0, 0, 0, 0),
+        (11, 2, 1, 3, 19),
+        (2**32 - 1, 7, 8, 5, 30000),
+        (-5, 0, 0, 0, 0),
+        (2**63 - 1, 1, 1, 1, 1),
+        (2**64 + 3, 0, 0, 0, 1),
+        (-(2**63), 4, 0, 2, 9),
+    ]
     assert row_uniforms(keys) == [reference_uniform(*k) for k in keys]
     assert row_uniform(2**64 + 3, 0, 0, 0, 1) == row_uniform(3, 0, 0, 0, 1)  # words are read modulo 2**64
     assert row_uniforms([]) == []

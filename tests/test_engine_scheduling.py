@@ -10,8 +10,14 @@ import torch
 
 from npr.engine import Engine, EngineConfig, FinishReason, SamplingParams, StructureForcer
 
-PROMPTS = [[1, 72, 73, 74, 75, 2, 201], [1, 80, 81, 201], [1, 90, 91, 92, 201], [1, 60, 201],
-           [1, 100, 101, 102, 103, 104, 201], [1, 110, 201]]
+PROMPTS = [
+    [1, 72, 73, 74, 75, 2, 201],
+    [1, 80, 81, 201],
+    [1, 90, 91, 92, 201],
+    [1, 60, 201],
+    [1, 100, 101, 102, 103, 104, 201],
+    [1, 110, 201],
+]
 SHAPES = [[(5, 9, 3), (4, 4)], [(12,), (3, 3, 3)], [(7, 2)], [(2, 2, 2, 2)], [(10, 1), (6,)], [(3, 8)]]
 
 
@@ -20,8 +26,9 @@ class PerPrompt:
     fall in the steps where others decode."""
 
     def __init__(self, tok, shapes=SHAPES):
-        self.forcers = [StructureForcer(tok, [list(b) for b in shape], prefix_tokens=i)
-                        for i, shape in enumerate(shapes)]
+        self.forcers = [
+            StructureForcer(tok, [list(b) for b in shape], prefix_tokens=i) for i, shape in enumerate(shapes)
+        ]
 
     def __call__(self, stream, logits):
         return self.forcers[stream.prompt_index % len(self.forcers)](stream, logits)
@@ -41,8 +48,10 @@ def same_outputs(a, b):
     for x, y in zip(a, b):
         assert x.token_ids == y.token_ids and x.position_ids == y.position_ids and x.blocks == y.blocks
         assert x.finish_reason == y.finish_reason
-        assert all(math.isclose(p, q, abs_tol=1e-4) or (math.isnan(p) and math.isnan(q))
-                   for p, q in zip(x.logprobs, y.logprobs))
+        assert all(
+            math.isclose(p, q, abs_tol=1e-4) or (math.isnan(p) and math.isnan(q))
+            for p, q in zip(x.logprobs, y.logprobs)
+        )
 
 
 @pytest.mark.parametrize("mode, temperature", [("parallel", 0.0), ("sequential", 1.0)])
@@ -51,8 +60,9 @@ def test_tiny_pool_preempts_and_changes_nothing(tiny_llama, mode, temperature):
     requests, and every output equals the ample pool's: prefixes, branches and takeaways re-prefilled
     with their own positions and mask, sampling keyed by counters."""
     _, tok = tiny_llama
-    params = SamplingParams(max_new_tokens=300, temperature=temperature, top_p=0.9, n=2, seed=5,
-                            logits_processors=(PerPrompt(tok),))
+    params = SamplingParams(
+        max_new_tokens=300, temperature=temperature, top_p=0.9, n=2, seed=5, logits_processors=(PerPrompt(tok),)
+    )
     _, ample = run(tiny_llama, params, mode=mode)
     assert all(r.finish_reason == "eos" for r in ample)
     tight, small = run(tiny_llama, params, mode=mode, kv_cache_tokens=16 * 14)
@@ -173,8 +183,9 @@ def test_deltas_reassemble_the_results(tiny_llama):
 
 def test_seeded_sampling_ignores_batch_mode_and_preemption(tiny_qwen3):
     _, tok = tiny_qwen3
-    params = SamplingParams(max_new_tokens=300, temperature=1.0, top_p=0.8, top_k=40, n=2, seed=11,
-                            logits_processors=(PerPrompt(tok),))
+    params = SamplingParams(
+        max_new_tokens=300, temperature=1.0, top_p=0.8, top_k=40, n=2, seed=11, logits_processors=(PerPrompt(tok),)
+    )
     _, reference = run(tiny_qwen3, params, mode="parallel")
     _, sequential = run(tiny_qwen3, params, mode="sequential")
     _, tight = run(tiny_qwen3, params, mode="parallel", kv_cache_tokens=16 * 16, max_num_seqs=4)
@@ -187,8 +198,14 @@ def test_seeded_sampling_ignores_batch_mode_and_preemption(tiny_qwen3):
 # ----------------------------------------------------------------------------- shared prompt prefixes
 
 HEAD = [1] + [40 + i % 30 for i in range(39)]  # 40 tokens: 2 whole pages of 16 (32 tokens) can be shared
-SHARING = [HEAD + [72, 73, 201], HEAD + [80, 201], HEAD[:33], HEAD + [90, 91, 92, 93, 94, 201],
-           [1, 60, 61, 201], HEAD + [110, 201]]  # the 3rd holds 1 token past the pages; the 5th shares nothing
+SHARING = [
+    HEAD + [72, 73, 201],
+    HEAD + [80, 201],
+    HEAD[:33],
+    HEAD + [90, 91, 92, 93, 94, 201],
+    [1, 60, 61, 201],
+    HEAD + [110, 201],
+]  # the 3rd holds 1 token past the pages; the 5th shares nothing
 
 
 def fed_tokens(model_tok, params, prompts, **cfg):
@@ -210,8 +227,9 @@ def test_prompts_sharing_whole_pages_prefill_them_once_and_decode_the_same(tiny_
     """The pages five prompts begin with are stored and fed once, and every sample equals the one decoded
     with private prompts: 4 x 32 tokens fewer fed, nothing else changed."""
     _, tok = tiny_llama
-    params = SamplingParams(max_new_tokens=120, temperature=temperature, top_p=0.9, n=2, seed=3,
-                            logits_processors=(PerPrompt(tok),))
+    params = SamplingParams(
+        max_new_tokens=120, temperature=temperature, top_p=0.9, n=2, seed=3, logits_processors=(PerPrompt(tok),)
+    )
     private, fed_private = fed_tokens(tiny_llama, params, SHARING, mode=mode, share_prompt_prefix=False)
     shared, fed_shared = fed_tokens(tiny_llama, params, SHARING, mode=mode)
     same_outputs(shared, private)
@@ -223,8 +241,9 @@ def test_a_shared_prefix_survives_preemption_and_cancellation(tiny_llama):
     its last resident reader and is fed again for the next; outputs equal the ample pool's, and
     cancelling every reader but one (queued or running) frees all of its pages."""
     _, tok = tiny_llama
-    params = SamplingParams(max_new_tokens=300, temperature=1.0, top_p=0.9, n=2, seed=5,
-                            logits_processors=(PerPrompt(tok),))
+    params = SamplingParams(
+        max_new_tokens=300, temperature=1.0, top_p=0.9, n=2, seed=5, logits_processors=(PerPrompt(tok),)
+    )
     _, ample = run(tiny_llama, params, prompts=SHARING)
     engine, small = run(tiny_llama, params, prompts=SHARING, kv_cache_tokens=16 * 14)
     same_outputs(small, ample)

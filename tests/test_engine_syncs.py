@@ -17,10 +17,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from npr.engine import Engine, EngineConfig, SamplingParams, StructureForcer
 from npr.engine.scheduler import Scheduler
 
-SYNC_OPS = {torch.ops.aten.nonzero.default, torch.ops.aten._local_scalar_dense.default,
-            torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default,
-            torch.ops.aten.equal.default, torch.ops.aten.unique_consecutive.default,
-            torch.ops.aten._unique2.default}
+SYNC_OPS = {
+    torch.ops.aten.nonzero.default,
+    torch.ops.aten._local_scalar_dense.default,
+    torch.ops.aten.masked_select.default,
+    torch.ops.aten.is_nonzero.default,
+    torch.ops.aten.equal.default,
+    torch.ops.aten.unique_consecutive.default,
+    torch.ops.aten._unique2.default,
+}
 
 
 def _is_bool_index(func, args) -> bool:
@@ -96,10 +101,14 @@ def test_steady_decode_syncs_at_most_once(tiny_llama, counted, monkeypatch, temp
     model, tok = tiny_llama
     assert model.config.num_hidden_layers == 2
     forcer = StructureForcer(tok, [[20, 30, 25], [24]], prefix_tokens=10)
-    params = SamplingParams(max_new_tokens=400, temperature=temperature, top_p=top_p, top_k=top_k, n=2, seed=5,
-                            logits_processors=(forcer,))
-    engine = Engine(model, tok, EngineConfig(attention="sdpa", shared_prefix_attention=False, kv_cache_tokens=4096,
-                                             repetition_penalty=1.1))
+    params = SamplingParams(
+        max_new_tokens=400, temperature=temperature, top_p=top_p, top_k=top_k, n=2, seed=5, logits_processors=(forcer,)
+    )
+    engine = Engine(
+        model,
+        tok,
+        EngineConfig(attention="sdpa", shared_prefix_attention=False, kv_cache_tokens=4096, repetition_penalty=1.1),
+    )
     engine.submit([[1, 50, 51, 52], [1, 60, 61, 62, 63, 64]], params)
     steady = steady_steps(engine, counted, monkeypatch)
     assert len(steady) >= 40

@@ -17,9 +17,16 @@ def flat_log_softmax(model, tok, result) -> torch.Tensor:
     p = len(result.prompt_ids)
     allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(tok), response_start=p)
     with torch.no_grad():
-        logits = model(input_ids=ids[None], position_ids=positions[None],
-                       attention_mask=attention_bias(allowed, model.dtype)[None, None]).logits[0].float()
-    return torch.log_softmax(logits, -1)[p - 1:-1]
+        logits = (
+            model(
+                input_ids=ids[None],
+                position_ids=positions[None],
+                attention_mask=attention_bias(allowed, model.dtype)[None, None],
+            )
+            .logits[0]
+            .float()
+        )
+    return torch.log_softmax(logits, -1)[p - 1 : -1]
 
 
 def test_top_logprobs_equal_the_flat_forward_and_only_for_requests_that_ask(tiny_llama):
@@ -31,15 +38,21 @@ def test_top_logprobs_equal_the_flat_forward_and_only_for_requests_that_ask(tiny
     processors = (forced(tok),)
     asks = {0: 5, 1: 2, 2: 0}
     for i, k in asks.items():
-        engine.submit([PROMPTS[i % 2]], SamplingParams(max_new_tokens=300, temperature=1.0, seed=11 + i, top_logprobs=k,
-                                                       logits_processors=processors), first_index=i)
+        engine.submit(
+            [PROMPTS[i % 2]],
+            SamplingParams(
+                max_new_tokens=300, temperature=1.0, seed=11 + i, top_logprobs=k, logits_processors=processors
+            ),
+            first_index=i,
+        )
     results = {}
     while engine.has_work():
         for r in engine.step().finished:
             results[r.prompt_index] = r
     assert results[2].top_logprobs is None
     plain = make_engine(tiny_llama, repetition_penalty=1.1).generate(
-        [PROMPTS[0]], SamplingParams(max_new_tokens=300, temperature=1.0, seed=11, logits_processors=processors))[0]
+        [PROMPTS[0]], SamplingParams(max_new_tokens=300, temperature=1.0, seed=11, logits_processors=processors)
+    )[0]
     assert plain.token_ids == results[0].token_ids
     for i in (0, 1):
         r = results[i]
@@ -59,8 +72,9 @@ def test_streamed_top_logprobs_add_up_to_the_result(tiny_llama):
     """The deltas' per-token tops, concatenated per segment, equal ``Result.top_logprobs``."""
     _, tok = tiny_llama
     engine = make_engine(tiny_llama)
-    params = SamplingParams(max_new_tokens=300, temperature=1.0, seed=5, top_logprobs=3,
-                            logits_processors=(forced(tok),))
+    params = SamplingParams(
+        max_new_tokens=300, temperature=1.0, seed=5, top_logprobs=3, logits_processors=(forced(tok),)
+    )
     segments: dict[int, list] = {}
     result = None
     for event in engine.generate_stream([PROMPTS[0]], params):

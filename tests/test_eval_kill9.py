@@ -23,9 +23,28 @@ from pathlib import Path
 import pytest
 
 RG = "rg:chain_sum?size=12&seed=5&terms=2"
-ARGS = ["eval", "--model", "tiny-random-llama", "--benchmarks", RG, "--k", "2", "--max-new-tokens", "48",
-        "--temperature", "1.0", "--top-p", "0.9", "--dtype", "float32", "--kv-cache-gib", "0.05",
-        "--max-num-seqs", "6", "--quiet"]
+ARGS = [
+    "eval",
+    "--model",
+    "tiny-random-llama",
+    "--benchmarks",
+    RG,
+    "--k",
+    "2",
+    "--max-new-tokens",
+    "48",
+    "--temperature",
+    "1.0",
+    "--top-p",
+    "0.9",
+    "--dtype",
+    "float32",
+    "--kv-cache-gib",
+    "0.05",
+    "--max-num-seqs",
+    "6",
+    "--quiet",
+]
 
 
 def _spawn(argv: list[str]) -> int:
@@ -70,11 +89,12 @@ def drive(work: Path, kills: int = 20, seed: int = 0) -> dict:
     import torch
 
     torch.set_num_threads(1)
+    import reasoning_gym  # noqa: F401
+    from transformers import LlamaForCausalLM  # noqa: F401
+
     import npr.cli.eval  # noqa: F401 - import once here; forked children start warm
     import npr.eval.runner  # noqa: F401
     import npr.models  # noqa: F401
-    import reasoning_gym  # noqa: F401
-    from transformers import LlamaForCausalLM  # noqa: F401
 
     reference = work / "reference"
     start = time.perf_counter()
@@ -82,8 +102,14 @@ def drive(work: Path, kills: int = 20, seed: int = 0) -> dict:
     full = time.perf_counter() - start
     expected, problems = _samples(reference), 12  # RG's size
     rng = random.Random(seed)
-    stats = {"reference_s": round(full, 2), "kills": 0, "kills_after_progress": 0, "kills_before_progress": 0,
-             "runs_finished": 0, "cycles": 0}
+    stats = {
+        "reference_s": round(full, 2),
+        "kills": 0,
+        "kills_after_progress": 0,
+        "kills_before_progress": 0,
+        "runs_finished": 0,
+        "cycles": 0,
+    }
     out = None
     while stats["kills"] < kills:
         if out is None:  # a new run directory; each is killed until one of its runs finishes
@@ -119,8 +145,13 @@ def drive(work: Path, kills: int = 20, seed: int = 0) -> dict:
 def test_eval_survives_kill_9_at_random_moments(tmp_path):
     """20 kills at random moments; every killed run, resumed, gives the uninterrupted samples."""
     seed = int(os.environ.get("NPR_KILL_SEED", "0"))
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), "20", str(seed)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path), "20", str(seed)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     stats = json.loads(proc.stdout.strip().splitlines()[-1])
     assert stats["kills"] == 20 and stats["runs_finished"] >= 1

@@ -19,8 +19,15 @@ RG = "rg:chain_sum?size=2&seed=7&terms=2"
 
 
 def config(**kw) -> EvalConfig:
-    base = dict(model="tiny-random-llama", benchmarks=("math500", "aime25", RG), k=2, limit=2, max_new_tokens=160,
-                dtype="float32", kv_cache_gib=0.05)
+    base = dict(
+        model="tiny-random-llama",
+        benchmarks=("math500", "aime25", RG),
+        k=2,
+        limit=2,
+        max_new_tokens=160,
+        dtype="float32",
+        kv_cache_gib=0.05,
+    )
     base.update(kw)
     return EvalConfig(**base)
 
@@ -43,11 +50,22 @@ def read(path):
 
 
 def test_smoke_eval_writes_a_self_describing_run(tmp_path, tiny_llama, benchmark_pack):
-    results = run(tmp_path, tiny_llama, benchmark_pack, cfg={"baseline_mode": "sequential", "speed_rounds": 2,
-                                                             "speed_problems": 4, "latency_requests": 2})
+    results = run(
+        tmp_path,
+        tiny_llama,
+        benchmark_pack,
+        cfg={"baseline_mode": "sequential", "speed_rounds": 2, "speed_problems": 4, "latency_requests": 2},
+    )
     out = tmp_path / "run"
-    for name in ("config.json", "samples.jsonl", "results.json", "report.html", "progress.json",
-                 "baseline/samples.jsonl", "baseline/results.json"):
+    for name in (
+        "config.json",
+        "samples.jsonl",
+        "results.json",
+        "report.html",
+        "progress.json",
+        "baseline/samples.jsonl",
+        "baseline/results.json",
+    ):
         assert (out / name).is_file(), name
     described = json.loads((out / "config.json").read_text())
     assert described["settings"]["k"] == 2 and described["settings"]["top_p"] == 0.7
@@ -121,8 +139,27 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_llama, benchmark_p
 
 
 def eval_argv(out, *extra):
-    return ["eval", "--model", "tiny-random-llama", "--benchmarks", RG, "--limit", "1", "--k", "1",
-            "--max-new-tokens", "16", "--dtype", "float32", "--kv-cache-gib", "0.05", "--quiet", "--out", str(out), *extra]
+    return [
+        "eval",
+        "--model",
+        "tiny-random-llama",
+        "--benchmarks",
+        RG,
+        "--limit",
+        "1",
+        "--k",
+        "1",
+        "--max-new-tokens",
+        "16",
+        "--dtype",
+        "float32",
+        "--kv-cache-gib",
+        "0.05",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def exit_code(argv) -> int:
@@ -149,8 +186,11 @@ CPU_ONLY = not torch.cuda.is_available()
         # checks that need the model, still before any file is written:
         (["--max-new-tokens", "5000"], "--max-new-tokens 5000 leaves no problem room: the model context is 4096"),
         (["--kv-cache-gib", "0.00001"], "--kv-cache-gib 1e-05 holds"),
-        pytest.param(["--device", "cuda"], "--device cuda: this torch", marks=pytest.mark.skipif(
-            not CPU_ONLY, reason="a CPU-only torch")),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device cuda: this torch",
+            marks=pytest.mark.skipif(not CPU_ONLY, reason="a CPU-only torch"),
+        ),
     ],
 )
 def test_bad_input_is_refused_before_any_write(tmp_path, capsys, args, message):
@@ -172,9 +212,11 @@ def test_the_corrected_command_runs_after_a_refusal(tmp_path, capsys):
 
 def long_problem_file(tmp_path):
     path = tmp_path / "mixed.jsonl"
-    rows = [{"id": "short-1", "problem": "What is 2 + 3?", "answer": "5"},
-            {"id": "too-long", "problem": "Add these: " + "1 + " * 1500 + "1", "answer": "1501"},
-            {"id": "short-2", "problem": "What is 4 + 4?", "answer": "8"}]
+    rows = [
+        {"id": "short-1", "problem": "What is 2 + 3?", "answer": "5"},
+        {"id": "too-long", "problem": "Add these: " + "1 + " * 1500 + "1", "answer": "1501"},
+        {"id": "short-2", "problem": "What is 4 + 4?", "answer": "8"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
 
@@ -183,22 +225,32 @@ def test_a_problem_too_long_is_recorded_and_the_run_goes_on(tmp_path, tiny_llama
     """Found 2: a prompt over the context is a failure record naming the problem's id and file
     line; the other problems run; results.json counts it and the report lists it."""
     path = long_problem_file(tmp_path)
-    results = evaluate(config(benchmarks=(str(path),), limit=None, max_new_tokens=24), tmp_path / "run",
-                       model_and_tokenizer=tiny_llama)
+    results = evaluate(
+        config(benchmarks=(str(path),), limit=None, max_new_tokens=24), tmp_path / "run", model_and_tokenizer=tiny_llama
+    )
     records = read(tmp_path / "run" / "samples.jsonl")
     failed = [r for r in records if r.get("failure")]
-    assert [(r["problem_id"], r["failure"], r["location"]) for r in failed] == [("too-long", "prompt_too_long",
-                                                                                   f"{path}:2")]
+    assert [(r["problem_id"], r["failure"], r["location"]) for r in failed] == [
+        ("too-long", "prompt_too_long", f"{path}:2")
+    ]
     assert f"{path}:2: problem 'too-long': prompt_too_long:" in failed[0]["message"]
     assert "exceed the model context of 4096" in failed[0]["message"]
     assert sorted((r["problem_id"], r["sample"]) for r in records if not r.get("failure")) == [
-        ("short-1", 0), ("short-1", 1), ("short-2", 0), ("short-2", 1)]
+        ("short-1", 0),
+        ("short-1", 1),
+        ("short-2", 0),
+        ("short-2", 1),
+    ]
     assert results["failures"]["problems"] == 1 and results["failures"]["by_reason"] == {"prompt_too_long": 1}
     assert results["overall"]["samples"] == 4 and results["overall"]["problems"] == 2  # the failure is no sample
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Problems not evaluated (1)" in page and f"{path}:2" in page
-    again = evaluate(config(benchmarks=(str(path),), limit=None, max_new_tokens=24), tmp_path / "run", resume=True,
-                     model_and_tokenizer=tiny_llama)
+    again = evaluate(
+        config(benchmarks=(str(path),), limit=None, max_new_tokens=24),
+        tmp_path / "run",
+        resume=True,
+        model_and_tokenizer=tiny_llama,
+    )
     assert read(tmp_path / "run" / "samples.jsonl") == records and again["failures"] == results["failures"]
 
 
@@ -212,9 +264,13 @@ def test_resume_refuses_other_weights_at_the_same_path(tmp_path, tiny_llama, ben
     with torch.no_grad():
         changed.get_input_embeddings().weight[0, 0] += 1e-3
     with pytest.raises(EvalError, match=r"other inputs: the model's weights \(sha256"):
-        evaluate(config(benchmarks=(RG,), data_dir=str(benchmark_pack.path)), tmp_path / "run", resume=True,
-                 model_and_tokenizer=(changed.eval(), tok),
-                 logits_processors=forcer(tok))
+        evaluate(
+            config(benchmarks=(RG,), data_dir=str(benchmark_pack.path)),
+            tmp_path / "run",
+            resume=True,
+            model_and_tokenizer=(changed.eval(), tok),
+            logits_processors=forcer(tok),
+        )
     assert json.loads((tmp_path / "run" / "config.json").read_text())["model_sha256"] == saved
 
 
@@ -261,7 +317,9 @@ def test_wall_time_excludes_discarded_work(tmp_path, tiny_llama, monkeypatch):
     monkeypatch.setattr(Engine, "no_interrupt", True, raising=False)
     commits.clear()
     start = clock[0]
-    evaluate(cfg, tmp_path / "run", resume=True, model_and_tokenizer=tiny_llama, logits_processors=forcer(tiny_llama[1]))
+    evaluate(
+        cfg, tmp_path / "run", resume=True, model_and_tokenizer=tiny_llama, logits_processors=forcer(tiny_llama[1])
+    )
     final = json.loads((tmp_path / "run" / "progress.json").read_text())["wall_time_s"][RG]
     assert final == commits[-1] and final == kept + (clock[0] - start)
 
@@ -269,8 +327,12 @@ def test_wall_time_excludes_discarded_work(tmp_path, tiny_llama, monkeypatch):
 def test_ledger_keeps_only_committed_complete_problems(tmp_path):
     """What a kill can leave: samples of an uncommitted problem, a committed problem, a cut line."""
     out = tmp_path
-    lines = [{"benchmark": "b", "problem_id": "p1", "sample": 0}, {"benchmark": "b", "problem_id": "p2", "sample": 0},
-             {"benchmark": "b", "problem_id": "p1", "sample": 1}, {"benchmark": "b", "problem_id": "p3", "failure": "x"}]
+    lines = [
+        {"benchmark": "b", "problem_id": "p1", "sample": 0},
+        {"benchmark": "b", "problem_id": "p2", "sample": 0},
+        {"benchmark": "b", "problem_id": "p1", "sample": 1},
+        {"benchmark": "b", "problem_id": "p3", "failure": "x"},
+    ]
     (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"benchmark": "b", "pro')
     (out / "progress.json").write_text(json.dumps({"done": {"b": ["p1", "p3"]}, "wall_time_s": {"b": 7.0}}))
     ledger = Ledger.open(out, k=2)
@@ -290,16 +352,47 @@ def test_unreadable_progress_is_a_clear_error(tmp_path):
 def test_malformed_jsonl_names_file_and_line(tmp_path, capsys):
     bad = tmp_path / "bench.jsonl"
     bad.write_text('{"id": "a", "problem": "1+1?", "answer": "2"}\n{"id": "b", "problem": "2+2?"}\n')
-    assert exit_code(["eval", "--model", "tiny-random-llama", "--benchmarks", str(bad), "--k", "1",
-                      "--out", str(tmp_path / "run")]) == 2
+    assert (
+        exit_code(
+            [
+                "eval",
+                "--model",
+                "tiny-random-llama",
+                "--benchmarks",
+                str(bad),
+                "--k",
+                "1",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "bench.jsonl:2" in err and "answer" in err and not (tmp_path / "run").exists()
 
 
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["eval", "--model", "tiny-random-llama", "--benchmarks", RG, "--limit", "2", "--k", "2",
-            "--max-new-tokens", "24", "--dtype", "float32", "--kv-cache-gib", "0.05", "--out", str(out)]
+    argv = [
+        "eval",
+        "--model",
+        "tiny-random-llama",
+        "--benchmarks",
+        RG,
+        "--limit",
+        "2",
+        "--k",
+        "2",
+        "--max-new-tokens",
+        "24",
+        "--dtype",
+        "float32",
+        "--kv-cache-gib",
+        "0.05",
+        "--out",
+        str(out),
+    ]
     assert exit_code(argv) == 0, capsys.readouterr().err
     assert "avg@k" in capsys.readouterr().out and (out / "report.html").is_file()
     assert exit_code(argv) == 2 and "--resume" in capsys.readouterr().err
@@ -316,9 +409,18 @@ def test_resume_without_config_json_is_refused(tmp_path):
 def test_baseline_timed_only_writes_no_baseline_run(tmp_path, tiny_llama, benchmark_pack):
     """baseline_eval false: the baseline mode is timed against this one (the speedup is there) but
     not evaluated (no baseline/ directory, no baseline samples)."""
-    results = run(tmp_path, tiny_llama, benchmark_pack, cfg={"baseline_mode": "sequential", "speed_rounds": 1,
-                                                             "speed_problems": 2, "latency_requests": 1,
-                                                             "baseline_eval": False})
+    results = run(
+        tmp_path,
+        tiny_llama,
+        benchmark_pack,
+        cfg={
+            "baseline_mode": "sequential",
+            "speed_rounds": 1,
+            "speed_problems": 2,
+            "latency_requests": 1,
+            "baseline_eval": False,
+        },
+    )
     assert not (tmp_path / "run" / "baseline").exists()
     speed = results["speed"]
     assert len(speed["batched"]["speedups"]) == 1 and speed["batch1"]["requests"] == 1

@@ -14,8 +14,18 @@ from npr.errors import NprError
 from npr.extras import EXTRAS, MissingExtraError, require
 
 # every package an extra installs (pyproject.toml), hidden from the core-install subprocess below
-EXTRA_PACKAGES = ("reasoning_gym", "starlette", "uvicorn", "pydantic", "anyio", "datasets", "wandb", "mlflow",
-                  "trackio", "tensorboard")
+EXTRA_PACKAGES = (
+    "reasoning_gym",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "anyio",
+    "datasets",
+    "wandb",
+    "mlflow",
+    "trackio",
+    "tensorboard",
+)
 
 # A meta-path wrapper that makes the extras' packages look uninstalled (find_spec -> None, as
 # importlib.util.find_spec reports for an absent package); everything else resolves as usual.

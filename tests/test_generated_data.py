@@ -23,7 +23,11 @@ def test_problems_are_reproducible_sized_and_answerable():
         assert p.answer == "(" + ", ".join(s.answer for s in parts) + ")"
         for s in parts:
             a, op, b = s.expression.split()
-            assert 0 <= int(a) <= 9 and 0 <= int(b) <= 9 and int(s.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            assert (
+                0 <= int(a) <= 9
+                and 0 <= int(b) <= 9
+                and int(s.answer) == (int(a) + int(b) if op == "+" else int(a) - int(b))
+            )
             assert int(s.answer) >= 0  # no negative results unless negatives=1
     other = load_problems("gen:expressions?size=40&seed=2&parts=2-4")
     assert [p.problem for p in other] != [p.problem for p in problems]  # the held-out split differs
@@ -31,8 +35,13 @@ def test_problems_are_reproducible_sized_and_answerable():
 
 
 def test_hand_example_and_grading():
-    problem = Problem("x", "Work out each expression on its own: 3 + 4, 9 - 5, 2 + 6. Give the results in order as a "
-                           "tuple.", "(7, 4, 8)", "gen:expressions", size=3)
+    problem = Problem(
+        "x",
+        "Work out each expression on its own: 3 + 4, 9 - 5, 2 + 6. Give the results in order as a tuple.",
+        "(7, 4, 8)",
+        "gen:expressions",
+        size=3,
+    )
     assert decompose(problem) == [SubProblem("3 + 4", "7"), SubProblem("9 - 5", "4"), SubProblem("2 + 6", "8")]
     assert decompose(problem)[0].plan == "compute 3 + 4" and decompose(problem)[1].question == "What is 9 - 5?"
     assert is_correct("so \\boxed{(7, 4, 8)}", problem) and is_correct("\\boxed{7, 4, 8}", problem)
@@ -47,16 +56,19 @@ def test_parameters():
     assert any(int(s.answer) < 0 for p in signed for s in decompose(p))
 
 
-@pytest.mark.parametrize("spec, words", [
-    ("gen:sums?size=3", "unknown generated task"),
-    ("gen:expressions?size=3&colour=red", "no parameter 'colour'"),
-    ("gen:expressions?size=0", "size must be >= 1"),
-    ("gen:expressions?parts=1-7", "max_parts <= 5"),
-    ("gen:expressions?parts=x", "parts must be an integer"),
-    ("gen:expressions?ops=*", "ops must be made of"),
-    ("gen:expressions?negatives=2", "negatives must be 0 or 1"),
-    ("gen:expressions?max_operand=1&parts=4&ops=%2B", "distinct results do not exist"),
-])
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ("gen:sums?size=3", "unknown generated task"),
+        ("gen:expressions?size=3&colour=red", "no parameter 'colour'"),
+        ("gen:expressions?size=0", "size must be >= 1"),
+        ("gen:expressions?parts=1-7", "max_parts <= 5"),
+        ("gen:expressions?parts=x", "parts must be an integer"),
+        ("gen:expressions?ops=*", "ops must be made of"),
+        ("gen:expressions?negatives=2", "negatives must be 0 or 1"),
+        ("gen:expressions?max_operand=1&parts=4&ops=%2B", "distinct results do not exist"),
+    ],
+)
 def test_bad_specs_are_clear_errors(spec, words):
     with pytest.raises((DataError, UnknownSpecError), match=words):
         load_problems(spec)

@@ -96,14 +96,18 @@ def test_positions_follow_the_tree_rule(gguf, tok):
     params = SamplingParams(max_new_tokens=200, temperature=0, logits_processors=(forced(tok),))
     (r, _) = make(gguf, tok).generate(prompts(tok), params)
     _, positions = parallel_mask_and_positions(r.prompt_ids + r.token_ids, tag_token_ids(tok), len(r.prompt_ids))
-    assert positions[len(r.prompt_ids):].tolist() == r.position_ids
+    assert positions[len(r.prompt_ids) :].tolist() == r.position_ids
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch(gguf, tok):
-    params = SamplingParams(max_new_tokens=200, temperature=1.0, top_p=0.9, n=3, seed=5,
-                            logits_processors=(forced(tok, ((3, 6),)),))
+    params = SamplingParams(
+        max_new_tokens=200, temperature=1.0, top_p=0.9, n=3, seed=5, logits_processors=(forced(tok, ((3, 6),)),)
+    )
     both = make(gguf, tok).generate(prompts(tok), params)
-    alone = make(gguf, tok).generate(prompts(tok)[1:], params, )
+    alone = make(gguf, tok).generate(
+        prompts(tok)[1:],
+        params,
+    )
     # prompt index keys the seed: submit the second prompt alone under its own index
     engine = make(gguf, tok)
     engine.submit(prompts(tok)[1:], params, first_index=1)
@@ -173,8 +177,15 @@ def test_join_matches_the_tree_mask_on_the_dequantised_model(gguf, tok, embedded
     p = len(r.prompt_ids)
     allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(tok), response_start=p)
     with torch.no_grad():
-        logits = model(input_ids=ids[None], position_ids=positions[None],
-                       attention_mask=attention_bias(allowed, model.dtype)[None, None]).logits[0].float()
+        logits = (
+            model(
+                input_ids=ids[None],
+                position_ids=positions[None],
+                attention_mask=attention_bias(allowed, model.dtype)[None, None],
+            )
+            .logits[0]
+            .float()
+        )
     logp = torch.log_softmax(logits, -1)
     flat = [logp[p + i - 1, t].item() for i, t in enumerate(r.token_ids)]
     diffs = [abs(a - b) for a, b, s in zip(flat, r.logprobs, r.sampled) if s]
@@ -193,14 +204,28 @@ def fuzz_round(gguf, tok, seed: int) -> int:
     rng = random.Random(seed)
     mode = rng.choice(["parallel", "parallel", "sequential", "plain"])
     n = rng.randint(1, 3)
-    engine = make(gguf, tok, mode, max_branches=rng.randint(1, 5), max_depth=rng.randint(1, 4),
-                  min_fork_budget=rng.choice([0, 8, 32]), block_size=rng.choice([4, 16]),
-                  kv_cache_tokens=rng.choice([256, 1024, 4096]), max_num_seqs=rng.choice([n, 2 * n, 16]),
-                  max_num_batched_tokens=rng.choice([None, 64]))
-    fuzzer = TokenFuzzer(tok, seed, p_tag=rng.uniform(0.05, 0.5), p_eos=rng.uniform(0.0, 0.05),
-                         plan_bias=rng.choice([0.0, 0.5, 0.95]))
-    params = SamplingParams(max_new_tokens=rng.randint(8, 160), temperature=rng.choice([0.0, 1.0]), n=n, seed=seed,
-                            logits_processors=(fuzzer,))
+    engine = make(
+        gguf,
+        tok,
+        mode,
+        max_branches=rng.randint(1, 5),
+        max_depth=rng.randint(1, 4),
+        min_fork_budget=rng.choice([0, 8, 32]),
+        block_size=rng.choice([4, 16]),
+        kv_cache_tokens=rng.choice([256, 1024, 4096]),
+        max_num_seqs=rng.choice([n, 2 * n, 16]),
+        max_num_batched_tokens=rng.choice([None, 64]),
+    )
+    fuzzer = TokenFuzzer(
+        tok, seed, p_tag=rng.uniform(0.05, 0.5), p_eos=rng.uniform(0.0, 0.05), plan_bias=rng.choice([0.0, 0.5, 0.95])
+    )
+    params = SamplingParams(
+        max_new_tokens=rng.randint(8, 160),
+        temperature=rng.choice([0.0, 1.0]),
+        n=n,
+        seed=seed,
+        logits_processors=(fuzzer,),
+    )
     head = [rng.randrange(300, 9000) for _ in range(rng.choice([0, 0, 20, 40]))]
     batch = [head + [rng.randrange(300, 9000) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 6))]
     engine.submit(batch, params)
@@ -241,12 +266,33 @@ def test_npr_eval_and_generate_take_backend_llamacpp(tmp_path, gguf):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = [sys.executable, "-m", "npr.cli.main"]
     out = tmp_path / "eval"
-    done = subprocess.run([*run, "eval", "--backend", "llamacpp", "--benchmarks", "rg:basic_arithmetic?size=2&seed=1",
-                           "--k", "2", "--max-new-tokens", "16", "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [
+            *run,
+            "eval",
+            "--backend",
+            "llamacpp",
+            "--benchmarks",
+            "rg:basic_arithmetic?size=2&seed=1",
+            "--k",
+            "2",
+            "--max-new-tokens",
+            "16",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "config.json").read_text())["settings"]["backend"] == "llamacpp"
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4
-    done = subprocess.run([*run, "generate", "--backend", "llamacpp", "--prompt", "What is 2+3?", "--max-new-tokens",
-                           "12"], capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [*run, "generate", "--backend", "llamacpp", "--prompt", "What is 2+3?", "--max-new-tokens", "12"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert done.returncode == 0 and done.stdout.strip(), done.stderr[-2000:]

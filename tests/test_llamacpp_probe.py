@@ -57,7 +57,7 @@ def fork_and_decode(ctx, branch_a, branch_b):
     ta, pa, sa, la = rows(branch_a, sep + 1, 1)
     tb, pb, sb, lb = rows(branch_b, sep + 1, 2)
     out = ctx.decode(ta + tb, pa + pb, sa + sb, la + lb)
-    return out[:len(branch_a)], out[len(branch_a):]
+    return out[: len(branch_a)], out[len(branch_a) :]
 
 
 def alone(ctx, branch):

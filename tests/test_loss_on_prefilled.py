@@ -19,10 +19,31 @@ from npr.train.overrides import resolve_config
 from npr.train.rl import policy_batch
 from npr.train.rollout import Rollout
 
-SAMPLED_TAGS = ["<guideline>", "<plan>", "</plan>", "<plan>", "</plan>", "</guideline>", "</step>", "</step>",
-                "</takeaway>"]
-ALL_TAGS = ["<guideline>", "<plan>", "</plan>", "<plan>", "</plan>", "</guideline>", "<step>", "</step>", "<step>",
-            "</step>", "<takeaway>", "</takeaway>"]
+SAMPLED_TAGS = [
+    "<guideline>",
+    "<plan>",
+    "</plan>",
+    "<plan>",
+    "</plan>",
+    "</guideline>",
+    "</step>",
+    "</step>",
+    "</takeaway>",
+]
+ALL_TAGS = [
+    "<guideline>",
+    "<plan>",
+    "</plan>",
+    "<plan>",
+    "</plan>",
+    "</guideline>",
+    "<step>",
+    "</step>",
+    "<step>",
+    "</step>",
+    "<takeaway>",
+    "</takeaway>",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +51,12 @@ def rollout(tiny_llama):
     """One forced trace: a block of two plans, branches of 3 and 2 text tokens, a takeaway, an answer."""
     model, tok = tiny_llama
     engine = Engine(model, tok, EngineConfig(mode="parallel", kv_cache_tokens=4096))
-    params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=0,
-                            logits_processors=(StructureForcer(tok, [[3, 2]], plan_tokens=2, takeaway_tokens=2,
-                                                               final_tokens=1),))
+    params = SamplingParams(
+        max_new_tokens=200,
+        temperature=1.0,
+        seed=0,
+        logits_processors=(StructureForcer(tok, [[3, 2]], plan_tokens=2, takeaway_tokens=2, final_tokens=1),),
+    )
     result = engine.generate([tok.encode("What is 1 + 1?", add_special_tokens=False)], params)[0]
     assert result.finish_reason == "eos" and result.branches_per_block == [2]
     return Rollout(Problem("p", "What is 1 + 1?", "0", "test"), result, 1.0, True, True, 1)
@@ -41,13 +65,15 @@ def rollout(tiny_llama):
 def _loss_tokens(tok, rollout, loss_on_prefilled: bool) -> tuple[list[str], list[str]]:
     """(tags with loss, other tokens with loss that the engine prefilled), in trace order."""
     tags = tag_token_ids(tok)
-    batch = policy_batch([rollout], torch.tensor([1.0]), structured=True, tag_ids=tags,
-                         loss_on_prefilled=loss_on_prefilled)
+    batch = policy_batch(
+        [rollout], torch.tensor([1.0]), structured=True, tag_ids=tags, loss_on_prefilled=loss_on_prefilled
+    )
     result, mask = rollout.result, batch.loss_masks[0].tolist()
     tag_names = {i: t for t, i in tags.items()}
     with_loss = [tag_names[t] for t, m in zip(result.token_ids, mask) if m and t in tag_names]
-    prefilled = [tok.decode([t]) for t, m, s in zip(result.token_ids, mask, result.sampled)
-                 if m and not s and t not in tag_names]
+    prefilled = [
+        tok.decode([t]) for t, m, s in zip(result.token_ids, mask, result.sampled) if m and not s and t not in tag_names
+    ]
     return with_loss, prefilled
 
 

@@ -25,16 +25,21 @@ from npr.train.rl import combine_step_metrics, policy_loss_fn
 REQUIRED = {"model": "tiny-random-llama", "train_data": "rg:chain_sum?size=4&terms=2"}
 
 
-def scaled_pg_loss(logprobs, old_logprobs, advantages, mask, agg="token-mean", clip_low=0.2, scale=3.0,
-                   temperature=99.0):
+def scaled_pg_loss(
+    logprobs, old_logprobs, advantages, mask, agg="token-mean", clip_low=0.2, scale=3.0, temperature=99.0
+):
     """A REINFORCE loss times ``scale``; ``clip_low`` and ``temperature`` exist only to show binding by name."""
     keep = mask.bool()  # [B, T]
     adv = advantages.detach().unsqueeze(-1).expand_as(logprobs)  # [B, T]
     per_token = torch.where(keep, -adv * logprobs * scale, torch.zeros_like(logprobs))  # [B, T]
     with torch.no_grad():
-        metrics = {"test_scale": scale, "test_clip_low": clip_low, "test_temperature": temperature,
-                   "test_mean_logprob": token_mean(torch.where(keep, logprobs, 0.0), keep).item(),
-                   "num_test_tokens": float(keep.sum())}
+        metrics = {
+            "test_scale": scale,
+            "test_clip_low": clip_low,
+            "test_temperature": temperature,
+            "test_mean_logprob": token_mean(torch.where(keep, logprobs, 0.0), keep).item(),
+            "num_test_tokens": float(keep.sum()),
+        }
     return aggregate(per_token, keep, agg), metrics
 
 
@@ -65,7 +70,8 @@ def test_registration_checks_name_and_signature(registered):
         register_policy_loss("no_agg", uses_old_logprobs=False)(lambda logprobs, old_logprobs, advantages, mask: 0)
     with pytest.raises(ValueError, match=r"hyperparameter\(s\) \['beta'\] need a default"):
         register_policy_loss("no_default", uses_old_logprobs=False)(
-            lambda logprobs, old_logprobs, advantages, mask, agg, beta: 0)
+            lambda logprobs, old_logprobs, advantages, mask, agg, beta: 0
+        )
     with pytest.raises(ValueError, match="already registered"):
         register_reward("accuracy")(lambda response, problem: 1.0)
     assert "no_agg" not in POLICY_LOSSES and "no_default" not in POLICY_LOSSES
@@ -78,7 +84,10 @@ def test_config_accepts_a_loss_registered_after_import_and_binds_its_hyperparame
     loss_fn = policy_loss_fn(config)
     assert loss_fn.func is scaled_pg_loss and loss_fn.keywords == {"clip_low": 0.1, "temperature": 0.7}
     assert policy_loss_fn(Stage1Config(**REQUIRED, clip_ratio_c=10.0)).keywords == {
-        "clip_low": 0.2, "clip_high": 0.28, "clip_ratio_c": 10.0}
+        "clip_low": 0.2,
+        "clip_high": 0.28,
+        "clip_ratio_c": 10.0,
+    }
     assert policy_loss_fn(Stage3Config(**REQUIRED)) is papo_loss
     assert Stage3Config(**REQUIRED, reward="test_half").reward == "test_half"
     with pytest.raises(ConfigError, match="'policy_loss': 'nope' is not one of dapo, papo, scaled_pg"):
@@ -102,8 +111,10 @@ def test_every_loss_metric_is_reduced_and_logged(registered):
 
     model, tok = load_model_and_tokenizer("tiny-random-llama")
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-    seqs = [causal_sequence(enc("Q: 2+2?\n"), enc("It is \\boxed{4}.")),
-            causal_sequence(enc("Q: 1+2?\n"), enc("3, so \\boxed{3} it is"))]
+    seqs = [
+        causal_sequence(enc("Q: 2+2?\n"), enc("It is \\boxed{4}.")),
+        causal_sequence(enc("Q: 1+2?\n"), enc("3, so \\boxed{3} it is")),
+    ]
     masks = [torch.ones(s.response_length, dtype=torch.bool) for s in seqs]
     batch = PolicyBatch(seqs, masks, torch.tensor([1.0, -0.5]), [torch.zeros(s.response_length) for s in seqs])
     loss_fn = get_policy_loss("scaled_pg", scale=2.0)
@@ -116,7 +127,8 @@ def test_every_loss_metric_is_reduced_and_logged(registered):
     assert metrics["test_mean_logprob"] == pytest.approx(float(logprobs[mask].mean()), rel=1e-5)
     step = combine_step_metrics([{**metrics, "grad_norm": 1.0, "lr": 0.1}, {**metrics, "grad_norm": 3.0, "lr": 0.1}])
     assert step["num_test_tokens"] == 2 * tokens and step["test_mean_logprob"] == pytest.approx(
-        metrics["test_mean_logprob"])
+        metrics["test_mean_logprob"]
+    )
     model.zero_grad()
 
 
@@ -148,9 +160,29 @@ def test_stage3_trains_with_a_registered_loss_and_reward(registered, tmp_path):
     from npr.train.tracking import read_metrics
 
     run = tmp_path / "s3"
-    assert main(["train", "stage3", "--preset", "smoke", "--out", str(run), "--quiet", "--max-steps", "1",
-                 "--policy-loss", "scaled_pg", "--reward", "test_half", "--temperature", "0.9"]) == 0
-    step, = [m for m in read_metrics(run / "metrics.jsonl") if "kept_rate" in m]
+    assert (
+        main(
+            [
+                "train",
+                "stage3",
+                "--preset",
+                "smoke",
+                "--out",
+                str(run),
+                "--quiet",
+                "--max-steps",
+                "1",
+                "--policy-loss",
+                "scaled_pg",
+                "--reward",
+                "test_half",
+                "--temperature",
+                "0.9",
+            ]
+        )
+        == 0
+    )
+    (step,) = [m for m in read_metrics(run / "metrics.jsonl") if "kept_rate" in m]
     assert step["reward"] == pytest.approx(0.5) and step["test_temperature"] == pytest.approx(0.9)
     assert step["test_scale"] == pytest.approx(3.0) and step["num_test_tokens"] == step["loss_units"] > 0
     rows = [json.loads(line) for line in (run / "rollouts.jsonl").read_text().splitlines()]

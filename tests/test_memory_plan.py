@@ -10,17 +10,47 @@ from dataclasses import replace
 import pytest
 
 from npr.cli.main import main
-from npr.train.memory_plan import (GIB, KNOWN_MODELS, MemoryPlanError, ModelShape, PlanInputs, activation_bytes,
-                                   fitting_changes, inputs_from_config, layer_saved_bytes, log_prob_bytes,
-                                   plan_memory, read_model_shape, shape_from_config)
+from npr.train.memory_plan import (
+    GIB,
+    KNOWN_MODELS,
+    MemoryPlanError,
+    ModelShape,
+    PlanInputs,
+    activation_bytes,
+    fitting_changes,
+    inputs_from_config,
+    layer_saved_bytes,
+    log_prob_bytes,
+    plan_memory,
+    read_model_shape,
+    shape_from_config,
+)
 
 # hidden 8, 2 layers, 2 heads of 4 (1 kv head), MLP 16, vocabulary 32, tied embeddings (Llama: no q/k norm)
-TINY = ModelShape(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=4,
-                  intermediate_size=16, vocab_size=32, tie_word_embeddings=True)
+TINY = ModelShape(
+    hidden_size=8,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=4,
+    intermediate_size=16,
+    vocab_size=32,
+    tie_word_embeddings=True,
+)
 # one process, fp32 without autocast or checkpointing, one sequence of 10 tokens whose last 6 are predicted
-ONE = PlanInputs(stage="stage2", gpus=1, fsdp=False, device="cuda", master_bytes=4, autocast_bf16=False,
-                 gradient_checkpointing=False, unit_tokens=10, predicted_per_unit=6, units_per_pass=1,
-                 passes_per_step=1)
+ONE = PlanInputs(
+    stage="stage2",
+    gpus=1,
+    fsdp=False,
+    device="cuda",
+    master_bytes=4,
+    autocast_bf16=False,
+    gradient_checkpointing=False,
+    unit_tokens=10,
+    predicted_per_unit=6,
+    units_per_pass=1,
+    passes_per_step=1,
+)
 
 
 def line(plan, name: str):
@@ -114,8 +144,9 @@ def test_peak_and_what_dominates():
 
 
 def test_engine_lines():
-    rl = replace(ONE, stage="stage3", engine_weight_bytes=2, kv_pool_bytes=1000, decode_rows=4,
-                 engine_released_for_update=False)
+    rl = replace(
+        ONE, stage="stage3", engine_weight_bytes=2, kv_pool_bytes=1000, decode_rows=4, engine_released_for_update=False
+    )
     plan = plan_memory(TINY, rl)
     assert line(plan, "engine weights").rollout == 1448 * 2 == line(plan, "engine weights").update
     assert line(plan, "engine KV pool").update == 1000
@@ -129,8 +160,9 @@ def stage_config(stage: str, **flags):
     from npr.train.overrides import resolve_config
 
     base = {"train_data": "x", "model": "Qwen/Qwen3-4B-Instruct-2507"}
-    return resolve_config(stage, STAGE_CONFIGS[stage], "qwen3-4b", None, {k: str(v) for k, v in flags.items()},
-                          base=base)
+    return resolve_config(
+        stage, STAGE_CONFIGS[stage], "qwen3-4b", None, {k: str(v) for k, v in flags.items()}, base=base
+    )
 
 
 def test_inputs_of_the_qwen3_4b_stage3_preset():
@@ -143,8 +175,9 @@ def test_inputs_of_the_qwen3_4b_stage3_preset():
     assert inputs.passes_per_step == 1 and inputs.fsdp and inputs.engine_weight_bytes == 2
     assert inputs.engine_released_for_update  # release_engine_for_update auto on a CUDA plan
     assert inputs.kv_pool_bytes == 20 * GIB and inputs.decode_rows == 256
-    capped = inputs_from_config("stage3", stage_config("stage3", micro_batch_tokens=31000), shape, 8,
-                                prompt_tokens=1000)
+    capped = inputs_from_config(
+        "stage3", stage_config("stage3", micro_batch_tokens=31000), shape, 8, prompt_tokens=1000
+    )
     assert capped.units_per_pass == 1 and capped.passes_per_step == 2 and capped.engine_weight_bytes == 2
     kept = inputs_from_config("stage3", stage_config("stage3", release_engine_for_update="off"), shape, 8)
     assert not kept.engine_released_for_update
@@ -172,8 +205,9 @@ def test_tiny_models_are_known_as_npr_builds_them(spec):
     assert shape.parameters == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B",
-                                  "HuggingFaceTB/SmolLM2-135M-Instruct"])
+@pytest.mark.parametrize(
+    "name", ["Qwen/Qwen3-0.6B", "Qwen/Qwen3-4B", "Qwen/Qwen3-8B", "HuggingFaceTB/SmolLM2-135M-Instruct"]
+)
 def test_known_shapes_count_what_transformers_builds(name):
     """Each listed config, built by transformers on the meta device (no memory), has the parameters the
     planner counts (Qwen3-4B: 4.02 B, tied; Qwen3-8B: untied)."""
@@ -189,8 +223,9 @@ def test_known_shapes_count_what_transformers_builds(name):
 
 def test_without_checkpointing_the_fix_named_first_is_checkpointing():
     shape, _ = read_model_shape("Qwen/Qwen3-4B")
-    inputs = inputs_from_config("stage1", stage_config("stage1", gradient_checkpointing="false", fsdp="true"), shape,
-                                gpus=8)
+    inputs = inputs_from_config(
+        "stage1", stage_config("stage1", gradient_checkpointing="false", fsdp="true"), shape, gpus=8
+    )
     changes, fits = fitting_changes(shape, inputs, 80 * GIB, frozenset())
     assert fits and changes[0][0].setting == "gradient_checkpointing true"
 
@@ -244,8 +279,9 @@ def test_qwen3_4b_fits_8_x_80_gb(capsys, stage):
 
 
 def test_what_does_not_fit_on_one_24_gb_gpu(capsys):
-    code, out, _ = run_cli(capsys, "--preset", "qwen3-4b", "--stage", "stage1", "--gpus", "1", "--gpu-memory", "24",
-                           "--fsdp", "false")  # the preset shards, which one process refuses
+    code, out, _ = run_cli(
+        capsys, "--preset", "qwen3-4b", "--stage", "stage1", "--gpus", "1", "--gpu-memory", "24", "--fsdp", "false"
+    )  # the preset shards, which one process refuses
     last = out.strip().splitlines()[-1]
     assert code == 0 and last.startswith("peak per GPU: ") and " GiB of 24 GiB (does not fit: " in last
     assert "parameters, gradients and AdamW states alone take 59.9 GiB" in last
@@ -255,18 +291,22 @@ def test_what_does_not_fit_on_one_24_gb_gpu(capsys):
 def test_stage2_tiny_fits_and_reads_a_yaml(capsys, tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("max_seq_len: 2048\nmicro_batch_size: 2\n")
-    code, out, _ = run_cli(capsys, "--preset", "tiny", "--stage", "stage2", "--config", str(config), "--gpus", "1",
-                           "--gpu-memory", "24")
+    code, out, _ = run_cli(
+        capsys, "--preset", "tiny", "--stage", "stage2", "--config", str(config), "--gpus", "1", "--gpu-memory", "24"
+    )
     assert code == 0 and out.strip().splitlines()[-1].endswith("(fits)"), out
     assert "a pass: 2 x 2,048 tokens" in out and "model: embedded (0.13 B parameters" in out
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--model", "nobody/no-such-model"], "model 'nobody/no-such-model': no config.json found"),
-    (["--model", "@BAD"], "cannot read it as JSON"),
-    (["--micro-batch-tokenz", "5"], "unknown config field 'micro_batch_tokenz'"),
-    (["--fsdp", "true", "--gpus", "1"], "--fsdp true shards over processes and --gpus is 1"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--model", "nobody/no-such-model"], "model 'nobody/no-such-model': no config.json found"),
+        (["--model", "@BAD"], "cannot read it as JSON"),
+        (["--micro-batch-tokenz", "5"], "unknown config field 'micro_batch_tokenz'"),
+        (["--fsdp", "true", "--gpus", "1"], "--fsdp true shards over processes and --gpus is 1"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(capsys, tmp_path, argv, words):
     bad = tmp_path / "bad"
     bad.mkdir()

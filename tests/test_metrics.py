@@ -96,14 +96,24 @@ def test_format_and_invalid_schema_rates():
 
 def traced(plans: list[str], steps: list[str], size: int | None = None, **extra) -> dict:
     """A record with one parsed block (the layout of ParallelTrace.to_dict) and its engine counts."""
-    block = {"plans": [{"label": i + 1, "text": t} for i, t in enumerate(plans)],
-             "steps": [{"label": i + 1, "text": t} for i, t in enumerate(steps)], "takeaway": "t"}
-    return {"trace": {"blocks": [block]}, "parallel_blocks": 1, "branches_per_block": [len(steps)], "size": size,
-            **extra}
+    block = {
+        "plans": [{"label": i + 1, "text": t} for i, t in enumerate(plans)],
+        "steps": [{"label": i + 1, "text": t} for i, t in enumerate(steps)],
+        "takeaway": "t",
+    }
+    return {
+        "trace": {"blocks": [block]},
+        "parallel_blocks": 1,
+        "branches_per_block": [len(steps)],
+        "size": size,
+        **extra,
+    }
 
 
-TEMPLATE = [traced(["solve the problem directly", "solve it again on its own, as a check"],
-                   ["5 - 9 = -4", "So 5 - 9 is -4"]) for _ in range(4)]
+TEMPLATE = [
+    traced(["solve the problem directly", "solve it again on its own, as a check"], ["5 - 9 = -4", "So 5 - 9 is -4"])
+    for _ in range(4)
+]
 DECOMPOSED = [
     traced(["compute 3 + 4", "compute 9 - 5"], ["3 + 4 = 7", "9 - 5 = 4"], size=2),
     traced(["compute 3 + 4", "compute 9 - 5"], ["3 + 4 = 7", "9 - 5 = 7"], size=2),  # same result: redundant
@@ -141,7 +151,9 @@ def test_adaptivity_by_hand():
     mixed = [traced(["a"] * w, [str(i) for i in range(w)], size=s) for s, w in [(2, 2), (2, 3), (3, 2), (3, 3)]]
     assert m.size_branch_correlation(mixed) == pytest.approx(0.0)
     assert m.size_branch_correlation(TEMPLATE) is None  # no sizes
-    assert m.size_branch_correlation([traced(["a", "b"], ["1", "2"], size=s) for s in (2, 3, 4)]) is None  # width constant
+    assert (
+        m.size_branch_correlation([traced(["a", "b"], ["1", "2"], size=s) for s in (2, 3, 4)]) is None
+    )  # width constant
     # widths 2, 2, 3, 1: mean 2, variance (0 + 0 + 1 + 1) / 4 = 0.5
     assert m.branch_count_spread(DECOMPOSED) == pytest.approx(math.sqrt(0.5))
     assert m.branch_count_spread(TEMPLATE) == 0.0 and m.branch_count_spread([]) is None
@@ -154,7 +166,9 @@ def test_summary_carries_the_decomposition_metrics():
     group = m.summarize(DECOMPOSED)["overall"]
     assert group["plan_diversity"] == 6 / 8 and group["branch_redundancy"] == pytest.approx(1 / 3)
     assert group["distinct_plans"] == 6 and group["off_mode_plan_rate"] == 0.5
-    assert group["branches_by_size"] == {1: 1.0, 2: 2.0, 3: 3.0} and group["size_branch_correlation"] == pytest.approx(1)
+    assert group["branches_by_size"] == {1: 1.0, 2: 2.0, 3: 3.0} and group["size_branch_correlation"] == pytest.approx(
+        1
+    )
 
 
 # -- speed ----------------------------------------------------------------------------------------
@@ -170,9 +184,11 @@ def test_speed_functions():
 
 def test_median_and_speed_part_by_hand():
     assert m.median([3.0, 1.0, 2.0]) == 2.0 and m.median([4.0, 1.0, 2.0, 3.0]) == 2.5 and m.median([]) is None
-    rounds = [{"wall_s": 10.0, "baseline_wall_s": 13.0, "tokens": 300, "critical_path_tokens": 200},
-              {"wall_s": 10.0, "baseline_wall_s": 11.0, "tokens": 300, "critical_path_tokens": 200},
-              {"wall_s": 8.0, "baseline_wall_s": 12.0, "tokens": 300, "critical_path_tokens": 200}]
+    rounds = [
+        {"wall_s": 10.0, "baseline_wall_s": 13.0, "tokens": 300, "critical_path_tokens": 200},
+        {"wall_s": 10.0, "baseline_wall_s": 11.0, "tokens": 300, "critical_path_tokens": 200},
+        {"wall_s": 8.0, "baseline_wall_s": 12.0, "tokens": 300, "critical_path_tokens": 200},
+    ]
     part = m.speed_part(rounds)
     assert part["speedups"] == pytest.approx([1.3, 1.1, 1.5])  # 13/10, 11/10, 12/8
     assert part["speedup_median"] == pytest.approx(1.3)
@@ -186,15 +202,28 @@ def test_median_and_speed_part_by_hand():
 
 
 def rec(bench, pid, correct, tokens, critical, wall, **extra):
-    return {"benchmark": bench, "problem_id": pid, "correct": correct, "tokens": tokens,
-            "critical_path_tokens": critical, "wall_time_s": wall, "format_valid": True,
-            "finish_reason": "eos", "parallel_blocks": 1, "branches_per_block": [2], **extra}
+    return {
+        "benchmark": bench,
+        "problem_id": pid,
+        "correct": correct,
+        "tokens": tokens,
+        "critical_path_tokens": critical,
+        "wall_time_s": wall,
+        "format_valid": True,
+        "finish_reason": "eos",
+        "parallel_blocks": 1,
+        "branches_per_block": [2],
+        **extra,
+    }
 
 
 RUN = [
-    rec("a", "1", T, 100, 50, 1.0), rec("a", "1", F, 200, 100, 1.0),
-    rec("a", "2", F, 300, 100, 1.0), rec("a", "2", F, 100, 50, 1.0),
-    rec("b", "1", T, 400, 200, 2.0), rec("b", "1", T, 0, 0, 2.0),
+    rec("a", "1", T, 100, 50, 1.0),
+    rec("a", "1", F, 200, 100, 1.0),
+    rec("a", "2", F, 300, 100, 1.0),
+    rec("a", "2", F, 100, 50, 1.0),
+    rec("b", "1", T, 400, 200, 2.0),
+    rec("b", "1", T, 0, 0, 2.0),
 ]
 
 

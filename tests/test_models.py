@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from npr.models import (DeviceError, ModelSpecError, load_model, load_model_and_tokenizer, load_tokenizer,
-                        resolve_device, resolve_dtype, save_model)
+from npr.models import (
+    DeviceError,
+    ModelSpecError,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_device,
+    resolve_dtype,
+    save_model,
+)
 from npr.prompts import encode_prompt, prompt_text
 
 CPU_ONLY = not torch.cuda.is_available()
@@ -99,14 +107,24 @@ def test_loading_peak_memory_is_not_the_float32_size(tmp_path):
     from npr.models import load_tokenizer
 
     tok = load_tokenizer("tiny-random-llama")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
-                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     save_model(model, tok, tmp_path / "m")
     del model
-    out = subprocess.run([sys.executable, "-c", LOAD_PEAK, str(tmp_path / "m")], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD_PEAK, str(tmp_path / "m")], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     peak, params = map(int, out.stdout.split()[-2:])
     bf16_bytes, fp32_bytes = 2 * params, 4 * params
@@ -165,15 +183,23 @@ def copy_of(saved, tmp_path, name):
     return shutil.copytree(saved, tmp_path / name)
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda d: (d / "model.safetensors").unlink(), "has config.json but no weights"),
-    (lambda d: (d / "tokenizer.json").unlink(), r"has no tokenizer \(no tokenizer.json\)"),
-    (lambda d: __import__("os").truncate(d / "model.safetensors", 50_000), r"model.safetensors is truncated \(50000 of"),
-    (lambda d: __import__("os").truncate(d / "model.safetensors", 3), "model.safetensors is truncated"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 4096), "model.safetensors is truncated or corrupt"),
-    (lambda d: (d / "model.safetensors").write_bytes((12).to_bytes(8, "little") + b"not json!!!!"),
-     "model.safetensors is corrupt"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda d: (d / "model.safetensors").unlink(), "has config.json but no weights"),
+        (lambda d: (d / "tokenizer.json").unlink(), r"has no tokenizer \(no tokenizer.json\)"),
+        (
+            lambda d: __import__("os").truncate(d / "model.safetensors", 50_000),
+            r"model.safetensors is truncated \(50000 of",
+        ),
+        (lambda d: __import__("os").truncate(d / "model.safetensors", 3), "model.safetensors is truncated"),
+        (lambda d: (d / "model.safetensors").write_bytes(b"\xff" * 4096), "model.safetensors is truncated or corrupt"),
+        (
+            lambda d: (d / "model.safetensors").write_bytes((12).to_bytes(8, "little") + b"not json!!!!"),
+            "model.safetensors is corrupt",
+        ),
+    ],
+)
 def test_damaged_checkpoint_names_the_file_and_the_fix(saved_tiny, tmp_path, damage, words):
     """Missing weights, a missing tokenizer, a truncated or corrupt safetensors file: a
     ModelSpecError naming the directory or file, never a hub download hint or a traceback."""

@@ -26,8 +26,11 @@ def _remap(ids, tag_ids):
 
 
 def _flat_logits(model, ids, allowed, positions):
-    out = model(input_ids=ids[None], position_ids=positions[None],
-                attention_mask=attention_bias(allowed, model.dtype)[None, None])
+    out = model(
+        input_ids=ids[None],
+        position_ids=positions[None],
+        attention_mask=attention_bias(allowed, model.dtype)[None, None],
+    )
     return out.logits[0]
 
 
@@ -56,7 +59,7 @@ def test_flat_masked_forward_equals_per_branch_forwards(which, seed, request):
                 # prefix (with its own tree structure) + this branch alone: siblings are physically absent
                 keep = torch.cat([torch.arange(block.first_step), torch.arange(s, e)])
                 alone = _flat_logits(model, ids[keep], allowed[keep][:, keep], positions[keep])
-                worst = max(worst, (alone[block.first_step:] - flat[s:e]).abs().max().item())
+                worst = max(worst, (alone[block.first_step :] - flat[s:e]).abs().max().item())
     assert worst <= TOL, f"max abs diff {worst:.2e}"
 
 
@@ -74,8 +77,8 @@ def test_single_block_equals_plain_causal_runs(which, request):
         flat = _flat_logits(model, ids, allowed, positions)
         offset = len(prefix)
         for branch in branches:
-            alone = model(input_ids=torch.tensor([prefix + branch])).logits[0, len(prefix):]
-            diff = (alone - flat[offset:offset + len(branch)]).abs().max().item()
+            alone = model(input_ids=torch.tensor([prefix + branch])).logits[0, len(prefix) :]
+            diff = (alone - flat[offset : offset + len(branch)]).abs().max().item()
             assert diff <= TOL, f"max abs diff {diff:.2e}"
             offset += len(branch)
 

@@ -25,8 +25,17 @@ def test_every_step_leaves_loadable_artefacts(smoke_run):
     from npr.tokens import tag_token_ids
 
     out, state, _ = smoke_run
-    assert state["done"] == ["base_eval", "stage1", "zero_eval", "sample", "stage2", "beta_eval", "stage3",
-                             "npr_eval", "report"]
+    assert state["done"] == [
+        "base_eval",
+        "stage1",
+        "zero_eval",
+        "sample",
+        "stage2",
+        "beta_eval",
+        "stage3",
+        "npr_eval",
+        "report",
+    ]
     for stage in ("stage1", "stage2", "stage3"):
         assert not (out / stage / "checkpoints").exists()  # dropped once final/ is written
         model = AutoModelForCausalLM.from_pretrained(out / stage / "final")
@@ -37,11 +46,22 @@ def test_every_step_leaves_loadable_artefacts(smoke_run):
     for step in ("base_eval", "zero_eval", "beta_eval", "npr_eval", "npr_eval/baseline"):
         assert (out / step / "results.json").is_file() and (out / step / "samples.jsonl").is_file()
     results = json.loads((out / "results.json").read_text())
-    assert [r["model"] for r in results["rows"]] == ["seed model (plain)", "NPR-Zero (parallel)", "NPR-Beta (parallel)",
-                                                     "NPR (parallel)", "NPR (sequential)"]
+    assert [r["model"] for r in results["rows"]] == [
+        "seed model (plain)",
+        "NPR-Zero (parallel)",
+        "NPR-Beta (parallel)",
+        "NPR (parallel)",
+        "NPR (sequential)",
+    ]
     rows = {r["model"]: r for r in results["rows"]}
-    for key in ("plan_diversity", "distinct_plans", "off_mode_plan_rate", "branch_redundancy", "branches_by_size",
-                "size_branch_correlation"):
+    for key in (
+        "plan_diversity",
+        "distinct_plans",
+        "off_mode_plan_rate",
+        "branch_redundancy",
+        "branches_by_size",
+        "size_branch_correlation",
+    ):
         assert all(key in r for r in rows.values()), key
     npr_row = rows["NPR (parallel)"]  # the alternated timing (smoke: 2 rounds) feeds the speedup columns
     assert npr_row["speedup_median"] is not None and npr_row["latency_speedup"] is not None
@@ -59,8 +79,11 @@ def test_finished_steps_are_not_redone_and_from_redoes(smoke_run):
     before = (out / "stage1" / "final" / "model.safetensors").stat().st_mtime_ns
     lines = []
     run_pipeline("smoke", out, from_step="stage3", quiet=True, log=lines.append)
-    assert [line.split(":")[0] for line in lines if line.startswith("[")] == ["[7/9] stage3", "[8/9] npr_eval",
-                                                                            "[9/9] report"]
+    assert [line.split(":")[0] for line in lines if line.startswith("[")] == [
+        "[7/9] stage3",
+        "[8/9] npr_eval",
+        "[9/9] report",
+    ]
     assert (out / "stage1" / "final" / "model.safetensors").stat().st_mtime_ns == before
 
 
@@ -69,8 +92,23 @@ def test_bad_input(tmp_path):
         run_pipeline("huge", tmp_path / "x")
     with pytest.raises(PipelineError, match="not a step of this pipeline"):
         run_pipeline("smoke", tmp_path / "x", from_step="coldstart")
-    proc = subprocess.run([sys.executable, "-m", "npr.cli.main", "pipeline", "--preset", "smoke", "--from", "nope",
-                           "--out", str(tmp_path / "y")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "npr.cli.main",
+            "pipeline",
+            "--preset",
+            "smoke",
+            "--from",
+            "nope",
+            "--out",
+            str(tmp_path / "y"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
 
 
@@ -83,7 +121,9 @@ def test_baseline_adds_sequential_rl_in_plain_mode(smoke_run, tmp_path, monkeypa
 
     from npr.train.presets import PRESETS as TRAIN_PRESETS
 
-    monkeypatch.setitem(TRAIN_PRESETS["stage1"], "smoke", dict(TRAIN_PRESETS["stage1"]["smoke"], rollout_mode="parallel"))
+    monkeypatch.setitem(
+        TRAIN_PRESETS["stage1"], "smoke", dict(TRAIN_PRESETS["stage1"]["smoke"], rollout_mode="parallel")
+    )
     out = tmp_path / "smoke"
     shutil.copytree(smoke_run[0], out)
     state = run_pipeline("smoke", out, from_step="report", baseline=True, quiet=True, log=lambda _: None)
@@ -109,6 +149,7 @@ def fake_steps(monkeypatch):
             ran.append(name)
             run.step_dir(name).mkdir(parents=True, exist_ok=True)
             (run.step_dir(name) / "made").write_text(name)
+
         return step
 
     monkeypatch.setattr(pipeline, "STEP_FUNCTIONS", {name: make(name) for name in pipeline.STEPS})
@@ -185,8 +226,10 @@ def test_table_cells_by_hand():
 
     assert speed_text(1.3125, 1.2, 1.4, 1.62) == "1.31× [1.20–1.40] (ideal 1.62×)" and speed_text(None, 1, 2, 3) == "–"
     assert by_size_text({"2": 2.0, "3": 2.94, "4": 3.8}) == "2: 2.0, 3: 2.9, 4: 3.8" and by_size_text({}) == "–"
-    speed = {"batched": {"speedup_median": 1.2, "speedup_min": 1.1, "speedup_max": 1.3, "ideal": 1.6},
-             "batch1": {"speedup_median": 1.5, "speedup_min": 1.4, "speedup_max": 1.55, "ideal": 1.7}}
+    speed = {
+        "batched": {"speedup_median": 1.2, "speedup_min": 1.1, "speedup_max": 1.3, "ideal": 1.6},
+        "batch1": {"speedup_median": 1.5, "speedup_min": 1.4, "speedup_max": 1.55, "ideal": 1.7},
+    }
     row = {"distinct_plans": 212, "plan_diversity": 0.4, **speed_fields(speed)}
     assert cell(row, "latency_speedup", "latency") == "1.50× [1.40–1.55] (ideal 1.70×)"
     assert cell(row, "distinct_plans", "int") == "212" and cell(row, "plan_diversity", "pct") == "40.0%"
@@ -202,12 +245,24 @@ def test_results_table_keeps_whole_cells_in_a_log_file(tmp_path):
 
     from npr.cli.pipeline import print_results
 
-    row = {"model": "NPR-Beta (parallel)", "avg_at_k": 0.2109375, "best_at_k": 0.3125, "format_valid_rate": 0.546875,
-           "trigger_rate": 0.9921875, "branches_per_block": 2.7165, "plan_diversity": 0.3568, "distinct_plans": 76,
-           "branch_redundancy": 0.0, "branches_by_size": {"2": 1.9375, "3": 2.8, "4": 3.109},
-           "size_branch_correlation": 0.4354, "tokens_per_second": 256.7, "speedup": None}
-    (tmp_path / "results.json").write_text(json.dumps({"preset": "tiny", "held_out": "gen:x", "k": 4, "rows": [row],
-                                                       "total_seconds": 60.0}))
+    row = {
+        "model": "NPR-Beta (parallel)",
+        "avg_at_k": 0.2109375,
+        "best_at_k": 0.3125,
+        "format_valid_rate": 0.546875,
+        "trigger_rate": 0.9921875,
+        "branches_per_block": 2.7165,
+        "plan_diversity": 0.3568,
+        "distinct_plans": 76,
+        "branch_redundancy": 0.0,
+        "branches_by_size": {"2": 1.9375, "3": 2.8, "4": 3.109},
+        "size_branch_correlation": 0.4354,
+        "tokens_per_second": 256.7,
+        "speedup": None,
+    }
+    (tmp_path / "results.json").write_text(
+        json.dumps({"preset": "tiny", "held_out": "gen:x", "k": 4, "rows": [row], "total_seconds": 60.0})
+    )
     buffer = io.StringIO()
     print_results(Console(file=buffer), str(tmp_path), {})
     text = buffer.getvalue()

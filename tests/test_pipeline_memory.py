@@ -29,8 +29,13 @@ print(kept, rss_mib())
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_a_finished_steps_freed_memory_leaves_the_process():
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "NPR_MALLOC_TUNING": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NPR_MALLOC_TUNING": "1"},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     kept, after = map(float, out.stdout.split())
     assert kept - after > 400  # MiB: the tuned heap kept the freed tensor until the trim

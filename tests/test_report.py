@@ -12,7 +12,12 @@ import pytest
 from npr.cli.main import main
 from npr.eval.report import bar_chart, build_report, line_chart, nice_max, scatter_chart, write_report
 from npr.eval.viewer import (
-    TraceFileError, block_execution, normalize_record, read_records, render_viewer_page, script_json,
+    TraceFileError,
+    block_execution,
+    normalize_record,
+    read_records,
+    render_viewer_page,
+    script_json,
 )
 
 NPR_TEXT = """<guideline>
@@ -29,19 +34,37 @@ NPR_TEXT = """<guideline>
 fifty and seven make 57
 </takeaway>
 The answer is \\boxed{57}."""
-MULTIVERSE_TEXT = ("Think.<Parallel><Goal><Outline>1: small cases</Outline><Outline>2: formula</Outline></Goal>"
-                   "<Path>1: n=1 gives 1</Path><Path>2: n(n+1)/2</Path><Conclusion>agree</Conclusion></Parallel>"
-                   "So \\boxed{55}.")
+MULTIVERSE_TEXT = (
+    "Think.<Parallel><Goal><Outline>1: small cases</Outline><Outline>2: formula</Outline></Goal>"
+    "<Path>1: n=1 gives 1</Path><Path>2: n(n+1)/2</Path><Conclusion>agree</Conclusion></Parallel>"
+    "So \\boxed{55}."
+)
 EVIL = "I give up </script><script>window.__pwned=1</script> <!-- \u2028 & \\boxed{1}"
 
 
 def sample(i: int, correct: bool, output: str = NPR_TEXT, **extra) -> dict:
     """Record i: benchmark math500 for i < 4 else aime24, problems p0 (i % 4 < 2) and p1, two samples each."""
-    record = {"benchmark": "math500" if i < 4 else "aime24", "problem_id": f"p{i % 4 // 2}", "sample": i % 2,
-              "problem": "What is 23 + 34?", "prompt": "SYSTEM\nWhat is 23 + 34?", "answer": "57", "output": output,
-              "pred": "57" if correct else "58", "correct": correct, "reward": float(correct), "mode": "parallel",
-              "finish_reason": "eos", "diagnostic": None, "parallel_blocks": 1, "branches_per_block": [2],
-              "tokens": 120 + i, "critical_path_tokens": 70, "forward_passes": 75, "wall_time_s": 1.5}
+    record = {
+        "benchmark": "math500" if i < 4 else "aime24",
+        "problem_id": f"p{i % 4 // 2}",
+        "sample": i % 2,
+        "problem": "What is 23 + 34?",
+        "prompt": "SYSTEM\nWhat is 23 + 34?",
+        "answer": "57",
+        "output": output,
+        "pred": "57" if correct else "58",
+        "correct": correct,
+        "reward": float(correct),
+        "mode": "parallel",
+        "finish_reason": "eos",
+        "diagnostic": None,
+        "parallel_blocks": 1,
+        "branches_per_block": [2],
+        "tokens": 120 + i,
+        "critical_path_tokens": 70,
+        "forward_passes": 75,
+        "wall_time_s": 1.5,
+    }
     record.update(extra)
     return record
 
@@ -69,7 +92,9 @@ def test_normalize_keeps_runner_fields_and_reads_other_formats():
     multiverse = normalize_record(MULTIVERSE_TEXT)
     assert multiverse["trace"]["source_format"] == "multiverse" and multiverse["format_valid"] is None
     assert [s["text"] for s in multiverse["trace"]["blocks"][0]["steps"]] == ["n=1 gives 1", "n(n+1)/2"]
-    r1 = normalize_record({"response": "<Parallel><Path>a</Path><Path>b</Path></Parallel><Summary>s</Summary> \\boxed{2}"})
+    r1 = normalize_record(
+        {"response": "<Parallel><Path>a</Path><Path>b</Path></Parallel><Summary>s</Summary> \\boxed{2}"}
+    )
     assert r1["trace"]["source_format"] == "parallel-r1" and r1["pred"] == "2"
     with pytest.raises(ValueError, match="no trace and no text field"):
         normalize_record({"answer": "1"})
@@ -84,7 +109,9 @@ def test_block_execution():
 
 def test_read_records_formats(tmp_path):
     jsonl = tmp_path / "s.jsonl"
-    jsonl.write_text(json.dumps(sample(0, True)) + "\n\n" + json.dumps({"text": MULTIVERSE_TEXT}) + "\n", encoding="utf-8")
+    jsonl.write_text(
+        json.dumps(sample(0, True)) + "\n\n" + json.dumps({"text": MULTIVERSE_TEXT}) + "\n", encoding="utf-8"
+    )
     assert [r["trace"]["source_format"] for r in read_records(jsonl)] == ["npr", "multiverse"]
     as_json = tmp_path / "s.json"
     as_json.write_text(json.dumps({"samples": [NPR_TEXT, {"output": NPR_TEXT}]}), encoding="utf-8")
@@ -94,11 +121,14 @@ def test_read_records_formats(tmp_path):
     assert read_records(txt)[0]["pred"] == "55"
 
 
-@pytest.mark.parametrize("content,words", [
-    ('{"output": "x"}\n{oops\n', ":2: not valid JSON"),
-    ('{"output": "x"}\n[1, 2]\n', ":2: a JSON list"),
-    ('{"answer": "1"}\n', ":1: no trace and no text field"),
-])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        ('{"output": "x"}\n{oops\n', ":2: not valid JSON"),
+        ('{"output": "x"}\n[1, 2]\n', ":2: a JSON list"),
+        ('{"answer": "1"}\n', ":1: no trace and no text field"),
+    ],
+)
 def test_read_records_errors_name_file_and_line(tmp_path, content, words):
     path = tmp_path / "bad.jsonl"
     path.write_text(content, encoding="utf-8")
@@ -174,8 +204,14 @@ def test_report_has_table_plots_curves_and_viewer(tmp_path):
     records = [sample(i, c) for i, c in enumerate(correct)]
     baseline = [dict(r, mode="sequential", parallel_blocks=0, branches_per_block=[]) for r in records]
     curves = {"stage1": [{"step": 1, "reward": -1.0, "format_valid_rate": 0.2}, {"step": 2, "reward": 0.5}]}
-    path = write_report(tmp_path / "run", records, wall_time_s={"math500": 2.0, "aime24": 2.0},
-                        baseline_records=baseline, baseline_wall_time_s={"math500": 5.0, "aime24": 3.0}, curves=curves)
+    path = write_report(
+        tmp_path / "run",
+        records,
+        wall_time_s={"math500": 2.0, "aime24": 2.0},
+        baseline_records=baseline,
+        baseline_wall_time_s={"math500": 5.0, "aime24": 3.0},
+        curves=curves,
+    )
     assert path == tmp_path / "run" / "report.html"
     page = path.read_text(encoding="utf-8")
     row = re.search(r"<tr class=\"\"><th>aime24</th>(.*?)</tr>", page).group(1)
@@ -190,8 +226,13 @@ def test_report_has_table_plots_curves_and_viewer(tmp_path):
 
 
 def test_report_lists_problems_that_did_not_run(tmp_path):
-    failure = {"benchmark": "math500", "problem_id": "p9", "failure": "prompt_too_long", "location": "m.jsonl:9",
-               "message": "m.jsonl:9: problem 'p9': prompt_too_long: 5000 prompt tokens + ... exceed 4096"}
+    failure = {
+        "benchmark": "math500",
+        "problem_id": "p9",
+        "failure": "prompt_too_long",
+        "location": "m.jsonl:9",
+        "message": "m.jsonl:9: problem 'p9': prompt_too_long: 5000 prompt tokens + ... exceed 4096",
+    }
     page = build_report([sample(0, True)], failures=[failure, dict(failure, problem_id="p10", location="m.jsonl:10")])
     section = re.search(r'<section id="failures">(.*?)</section>', page, re.S).group(1)
     assert "Problems not evaluated (2)" in section and "prompt_too_long ×2" in section
@@ -227,9 +268,18 @@ def test_npr_view_bad_input_is_a_clear_error(tmp_path, capsys):
 
 # -- headless Chromium ----------------------------------------------------------------------------
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--enable-logging=stderr", "--v=0"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
 
 
 def chromium_dump(page_path, tmp_path) -> tuple[str, list[str]]:
@@ -238,8 +288,12 @@ def chromium_dump(page_path, tmp_path) -> tuple[str, list[str]]:
     if binary is None:
         pytest.skip("headless Chromium not found; install it with `apt-get install -y chromium` (Debian)")
     profile = tmp_path / f"profile-{page_path.stem}"
-    out = subprocess.run([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page_path.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page_path.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout, [line for line in out.stderr.splitlines() if ":CONSOLE" in line]
 
@@ -255,8 +309,18 @@ def test_console_errors_are_detected(tmp_path):
 
 @pytest.mark.browser
 def test_report_renders_branches_side_by_side_in_chromium(tmp_path):
-    records = [sample(0, True), sample(1, False, output=EVIL, parallel_blocks=0, branches_per_block=[],
-                                       finish_reason="invalid_schema", diagnostic={"kind": "no_block"})]
+    records = [
+        sample(0, True),
+        sample(
+            1,
+            False,
+            output=EVIL,
+            parallel_blocks=0,
+            branches_per_block=[],
+            finish_reason="invalid_schema",
+            diagnostic={"kind": "no_block"},
+        ),
+    ]
     path = write_report(tmp_path, records, curves={"stage1": [{"step": 1, "reward": 0.1}, {"step": 2, "reward": 0.4}]})
     dom, console = chromium_dump(path, tmp_path)
     assert console == [], console
@@ -287,7 +351,9 @@ def test_viewer_filters_stay_inside_the_side_panel_at_1400px(tmp_path):
             assert box["right"] < main_pane["left"], (control, box, main_pane)
         assert browser.console_errors() == []
         # the check can fail: with the old rule (controls sized to their content) the select overflows
-        browser.evaluate("document.head.appendChild(Object.assign(document.createElement('style'),{textContent:"
-                         "'.v-filters{grid-template-columns:none}.v-filters select,.v-filters input{width:auto;min-width:auto}'}))"
-                         " && true")
+        browser.evaluate(
+            "document.head.appendChild(Object.assign(document.createElement('style'),{textContent:"
+            "'.v-filters{grid-template-columns:none}.v-filters select,.v-filters input{width:auto;min-width:auto}'}))"
+            " && true"
+        )
         assert browser.rect("#f-bench")["right"] > side["right"]

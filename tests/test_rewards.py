@@ -31,8 +31,10 @@ def math_problem(answer: str) -> Problem:
 @pytest.fixture(scope="module")
 def chain_sum() -> list[Problem]:
     entries = list(reasoning_gym.create_dataset("chain_sum", size=3, seed=7, min_terms=2, max_terms=2))
-    return [Problem(id=str(i), problem=e["question"], answer=e["answer"], source="rg:chain_sum", rg_entry=e)
-            for i, e in enumerate(entries)]
+    return [
+        Problem(id=str(i), problem=e["question"], answer=e["answer"], source="rg:chain_sum", rg_entry=e)
+        for i, e in enumerate(entries)
+    ]
 
 
 # ---------------------------------------------------------------- math
@@ -68,9 +70,15 @@ def test_power_towers_are_wrong_without_reaching_sympy():
     results = []
     worker = threading.Thread(
         target=lambda: results.extend(
-            [math_correct("\\boxed{9^{9^{9}}}", "5"), math_correct("\\boxed{(10^{10})!}", "5"),
-             math_correct("\\boxed{10^{10^{10}}}", "10^{10^{10}}"), math_correct("\\boxed{2^{2024}}", "2^{2024}"),
-             math_correct("\\boxed{2^{10}}", "1024"), math_correct("\\boxed{5}", "10^{10^{10}}")]),
+            [
+                math_correct("\\boxed{9^{9^{9}}}", "5"),
+                math_correct("\\boxed{(10^{10})!}", "5"),
+                math_correct("\\boxed{10^{10^{10}}}", "10^{10^{10}}"),
+                math_correct("\\boxed{2^{2024}}", "2^{2024}"),
+                math_correct("\\boxed{2^{10}}", "1024"),
+                math_correct("\\boxed{5}", "10^{10^{10}}"),
+            ]
+        ),
         daemon=True,
     )
     worker.start()
@@ -84,8 +92,14 @@ def test_empty_reference_answer_is_a_data_error():
 
 
 def test_math_grading_is_thread_safe():
-    cases = [("\\boxed{\\frac{1}{2}}", "0.5", True), ("\\boxed{57}", "57", True), ("\\boxed{56}", "57", False),
-             ("\\boxed{x^2+1}", "1+x^2", True), ("\\boxed{(1,2)}", "(1, 2)", True), ("no answer", "3", False)] * 8
+    cases = [
+        ("\\boxed{\\frac{1}{2}}", "0.5", True),
+        ("\\boxed{57}", "57", True),
+        ("\\boxed{56}", "57", False),
+        ("\\boxed{x^2+1}", "1+x^2", True),
+        ("\\boxed{(1,2)}", "(1, 2)", True),
+        ("no answer", "3", False),
+    ] * 8
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(lambda c: math_correct(c[0], c[1]), cases))
     assert results == [c[2] for c in cases]
@@ -118,8 +132,13 @@ def test_partial_credit_counts_as_wrong(chain_sum):
 def test_rg_score_needs_an_entry_and_a_known_task():
     with pytest.raises(ValueError, match="no reasoning-gym entry"):
         rg_score("\\boxed{1}", math_problem("1"))
-    bogus = Problem(id="x", problem="?", answer="1", source="rg:no_such_task",
-                    rg_entry={"question": "?", "answer": "1", "metadata": {}})
+    bogus = Problem(
+        id="x",
+        problem="?",
+        answer="1",
+        source="rg:no_such_task",
+        rg_entry={"question": "?", "answer": "1", "metadata": {}},
+    )
     with pytest.raises(ValueError, match="no task 'no_such_task'"):
         rg_score("\\boxed{1}", bogus)
 
@@ -152,7 +171,9 @@ def test_stage1_reward_is_format_penalty_then_accuracy():
     assert stage1_reward(VALID_BLOCK + "\\boxed{2}", p) == -1.0
     # invalid format: the penalty, even with a correct answer
     assert stage1_reward("\\boxed{1}", p) == pytest.approx(-1.5)  # no block
-    assert stage1_reward(VALID_BLOCK.replace("abcdef</takeaway>", "ok</takeaway>") + "\\boxed{1}", p) == pytest.approx(-0.4)
+    assert stage1_reward(VALID_BLOCK.replace("abcdef</takeaway>", "ok</takeaway>") + "\\boxed{1}", p) == pytest.approx(
+        -0.4
+    )
     assert stage1_reward(VALID_BLOCK, p) == pytest.approx(-1.0)  # missing answer
     # an empty response: no block, a stop violation (-1.5) that ends the scoring before the
     # missing answer would add its own -1.0; the same as a correct answer without a block

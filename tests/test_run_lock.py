@@ -26,16 +26,22 @@ with hold(sys.argv[1]):
 
 
 def npr(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "npr.cli.main", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "npr.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
 
 
 class Holder:
     """A separate process holding the lock of ``path`` until killed."""
 
     def __init__(self, path: Path, kind: str = "dir"):
-        self.process = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), kind], stdout=subprocess.PIPE,
-                                        text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path), kind], stdout=subprocess.PIPE, text=True
+        )
         assert self.process.stdout.readline().strip() == "locked"
 
     def kill9(self) -> None:
@@ -79,9 +85,29 @@ def test_two_trainings_started_together_on_one_dir_one_wins_and_the_metrics_are_
     """The issue's case: both exited 0 and metrics.jsonl interleaved steps 1,1,2,2,3,3."""
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    procs = [subprocess.Popen([sys.executable, "-m", "npr.cli.main", "train", "stage2", "--preset", "smoke",
-                               "--out", str(run), "--quiet", "--learning-rate", lr], stderr=subprocess.PIPE,
-                              stdout=subprocess.DEVNULL, text=True, env=env) for lr in ("1e-3", "2e-3")]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "npr.cli.main",
+                "train",
+                "stage2",
+                "--preset",
+                "smoke",
+                "--out",
+                str(run),
+                "--quiet",
+                "--learning-rate",
+                lr,
+            ],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        for lr in ("1e-3", "2e-3")
+    ]
     outcomes = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
     for p in procs:
         p.stderr.close()
@@ -99,9 +125,11 @@ def test_two_trainings_started_together_on_one_dir_one_wins_and_the_metrics_are_
 def test_other_run_commands_refuse_a_locked_out(tmp_path, holder, command):
     run = tmp_path / "run"
     h = holder(run)
-    argv = {"eval": ["eval", "--model", "tiny-random-llama", "--benchmarks", "rg:chain_sum?size=2&seed=1&terms=2"],
-            "sample": ["sample", "--preset", "smoke", "--model", "tiny-random-llama"],
-            "pipeline": ["pipeline", "--preset", "smoke"]}[command]
+    argv = {
+        "eval": ["eval", "--model", "tiny-random-llama", "--benchmarks", "rg:chain_sum?size=2&seed=1&terms=2"],
+        "sample": ["sample", "--preset", "smoke", "--model", "tiny-random-llama"],
+        "pipeline": ["pipeline", "--preset", "smoke"],
+    }[command]
     _refused(npr(*argv, "--out", str(run)), command, h)
     assert list(run.iterdir()) == []
 

@@ -62,8 +62,9 @@ def forced(tiny_llama):
     """Every answer forced into one block of 3 branches (of 2, 4 and 1 tokens), short so that serving 64 of them one at
     a time stays cheap; the text tokens are the model's own greedy choice."""
     forcer = StructureForcer(tiny_llama[1], [[2, 4, 1]], plan_tokens=1, takeaway_tokens=2, final_tokens=2, answer=None)
-    with make_server(tiny_llama, {"max_num_seqs": 64, "kv_cache_tokens": 1 << 17}, system_prompt="none",
-                     logits_processors=(forcer,)) as s:
+    with make_server(
+        tiny_llama, {"max_num_seqs": 64, "kv_cache_tokens": 1 << 17}, system_prompt="none", logits_processors=(forcer,)
+    ) as s:
         yield s
 
 
@@ -89,8 +90,10 @@ def test_chat_with_a_seed_equals_npr_generate(server, capsys):
     two = c.chat.completions.create(**{**kw, "n": 2})
     texts = [ch.message.content for ch in two.choices]
     assert [ch.index for ch in two.choices] == [0, 1] and texts[0] == text and texts[1] != text  # sample 0 is n=1's
-    assert npr_generate(capsys, "--temperature", "1", "--seed", "11", "--max-new-tokens", "48", "--n", "2") == \
-        texts[0] + "\n" + texts[1] + "\n"
+    assert (
+        npr_generate(capsys, "--temperature", "1", "--seed", "11", "--max-new-tokens", "48", "--n", "2")
+        == texts[0] + "\n" + texts[1] + "\n"
+    )
     usage = two.usage
     assert usage.completion_tokens == sum(ch.npr["stats"]["generated_tokens"] for ch in two.choices)
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > 600  # the NPR instruction is in
@@ -100,8 +103,9 @@ def test_chat_with_a_seed_equals_npr_generate(server, capsys):
 
 def test_streaming_chat_gives_the_same_text_and_usage(server):
     c = client(server)
-    kw = dict(model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=40, temperature=1.0, seed=5,
-              n=2)
+    kw = dict(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=40, temperature=1.0, seed=5, n=2
+    )
     whole = c.chat.completions.create(**kw)
     texts, finish, usage, roles = ["", ""], [None, None], None, set()
     for chunk in c.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
@@ -147,11 +151,15 @@ def test_vllm_sampling_extras_are_honoured(server, tiny_llama):
     assert text(same) == text(greedy) != text(penalised)
     stop = text(greedy)[5:9]
     kept = c.chat.completions.create(**kw, temperature=0, stop=[stop], extra_body={"include_stop_str_in_output": True})
-    assert text(kept) == text(greedy)[:text(greedy).index(stop) + len(stop)]
+    assert text(kept) == text(greedy)[: text(greedy).index(stop) + len(stop)]
     bare = c.chat.completions.create(**kw, temperature=0, extra_body={"add_generation_prompt": False})
     assert bare.usage.prompt_tokens < greedy.usage.prompt_tokens
-    usages = [chunk.usage for chunk in c.chat.completions.create(
-        **kw, temperature=0, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True})]
+    usages = [
+        chunk.usage
+        for chunk in c.chat.completions.create(
+            **kw, temperature=0, stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}
+        )
+    ]
     assert all(u is not None for u in usages)
     assert [u.completion_tokens for u in usages] == sorted(u.completion_tokens for u in usages)
     assert usages[-1].completion_tokens == greedy.usage.completion_tokens and usages[0].prompt_tokens > 0
@@ -176,8 +184,9 @@ def test_vllm_sampling_extras_are_honoured(server, tiny_llama):
 
 def test_completions_and_logprobs(server):
     c = client(server)
-    r = c.completions.create(model=MODEL, prompt=["Once upon", "In a galaxy"], max_tokens=12, n=2, temperature=0,
-                             logprobs=0)
+    r = c.completions.create(
+        model=MODEL, prompt=["Once upon", "In a galaxy"], max_tokens=12, n=2, temperature=0, logprobs=0
+    )
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3] and r.object == "text_completion"
     assert r.choices[0].text == r.choices[1].text  # greedy: the n samples agree
     lp = r.choices[0].logprobs
@@ -188,8 +197,9 @@ def test_completions_and_logprobs(server):
     assert r.usage.prompt_tokens == len("Once upon") + len("In a galaxy")  # one byte per token
     default = c.completions.create(model=MODEL, prompt="Once upon", temperature=0)
     assert default.choices[0].npr["stats"]["generated_tokens"] <= 16  # OpenAI's default budget
-    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
-                                     temperature=0, logprobs=True)
+    chat = c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, logprobs=True
+    )
     entries = chat.choices[0].logprobs.content
     assert 0 < len(entries) <= chat.choices[0].npr["stats"]["generated_tokens"]
     assert all(e.logprob is None or e.logprob <= 0 for e in entries)
@@ -207,7 +217,7 @@ def test_stop_strings_end_the_answer(server):
     full = c.completions.create(**kw).choices[0].text
     stop = full[5:8]
     cut = c.completions.create(**kw, stop=[stop]).choices[0]
-    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(**kw, stop=stop, stream=True))
     assert streamed == cut.text
 
@@ -231,22 +241,32 @@ def error(response: httpx.Response, status: int) -> dict:
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
-@pytest.mark.parametrize("body,param", [
-    (b'{"model": "tiny", "messages": [', None),
-    ({**CHAT, "temperature": "warm"}, "temperature"),
-    ({**CHAT, "messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content"),
-    ({**CHAT, "presence_penalty": 1.0}, "presence_penalty"),
-    ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        (b'{"model": "tiny", "messages": [', None),
+        ({**CHAT, "temperature": "warm"}, "temperature"),
+        ({**CHAT, "messages": [{"role": "user", "content": ["hi"]}]}, "messages[0].content"),
+        ({**CHAT, "presence_penalty": 1.0}, "presence_penalty"),
+        ({**CHAT, "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
 def test_bad_requests_get_400_naming_the_field(server, body, param):
     assert error(post(server, "/v1/chat/completions", body), 400)["param"] == param
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "hi \ud800"}]}, "messages[0].content"),
-    ("/v1/chat/completions", {**CHAT, "stop": ["ok", "\udfff"]}, "stop[1]"),
-    ("/v1/completions", {"model": MODEL, "prompt": "a\udc80"}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        (
+            "/v1/chat/completions",
+            {**CHAT, "messages": [{"role": "user", "content": "hi \ud800"}]},
+            "messages[0].content",
+        ),
+        ("/v1/chat/completions", {**CHAT, "stop": ["ok", "\udfff"]}, "stop[1]"),
+        ("/v1/completions", {"model": MODEL, "prompt": "a\udc80"}, "prompt"),
+    ],
+)
 def test_invalid_unicode_gets_400_naming_the_field(server, path, body, param):
     """Before: a lone surrogate reached the tokenizer and the server answered 500."""
     err = error(post(server, path, body), 400)
@@ -289,7 +309,8 @@ def test_api_key(tiny_llama):
             client(s, api_key="wrong").models.list()
         assert client(s, api_key="s3cret").models.list().data[0].id == MODEL
         r = client(s, api_key="s3cret").chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3)
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3
+        )
         assert r.choices[0].message.content is not None
         health = httpx.get(s.url + "/health").json()  # open, for load balancers; it says a key is needed
         assert health["auth"] is True and health["status"] == "ok"
@@ -298,10 +319,12 @@ def test_api_key(tiny_llama):
 
 def test_a_full_queue_answers_503_with_retry_after(tiny_llama):
     forcer = StructureForcer(tiny_llama[1], [[1500, 1500]])
-    with make_server(tiny_llama, {"max_num_seqs": 1}, max_queue=1, system_prompt="none",
-                     logits_processors=(forcer,)) as s:
+    with make_server(
+        tiny_llama, {"max_num_seqs": 1}, max_queue=1, system_prompt="none", logits_processors=(forcer,)
+    ) as s:
         c = client(s)
         long = dict(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3100, stream=True)
+
         def wait_for(running: int, queued: int) -> None:
             deadline = time.monotonic() + 30
             while (h := httpx.get(s.url + "/health").json())["running"] != running or h["queued"] != queued:
@@ -325,8 +348,9 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_llama):
 def stream_answer(c: OpenAI, question: str) -> tuple[str, str, dict, int]:
     """(content, finish reason, branch text per (block, branch), extension chunks) of one streamed answer."""
     content, finish, branches, extension_chunks = "", None, {}, 0
-    for chunk in c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": question}],
-                                           max_tokens=400, temperature=0, stream=True):
+    for chunk in c.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=400, temperature=0, stream=True
+    ):
         for ch in chunk.choices:
             content += (getattr(ch.delta, "reasoning_content", None) or "") + (ch.delta.content or "")
             finish = ch.finish_reason or finish
@@ -388,8 +412,13 @@ def test_disconnects_mid_stream_free_the_kv(tiny_llama):
         inside, checked = threading.Barrier(11), threading.Barrier(11)
 
         def go(i):
-            stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": f"q{i}"}],
-                                               max_tokens=3100, temperature=0, stream=True)
+            stream = c.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": f"q{i}"}],
+                max_tokens=3100,
+                temperature=0,
+                stream=True,
+            )
             chunks = iter(stream)  # held until the hang-up: dropping the iterator would close the connection
             for chunk in chunks:
                 if chunk.choices and getattr(chunk.choices[0], "npr", None):  # inside the block: KV held
@@ -440,8 +469,9 @@ def test_draining_refuses_new_requests_and_cancels_after_the_timeout(tiny_llama)
     forcer = StructureForcer(tiny_llama[1], [[1500, 1500]])
     with make_server(tiny_llama, system_prompt="none", logits_processors=(forcer,)) as s:
         c = client(s)
-        stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3100,
-                                           temperature=0, stream=True)
+        stream = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=3100, temperature=0, stream=True
+        )
         chunks = iter(stream)
         next(chunks)
         s.server.config.app.state.api.loop.drain(0.5)
@@ -465,8 +495,9 @@ def test_version_tokenize_and_detokenize_in_vllm_shapes(server):
     body = r.json()
     assert body["count"] == len(body["tokens"]) == len(body["token_strs"]) and body["max_model_len"] > 0
     assert httpx.post(server.url + "/detokenize", json={"tokens": body["tokens"]}).json()["prompt"].endswith("hi there")
-    chat = client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
-                                                   max_tokens=2, temperature=0)
+    chat = client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=2, temperature=0
+    )
     counted = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": QUESTION}]}).json()
     assert counted["count"] == chat.usage.prompt_tokens  # the ids a chat request prefills
     bad = httpx.post(server.url + "/detokenize", json={"tokens": [10**9]})
@@ -476,8 +507,9 @@ def test_version_tokenize_and_detokenize_in_vllm_shapes(server):
 
 
 def test_metrics_in_prometheus_text_format(server):
-    client(server).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": QUESTION}],
-                                           max_tokens=5, temperature=0)
+    client(server).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=5, temperature=0
+    )
     wait_until_idle(server)
     r = httpx.get(server.url + "/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -495,8 +527,11 @@ def test_metrics_in_prometheus_text_format(server):
 
 
 def test_cors_is_off_by_default_and_follows_allowed_origins(server, tiny_llama):
-    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     assert httpx.options(server.url + "/v1/chat/completions", headers=preflight).status_code == 405
     with make_server(tiny_llama, allowed_origins=("http://app.example",)) as s:
         r = httpx.options(s.url + "/v1/chat/completions", headers=preflight)

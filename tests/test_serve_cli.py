@@ -20,8 +20,22 @@ except ImportError:
     import httpx
 
 SERVE = [sys.executable, "-m", "npr.cli.main", "serve"]
-TINY = ["--model", "tiny-random-llama", "--dtype", "float32", "--threads", "1", "--kv-cache-tokens", "65536",
-        "--port", "0", "--mode", "plain", "--log-level", "warning"]
+TINY = [
+    "--model",
+    "tiny-random-llama",
+    "--dtype",
+    "float32",
+    "--threads",
+    "1",
+    "--kv-cache-tokens",
+    "65536",
+    "--port",
+    "0",
+    "--mode",
+    "plain",
+    "--log-level",
+    "warning",
+]
 
 
 def test_help_explains_the_server():
@@ -37,16 +51,22 @@ def test_a_taken_port_is_a_clear_error_before_loading():
         taken.listen(1)
         port = taken.getsockname()[1]
         start = time.monotonic()
-        out = subprocess.run([*SERVE, "--model", "./no-such-model", "--port", str(port)], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [*SERVE, "--model", "./no-such-model", "--port", str(port)], capture_output=True, text=True, timeout=60
+        )
     assert out.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in out.stderr
     assert "Traceback" not in out.stderr and "does not exist" not in out.stderr  # refused before the model loads
     assert time.monotonic() - start < 30
 
 
 def start_server(*extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([*SERVE, *TINY, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [*SERVE, *TINY, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     deadline, seen = time.monotonic() + 120, ""
     while time.monotonic() < deadline:
         ready, _, _ = select.select([proc.stderr], [], [], 1.0)
@@ -110,19 +130,22 @@ def test_sigterm_drains_and_a_second_signal_cancels_then_exit_0():
             proc.wait()
 
 
-@pytest.mark.parametrize("argv, env, words", [
-    (["--api-key", ""], {}, "--api-key is empty, which would switch authentication off"),
-    (["--api-key", "   "], {}, "--api-key is empty"),
-    ([], {"NPR_API_KEY": ""}, "$NPR_API_KEY is empty"),
-    (["--api-key", " key"], {}, "--api-key has spaces at its ends"),
-    (["--api-key", "kéy"], {}, "outside printable ASCII"),
-    (["--kv-cache-gib", "-1"], {}, "argument --kv-cache-gib: must be > 0"),
-    (["--repetition-penalty", "nan"], {}, "argument --repetition-penalty: must be a finite number"),
-    (["--repetition-penalty", "0"], {}, "argument --repetition-penalty: must be > 0"),
-    (["--max-n", "0"], {}, "argument --max-n: must be >= 1"),
-    (["--threads", "0"], {}, "argument --threads: must be >= 1"),
-    (["--drain-timeout", "-1"], {}, "argument --drain-timeout: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, env, words",
+    [
+        (["--api-key", ""], {}, "--api-key is empty, which would switch authentication off"),
+        (["--api-key", "   "], {}, "--api-key is empty"),
+        ([], {"NPR_API_KEY": ""}, "$NPR_API_KEY is empty"),
+        (["--api-key", " key"], {}, "--api-key has spaces at its ends"),
+        (["--api-key", "kéy"], {}, "outside printable ASCII"),
+        (["--kv-cache-gib", "-1"], {}, "argument --kv-cache-gib: must be > 0"),
+        (["--repetition-penalty", "nan"], {}, "argument --repetition-penalty: must be a finite number"),
+        (["--repetition-penalty", "0"], {}, "argument --repetition-penalty: must be > 0"),
+        (["--max-n", "0"], {}, "argument --max-n: must be >= 1"),
+        (["--threads", "0"], {}, "argument --threads: must be >= 1"),
+        (["--drain-timeout", "-1"], {}, "argument --drain-timeout: must be >= 0"),
+    ],
+)
 def test_bad_keys_and_values_are_refused_at_start_up(monkeypatch, capsys, argv, env, words):
     """Fails closed: `--api-key "$KEY"` with KEY unset used to serve /v1 without a key (issue 28)."""
     from npr.cli import serve as serve_cli
@@ -177,9 +200,20 @@ def parsed(monkeypatch, argv: list[str]):
 
 
 def test_vllm_style_command_lines(monkeypatch):
-    args = parsed(monkeypatch, ["tiny-random-llama", "--dtype", "auto", "--max-model-len", "512",
-                                "--allowed-origins", '["http://a.example", "http://b.example"]',
-                                "--allowed-methods", "GET,POST"])
+    args = parsed(
+        monkeypatch,
+        [
+            "tiny-random-llama",
+            "--dtype",
+            "auto",
+            "--max-model-len",
+            "512",
+            "--allowed-origins",
+            '["http://a.example", "http://b.example"]',
+            "--allowed-methods",
+            "GET,POST",
+        ],
+    )
     assert args.model == "tiny-random-llama" and args.dtype == "bfloat16" and args.max_model_len == 512
     assert args.allowed_origins == ("http://a.example", "http://b.example") and args.allowed_methods == ("GET", "POST")
     assert parsed(monkeypatch, ["--model", "tiny-random-llama"]).model == "tiny-random-llama"
@@ -190,16 +224,22 @@ def test_vllm_style_command_lines(monkeypatch):
     assert parsed(monkeypatch, []).model == "embedded" and parsed(monkeypatch, []).allowed_origins == ()
 
 
-@pytest.mark.parametrize("argv, words", [
-    (["--gpu-memory-utilization", "1.5"], "argument --gpu-memory-utilization: must be in (0, 1]"),
-    (["--enforce-eager"], "--enforce-eager is a vLLM flag"),
-    (["--max-num-seq-s", "4"], "unrecognized argument --max-num-seq-s; the closest npr serve flag is --max-num-seqs"),
-    (["--servd-model-name", "x"], "the closest npr serve flag is --served-model-name"),
-    (["--block-size=16"], "unrecognized argument --block-size; `npr serve --help` lists the flags"),
-    (["--max-model-len", "0"], "argument --max-model-len: must be >= 1"),
-    (["--dtype", "int8"], "is not a dtype"),
-    (["--allowed-origins", "[1]"], "every item must be a string"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--gpu-memory-utilization", "1.5"], "argument --gpu-memory-utilization: must be in (0, 1]"),
+        (["--enforce-eager"], "--enforce-eager is a vLLM flag"),
+        (
+            ["--max-num-seq-s", "4"],
+            "unrecognized argument --max-num-seq-s; the closest npr serve flag is --max-num-seqs",
+        ),
+        (["--servd-model-name", "x"], "the closest npr serve flag is --served-model-name"),
+        (["--block-size=16"], "unrecognized argument --block-size; `npr serve --help` lists the flags"),
+        (["--max-model-len", "0"], "argument --max-model-len: must be >= 1"),
+        (["--dtype", "int8"], "is not a dtype"),
+        (["--allowed-origins", "[1]"], "every item must be a string"),
+    ],
+)
 def test_vllm_flags_npr_lacks_name_what_to_use(monkeypatch, capsys, argv, words):
     from npr.cli.main import main
 

@@ -48,8 +48,9 @@ def alone_and_among_others(server: BackgroundServer, **sampling) -> tuple[list, 
     c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
 
     def ask(question):
-        r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": question}], max_tokens=40,
-                                      **sampling)
+        r = c.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": question}], max_tokens=40, **sampling
+        )
         return [(ch.message.reasoning_content, ch.message.content, ch.finish_reason) for ch in r.choices]
 
     alone = ask(TARGET)

@@ -19,8 +19,9 @@ def make_engine(model_tok, mode="parallel", **kw) -> Engine:
 
 def forced_params(tok, branch_tokens=((5, 9, 3), (4, 4)), n=1, **kw) -> SamplingParams:
     forcer = StructureForcer(tok, [list(b) for b in branch_tokens])
-    return SamplingParams(max_new_tokens=400, temperature=kw.pop("temperature", 0), n=n, seed=3,
-                          logits_processors=(forcer,), **kw)
+    return SamplingParams(
+        max_new_tokens=400, temperature=kw.pop("temperature", 0), n=n, seed=3, logits_processors=(forcer,), **kw
+    )
 
 
 def canonical_order(key: tuple[int, int]) -> tuple[int, float]:
@@ -34,7 +35,8 @@ def rebuild(deltas, field="token_ids") -> dict[tuple[int, int], list]:
     streams: dict[tuple[int, int], dict[tuple[int, int], list]] = {}
     for d in deltas:
         streams.setdefault((d.prompt_index, d.sample_index), {}).setdefault((d.block, d.branch), []).extend(
-            getattr(d, field))
+            getattr(d, field)
+        )
     return {req: [t for key in sorted(segs, key=canonical_order) for t in segs[key]] for req, segs in streams.items()}
 
 
@@ -54,8 +56,9 @@ def test_deltas_rebuild_every_result(tiny_llama, mode):
     logprobs = rebuild(deltas, "logprobs")
     for r in results:
         assert rebuilt[(r.prompt_index, r.sample_index)] == r.token_ids
-        assert [None if math.isnan(x) else x for x in logprobs[(r.prompt_index, r.sample_index)]] == \
-            [None if math.isnan(x) else x for x in r.logprobs]
+        assert [None if math.isnan(x) else x for x in logprobs[(r.prompt_index, r.sample_index)]] == [
+            None if math.isnan(x) else x for x in r.logprobs
+        ]
     if mode == "plain":
         assert {(d.block, d.branch) for d in deltas} == {(0, 0)}
     else:  # two blocks, of 3 and 2 branches, streamed while they decode, not at the end
@@ -64,7 +67,7 @@ def test_deltas_rebuild_every_result(tiny_llama, mode):
         assert steps_with_branch_deltas > 5
         step_open = tok.encode("<step>", add_special_tokens=False)
         first = [d for d in deltas if d.branch == 2 and d.block == 1 and d.prompt_index == 0 and d.sample_index == 0][0]
-        assert list(first.token_ids[:len(step_open)]) == step_open  # prefilled scaffold tokens are reported too
+        assert list(first.token_ids[: len(step_open)]) == step_open  # prefilled scaffold tokens are reported too
 
 
 def run_all(engine, results):
@@ -101,13 +104,15 @@ def test_cancel_running_request_frees_its_kv_now(tiny_llama):
     fork = part.blocks[0][0][0]
     assert part.token_ids[:fork] == whole.token_ids[:fork]
     for (start, end), (ref_start, _) in zip(part.blocks[0], whole.blocks[0]):  # each branch a prefix of the full one
-        assert part.token_ids[start:end] == whole.token_ids[ref_start:ref_start + end - start]
+        assert part.token_ids[start:end] == whole.token_ids[ref_start : ref_start + end - start]
     assert used_after < used  # freed before any further step
     assert engine.cancel(1) == 0 and engine.cancel(99) == 0
     run_all(engine, results)
     assert all(r.prompt_index != 1 for r in results)  # a cancelled request is not reported again
-    assert [r.token_ids for r in sorted(results, key=lambda r: r.prompt_index)] == \
-        [reference[0].token_ids, reference[2].token_ids]  # the others are untouched
+    assert [r.token_ids for r in sorted(results, key=lambda r: r.prompt_index)] == [
+        reference[0].token_ids,
+        reference[2].token_ids,
+    ]  # the others are untouched
     assert engine.pool.used_blocks == 0
 
 

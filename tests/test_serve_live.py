@@ -30,8 +30,9 @@ def test_live_lists_a_curl_request_follows_it_and_needs_the_key(tiny_llama):
     with BackgroundServer(create_app(engine, config)) as server:
         assert httpx.get(server.url + "/live").status_code == 401
         body = {"model": "tiny", "messages": [{"role": "user", "content": "What   is\n1 + 0?"}], "max_tokens": 300}
-        sent = threading.Thread(target=lambda: httpx.post(server.url + "/v1/chat/completions", json=body,
-                                                          headers=key, timeout=60))
+        sent = threading.Thread(
+            target=lambda: httpx.post(server.url + "/v1/chat/completions", json=body, headers=key, timeout=60)
+        )
         sent.start()
         deadline = time.monotonic() + 30
         while not (snap := httpx.get(server.url + "/live", headers=key).json())["requests"]:
@@ -42,8 +43,11 @@ def test_live_lists_a_curl_request_follows_it_and_needs_the_key(tiny_llama):
         assert snap["server"]["kv_blocks_total"] == engine.pool.num_blocks and 0 <= snap["server"]["kv_usage"] <= 1
         assert snap["follow"] is None
         followed = httpx.get(server.url + "/live", params={"follow": row["id"]}, headers=key).json()["follow"]
-        assert followed == {"id": row["id"], "label": row["label"],  # held in its first step: nothing decoded yet
-                            "choices": [{"index": 0, "content": "", "done": False, "branches": []}]}
+        assert followed == {
+            "id": row["id"],
+            "label": row["label"],  # held in its first step: nothing decoded yet
+            "choices": [{"index": 0, "content": "", "done": False, "branches": []}],
+        }
         release.set()
         sent.join(60)
         assert httpx.get(server.url + "/live", headers=key).json()["requests"] == []  # ended: gone

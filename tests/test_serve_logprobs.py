@@ -34,8 +34,17 @@ def client(server: BackgroundServer) -> openai.OpenAI:
 
 
 def chat(c, **kw):
-    return c.chat.completions.create(**{"model": MODEL, "messages": MESSAGES, "max_tokens": 80, "temperature": 1.0,
-                                        "seed": 7, "logprobs": True, **kw})
+    return c.chat.completions.create(
+        **{
+            "model": MODEL,
+            "messages": MESSAGES,
+            "max_tokens": 80,
+            "temperature": 1.0,
+            "seed": 7,
+            "logprobs": True,
+            **kw,
+        }
+    )
 
 
 def test_chat_top_logprobs_match_the_engine_streamed_and_not(branched):
@@ -60,18 +69,21 @@ def test_chat_top_logprobs_match_the_engine_streamed_and_not(branched):
     api = branched.server.config.app.state.api
     ids = api.chat_prompt(parse_chat_request({"messages": MESSAGES}))
     engine = api.engine
-    params = SamplingParams(max_new_tokens=80, temperature=1.0, seed=7, top_logprobs=5,
-                            logits_processors=api.config.logits_processors)
+    params = SamplingParams(
+        max_new_tokens=80, temperature=1.0, seed=7, top_logprobs=5, logits_processors=api.config.logits_processors
+    )
     result = engine.generate([ids], params)[0]
     expected = [top for top, t in zip(result.top_logprobs, result.token_ids) if t != engine.tokenizer.eos_token_id]
-    assert [[t.logprob for t in e.top_logprobs] for e in entries] == \
-        [pytest.approx([lp for _, lp in top], abs=1e-6) for top in expected[:len(entries)]]
+    assert [[t.logprob for t in e.top_logprobs] for e in entries] == [
+        pytest.approx([lp for _, lp in top], abs=1e-6) for top in expected[: len(entries)]
+    ]
     streamed = []
     for chunk in chat(c, top_logprobs=5, stream=True):
         if chunk.choices and chunk.choices[0].logprobs:
             streamed += chunk.choices[0].logprobs.content
-    assert [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in streamed] == \
-        [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in entries]
+    assert [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in streamed] == [
+        (e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs]) for e in entries
+    ]
 
 
 def test_chat_top_logprobs_limits(branched):

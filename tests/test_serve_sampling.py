@@ -31,9 +31,12 @@ class FakeRequest(SimpleNamespace):
 
 def view(prompt=(), segments=(), used=0, temperature=1.0):
     """A stream as processors see it: its request's prompt, response segments, budget used and temperature."""
-    request = FakeRequest(group=SimpleNamespace(prompt_ids=list(prompt)), used=used,
-                          segments=[SimpleNamespace(id=i, tokens=list(t)) for i, t in enumerate(segments)],
-                          params=SimpleNamespace(temperature=temperature))
+    request = FakeRequest(
+        group=SimpleNamespace(prompt_ids=list(prompt)),
+        used=used,
+        segments=[SimpleNamespace(id=i, tokens=list(t)) for i, t in enumerate(segments)],
+        params=SimpleNamespace(temperature=temperature),
+    )
     return SimpleNamespace(request=request)
 
 
@@ -106,8 +109,10 @@ def test_skip_special_tokens_drops_special_tokens_but_not_the_tags():
 
 def test_chat_template_kwargs_and_add_generation_prompt_reach_the_template():
     tok = copy.deepcopy(TOK)
-    tok.chat_template = ("{% if greeting %}{{ greeting }}|{% endif %}{% for m in messages %}{{ m.content }}|"
-                         "{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    tok.chat_template = (
+        "{% if greeting %}{{ greeting }}|{% endif %}{% for m in messages %}{{ m.content }}|"
+        "{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    )
     api = SimpleNamespace(tokenizer=tok, config=SimpleNamespace(system_prompt="none"))
     prompt = lambda **kw: tok.decode(Api.chat_prompt(api, parse_chat_request({"messages": MESSAGES, **kw})))  # noqa
     assert prompt() == "What is 2 + 3?|A:"
@@ -115,20 +120,29 @@ def test_chat_template_kwargs_and_add_generation_prompt_reach_the_template():
     assert prompt(chat_template_kwargs={"greeting": "hi"}) == "hi|What is 2 + 3?|A:"
 
 
-@pytest.mark.parametrize("body,param,words", [
-    ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
-    ({"repetition_penalty": "1.1"}, "repetition_penalty", "valid number"),
-    ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
-    ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
-    ({"ignore_eos": "yes"}, "ignore_eos", "valid boolean"),
-    ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs.tokenize", "set by the server"),
-    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs.add_generation_prompt",
-     "top level"),
-    ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "valid dictionary"),
-    ({"stream": True, "stream_options": {"continuous_usage_stats": 1}}, "stream_options.continuous_usage_stats",
-     "valid boolean"),
-    ({"top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
-])
+@pytest.mark.parametrize(
+    "body,param,words",
+    [
+        ({"repetition_penalty": 0}, "repetition_penalty", "greater than 0"),
+        ({"repetition_penalty": "1.1"}, "repetition_penalty", "valid number"),
+        ({"min_p": 1.5}, "min_p", "less than or equal to 1"),
+        ({"min_tokens": -1}, "min_tokens", "greater than or equal to 0"),
+        ({"ignore_eos": "yes"}, "ignore_eos", "valid boolean"),
+        ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs.tokenize", "set by the server"),
+        (
+            {"chat_template_kwargs": {"add_generation_prompt": False}},
+            "chat_template_kwargs.add_generation_prompt",
+            "top level",
+        ),
+        ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "valid dictionary"),
+        (
+            {"stream": True, "stream_options": {"continuous_usage_stats": 1}},
+            "stream_options.continuous_usage_stats",
+            "valid boolean",
+        ),
+        ({"top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
+    ],
+)
 def test_bad_extra_fields_name_the_field(body, param, words):
     with pytest.raises(ApiError) as info:
         parse_chat_request({"messages": MESSAGES, **body})
@@ -136,8 +150,16 @@ def test_bad_extra_fields_name_the_field(body, param, words):
 
 
 def test_completions_take_the_extras_but_not_chat_template_fields():
-    request = parse_completion_request({"prompt": "x", "min_p": 0.1, "ignore_eos": True, "skip_special_tokens": True,
-                                        "include_stop_str_in_output": True, "repetition_penalty": 1.1})
+    request = parse_completion_request(
+        {
+            "prompt": "x",
+            "min_p": 0.1,
+            "ignore_eos": True,
+            "skip_special_tokens": True,
+            "include_stop_str_in_output": True,
+            "repetition_penalty": 1.1,
+        }
+    )
     assert request.min_p == 0.1 and request.ignore_eos
     with pytest.raises(ApiError, match="Unrecognized"):
         parse_completion_request({"prompt": "x", "chat_template_kwargs": {}})

@@ -13,10 +13,12 @@ from npr.train.overrides import resolve_config
 from npr.train.presets import PRESETS
 
 # A field the preset sets, overridden by a flag (value as typed, as parsed)
-OVERRIDE = {"stage1": ("max-new-tokens", "77", "max_new_tokens", 77),
-            "stage2": ("max-seq-len", "2000", "max_seq_len", 2000),
-            "stage3": ("max-new-tokens", "77", "max_new_tokens", 77),
-            "sample": ("max-new-tokens", "77", "max_new_tokens", 77)}
+OVERRIDE = {
+    "stage1": ("max-new-tokens", "77", "max_new_tokens", 77),
+    "stage2": ("max-seq-len", "2000", "max_seq_len", 2000),
+    "stage3": ("max-new-tokens", "77", "max_new_tokens", 77),
+    "sample": ("max-new-tokens", "77", "max_new_tokens", 77),
+}
 # what a run needs on top of the qwen3-4b presets; a model spec that does not exist: nothing may load it
 REQUIRED = ["--model", "no-such-org/no-such-model", "--train-data", "no-such-file.jsonl"]
 
@@ -42,8 +44,9 @@ def test_show_config_every_stage_and_preset(stage, preset, capsys):
     assert main([*_command(stage), "--preset", preset, "--show-config", f"--{flag}", typed, *REQUIRED]) == 0
     out = capsys.readouterr().out
     shown = yaml.safe_load(out)
-    expected = resolve_config(stage, STAGE_CONFIGS[stage], preset,
-                              flags={"model": REQUIRED[1], "train_data": REQUIRED[3], field: typed})
+    expected = resolve_config(
+        stage, STAGE_CONFIGS[stage], preset, flags={"model": REQUIRED[1], "train_data": REQUIRED[3], field: typed}
+    )
     assert shown == asdict(expected)  # every field, in YAML that --config reads back
     assert shown[field] == value
     sources = _sources(out)
@@ -76,8 +79,9 @@ def test_show_config_yaml_file_source_and_round_trip(tmp_path, capsys):
     # the printed YAML is a config file: read back, it resolves to the same config
     again = tmp_path / "shown.yaml"
     again.write_text(out)
-    assert resolve_config("stage1", STAGE_CONFIGS["stage1"], config_path=again) == \
-        resolve_config("stage1", STAGE_CONFIGS["stage1"], "tiny", cfg, {"seed": "5"})
+    assert resolve_config("stage1", STAGE_CONFIGS["stage1"], config_path=again) == resolve_config(
+        "stage1", STAGE_CONFIGS["stage1"], "tiny", cfg, {"seed": "5"}
+    )
 
 
 def test_show_config_on_resume_uses_the_run_config(tmp_path, capsys):

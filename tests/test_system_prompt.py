@@ -26,18 +26,23 @@ def instruction_file(tmp_path):
 
 
 def test_default_prompt_is_unchanged():
-    assert build_messages("1+1?") == [{"role": "system", "content": NPR_INSTRUCTION},
-                                      {"role": "user", "content": "1+1?"}]
+    assert build_messages("1+1?") == [
+        {"role": "system", "content": NPR_INSTRUCTION},
+        {"role": "user", "content": "1+1?"},
+    ]
 
 
 def test_placements(instruction_file):
     text = read_instruction_file(instruction_file)
     assert text == INSTRUCTION
-    assert build_messages(" 1+1? ", instruction=text) == [{"role": "system", "content": INSTRUCTION},
-                                                          {"role": "user", "content": " 1+1? "}]
+    assert build_messages(" 1+1? ", instruction=text) == [
+        {"role": "system", "content": INSTRUCTION},
+        {"role": "user", "content": " 1+1? "},
+    ]
     # NPR's released code: question.strip() + "\n\n" + instruction in the user turn, no system message
-    assert build_messages(" 1+1? ", instruction=text, placement="user") == \
-        [{"role": "user", "content": f"1+1?\n\n{INSTRUCTION}"}]
+    assert build_messages(" 1+1? ", instruction=text, placement="user") == [
+        {"role": "user", "content": f"1+1?\n\n{INSTRUCTION}"}
+    ]
     with pytest.raises(ValueError, match="plain"):
         build_messages("1+1?", "plain", instruction=text)
 
@@ -47,11 +52,13 @@ def test_bad_file_names_the_flag(tmp_path, content, message):
     path = tmp_path / "p.txt"
     if content is not None:
         path.write_text(content)
-    for build in (lambda: read_instruction_file(path),
-                  lambda: SampleConfig(model="m", train_data="x", system_prompt_file=str(path)),
-                  lambda: Stage1Config(train_data="x", system_prompt_file=str(path)),
-                  lambda: Stage2Config(model="m", train_data="x", system_prompt_file=str(path)),
-                  lambda: EvalConfig(system_prompt_file=str(path))):
+    for build in (
+        lambda: read_instruction_file(path),
+        lambda: SampleConfig(model="m", train_data="x", system_prompt_file=str(path)),
+        lambda: Stage1Config(train_data="x", system_prompt_file=str(path)),
+        lambda: Stage2Config(model="m", train_data="x", system_prompt_file=str(path)),
+        lambda: EvalConfig(system_prompt_file=str(path)),
+    ):
         with pytest.raises(NprError, match=message) as err:
             build()
         assert "--system-prompt-file" in str(err.value)
@@ -65,8 +72,17 @@ def test_plain_style_takes_no_instruction(instruction_file):
 
 
 def test_cli_error_before_anything_runs(tmp_path, capsys):
-    code = main(["sample", "--preset", "smoke", "--system-prompt-file", str(tmp_path / "nope.txt"),
-                 "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "sample",
+            "--preset",
+            "smoke",
+            "--system-prompt-file",
+            str(tmp_path / "nope.txt"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert code == 2 and "--system-prompt-file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert main(["eval", "--system-prompt-file", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "ev")]) == 2
@@ -89,8 +105,9 @@ class _SpyWorker:
 
 def test_sampling_uses_the_file_and_placement(tiny_llama, instruction_file):
     tok = tiny_llama[1]
-    config = SampleConfig(model="m", train_data="x", system_prompt_file=str(instruction_file),
-                          system_prompt_placement="user")
+    config = SampleConfig(
+        model="m", train_data="x", system_prompt_file=str(instruction_file), system_prompt_placement="user"
+    )
     worker = _SpyWorker()
     problems = [Problem("p0", "What is 2 + 2?", "4", "test")]
     _sample_all_tries(worker, tok, problems, 0, config, Counter(), Counter(), None, None)
@@ -103,11 +120,22 @@ def test_eval_records_the_instruction(tmp_path, tiny_llama, instruction_file):
     from npr.engine import StructureForcer
     from npr.eval.runner import evaluate
 
-    cfg = EvalConfig(model="tiny-random-llama", benchmarks=("rg:chain_sum?size=1&seed=7&terms=2",), k=1,
-                     max_new_tokens=96, dtype="float32", kv_cache_gib=0.05,
-                     system_prompt_file=str(instruction_file), system_prompt_placement="user")
-    evaluate(cfg, tmp_path / "ev", model_and_tokenizer=tiny_llama,
-             logits_processors=(StructureForcer(tiny_llama[1], [[4, 4]], final_tokens=2),))
+    cfg = EvalConfig(
+        model="tiny-random-llama",
+        benchmarks=("rg:chain_sum?size=1&seed=7&terms=2",),
+        k=1,
+        max_new_tokens=96,
+        dtype="float32",
+        kv_cache_gib=0.05,
+        system_prompt_file=str(instruction_file),
+        system_prompt_placement="user",
+    )
+    evaluate(
+        cfg,
+        tmp_path / "ev",
+        model_and_tokenizer=tiny_llama,
+        logits_processors=(StructureForcer(tiny_llama[1], [[4, 4]], final_tokens=2),),
+    )
     described = json.loads((tmp_path / "ev" / "config.json").read_text())
     assert described["prompt"]["instruction"] == INSTRUCTION and described["prompt"]["placement"] == "user"
     assert described["settings"]["system_prompt"] == INSTRUCTION  # a changed file is a changed setting on --resume
@@ -127,10 +155,17 @@ def test_training_stages_use_the_file_and_placement(tiny_llama, instruction_file
     expected = encode_prompt(tok, problems[0].problem, "npr", INSTRUCTION, "user")
     flags = dict(model="m", train_data="x", system_prompt_file=str(instruction_file), system_prompt_placement="user")
     assert encode_prompts(tok, problems, Stage1Config(**flags)) == [expected]
-    assert encode_prompts(tok, problems, Stage1Config(model="m", train_data="x")) == \
-        [encode_prompt(tok, problems[0].problem, "npr")]
-    response = "<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 4\n</step>\n<takeaway>\n4\n</takeaway>\n" \
-               "\\boxed{4}"
-    kept, _ = tokenize_examples([SftExample("p0", problems[0].problem, "4", response)], tok, tag_token_ids(tok), 4096,
-                                Stage2Config(**flags).prompt_options())
+    assert encode_prompts(tok, problems, Stage1Config(model="m", train_data="x")) == [
+        encode_prompt(tok, problems[0].problem, "npr")
+    ]
+    response = (
+        "<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 4\n</step>\n<takeaway>\n4\n</takeaway>\n\\boxed{4}"
+    )
+    kept, _ = tokenize_examples(
+        [SftExample("p0", problems[0].problem, "4", response)],
+        tok,
+        tag_token_ids(tok),
+        4096,
+        Stage2Config(**flags).prompt_options(),
+    )
     assert kept and kept[0].prompt_ids == expected

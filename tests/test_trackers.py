@@ -28,8 +28,15 @@ def test_parse_report_to():
 
 
 def test_tracked_values_are_the_numeric_fields():
-    record = {"stage": "stage1", "step": 3, "loss": 0.5, "tokens": 7, "updated": True, "grad_norm": None,
-              "ratio_max": math.inf}
+    record = {
+        "stage": "stage1",
+        "step": 3,
+        "loss": 0.5,
+        "tokens": 7,
+        "updated": True,
+        "grad_norm": None,
+        "ratio_max": math.inf,
+    }
     assert tracked_values(record) == {"loss": 0.5, "tokens": 7}
 
 
@@ -39,8 +46,12 @@ def test_missing_tracker_package_names_the_extra_before_any_write(monkeypatch, c
     monkeypatch.setitem(sys.modules, "mlflow", None)
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # absent either way: named first, whatever is installed
     run = tmp_path / "run"
-    assert main(["train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet",
-                 "--report-to", "mlflow,tensorboard"]) == 2
+    assert (
+        main(
+            ["train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet", "--report-to", "mlflow,tensorboard"]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs the package 'mlflow'" in err[0] and "npr[trackers]" in err[0]
     assert not run.exists()
@@ -51,11 +62,36 @@ def test_mlflow_and_trackio_get_the_jsonl_metrics_and_the_config_once(tmp_path, 
     mlflow = pytest.importorskip("mlflow")
     pytest.importorskip("trackio")
     run = tmp_path / "myrun"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MLFLOW_ALLOW_FILE_STORE": "true",
-           "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(), "TRACKIO_DIR": str(tmp_path / "trackio")}
-    out = subprocess.run([sys.executable, "-m", "npr.cli.main", "train", "stage2", "--preset", "smoke", "--out",
-                          str(run), "--quiet", "--max-steps", "3", "--report-to", "mlflow,trackio"],
-                         capture_output=True, text=True, timeout=600, env=env)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MLFLOW_ALLOW_FILE_STORE": "true",
+        "MLFLOW_TRACKING_URI": (tmp_path / "mlruns").as_uri(),
+        "TRACKIO_DIR": str(tmp_path / "trackio"),
+    }
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "npr.cli.main",
+            "train",
+            "stage2",
+            "--preset",
+            "smoke",
+            "--out",
+            str(run),
+            "--quiet",
+            "--max-steps",
+            "3",
+            "--report-to",
+            "mlflow,trackio",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = read_metrics(run / "metrics.jsonl")
     assert [r["step"] for r in lines] == [1, 2, 3]
@@ -65,10 +101,13 @@ def test_mlflow_and_trackio_get_the_jsonl_metrics_and_the_config_once(tmp_path, 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3's local file store, for reading back
     client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     experiment = client.get_experiment_by_name("npr")
-    mlflow_run, = client.search_runs([experiment.experiment_id])
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
     assert mlflow_run.info.run_name == "myrun-stage2"
-    logged = {(m.step, key): m.value for key in mlflow_run.data.metrics
-              for m in client.get_metric_history(mlflow_run.info.run_id, key)}
+    logged = {
+        (m.step, key): m.value
+        for key in mlflow_run.data.metrics
+        for m in client.get_metric_history(mlflow_run.info.run_id, key)
+    }
     assert logged == pytest.approx(expected)
     params = mlflow_run.data.params
     assert params["learning_rate"] == "0.001" and params["report_to"] == "mlflow,trackio"

@@ -25,8 +25,9 @@ def test_a_note_is_printed_and_logged(tmp_path, capsys, caplog, npr_logger):
     with caplog.at_level(logging.INFO, logger="npr.train"):
         log.note("checkpoint step-1")
     assert capsys.readouterr().out == "checkpoint step-1\n"
-    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [("npr.train", logging.INFO,
-                                                                            "checkpoint step-1")]
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("npr.train", logging.INFO, "checkpoint step-1")
+    ]
     log.close()
     assert not [h for h in LOGGER.handlers if h is log.console_handler]
 

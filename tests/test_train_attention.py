@@ -13,8 +13,15 @@ import torch
 
 from npr.masks import TreeIds, dense_tree_mask, tree_block_mask, tree_ids_and_positions, tree_visible
 from npr.tokens import tag_token_ids
-from npr.train.logprobs import (causal_sequence, concat_documents, pack_shared_prefix, resolve_attention,
-                                response_logits, response_logprobs, structured_sequence)
+from npr.train.logprobs import (
+    causal_sequence,
+    concat_documents,
+    pack_shared_prefix,
+    resolve_attention,
+    response_logits,
+    response_logprobs,
+    structured_sequence,
+)
 
 
 def random_response(rng: random.Random, tags: dict[str, int], vocab: range) -> list[int]:

@@ -13,8 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_train_check_dry_mode():
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_train_check.sh"), "--dry"], capture_output=True,
-                         text=True, timeout=600, env=env)
+    out = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_train_check.sh"), "--dry"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert lines[0].startswith("flex vs dense (fp32, ") and "max |logit diff|" in lines[0]

@@ -95,21 +95,27 @@ def test_bad_values_name_the_field(tmp_path):
         resolve_config("stage1", Stage1Config, "huge")
 
 
-@pytest.mark.parametrize("text, words", [
-    ("learning_rate: [0.1, 0.2]\n", "c.yaml:1: config field 'learning_rate' must be a finite number, got a list "
-                                     "[0.1, 0.2]; write it as one value, e.g. `learning_rate: 1e-06`"),
-    ("seed: 1\nmax_steps: {a: 1}\n", "c.yaml:2: config field 'max_steps' must be a int, got a mapping {'a': 1}"),
-    ("model: [a, b]\n", "c.yaml:1: config field 'model' must be a str, got a list ['a', 'b']"),
-    ("dynamic_sampling: [true]\n", "c.yaml:1: config field 'dynamic_sampling' must be true or false"),
-    ("learning_rate: .nan\n", "c.yaml:1: config field 'learning_rate' must be a finite number, got nan"),
-    ("max_grad_norm: .inf\n", "c.yaml:1: config field 'max_grad_norm' must be a finite number"),
-    ("seed: 1\nseed: 2\n", "c.yaml:2: config field 'seed' is set twice (first at "),
-    ("[a, b]: 1\n", "c.yaml:1: a key must be a field name"),
-    ("seed: 1\nmax_steps: [1\n", "c.yaml:3: not valid YAML"),
-    ("- 1\n- 2\n", "c.yaml:1: expected a mapping"),
-    ("seed: 1\nlearning_rate: -1\n", "c.yaml:2: config field 'learning_rate': must be > 0, got -1.0"),
-    ("warmup_steps: 500\n", "c.yaml:1: config field 'warmup_steps': must lie in [0, max_steps]"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        (
+            "learning_rate: [0.1, 0.2]\n",
+            "c.yaml:1: config field 'learning_rate' must be a finite number, got a list "
+            "[0.1, 0.2]; write it as one value, e.g. `learning_rate: 1e-06`",
+        ),
+        ("seed: 1\nmax_steps: {a: 1}\n", "c.yaml:2: config field 'max_steps' must be a int, got a mapping {'a': 1}"),
+        ("model: [a, b]\n", "c.yaml:1: config field 'model' must be a str, got a list ['a', 'b']"),
+        ("dynamic_sampling: [true]\n", "c.yaml:1: config field 'dynamic_sampling' must be true or false"),
+        ("learning_rate: .nan\n", "c.yaml:1: config field 'learning_rate' must be a finite number, got nan"),
+        ("max_grad_norm: .inf\n", "c.yaml:1: config field 'max_grad_norm' must be a finite number"),
+        ("seed: 1\nseed: 2\n", "c.yaml:2: config field 'seed' is set twice (first at "),
+        ("[a, b]: 1\n", "c.yaml:1: a key must be a field name"),
+        ("seed: 1\nmax_steps: [1\n", "c.yaml:3: not valid YAML"),
+        ("- 1\n- 2\n", "c.yaml:1: expected a mapping"),
+        ("seed: 1\nlearning_rate: -1\n", "c.yaml:2: config field 'learning_rate': must be > 0, got -1.0"),
+        ("warmup_steps: 500\n", "c.yaml:1: config field 'warmup_steps': must lie in [0, max_steps]"),
+    ],
+)
 def test_yaml_of_the_wrong_shape_names_file_line_and_field(tmp_path, text, words):
     """Found 3: YAML values of the wrong shape were a TypeError traceback; every bad value now is
     a ConfigError naming the file, line and field (and an example of a good value)."""
@@ -152,16 +158,29 @@ def test_config_yaml_records_what_it_wrote(tmp_path):
     assert resume(run) == config and resume(run, save_every="2").save_every == 2
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda t: t.replace("learning_rate:", "learning_rat:"), r"config.yaml:\d+: unknown config field 'learning_rat'"),
-    (lambda t: t.replace("max_steps: 4", "max_steps: [4]"), r"config.yaml:\d+: config field 'max_steps' must be a int"),
-    (lambda t: t.replace("max_steps: 4", "max_steps: 40"),
-     r"config.yaml:\d+: config field 'max_steps' was changed from 4 to 40 after the run wrote"),
-    (lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("max_steps:")),
-     r"config.yaml: config field 'max_steps' was removed \(it was 4\)"),
-    (lambda t: t.replace("max_steps: 4", "max_steps: four"), r"config.yaml:\d+: config field 'max_steps'"),
-    (lambda t: t.replace("max_steps: 4", "max_steps: 4\n  bad indent: x"), r"config.yaml:\d+: not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (
+            lambda t: t.replace("learning_rate:", "learning_rat:"),
+            r"config.yaml:\d+: unknown config field 'learning_rat'",
+        ),
+        (
+            lambda t: t.replace("max_steps: 4", "max_steps: [4]"),
+            r"config.yaml:\d+: config field 'max_steps' must be a int",
+        ),
+        (
+            lambda t: t.replace("max_steps: 4", "max_steps: 40"),
+            r"config.yaml:\d+: config field 'max_steps' was changed from 4 to 40 after the run wrote",
+        ),
+        (
+            lambda t: "\n".join(x for x in t.splitlines() if not x.startswith("max_steps:")),
+            r"config.yaml: config field 'max_steps' was removed \(it was 4\)",
+        ),
+        (lambda t: t.replace("max_steps: 4", "max_steps: four"), r"config.yaml:\d+: config field 'max_steps'"),
+        (lambda t: t.replace("max_steps: 4", "max_steps: 4\n  bad indent: x"), r"config.yaml:\d+: not valid YAML"),
+    ],
+)
 def test_config_yaml_edited_before_resume_is_a_clear_error(tmp_path, edit, words):
     """Found 3: a config.yaml edited before --resume was a traceback (cls(**yaml)); now every
     edit is read like a --config file, and a changed non-resumable field is refused."""
@@ -198,11 +217,14 @@ def test_unknown_cli_flag_is_a_clear_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("schedule,expected", [
-    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
-    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),  # warm-up 2 steps, then peak 1 -> 0 over the 4 left
-    ("cosine", [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]),
-])
+@pytest.mark.parametrize(
+    "schedule,expected",
+    [
+        ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),  # warm-up 2 steps, then peak 1 -> 0 over the 4 left
+        ("cosine", [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]),
+    ],
+)
 def test_learning_rate_schedule(schedule, expected):
     got = [learning_rate_at(s, 6, 1.0, 0.0, 2, schedule) for s in range(6)]
     assert got == pytest.approx(expected)
@@ -267,7 +289,12 @@ def test_qwen3_4b_presets_take_the_reference_values():
     assert (s1.max_new_tokens, s1.overlong_buffer, s1.prompts_per_step, s1.samples_per_prompt) == (30000, 10, 32, 16)
     assert (s1.mini_batch_size, s1.ppo_epochs, s1.num_epochs, s1.max_gen_batches) == (1, 1, 1, 0)
     assert (s1.learning_rate, s1.lr_schedule, s1.warmup_steps, s1.clip_low, s1.clip_high) == (
-        1e-6, "cosine", 10, 0.2, 0.28)
+        1e-6,
+        "cosine",
+        10,
+        0.2,
+        0.28,
+    )
     s2 = resolve_config("stage2", Stage2Config, "qwen3-4b", flags=flags)
     assert (s2.max_seq_len, s2.batch_size, s2.num_epochs, s2.adam_beta2, s2.warmup_ratio) == (32768, 8, 1, 0.95, 0.05)
     assert (s2.learning_rate, s2.min_learning_rate, s2.lr_schedule) == (1e-6, 5e-7, "cosine")  # the paper's 5e-7
@@ -276,7 +303,11 @@ def test_qwen3_4b_presets_take_the_reference_values():
     assert (s3.mini_batch_size, s3.require_parallel, s3.drop_truncated, s3.lr_schedule) == (1, False, False, "constant")
     sample = resolve_config("sample", STAGE_CONFIGS["sample"], "qwen3-4b", flags=flags)
     assert (sample.tries, sample.max_kept_per_problem, sample.stop_when_kept, sample.max_new_tokens) == (
-        8, 1, True, 32768)
+        8,
+        1,
+        True,
+        32768,
+    )
 
 
 def test_new_fields_keep_todays_behaviour_by_default():

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from distributed_util import run_gloo
 
 # 16 rewards, 4 groups of 4; processes 0 and 1 each hold two groups (4 right, 4 wrong each)

@@ -68,10 +68,30 @@ def test_stage3_with_the_engine_released_trains_bit_identically(tmp_path):
     runs = {}
     for setting in ("on", "off"):
         out = tmp_path / setting
-        assert main(["train", "stage3", "--preset", "smoke", "--out", str(out), "--quiet", "--max-steps", "2",
-                     "--release-engine-for-update", setting, "--rollout-dtype", "bfloat16"]) == 0
-        runs[setting] = ([deterministic_fields(m) for m in read_metrics(out / "metrics.jsonl")],
-                         load_file(out / "final" / "model.safetensors"))
+        assert (
+            main(
+                [
+                    "train",
+                    "stage3",
+                    "--preset",
+                    "smoke",
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    "--max-steps",
+                    "2",
+                    "--release-engine-for-update",
+                    setting,
+                    "--rollout-dtype",
+                    "bfloat16",
+                ]
+            )
+            == 0
+        )
+        runs[setting] = (
+            [deterministic_fields(m) for m in read_metrics(out / "metrics.jsonl")],
+            load_file(out / "final" / "model.safetensors"),
+        )
     (m_on, w_on), (m_off, w_off) = runs["on"], runs["off"]
     assert m_on == m_off and len(m_on) == 2 and all(m["updated"] == 1.0 for m in m_on)
     assert all(torch.equal(w_on[k], w_off[k]) for k in w_off)

@@ -27,8 +27,9 @@ class Zygote:
     """The fork server of kill_zygote.py."""
 
     def __init__(self):
-        self.process = subprocess.Popen([sys.executable, str(ZYGOTE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(ZYGOTE)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         assert json.loads(self.process.stdout.readline()) == {"ready": True}
 
     def run(self, args: list[str], log: Path, kill_after: float | None = None) -> dict:
@@ -109,8 +110,24 @@ def test_kill_9_at_random_moments_then_resume_is_bit_identical(tmp_path, zygote,
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("ckpt") / "run"
-    assert main(["train", "stage2", "--preset", "smoke", "--quiet", "--save-every", "1", "--stop-after", "2",
-                 "--out", str(run)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "stage2",
+                "--preset",
+                "smoke",
+                "--quiet",
+                "--save-every",
+                "1",
+                "--stop-after",
+                "2",
+                "--out",
+                str(run),
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -147,8 +164,10 @@ def test_truncated_weights_make_a_checkpoint_incomplete(stopped_run, tmp_path):
     weights = run / "checkpoints" / "step-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     assert checkpoint_steps(run) == [1] and latest_checkpoint(run).name == "step-1"
-    assert main(["train", "stage2", "--preset", "smoke", "--quiet", "--save-every", "1", "--resume",
-                 "--out", str(run)]) == 0  # resumes from step 1
+    assert (
+        main(["train", "stage2", "--preset", "smoke", "--quiet", "--save-every", "1", "--resume", "--out", str(run)])
+        == 0
+    )  # resumes from step 1
     assert [m["step"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_util import torchrun
+
 from npr.cli.main import main
 from npr.train.tracking import deterministic_fields, read_metrics
 
@@ -27,8 +27,9 @@ WEIGHT_ATOL = 2e-6
 
 def launch(nproc: int, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([*torchrun(nproc), "-m", "npr.cli.main", *args], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=cwd)
+    return subprocess.run(
+        [*torchrun(nproc), "-m", "npr.cli.main", *args], capture_output=True, text=True, timeout=600, env=env, cwd=cwd
+    )
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
@@ -97,8 +98,11 @@ def test_a_sharded_checkpoint_resumes_on_another_process_count(runs):
     assert all(torch.allclose(w2[k], w3[k], atol=WEIGHT_ATOL, rtol=0) for k in w2)
 
 
-@pytest.mark.parametrize("extra", [[], ["--cpu-offload", "true", "--release-engine-for-update", "on"]],
-                         ids=["resident", "offloaded-and-released"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--cpu-offload", "true", "--release-engine-for-update", "on"]],
+    ids=["resident", "offloaded-and-released"],
+)
 def test_fsdp_stage3_with_bf16_and_checkpointing_matches_one_process(tmp_path, extra):
     """The RL path under FSDP: the engine decodes a gathered copy refreshed after each update;
     PAPO's batch statistics over both processes; bf16 mixed precision and gradient
@@ -149,8 +153,19 @@ def test_cpu_offload_without_fsdp_is_refused_before_compute(tmp_path, capsys):
 
 
 def test_a_layer_class_fsdp_cannot_wrap_is_refused_before_compute(tmp_path):
-    out = launch(2, "train", "stage2", "--preset", "smoke", "--fsdp", "true", "--fsdp-layer-class", "NoSuchLayer",
-                 "--out", str(tmp_path / "r"))
+    out = launch(
+        2,
+        "train",
+        "stage2",
+        "--preset",
+        "smoke",
+        "--fsdp",
+        "true",
+        "--fsdp-layer-class",
+        "NoSuchLayer",
+        "--out",
+        str(tmp_path / "r"),
+    )
     message = "has no module of class NoSuchLayer, so FSDP cannot wrap it"
     assert out.returncode != 0 and message in out.stderr
     assert "exitcode  : 2" in out.stderr  # each process: one line and exit 2; torchrun's own report follows
@@ -175,12 +190,17 @@ def test_fsdp_run_killed_mid_step_resumes_bit_identical(runs, tmp_path):
     for attempt in range(4):  # on an idle machine the short run may finish before the kill lands: try again sooner
         run = tmp_path / f"killed{attempt}"
         args = [*STAGE2, "--fsdp", "true", "--save-every", "1", "--keep-checkpoints", "0", "--out", str(run)]
-        process = subprocess.Popen([*torchrun(2), "-m", "npr.cli.main", *args], env=env, start_new_session=True,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [*torchrun(2), "-m", "npr.cli.main", *args],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 300
         while not checkpoint_steps(run) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 1.0) / 4 ** attempt)
+        time.sleep(rng.uniform(0.0, 1.0) / 4**attempt)
         killed = process.poll() is None
         os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers at once
         process.wait()
@@ -189,7 +209,8 @@ def test_fsdp_run_killed_mid_step_resumes_bit_identical(runs, tmp_path):
     assert killed and not (run / "final").exists()
     out = launch(2, *args, "--resume")
     assert out.returncode == 0, out.stderr[-3000:]
-    assert ([deterministic_fields(m) for m in read_metrics(run / "metrics.jsonl")]
-            == [deterministic_fields(m) for m in read_metrics(two / "metrics.jsonl")])
+    assert [deterministic_fields(m) for m in read_metrics(run / "metrics.jsonl")] == [
+        deterministic_fields(m) for m in read_metrics(two / "metrics.jsonl")
+    ]
     a, b = _weights(two / "final"), _weights(run / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_train_attention import random_sequences
 
 from npr.train.lm_head import OutputHead, output_head, selected_logprobs
 from npr.train.logprobs import pack_shared_prefix, response_logits, response_logprobs
-from test_train_attention import random_sequences
 
 
 def reference_logprobs(model, sequences, pad_token_id, temperature=1.0, attention="dense"):
@@ -55,8 +55,10 @@ def _tiny(spec, **overrides):
     return AutoModelForCausalLM.from_config(config).float().train(), tok
 
 
-@pytest.mark.parametrize("spec, overrides", [("tiny-random-llama", {}), ("tiny-random-qwen3", {}),
-                                             ("tiny-random-llama", {"tie_word_embeddings": True})])
+@pytest.mark.parametrize(
+    "spec, overrides",
+    [("tiny-random-llama", {}), ("tiny-random-qwen3", {}), ("tiny-random-llama", {"tie_word_embeddings": True})],
+)
 @pytest.mark.parametrize("temperature, chunk", [(1.0, 7), (0.7, 1024), (1.3, 1)])
 def test_chunked_logprobs_and_gradients_equal_the_full_logits_path(spec, overrides, temperature, chunk):
     model, tok = _tiny(spec, **overrides)
@@ -69,8 +71,9 @@ def test_chunked_logprobs_and_gradients_equal_the_full_logits_path(spec, overrid
             for chunked in (True, False):
                 model.zero_grad()
                 if chunked:
-                    logprobs, mask, plain = response_logprobs(model, sequences, pad, temperature=temperature,
-                                                              untempered=True, chunk_size=chunk)
+                    logprobs, mask, plain = response_logprobs(
+                        model, sequences, pad, temperature=temperature, untempered=True, chunk_size=chunk
+                    )
                 else:
                     logprobs, plain = reference_logprobs(model, sequences, pad, temperature)
                     mask = torch.ones_like(logprobs, dtype=torch.bool)
@@ -91,8 +94,9 @@ def test_flex_layout_logprobs_equal_the_full_logits_path(tiny_qwen3):
     model, tok = tiny_qwen3
     for sequences in _cases(tok, 3):
         with torch.no_grad():
-            got, _, plain = response_logprobs(model, sequences, tok.pad_token_id, attention="flex", temperature=0.6,
-                                              untempered=True, chunk_size=5)
+            got, _, plain = response_logprobs(
+                model, sequences, tok.pad_token_id, attention="flex", temperature=0.6, untempered=True, chunk_size=5
+            )
             ref, ref_plain = reference_logprobs(model, sequences, tok.pad_token_id, 0.6, attention="flex")
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(plain, ref_plain, atol=1e-5, rtol=0)
@@ -105,8 +109,9 @@ def _full_head(hidden, head: OutputHead, temperature):
     return logits / temperature
 
 
-@pytest.mark.parametrize("bias, scale, softcap", [(False, 1.0, None), (True, 1.0, None), (False, 0.0625, None),
-                                                  (True, 2.0, 3.0)])
+@pytest.mark.parametrize(
+    "bias, scale, softcap", [(False, 1.0, None), (True, 1.0, None), (False, 0.0625, None), (True, 2.0, 3.0)]
+)
 def test_head_transforms_by_hand(bias, scale, softcap):
     """A bias, a logit scale (Cohere, Granite) and a softcap (Gemma): values, entropy and the
     gradients of hidden states, weight and bias against autograd through the full [N, V] logits."""
@@ -140,19 +145,30 @@ def test_head_transforms_by_hand(bias, scale, softcap):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type, overrides, expected", [
-    ("gemma2", {"final_logit_softcapping": 30.0}, (1.0, 30.0)),
-    ("cohere", {"logit_scale": 0.25}, (0.25, None)),
-    ("granite", {"logits_scaling": 8.0}, (0.125, None)),
-])
+@pytest.mark.parametrize(
+    "model_type, overrides, expected",
+    [
+        ("gemma2", {"final_logit_softcapping": 30.0}, (1.0, 30.0)),
+        ("cohere", {"logit_scale": 0.25}, (0.25, None)),
+        ("granite", {"logits_scaling": 8.0}, (0.125, None)),
+    ],
+)
 def test_models_with_a_logit_transform_match_their_own_logits(model_type, overrides, expected):
     """transformers' own forward of small random Gemma 2, Cohere and Granite models: the chunked
     path reads their softcap / scale (``output_head``) and gives log_softmax of their logits."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, vocab_size=97, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                                  **overrides)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        **overrides,
+    )
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).float()

@@ -11,13 +11,20 @@ import torch
 
 from npr.algos import get_policy_loss
 from npr.tokens import tag_token_ids
-from npr.train.logprobs import (causal_sequence, pack_in_budget, pack_shared_prefix, response_logprobs,
-                                 structured_sequence)
+from npr.train.logprobs import (
+    causal_sequence,
+    pack_in_budget,
+    pack_shared_prefix,
+    response_logprobs,
+    structured_sequence,
+)
 from npr.train.session import make_accelerator
 from npr.train.update import PolicyBatch, aggregation_units, policy_backward, sft_backward
 
-TRACE = ("<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
-         "<step>\n2: 3+4=7 and more\n</step>\n<takeaway>\n57\n</takeaway>\nSo \\boxed{57}.")
+TRACE = (
+    "<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
+    "<step>\n2: 3+4=7 and more\n</step>\n<takeaway>\n57\n</takeaway>\nSo \\boxed{57}."
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +50,11 @@ def _group(tok):
     tags = tag_token_ids(tok)
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     prompt = enc("Q: 23+34? Answer in the parallel format.\n")
-    return [structured_sequence(prompt, enc(TRACE) + [tok.eos_token_id], tags),
-            causal_sequence(prompt, enc("57, so \\boxed{57}")),
-            structured_sequence(prompt, enc(TRACE.replace("tens", "the tens digits")), tags)]
+    return [
+        structured_sequence(prompt, enc(TRACE) + [tok.eos_token_id], tags),
+        causal_sequence(prompt, enc("57, so \\boxed{57}")),
+        structured_sequence(prompt, enc(TRACE.replace("tens", "the tens digits")), tags),
+    ]
 
 
 def _single(model, seq):
@@ -55,7 +64,7 @@ def _single(model, seq):
     bias = attention_bias(seq.allowed, model.dtype)[None, None]
     logits = model(input_ids=seq.input_ids[None], position_ids=seq.position_ids[None], attention_mask=bias).logits[0]
     logp = logits[:-1].float().log_softmax(-1).gather(-1, seq.input_ids[1:, None])[:, 0]  # predicts tokens 1..L-1
-    return logp[seq.response_start - 1:]
+    return logp[seq.response_start - 1 :]
 
 
 def test_batched_forward_equals_loop(llama):
@@ -67,8 +76,8 @@ def test_batched_forward_equals_loop(llama):
         for b, seq in enumerate(seqs):
             ref = _single(model, seq)
             assert mask[b].sum() == seq.response_length
-            assert torch.allclose(logprobs[b, :seq.response_length], ref, atol=1e-5)
-            assert (logprobs[b, seq.response_length:] == 0).all()
+            assert torch.allclose(logprobs[b, : seq.response_length], ref, atol=1e-5)
+            assert (logprobs[b, seq.response_length :] == 0).all()
 
 
 def test_packed_responses_equal_separate_forwards(llama):
@@ -116,7 +125,7 @@ def test_causal_sequence_matches_plain_forward(llama):
     with torch.no_grad():
         logprobs, _ = response_logprobs(model, [seq], tok.pad_token_id)
         logits = model(input_ids=seq.input_ids[None]).logits[0]  # no mask, no positions: HF's causal default
-    ref = logits[:-1].log_softmax(-1).gather(-1, seq.input_ids[1:, None])[seq.response_start - 1:, 0]
+    ref = logits[:-1].log_softmax(-1).gather(-1, seq.input_ids[1:, None])[seq.response_start - 1 :, 0]
     assert torch.allclose(logprobs[0], ref, atol=1e-5)
 
 
@@ -132,8 +141,10 @@ def test_sft_loss_is_token_mean_nll_of_response_only(llama):
     assert metrics["tokens"] == tokens and metrics["loss"] == pytest.approx(nll.mean().item(), rel=1e-5)
     # prompt tokens carry no loss: changing a prompt token's *target* cannot be seen, but the loss
     # over a longer prompt with the same response counts the same number of tokens
-    longer = causal_sequence([5, 6, 7, 8, 9] + seqs[1].input_ids[:seqs[1].response_start].tolist(),
-                             seqs[1].input_ids[seqs[1].response_start:].tolist())
+    longer = causal_sequence(
+        [5, 6, 7, 8, 9] + seqs[1].input_ids[: seqs[1].response_start].tolist(),
+        seqs[1].input_ids[seqs[1].response_start :].tolist(),
+    )
     assert sft_backward(acc, model, [longer], tok.pad_token_id, 1)["tokens"] == seqs[1].response_length
     model.zero_grad()
 
@@ -150,8 +161,7 @@ def _policy_batch(seqs, prefilled_at=()):
             if i < s.response_length:
                 m[i] = False
         masks.append(m)
-    return PolicyBatch(seqs, masks, torch.tensor([1.0, -0.5, 0.25]),
-                       [torch.zeros(s.response_length) for s in seqs])
+    return PolicyBatch(seqs, masks, torch.tensor([1.0, -0.5, 0.25]), [torch.zeros(s.response_length) for s in seqs])
 
 
 def test_packing_does_not_change_the_update(llama):
@@ -223,8 +233,12 @@ def test_prefilled_tokens_carry_no_gradient(llama):
     grads = []
     for adv in (1.0, -7.5, 40.0):  # the masked response's advantage varies; nothing else does
         model.zero_grad()
-        batch = PolicyBatch([seq, other], [mask, masked_out], torch.tensor([1.0, adv]),
-                            [torch.zeros(seq.response_length), torch.zeros(other.response_length)])
+        batch = PolicyBatch(
+            [seq, other],
+            [mask, masked_out],
+            torch.tensor([1.0, adv]),
+            [torch.zeros(seq.response_length), torch.zeros(other.response_length)],
+        )
         metrics = policy_backward(acc, model, batch, loss_fn, "token-mean", tok.pad_token_id, 1)
         assert metrics["loss_units"] == 5
         grads.append(_grads(model))
@@ -233,11 +247,20 @@ def test_prefilled_tokens_carry_no_gradient(llama):
         for n, g in other_grads.items():
             assert torch.equal(g, grads[0][n]), n
     # the same 5 loss tokens, no masked tail: the same gradient
-    short = causal_sequence(seq.input_ids[:seq.response_start].tolist(),
-                            seq.input_ids[seq.response_start:seq.response_start + 5].tolist())
+    short = causal_sequence(
+        seq.input_ids[: seq.response_start].tolist(),
+        seq.input_ids[seq.response_start : seq.response_start + 5].tolist(),
+    )
     model.zero_grad()
-    policy_backward(acc, model, PolicyBatch([short], [torch.ones(5, dtype=torch.bool)], torch.tensor([1.0]),
-                                            [torch.zeros(5)]), loss_fn, "token-mean", tok.pad_token_id, 1)
+    policy_backward(
+        acc,
+        model,
+        PolicyBatch([short], [torch.ones(5, dtype=torch.bool)], torch.tensor([1.0]), [torch.zeros(5)]),
+        loss_fn,
+        "token-mean",
+        tok.pad_token_id,
+        1,
+    )
     # `short` is causal while `seq` is tree-masked, but the first 5 response tokens precede any branch
     for n, g in _grads(model).items():
         assert torch.allclose(g, grads[0][n], atol=1e-6), n
@@ -257,8 +280,9 @@ def test_the_gradient_follows_each_advantage(llama, agg):
     grads = []
     for advantages in ([1.0, -0.5, 0.25], [2.0, -1.0, 0.5], [1.0, 0.5, 0.25]):
         model.zero_grad()
-        policy_backward(acc, model, PolicyBatch(seqs, masks, torch.tensor(advantages), engine), loss_fn, agg,
-                        tok.pad_token_id, 2)
+        policy_backward(
+            acc, model, PolicyBatch(seqs, masks, torch.tensor(advantages), engine), loss_fn, agg, tok.pad_token_id, 2
+        )
         grads.append(_grads(model))
     for n in grads[0]:
         assert torch.allclose(grads[1][n], 2 * grads[0][n], atol=1e-6), n
@@ -293,7 +317,10 @@ def test_segment_pieces_by_hand(llama):
     seq = TokenSequence(torch.arange(9), TreeIds(zeros, member, none, none), torch.arange(9), 3, ((3, 5), (5, 9)))
     pieces = segment_pieces(seq, torch.float32, "cpu")
     assert [(p.start, p.end, p.key_ranges) for p in pieces] == [
-        (0, 3, ((0, 3),)), (3, 5, ((0, 3), (3, 5))), (5, 9, ((0, 3), (5, 9)))]
+        (0, 3, ((0, 3),)),
+        (3, 5, ((0, 3), (3, 5))),
+        (5, 9, ((0, 3), (5, 9))),
+    ]
     # member 1's first token (row 5) sees the prefix and itself: keys 0, 1, 2 and 5
     assert (pieces[2].bias[0, 0, 0] == 0).tolist() == [True, True, True, True, False, False, False]
     plain = TokenSequence(torch.arange(9), TreeIds.causal(9), torch.arange(9), 3, ((3, 9),))
@@ -331,5 +358,6 @@ def _single_spans(model, seq):
     bias = attention_bias(seq.allowed, model.dtype)[None, None]
     logits = model(input_ids=seq.input_ids[None], position_ids=seq.position_ids[None], attention_mask=bias).logits[0]
     logp = logits.float().log_softmax(-1)
-    return torch.cat([logp[seq.predictors(j)].gather(-1, seq.input_ids[a:b, None])[:, 0]
-                      for j, (a, b) in enumerate(seq.spans)])
+    return torch.cat(
+        [logp[seq.predictors(j)].gather(-1, seq.input_ids[a:b, None])[:, 0] for j, (a, b) in enumerate(seq.spans)]
+    )

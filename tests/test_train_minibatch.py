@@ -37,8 +37,9 @@ def _batch(tok, advantage: float, response: str = "4") -> PolicyBatch:
     enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     seq = causal_sequence(enc("Q: 2+2?\n"), enc(response))
     n = seq.response_length
-    return PolicyBatch([seq], [torch.ones(n, dtype=torch.bool)], torch.tensor([advantage]),
-                       [torch.full((n,), float("nan"))])
+    return PolicyBatch(
+        [seq], [torch.ones(n, dtype=torch.bool)], torch.tensor([advantage]), [torch.full((n,), float("nan"))]
+    )
 
 
 def _grads(model):
@@ -128,9 +129,10 @@ def test_negative_advantage_clips_low(llama):
 
 
 def test_combine_step_metrics_weights_by_loss_units():
-    updates = [dict(loss=1.0, clip_fraction=0.0, loss_units=10.0, ratio_max=1.0, ratio_min=1.0, grad_norm=2.0, lr=0.1),
-               dict(loss=-2.0, clip_fraction=0.5, loss_units=30.0, ratio_max=1.5, ratio_min=0.7, grad_norm=4.0,
-                    lr=0.1)]
+    updates = [
+        dict(loss=1.0, clip_fraction=0.0, loss_units=10.0, ratio_max=1.0, ratio_min=1.0, grad_norm=2.0, lr=0.1),
+        dict(loss=-2.0, clip_fraction=0.5, loss_units=30.0, ratio_max=1.5, ratio_min=0.7, grad_norm=4.0, lr=0.1),
+    ]
     out = combine_step_metrics(updates)
     assert out["loss"] == pytest.approx((10 - 60) / 40) and out["clip_fraction"] == pytest.approx(15 / 40)
     assert (out["ratio_max"], out["ratio_min"], out["grad_norm"], out["lr"]) == (1.5, 0.7, 3.0, 0.1)
@@ -155,9 +157,10 @@ def test_trainer_logprobs_agree_with_the_engine_at_temperature(llama, temperatur
     for r in results:
         seq = causal_sequence(r.prompt_ids, r.token_ids)
         with torch.no_grad():
-            tempered, mask, plain = response_logprobs(model, [seq], tok.pad_token_id, temperature=temperature,
-                                                      untempered=True)
-            logits = model(input_ids=seq.input_ids[None]).logits[0, seq.response_start - 1:-1].float()  # [T, V]
+            tempered, mask, plain = response_logprobs(
+                model, [seq], tok.pad_token_id, temperature=temperature, untempered=True
+            )
+            logits = model(input_ids=seq.input_ids[None]).logits[0, seq.response_start - 1 : -1].float()  # [T, V]
         target = torch.tensor(r.token_ids)[:, None]
         assert torch.allclose(plain[0], torch.tensor(r.logprobs), atol=1e-4)  # the engine's rule: T = 1
         by_hand = (logits / temperature).log_softmax(-1).gather(-1, target)[:, 0]  # [T]
@@ -167,6 +170,7 @@ def test_trainer_logprobs_agree_with_the_engine_at_temperature(llama, temperatur
 
 
 # ---- Stage 1 end to end (smoke preset: 4 prompts x 4 forced parallel samples, 3 steps) ----
+
 
 def _stage1(out, *flags: str) -> list[dict]:
     from npr.cli.main import main
@@ -231,8 +235,12 @@ def test_stage1_resume_with_refill_and_mini_batches_is_bit_identical(tmp_path):
     flags = ["--max-gen-batches", "0", "--mini-batch-size", "2"]
     straight = _stage1(tmp_path / "straight", *flags)
     _stage1(tmp_path / "resumed", *flags, "--stop-after", "1")
-    assert main(["train", "stage1", "--preset", "smoke", "--out", str(tmp_path / "resumed"), "--quiet", "--resume",
-                 *flags]) == 0
+    assert (
+        main(
+            ["train", "stage1", "--preset", "smoke", "--out", str(tmp_path / "resumed"), "--quiet", "--resume", *flags]
+        )
+        == 0
+    )
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
     resumed = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
@@ -244,17 +252,33 @@ def test_stage1_two_processes_with_refill_and_mini_batches(tmp_path):
     mini-batches (global group order), the same global normalisers, so the same update."""
     import os
     import subprocess
-    import sys
 
     from distributed_util import torchrun
+
     from npr.train.tracking import read_metrics
 
-    flags = ["train", "stage1", "--preset", "smoke", "--max-steps", "2", "--quiet", "--max-gen-batches", "0",
-             "--mini-batch-size", "1"]
+    flags = [
+        "train",
+        "stage1",
+        "--preset",
+        "smoke",
+        "--max-steps",
+        "2",
+        "--quiet",
+        "--max-gen-batches",
+        "0",
+        "--mini-batch-size",
+        "1",
+    ]
     one = _stage1(tmp_path / "one", *flags[4:])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([*torchrun(2), "-m", "npr.cli.main", *flags, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600, env=env)
+    out = subprocess.run(
+        [*torchrun(2), "-m", "npr.cli.main", *flags, "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     two = read_metrics(tmp_path / "two" / "metrics.jsonl")
     for a, b in zip(one, two, strict=True):
@@ -276,13 +300,19 @@ def test_stage3_drop_truncated():
     from npr.train.stage3 import drop_reason
 
     _, tok = load_model_and_tokenizer("tiny-random-llama")
-    whole = ("<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
-             "<step>\n2: 3+4=7\n</step>\n<takeaway>\n57\n</takeaway>\nSo the answer")  # cut before \boxed
-    cut_in_step = whole[:whole.index("3+4")]
+    whole = (
+        "<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
+        "<step>\n2: 3+4=7\n</step>\n<takeaway>\n57\n</takeaway>\nSo the answer"
+    )  # cut before \boxed
+    cut_in_step = whole[: whole.index("3+4")]
 
     def rollout(text):
-        result = SimpleNamespace(finish_reason="length", prompt_ids=tok.encode("Q: 23+34?\n", add_special_tokens=False),
-                                 token_ids=tok.encode(text, add_special_tokens=False), text=text)
+        result = SimpleNamespace(
+            finish_reason="length",
+            prompt_ids=tok.encode("Q: 23+34?\n", add_special_tokens=False),
+            token_ids=tok.encode(text, add_special_tokens=False),
+            text=text,
+        )
         return SimpleNamespace(result=result)
 
     tags = tag_token_ids(tok)
@@ -303,8 +333,23 @@ def test_stage3_mini_batches(tmp_path):
     from npr.train.tracking import read_metrics
 
     for name, flags in (("one", []), ("per-group", ["--mini-batch-size", "1"])):
-        assert main(["train", "stage3", "--preset", "smoke", "--out", str(tmp_path / name), "--quiet", "--max-steps",
-                     "2", *flags]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "stage3",
+                    "--preset",
+                    "smoke",
+                    "--out",
+                    str(tmp_path / name),
+                    "--quiet",
+                    "--max-steps",
+                    "2",
+                    *flags,
+                ]
+            )
+            == 0
+        )
     metrics = read_metrics(tmp_path / "per-group" / "metrics.jsonl")
     assert all(m["optimizer_steps"] > 1 and m["ratio_max"] == m["ratio_min"] == 1.0 for m in metrics)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "per-group")

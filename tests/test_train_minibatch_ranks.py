@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from distributed_util import run_gloo
 
 GROUPS, SAMPLES = 4, 4  # 16 rollouts; each of the two ranks holds two whole groups (contiguous prompt shards)
@@ -47,9 +46,15 @@ def _accelerator(rank: int, world: int):
         dist.all_gather(parts, tensor)
         return torch.cat(parts)
 
-    return SimpleNamespace(num_processes=world, process_index=rank, device=torch.device("cpu"), reduce=reduce,
-                           gather=gather, backward=lambda loss: loss.backward(),
-                           no_sync=lambda model: contextlib.nullcontext())
+    return SimpleNamespace(
+        num_processes=world,
+        process_index=rank,
+        device=torch.device("cpu"),
+        reduce=reduce,
+        gather=gather,
+        backward=lambda loss: loss.backward(),
+        no_sync=lambda model: contextlib.nullcontext(),
+    )
 
 
 def _mini_batch_updates(rank: int, world: int) -> list[dict]:
@@ -74,10 +79,12 @@ def _mini_batch_updates(rank: int, world: int) -> list[dict]:
     updates = []
     for part in parts:
         chosen = [rows[mine[i]] for i in part]
-        batch = PolicyBatch([causal_sequence(p, r) for _, p, r, _ in chosen],
-                            [torch.ones(len(r), dtype=torch.bool) for _, _, r, _ in chosen],
-                            torch.tensor([a for *_, a in chosen]),
-                            [torch.full((len(r),), float("nan")) for _, _, r, _ in chosen])
+        batch = PolicyBatch(
+            [causal_sequence(p, r) for _, p, r, _ in chosen],
+            [torch.ones(len(r), dtype=torch.bool) for _, _, r, _ in chosen],
+            torch.tensor([a for *_, a in chosen]),
+            [torch.full((len(r),), float("nan")) for _, _, r, _ in chosen],
+        )
         model.zero_grad(set_to_none=True)
         metrics = policy_backward(acc, model, batch, loss_fn, "token-mean", tok.pad_token_id, micro_batch_size=2)
         grads = {}
@@ -87,8 +94,14 @@ def _mini_batch_updates(rank: int, world: int) -> list[dict]:
                 dist.all_reduce(grad)
                 grad = grad / world
             grads[name] = grad.clone()
-        updates.append({"rollouts": [mine[i] for i in part], "loss": metrics["loss"],
-                        "units": metrics["loss_units"], "grads": grads})
+        updates.append(
+            {
+                "rollouts": [mine[i] for i in part],
+                "loss": metrics["loss"],
+                "units": metrics["loss_units"],
+                "grads": grads,
+            }
+        )
     return updates
 
 

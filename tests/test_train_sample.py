@@ -9,23 +9,38 @@ import pytest
 
 from npr.data import Problem
 from npr.engine import RequestStats, Result
-from npr.schema import render, parse, validate
+from npr.schema import parse, render, validate
 from npr.train.config import ConfigError, SampleConfig
 from npr.train.overrides import resolve_config
 from npr.train.sample import decomposed_trace, run_sample, select
 
-VALID = ("<guideline>\n<plan>1: add the tens</plan>\n<plan>2: add the units</plan>\n</guideline>\n"
-         "<step>\n1: 20 + 30 = 50\n</step>\n<step>\n2: 3 + 4 = 7\n</step>\n<takeaway>\n50 + 7 = 57\n</takeaway>\n"
-         "The answer is \\boxed{57}.")
+VALID = (
+    "<guideline>\n<plan>1: add the tens</plan>\n<plan>2: add the units</plan>\n</guideline>\n"
+    "<step>\n1: 20 + 30 = 50\n</step>\n<step>\n2: 3 + 4 = 7\n</step>\n<takeaway>\n50 + 7 = 57\n</takeaway>\n"
+    "The answer is \\boxed{57}."
+)
 PROBLEMS = [Problem("p0", "What is 23 + 34?", "57", "test"), Problem("p1", "What is 1 + 1?", "2", "test")]
 
 
 def _result(prompt: int, sample: int, text: str, finish: str = "eos") -> Result:
-    stats = RequestStats(generated_tokens=3, critical_path_tokens=3, forward_passes=3, wall_time_s=0.0,
-                         parallel_blocks=0)
-    return Result(prompt_index=prompt, sample_index=sample, prompt_ids=[1], token_ids=[5, 6, 7],
-                  position_ids=[1, 2, 3], logprobs=[0.0] * 3, sampled=[True] * 3, text=text, finish_reason=finish,
-                  diagnostic=None, mode="plain", blocks=[], stats=stats)
+    stats = RequestStats(
+        generated_tokens=3, critical_path_tokens=3, forward_passes=3, wall_time_s=0.0, parallel_blocks=0
+    )
+    return Result(
+        prompt_index=prompt,
+        sample_index=sample,
+        prompt_ids=[1],
+        token_ids=[5, 6, 7],
+        position_ids=[1, 2, 3],
+        logprobs=[0.0] * 3,
+        sampled=[True] * 3,
+        text=text,
+        finish_reason=finish,
+        diagnostic=None,
+        mode="plain",
+        blocks=[],
+        stats=stats,
+    )
 
 
 def test_keeps_correct_valid_samples_and_counts_the_rest():
@@ -72,11 +87,22 @@ def test_require_correct_off_keeps_valid_wrong_samples():
 def _run(tmp_path, name, **flags):
     data = tmp_path / "problems.jsonl"
     if not data.exists():  # the smoke forcer always answers 0: problems a* are solved, b* never
-        rows = [{"id": f"{k}{i}", "problem": f"What is {i} - {i if k == 'a' else 0} + {0 if k == 'a' else 5}?",
-                 "answer": "0" if k == "a" else "5"} for k in "ab" for i in (1, 2)]
+        rows = [
+            {
+                "id": f"{k}{i}",
+                "problem": f"What is {i} - {i if k == 'a' else 0} + {0 if k == 'a' else 5}?",
+                "answer": "0" if k == "a" else "5",
+            }
+            for k in "ab"
+            for i in (1, 2)
+        ]
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = resolve_config("sample", SampleConfig, "smoke", flags={"train_data": str(data), "train_limit": "none",
-                                                                    "require_correct": "true", "tries": "3", **flags})
+    config = resolve_config(
+        "sample",
+        SampleConfig,
+        "smoke",
+        flags={"train_data": str(data), "train_limit": "none", "require_correct": "true", "tries": "3", **flags},
+    )
     summary = run_sample(config, tmp_path / name)
     return summary, [json.loads(line) for line in (tmp_path / name / "data.jsonl").read_text().splitlines()]
 
@@ -88,8 +114,7 @@ def test_stop_when_kept_draws_until_the_first_accepted_sample(tmp_path):
     assert summary["dropped"]["wrong"] == 6 and summary["dropped"]["over_quota"] == 0
     assert summary["problems_with_kept"] == 2
     assert sorted((r["problem_id"], r["try"]) for r in kept) == [("a1", 0), ("a2", 0)]
-    again, kept_again = _run(tmp_path, "early2", max_kept_per_problem="1", stop_when_kept="true",
-                             prompts_per_batch="3")
+    again, kept_again = _run(tmp_path, "early2", max_kept_per_problem="1", stop_when_kept="true", prompts_per_batch="3")
     assert kept_again == kept  # reproducible from the seed
 
     summary_all, kept_all = _run(tmp_path, "all", max_kept_per_problem="1")
@@ -102,14 +127,18 @@ def test_stop_when_kept_needs_a_quota():
         SampleConfig(model="m", train_data="x", stop_when_kept=True)
     with pytest.raises(ConfigError, match="stop_when_kept"):
         SampleConfig(model="m", train_data="x", stop_when_kept=True, max_kept_per_problem=1, wrap=True)
+
+
 # -- the decomposing cold start ---------------------------------------------------------------
 
 
 def test_decomposed_trace_by_hand():
     text = decomposed_trace(["compute 3 + 4", "compute 9 - 5"], ["3 + 4 = 7", "Take 5 from 9: 4"], ["7", "4"])
-    assert text == ("<guideline>\n<plan>1: compute 3 + 4</plan>\n<plan>2: compute 9 - 5</plan>\n</guideline>\n"
-                    "<step>\n1: compute 3 + 4\n3 + 4 = 7\n</step>\n<step>\n2: compute 9 - 5\nTake 5 from 9: 4\n</step>\n"
-                    "<takeaway>\nIn order, the parts give 7 and 4.\n</takeaway>\nThe answer is \\boxed{(7, 4)}.")
+    assert text == (
+        "<guideline>\n<plan>1: compute 3 + 4</plan>\n<plan>2: compute 9 - 5</plan>\n</guideline>\n"
+        "<step>\n1: compute 3 + 4\n3 + 4 = 7\n</step>\n<step>\n2: compute 9 - 5\nTake 5 from 9: 4\n</step>\n"
+        "<takeaway>\nIn order, the parts give 7 and 4.\n</takeaway>\nThe answer is \\boxed{(7, 4)}."
+    )
     assert validate(text) == [] and render(parse(text)) == text
 
 
@@ -136,15 +165,20 @@ def test_decompose_wrap_builds_plans_from_the_problem_and_steps_from_own_answers
     from npr.train.sample import decompose_wrap
 
     intro, outro = "Work out each expression on its own: ", ". Give the results in order as a tuple."
-    problems = [Problem("a", intro + "3 + 4, 9 - 5" + outro, "(7, 4)", "gen:expressions", size=2),
-                Problem("b", intro + "9 - 5, 2 + 6, 3 + 4" + outro, "(4, 8, 7)", "gen:expressions", size=3),
-                Problem("c", intro + "1 + 1, 3 + 4" + outro, "(2, 7)", "gen:expressions", size=2)]
-    worker = FakeWorker(tiny_llama[1], {
-        "What is 3 + 4?": ["3 + 4 = 7", "It is 8", "Adding: 7"],  # two usable answers, one wrong
-        "What is 9 - 5?": ["9 - 5 = 4", "9 - 5 = 4 and then some more …"],  # the second hit the budget
-        "What is 2 + 6?": ["2 + 6 = 8", "<step> 8"],  # the second carries a tag
-        "What is 1 + 1?": ["It is 3", "It is 11"],  # never right: problem c cannot be wrapped
-    })
+    problems = [
+        Problem("a", intro + "3 + 4, 9 - 5" + outro, "(7, 4)", "gen:expressions", size=2),
+        Problem("b", intro + "9 - 5, 2 + 6, 3 + 4" + outro, "(4, 8, 7)", "gen:expressions", size=3),
+        Problem("c", intro + "1 + 1, 3 + 4" + outro, "(2, 7)", "gen:expressions", size=2),
+    ]
+    worker = FakeWorker(
+        tiny_llama[1],
+        {
+            "What is 3 + 4?": ["3 + 4 = 7", "It is 8", "Adding: 7"],  # two usable answers, one wrong
+            "What is 9 - 5?": ["9 - 5 = 4", "9 - 5 = 4 and then some more …"],  # the second hit the budget
+            "What is 2 + 6?": ["2 + 6 = 8", "<step> 8"],  # the second carries a tag
+            "What is 1 + 1?": ["It is 3", "It is 11"],  # never right: problem c cannot be wrapped
+        },
+    )
     counts = Counter()
     config = SampleConfig(model="m", train_data="x", wrap=True, wrap_mode="decompose", tries=3, prompts_per_batch=2)
     kept = decompose_wrap(worker, tiny_llama[1], problems, 0, config, counts)

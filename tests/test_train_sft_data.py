@@ -14,10 +14,13 @@ from npr.tokens import tag_token_ids
 from npr.train.sft_data import load_sft_examples, read_sft_jsonl, synthetic_examples, tokenize_examples
 
 
-@pytest.mark.parametrize("spec,problems", [
-    ("synthetic:chain_sum?size=40&seed=3&terms=2&digits=1", "rg:chain_sum?size=40&seed=3&terms=2&digits=1"),
-    ("synthetic:chain_sum?size=10&seed=4&terms=2&digits=2", "rg:chain_sum?size=10&seed=4&terms=2&digits=2"),
-])
+@pytest.mark.parametrize(
+    "spec,problems",
+    [
+        ("synthetic:chain_sum?size=40&seed=3&terms=2&digits=1", "rg:chain_sum?size=40&seed=3&terms=2&digits=1"),
+        ("synthetic:chain_sum?size=10&seed=4&terms=2&digits=2", "rg:chain_sum?size=10&seed=4&terms=2&digits=2"),
+    ],
+)
 def test_synthetic_chain_sum_traces_are_valid_and_correct(spec, problems):
     examples = synthetic_examples(spec)
     for example, problem in zip(examples, load_problems(problems), strict=True):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_util import torchrun
+
 from npr.cli.main import main
 from npr.schema import TAGS
 from npr.train.tracking import deterministic_fields, read_metrics
@@ -66,8 +66,26 @@ def test_stage1_parallel_rollouts_use_the_tree_mask(tmp_path):
     """--rollout-mode parallel: the engine forks and the update recomputes log-probs with the tree
     mask (a causal recompute of forked branches would drift far above 1e-4)."""
     run = tmp_path / "s1p"
-    assert npr("train", "stage1", "--preset", "smoke", "--out", str(run), "--quiet", "--rollout-mode", "parallel",
-               "--rollout-forcing", "structure", "--dynamic-sampling", "false", "--max-new-tokens", "96") == 0
+    assert (
+        npr(
+            "train",
+            "stage1",
+            "--preset",
+            "smoke",
+            "--out",
+            str(run),
+            "--quiet",
+            "--rollout-mode",
+            "parallel",
+            "--rollout-forcing",
+            "structure",
+            "--dynamic-sampling",
+            "false",
+            "--max-new-tokens",
+            "96",
+        )
+        == 0
+    )
     metrics = read_metrics(run / "metrics.jsonl")
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert all(m["trigger_rate"] == 1.0 and m["updated"] == 1.0 and m["dropped_structure"] == 0 for m in metrics)
@@ -103,8 +121,22 @@ def test_sample_in_parallel_mode_keeps_canonical_forked_traces(tmp_path):
 
 def test_stage3_smoke(tmp_path):
     run = tmp_path / "s3"
-    assert npr("train", "stage3", "--preset", "smoke", "--out", str(run), "--quiet",
-               "--eval-data", "rg:chain_sum?size=4&seed=5&terms=2", "--eval-limit", "2") == 0
+    assert (
+        npr(
+            "train",
+            "stage3",
+            "--preset",
+            "smoke",
+            "--out",
+            str(run),
+            "--quiet",
+            "--eval-data",
+            "rg:chain_sum?size=4&seed=5&terms=2",
+            "--eval-limit",
+            "2",
+        )
+        == 0
+    )
     metrics = read_metrics(run / "metrics.jsonl")
     steps = [m for m in metrics if "kept_rate" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
@@ -147,8 +179,9 @@ def npr_error(capsys, *args: str) -> str:
 def test_resume_refuses_a_changed_config(tmp_path, capsys):
     run = tmp_path / "run"
     assert npr("train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet", "--stop-after", "1") == 0
-    err = npr_error(capsys, "train", "stage2", "--preset", "smoke", "--out", str(run), "--resume",
-                    "--learning-rate", "0.5")
+    err = npr_error(
+        capsys, "train", "stage2", "--preset", "smoke", "--out", str(run), "--resume", "--learning-rate", "0.5"
+    )
     assert "learning_rate: 0.001 -> 0.5" in err
 
 
@@ -167,7 +200,9 @@ def test_two_processes_make_the_same_update(tmp_path, stage):
     m1, m2 = read_metrics(one / "metrics.jsonl"), read_metrics(two / "metrics.jsonl")
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):
-        exact = ("tokens",) if stage == "stage2" else ("rollouts", "reward", "response_length", "kept_rate", "loss_units")
+        exact = (
+            ("tokens",) if stage == "stage2" else ("rollouts", "reward", "response_length", "kept_rate", "loss_units")
+        )
         assert all(a[k] == b[k] for k in exact)
         if stage == "stage3":
             assert a["loss"] != 0 and a["grad_norm"] > 0  # the smoke preset's learning signal
@@ -181,8 +216,16 @@ def test_two_processes_make_the_same_update(tmp_path, stage):
 
 def test_missing_model_is_a_clear_error_before_compute(tmp_path):
     """In a fresh interpreter: the message, exit status 2 and no traceback."""
-    out = npr_subprocess("train", "stage3", "--preset", "smoke", "--model", str(tmp_path / "nope" / "final"),
-                         "--out", str(tmp_path / "run"))
+    out = npr_subprocess(
+        "train",
+        "stage3",
+        "--preset",
+        "smoke",
+        "--model",
+        str(tmp_path / "nope" / "final"),
+        "--out",
+        str(tmp_path / "run"),
+    )
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "run").exists()
 
@@ -202,10 +245,12 @@ def test_empty_dataset_is_a_clear_error(tmp_path, capsys):
     empty = tmp_path / "data.jsonl"
     empty.write_text("\n")
     run = str(tmp_path / "r")
-    assert "empty dataset" in npr_error(capsys, "train", "stage2", "--preset", "smoke", "--train-data", str(empty),
-                                        "--out", run)
-    assert "no problems" in npr_error(capsys, "train", "stage1", "--preset", "smoke", "--train-data", str(empty),
-                                      "--out", run)
+    assert "empty dataset" in npr_error(
+        capsys, "train", "stage2", "--preset", "smoke", "--train-data", str(empty), "--out", run
+    )
+    assert "no problems" in npr_error(
+        capsys, "train", "stage1", "--preset", "smoke", "--train-data", str(empty), "--out", run
+    )
     assert not Path(run).exists()
 
 
@@ -215,8 +260,9 @@ def test_dataset_line_without_answer_names_file_line_field(tmp_path, capsys, sta
     good = {"id": "a", "problem": "What is 1+1?", "answer": "2", "response": "<guideline>…"}
     bad = {"id": "b", "problem": "What is 2+2?", "response": "x"}
     data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
-    err = npr_error(capsys, "train", stage, "--preset", "smoke", "--train-data", str(data),
-                    "--out", str(tmp_path / "r"))
+    err = npr_error(
+        capsys, "train", stage, "--preset", "smoke", "--train-data", str(data), "--out", str(tmp_path / "r")
+    )
     assert f"{data}:2: field 'answer'" in err
     assert not (tmp_path / "r").exists()
 
@@ -231,24 +277,59 @@ def test_unknown_yaml_field_is_a_clear_error(tmp_path, capsys):
 def test_sft_drops_malformed_samples_and_counts_them(tmp_path):
     from npr.train.sft_data import synthetic_examples
 
-    rows = [{"id": e.id, "problem": e.problem, "answer": e.answer, "response": e.response}
-            for e in synthetic_examples("synthetic:arith?n=4")]
+    rows = [
+        {"id": e.id, "problem": e.problem, "answer": e.answer, "response": e.response}
+        for e in synthetic_examples("synthetic:arith?n=4")
+    ]
     rows.append({**rows[0], "id": "tags-out-of-order", "response": "<step>\n1: x\n</step>\n<guideline>\\boxed{1}"})
-    rows.append({**rows[0], "id": "unclosed", "response": "<guideline>\n<plan>1: a plan</plan>\n</guideline>\n"
-                 "<step>\n1: never closed\n\\boxed{1}"})
+    rows.append(
+        {
+            **rows[0],
+            "id": "unclosed",
+            "response": "<guideline>\n<plan>1: a plan</plan>\n</guideline>\n<step>\n1: never closed\n\\boxed{1}",
+        }
+    )
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
-    assert npr("train", "stage2", "--preset", "smoke", "--train-data", str(data), "--out", str(run), "--quiet",
-               "--max-steps", "1") == 0
+    assert (
+        npr(
+            "train",
+            "stage2",
+            "--preset",
+            "smoke",
+            "--train-data",
+            str(data),
+            "--out",
+            str(run),
+            "--quiet",
+            "--max-steps",
+            "1",
+        )
+        == 0
+    )
     metrics = read_metrics(run / "metrics.jsonl")
     assert metrics[0]["examples"] == 4 and metrics[0]["dropped"] == 2
 
 
 def test_tensorboard_flag_without_tensorboard_still_trains(tmp_path):
     run = tmp_path / "run"
-    assert npr("train", "stage2", "--preset", "smoke", "--out", str(run), "--quiet", "--max-steps", "1",
-               "--tensorboard", "true") == 0
+    assert (
+        npr(
+            "train",
+            "stage2",
+            "--preset",
+            "smoke",
+            "--out",
+            str(run),
+            "--quiet",
+            "--max-steps",
+            "1",
+            "--tensorboard",
+            "true",
+        )
+        == 0
+    )
     assert (run / "final").is_dir()
     shutil.rmtree(run)
 
@@ -278,13 +359,51 @@ def test_tiny_presets_on_the_embedded_model(tmp_path, embedded):
     """Stage 2 then Stage 3 on SmolLM2 with the tiny presets' bf16 paths (autocast, bf16 engine
     copy), shrunk to a couple of steps."""
     s2, s3 = tmp_path / "s2", tmp_path / "s3"
-    assert npr("train", "stage2", "--preset", "tiny", "--model", "embedded", "--quiet", "--out", str(s2),
-               "--train-data", "synthetic:chain_sum?size=4&seed=3&terms=2&digits=1", "--batch-size", "2",
-               "--max-steps", "2") == 0
+    assert (
+        npr(
+            "train",
+            "stage2",
+            "--preset",
+            "tiny",
+            "--model",
+            "embedded",
+            "--quiet",
+            "--out",
+            str(s2),
+            "--train-data",
+            "synthetic:chain_sum?size=4&seed=3&terms=2&digits=1",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            "2",
+        )
+        == 0
+    )
     assert all(math.isfinite(m["loss"]) for m in read_metrics(s2 / "metrics.jsonl"))
-    assert npr("train", "stage3", "--preset", "tiny", "--model", str(s2 / "final"), "--quiet", "--out", str(s3),
-               "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "96", "--max-steps", "1",
-               "--eval-data", "none") == 0
+    assert (
+        npr(
+            "train",
+            "stage3",
+            "--preset",
+            "tiny",
+            "--model",
+            str(s2 / "final"),
+            "--quiet",
+            "--out",
+            str(s3),
+            "--prompts-per-step",
+            "2",
+            "--samples-per-prompt",
+            "2",
+            "--max-new-tokens",
+            "96",
+            "--max-steps",
+            "1",
+            "--eval-data",
+            "none",
+        )
+        == 0
+    )
     metrics = read_metrics(s3 / "metrics.jsonl")
     assert len(metrics) == 1 and metrics[0]["rollouts"] == 4
     _check_vanilla_load(s3 / "final")

@@ -25,8 +25,14 @@ def _result(prompt_index, sample_index, text, finish="eos"):
 
 def test_select_wraps_problems_with_enough_correct_answers():
     problems = [Problem("a", "2+2?", "4", "test"), Problem("b", "3+3?", "6", "test")]
-    results = [_result(0, 0, "2 plus 2 is 4"), _result(0, 1, "wrong: 5"), _result(0, 2, "so it is 4"),
-               _result(0, 3, "four, 4"), _result(1, 0, "6 it is"), _result(1, 1, "7")]
+    results = [
+        _result(0, 0, "2 plus 2 is 4"),
+        _result(0, 1, "wrong: 5"),
+        _result(0, 2, "so it is 4"),
+        _result(0, 3, "four, 4"),
+        _result(1, 0, "6 it is"),
+        _result(1, 1, "7"),
+    ]
     config = SampleConfig(model="m", train_data="d", wrap=True, wrap_branches=2, wrap_min_branches=2)
     counts = Counter()
     kept = select(results, problems, 0, config, counts, Counter())
@@ -36,10 +42,14 @@ def test_select_wraps_problems_with_enough_correct_answers():
 
 
 def test_min_branches_drops_traces_with_a_one_plan_block():
-    one = ("<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 2+2=4\n</step>\n"
-           "<takeaway>\nthe sum is 4\n</takeaway>\nSo \\boxed{4}.")
-    two = ("<guideline>\n<plan>1: add</plan>\n<plan>2: count</plan>\n</guideline>\n<step>\n1: 2+2=4\n</step>\n"
-           "<step>\n2: 2, 3, 4\n</step>\n<takeaway>\nboth give 4\n</takeaway>\nSo \\boxed{4}.")
+    one = (
+        "<guideline>\n<plan>1: add</plan>\n</guideline>\n<step>\n1: 2+2=4\n</step>\n"
+        "<takeaway>\nthe sum is 4\n</takeaway>\nSo \\boxed{4}."
+    )
+    two = (
+        "<guideline>\n<plan>1: add</plan>\n<plan>2: count</plan>\n</guideline>\n<step>\n1: 2+2=4\n</step>\n"
+        "<step>\n2: 2, 3, 4\n</step>\n<takeaway>\nboth give 4\n</takeaway>\nSo \\boxed{4}."
+    )
     problems = [Problem("a", "2+2?", "4", "test")]
     results = [_result(0, 0, one), _result(0, 1, two)]
     for min_branches, kept_tries, dropped in ((1, [0, 1], 0), (2, [1], 1)):

@@ -21,10 +21,16 @@ from npr.integrations.verl.actor import NprTreeFSDPEngine, check_micro_batch, tr
 from npr.tokens import tag_token_ids
 from npr.train.logprobs import causal_sequence, response_logprobs, structured_sequence
 
-TRACE = ("<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
-         "<step>\n2: 3+4=7 and more\n</step>\n<takeaway>\n57\n</takeaway>\nSo \\boxed{57}.")
-SAMPLES = [("Q: 23+34?\n", TRACE), ("Q: what is 2+2?\n", "It is \\boxed{4}."),
-           ("Q: 1?\n", TRACE.replace("57", "58")), ("Q: bad\n", "<guideline>\n<plan>1: a</plan>\n<step>")]
+TRACE = (
+    "<guideline>\n<plan>1: tens</plan>\n<plan>2: units</plan>\n</guideline>\n<step>\n1: 20+30=50\n</step>\n"
+    "<step>\n2: 3+4=7 and more\n</step>\n<takeaway>\n57\n</takeaway>\nSo \\boxed{57}."
+)
+SAMPLES = [
+    ("Q: 23+34?\n", TRACE),
+    ("Q: what is 2+2?\n", "It is \\boxed{4}."),
+    ("Q: 1?\n", TRACE.replace("57", "58")),
+    ("Q: bad\n", "<guideline>\n<plan>1: a</plan>\n<step>"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +48,24 @@ def verl_batch(tok, width_prompt: int = 24, width_response: int = 128) -> Tensor
     attention = torch.zeros(b, width_prompt + width_response, dtype=torch.long)
     for i, (p, r) in enumerate(SAMPLES):
         p, r = enc(p), enc(r) + [tok.eos_token_id]
-        prompts[i, width_prompt - len(p):] = torch.tensor(p)
-        responses[i, :len(r)] = torch.tensor(r)
-        attention[i, width_prompt - len(p):width_prompt + len(r)] = 1
+        prompts[i, width_prompt - len(p) :] = torch.tensor(p)
+        responses[i, : len(r)] = torch.tensor(r)
+        attention[i, width_prompt - len(p) : width_prompt + len(r)] = 1
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
     gen = torch.Generator().manual_seed(0)
-    data = TensorDict({
-        "prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-        "attention_mask": attention, "position_ids": position_ids,
-        "response_mask": attention[:, width_prompt:].float(),
-        "old_log_probs": -torch.rand(b, width_response, generator=gen),
-        "advantages": torch.randn(b, 1, generator=gen).expand(b, width_response) * attention[:, width_prompt:],
-    }, batch_size=[b])
+    data = TensorDict(
+        {
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": attention,
+            "position_ids": position_ids,
+            "response_mask": attention[:, width_prompt:].float(),
+            "old_log_probs": -torch.rand(b, width_response, generator=gen),
+            "advantages": torch.randn(b, 1, generator=gen).expand(b, width_response) * attention[:, width_prompt:],
+        },
+        batch_size=[b],
+    )
     return left_right_2_no_padding(data)
 
 
@@ -72,7 +84,7 @@ def npr_reference(model, tok):
 def test_tree_log_probs_equal_npr_in_verl_layout(qwen):
     model, tok = qwen
     data = verl_batch(tok)
-    prompt_lens = data["attention_mask"][:, :data["prompts"].shape[1]].sum(1).tolist()
+    prompt_lens = data["attention_mask"][:, : data["prompts"].shape[1]].sum(1).tolist()
     with torch.no_grad():
         scored = tree_log_probs(model, data["input_ids"], prompt_lens, tag_token_ids(tok), attention="dense")
         reference, mask = npr_reference(model, tok)
@@ -85,14 +97,20 @@ def test_tree_log_probs_equal_npr_in_verl_layout(qwen):
     # the tree matters: a causal forward over the same tokens scores the second branch differently
     with torch.no_grad():
         enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
-        flat, _ = response_logprobs(model, [causal_sequence(enc(SAMPLES[0][0]), enc(TRACE) + [tok.eos_token_id])],
-                                    0, attention="dense")
-    assert (flat[0] - reference[0, :flat.shape[1]]).abs().max() > 1e-3
+        flat, _ = response_logprobs(
+            model, [causal_sequence(enc(SAMPLES[0][0]), enc(TRACE) + [tok.eos_token_id])], 0, attention="dense"
+        )
+    assert (flat[0] - reference[0, : flat.shape[1]]).abs().max() > 1e-3
 
 
 def actor_config() -> FSDPActorConfig:
-    return FSDPActorConfig(strategy="fsdp", rollout_n=2, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=1,
-                           policy_loss=PolicyLossConfig(loss_mode="npr_papo"))
+    return FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=2,
+        ppo_mini_batch_size=2,
+        ppo_micro_batch_size_per_gpu=1,
+        policy_loss=PolicyLossConfig(loss_mode="npr_papo"),
+    )
 
 
 def test_entropy_is_the_tree_contexts(qwen):
@@ -102,18 +120,23 @@ def test_entropy_is_the_tree_contexts(qwen):
 
     model, tok = qwen
     data = verl_batch(tok)
-    prompt_lens = data["attention_mask"][:, :data["prompts"].shape[1]].sum(1).tolist()
+    prompt_lens = data["attention_mask"][:, : data["prompts"].shape[1]].sum(1).tolist()
     with torch.no_grad():
-        scored = tree_log_probs(model, data["input_ids"], prompt_lens, tag_token_ids(tok), temperature=0.7,
-                                attention="dense", entropy=True)
+        scored = tree_log_probs(
+            model, data["input_ids"], prompt_lens, tag_token_ids(tok), temperature=0.7, attention="dense", entropy=True
+        )
         enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
         seq = structured_sequence(enc(SAMPLES[0][0]), enc(SAMPLES[0][1]) + [tok.eos_token_id], tag_token_ids(tok))
         bias = attention_bias(seq.allowed, model.dtype)[None, None]
-        logits = model(input_ids=seq.input_ids[None], position_ids=seq.position_ids[None],
-                       attention_mask=bias).logits[0, seq.response_start - 1:-1] / 0.7  # [R, V]
+        logits = (
+            model(input_ids=seq.input_ids[None], position_ids=seq.position_ids[None], attention_mask=bias).logits[
+                0, seq.response_start - 1 : -1
+            ]
+            / 0.7
+        )  # [R, V]
         logp = logits.log_softmax(-1)
         expected = -(logp.exp() * logp).sum(-1)  # [R]
-    got = no_padding_2_padding(scored.entropy, data)[0, :len(expected)]
+    got = no_padding_2_padding(scored.entropy, data)[0, : len(expected)]
     assert torch.allclose(got, expected, atol=1e-5)
 
 
@@ -130,8 +153,13 @@ def tree_engine(model, tok):
 def micro_batch(tok, **flags):
     data = verl_batch(tok)
     n = int(data["response_mask"].sum())
-    for key, value in {"dp_size": 1, "batch_num_tokens": n, "global_batch_size": len(SAMPLES), "temperature": 1.0,
-                       **flags}.items():
+    for key, value in {
+        "dp_size": 1,
+        "batch_num_tokens": n,
+        "global_batch_size": len(SAMPLES),
+        "temperature": 1.0,
+        **flags,
+    }.items():
         tu.assign_non_tensor_data(data, key, value)
     return data, n
 
@@ -159,9 +187,14 @@ def test_engine_forward_through_verl_ppo_loss_equals_npr(qwen):
     model.zero_grad()
 
 
-@pytest.mark.parametrize("flag, advice", [("use_fused_kernels", "use_fused_kernels=False"),
-                                          ("calculate_entropy", "entropy_coeff=0"),
-                                          ("use_remove_padding", "use_remove_padding=True")])
+@pytest.mark.parametrize(
+    "flag, advice",
+    [
+        ("use_fused_kernels", "use_fused_kernels=False"),
+        ("calculate_entropy", "entropy_coeff=0"),
+        ("use_remove_padding", "use_remove_padding=True"),
+    ],
+)
 def test_refuses_unsupported_options(qwen, flag, advice):
     _, tok = qwen
     data, _ = micro_batch(tok, **{flag: flag != "use_remove_padding"})

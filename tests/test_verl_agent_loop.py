@@ -44,12 +44,11 @@ class ScriptAt:
     context ends with ``<step>\nk:``) the script of branch k of its block, as the engine's streams do."""
 
     def __init__(self, forcer: StructureForcer, tok, prompt: list[int], context: list[int]) -> None:
-        self.forcer, response = forcer, context[len(prompt):]
+        self.forcer, response = forcer, context[len(prompt) :]
         scaffold = Scaffold.of(tok, 8)
         block = response.count(tag_token_ids(tok)["</guideline>"])
-        branch = next((k for k, ids in enumerate(scaffold.step_open, 1) if tuple(response[-len(ids):]) == ids), 0)
-        self.stream = SimpleNamespace(kind="branch" if branch else "main", block=block if branch else 0,
-                                      branch=branch)
+        branch = next((k for k, ids in enumerate(scaffold.step_open, 1) if tuple(response[-len(ids) :]) == ids), 0)
+        self.stream = SimpleNamespace(kind="branch" if branch else "main", block=block if branch else 0, branch=branch)
         self.offset = 0 if branch else len(response)
 
     def __call__(self, stream, logits: torch.Tensor) -> torch.Tensor:
@@ -132,8 +131,8 @@ def engine_key(stream) -> tuple:
 
 def segment_key(tok, prompt: list[int], context: list[int]) -> tuple:
     """The engine stream a server request continues, as (kind, block, branch, offset of its first new token)."""
-    response, tags, opens = context[len(prompt):], tag_token_ids(tok), Scaffold.of(tok, 8).step_open
-    branch = next((k for k, ids in enumerate(opens, 1) if tuple(response[-len(ids):]) == ids), 0)
+    response, tags, opens = context[len(prompt) :], tag_token_ids(tok), Scaffold.of(tok, 8).step_open
+    branch = next((k for k, ids in enumerate(opens, 1) if tuple(response[-len(ids) :]) == ids), 0)
     if branch:
         return "branch", response.count(tags["</guideline>"]), branch, len(opens[branch - 1])
     joins = [i for i, t in enumerate(response) if t == tags["<takeaway>"]]  # main: segments restart at joins
@@ -161,8 +160,15 @@ def test_random_structures_and_ends_match_the_engine(qwen, seed):
 
     def processors(ids):
         kind, block, branch, offset = segment_key(tok, prompt, ids)
-        return [EndAt(ScriptAt(forcer, tok, prompt, ids), seed, p_eos, tok.eos_token_id,
-                      lambda stream: (kind, block, branch, offset + len(stream.tokens)))]
+        return [
+            EndAt(
+                ScriptAt(forcer, tok, prompt, ids),
+                seed,
+                p_eos,
+                tok.eos_token_id,
+                lambda stream: (kind, block, branch, offset + len(stream.tokens)),
+            )
+        ]
 
     server = EngineServer(engine(model, tok, "plain"), processors)
     got = asyncio.run(fork_join(server.generate, prompt, Scaffold.of(tok, 5), budget, {"temperature": 0.0}))
@@ -180,8 +186,9 @@ def test_join_gap_measured_against_the_tree_actor(qwen):
     prompt = tok.encode("Q: 23+34?\n", add_special_tokens=False)
     got = loop_result(model, tok, prompt, StructureForcer(tok, [[4, 6], [3, 3, 3]], prefix_tokens=2))
     with torch.no_grad():
-        actor, mask = response_logprobs(model, [structured_sequence(prompt, got.token_ids, tag_token_ids(tok))], 0,
-                                        attention="dense")
+        actor, mask = response_logprobs(
+            model, [structured_sequence(prompt, got.token_ids, tag_token_ids(tok))], 0, attention="dense"
+        )
     rollout = torch.tensor(got.logprobs)[None]
     sampled = torch.tensor(got.sampled)[None] * mask
     gap = join_gap(rollout, actor, sampled, torch.tensor(got.after_join)[None])
@@ -197,7 +204,7 @@ def test_budget_counts_every_branch_and_scaffold(qwen):
     got = loop_result(model, tok, prompt, StructureForcer(tok, [[30, 30]], prefix_tokens=2), budget=budget)
     expected = sequential_result(model, tok, prompt, StructureForcer(tok, [[30, 30]], prefix_tokens=2))
     assert got.finish_reason == "length" and len(got.token_ids) <= budget
-    assert got.token_ids == expected.token_ids[:len(got.token_ids)]
+    assert got.token_ids == expected.token_ids[: len(got.token_ids)]
 
 
 def agent(server, tok, budget: int = BUDGET, **fields) -> NprParallelAgentLoop:
@@ -257,5 +264,4 @@ def test_registered_as_npr_parallel():
 
     import npr.integrations.verl  # noqa: F401
 
-    assert _agent_loop_registry["npr_parallel"]["_target_"] == (
-        "npr.integrations.verl.agent_loop.NprParallelAgentLoop")
+    assert _agent_loop_registry["npr_parallel"]["_target_"] == ("npr.integrations.verl.agent_loop.NprParallelAgentLoop")

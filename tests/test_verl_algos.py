@@ -94,8 +94,13 @@ def random_step(seed: int, b: int = 5, t: int = 7):
 def test_loss_equals_npr_on_one_rank(mode):
     log_prob, old, adv, mask = random_step(0)
     loss, metrics = get_policy_loss_fn(PAPO_NAME)(
-        old_log_prob=old, log_prob=log_prob, advantages=adv, response_mask=mask.bool(), loss_agg_mode=mode,
-        config=actor_config(), rollout_is_weights=None,
+        old_log_prob=old,
+        log_prob=log_prob,
+        advantages=adv,
+        response_mask=mask.bool(),
+        loss_agg_mode=mode,
+        config=actor_config(),
+        rollout_is_weights=None,
     )
     (grad,) = torch.autograd.grad(loss, log_prob)
     lp = log_prob.detach().clone().requires_grad_()
@@ -107,9 +112,14 @@ def test_loss_equals_npr_on_one_rank(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("info", [{}, {"dp_size": 4, "batch_num_tokens": 61, "global_batch_size": 19},
-                                  {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 9,
-                                   "loss_scale_factor": 11}])
+@pytest.mark.parametrize(
+    "info",
+    [
+        {},
+        {"dp_size": 4, "batch_num_tokens": 61, "global_batch_size": 19},
+        {"dp_size": 2, "batch_num_tokens": 30, "global_batch_size": 9, "loss_scale_factor": 11},
+    ],
+)
 def test_loss_follows_verl_aggregation_with_global_batch_info(mode, info):
     """PAPO's value is -A per token (ratio 1) with gradient -A·∇logπ: verl's own agg_loss of that matrix,
     with the same global batch information, is the reference for value and gradient."""
@@ -156,8 +166,10 @@ def test_verl_imports_npr_in_its_processes(tmp_path):
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: npr-verl-plugin\nVersion: 0\n")
     (info / "entry_points.txt").write_text(f"[verl.plugins]\nnpr = {target}\n")
-    code = ("import verl\nfrom verl.trainer.ppo.core_algos import get_policy_loss_fn, get_adv_estimator_fn\n"
-            "print(get_policy_loss_fn('npr_papo').__module__, get_adv_estimator_fn('npr_papo').__module__)")
+    code = (
+        "import verl\nfrom verl.trainer.ppo.core_algos import get_policy_loss_fn, get_adv_estimator_fn\n"
+        "print(get_policy_loss_fn('npr_papo').__module__, get_adv_estimator_fn('npr_papo').__module__)"
+    )
     path = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", ""), str(Path(__file__).parents[1])])
     env = dict(os.environ, PYTHONPATH=path, VERL_USE_EXTERNAL_PLUGINS="npr")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
@@ -172,18 +184,25 @@ def test_stage1_needs_nothing_new_verls_grpo_and_vanilla_loss_are_npr_dapo():
     gen = torch.Generator().manual_seed(5)
     rewards = torch.randint(-1, 2, (12,), generator=gen).float()
     uids = [f"p{i % 3}" for i in range(12)]
-    out = compute_advantage(rollout_batch(rewards.tolist(), uids, [4] * 12), adv_estimator="grpo",
-                            config=AlgoConfig())
+    out = compute_advantage(rollout_batch(rewards.tolist(), uids, [4] * 12), adv_estimator="grpo", config=AlgoConfig())
     expected = group_advantages(rewards, torch.tensor([i % 3 for i in range(12)]))
     assert torch.allclose(out.batch["advantages"][:, 0], expected, atol=1e-6)
 
     log_prob, old, adv, mask = random_step(4)
     old = log_prob.detach() + 0.4 * torch.randn(log_prob.shape, generator=gen)  # ratios far enough to clip
-    config = FSDPActorConfig(strategy="fsdp", rollout_n=2, ppo_mini_batch_size=2, ppo_micro_batch_size_per_gpu=1,
-                             clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=10.0)
+    config = FSDPActorConfig(
+        strategy="fsdp",
+        rollout_n=2,
+        ppo_mini_batch_size=2,
+        ppo_micro_batch_size_per_gpu=1,
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=10.0,
+    )
     loss, metrics = get_policy_loss_fn("vanilla")(old, log_prob, adv, mask.bool(), "token-mean", config, None)
-    reference, reference_metrics = dapo_loss(logprobs=log_prob, old_logprobs=old, advantages=adv, mask=mask,
-                                             clip_low=0.2, clip_high=0.28, clip_ratio_c=10.0)
+    reference, reference_metrics = dapo_loss(
+        logprobs=log_prob, old_logprobs=old, advantages=adv, mask=mask, clip_low=0.2, clip_high=0.28, clip_ratio_c=10.0
+    )
     assert torch.allclose(loss, reference, atol=1e-6)
     assert reference_metrics["clip_fraction"] > 0
     assert metrics["actor/pg_clipfrac"] == pytest.approx(reference_metrics["clip_fraction"], abs=1e-6)

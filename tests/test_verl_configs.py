@@ -21,27 +21,49 @@ VERL_CONFIG = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
 # the reference's launch scripts (bigai-nlco/Native-Parallel-Reasoner e148ad5), written out by hand
 REFERENCE = {
     "stage1": {  # npr-zero/experiments/run.sh
-        "data.train_batch_size": 32, "actor_rollout_ref.rollout.n": 16, "data.max_response_length": 30000,
-        "actor_rollout_ref.actor.ppo_mini_batch_size": 1, "actor_rollout_ref.actor.optim.lr": 1e-6,
-        "actor_rollout_ref.actor.optim.lr_warmup_steps": 10, "actor_rollout_ref.actor.optim.weight_decay": 0.1,
-        "actor_rollout_ref.actor.clip_ratio_low": 0.2, "actor_rollout_ref.actor.clip_ratio_high": 0.28,
-        "actor_rollout_ref.actor.clip_ratio_c": 10.0, "actor_rollout_ref.actor.grad_clip": 1.0,
-        "algorithm.filter_groups.enable": True, "trainer.save_freq": 20, "trainer.test_freq": 10,
-        "reward.reward_kwargs.overlong_buffer_cfg.len": 10, "actor_rollout_ref.rollout.top_k": -1,
+        "data.train_batch_size": 32,
+        "actor_rollout_ref.rollout.n": 16,
+        "data.max_response_length": 30000,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 1,
+        "actor_rollout_ref.actor.optim.lr": 1e-6,
+        "actor_rollout_ref.actor.optim.lr_warmup_steps": 10,
+        "actor_rollout_ref.actor.optim.weight_decay": 0.1,
+        "actor_rollout_ref.actor.clip_ratio_low": 0.2,
+        "actor_rollout_ref.actor.clip_ratio_high": 0.28,
+        "actor_rollout_ref.actor.clip_ratio_c": 10.0,
+        "actor_rollout_ref.actor.grad_clip": 1.0,
+        "algorithm.filter_groups.enable": True,
+        "trainer.save_freq": 20,
+        "trainer.test_freq": 10,
+        "reward.reward_kwargs.overlong_buffer_cfg.len": 10,
+        "actor_rollout_ref.rollout.top_k": -1,
     },
     "stage3": {  # npr-rl/experiments/run.sh
-        "data.train_batch_size": 16, "actor_rollout_ref.rollout.n": 16, "data.max_response_length": 30000,
-        "actor_rollout_ref.actor.ppo_mini_batch_size": 1, "actor_rollout_ref.actor.optim.lr": 1e-7,
-        "actor_rollout_ref.actor.optim.lr_warmup_steps": 0, "actor_rollout_ref.actor.optim.lr_scheduler_type":
-        "constant", "algorithm.filter_groups.enable": False, "trainer.save_freq": 5, "trainer.test_freq": 5,
-        "actor_rollout_ref.actor.entropy_coeff": 0, "actor_rollout_ref.actor.ulysses_sequence_parallel_size": 1,
+        "data.train_batch_size": 16,
+        "actor_rollout_ref.rollout.n": 16,
+        "data.max_response_length": 30000,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 1,
+        "actor_rollout_ref.actor.optim.lr": 1e-7,
+        "actor_rollout_ref.actor.optim.lr_warmup_steps": 0,
+        "actor_rollout_ref.actor.optim.lr_scheduler_type": "constant",
+        "algorithm.filter_groups.enable": False,
+        "trainer.save_freq": 5,
+        "trainer.test_freq": 5,
+        "actor_rollout_ref.actor.entropy_coeff": 0,
+        "actor_rollout_ref.actor.ulysses_sequence_parallel_size": 1,
     },
 }
 
 
 def composed(stage: str):
-    overrides = launch_overrides(stage, model="/ckpt/final", train_files="/d/train.parquet",
-                                 val_files="/d/val.parquet", nnodes=2, gpus_per_node=8)
+    overrides = launch_overrides(
+        stage,
+        model="/ckpt/final",
+        train_files="/d/train.parquet",
+        val_files="/d/val.parquet",
+        nnodes=2,
+        gpus_per_node=8,
+    )
     with initialize_config_dir(config_dir=VERL_CONFIG, version_base=None):
         return compose(config_name="ppo_trainer", overrides=overrides), overrides
 
@@ -76,7 +98,8 @@ def test_stage3_uses_npr_pieces_and_the_tree_actor():
     assert config.reward.custom_reward_function.name == "compute_score_stage3"
     assert config.actor_rollout_ref.model.use_remove_padding is True
     assert launch_command("stage3", model="m", train_files="t", val_files="v").startswith(
-        "NPR_VERL_TREE_ACTOR=1 python -m verl.trainer.main_ppo")
+        "NPR_VERL_TREE_ACTOR=1 python -m verl.trainer.main_ppo"
+    )
 
 
 def test_docs_print_the_settings_tables():

@@ -37,8 +37,23 @@ def test_verl_actor_checkpoint_merges_into_an_npr_model(tmp_path, tiny_qwen3):
     model.config.save_pretrained(actor / "huggingface")
     tok.save_pretrained(actor / "huggingface")
     target = tmp_path / "hf"
-    merged = subprocess.run([sys.executable, "-m", "verl.model_merger", "merge", "--backend", "fsdp", "--local_dir",
-                             str(actor), "--target_dir", str(target)], capture_output=True, text=True, timeout=300)
+    merged = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "verl.model_merger",
+            "merge",
+            "--backend",
+            "fsdp",
+            "--local_dir",
+            str(actor),
+            "--target_dir",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert merged.returncode == 0, merged.stderr[-3000:]
 
     loaded, loaded_tok = load_model_and_tokenizer(str(target))

@@ -27,10 +27,14 @@ SAMPLES = {  # name -> (response text, gold answer)
 
 
 def reward_config(name: str):
-    return OmegaConf.create({"reward": {
-        "reward_manager": {"source": "register", "name": "npr"},
-        "custom_reward_function": {"path": "pkg://npr.integrations.verl.rewards", "name": name},
-    }})
+    return OmegaConf.create(
+        {
+            "reward": {
+                "reward_manager": {"source": "register", "name": "npr"},
+                "custom_reward_function": {"path": "pkg://npr.integrations.verl.rewards", "name": name},
+            }
+        }
+    )
 
 
 def sample_batch(tokenizer, text: str, gold: str, prompt_width: int = 4, width: int = 96) -> DataProto:
@@ -39,19 +43,22 @@ def sample_batch(tokenizer, text: str, gold: str, prompt_width: int = 4, width: 
     assert len(response) <= width
     prompt = torch.tensor([[0] * (prompt_width - 2) + [5, 6]])
     responses = torch.full((1, width), tokenizer.pad_token_id or 0)
-    responses[0, :len(response)] = torch.tensor(response)
+    responses[0, : len(response)] = torch.tensor(response)
     attention = torch.zeros(1, prompt_width + width, dtype=torch.long)
-    attention[0, prompt_width - 2:prompt_width + len(response)] = 1
+    attention[0, prompt_width - 2 : prompt_width + len(response)] = 1
     return DataProto.from_dict(
         tensors={"prompts": prompt, "responses": responses, "attention_mask": attention},
-        non_tensors={"data_source": np.array(["math"], dtype=object),
-                     "reward_model": np.array([{"ground_truth": gold}], dtype=object),
-                     "extra_info": np.array([{}], dtype=object)},
+        non_tensors={
+            "data_source": np.array(["math"], dtype=object),
+            "reward_model": np.array([{"ground_truth": gold}], dtype=object),
+            "extra_info": np.array([{}], dtype=object),
+        },
     )
 
 
-@pytest.mark.parametrize("stage, npr_reward", [("compute_score_stage1", stage1_reward),
-                                               ("compute_score_stage3", accuracy_reward)])
+@pytest.mark.parametrize(
+    "stage, npr_reward", [("compute_score_stage1", stage1_reward), ("compute_score_stage3", accuracy_reward)]
+)
 def test_reward_manager_equals_npr(tiny_qwen3, stage, npr_reward):
     _, tokenizer = tiny_qwen3
     manager = load_reward_manager(reward_config(stage), tokenizer)
@@ -76,8 +83,10 @@ def test_stock_decoding_would_lose_the_tags(tiny_qwen3):
     ids = tokenizer.encode(BLOCK, add_special_tokens=False) + [tokenizer.eos_token_id]
     assert "<guideline>" not in tokenizer.decode(ids, skip_special_tokens=True)
     assert TagKeepingDecoder(tokenizer).decode(ids, skip_special_tokens=True) == BLOCK
-    naive = load_reward_manager(OmegaConf.merge(reward_config("compute_score_stage1"),
-                                                {"reward": {"reward_manager": {"name": "naive"}}}), tokenizer)
+    naive = load_reward_manager(
+        OmegaConf.merge(reward_config("compute_score_stage1"), {"reward": {"reward_manager": {"name": "naive"}}}),
+        tokenizer,
+    )
     out = naive.loop.run_until_complete(naive.run_single(sample_batch(tokenizer, *SAMPLES["valid_correct"])))
     assert out["reward_score"] < 0  # the tags were stripped, so the format check failed
 
@@ -97,8 +106,17 @@ def test_overlong_penalty_is_npr_stage1s(tiny_qwen3):
     _, tokenizer = tiny_qwen3
     text, gold = SAMPLES["valid_correct"]
     length = len(tokenizer.encode(text, add_special_tokens=False)) + 1  # + EOS
-    config = OmegaConf.merge(reward_config("compute_score_stage1"), {"reward": {"reward_kwargs": {
-        "max_resp_len": length + 3, "overlong_buffer_cfg": {"enable": True, "len": 10, "penalty_factor": 1.0}}}})
+    config = OmegaConf.merge(
+        reward_config("compute_score_stage1"),
+        {
+            "reward": {
+                "reward_kwargs": {
+                    "max_resp_len": length + 3,
+                    "overlong_buffer_cfg": {"enable": True, "len": 10, "penalty_factor": 1.0},
+                }
+            }
+        },
+    )
     manager = load_reward_manager(config, tokenizer)
     out = manager.loop.run_until_complete(manager.run_single(sample_batch(tokenizer, text, gold)))
     expected = float(overlong_penalty(_torch.tensor([length]), length + 3, 10, 1.0)[0])
@@ -123,6 +141,5 @@ def test_parquet_rows_grade_as_npr(tmp_path):
     for row, problem in zip(rows, problems):
         for answer in (problem.answer, problem.answer + "1"):
             text = BLOCK + f" so \\boxed{{{answer}}}"
-            got = compute_score_stage3(row["data_source"], text, row["reward_model"]["ground_truth"],
-                                       row["extra_info"])
+            got = compute_score_stage3(row["data_source"], text, row["reward_model"]["ground_truth"], row["extra_info"])
             assert got["score"] == accuracy_reward(text, problem)

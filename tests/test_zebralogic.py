@@ -21,31 +21,46 @@ FIXTURES = Path(__file__).parent / "fixtures" / "zebralogic"
 def test_choice_mode_renders_nprs_prompt_and_letter_answer():
     first, second = load_problems("zebralogic", data_dir=FIXTURES)
     row = json.loads((FIXTURES / "zebralogic.jsonl").read_text().splitlines()[0])
-    assert first.problem == (f"Puzzle: {row['puzzle']}\n\nQuestion: What is Name of the person who lives in House 1?"
-                             "\n\nChoices: A. Arnold B. Eric \n\nAnswer:")
-    assert (first.id, first.answer, first.source, first.grader) == ("lgp-test-2x2-10#mc-0", "B", "zebralogic",
-                                                                   "zebralogic-choice")
+    assert first.problem == (
+        f"Puzzle: {row['puzzle']}\n\nQuestion: What is Name of the person who lives in House 1?"
+        "\n\nChoices: A. Arnold B. Eric \n\nAnswer:"
+    )
+    assert (first.id, first.answer, first.source, first.grader) == (
+        "lgp-test-2x2-10#mc-0",
+        "B",
+        "zebralogic",
+        "zebralogic-choice",
+    )
     assert second.answer == "B" and second.location.endswith("zebralogic.jsonl:2")
     assert len(load_problems("zebra_logic", data_dir=FIXTURES, limit=1)) == 1
 
 
-@pytest.mark.parametrize("response, correct", [
-    ("House 1 holds Eric, so \\boxed{B}", True),
-    ("\\boxed{\\text{B}}", True),
-    ("\\boxed{(b)}", True),
-    ("\\boxed{B.}", True),
-    ("\\boxed{A}", False),
-    ("\\boxed{Eric}", False),  # the choice's text, not its letter: NPR compares letters
-    ("Eric lives in house 1, B", False),  # no box: the fallback is a number, never a letter
-])
+@pytest.mark.parametrize(
+    "response, correct",
+    [
+        ("House 1 holds Eric, so \\boxed{B}", True),
+        ("\\boxed{\\text{B}}", True),
+        ("\\boxed{(b)}", True),
+        ("\\boxed{B.}", True),
+        ("\\boxed{A}", False),
+        ("\\boxed{Eric}", False),  # the choice's text, not its letter: NPR compares letters
+        ("Eric lives in house 1, B", False),  # no box: the fallback is a number, never a letter
+    ],
+)
 def test_choice_mode_grades_the_boxed_letter(response, correct):
     problem = load_problems("zebralogic", data_dir=FIXTURES)[0]
     assert is_correct(response, problem) is correct
 
 
 def test_choice_letter():
-    assert [choice_letter(x) for x in ("C", " (d) ", "\\textbf{E}", "AB", "", None)] == ["C", "D", "E", None, None,
-                                                                                         None]
+    assert [choice_letter(x) for x in ("C", " (d) ", "\\textbf{E}", "AB", "", None)] == [
+        "C",
+        "D",
+        "E",
+        None,
+        None,
+        None,
+    ]
 
 
 def test_an_answer_outside_the_choices_names_the_line(tmp_path):
@@ -63,11 +78,13 @@ def _answer(table: dict) -> str:
 
 
 def test_grid_mode_prompt_and_cells():
-    problem, = load_problems("zebralogic-grid", data_dir=FIXTURES)
+    (problem,) = load_problems("zebralogic-grid", data_dir=FIXTURES)
     assert problem.grader == "zebralogic-grid" and problem.size == 2
-    assert json.loads(problem.answer) == {"House 1": {"Name": "Eric", "Drink": "tea"},
-                                          "House 2": {"Name": "Arnold", "Drink": "milk"}}
-    template = json.loads(problem.problem[problem.problem.index("{"):])
+    assert json.loads(problem.answer) == {
+        "House 1": {"Name": "Eric", "Drink": "tea"},
+        "House 2": {"Name": "Arnold", "Drink": "milk"},
+    }
+    template = json.loads(problem.problem[problem.problem.index("{") :])
     blank = {"Name": "___", "Drink": "___"}
     assert template["solution"] == {"House 1": blank, "House 2": blank}
     right = {"House 1": {"Name": "eric ", "Drink": ["Tea"]}, "House 2": {"Name": "Arnold", "Drink": "milk"}}
@@ -96,9 +113,31 @@ def test_an_eval_run_records_grid_cells_and_summarises_cell_accuracy(tmp_path):
     from npr.eval.metrics import summarize
 
     out = tmp_path / "run"
-    assert main(["eval", "--model", "tiny-random-llama", "--benchmarks", "zebralogic-grid,zebralogic", "--data-dir",
-                 str(FIXTURES), "--k", "2", "--max-new-tokens", "8", "--dtype", "float32", "--kv-cache-gib", "0.05",
-                 "--quiet", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "tiny-random-llama",
+                "--benchmarks",
+                "zebralogic-grid,zebralogic",
+                "--data-dir",
+                str(FIXTURES),
+                "--k",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--dtype",
+                "float32",
+                "--kv-cache-gib",
+                "0.05",
+                "--quiet",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     grid = [r for r in records if r["benchmark"] == "zebralogic-grid"]
     assert len(grid) == 2 and all(r["cells"] == [0, 4] and r["correct"] is False for r in grid)  # 8 random tokens

@@ -8,7 +8,7 @@ branches on it: ``get_advantage_estimator("papo")``, ``get_policy_loss("dapo", c
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -60,9 +60,28 @@ def get_advantage_estimator(name: str) -> AdvantageEstimator:
 
 
 __all__ = [
-    "ADVANTAGE_ESTIMATORS", "AGGREGATIONS", "CALL_ARGUMENTS", "POLICY_LOSSES", "RATIO_LOSSES", "AdvantageEstimator",
-    "PolicyLoss", "aggregate", "dapo_loss", "dynamic_sampling_filter", "get_advantage_estimator", "get_aggregation",
-    "get_policy_loss", "group_advantages", "group_mean_std", "hyperparameter_names", "metric_names",
-    "overlong_penalty", "papo_advantages", "papo_loss", "register_policy_loss", "seq_mean_token_mean",
-    "seq_mean_token_sum", "token_mean",
+    "ADVANTAGE_ESTIMATORS",
+    "AGGREGATIONS",
+    "CALL_ARGUMENTS",
+    "POLICY_LOSSES",
+    "RATIO_LOSSES",
+    "AdvantageEstimator",
+    "PolicyLoss",
+    "aggregate",
+    "dapo_loss",
+    "dynamic_sampling_filter",
+    "get_advantage_estimator",
+    "get_aggregation",
+    "get_policy_loss",
+    "group_advantages",
+    "group_mean_std",
+    "hyperparameter_names",
+    "metric_names",
+    "overlong_penalty",
+    "papo_advantages",
+    "papo_loss",
+    "register_policy_loss",
+    "seq_mean_token_mean",
+    "seq_mean_token_sum",
+    "token_mean",
 ]

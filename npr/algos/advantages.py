@@ -95,9 +95,7 @@ def dynamic_sampling_filter(rewards: torch.Tensor, group_ids: torch.Tensor) -> t
     return ((high > low) | (size == 1))[dense]  # [N]
 
 
-def overlong_penalty(
-    lengths: torch.Tensor, max_len: int, buffer_len: int, penalty_factor: float = 1.0
-) -> torch.Tensor:
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, penalty_factor: float = 1.0) -> torch.Tensor:
     """DAPO soft overlong punishment (arXiv 2503.14476 §3.4, eq. 13), added to the reward.
 
     lengths LongTensor[N] (response tokens) -> FloatTensor[N]: 0 when ``len <= max_len -

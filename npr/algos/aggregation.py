@@ -9,7 +9,7 @@ averages over sequences (no length normalisation, as in Dr. GRPO, arXiv 2503.207
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -70,6 +70,4 @@ def get_aggregation(name: str) -> Aggregation:
     try:
         return AGGREGATIONS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown loss aggregation {name!r}; choose one of {sorted(AGGREGATIONS)}"
-        ) from None
+        raise ValueError(f"unknown loss aggregation {name!r}; choose one of {sorted(AGGREGATIONS)}") from None

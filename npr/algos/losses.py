@@ -88,9 +88,15 @@ def metric_names(loss_fn: PolicyLoss) -> tuple[str, ...]:
     """The sorted metric names ``loss_fn`` (registered or bound) returns, read from one call on a
     single masked-out token: what a trainer reduces over ranks even where a rank has no tokens."""
     zeros = torch.zeros(1, 1)  # [1, 1]
-    _, metrics = loss_fn(logprobs=zeros, old_logprobs=zeros, advantages=torch.zeros(1),
-                         mask=torch.zeros(1, 1, dtype=torch.bool), agg="token-mean")
+    _, metrics = loss_fn(
+        logprobs=zeros,
+        old_logprobs=zeros,
+        advantages=torch.zeros(1),
+        mask=torch.zeros(1, 1, dtype=torch.bool),
+        agg="token-mean",
+    )
     return tuple(sorted(metrics))
+
 
 # log-ratios are clamped to [-20, 20] before exp, as the reference (verl's compute_policy_loss): a policy that
 # drifted far from the old one gives a finite loss (exp(20) ~ 4.9e8) instead of inf and NaN weights after AdamW
@@ -116,13 +122,9 @@ def _zero_masked(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def _check_shapes(logprobs: torch.Tensor, mask: torch.Tensor, old_logprobs: torch.Tensor | None) -> torch.Tensor:
     if logprobs.dim() != 2 or mask.shape != logprobs.shape:
-        raise ValueError(
-            f"logprobs {tuple(logprobs.shape)} and mask {tuple(mask.shape)} must both be [B, T]"
-        )
+        raise ValueError(f"logprobs {tuple(logprobs.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
     if old_logprobs is not None and old_logprobs.shape != logprobs.shape:
-        raise ValueError(
-            f"old_logprobs {tuple(old_logprobs.shape)} must match logprobs {tuple(logprobs.shape)}"
-        )
+        raise ValueError(f"old_logprobs {tuple(old_logprobs.shape)} must match logprobs {tuple(logprobs.shape)}")
     return mask.bool()  # [B, T]
 
 

@@ -28,9 +28,11 @@ def resolve_gguf(spec: str, tokenizer) -> Path:
     found = sorted(path.glob("*.gguf")) if path.is_dir() else []
     if len(found) == 1:
         return found[0]
-    raise BackendError(f"--backend llamacpp runs a GGUF file: --model embedded, or a model directory holding one "
-                       f"*.gguf with the NPR tags in its vocabulary; {spec!r} has "
-                       f"{len(found) if path.is_dir() else 'no directory with'} .gguf files")
+    raise BackendError(
+        f"--backend llamacpp runs a GGUF file: --model embedded, or a model directory holding one "
+        f"*.gguf with the NPR tags in its vocabulary; {spec!r} has "
+        f"{len(found) if path.is_dir() else 'no directory with'} .gguf files"
+    )
 
 
 def build_engine(backend: str, spec: str, model, tokenizer, config):

@@ -64,8 +64,10 @@ def tagged_gguf(source: Path, target: Path, tokenizer) -> Path:
     expected = {tag: vocab + i for i, tag in enumerate(TAGS)}
     got = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in TAGS}
     if got != expected:
-        raise GGUFError(f"{source}: the tokenizer's tag ids {got} do not follow the GGUF's {vocab} tokens; "
-                        "load the tokenizer through npr.models")
+        raise GGUFError(
+            f"{source}: the tokenizer's tag ids {got} do not follow the GGUF's {vocab} tokens; "
+            "load the tokenizer through npr.models"
+        )
     writer = GGUFWriter(str(target), arch)
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name == "general.architecture":

@@ -36,8 +36,10 @@ def import_llama_cpp():
     try:
         import llama_cpp
     except ImportError as e:
-        raise LlamaCppError("the llama.cpp backend needs llama-cpp-python: pip install 'npr[llamacpp]' "
-                            f"(it builds llama.cpp from source; {e})") from e
+        raise LlamaCppError(
+            "the llama.cpp backend needs llama-cpp-python: pip install 'npr[llamacpp]' "
+            f"(it builds llama.cpp from source; {e})"
+        ) from e
     return llama_cpp
 
 
@@ -103,8 +105,10 @@ class LlamaContext:
         self.ctx = lib.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             lib.llama_model_free(self.model)
-            raise LlamaCppError(f"llama.cpp could not create a context of {size.cells} cells and {size.seqs} "
-                                "sequences (see its error above)")
+            raise LlamaCppError(
+                f"llama.cpp could not create a context of {size.cells} cells and {size.seqs} "
+                "sequences (see its error above)"
+            )
         self.n_ctx = lib.llama_n_ctx(self.ctx)
         self.n_batch = lib.llama_n_batch(self.ctx)
         self.n_seq = size.seqs
@@ -165,8 +169,10 @@ class LlamaContext:
             batch.n_tokens = end - start
             rc = lib.llama_decode(self.ctx, batch)
             if rc != 0:
-                raise LlamaCppError(f"llama_decode returned {rc} for {end - start} tokens (1: no free KV cell; "
-                                    "<0: an invalid batch, llama.cpp's error above says why)")
+                raise LlamaCppError(
+                    f"llama_decode returned {rc} for {end - start} tokens (1: no free KV cell; "
+                    "<0: an invalid batch, llama.cpp's error above says why)"
+                )
             for j in want:
                 ptr = lib.llama_get_logits_ith(self.ctx, j)
                 out[row] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))

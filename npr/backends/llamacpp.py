@@ -76,18 +76,29 @@ class LlamaCppEngine(Engine):
         self.config = cfg = config or EngineConfig()
         seqs = 2 * cfg.max_num_seqs + 1  # a main sequence per resident request, one per live branch, one spare
         if seqs > LLAMA_MAX_SEQ:
-            raise EngineInputError(f"max_num_seqs={cfg.max_num_seqs} needs {seqs} llama.cpp sequences; llama.cpp "
-                                   f"allows {LLAMA_MAX_SEQ}: use max_num_seqs <= {(LLAMA_MAX_SEQ - 1) // 2}")
+            raise EngineInputError(
+                f"max_num_seqs={cfg.max_num_seqs} needs {seqs} llama.cpp sequences; llama.cpp "
+                f"allows {LLAMA_MAX_SEQ}: use max_num_seqs <= {(LLAMA_MAX_SEQ - 1) // 2}"
+            )
         facts = gguf_facts(gguf)
         self.context_length, self.vocab_size = facts.context_length, facts.vocab_size
         if len(tokenizer) > self.vocab_size:
-            raise EngineInputError(f"the tokenizer has {len(tokenizer)} ids but {gguf} only {self.vocab_size}: the "
-                                   "GGUF lacks the NPR tags (build it with npr.backends.gguf_model)")
+            raise EngineInputError(
+                f"the tokenizer has {len(tokenizer)} ids but {gguf} only {self.vocab_size}: the "
+                "GGUF lacks the NPR tags (build it with npr.backends.gguf_model)"
+            )
         tokens = cfg.kv_cache_tokens or int((cfg.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30 // facts.kv_bytes_per_token)
         num_blocks = max(1, tokens // cfg.block_size)
         batch = min(cfg.max_num_batched_tokens or 2048, 2048)
-        self.llama = LlamaContext(gguf, ContextSize(cells=num_blocks * cfg.block_size + batch, seqs=seqs,
-                                                    batch=batch, threads=threads or torch.get_num_threads()))
+        self.llama = LlamaContext(
+            gguf,
+            ContextSize(
+                cells=num_blocks * cfg.block_size + batch,
+                seqs=seqs,
+                batch=batch,
+                threads=threads or torch.get_num_threads(),
+            ),
+        )
         # the scheduler's page accounting only: no tensors (0 layers)
         self.pool = KVPool(0, 1, 1, num_blocks, cfg.block_size, torch.float32, "cpu", max_rows=cfg.max_num_seqs)
         self.scaffold = llama_scaffold(tokenizer, cfg)
@@ -129,8 +140,10 @@ class LlamaCppEngine(Engine):
         self.scheduler.assert_no_seen_rows_held()
         held = [s for s in range(self.llama.n_seq) if self.llama.last_position(s) >= 0]
         if self._seqs or held or len(self._free) != self.llama.n_seq:
-            raise AssertionError(f"llama.cpp leak: sequences {held} hold cells, {len(self._seqs)} request(s) mapped, "
-                                 f"{self.llama.n_seq - len(self._free)} id(s) taken")
+            raise AssertionError(
+                f"llama.cpp leak: sequences {held} hold cells, {len(self._seqs)} request(s) mapped, "
+                f"{self.llama.n_seq - len(self._free)} id(s) taken"
+            )
 
     # ------------------------------------------------------------------ sequences
 
@@ -145,8 +158,11 @@ class LlamaCppEngine(Engine):
         """Free the sequences of requests that left the pool (finished or preempted), give new resident
         requests a main sequence, copy written prompts to readers that lack them, merge closed branches."""
         resident = {r.id: r for r in self.scheduler.running if r.resident}
-        gone = [rid for rid, seqs in self._seqs.items() if rid not in resident
-                or resident[rid].preemptions != seqs.preemptions]  # preempted and readmitted in one plan
+        gone = [
+            rid
+            for rid, seqs in self._seqs.items()
+            if rid not in resident or resident[rid].preemptions != seqs.preemptions
+        ]  # preempted and readmitted in one plan
         for rid in gone:
             seqs = self._seqs.pop(rid)
             for seq in seqs.branches.values():
@@ -266,12 +282,14 @@ class LlamaCppEngine(Engine):
                 if feed.start + n == len(seg):
                     completing[seg.id] = seq
             if not fed:
-                raise LlamaCppError("the llama.cpp backend could not place any feed of this step (a bug: please "
-                                    "report it with the request that triggered it)")
+                raise LlamaCppError(
+                    "the llama.cpp backend could not place any feed of this step (a bug: please "
+                    "report it with the request that triggered it)"
+                )
             logits = self.llama.decode(tokens, positions, seq_ids, wants)
             self.decode_calls += 1
             row = 0
-            for index, feed, req, seq in fed:
+            for index, feed, req, _seq in fed:
                 seg = feed.segment
                 seg.written = feed.start + len(feed.tokens)
                 if seg is req.group.prefix or seg is req.group.prompt:
@@ -360,8 +378,13 @@ def _gguf_facts(gguf: str, size: int, mtime_ns: int) -> GGUFFacts:
     arch = value("general.architecture")
     heads = value(f"{arch}.attention.head_count")
     kv_heads = value(f"{arch}.attention.head_count_kv") if f"{arch}.attention.head_count_kv" in fields else heads
-    head_dim = value(f"{arch}.attention.key_length") if f"{arch}.attention.key_length" in fields \
+    head_dim = (
+        value(f"{arch}.attention.key_length")
+        if f"{arch}.attention.key_length" in fields
         else value(f"{arch}.embedding_length") // heads
-    return GGUFFacts(vocab_size=len(fields["tokenizer.ggml.tokens"].data),
-                     context_length=value(f"{arch}.context_length"),
-                     kv_bytes_per_token=value(f"{arch}.block_count") * 2 * kv_heads * head_dim * KV_BYTES_PER_VALUE)
+    )
+    return GGUFFacts(
+        vocab_size=len(fields["tokenizer.ggml.tokens"].data),
+        context_length=value(f"{arch}.context_length"),
+        kv_bytes_per_token=value(f"{arch}.block_count") * 2 * kv_heads * head_dim * KV_BYTES_PER_VALUE,
+    )

@@ -22,7 +22,8 @@ def _number(text: str, kind: type):
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        expected = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
@@ -143,8 +144,9 @@ def _refuse_empty(path: str | Path, flag: str) -> None:
 def _check_writable(path: Path, flag: str) -> None:
     existing = _nearest_existing(path.absolute())
     if not existing.is_dir():
-        raise UsageError(f"{flag} {path}: {existing} is a file, so the directory cannot be created; "
-                         f"choose another {flag}")
+        raise UsageError(
+            f"{flag} {path}: {existing} is a file, so the directory cannot be created; choose another {flag}"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: no permission to write in {existing}; choose another {flag}")
     from npr.validate import probe_writable

@@ -24,8 +24,11 @@ def add_parser(sub, name: str, help_text: str):
     from npr.cli.args import device_name, dtype_name
 
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--model", default="embedded", help="model spec: embedded (default), tiny-random-llama, "
-                   "tiny-random-qwen3, a local directory or an HF hub id")
+    p.add_argument(
+        "--model",
+        default="embedded",
+        help="model spec: embedded (default), tiny-random-llama, tiny-random-qwen3, a local directory or an HF hub id",
+    )
     p.add_argument("--dtype", default="float32", type=dtype_name, help="float32 (default) or bfloat16")
     p.add_argument("--device", default="cpu", type=device_name, help="cpu (default), cuda, cuda:N or mps")
     return p
@@ -82,8 +85,10 @@ def run(args) -> int:
     console = Console()
     with console.status(f"loading {args.model}"):
         model, tok = load_model_and_tokenizer(args.model, dtype=args.dtype, device=args.device)
-    console.print(f"[bold]model[/] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-                  f"{model.dtype}; tags are single tokens: {tag_token_ids(tok)}")
+    console.print(
+        f"[bold]model[/] {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+        f"{model.dtype}; tags are single tokens: {tag_token_ids(tok)}"
+    )
 
     trace = parse(EXAMPLE_RESPONSE)
     tree = Tree(f"[bold]response[/] (valid: {not validate(EXAMPLE_RESPONSE)}, answer: {trace.answer})")
@@ -100,16 +105,24 @@ def run(args) -> int:
     ids = torch.tensor(prompt + response)
     allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(tok), response_start=len(prompt))
     segments = [("prompt", 0, len(prompt))] + response_segments(
-        scan_blocks(ids, tag_token_ids(tok), len(prompt)), len(prompt), len(ids))
-    console.print(f"\n[bold]tree attention mask[/] ({len(prompt)} prompt + {len(response)} response tokens), by segment: "
-                  "row = queries, column = keys; ◣ causal, █ sees all, · sees none. Positions restart for each step.")
+        scan_blocks(ids, tag_token_ids(tok), len(prompt)), len(prompt), len(ids)
+    )
+    console.print(
+        f"\n[bold]tree attention mask[/] ({len(prompt)} prompt + {len(response)} response tokens), by segment: "
+        "row = queries, column = keys; ◣ causal, █ sees all, · sees none. Positions restart for each step."
+    )
     console.print(segment_picture(segments, allowed, positions), highlight=False, markup=False, soft_wrap=True)
 
     with torch.no_grad():
-        out = model(input_ids=ids[None].to(model.device), position_ids=positions[None].to(model.device),
-                    attention_mask=attention_bias(allowed, model.dtype)[None, None].to(model.device))
-    logits = out.logits[0, len(prompt) - 1:-1].float().cpu()
-    logp = torch.log_softmax(logits, -1).gather(-1, ids[len(prompt):, None])
-    console.print(f"\nmean log-prob of the response under the tree mask: {logp.mean().item():.3f} "
-                  f"(one flat forward, {len(ids)} tokens)")
+        out = model(
+            input_ids=ids[None].to(model.device),
+            position_ids=positions[None].to(model.device),
+            attention_mask=attention_bias(allowed, model.dtype)[None, None].to(model.device),
+        )
+    logits = out.logits[0, len(prompt) - 1 : -1].float().cpu()
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[len(prompt) :, None])
+    console.print(
+        f"\nmean log-prob of the response under the tree mask: {logp.mean().item():.3f} "
+        f"(one flat forward, {len(ids)} tokens)"
+    )
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib
-import os
 import sys
 
 # name -> (module, one-line help)
@@ -22,10 +21,19 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("npr.cli.generate", "decode a prompt with the NPR engine (parallel, sequential or plain)"),
     "eval": ("npr.cli.eval", "evaluate a model on benchmarks through the engine: avg@k, best@k, trigger rate, speedup"),
     "view": ("npr.cli.view", "render samples.jsonl or parallel traces as a self-contained HTML trajectory viewer"),
-    "train": ("npr.cli.train", "train an NPR stage: stage1 (NPR-Zero, DAPO), stage2 (NPR-Beta, parallel SFT), stage3 (PAPO)"),
+    "train": (
+        "npr.cli.train",
+        "train an NPR stage: stage1 (NPR-Zero, DAPO), stage2 (NPR-Beta, parallel SFT), stage3 (PAPO)",
+    ),
     "sample": ("npr.cli.sample", "rejection-sample correct, format-valid traces from a Stage-1 model for Stage 2"),
-    "memory": ("npr.cli.memory", "plan a training stage's memory per GPU before launch: does it fit, and what to change"),
-    "serve": ("npr.cli.serve", "serve a model over the OpenAI API, reasoning in parallel, with a live branch view at /"),
+    "memory": (
+        "npr.cli.memory",
+        "plan a training stage's memory per GPU before launch: does it fit, and what to change",
+    ),
+    "serve": (
+        "npr.cli.serve",
+        "serve a model over the OpenAI API, reasoning in parallel, with a live branch view at /",
+    ),
 }
 
 DESCRIPTION = """\
@@ -65,8 +73,9 @@ def tune_malloc() -> bool:
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``npr`` parser; only the subcommand named in ``argv`` (default: sys.argv) gets its full parser."""
-    parser = argparse.ArgumentParser(prog="npr", description=DESCRIPTION,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="npr", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -105,8 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         out = getattr(args, "out", None)
         if not is_disk_full(e, out):
             raise
-        print(f"npr {args.command}: error: {disk_full_message(disk_full_path(e) or out, args.command)}",
-              file=sys.stderr)
+        print(
+            f"npr {args.command}: error: {disk_full_message(disk_full_path(e) or out, args.command)}", file=sys.stderr
+        )
         return 2
 
 

@@ -44,20 +44,39 @@ def add_parser(sub, name: str, help_text: str):
     p.add_argument("--stage", required=True, choices=STAGES, help="the training stage to plan")
     presets = sorted({name for stage in STAGES for name in PRESETS[stage]})
     p.add_argument("--preset", choices=presets, default=None, help="the stage's preset, as for npr train")
-    p.add_argument("--config", default=None, metavar="YAML",
-                   help="YAML file of `field: value` lines (e.g. a run's config.yaml), as for npr train")
-    p.add_argument("--model", default=None, metavar="SPEC",
-                   help="the model whose config.json is read: a local directory or config.json, a run's final/, a "
-                        "known name (Qwen/Qwen3-4B, Qwen/Qwen3-4B-Instruct-2507, …) or an HF id in the local hub "
-                        "cache; default: the config's model (Stage 2/3 presets: their Stage 1 seed model)")
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="YAML file of `field: value` lines (e.g. a run's config.yaml), as for npr train",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="SPEC",
+        help="the model whose config.json is read: a local directory or config.json, a run's final/, a "
+        "known name (Qwen/Qwen3-4B, Qwen/Qwen3-4B-Instruct-2507, …) or an HF id in the local hub "
+        "cache; default: the config's model (Stage 2/3 presets: their Stage 1 seed model)",
+    )
     p.add_argument("--gpus", type=positive_int, default=8, help="processes (GPUs) of the launch (default: 8)")
-    p.add_argument("--gpu-memory", type=positive_float, default=80.0, metavar="GIB",
-                   help="memory of one GPU in GiB, as the card is sold (80 for an H100 80GB; default: 80)")
-    p.add_argument("--prompt-tokens", type=positive_int, default=DEFAULT_PROMPT_TOKENS,
-                   help=f"tokens of one prompt (chat template, instruction, problem); a sequence is the prompt + "
-                        f"max_new_tokens (default: {DEFAULT_PROMPT_TOKENS})")
-    p.epilog = ("Any other --field value is a config field of the stage (as for npr train), e.g. --fsdp true, "
-                "--micro-batch-tokens 32000, --kv-cache-gib 8.")
+    p.add_argument(
+        "--gpu-memory",
+        type=positive_float,
+        default=80.0,
+        metavar="GIB",
+        help="memory of one GPU in GiB, as the card is sold (80 for an H100 80GB; default: 80)",
+    )
+    p.add_argument(
+        "--prompt-tokens",
+        type=positive_int,
+        default=DEFAULT_PROMPT_TOKENS,
+        help=f"tokens of one prompt (chat template, instruction, problem); a sequence is the prompt + "
+        f"max_new_tokens (default: {DEFAULT_PROMPT_TOKENS})",
+    )
+    p.epilog = (
+        "Any other --field value is a config field of the stage (as for npr train), e.g. --fsdp true, "
+        "--micro-batch-tokens 32000, --kv-cache-gib 8."
+    )
     return p
 
 
@@ -111,8 +130,11 @@ def format_table(plan) -> list[str]:
     for line in plan.lines:
         values = "".join(f"{line.at(p) / GIB:10.2f}" for p in phases)
         rows.append(f"{line.name:{width}}{values}  {line.note}")
-    rows.append(f"{'total':{width}}" + "".join(f"{plan.total(p) / GIB:10.2f}" for p in phases)
-                + f"  peak in the {plan.peak_phase} phase; largest line: {plan.dominant.name}")
+    rows.append(
+        f"{'total':{width}}"
+        + "".join(f"{plan.total(p) / GIB:10.2f}" for p in phases)
+        + f"  peak in the {plan.peak_phase} phase; largest line: {plan.dominant.name}"
+    )
     return rows
 
 
@@ -127,13 +149,18 @@ def verdict(shape, inputs, plan, gpu_gib: float, available: frozenset[str]) -> s
     largest = sorted(plan.lines, key=lambda line: -line.at(plan.peak_phase))[:3]
     why = ", ".join(f"{line.name} {line.at(plan.peak_phase) / GIB:.1f} GiB" for line in largest)
     why = f"at the {plan.peak_phase}'s peak {why}"
-    state = sum(line.at(plan.peak_phase) for line in plan.lines
-                if line.name.startswith(("parameters", "gradients", "optimizer states")))
+    state = sum(
+        line.at(plan.peak_phase)
+        for line in plan.lines
+        if line.name.startswith(("parameters", "gradients", "optimizer states"))
+    )
     if state > gpu_gib * GIB:
         why = f"parameters, gradients and AdamW states alone take {state / GIB:.1f} GiB; {why}"
     changes, fits = fitting_changes(shape, inputs, gpu_gib * GIB, available)
-    steps = ", then ".join(f"{c.setting}{'' if c.available else ' [not in this build: issue 26]'} -> "
-                           f"{after / GIB:.1f} GiB" for c, after in changes)
+    steps = ", then ".join(
+        f"{c.setting}{'' if c.available else ' [not in this build: issue 26]'} -> {after / GIB:.1f} GiB"
+        for c, after in changes
+    )
     if fits:
         return f"{head} (does not fit: {why}; it fits with {steps})"
     if changes:
@@ -150,21 +177,29 @@ def run(args) -> int:
     if config.fsdp and args.gpus < 2:
         raise MemoryPlanError("--fsdp true shards over processes and --gpus is 1; pass --gpus N >= 2 or --fsdp false")
     if args.stage == "stage2" and args.prompt_tokens >= config.max_seq_len:
-        raise MemoryPlanError(f"--prompt-tokens {args.prompt_tokens} leaves no response within max_seq_len "
-                              f"{config.max_seq_len}; pass a smaller --prompt-tokens")
+        raise MemoryPlanError(
+            f"--prompt-tokens {args.prompt_tokens} leaves no response within max_seq_len "
+            f"{config.max_seq_len}; pass a smaller --prompt-tokens"
+        )
     shape, source = read_model_shape(config.model)
     inputs = inputs_from_config(args.stage, config, shape, args.gpus, prompt_tokens=args.prompt_tokens)
     plan = plan_memory(shape, inputs)
     available = frozenset(f.name for f in fields(type(config)))
-    print(f"npr memory: {args.stage}" + (f", preset {args.preset}" if args.preset else "")
-          + (f", {args.config}" if args.config else ""))
+    print(
+        f"npr memory: {args.stage}"
+        + (f", preset {args.preset}" if args.preset else "")
+        + (f", {args.config}" if args.config else "")
+    )
     print(f"model: {config.model} ({shape.describe()}); read from {source}")
     precision = f"{'fp32' if inputs.master_bytes == 4 else 'bf16'} master" + (
-        ", bf16 compute" if inputs.autocast_bf16 else "")
-    print(f"per GPU of {args.gpus}: {'FSDP' if inputs.fsdp else 'DDP' if args.gpus > 1 else 'one process'}, "
-          f"{precision}, {'gradient checkpointing' if inputs.gradient_checkpointing else 'no checkpointing'}, "
-          f"flex attention (CUDA); a pass: {inputs.units_per_pass} x {inputs.unit_tokens:,} tokens "
-          f"({inputs.predicted_per_pass:,} predicted), {inputs.passes_per_step} pass(es) per optimizer step")
+        ", bf16 compute" if inputs.autocast_bf16 else ""
+    )
+    print(
+        f"per GPU of {args.gpus}: {'FSDP' if inputs.fsdp else 'DDP' if args.gpus > 1 else 'one process'}, "
+        f"{precision}, {'gradient checkpointing' if inputs.gradient_checkpointing else 'no checkpointing'}, "
+        f"flex attention (CUDA); a pass: {inputs.units_per_pass} x {inputs.unit_tokens:,} tokens "
+        f"({inputs.predicted_per_pass:,} predicted), {inputs.passes_per_step} pass(es) per optimizer step"
+    )
     for row in format_table(plan):
         print(row)
     print(verdict(shape, inputs, plan, args.gpu_memory, available))

@@ -19,8 +19,13 @@ def add_parser(sub, name: str, help_text: str):
     from npr.train.config import SampleConfig
     from npr.train.overrides import add_config_flags
 
-    p = sub.add_parser(name, help=help_text, description=__doc__, allow_abbrev=False,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_run_arguments(p, "sample", "output directory: data.jsonl, summary.json, config.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace the data.jsonl of an earlier npr sample in --out")
     add_config_flags(p, SampleConfig)
@@ -66,8 +71,9 @@ def _run_locked(args, out: Path, command: str) -> int:
     from npr.validate import check_rollout_memory
 
     if (out / "data.jsonl").exists() and not args.overwrite:
-        raise UsageError(f"{out} already holds sampled data (data.jsonl); pass --overwrite to replace it, "
-                         "or choose another --out")
+        raise UsageError(
+            f"{out} already holds sampled data (data.jsonl); pass --overwrite to replace it, or choose another --out"
+        )
     config = resolve_config("sample", SampleConfig, args.preset, args.config, flags_from_args(args))
     check_rollout_memory(config)
     if args.quiet or not sys.stdout.isatty():
@@ -75,11 +81,13 @@ def _run_locked(args, out: Path, command: str) -> int:
     else:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        with Progress(TextColumn("[bold]npr sample[/] problems"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn()) as progress:
+        with Progress(
+            TextColumn("[bold]npr sample[/] problems"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        ) as progress:
             task = progress.add_task("sample", total=None)
-            summary = run_sample(config, out, command=command,
-                                 progress=lambda n, total: progress.update(task, advance=n, total=total))
+            summary = run_sample(
+                config, out, command=command, progress=lambda n, total: progress.update(task, advance=n, total=total)
+            )
     if not args.quiet:
         _print_summary(summary, out)
     return 0

@@ -43,19 +43,31 @@ class ConfigArgumentParser(argparse.ArgumentParser):
 def add_run_arguments(p: argparse.ArgumentParser, stage: str, out_help: str) -> None:
     from npr.train.presets import PRESETS
 
-    p.add_argument("--preset", choices=sorted(PRESETS[stage]), default=None,
-                   help="smoke (tiny random model, seconds: CI), tiny (embedded SmolLM2, minutes on a CPU), "
-                        "qwen3-4b (the paper's settings, GPUs)")
-    p.add_argument("--config", default=None, metavar="YAML", help="YAML file of `field: value` lines (e.g. a run's "
-                   "config.yaml); overrides the preset, flags override it")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS[stage]),
+        default=None,
+        help="smoke (tiny random model, seconds: CI), tiny (embedded SmolLM2, minutes on a CPU), "
+        "qwen3-4b (the paper's settings, GPUs)",
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="YAML file of `field: value` lines (e.g. a run's config.yaml); overrides the preset, flags override it",
+    )
     from npr.cli.args import out_path
 
-    p.add_argument("--out", default=None, metavar="DIR", type=out_path,
-                   help=out_help + " (required unless --show-config)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", type=out_path, help=out_help + " (required unless --show-config)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress display or per-step lines")
-    p.add_argument("--show-config", action="store_true",
-                   help="print the resolved config as YAML (usable with --config), each field's source (default, "
-                        "preset, file, flag) in a comment, and exit without loading a model or data")
+    p.add_argument(
+        "--show-config",
+        action="store_true",
+        help="print the resolved config as YAML (usable with --config), each field's source (default, "
+        "preset, file, flag) in a comment, and exit without loading a model or data",
+    )
 
 
 def add_parser(sub, name: str, help_text: str):
@@ -68,9 +80,12 @@ def add_parser(sub, name: str, help_text: str):
         sp = stages.add_parser(stage, help=stage_help, description=stage_help, allow_abbrev=False)
         sp.config_class = STAGE_CONFIGS[stage]
         add_run_arguments(sp, stage, "run directory: config.yaml, metrics.jsonl, checkpoints/, final/")
-        sp.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its latest checkpoint (model, optimizer, schedule, RNG, "
-                             "data position); its config.yaml is the base config")
+        sp.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --out from its latest checkpoint (model, optimizer, schedule, RNG, "
+            "data position); its config.yaml is the base config",
+        )
         add_config_flags(sp, STAGE_CONFIGS[stage])
     return p
 
@@ -79,18 +94,31 @@ def show_config(stage: str, cls: type, args, command: str) -> int:
     """``--show-config``: the resolved config with each field's source on stdout; nothing is loaded.
     With ``--resume`` the run's saved config.yaml is the base layer."""
     from npr.train.config import ConfigError
-    from npr.train.overrides import config_to_annotated_yaml, flags_from_args, read_yaml_overrides
-    from npr.train.overrides import resolve_config_with_sources
+    from npr.train.overrides import (
+        config_to_annotated_yaml,
+        flags_from_args,
+        read_yaml_overrides,
+        resolve_config_with_sources,
+    )
 
     base = None
     if getattr(args, "resume", False):
         if args.out is None:
             raise ConfigError("--resume --show-config needs --out DIR, the run to be resumed")
         base = {**read_yaml_overrides(Path(args.out) / "config.yaml", cls), "stop_after": None}
-    values, sources, error = resolve_config_with_sources(stage, cls, args.preset, args.config, flags_from_args(args),
-                                                         base=base, base_label=f"run config {args.out}/config.yaml")
-    header = f"{command}\nresolved config (--show-config: nothing was loaded or run); sources: default < preset " \
-             "< file < flag"
+    values, sources, error = resolve_config_with_sources(
+        stage,
+        cls,
+        args.preset,
+        args.config,
+        flags_from_args(args),
+        base=base,
+        base_label=f"run config {args.out}/config.yaml",
+    )
+    header = (
+        f"{command}\nresolved config (--show-config: nothing was loaded or run); sources: default < preset "
+        "< file < flag"
+    )
     print(config_to_annotated_yaml(values, sources, header), end="")
     if error is not None:  # shown anyway: the flags a run still needs are part of what the user wants to see
         print(f"# not runnable as it stands: {error}")
@@ -123,8 +151,9 @@ def run(args) -> int:
 
     out = check_out_dir(require_out(args, f"npr train {args.stage}"))
     with locked_run_dir(out):  # before reading the directory's state: a second writer is refused
-        config = resolve_run_config(args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset,
-                                    args.config, flags_from_args(args))
+        config = resolve_run_config(
+            args.stage, STAGE_CONFIGS[args.stage], out, args.resume, args.preset, args.config, flags_from_args(args)
+        )
         check_rollout_memory(config)
         options = RunOptions(out, resume=args.resume, quiet=args.quiet, command=command)
         trainer = {"stage1": train_stage1, "stage2": train_stage2, "stage3": train_stage3}[args.stage]

@@ -9,16 +9,27 @@ MAX_SKIPPED_SHOWN = 10
 
 
 def add_parser(sub, name: str, help_text: str):
-    p = sub.add_parser(name, help=help_text, description=help_text + ". Reads samples.jsonl from `npr eval`, "
-                       "or JSONL/JSON records with an output/text/response field, or a .txt file with one trace, "
-                       "in the NPR, Multiverse or Parallel-R1 format.")
-    p.add_argument("inputs", nargs="+", metavar="FILE", help="samples.jsonl, a .json or a .txt trace file (several allowed)")
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=help_text + ". Reads samples.jsonl from `npr eval`, "
+        "or JSONL/JSON records with an output/text/response field, or a .txt file with one trace, "
+        "in the NPR, Multiverse or Parallel-R1 format.",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="FILE", help="samples.jsonl, a .json or a .txt trace file (several allowed)"
+    )
     from npr.cli.args import out_path
 
-    p.add_argument("--out", default=None, type=out_path,
-                   help="HTML file to write (default: the first input with .html)")
-    p.add_argument("--format", default="auto", choices=("auto", "npr", "multiverse", "parallel-r1"),
-                   help="trace format of records without a parsed trace (default: detected per record)")
+    p.add_argument(
+        "--out", default=None, type=out_path, help="HTML file to write (default: the first input with .html)"
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "npr", "multiverse", "parallel-r1"),
+        help="trace format of records without a parsed trace (default: detected per record)",
+    )
     p.add_argument("--title", default=None, help="page title (default: the input file names)")
     return p
 
@@ -44,6 +55,9 @@ def run(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked_output_file(out):
         atomic_write_text(out, render_viewer_page(records, title))
-    print(f"wrote {out} ({len(records)} trace{'s' if len(records) != 1 else ''}"
-          + (f"; {len(skipped)} record(s) of another shape skipped, listed above" if skipped else "") + ")")
+    print(
+        f"wrote {out} ({len(records)} trace{'s' if len(records) != 1 else ''}"
+        + (f"; {len(skipped)} record(s) of another shape skipped, listed above" if skipped else "")
+        + ")"
+    )
     return 0

@@ -11,7 +11,19 @@ from npr.data.loader import load_problems, split_specs
 from npr.data.problems import Problem
 
 __all__ = [
-    "BENCHMARKS", "DATA_DIR_ENV", "Benchmark", "DataError", "DataFileError", "MissingBenchmarkError", "Problem",
-    "UnknownSpecError", "get_benchmark", "load_benchmark", "load_problems", "load_rg_spec", "parse_rg_spec",
-    "read_problems_jsonl", "split_specs",
+    "BENCHMARKS",
+    "DATA_DIR_ENV",
+    "Benchmark",
+    "DataError",
+    "DataFileError",
+    "MissingBenchmarkError",
+    "Problem",
+    "UnknownSpecError",
+    "get_benchmark",
+    "load_benchmark",
+    "load_problems",
+    "load_rg_spec",
+    "parse_rg_spec",
+    "read_problems_jsonl",
+    "split_specs",
 ]

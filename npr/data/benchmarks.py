@@ -39,33 +39,84 @@ class Benchmark:
 
 # Hub ids are public datasets with the same problem sets as the pack (see its README for how
 # the pack's rows were made); columns differ per dataset, hence the explicit mapping.
-BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
-    Benchmark("aime24", "aime24.jsonl", 30, HubSource("HuggingFaceH4/aime_2024", "train", "problem", "answer", "id"),
-              "AIME 2024 I and II"),
-    Benchmark("aime25", "aime25.jsonl", 30, HubSource("math-ai/aime25", "test", "problem", "answer", "id"),
-              "AIME 2025 I and II"),
-    Benchmark("hmmt25", "hmmt25.jsonl", 30, HubSource("MathArena/hmmt_feb_2025", "train", "problem", "answer", "problem_idx"),
-              "HMMT February 2025"),
-    Benchmark("amc23", "amc23.jsonl", 40, HubSource("math-ai/amc23", "test", "question", "answer", "id"),
-              "AMC 12 2023, 40 problems"),
-    Benchmark("math500", "math500.jsonl", 500, HubSource("HuggingFaceH4/MATH-500", "test", "problem", "answer", "unique_id"),
-              "MATH-500 (PRM800K test subset)"),
-    Benchmark("minerva", "minerva_math.jsonl", 272, HubSource("math-ai/minervamath", "test", "question", "answer"),
-              "Minerva OCWCourses"),
-    Benchmark("olympiadbench", "olympiadbench.jsonl", 675,
-              HubSource("Hothan/OlympiadBench", "train", "question", "final_answer", "id", config="OE_TO_maths_en_COMP"),
-              "OlympiadBench OE_TO_maths_en_COMP"),
-    Benchmark("zebralogic", "zebralogic.jsonl", None,
-              HubSource("WildEval/ZebraLogic", "test", "puzzle", "answer", "id", config="mc_mode"),
-              "ZebraLogic multiple choice as NPR evaluates it (answer = the gold choice's letter)",
-              zebralogic.choice_problem),
-    Benchmark("zebralogic-grid", "zebralogic-grid.jsonl", None,
-              HubSource("WildEval/ZebraLogic", "test", "puzzle", "solution", "id", config="grid_mode"),
-              "ZebraLogic grid puzzles, ZeroEval's puzzle and cell accuracy", zebralogic.grid_problem),
-)}
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "aime24",
+            "aime24.jsonl",
+            30,
+            HubSource("HuggingFaceH4/aime_2024", "train", "problem", "answer", "id"),
+            "AIME 2024 I and II",
+        ),
+        Benchmark(
+            "aime25",
+            "aime25.jsonl",
+            30,
+            HubSource("math-ai/aime25", "test", "problem", "answer", "id"),
+            "AIME 2025 I and II",
+        ),
+        Benchmark(
+            "hmmt25",
+            "hmmt25.jsonl",
+            30,
+            HubSource("MathArena/hmmt_feb_2025", "train", "problem", "answer", "problem_idx"),
+            "HMMT February 2025",
+        ),
+        Benchmark(
+            "amc23",
+            "amc23.jsonl",
+            40,
+            HubSource("math-ai/amc23", "test", "question", "answer", "id"),
+            "AMC 12 2023, 40 problems",
+        ),
+        Benchmark(
+            "math500",
+            "math500.jsonl",
+            500,
+            HubSource("HuggingFaceH4/MATH-500", "test", "problem", "answer", "unique_id"),
+            "MATH-500 (PRM800K test subset)",
+        ),
+        Benchmark(
+            "minerva",
+            "minerva_math.jsonl",
+            272,
+            HubSource("math-ai/minervamath", "test", "question", "answer"),
+            "Minerva OCWCourses",
+        ),
+        Benchmark(
+            "olympiadbench",
+            "olympiadbench.jsonl",
+            675,
+            HubSource("Hothan/OlympiadBench", "train", "question", "final_answer", "id", config="OE_TO_maths_en_COMP"),
+            "OlympiadBench OE_TO_maths_en_COMP",
+        ),
+        Benchmark(
+            "zebralogic",
+            "zebralogic.jsonl",
+            None,
+            HubSource("WildEval/ZebraLogic", "test", "puzzle", "answer", "id", config="mc_mode"),
+            "ZebraLogic multiple choice as NPR evaluates it (answer = the gold choice's letter)",
+            zebralogic.choice_problem,
+        ),
+        Benchmark(
+            "zebralogic-grid",
+            "zebralogic-grid.jsonl",
+            None,
+            HubSource("WildEval/ZebraLogic", "test", "puzzle", "solution", "id", config="grid_mode"),
+            "ZebraLogic grid puzzles, ZeroEval's puzzle and cell accuracy",
+            zebralogic.grid_problem,
+        ),
+    )
+}
 
-ALIASES = {"minerva_math": "minerva", "math-500": "math500", "olympiad_bench": "olympiadbench",
-           "zebra_logic": "zebralogic", "zebralogic_grid": "zebralogic-grid"}
+ALIASES = {
+    "minerva_math": "minerva",
+    "math-500": "math500",
+    "olympiad_bench": "olympiadbench",
+    "zebra_logic": "zebralogic",
+    "zebralogic_grid": "zebralogic-grid",
+}
 
 
 def row_fields(bench: Benchmark) -> str:
@@ -95,7 +146,8 @@ def get_benchmark(name: str) -> Benchmark:
     if key not in BENCHMARKS:
         raise UnknownSpecError(
             f"unknown benchmark {name!r}; known benchmarks: {', '.join(BENCHMARKS)}. Other specs: a path to a "
-            ".jsonl file, rg:<task>?size=N&seed=S (reasoning-gym) or hf:<owner>/<dataset>[:split]")
+            ".jsonl file, rg:<task>?size=N&seed=S (reasoning-gym) or hf:<owner>/<dataset>[:split]"
+        )
     return BENCHMARKS[key]
 
 
@@ -127,11 +179,14 @@ def load_benchmark(name: str, data_dir: str | Path | None = None, limit: int | N
     if reason is None:
         return load_hub_source(bench.hub, bench.name, limit)
     names = list(dict.fromkeys((f"{bench.name}.jsonl", bench.pack_file)))
-    looked = (f"{folder} has " + (f"neither {names[0]} nor {names[1]}" if len(names) == 2 else f"no {names[0]}")
-              if folder is not None
-              else f"no data directory is set (--data-dir or ${DATA_DIR_ENV})")
+    looked = (
+        f"{folder} has " + (f"neither {names[0]} nor {names[1]}" if len(names) == 2 else f"no {names[0]}")
+        if folder is not None
+        else f"no data directory is set (--data-dir or ${DATA_DIR_ENV})"
+    )
     raise MissingBenchmarkError(
         f"benchmark {bench.name!r} not found: {looked}, and the hub fallback "
         f"({bench.hub.repo}) is off because {reason}. Fix: point --data-dir or ${DATA_DIR_ENV} at a folder "
         f"with {bench.name}.jsonl ({row_fields(bench)} per line), "
-        "or install `datasets` and go online (unset HF_HUB_OFFLINE).")
+        "or install `datasets` and go online (unset HF_HUB_OFFLINE)."
+    )

@@ -72,8 +72,10 @@ def _parse_params(spec: str) -> tuple[str, dict]:
     parts = urlsplit(spec.strip().removeprefix(PREFIX))
     task = parts.path.strip()
     if task not in TASKS:
-        raise UnknownSpecError(f"{spec!r}: unknown generated task {task!r}; valid: {', '.join(TASKS)} "
-                               f"(e.g. gen:expressions?size=64&seed=1&parts=2-4)")
+        raise UnknownSpecError(
+            f"{spec!r}: unknown generated task {task!r}; valid: {', '.join(TASKS)} "
+            f"(e.g. gen:expressions?size=64&seed=1&parts=2-4)"
+        )
     params = dict(_DEFAULTS)
     try:
         pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
@@ -88,8 +90,9 @@ def _parse_params(spec: str) -> tuple[str, dict]:
         elif key in _DEFAULTS:
             params[key] = _int(spec, key, value)
         else:
-            raise UnknownSpecError(f"{spec!r}: {task} has no parameter {key!r}; valid: parts (2-4 or 3), "
-                                   f"{', '.join(_DEFAULTS)}")
+            raise UnknownSpecError(
+                f"{spec!r}: {task} has no parameter {key!r}; valid: parts (2-4 or 3), {', '.join(_DEFAULTS)}"
+            )
     _check(spec, params)
     return task, params
 
@@ -105,8 +108,10 @@ def _check(spec: str, p: dict) -> None:
     if p["size"] < 1 or p["seed"] < 0:
         raise DataError(f"{spec!r}: size must be >= 1 and seed >= 0, got size={p['size']}, seed={p['seed']}")
     if not 1 <= p["min_parts"] <= p["max_parts"] <= 5:
-        raise DataError(f"{spec!r}: need 1 <= min_parts <= max_parts <= 5 (NPR's most plans per guideline), "
-                        f"got {p['min_parts']}-{p['max_parts']}")
+        raise DataError(
+            f"{spec!r}: need 1 <= min_parts <= max_parts <= 5 (NPR's most plans per guideline), "
+            f"got {p['min_parts']}-{p['max_parts']}"
+        )
     if not 1 <= p["max_operand"] <= 999:
         raise DataError(f"{spec!r}: max_operand must lie in [1, 999], got {p['max_operand']}")
     if p["negatives"] not in (0, 1):
@@ -115,14 +120,18 @@ def _check(spec: str, p: dict) -> None:
         raise DataError(f"{spec!r}: ops must be made of + and -, got {p['ops']!r}")
     m = p["max_operand"]
     results = {a + b for a in range(m + 1) for b in range(m + 1)} if "+" in p["ops"] else set()
-    results |= {a - b for a in range(m + 1) for b in range(m + 1) if p["negatives"] or a >= b} if "-" in p["ops"] else set()
+    results |= (
+        {a - b for a in range(m + 1) for b in range(m + 1) if p["negatives"] or a >= b} if "-" in p["ops"] else set()
+    )
     if p["max_parts"] > len(results):
-        raise DataError(f"{spec!r}: max_parts={p['max_parts']} distinct results do not exist with "
-                        f"max_operand={p['max_operand']}")
+        raise DataError(
+            f"{spec!r}: max_parts={p['max_parts']} distinct results do not exist with max_operand={p['max_operand']}"
+        )
 
 
-def expressions_problem(rng: random.Random, parts: int, max_operand: int, ops: str, negatives: bool = False
-                        ) -> list[SubProblem]:
+def expressions_problem(
+    rng: random.Random, parts: int, max_operand: int, ops: str, negatives: bool = False
+) -> list[SubProblem]:
     """``parts`` distinct expressions with distinct results, drawn from ``rng`` (``a - b`` with a >= b
     unless ``negatives``)."""
     chosen: list[SubProblem] = []
@@ -153,10 +162,18 @@ def load_generated_spec(spec: str, limit: int | None = None) -> list[Problem]:
     count = p["size"] if limit is None else min(limit, p["size"])
     problems = []
     for i in range(count):
-        parts = expressions_problem(rng, rng.randint(p["min_parts"], p["max_parts"]), p["max_operand"], p["ops"],
-                                    bool(p["negatives"]))
-        problems.append(Problem(id=f"{task}-s{p['seed']}-{i}", problem=problem_text(parts),
-                                answer=tuple_answer([s.answer for s in parts]), source=spec, size=len(parts)))
+        parts = expressions_problem(
+            rng, rng.randint(p["min_parts"], p["max_parts"]), p["max_operand"], p["ops"], bool(p["negatives"])
+        )
+        problems.append(
+            Problem(
+                id=f"{task}-s{p['seed']}-{i}",
+                problem=problem_text(parts),
+                answer=tuple_answer([s.answer for s in parts]),
+                source=spec,
+                size=len(parts),
+            )
+        )
     return problems
 
 
@@ -168,10 +185,12 @@ def decompose(problem: Problem) -> list[SubProblem]:
     """
     text = problem.problem
     if not (problem.source.startswith(PREFIX) and text.startswith(_INTRO) and text.endswith(_OUTRO)):
-        raise DataError(f"problem {problem.id!r} ({problem.source}) does not split into parts: the decomposing cold "
-                        f"start needs a {PREFIX}expressions problem (e.g. --train-data 'gen:expressions?size=64&seed=1')")
+        raise DataError(
+            f"problem {problem.id!r} ({problem.source}) does not split into parts: the decomposing cold "
+            f"start needs a {PREFIX}expressions problem (e.g. --train-data 'gen:expressions?size=64&seed=1')"
+        )
     parts = []
-    for expression in text[len(_INTRO):-len(_OUTRO)].split(", "):
+    for expression in text[len(_INTRO) : -len(_OUTRO)].split(", "):
         match = _EXPRESSION.match(expression)
         if match is None:
             raise DataError(f"problem {problem.id!r}: cannot read the expression {expression!r}")

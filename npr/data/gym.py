@@ -46,7 +46,9 @@ def parse_rg_spec(spec: str) -> tuple[str, dict[str, int | float | bool | str]]:
     parts = urlsplit(body)
     task = parts.path.strip()
     if not task or parts.scheme or parts.netloc:
-        raise DataError(f"{spec!r}: expected rg:<task>?size=N&seed=S&<param>=<value>…, e.g. rg:chain_sum?size=200&seed=7")
+        raise DataError(
+            f"{spec!r}: expected rg:<task>?size=N&seed=S&<param>=<value>…, e.g. rg:chain_sum?size=200&seed=7"
+        )
     params: dict[str, int | float | bool | str] = {}
     try:
         pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
@@ -83,11 +85,18 @@ def resolve_params(task: str, params: dict, spec: str) -> dict:
             aliases = sorted(f[4:] for f in fields if f.startswith("min_") and f"max_{f[4:]}" in fields)
             raise UnknownSpecError(
                 f"{spec!r}: {task} has no parameter {key!r}; valid: size, seed, {', '.join(valid)}"
-                + (f" (aliases setting min_X and max_X together: {', '.join(aliases)})" if aliases else ""))
+                + (f" (aliases setting min_X and max_X together: {', '.join(aliases)})" if aliases else "")
+            )
     for key in ("size", "seed"):
-        if not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool) or kwargs[key] < (1 if key == "size" else 0):
-            raise DataError(f"{spec!r}: {key} must be a {'positive' if key == 'size' else 'non-negative'} integer, "
-                            f"got {kwargs[key]!r}")
+        if (
+            not isinstance(kwargs[key], int)
+            or isinstance(kwargs[key], bool)
+            or kwargs[key] < (1 if key == "size" else 0)
+        ):
+            raise DataError(
+                f"{spec!r}: {key} must be a {'positive' if key == 'size' else 'non-negative'} integer, "
+                f"got {kwargs[key]!r}"
+            )
     return kwargs
 
 
@@ -106,6 +115,14 @@ def load_rg_spec(spec: str, limit: int | None = None) -> list[Problem]:
     problems = []
     for i in range(count):
         entry = dataset[i]
-        problems.append(Problem(id=f"{task}-s{seed}-{i}", problem=entry["question"], answer=str(entry["answer"]),
-                                source=spec, rg_entry=entry, location=f"{spec} #{i}"))
+        problems.append(
+            Problem(
+                id=f"{task}-s{seed}-{i}",
+                problem=entry["question"],
+                answer=str(entry["answer"]),
+                source=spec,
+                rg_entry=entry,
+                location=f"{spec} #{i}",
+            )
+        )
     return problems

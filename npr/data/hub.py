@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from npr.data.errors import DataError
 from npr.data.problems import Problem
@@ -70,8 +71,14 @@ def _pick(columns: list[str], preferred: tuple[str, ...], what: str, spec: str) 
 def guess_source(repo: str, split: str, config: str | None, columns: list[str], spec: str) -> HubSource:
     """A ``HubSource`` for an arbitrary dataset, picking its columns by common names."""
     id_column = next((c for c in ID_COLUMNS if c in columns), None)
-    return HubSource(repo, split, _pick(columns, PROBLEM_COLUMNS, "problem", spec),
-                     _pick(columns, ANSWER_COLUMNS, "answer", spec), id_column, config)
+    return HubSource(
+        repo,
+        split,
+        _pick(columns, PROBLEM_COLUMNS, "problem", spec),
+        _pick(columns, ANSWER_COLUMNS, "answer", spec),
+        id_column,
+        config,
+    )
 
 
 def rows_to_problems(rows, source: HubSource, name: str, limit: int | None = None) -> list[Problem]:
@@ -81,32 +88,45 @@ def rows_to_problems(rows, source: HubSource, name: str, limit: int | None = Non
         if limit is not None and i >= limit:
             break
         pid = str(row[source.id_column]) if source.id_column else f"{name}-{i}"
-        problems.append(Problem(id=pid, problem=str(row[source.problem_column]),
-                                answer=source.answer_fn(row[source.answer_column]), source=name,
-                                location=f"{source.repo} {source.split} row {i}"))
+        problems.append(
+            Problem(
+                id=pid,
+                problem=str(row[source.problem_column]),
+                answer=source.answer_fn(row[source.answer_column]),
+                source=name,
+                location=f"{source.repo} {source.split} row {i}",
+            )
+        )
     return problems
 
 
 def _load_rows(repo: str, config: str | None, split: str, spec: str):
     reason = hub_unavailable_reason()
     if reason is not None:
-        raise DataError(f"{spec}: cannot read the Hugging Face hub: {reason}. "
-                        "Install the hub extra and go online, or use a local .jsonl file instead")
+        raise DataError(
+            f"{spec}: cannot read the Hugging Face hub: {reason}. "
+            "Install the hub extra and go online, or use a local .jsonl file instead"
+        )
     import datasets
 
     try:
         return datasets.load_dataset(repo, config, split=split)
     except Exception as e:  # network, auth, unknown split: re-raised with the spec, not swallowed
-        raise DataError(f"{spec}: loading {repo}" + (f" ({config})" if config else "") +
-                        f" split {split!r} from the hub failed: {type(e).__name__}: {e}") from e
+        raise DataError(
+            f"{spec}: loading {repo}"
+            + (f" ({config})" if config else "")
+            + f" split {split!r} from the hub failed: {type(e).__name__}: {e}"
+        ) from e
 
 
 def hub_rows(source: HubSource, name: str, limit: int | None = None) -> list[tuple[dict, str]]:
     """The first ``limit`` rows (all with None) of a hub dataset, each with its location for messages."""
     rows = _load_rows(source.repo, source.config, source.split, name)
     count = len(rows) if limit is None else min(limit, len(rows))
-    return [(dict(rows[i]), f"{source.repo} {source.config or ''} {source.split} row {i}".replace("  ", " "))
-            for i in range(count)]
+    return [
+        (dict(rows[i]), f"{source.repo} {source.config or ''} {source.split} row {i}".replace("  ", " "))
+        for i in range(count)
+    ]
 
 
 def load_hub_source(source: HubSource, name: str, limit: int | None = None) -> list[Problem]:

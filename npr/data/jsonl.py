@@ -31,8 +31,8 @@ def decode_utf8(data: bytes, path: str) -> str:
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
         raise DataError(
-            f"{path} is not UTF-8: byte offset {e.start} (line {line}) is {data[e.start:e.start + 1]!r} ({e.reason}); "
-            "re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`"
+            f"{path} is not UTF-8: byte offset {e.start} (line {line}) is {data[e.start : e.start + 1]!r} "
+            f"({e.reason}); re-encode the file as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`"
         ) from e
 
 
@@ -41,24 +41,36 @@ def parse_problem_line(line: str, path: str, lineno: int, source: str) -> Proble
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise DataFileError(path, lineno, None, f"not valid JSON ({e.msg} at column {e.colno})",
-                            "write one JSON object per line") from e
+        raise DataFileError(
+            path, lineno, None, f"not valid JSON ({e.msg} at column {e.colno})", "write one JSON object per line"
+        ) from e
     if not isinstance(row, dict):
-        raise DataFileError(path, lineno, None, f"a JSON {type(row).__name__}, not an object",
-                            'write one object per line: {"id": …, "problem": …, "answer": …}')
+        raise DataFileError(
+            path,
+            lineno,
+            None,
+            f"a JSON {type(row).__name__}, not an object",
+            'write one object per line: {"id": …, "problem": …, "answer": …}',
+        )
     for name in REQUIRED_FIELDS:
         if name not in row:
             raise DataFileError(path, lineno, name, "missing", f"every line needs {', '.join(REQUIRED_FIELDS)}")
         value = row[name]
         if not isinstance(value, str):
-            raise DataFileError(path, lineno, name, f"is a JSON {type(value).__name__} ({json.dumps(value)[:40]}), not a string",
-                                "write it as a string, e.g. \"42\"")
+            raise DataFileError(
+                path,
+                lineno,
+                name,
+                f"is a JSON {type(value).__name__} ({json.dumps(value)[:40]}), not a string",
+                'write it as a string, e.g. "42"',
+            )
         if not value.strip():
             raise DataFileError(path, lineno, name, "is empty", "fill it in or delete the line")
         if unicode_problem(value):  # a JSON "\ud800" escape: the tokenizer cannot encode it
             raise DataFileError(path, lineno, name, unicode_problem(value), "write valid Unicode text")
-    return Problem(id=row["id"], problem=row["problem"], answer=row["answer"], source=source,
-                   location=f"{path}:{lineno}")
+    return Problem(
+        id=row["id"], problem=row["problem"], answer=row["answer"], source=source, location=f"{path}:{lineno}"
+    )
 
 
 def parse_problems_text(text: str, path: str, source: str) -> list[Problem]:
@@ -71,8 +83,13 @@ def parse_problems_text(text: str, path: str, source: str) -> list[Problem]:
             continue
         problem = parse_problem_line(line, path, lineno, source)
         if problem.id in first_line:
-            raise DataFileError(path, lineno, "id", f"duplicate id {problem.id!r} (first on line {first_line[problem.id]})",
-                                "make ids unique within the file")
+            raise DataFileError(
+                path,
+                lineno,
+                "id",
+                f"duplicate id {problem.id!r} (first on line {first_line[problem.id]})",
+                "make ids unique within the file",
+            )
         first_line[problem.id] = lineno
         problems.append(problem)
     return problems
@@ -86,8 +103,10 @@ def read_problems_jsonl(path: str | Path, source: str | None = None) -> list[Pro
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file; give the path of a .jsonl file with one "
-                        '{"id", "problem", "answer"} object per line')
+        raise DataError(
+            f"{path}: no such file; give the path of a .jsonl file with one "
+            '{"id", "problem", "answer"} object per line'
+        )
     text = decode_utf8(path.read_bytes(), str(path))
     problems = parse_problems_text(text, str(path), source or str(path))
     if not problems:

@@ -15,8 +15,8 @@ class Problem:
     ``math500``, a reasoning-gym spec such as ``rg:chain_sum``, or a file path); ``rg_entry`` is
     the reasoning-gym dataset entry (``question``, ``answer``, ``metadata``) when the problem is
     procedural, so that reasoning-gym's own scorer grades it; ``location`` says where it was read
-    (``file.jsonl:LINE``, a reasoning-gym spec with its index, a hub dataset row), for messages. ``size`` is the number of
-    independent sub-problems of a decomposable generated problem (``npr.data.generated``), None
+    (``file.jsonl:LINE``, a reasoning-gym spec with its index, a hub dataset row), for messages. ``size`` is the
+    number of independent sub-problems of a decomposable generated problem (``npr.data.generated``), None
     elsewhere; the evaluation correlates it with the branches the model opens. ``grader`` names a
     benchmark's own grading when math-verify is not it (``zebralogic-choice``, ``zebralogic-grid``:
     ``npr.data.zebralogic``); None grades with math-verify or reasoning-gym.

@@ -49,8 +49,14 @@ def choice_problem(row: dict, source: str, location: str) -> Problem:
         raise DataError(f"{location}: {len(choices)} choices; letters run out after Z")
     lettered = "".join(f"{chr(65 + i)}. {c} " for i, c in enumerate(choices))
     text = f"Puzzle: {puzzle}\n\nQuestion: {question}\n\nChoices: {lettered}\n\nAnswer:"
-    return Problem(id=str(_field(row, "id", str, location)), problem=text, answer=chr(65 + choices.index(answer)),
-                   source=source, location=location, grader=CHOICE)
+    return Problem(
+        id=str(_field(row, "id", str, location)),
+        problem=text,
+        answer=chr(65 + choices.index(answer)),
+        source=source,
+        location=location,
+        grader=CHOICE,
+    )
 
 
 def solution_table(solution: dict, location: str) -> dict[str, dict[str, str]]:
@@ -67,10 +73,19 @@ def grid_problem(row: dict, source: str, location: str) -> Problem:
     puzzle = _field(row, "puzzle", str, location)
     table = solution_table(_field(row, "solution", dict, location), location)
     template = {"reasoning": BLANK, "solution": {house: dict.fromkeys(cells, BLANK) for house, cells in table.items()}}
-    text = (f"{puzzle}\n\nSolve the puzzle. Answer with one JSON object in this form, every {BLANK} filled with "
-            f"the right value:\n\n{json.dumps(template, indent=4)}")
-    return Problem(id=str(_field(row, "id", str, location)), problem=text, answer=json.dumps(table, sort_keys=True),
-                   source=source, location=location, grader=GRID, size=len(table))
+    text = (
+        f"{puzzle}\n\nSolve the puzzle. Answer with one JSON object in this form, every {BLANK} filled with "
+        f"the right value:\n\n{json.dumps(template, indent=4)}"
+    )
+    return Problem(
+        id=str(_field(row, "id", str, location)),
+        problem=text,
+        answer=json.dumps(table, sort_keys=True),
+        source=source,
+        location=location,
+        grader=GRID,
+        size=len(table),
+    )
 
 
 def read_rows_jsonl(path: Path) -> list[tuple[dict, str]]:

@@ -5,5 +5,18 @@ from npr.engine.engine import Engine, EngineEvent, RequestStats, Result
 from npr.engine.forcing import StructureForcer, TokenFuzzer
 from npr.engine.state import FinishReason, StreamDelta, StreamKind
 
-__all__ = ["MODES", "Engine", "EngineConfig", "EngineEvent", "EngineInputError", "FinishReason", "RequestStats",
-           "Result", "SamplingParams", "StreamDelta", "StreamKind", "StructureForcer", "TokenFuzzer"]
+__all__ = [
+    "MODES",
+    "Engine",
+    "EngineConfig",
+    "EngineEvent",
+    "EngineInputError",
+    "FinishReason",
+    "RequestStats",
+    "Result",
+    "SamplingParams",
+    "StreamDelta",
+    "StreamKind",
+    "StructureForcer",
+    "TokenFuzzer",
+]

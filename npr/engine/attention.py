@@ -131,9 +131,9 @@ class FlexQueries:
             self._allocate(max(2 * self.capacity, base + n + slack))
             for buf, old in zip((self.seg, self.off, self.fork), keep):
                 buf[:base] = old
-        self.seg[base:base + n] = meta[0]
-        self.off[base:base + n] = meta[1]
-        self.fork[base:base + n] = meta[2]
+        self.seg[base : base + n] = meta[0]
+        self.off[base : base + n] = meta[1]
+        self.fork[base : base + n] = meta[2]
 
 
 def engine_flex(query, key, value, block_mask, scale, enable_gqa, kernel_options):
@@ -143,8 +143,9 @@ def engine_flex(query, key, value, block_mask, scale, enable_gqa, kernel_options
     cache entry list."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                          kernel_options=kernel_options)
+    return flex_attention(
+        query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, kernel_options=kernel_options
+    )
 
 
 FLEX_BACKEND = "inductor"
@@ -223,8 +224,9 @@ class CallPlan:
     padded: bool  # some query slots are pads (groups with fewer than Qmax queries)
 
 
-def plan_call(bucket: list, q_meta: torch.Tensor, kernel: str, table, upload: StepUpload, flex_base: int
-              ) -> tuple[CallPlan, torch.Tensor, torch.Tensor]:
+def plan_call(
+    bucket: list, q_meta: torch.Tensor, kernel: str, table, upload: StepUpload, flex_base: int
+) -> tuple[CallPlan, torch.Tensor, torch.Tensor]:
     """Plan one call over the groups of ``bucket`` ([row, queries, pages, first packed row] each) and
     stage its indices. Returns the plan and, for the output gather, each query slot's packed row
     ``index`` [G, Qmax] and ``valid`` [G, Qmax] (host tensors)."""
@@ -236,20 +238,35 @@ def plan_call(bucket: list, q_meta: torch.Tensor, kernel: str, table, upload: St
     slot = torch.arange(qmax)[None, :]
     index = torch.tensor(firsts)[:, None] + torch.minimum(slot, (count.clamp(min=1) - 1)[:, None])  # [G, Qmax]
     valid = slot < count[:, None]  # [G, Qmax]
-    contiguous = kernel == "sdpa" and all(c == qmax for c in counts) and all(
-        f == firsts[0] + i * qmax for i, f in enumerate(firsts))
+    contiguous = (
+        kernel == "sdpa"
+        and all(c == qmax for c in counts)
+        and all(f == firsts[0] + i * qmax for i, f in enumerate(firsts))
+    )
     if contiguous:
         q_range, q_index = (firsts[0], firsts[0] + g * qmax), None
-        meta = q_meta[:, firsts[0]:firsts[0] + g * qmax].reshape(3, g, qmax)
+        meta = q_meta[:, firsts[0] : firsts[0] + g * qmax].reshape(3, g, qmax)
     else:
         q_range, q_index = None, upload.add(index.reshape(-1))
         meta = q_meta[:, index].masked_fill(~valid, -1)  # [3, G, Qmax]; pads: no segment ...
         meta[2].masked_fill_(~valid, 0)  # ... and an empty ancestry: they see nothing
     npages = [table.row_len[r] if c else 0 for r, c in zip(rows, counts)]
     where = upload.add([flex_base, qmax], torch.int32) if kernel == "flex" else None
-    plan = CallPlan(kernel, rows, g, qmax, max(table.row_len[r] for r in rows), q_range, q_index,
-                    upload.add(meta, torch.int32), upload.add(rows), upload.add(npages), flex_base, where,
-                    any(c != qmax for c in counts))
+    plan = CallPlan(
+        kernel,
+        rows,
+        g,
+        qmax,
+        max(table.row_len[r] for r in rows),
+        q_range,
+        q_index,
+        upload.add(meta, torch.int32),
+        upload.add(rows),
+        upload.add(npages),
+        flex_base,
+        where,
+        any(c != qmax for c in counts),
+    )
     return plan, index, valid
 
 
@@ -262,12 +279,18 @@ class AttentionCall:
         self.g, self.qmax, self.q_range, self.padded = plan.g, plan.qmax, plan.q_range, plan.padded
         self.q_index = None if plan.q_index is None else upload[plan.q_index]  # [G*Qmax]
         self.meta = upload[plan.meta]  # [3, G, Qmax] int32
-        self.pages = table.rows[upload[plan.row_ids], :plan.width]  # [G, W]
+        self.pages = table.rows[upload[plan.row_ids], : plan.width]  # [G, W]
         self.live = torch.arange(plan.width, device=device)[None, :] < upload[plan.npages][:, None]  # [G, W]
 
     @staticmethod
-    def build(pool: KVPool, plan: CallPlan, upload: StepUpload, dtype: torch.dtype, flex_queries: FlexQueries | None,
-              shared_prefix: bool = True) -> AttentionCall:
+    def build(
+        pool: KVPool,
+        plan: CallPlan,
+        upload: StepUpload,
+        dtype: torch.dtype,
+        flex_queries: FlexQueries | None,
+        shared_prefix: bool = True,
+    ) -> AttentionCall:
         if plan.kernel == "flex":
             return FlexCall(pool, plan, upload, flex_queries)
         return DenseCall(pool, plan, upload, dtype, shared_prefix)
@@ -291,8 +314,9 @@ class DenseCall(AttentionCall):
 
     kernel = "sdpa"
 
-    def __init__(self, pool: KVPool, plan: CallPlan, upload: StepUpload, dtype: torch.dtype,
-                 shared_prefix: bool = True):
+    def __init__(
+        self, pool: KVPool, plan: CallPlan, upload: StepUpload, dtype: torch.dtype, shared_prefix: bool = True
+    ):
         super().__init__(pool, plan, upload)
         table = pool.pages
         self._folded = None
@@ -307,8 +331,17 @@ class DenseCall(AttentionCall):
 
     def _dense_allowed(self, table, live: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
         """The rule over the slots of each row's pages, [G, Qmax, K] (K = W * page_size)."""
-        allowed = paged_rule(table.page_seg, table.page_start, table.page_valid, table.page_size, self.pages, live,
-                             meta[0], meta[1], meta[2])  # [G, Qmax, K]
+        allowed = paged_rule(
+            table.page_seg,
+            table.page_start,
+            table.page_valid,
+            table.page_size,
+            self.pages,
+            live,
+            meta[0],
+            meta[1],
+            meta[2],
+        )  # [G, Qmax, K]
         if self.padded:  # pad queries see everything: no empty softmax row (their output is dropped)
             allowed |= (meta[0] < 0)[:, :, None]
         return allowed
@@ -395,9 +428,16 @@ class FlexCall(AttentionCall):
 
         partial_num, partial_index = compact(partial)
         full_num, full_index = compact(full)
-        return BlockMask.from_kv_blocks(partial_num, partial_index, full_num, full_index, BLOCK_SIZE=(qb, page_size),
-                                        mask_mod=mask_mod, seq_lengths=(self.qmax, pool.keys.shape[2]),
-                                        compute_q_blocks=False)
+        return BlockMask.from_kv_blocks(
+            partial_num,
+            partial_index,
+            full_num,
+            full_index,
+            BLOCK_SIZE=(qb, page_size),
+            mask_mod=mask_mod,
+            seq_lengths=(self.qmax, pool.keys.shape[2]),
+            compute_q_blocks=False,
+        )
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling) -> torch.Tensor:
         qg = self.grouped_queries(q).contiguous()
@@ -436,7 +476,8 @@ class SharedPrefix:
     read once per sample. Here the queries of such a group attend to the group's shared leading pages
     in one call (its queries stacked, the pages gathered once), every row attends to the rest of its
     pages in a second call, and the two partial results merge by their log-sum-exps, as flash
-    attention merges tiles: ``out = (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2)``. Exact up to rounding. A shared page counts only
+    attention merges tiles: ``out = (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2)``. Exact up to rounding. A shared page
+    counts only
     where every query of the group sees all of its slots, so the prefix call needs no mask beyond
     each group's prefix length.
     """
@@ -505,28 +546,51 @@ class SharedPrefix:
         column = column.clamp(max=width - 1)
         rest = allowed.view(g, qmax, width, size).gather(2, column[:, None, :, None].expand(-1, qmax, -1, size))
         rest &= inside[:, None, :, None]  # [G, Qmax, Ws, S]
-        return cls(torch.tensor(prefix_rows), torch.tensor(row_pos), torch.tensor(prefix_pages), prefix_bias,
-                   len(shared), per, pages.gather(1, column).reshape(-1).long(),
-                   additive_bias(rest.reshape(g, qmax, ws * size), dtype))
+        return cls(
+            torch.tensor(prefix_rows),
+            torch.tensor(row_pos),
+            torch.tensor(prefix_pages),
+            prefix_bias,
+            len(shared),
+            per,
+            pages.gather(1, column).reshape(-1).long(),
+            additive_bias(rest.reshape(g, qmax, ws * size), dtype),
+        )
 
-    def attend(self, qf: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling, suffix_bias: torch.Tensor,
-               page_size: int) -> torch.Tensor:
+    def attend(
+        self,
+        qf: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scaling,
+        suffix_bias: torch.Tensor,
+        page_size: int,
+    ) -> torch.Tensor:
         """Folded queries qf [G, Hkv, rep*Qmax, D] against one layer's pool -> [G, Hkv, rep*Qmax, D];
         ``suffix_bias`` is ``self.suffix_bias`` folded the same way (``AttentionCall.folded_bias``)."""
         g, heads, rq, dim = qf.shape
         gp, per = self.groups, self.per
         # the prefix call: each group's queries stacked, [Gp, Hkv, per*rq, D], against its pages gathered once
         qp = qf.index_select(0, self.prefix_rows).view(gp, per, heads, rq, dim).transpose(1, 2)
-        o1, l1 = attention_with_lse(qp.reshape(gp, heads, per * rq, dim),
-                                    gather_pages(keys, self.prefix_pages, gp, page_size),
-                                    gather_pages(values, self.prefix_pages, gp, page_size), self.prefix_bias, scaling)
+        o1, l1 = attention_with_lse(
+            qp.reshape(gp, heads, per * rq, dim),
+            gather_pages(keys, self.prefix_pages, gp, page_size),
+            gather_pages(values, self.prefix_pages, gp, page_size),
+            self.prefix_bias,
+            scaling,
+        )
         o1 = o1.view(gp, heads, per, rq, dim).transpose(1, 2).reshape(gp * per, heads, rq, dim)
         l1 = l1.view(gp, heads, per, rq).transpose(1, 2).reshape(gp * per, heads, rq)
         # one more entry for the rows without a shared prefix: nothing seen, weight 0 in the merge
         o1 = torch.cat([o1, o1.new_zeros(1, heads, rq, dim)]).index_select(0, self.row_pos)
         l1 = torch.cat([l1, l1.new_full((1, heads, rq), float("-inf"))]).index_select(0, self.row_pos)
-        o2, l2 = attention_with_lse(qf, gather_pages(keys, self.suffix_pages, g, page_size),
-                                    gather_pages(values, self.suffix_pages, g, page_size), suffix_bias, scaling)
+        o2, l2 = attention_with_lse(
+            qf,
+            gather_pages(keys, self.suffix_pages, g, page_size),
+            gather_pages(values, self.suffix_pages, g, page_size),
+            suffix_bias,
+            scaling,
+        )
         top = torch.maximum(l1, l2)
         w1, w2 = (l1 - top).exp_(), (l2 - top).exp_()
         total = w1 + w2
@@ -542,8 +606,17 @@ class PagedBatch:
     out_index: torch.Tensor | None  # [N]: each packed query's row in the calls' outputs, concatenated; None: in order
 
 
-def paged_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                            npr_batch: PagedBatch | None = None, **kwargs):
+def paged_attention_forward(
+    module,
+    query,
+    key,
+    value,
+    attention_mask=None,
+    scaling=None,
+    dropout=0.0,
+    npr_batch: PagedBatch | None = None,
+    **kwargs,
+):
     """AttentionInterface entry: query [1, H, N, D], key/value [1, Hkv, N, D] -> ([1, N, H, D], None)."""
     if npr_batch is None:
         raise RuntimeError("npr_paged attention called without npr_batch; use the Engine (or sdpa) instead")
@@ -552,8 +625,10 @@ def paged_attention_forward(module, query, key, value, attention_mask=None, scal
     keys.index_copy_(1, npr_batch.write_slots, key[0].to(keys.dtype))
     values.index_copy_(1, npr_batch.write_slots, value[0].to(values.dtype))
     q = query[0].transpose(0, 1)  # [N, H, D]
-    outs = [call.attend(q, keys, values, scaling).transpose(1, 2).reshape(-1, *q.shape[1:])  # [G*Qmax, H, D]
-            for call in npr_batch.calls]
+    outs = [
+        call.attend(q, keys, values, scaling).transpose(1, 2).reshape(-1, *q.shape[1:])  # [G*Qmax, H, D]
+        for call in npr_batch.calls
+    ]
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     if npr_batch.out_index is not None:  # drop pads and restore the packed order: indices planned on the host
         out = out.index_select(0, npr_batch.out_index)
@@ -631,8 +706,7 @@ class BatchPlan:
         return upload[self.input_ids], upload[self.position_ids], batch, upload[self.logit_rows]
 
 
-def plan_batch(feeds: Sequence[Feed], pool: KVPool, choose_kernel, small_queries: int, upload: StepUpload
-               ) -> BatchPlan:
+def plan_batch(feeds: Sequence[Feed], pool: KVPool, choose_kernel, small_queries: int, upload: StepUpload) -> BatchPlan:
     """Plan one forward over ``feeds`` and stage its indices (and the page table's queued updates) in
     ``upload``. Marks the fed tokens as written. The feeds of one row must be consecutive.
     ``choose_kernel(g, qmax, keys)`` names the kernel ("flex" or "sdpa") of each call."""
@@ -674,8 +748,10 @@ def plan_batch(feeds: Sequence[Feed], pool: KVPool, choose_kernel, small_queries
     pool.pages.stage(upload)
     q_meta = torch.tensor(meta, dtype=torch.int32)  # [3, N] on the host
     calls, base = [], 0
-    dense = choose_kernel(len(groups), max(g[1] for g in groups.values()),
-                          sum(g[2] for g in groups.values()) * bs) == "sdpa"
+    dense = (
+        choose_kernel(len(groups), max(g[1] for g in groups.values()), sum(g[2] for g in groups.values()) * bs)
+        == "sdpa"
+    )
     out_index = torch.empty(n + 1, dtype=torch.long)  # the last entry takes the pads
     for bucket in _buckets([groups[r] for r in row_order], small_queries, dense):
         kernel = choose_kernel(len(bucket), max(x[1] for x in bucket), sum(x[2] for x in bucket) * bs)
@@ -684,14 +760,30 @@ def plan_batch(feeds: Sequence[Feed], pool: KVPool, choose_kernel, small_queries
         out_index.scatter_(0, torch.where(valid, index, n).reshape(-1), slots)
         calls.append(call)
         base += call.g * call.qmax
-    in_order = base == n and all(c.q_range is not None for c in calls) and [c.q_range[0] for c in calls] == sorted(
-        c.q_range[0] for c in calls)
-    return BatchPlan(upload.add([ids]), upload.add([positions]), upload.add(writes), upload.add(logit_rows),
-                     len(logit_rows) == n, calls, None if in_order else upload.add(out_index[:n]))
+    in_order = (
+        base == n
+        and all(c.q_range is not None for c in calls)
+        and [c.q_range[0] for c in calls] == sorted(c.q_range[0] for c in calls)
+    )
+    return BatchPlan(
+        upload.add([ids]),
+        upload.add([positions]),
+        upload.add(writes),
+        upload.add(logit_rows),
+        len(logit_rows) == n,
+        calls,
+        None if in_order else upload.add(out_index[:n]),
+    )
 
 
-def build_batch(feeds: Sequence[Feed], pool: KVPool, dtype: torch.dtype, choose_kernel, small_queries: int,
-                shared_prefix: bool = True):
+def build_batch(
+    feeds: Sequence[Feed],
+    pool: KVPool,
+    dtype: torch.dtype,
+    choose_kernel,
+    small_queries: int,
+    shared_prefix: bool = True,
+):
     """``plan_batch``, sent in an upload of its own, then built: ``input_ids`` [1, N], ``position_ids``
     [1, N], the ``PagedBatch`` and ``logit_rows`` (tests and tools; the engine shares the step's upload)."""
     upload = StepUpload()

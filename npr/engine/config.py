@@ -81,11 +81,13 @@ class EngineConfig:
             raise EngineInputError("block_size, max_num_seqs and max_depth must be >= 1")
         if self.attention not in ATTENTION_KERNELS:
             raise EngineInputError(f"unknown attention {self.attention!r}; use one of {', '.join(ATTENTION_KERNELS)}")
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < max(self.block_size,
-                                                                                         self.max_num_seqs):
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < max(
+            self.block_size, self.max_num_seqs
+        ):
             raise EngineInputError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} is below one KV block (block_size="
-                f"{self.block_size}) or one decode token per stream (max_num_seqs={self.max_num_seqs}); raise it")
+                f"{self.block_size}) or one decode token per stream (max_num_seqs={self.max_num_seqs}); raise it"
+            )
         if not 0 < self.gpu_memory_utilization <= 1:
             raise EngineInputError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:

@@ -20,8 +20,16 @@ import torch
 from npr.engine.attention import BatchPlan, paged_attention, plan_batch
 from npr.engine.config import CPU_KV_CACHE_GIB, EngineConfig, EngineInputError, SamplingParams
 from npr.engine.kv_pool import KVPool
-from npr.engine.sampling import (RowParams, SamplingPlan, SeenTokens, apply_repetition_penalty, plan_sampling,
-                                 redraw_wide, row_uniforms, sample)
+from npr.engine.sampling import (
+    RowParams,
+    SamplingPlan,
+    SeenTokens,
+    apply_repetition_penalty,
+    plan_sampling,
+    redraw_wide,
+    row_uniforms,
+    sample,
+)
 from npr.engine.scheduler import Scheduler
 from npr.engine.state import FinishReason, Request, Scaffold, Stream, StreamDelta
 from npr.engine.upload import StepUpload
@@ -124,7 +132,8 @@ def kv_pool_bytes(total: int, others: int, in_use: int, forward: int, utilizatio
         gib = [round(x / 2**30, 2) for x in (total, others, in_use, forward)]
         raise EngineInputError(
             f"gpu_memory_utilization={utilization} leaves no memory for the KV pool (device {gib[0]} GiB, other "
-            f"processes {gib[1]} GiB, weights {gib[2]} GiB, a forward {gib[3]} GiB); raise it or set kv_cache_gib")
+            f"processes {gib[1]} GiB, weights {gib[2]} GiB, a forward {gib[3]} GiB); raise it or set kv_cache_gib"
+        )
     return left
 
 
@@ -149,7 +158,8 @@ def _model_dims(model) -> tuple[int, int, int]:
     if any(t != "full_attention" for t in layer_types):
         raise EngineInputError(
             f"{config.model_type} has non-full attention layers ({sorted(set(layer_types))}); the NPR engine "
-            "supports full-attention decoder models (Llama, Qwen2, Qwen3, Mistral without sliding window)")
+            "supports full-attention decoder models (Llama, Qwen2, Qwen3, Mistral without sliding window)"
+        )
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -170,8 +180,9 @@ class Engine:
         bytes_per_token = layers * 2 * kv_heads * head_dim * param.element_size()
         tokens = cfg.kv_cache_tokens or int(self._pool_bytes(model) // bytes_per_token)
         num_blocks = max(1, tokens // cfg.block_size)
-        self.pool = KVPool(layers, kv_heads, head_dim, num_blocks, cfg.block_size, self.dtype, self.device,
-                           max_rows=cfg.max_num_seqs)
+        self.pool = KVPool(
+            layers, kv_heads, head_dim, num_blocks, cfg.block_size, self.dtype, self.device, max_rows=cfg.max_num_seqs
+        )
         self.scaffold = self._scaffold(tokenizer, model)
         self.scheduler = Scheduler(cfg, self.pool, self.scaffold)
         self.context_length = getattr(model.config, "max_position_embeddings", None)
@@ -207,8 +218,13 @@ class Engine:
 
     # ------------------------------------------------------------------ API
 
-    def submit(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams, first_index: int = 0,
-               prompt_indices: Sequence[int] | None = None) -> None:
+    def submit(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams,
+        first_index: int = 0,
+        prompt_indices: Sequence[int] | None = None,
+    ) -> None:
         """Queue prompts (token ids, or text tokenized as-is: apply the chat template first, see
         ``npr.prompts``). Prompt i gets index ``prompt_indices[i]`` (default ``first_index + i``),
         which keys its results and its seeds. Every check runs before anything is queued."""
@@ -217,14 +233,16 @@ class Engine:
             raise EngineInputError(f"{len(prompts)} prompts but {len(indices)} prompt indices")
         encoded = []
         for index, p in zip(indices, prompts):
-            ids = (list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str)
-                   else [int(t) for t in p])
+            ids = (
+                list(self.tokenizer.encode(p, add_special_tokens=False)) if isinstance(p, str) else [int(t) for t in p]
+            )
             if not ids:
                 raise EngineInputError(f"prompt {index} is empty")
             if self.context_length and len(ids) + params.max_new_tokens > self.context_length:
                 raise EngineInputError(
                     f"prompt {index} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
-                    f"it exceeds the model context of {self.context_length}; shorten it or lower max_new_tokens")
+                    f"it exceeds the model context of {self.context_length}; shorten it or lower max_new_tokens"
+                )
             self.scheduler.check_fits(index, len(ids), params)
             encoded.append(ids)
         base_seed = params.seed if params.seed is not None else random.randrange(2**31)
@@ -249,8 +267,9 @@ class Engine:
             results += event.finished
         return sorted(results, key=lambda r: (r.prompt_index, r.sample_index))
 
-    def generate_stream(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
-                        ) -> Iterator[EngineEvent]:
+    def generate_stream(
+        self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
+    ) -> Iterator[EngineEvent]:
         """Like ``generate``, yielding an ``EngineEvent`` after every forward."""
         params = params or SamplingParams()
         self.submit(prompts, params)
@@ -304,12 +323,14 @@ class Engine:
 
     @torch.no_grad()
     def _forward(self, plan: BatchPlan, upload: StepUpload) -> torch.Tensor:
-        input_ids, position_ids, batch, logit_rows = plan.build(self.pool, upload, self.dtype,
-                                                                 self.config.shared_prefix_attention)
+        input_ids, position_ids, batch, logit_rows = plan.build(
+            self.pool, upload, self.dtype, self.config.shared_prefix_attention
+        )
         keep = 0 if plan.all_rows_logits else logit_rows  # every row: no gather needed
         with paged_attention(self.model):
-            out = self.model(input_ids=input_ids, position_ids=position_ids, npr_batch=batch,
-                             logits_to_keep=keep, use_cache=False)
+            out = self.model(
+                input_ids=input_ids, position_ids=position_ids, npr_batch=batch, logits_to_keep=keep, use_cache=False
+            )
         return out.logits[0].float()
 
     def _plan_sampling(self, streams: list[Stream], upload: StepUpload) -> StepSampling:
@@ -329,8 +350,9 @@ class Engine:
             if rows:
                 slots = [streams[i].seen_slot for i in rows]
                 factor = [self.config.repetition_penalty if self._seen.lists[s] else 1.0 for s in slots]
-                penalty = PenaltyPlan(upload.add(rows), upload.add(slots), upload.add(factor, torch.float32),
-                                      self._seen.width(slots))
+                penalty = PenaltyPlan(
+                    upload.add(rows), upload.add(slots), upload.add(factor, torch.float32), self._seen.width(slots)
+                )
         return StepSampling(params, plan, penalty)
 
     def _row_params(self, streams: list[Stream]) -> RowParams:
@@ -348,8 +370,9 @@ class Engine:
             uniform[i] = u
         return RowParams(temperature, top_p, top_k, uniform)
 
-    def _sample(self, streams: list[Stream], logits: torch.Tensor, sampling: StepSampling, upload: StepUpload
-                ) -> tuple[list[int], list[float], dict[int, tuple[tuple[int, float], ...]]]:
+    def _sample(
+        self, streams: list[Stream], logits: torch.Tensor, sampling: StepSampling, upload: StepUpload
+    ) -> tuple[list[int], list[float], dict[int, tuple[tuple[int, float], ...]]]:
         """Process and sample one token per stream, batched on the device; log-probs are those of
         the unprocessed model (temperature 1). logits: [S, V] float32, edited in place. Returns the
         tokens, their log-probs and, for the streams that ask ``top_logprobs``, their row's top (id,
@@ -361,7 +384,7 @@ class Engine:
         raw = logits.clone() if want_logprobs and edits else logits
         if sampling.penalty is not None:
             pen = sampling.penalty
-            seen_ids = self._seen.ids.index_select(0, upload[pen.slots])[:, :pen.width]  # [r, w]
+            seen_ids = self._seen.ids.index_select(0, upload[pen.slots])[:, : pen.width]  # [r, w]
             apply_repetition_penalty(logits, seen_ids, upload[pen.factor], rows=upload[pen.rows])
         for i, stream in enumerate(streams if processors else ()):
             for processor in stream.request.params.logits_processors:
@@ -372,8 +395,11 @@ class Engine:
         params = sampling.params
         tokens, wide = sample(logits, params, sampling.plan, upload)
         lse = torch.logsumexp(raw, dim=-1) if want_logprobs else None  # [S]
-        chosen = raw.gather(1, tokens[:, None])[:, 0] - lse if want_logprobs else torch.full_like(wide, math.nan,
-                                                                                              dtype=torch.float32)
+        chosen = (
+            raw.gather(1, tokens[:, None])[:, 0] - lse
+            if want_logprobs
+            else torch.full_like(wide, math.nan, dtype=torch.float32)
+        )
         parts = [tokens.double(), chosen.double(), wide.double()]
         k = max((streams[i].request.params.top_logprobs for i in top_rows), default=0)
         if top_rows:  # [t, k]: the same k for every asking row (the widest), cut per row on the host
@@ -385,11 +411,11 @@ class Engine:
         flat = torch.cat(parts).tolist()  # the step's one transfer
         count = len(streams)
         token_ids = [int(t) for t in flat[:count]]
-        logprobs, wide_rows = flat[count:2 * count], flat[2 * count:3 * count]
+        logprobs, wide_rows = flat[count : 2 * count], flat[2 * count : 3 * count]
         top = {}
         if top_rows:
             k = min(k, raw.shape[1])
-            values, ids = flat[3 * count:3 * count + len(top_rows) * k], flat[3 * count + len(top_rows) * k:]
+            values, ids = flat[3 * count : 3 * count + len(top_rows) * k], flat[3 * count + len(top_rows) * k :]
             for j, i in enumerate(top_rows):
                 want = streams[i].request.params.top_logprobs
                 top[i] = tuple((int(ids[j * k + c]), values[j * k + c]) for c in range(min(want, k)))
@@ -426,12 +452,25 @@ class Engine:
         now = time.perf_counter()
         ended = req.ended or now
         return Result(
-            prompt_index=req.prompt_index, sample_index=req.sample_index, prompt_ids=list(req.group.prompt_ids),
-            token_ids=tokens, position_ids=positions, logprobs=logprobs, sampled=sampled, text=text,
-            finish_reason=req.finish_reason, diagnostic=req.diagnostic, mode=self.config.mode, blocks=blocks,
+            prompt_index=req.prompt_index,
+            sample_index=req.sample_index,
+            prompt_ids=list(req.group.prompt_ids),
+            token_ids=tokens,
+            position_ids=positions,
+            logprobs=logprobs,
+            sampled=sampled,
+            text=text,
+            finish_reason=req.finish_reason,
+            diagnostic=req.diagnostic,
+            mode=self.config.mode,
+            blocks=blocks,
             stats=RequestStats(
-                generated_tokens=len(tokens), critical_path_tokens=len(tokens) - saved,
-                forward_passes=req.forward_passes, wall_time_s=ended - (req.started or ended),
-                parallel_blocks=len(blocks), preemptions=req.preemptions),
+                generated_tokens=len(tokens),
+                critical_path_tokens=len(tokens) - saved,
+                forward_passes=req.forward_passes,
+                wall_time_s=ended - (req.started or ended),
+                parallel_blocks=len(blocks),
+                preemptions=req.preemptions,
+            ),
             top_logprobs=top,
         )

@@ -40,8 +40,14 @@ class _Forcing:
             special = set(self.special)
             for i in range(min(vocab, len(self.tokenizer))):
                 text = self.tokenizer.decode([i])
-                mask[i] = i not in special and text.strip() == text and text.isascii() and text.isprintable() and bool(text) \
+                mask[i] = (
+                    i not in special
+                    and text.strip() == text
+                    and text.isascii()
+                    and text.isprintable()
+                    and bool(text)
                     and not any(c in text for c in "<>{}\\")
+                )
             self._text_mask = mask
         return self._text_mask
 
@@ -66,8 +72,16 @@ class StructureForcer(_Forcing):
     None) and EOS. Text tokens are visible, so with the defaults the trace passes ``validate``.
     """
 
-    def __init__(self, tokenizer, branch_tokens: Sequence[Sequence[int]], prefix_tokens: int = 0,
-                 plan_tokens: int = 3, takeaway_tokens: int = 6, final_tokens: int = 4, answer: str | None = "0"):
+    def __init__(
+        self,
+        tokenizer,
+        branch_tokens: Sequence[Sequence[int]],
+        prefix_tokens: int = 0,
+        plan_tokens: int = 3,
+        takeaway_tokens: int = 6,
+        final_tokens: int = 4,
+        answer: str | None = "0",
+    ):
         super().__init__(tokenizer)
         self.branch_tokens = [list(b) for b in branch_tokens]
         self.prefix_tokens, self.plan_tokens = prefix_tokens, plan_tokens
@@ -85,8 +99,10 @@ class StructureForcer(_Forcing):
         every branch, with the labels and scaffolds the engine would prefill (so that ``plain``
         mode, which forks nothing, writes the same layout)."""
         t = self.tags
-        plans = [[t["<plan>"], *self.plan_label[k], *[TEXT] * self.plan_tokens, t["</plan>"]]
-                 for k in range(len(self.branch_tokens[block]))]
+        plans = [
+            [t["<plan>"], *self.plan_label[k], *[TEXT] * self.plan_tokens, t["</plan>"]]
+            for k in range(len(self.branch_tokens[block]))
+        ]
         out = [t["<guideline>"], *[i for plan in plans for i in plan], t["</guideline>"], *self.separator]
         for k, n in enumerate(self.branch_tokens[block], 1):
             out += [*self.step_open[k - 1], *[TEXT] * n, t["</step>"], *self.step_separator]
@@ -127,15 +143,16 @@ class TokenFuzzer(_Forcing):
     with probability ``p_tag``/``p_eos``, else let the model write ordinary text. Deterministic
     per (seed, prompt, sample, stream, length)."""
 
-    def __init__(self, tokenizer, seed: int, p_tag: float = 0.25, p_eos: float = 0.02,
-                 plan_bias: float = 0.0):
+    def __init__(self, tokenizer, seed: int, p_tag: float = 0.25, p_eos: float = 0.02, plan_bias: float = 0.0):
         super().__init__(tokenizer)
         self.seed, self.p_tag, self.p_eos, self.plan_bias = seed, p_tag, p_eos, plan_bias
 
     def __call__(self, stream, logits: torch.Tensor) -> torch.Tensor:
         # a string seed is hashed with sha512 by random.Random: the same in every process
-        rng = random.Random(f"{self.seed}/{stream.prompt_index}/{stream.sample_index}/{stream.kind}/"
-                            f"{stream.block}/{stream.branch}/{len(stream.tokens)}")
+        rng = random.Random(
+            f"{self.seed}/{stream.prompt_index}/{stream.sample_index}/{stream.kind}/"
+            f"{stream.block}/{stream.branch}/{len(stream.tokens)}"
+        )
         roll = rng.random()
         if roll < self.p_eos:
             return self._apply(logits, self.eos)

@@ -131,8 +131,17 @@ class PageTable:
 class KVPool:
     """Keys and values of every layer in fixed-size pages, a free list, and the page table."""
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device | str, max_rows: int):
+    def __init__(
+        self,
+        num_layers: int,
+        kv_heads: int,
+        head_dim: int,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        max_rows: int,
+    ):
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_layers, kv_heads, num_blocks * block_size, head_dim)  # head-major: one head's keys are rows
@@ -184,11 +193,26 @@ class Segment:
     """A run of tokens in the pool. ``tokens`` holds every token of the segment, including ones
     whose KV is not computed yet (``written`` counts those that are)."""
 
-    __slots__ = ("id", "fork", "order", "start_pos", "tokens", "logprobs", "sampled", "written", "pages",
-                 "delivered", "block", "branch", "frozen", "top_logprobs")
+    __slots__ = (
+        "id",
+        "fork",
+        "order",
+        "start_pos",
+        "tokens",
+        "logprobs",
+        "sampled",
+        "written",
+        "pages",
+        "delivered",
+        "block",
+        "branch",
+        "frozen",
+        "top_logprobs",
+    )
 
-    def __init__(self, seg_id: int, start_pos: int, fork: int | None = None, order: int = 0, block: int = 0,
-                 branch: int = 0):
+    def __init__(
+        self, seg_id: int, start_pos: int, fork: int | None = None, order: int = 0, block: int = 0, branch: int = 0
+    ):
         self.id = seg_id
         self.fork = seg_id if fork is None else fork
         self.order = order  # index in its request's canonical segment order (prompt: 0)

@@ -49,8 +49,9 @@ def row_uniforms(keys: Sequence[Sequence[int]]) -> list[float]:
     try:
         words = np.fromiter(itertools.chain.from_iterable(keys), dtype=np.int64, count=width * len(keys))
     except OverflowError:  # a word beyond int64: reduce it first (the hash reads words modulo 2**64)
-        words = np.asarray([w % 2**64 - (2**64 if w % 2**64 >= 2**63 else 0) for key in keys for w in key],
-                           dtype=np.int64)
+        words = np.asarray(
+            [w % 2**64 - (2**64 if w % 2**64 >= 2**63 else 0) for key in keys for w in key], dtype=np.int64
+        )
     words = words.reshape(len(keys), width).view(np.uint64)
     s1, m1, s2, m2, s3 = _MIX
     h = np.zeros(len(words), dtype=np.uint64)
@@ -111,21 +112,29 @@ def plan_sampling(params: RowParams, upload: StepUpload, vocab: int) -> Sampling
         if not rows:
             return None
         temperature = [params.temperature[i] for i in rows]
-        cls = RowClass(rows, upload.add(rows), upload.add(temperature, torch.float32)
-                       if any(t != 1.0 for t in temperature) else None,
-                       upload.add([params.uniform[i] for i in rows], torch.float64))
+        cls = RowClass(
+            rows,
+            upload.add(rows),
+            upload.add(temperature, torch.float32) if any(t != 1.0 for t in temperature) else None,
+            upload.add([params.uniform[i] for i in rows], torch.float64),
+        )
         if nucleus:
             cls.width = min(vocab, max(CANDIDATES, *(params.top_k[i] for i in rows)))
             cls.top_k = upload.add([params.top_k[i] for i in rows])
             cls.top_p = upload.add([params.top_p[i] for i in rows], torch.float32)
         return cls
 
-    return SamplingPlan(len(params.temperature), len(sampled) < len(params.temperature), row_class(full, False),
-                        row_class(filtered, True))
+    return SamplingPlan(
+        len(params.temperature),
+        len(sampled) < len(params.temperature),
+        row_class(full, False),
+        row_class(filtered, True),
+    )
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen_ids: torch.Tensor, penalty: torch.Tensor,
-                             rows: torch.Tensor | None = None) -> torch.Tensor:
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen_ids: torch.Tensor, penalty: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """HF/CTRL rule in place on ``logits`` [R, V]: for the token ids ``seen_ids`` [r, w] (long) of each
     penalised row, divide positive scores by ``penalty`` [r] and multiply negative ones by it. Row i of
     ``seen_ids`` describes row ``rows[i]`` of ``logits`` (default: row i); a row's ids may repeat (its
@@ -150,8 +159,9 @@ def _inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return index.clamp_(max=weights.shape[1] - 1)
 
 
-def _nucleus(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, width: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _nucleus(
+    z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k then top-p draw over the ``width`` best tokens of ``z`` [R, V] (scaled logits).
 
     Returns (token ids [R], wide [R] bool: the nucleus may extend past ``width``, redraw wider).
@@ -173,8 +183,9 @@ def _nucleus(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, uniform:
     return index.gather(1, choice[:, None])[:, 0], wide
 
 
-def sample(logits: torch.Tensor, params: RowParams, plan: SamplingPlan | None = None,
-           upload: StepUpload | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor, params: RowParams, plan: SamplingPlan | None = None, upload: StepUpload | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One token per row of processed ``logits`` [R, V] (float32). Returns (tokens [R] int64, wide
     [R] bool): rows flagged ``wide`` must be redrawn with ``redraw_wide``. ``plan`` and its sent
     ``upload`` come from ``plan_sampling`` (the engine stages them with the rest of its step);
@@ -251,8 +262,9 @@ class SeenTokens:
             extra = max(longest, 2 * self.ids.shape[1]) - self.ids.shape[1]
             self.ids = torch.cat([self.ids, self.ids[:, :1].expand(-1, extra)], dim=1)
         fills = [(s, self.lists[s][0]) for s, start in self._dirty.items() if start == 0 and self.lists[s]]
-        writes = [(s, c, self.lists[s][c]) for s, start in self._dirty.items()
-                  for c in range(start, len(self.lists[s]))]
+        writes = [
+            (s, c, self.lists[s][c]) for s, start in self._dirty.items() for c in range(start, len(self.lists[s]))
+        ]
         self._staged = (upload.add(fills) if fills else None, upload.add(writes) if writes else None)
         self._dirty = {}
 

@@ -90,7 +90,8 @@ class Scheduler:
             raise EngineInputError(
                 f"prompt {prompt_index} needs {need} KV pages to start ({prompt_len} prompt tokens, n={params.n}) "
                 f"but the pool has {self.pool.num_blocks}; raise EngineConfig.kv_cache_tokens/kv_cache_gib or "
-                "shorten the prompt")
+                "shorten the prompt"
+            )
         if params.n > self.config.max_num_seqs:
             raise EngineInputError(f"n={params.n} samples exceed max_num_seqs={self.config.max_num_seqs} live streams")
 
@@ -156,8 +157,11 @@ class Scheduler:
             return None
         best = None
         for key in self._prefixes:
-            if len(key) < len(prompt_ids) and (best is None or len(key) > len(best)) \
-                    and tuple(prompt_ids[:len(key)]) == key:
+            if (
+                len(key) < len(prompt_ids)
+                and (best is None or len(key) > len(best))
+                and tuple(prompt_ids[: len(key)]) == key
+            ):
                 best = key
         previous, self._last_prompt = self._last_prompt, prompt_ids
         if best is not None:
@@ -194,8 +198,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ pages
 
-    def _new_segment(self, start_pos: int, fork: int | None = None, order: int = 0, block: int = 0,
-                     branch: int = 0) -> Segment:
+    def _new_segment(
+        self, start_pos: int, fork: int | None = None, order: int = 0, block: int = 0, branch: int = 0
+    ) -> Segment:
         self._next_segment += 1
         seg_id = self._next_segment
         return Segment(seg_id, start_pos, seg_id if fork is None else fork, order, block, branch)
@@ -235,8 +240,11 @@ class Scheduler:
             if s.written < n:
                 need += max(0, -(-n // bs) - len(s.pages))
         if not req.resident:
-            need += sum(p.pages_needed(len(p), bs) for p in (req.group.prefix, req.group.prompt)
-                        if p is not None and not p.pages)
+            need += sum(
+                p.pages_needed(len(p), bs)
+                for p in (req.group.prefix, req.group.prompt)
+                if p is not None and not p.pages
+            )
         return need
 
     def _release(self, req: Request) -> None:
@@ -311,8 +319,9 @@ class Scheduler:
                 return
             victim = self.running[-1]
             if len(self.running) == 1:
-                held = sum(len(s.pages) for s in (*victim.segments, victim.group.prompt, victim.group.prefix)
-                           if s is not None)
+                held = sum(
+                    len(s.pages) for s in (*victim.segments, victim.group.prompt, victim.group.prefix) if s is not None
+                )
                 self._finish(victim, FinishReason.LENGTH, self._too_big(victim, held + need))
                 self._collect()
                 return
@@ -363,9 +372,11 @@ class Scheduler:
             live, spare = live + len(todo), spare - need
 
     def _too_big(self, req: Request, need: int) -> str:
-        return (f"the KV pool ({self.pool.num_blocks} pages of {self.pool.block_size} tokens) cannot hold this request "
-                f"alone (it needs {need} pages for its {req.used} tokens and its prompt); raise "
-                "EngineConfig.kv_cache_tokens/kv_cache_gib")
+        return (
+            f"the KV pool ({self.pool.num_blocks} pages of {self.pool.block_size} tokens) cannot hold this request "
+            f"alone (it needs {need} pages for its {req.used} tokens and its prompt); raise "
+            "EngineConfig.kv_cache_tokens/kv_cache_gib"
+        )
 
     def _start_group(self, group: Group, requests: list[Request]) -> None:
         for req in requests:
@@ -408,13 +419,13 @@ class Scheduler:
         if prefix is not None and prefix.written < len(prefix) and id(prefix) not in fed_prompts:
             fed_prompts.add(id(prefix))
             self._allocate(prefix, self._rows_of(req, prefix))
-            items.append((Feed(prefix, prefix.written, prefix.tokens[prefix.written:], req.row, False), None, None))
+            items.append((Feed(prefix, prefix.written, prefix.tokens[prefix.written :], req.row, False), None, None))
         prompt = req.group.prompt
         if prompt.written < len(prompt) and id(prompt) not in fed_prompts:
             fed_prompts.add(id(prompt))
             self._allocate(prompt, self._rows_of(req, prompt))
             first = not req.group.started
-            feed = Feed(prompt, prompt.written, prompt.tokens[prompt.written:], req.row, first)
+            feed = Feed(prompt, prompt.written, prompt.tokens[prompt.written :], req.row, first)
             if first:
                 streams = [r.main for r in req.group.requests if r.resident and not r.segments[0].tokens]
                 items.append((feed, streams, req.group))
@@ -432,8 +443,13 @@ class Scheduler:
                         stream = s
                         break
                 wants = stream is not None and stream.wants_sample
-                items.append((Feed(seg, seg.written, seg.tokens[seg.written:], req.row, wants),
-                              [stream] if wants else None, None))
+                items.append(
+                    (
+                        Feed(seg, seg.written, seg.tokens[seg.written :], req.row, wants),
+                        [stream] if wants else None,
+                        None,
+                    )
+                )
         return items
 
     def _within_budget(self, wanted: list) -> list:
@@ -467,8 +483,11 @@ class Scheduler:
 
     # ------------------------------------------------------------------ consuming samples
 
-    def consume(self, samples: list[tuple[Stream, int, float]],
-                top_logprobs: dict[int, tuple[tuple[int, float], ...]] | None = None) -> list[StreamDelta]:
+    def consume(
+        self,
+        samples: list[tuple[Stream, int, float]],
+        top_logprobs: dict[int, tuple[tuple[int, float], ...]] | None = None,
+    ) -> list[StreamDelta]:
         """Apply sampled (stream, token, logprob) in order; return the step's token deltas.
         ``top_logprobs``: sample index -> its position's top (id, log-prob), for streams that asked.
         Finished requests are collected for ``take_finished``."""
@@ -489,10 +508,23 @@ class Scheduler:
         deltas = []
         for req, seg in self._touched.values():
             if seg.delivered < len(seg):
-                top = tuple(seg.top_logprobs.get(i, ()) for i in range(seg.delivered, len(seg))) \
-                    if req.params.top_logprobs else ()
-                deltas.append(StreamDelta(req.prompt_index, req.sample_index, seg.order, seg.block, seg.branch,
-                                          tuple(seg.tokens[seg.delivered:]), tuple(seg.logprobs[seg.delivered:]), top))
+                top = (
+                    tuple(seg.top_logprobs.get(i, ()) for i in range(seg.delivered, len(seg)))
+                    if req.params.top_logprobs
+                    else ()
+                )
+                deltas.append(
+                    StreamDelta(
+                        req.prompt_index,
+                        req.sample_index,
+                        seg.order,
+                        seg.block,
+                        seg.branch,
+                        tuple(seg.tokens[seg.delivered :]),
+                        tuple(seg.logprobs[seg.delivered :]),
+                        top,
+                    )
+                )
                 seg.delivered = len(seg)
         self._touched = {}
         self._collect()
@@ -568,8 +600,9 @@ class Scheduler:
             return self._finish(req, FinishReason.LENGTH, f"max_depth={cfg.max_depth} parallel blocks reached")
         remaining = req.params.max_new_tokens - req.used
         if remaining < cfg.min_fork_budget:
-            return self._finish(req, FinishReason.LENGTH,
-                                f"{remaining} tokens left, below min_fork_budget={cfg.min_fork_budget}")
+            return self._finish(
+                req, FinishReason.LENGTH, f"{remaining} tokens left, below min_fork_budget={cfg.min_fork_budget}"
+            )
         if not self._force(main, self.scaffold.guideline_separator):
             return
         main.wants_sample = False
@@ -582,11 +615,11 @@ class Scheduler:
         block = req.open_block
         first = block.branches[0].segment.id if block.branches else None
         number = len(req.blocks)
-        seg = self._new_segment(branch_start_position(block.last_shared_position), order=len(req.segments),
-                                block=number, branch=branch)
+        seg = self._new_segment(
+            branch_start_position(block.last_shared_position), order=len(req.segments), block=number, branch=branch
+        )
         seg.fork = seg.id if first is None else first  # siblings are never in a branch's ancestry
-        stream = Stream(request=req, segment=seg, kind=StreamKind.BRANCH, phase=Phase.STEP, block=number,
-                        branch=branch)
+        stream = Stream(request=req, segment=seg, kind=StreamKind.BRANCH, phase=Phase.STEP, block=number, branch=branch)
         block.branches.append(stream)
         req.segments.append(seg)
         req.blocks[-1].append(seg)
@@ -615,8 +648,9 @@ class Scheduler:
         lengths = [len(b.segment) for b in block.branches]
         for b in block.branches:
             self._freeze(b.segment)
-        seg = self._new_segment(takeaway_position(block.last_shared_position, lengths), order=len(req.segments),
-                                block=len(req.blocks))
+        seg = self._new_segment(
+            takeaway_position(block.last_shared_position, lengths), order=len(req.segments), block=len(req.blocks)
+        )
         req.segments.append(seg)
         main = req.main
         main.segment, main.phase, main.wants_sample, main.history = seg, Phase.TAKEAWAY, True, []

@@ -71,8 +71,7 @@ class Stream:
     of blocks forked so far, or this branch's block), ``branch`` (1-based, 0 for main),
     ``phase``, ``tokens`` (the current segment's tokens)."""
 
-    def __init__(self, *, request: Request, segment: Segment, kind: StreamKind, phase: Phase, block: int,
-                 branch: int):
+    def __init__(self, *, request: Request, segment: Segment, kind: StreamKind, phase: Phase, block: int, branch: int):
         self.request = request
         self.segment = segment
         self.kind = kind

@@ -30,8 +30,11 @@ class StepUpload:
         if self._device_parts is not None:
             raise RuntimeError("StepUpload.add after send")
         floating = dtype.is_floating_point
-        host = values if isinstance(values, torch.Tensor) else torch.tensor(
-            values, dtype=torch.float64 if floating else torch.long)
+        host = (
+            values
+            if isinstance(values, torch.Tensor)
+            else torch.tensor(values, dtype=torch.float64 if floating else torch.long)
+        )
         host = host.to(torch.float64 if floating else torch.long)
         words = host.reshape(-1).view(torch.long) if floating else host.reshape(-1)
         start = self._size

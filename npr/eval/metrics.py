@@ -193,7 +193,9 @@ def invalid_schema_rate(records: list[dict]) -> float | None:
 
 def invalid_schema_reasons(records: list[dict]) -> dict[str, int]:
     """Diagnostic kind → count, over the ``invalid_schema`` samples, most frequent first."""
-    counts = Counter(diagnostic_kind(r.get("diagnostic")) for r in records if r.get("finish_reason") == "invalid_schema")
+    counts = Counter(
+        diagnostic_kind(r.get("diagnostic")) for r in records if r.get("finish_reason") == "invalid_schema"
+    )
     return dict(counts.most_common())
 
 
@@ -314,8 +316,11 @@ def size_branch_correlation(records: list[dict]) -> float | None:
     """Pearson's r between a sample's problem size and its mean branches per executed block, over
     samples with both. 1.0: the model opens more branches for bigger problems. None when the task
     has no size, fewer than 2 samples qualify, or either side is constant (e.g. always 2 branches)."""
-    pairs = [(size, sum(c) / len(c)) for r in records
-             if (size := sample_size(r)) is not None and (c := block_branch_counts(r))]
+    pairs = [
+        (size, sum(c) / len(c))
+        for r in records
+        if (size := sample_size(r)) is not None and (c := block_branch_counts(r))
+    ]
     return pearson([float(s) for s, _ in pairs], [b for _, b in pairs])
 
 
@@ -379,11 +384,17 @@ def speed_part(rounds: list[dict]) -> dict:
     the ``ideal`` speedup (total / critical-path tokens, pooled over rounds).
     """
     speedups = [v for r in rounds if (v := speedup(r.get("baseline_wall_s"), r.get("wall_s"))) is not None]
-    return {"speedups": speedups, "speedup_median": median(speedups),
-            "speedup_min": min(speedups) if speedups else None, "speedup_max": max(speedups) if speedups else None,
-            "ideal": token_latency_ratio(sum(r.get("tokens") or 0 for r in rounds) or None,
-                                         sum(r.get("critical_path_tokens") or 0 for r in rounds)),
-            "wall_s": [r.get("wall_s") for r in rounds], "baseline_wall_s": [r.get("baseline_wall_s") for r in rounds]}
+    return {
+        "speedups": speedups,
+        "speedup_median": median(speedups),
+        "speedup_min": min(speedups) if speedups else None,
+        "speedup_max": max(speedups) if speedups else None,
+        "ideal": token_latency_ratio(
+            sum(r.get("tokens") or 0 for r in rounds) or None, sum(r.get("critical_path_tokens") or 0 for r in rounds)
+        ),
+        "wall_s": [r.get("wall_s") for r in rounds],
+        "baseline_wall_s": [r.get("baseline_wall_s") for r in rounds],
+    }
 
 
 def _number(record: dict, key: str) -> float | None:
@@ -446,7 +457,9 @@ def summarize_group(records: list[dict], wall_time_s: float | None = None) -> di
         "finish_reasons": dict(Counter(str(r.get("finish_reason")) for r in records).most_common()),
         "tokens": tokens,
         "critical_path_tokens": _total(records, "critical_path_tokens"),
-        "token_latency_ratio": token_latency_ratio(_total(with_both, "tokens"), _total(with_both, "critical_path_tokens")),
+        "token_latency_ratio": token_latency_ratio(
+            _total(with_both, "tokens"), _total(with_both, "critical_path_tokens")
+        ),
         "wall_time_s": wall_time_s,
         "wall_source": wall_source if wall_time_s is not None else None,
         "tokens_per_second": tokens_per_second(tokens, wall_time_s),
@@ -462,7 +475,9 @@ def compare_to_baseline(group: dict, baseline_group: dict | None) -> dict:
     same = baseline_group is not None and baseline_group.get("problem_set") == group.get("problem_set")
     return {
         "speedup": speedup(baseline_group.get("wall_time_s"), group.get("wall_time_s")) if same else None,
-        "tps_ratio": tps_ratio(group.get("tokens_per_second"), baseline_group.get("tokens_per_second")) if same else None,
+        "tps_ratio": tps_ratio(group.get("tokens_per_second"), baseline_group.get("tokens_per_second"))
+        if same
+        else None,
         "baseline_matches": same if baseline_group is not None else None,
     }
 

@@ -58,12 +58,17 @@ def check_settings(c) -> None:
     _require(_is_int(c.k) and c.k >= 1, f"--k must be >= 1, got {c.k!r}")
     _require(c.limit is None or (_is_int(c.limit) and c.limit >= 1), f"--limit must be >= 1, got {c.limit!r}")
     _require(c.mode in MODES, f"--mode {c.mode!r} is not one of {', '.join(MODES)}")
-    _require(c.baseline_mode is None or c.baseline_mode in MODES,
-             f"--baseline-mode {c.baseline_mode!r} is not one of {', '.join(MODES)}")
-    _require(_is_int(c.max_new_tokens) and c.max_new_tokens >= 1,
-             f"--max-new-tokens must be >= 1, got {c.max_new_tokens!r}")
-    _require(_is_number(c.temperature) and c.temperature >= 0,
-             f"--temperature must be a finite number >= 0 (0 = greedy), got {c.temperature!r}")
+    _require(
+        c.baseline_mode is None or c.baseline_mode in MODES,
+        f"--baseline-mode {c.baseline_mode!r} is not one of {', '.join(MODES)}",
+    )
+    _require(
+        _is_int(c.max_new_tokens) and c.max_new_tokens >= 1, f"--max-new-tokens must be >= 1, got {c.max_new_tokens!r}"
+    )
+    _require(
+        _is_number(c.temperature) and c.temperature >= 0,
+        f"--temperature must be a finite number >= 0 (0 = greedy), got {c.temperature!r}",
+    )
     _require(_is_number(c.top_p) and 0 < c.top_p <= 1, f"--top-p must be in (0, 1], got {c.top_p!r}")
     _require(_is_int(c.top_k) and c.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {c.top_k!r}")
     _require(seed_problem(c.seed) is None, f"--seed {seed_problem(c.seed)}")
@@ -71,10 +76,14 @@ def check_settings(c) -> None:
     _require(c.dtype in DTYPES, f"--dtype {c.dtype!r} is not one of {', '.join(DTYPES)}")
     _require(_is_int(c.max_branches) and c.max_branches >= 1, f"max_branches must be >= 1, got {c.max_branches!r}")
     _require(_is_int(c.max_num_seqs) and c.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {c.max_num_seqs!r}")
-    _require(c.kv_cache_gib is None or (_is_number(c.kv_cache_gib) and c.kv_cache_gib > 0),
-             f"--kv-cache-gib must be > 0, got {c.kv_cache_gib!r}")
-    _require(_is_number(c.gpu_memory_utilization) and 0 < c.gpu_memory_utilization <= 1,
-             f"--gpu-memory-utilization must be in (0, 1], got {c.gpu_memory_utilization!r}")
+    _require(
+        c.kv_cache_gib is None or (_is_number(c.kv_cache_gib) and c.kv_cache_gib > 0),
+        f"--kv-cache-gib must be > 0, got {c.kv_cache_gib!r}",
+    )
+    _require(
+        _is_number(c.gpu_memory_utilization) and 0 < c.gpu_memory_utilization <= 1,
+        f"--gpu-memory-utilization must be in (0, 1], got {c.gpu_memory_utilization!r}",
+    )
     from npr.backends import BACKENDS
 
     _require(c.backend in BACKENDS, f"--backend {c.backend!r} is not one of {', '.join(BACKENDS)}")
@@ -91,9 +100,14 @@ def check_settings(c) -> None:
 
 def engine_config(c, mode: str) -> EngineConfig:
     """The engine settings of an ``EvalConfig`` for one mode."""
-    return EngineConfig(mode=mode, max_branches=c.max_branches, max_num_seqs=c.max_num_seqs,
-                        kv_cache_gib=c.kv_cache_gib, gpu_memory_utilization=c.gpu_memory_utilization,
-                        **c.engine_options)
+    return EngineConfig(
+        mode=mode,
+        max_branches=c.max_branches,
+        max_num_seqs=c.max_num_seqs,
+        kv_cache_gib=c.kv_cache_gib,
+        gpu_memory_utilization=c.gpu_memory_utilization,
+        **c.engine_options,
+    )
 
 
 # ----------------------------------------------------------------------------- problems
@@ -124,8 +138,12 @@ def plan_problems(config, engine, tokenizer, problems: dict[str, list[Problem]])
     """Encode every prompt and check it against the model's context and the KV pool in every
     mode the run uses (its baseline too); raises ``EvalError`` when no problem can run."""
     modes = [config.mode] + ([config.baseline_mode] if config.baseline_mode else [])
-    schedulers = [engine.scheduler if m == engine.config.mode else
-                  Scheduler(engine_config(config, m), engine.pool, engine.scaffold) for m in modes]
+    schedulers = [
+        engine.scheduler
+        if m == engine.config.mode
+        else Scheduler(engine_config(config, m), engine.pool, engine.scaffold)
+        for m in modes
+    ]
     params = SamplingParams(max_new_tokens=config.max_new_tokens, n=config.k)
     plan, offset, lengths = ProblemPlan({}, {}), 0, []
     for bench, items in problems.items():
@@ -148,22 +166,34 @@ def _check_problem(problem, config, engine, tokenizer, schedulers, params, index
     if not problem.problem.strip():
         return ProblemFailure("empty_problem", f"{where(problem)}: empty_problem: the problem text is empty"), []
     if not problem.answer.strip():
-        return ProblemFailure("empty_answer", f"{where(problem)}: empty_answer: no reference answer to grade "
-                              "against; fill in its answer"), []
-    ids = encode_prompt(tokenizer, problem.problem, style=config.style,
-                        instruction=config.system_prompt, placement=config.system_prompt_placement)
+        return ProblemFailure(
+            "empty_answer", f"{where(problem)}: empty_answer: no reference answer to grade against; fill in its answer"
+        ), []
+    ids = encode_prompt(
+        tokenizer,
+        problem.problem,
+        style=config.style,
+        instruction=config.system_prompt,
+        placement=config.system_prompt_placement,
+    )
     context = engine.context_length
     if context and len(ids) + config.max_new_tokens > context:
-        return ProblemFailure("prompt_too_long", f"{where(problem)}: prompt_too_long: {len(ids)} prompt tokens + "
-                              f"--max-new-tokens {config.max_new_tokens} exceed the model context of {context}"), ids
+        return ProblemFailure(
+            "prompt_too_long",
+            f"{where(problem)}: prompt_too_long: {len(ids)} prompt tokens + "
+            f"--max-new-tokens {config.max_new_tokens} exceed the model context of {context}",
+        ), ids
     for scheduler in schedulers:
         try:
             scheduler.check_fits(index, len(ids), params)
         except EngineInputError:
             need = scheduler.start_blocks(len(ids), params)
-            return ProblemFailure("kv_cache_too_small", f"{where(problem)}: kv_cache_too_small: its {config.k} samples "
-                                  f"need {need} KV blocks to start, the pool has "
-                                  f"{engine.pool.num_blocks} ({_pool_words(config, engine)})"), ids
+            return ProblemFailure(
+                "kv_cache_too_small",
+                f"{where(problem)}: kv_cache_too_small: its {config.k} samples "
+                f"need {need} KV blocks to start, the pool has "
+                f"{engine.pool.num_blocks} ({_pool_words(config, engine)})",
+            ), ids
     return None, ids
 
 
@@ -183,15 +213,19 @@ def _nothing_runs(config, engine, schedulers, params, plan, lengths) -> EvalErro
     shortest = min((n for _, n in lengths), default=0)
     if reasons["prompt_too_long"] and engine.context_length:
         room = engine.context_length - shortest
-        return EvalError(f"--max-new-tokens {config.max_new_tokens} leaves no problem room: the model context is "
-                         f"{engine.context_length} tokens and the shortest prompt has {shortest}; use "
-                         f"--max-new-tokens {max(1, room)} or less")
+        return EvalError(
+            f"--max-new-tokens {config.max_new_tokens} leaves no problem room: the model context is "
+            f"{engine.context_length} tokens and the shortest prompt has {shortest}; use "
+            f"--max-new-tokens {max(1, room)} or less"
+        )
     if reasons["kv_cache_too_small"]:
         need = max(s.start_blocks(shortest, params) for s in schedulers)
         gib = _pool_gib(engine) * need / engine.pool.num_blocks
-        return EvalError(f"{_pool_words(config, engine)} holds {engine.pool.num_blocks} KV blocks; even the "
-                         f"shortest prompt's {config.k} samples need {need} to start: use --kv-cache-gib {gib:.3g} or "
-                         "more, or lower --k or --max-new-tokens")
+        return EvalError(
+            f"{_pool_words(config, engine)} holds {engine.pool.num_blocks} KV blocks; even the "
+            f"shortest prompt's {config.k} samples need {need} to start: use --kv-cache-gib {gib:.3g} or "
+            "more, or lower --k or --max-new-tokens"
+        )
     listing = "; ".join(f.message for f in list(plan.failures.values())[:3])
     return EvalError(f"no problem can run ({dict(reasons)}): {listing}")
 
@@ -199,8 +233,18 @@ def _nothing_runs(config, engine, schedulers, params, plan, lengths) -> EvalErro
 def failure_record(bench: str, problem: Problem, failure: ProblemFailure, k: int) -> dict:
     """The ``samples.jsonl`` line of a problem that did not run (no sample; metrics skip it)."""
     return {
-        "benchmark": bench, "problem_id": problem.id, "sample": None, "problem": problem.problem,
-        "answer": problem.answer, "output": "", "pred": None, "correct": None,
-        "failure": failure.reason, "message": failure.message, "location": problem.location or problem.source,
-        "finish_reason": "not_run", "diagnostic": {"kind": failure.reason}, "samples_requested": k,
+        "benchmark": bench,
+        "problem_id": problem.id,
+        "sample": None,
+        "problem": problem.problem,
+        "answer": problem.answer,
+        "output": "",
+        "pred": None,
+        "correct": None,
+        "failure": failure.reason,
+        "message": failure.message,
+        "location": problem.location or problem.source,
+        "finish_reason": "not_run",
+        "diagnostic": {"kind": failure.reason},
+        "samples_requested": k,
     }

@@ -38,19 +38,25 @@ def check_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise RunDirError(f"--out {out} is a file, not a directory; choose another --out")
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if existing and not (resume or overwrite):
-        raise RunDirError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
-                          "or --overwrite to replace it, or choose another --out")
+        raise RunDirError(
+            f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it "
+            "or --overwrite to replace it, or choose another --out"
+        )
     if resume and not (out / CONFIG).exists() and (out / SAMPLES).exists():
-        raise RunDirError(f"--resume: {out} has {SAMPLES} but no {CONFIG}, so what produced those samples is "
-                          "unknown; use --overwrite to start again, or another --out")
+        raise RunDirError(
+            f"--resume: {out} has {SAMPLES} but no {CONFIG}, so what produced those samples is "
+            "unknown; use --overwrite to start again, or another --out"
+        )
 
 
 def _saved_description(out: Path) -> dict:
     try:
         return json.loads((out / CONFIG).read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
-        raise RunDirError(f"--resume: {out / CONFIG} cannot be read ({type(e).__name__}: {e}); "
-                          "use --overwrite to start the run again, or another --out") from e
+        raise RunDirError(
+            f"--resume: {out / CONFIG} cannot be read ({type(e).__name__}: {e}); "
+            "use --overwrite to start the run again, or another --out"
+        ) from e
 
 
 def resume_mismatches(saved: dict, description: dict) -> list[str]:
@@ -62,8 +68,10 @@ def resume_mismatches(saved: dict, description: dict) -> list[str]:
     if changed:
         problems.append("settings " + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed))
     if saved.get("model_sha256") != description["model_sha256"]:
-        problems.append(f"the model's weights (sha256 {str(saved.get('model_sha256'))[:12]}… -> "
-                        f"{description['model_sha256'][:12]}…: the checkpoint at {new.get('model')!r} changed)")
+        problems.append(
+            f"the model's weights (sha256 {str(saved.get('model_sha256'))[:12]}… -> "
+            f"{description['model_sha256'][:12]}…: the checkpoint at {new.get('model')!r} changed)"
+        )
     old_data, new_data = saved.get("data_sha256") or {}, description["data_sha256"]
     data = sorted(b for b in new_data if old_data.get(b) != new_data[b])
     if data and "data_sha256" in saved:
@@ -80,9 +88,11 @@ def prepare_out_dir(out: Path, description: dict, resume: bool, overwrite: bool)
     if resume and (out / CONFIG).exists():
         mismatches = resume_mismatches(_saved_description(out), description)
         if mismatches:
-            raise RunDirError(f"--resume: the run in {out} was made with other inputs: {'; '.join(mismatches)}. "
-                              "Rerun with the same model, data and flags, or use --overwrite (or another --out) "
-                              "to start a new run")
+            raise RunDirError(
+                f"--resume: the run in {out} was made with other inputs: {'; '.join(mismatches)}. "
+                "Rerun with the same model, data and flags, or use --overwrite (or another --out) "
+                "to start a new run"
+            )
     if overwrite:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -126,7 +136,7 @@ class Ledger:
     records: list[dict] = field(default_factory=list)
 
     @classmethod
-    def open(cls, out: Path, k: int) -> "Ledger":
+    def open(cls, out: Path, k: int) -> Ledger:
         """Read ``progress.json`` and ``samples.jsonl``; keep the records of committed, complete
         problems (k samples, or one failure record) and atomically rewrite ``samples.jsonl`` to them."""
         ledger = cls(out, k)
@@ -181,8 +191,10 @@ def _read_progress(out: Path) -> dict:
             raise ValueError("not a JSON object")
         return progress
     except ValueError as e:
-        raise RunDirError(f"{out / PROGRESS} cannot be read ({e}); it is npr's record of finished problems: "
-                          "use --overwrite to start the run again, or another --out") from e
+        raise RunDirError(
+            f"{out / PROGRESS} cannot be read ({e}); it is npr's record of finished problems: "
+            "use --overwrite to start the run again, or another --out"
+        ) from e
 
 
 def read_wall_times(out: Path) -> dict[str, float]:

@@ -35,8 +35,13 @@ from npr.data.problems import Problem
 from npr.data.zebralogic import GRID, grid_cells
 from npr.engine import Engine, Result, SamplingParams
 from npr.eval.preflight import EvalError, ProblemPlan, check_settings, engine_config, failure_record, plan_problems
-from npr.eval.rundir import (RUN_FILES, Ledger, check_out_dir, prepare_out_dir, read_wall_times,  # noqa: F401
-                             write_description)
+from npr.eval.rundir import (
+    Ledger,
+    check_out_dir,
+    prepare_out_dir,
+    read_wall_times,  # noqa: F401
+    write_description,
+)
 from npr.fsio import atomic_write_json
 from npr.prompts import NPR_INSTRUCTION, PLACEMENTS, build_messages, prompt_text, read_instruction_file
 from npr.rewards import final_answer, is_correct
@@ -100,12 +105,16 @@ class EvalConfig:
             if self.system_prompt is None:  # the text is part of the settings, so --resume sees a changed file
                 object.__setattr__(self, "system_prompt", read_instruction_file(self.system_prompt_file))
         if self.system_prompt_placement not in PLACEMENTS:
-            raise EvalError(f"--system-prompt-placement must be one of {', '.join(PLACEMENTS)}, "
-                            f"got {self.system_prompt_placement!r}")
+            raise EvalError(
+                f"--system-prompt-placement must be one of {', '.join(PLACEMENTS)}, "
+                f"got {self.system_prompt_placement!r}"
+            )
         check_settings(self)
         if self.speed_rounds < 0 or self.latency_requests < 0 or (self.speed_problems or 1) < 1:
-            raise EvalError("speed_rounds and latency_requests must be >= 0 and speed_problems >= 1 (or None), got "
-                            f"{self.speed_rounds}, {self.latency_requests}, {self.speed_problems}")
+            raise EvalError(
+                "speed_rounds and latency_requests must be >= 0 and speed_problems >= 1 (or None), got "
+                f"{self.speed_rounds}, {self.latency_requests}, {self.speed_problems}"
+            )
         if self.baseline_mode and not self.baseline_eval and not self.speed_rounds:
             raise EvalError("baseline_eval false leaves the baseline mode only its timing; it needs speed_rounds >= 1")
 
@@ -156,17 +165,29 @@ def sample_record(benchmark: str, problem: Problem, prompt: str, result: Result)
     errors = validate(text)
     executed = result.mode == "parallel"
     return {
-        "benchmark": benchmark, "problem_id": problem.id, "sample": result.sample_index, "size": problem.size,
-        "problem": problem.problem, "prompt": prompt, "answer": problem.answer, "output": text,
-        "pred": final_answer(text), "correct": is_correct(text, problem),
-        "mode": result.mode, "finish_reason": result.finish_reason, "diagnostic": result.diagnostic,
-        "format_valid": not errors, "format_errors": [e.kind for e in errors],
+        "benchmark": benchmark,
+        "problem_id": problem.id,
+        "sample": result.sample_index,
+        "size": problem.size,
+        "problem": problem.problem,
+        "prompt": prompt,
+        "answer": problem.answer,
+        "output": text,
+        "pred": final_answer(text),
+        "correct": is_correct(text, problem),
+        "mode": result.mode,
+        "finish_reason": result.finish_reason,
+        "diagnostic": result.diagnostic,
+        "format_valid": not errors,
+        "format_errors": [e.kind for e in errors],
         "trace": parse(text, strict=False).to_dict(),
         "parallel_blocks": len(result.blocks) if executed else 0,
         "tree_blocks": len(result.blocks),
         "branches_per_block": result.branches_per_block,
-        "tokens": result.stats.generated_tokens, "critical_path_tokens": result.stats.critical_path_tokens,
-        "forward_passes": result.stats.forward_passes, "wall_time_s": round(result.stats.wall_time_s, 4),
+        "tokens": result.stats.generated_tokens,
+        "critical_path_tokens": result.stats.critical_path_tokens,
+        "forward_passes": result.stats.forward_passes,
+        "wall_time_s": round(result.stats.wall_time_s, 4),
         **({"cells": list(grid_cells(text, problem.answer))} if problem.grader == GRID else {}),
     }
 
@@ -177,8 +198,19 @@ def sample_record(benchmark: str, problem: Problem, prompt: str, result: Result)
 class EvalRun:
     """Runs one mode over every benchmark into one directory, resumably (npr.eval.rundir.Ledger)."""
 
-    def __init__(self, config: EvalConfig, model, tokenizer, out: Path, mode: str, problems: dict[str, list[Problem]],
-                 plan: ProblemPlan, progress=None, logits_processors: tuple = (), engine: Engine | None = None):
+    def __init__(
+        self,
+        config: EvalConfig,
+        model,
+        tokenizer,
+        out: Path,
+        mode: str,
+        problems: dict[str, list[Problem]],
+        plan: ProblemPlan,
+        progress=None,
+        logits_processors: tuple = (),
+        engine: Engine | None = None,
+    ):
         self.config, self.model, self.tokenizer, self.out, self.mode = config, model, tokenizer, out, mode
         self.problems, self.plan = problems, plan
         self.progress = progress
@@ -187,8 +219,15 @@ class EvalRun:
 
     def params(self) -> SamplingParams:
         c = self.config
-        return SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
-                              top_k=c.top_k, n=c.k, seed=c.seed, logits_processors=self.logits_processors)
+        return SamplingParams(
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            n=c.k,
+            seed=c.seed,
+            logits_processors=self.logits_processors,
+        )
 
     def run(self) -> list[dict]:
         """Every record of the run: those kept from before (on resume) and the new ones."""
@@ -219,8 +258,9 @@ class EvalRun:
                 sink.flush()
                 ledger.commit(bench, [r["problem_id"] for r in failed], base + time.perf_counter() - start)
             if runnable:
-                engine.submit([self.plan.prompts[bench][i] for i in runnable], self.params(),
-                              prompt_indices=list(runnable))
+                engine.submit(
+                    [self.plan.prompts[bench][i] for i in runnable], self.params(), prompt_indices=list(runnable)
+                )
             while engine.scheduler.has_work():
                 event, completed = engine.step(), []
                 for result in event.finished:
@@ -247,7 +287,9 @@ def prompt_options(config: EvalConfig) -> dict:
 # ----------------------------------------------------------------------------- speed
 
 
-def _timed_run(engine: Engine, prompts: list[tuple[int, list[int]]], params: SamplingParams) -> tuple[float, list[Result]]:
+def _timed_run(
+    engine: Engine, prompts: list[tuple[int, list[int]]], params: SamplingParams
+) -> tuple[float, list[Result]]:
     """Wall seconds to decode ``prompts`` ((global index, ids): the index keys the seeds, as in the
     recorded run) to the end, and the results."""
     results: list[Result] = []
@@ -269,16 +311,24 @@ def time_modes(config: EvalConfig, model, tokenizer, plan: ProblemPlan, logits_p
     latency speedup is the baseline's summed wall time over this mode's. Each part reports the
     per-round speedups, their median, min and max (``npr.eval.metrics.spread``), and its ideal
     (total / critical-path tokens of this mode's results in that part).
-    Only problems that can run (``plan``) are timed. Samples use the recorded runs' seeds, so both modes decode the same tokens (up to bf16 noise).
+    Only problems that can run (``plan``) are timed. Samples use the recorded runs' seeds, so both modes decode
+    the same tokens (up to bf16 noise).
     """
     from npr.eval.metrics import speed_part
 
     encoded = [(i, ids) for prompts in plan.prompts.values() for i, ids in sorted(prompts.items())]
-    params = SamplingParams(max_new_tokens=config.max_new_tokens, temperature=config.temperature, top_p=config.top_p,
-                            top_k=config.top_k, n=config.k, seed=config.seed, logits_processors=logits_processors)
+    params = SamplingParams(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        n=config.k,
+        seed=config.seed,
+        logits_processors=logits_processors,
+    )
     engines = {m: make_engine(config, model, tokenizer, m) for m in (config.mode, config.baseline_mode)}
-    batch = encoded[:config.speed_problems] if config.speed_problems else encoded
-    single = encoded[:config.latency_requests]
+    batch = encoded[: config.speed_problems] if config.speed_problems else encoded
+    single = encoded[: config.latency_requests]
     one = replace(params, n=1)
     rounds = {"batched": [], "batch1": []}
     for r in range(config.speed_rounds):
@@ -291,22 +341,28 @@ def time_modes(config: EvalConfig, model, tokenizer, plan: ProblemPlan, logits_p
             walls = {m: 0.0 for m in order}
             results = {m: [] for m in order}
             for j, request in enumerate(single):
-                for m in (order if j % 2 == 0 else order[::-1]):
+                for m in order if j % 2 == 0 else order[::-1]:
                     wall, out = _timed_run(engines[m], [request], one)
                     walls[m] += wall
                     results[m] += out
             rounds["batch1"].append(_round(walls, results, config))
-    return {"rounds": config.speed_rounds, "batched": speed_part(rounds["batched"]) | {
-                "problems": len(batch), "samples_per_run": len(batch) * config.k},
-            "batch1": speed_part(rounds["batch1"]) | {"requests": len(single)} if single else None,
-            "mode": config.mode, "baseline_mode": config.baseline_mode}
+    return {
+        "rounds": config.speed_rounds,
+        "batched": speed_part(rounds["batched"]) | {"problems": len(batch), "samples_per_run": len(batch) * config.k},
+        "batch1": speed_part(rounds["batch1"]) | {"requests": len(single)} if single else None,
+        "mode": config.mode,
+        "baseline_mode": config.baseline_mode,
+    }
 
 
 def _round(walls: dict[str, float], results: dict[str, list[Result]], config: EvalConfig) -> dict:
     mine = results[config.mode]
-    return {"wall_s": walls[config.mode], "baseline_wall_s": walls[config.baseline_mode],
-            "tokens": sum(r.stats.generated_tokens for r in mine),
-            "critical_path_tokens": sum(r.stats.critical_path_tokens for r in mine)}
+    return {
+        "wall_s": walls[config.mode],
+        "baseline_wall_s": walls[config.baseline_mode],
+        "tokens": sum(r.stats.generated_tokens for r in mine),
+        "critical_path_tokens": sum(r.stats.critical_path_tokens for r in mine),
+    }
 
 
 def describe(config: EvalConfig, model, tokenizer, problems: dict[str, list[Problem]]) -> dict:
@@ -315,11 +371,13 @@ def describe(config: EvalConfig, model, tokenizer, problems: dict[str, list[Prob
     settings["benchmarks"] = list(config.benchmarks)
     return {
         "settings": settings,
-        "prompt": {"style": config.style,
-                   "instruction": (config.system_prompt or NPR_INSTRUCTION) if config.style == "npr" else None,
-                   "placement": config.system_prompt_placement,
-                   "messages_example": build_messages("<problem>", config.style, **prompt_options(config)),
-                   "chat_text_example": prompt_text(tokenizer, "<problem>", config.style, **prompt_options(config))},
+        "prompt": {
+            "style": config.style,
+            "instruction": (config.system_prompt or NPR_INSTRUCTION) if config.style == "npr" else None,
+            "placement": config.system_prompt_placement,
+            "messages_example": build_messages("<problem>", config.style, **prompt_options(config)),
+            "chat_text_example": prompt_text(tokenizer, "<problem>", config.style, **prompt_options(config)),
+        },
         "model_sha256": model_hash(model),
         "data_sha256": {b: problems_hash(ps) for b, ps in problems.items()},
         "problems": {b: [p.id for p in ps] for b, ps in problems.items()},
@@ -349,13 +407,21 @@ def failure_summary(failures: list[dict]) -> dict:
         "problems": len(failures),
         "by_reason": dict(Counter(r["failure"] for r in failures).most_common()),
         "by_benchmark": dict(Counter(r["benchmark"] for r in failures)),
-        "list": [{k: r.get(k) for k in ("benchmark", "problem_id", "failure", "location", "message")}
-                 for r in failures],
+        "list": [
+            {k: r.get(k) for k in ("benchmark", "problem_id", "failure", "location", "message")} for r in failures
+        ],
     }
 
 
-def evaluate(config: EvalConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
-             progress=None, model_and_tokenizer=None, logits_processors: tuple = ()) -> dict:
+def evaluate(
+    config: EvalConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress=None,
+    model_and_tokenizer=None,
+    logits_processors: tuple = (),
+) -> dict:
     """Run the evaluation (and its baseline) and write the run dir; returns results.json's content.
 
     Every input is checked (output dir, benchmarks, model, engine, every prompt, and on
@@ -370,8 +436,9 @@ def evaluate(config: EvalConfig, out_dir: str | Path, resume: bool = False, over
     for run_dir in dirs:
         check_out_dir(run_dir, resume, overwrite)
     problems = load_benchmarks(config)
-    model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(config.model, dtype=config.dtype,
-                                                                       device=config.device)
+    model, tokenizer = model_and_tokenizer or load_model_and_tokenizer(
+        config.model, dtype=config.dtype, device=config.device
+    )
     engine = make_engine(config, model, tokenizer, config.mode)
     plan = plan_problems(config, engine, tokenizer, problems)
     description = describe(config, model, tokenizer, problems)
@@ -379,21 +446,32 @@ def evaluate(config: EvalConfig, out_dir: str | Path, resume: bool = False, over
         prepare_out_dir(run_dir, description, resume, overwrite)
     for run_dir in dirs:  # nothing is written before every check above has passed
         write_description(run_dir, description, resume)
-    records = EvalRun(config, model, tokenizer, out, config.mode, problems, plan, progress, logits_processors,
-                      engine).run()
+    records = EvalRun(
+        config, model, tokenizer, out, config.mode, problems, plan, progress, logits_processors, engine
+    ).run()
     del engine  # the baseline builds an engine of its own mode; let this KV pool go first
     baseline_records = None
     if config.baseline_mode and config.baseline_eval:
-        baseline_records = EvalRun(config, model, tokenizer, out / "baseline", config.baseline_mode, problems, plan,
-                                   progress, logits_processors).run()
+        baseline_records = EvalRun(
+            config,
+            model,
+            tokenizer,
+            out / "baseline",
+            config.baseline_mode,
+            problems,
+            plan,
+            progress,
+            logits_processors,
+        ).run()
     speed = None
     if config.baseline_mode and config.speed_rounds:
         speed = time_modes(config, model, tokenizer, plan, logits_processors)
     return write_results(config, out, records, baseline_records, speed)
 
 
-def write_results(config: EvalConfig, out: Path, records: list[dict], baseline_records: list[dict] | None,
-                  speed: dict | None = None) -> dict:
+def write_results(
+    config: EvalConfig, out: Path, records: list[dict], baseline_records: list[dict] | None, speed: dict | None = None
+) -> dict:
     """results.json (and the baseline's) and report.html, from the run's records."""
     from npr.eval.metrics import summarize
     from npr.eval.report import write_report
@@ -413,7 +491,14 @@ def write_results(config: EvalConfig, out: Path, records: list[dict], baseline_r
     if speed is not None:
         results["speed"] = speed
     atomic_write_json(out / "results.json", results)
-    write_report(out, samples, wall_time_s=walls, baseline_records=baseline_samples,
-                 baseline_wall_time_s=baseline_walls, failures=failures, speed=speed,
-                 title=f"npr eval: {config.model} ({config.mode})")
+    write_report(
+        out,
+        samples,
+        wall_time_s=walls,
+        baseline_records=baseline_samples,
+        baseline_wall_time_s=baseline_walls,
+        failures=failures,
+        speed=speed,
+        title=f"npr eval: {config.model} ({config.mode})",
+    )
     return results

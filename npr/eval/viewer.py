@@ -25,9 +25,29 @@ OUTPUT_KEYS = ("output", "text", "response", "completion")
 FORMATS = ("auto", "npr", "multiverse", "parallel-r1")
 # record fields the viewer shows on their own; the rest is listed under "other fields"
 KNOWN_KEYS = {
-    "benchmark", "problem_id", "sample", "problem", "prompt", "answer", "output", "pred", "correct", "reward",
-    "mode", "finish_reason", "diagnostic", "format_valid", "format_errors", "trace", "parallel_blocks",
-    "branches_per_block", "tokens", "critical_path_tokens", "forward_passes", "wall_time_s", *OUTPUT_KEYS,
+    "benchmark",
+    "problem_id",
+    "sample",
+    "problem",
+    "prompt",
+    "answer",
+    "output",
+    "pred",
+    "correct",
+    "reward",
+    "mode",
+    "finish_reason",
+    "diagnostic",
+    "format_valid",
+    "format_errors",
+    "trace",
+    "parallel_blocks",
+    "branches_per_block",
+    "tokens",
+    "critical_path_tokens",
+    "forward_passes",
+    "wall_time_s",
+    *OUTPUT_KEYS,
 }
 
 
@@ -75,8 +95,13 @@ TEXT_FIELDS = ("problem", "prompt", "output")
 
 
 def _kind(value) -> str:
-    return "null" if value is None else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+    return (
+        "null"
+        if value is None
+        else {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}.get(
+            type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__
+        )
+    )
 
 
 def _is_number(value) -> bool:
@@ -102,8 +127,11 @@ def trace_shape_problem(trace: dict) -> str | None:
             if not isinstance(items, list):
                 return f"trace.blocks[{b}].{name} is {_kind(items)}, not a list of {{label, text}} objects"
             for i, item in enumerate(items):
-                if not isinstance(item, dict) or not isinstance(item.get("text", ""), (str, type(None))) \
-                        or not isinstance(item.get("label"), (str, int, type(None))):
+                if (
+                    not isinstance(item, dict)
+                    or not isinstance(item.get("text", ""), (str, type(None)))
+                    or not isinstance(item.get("label"), (str, int, type(None)))
+                ):
                     return f"trace.blocks[{b}].{name}[{i}] is {_kind(item)}, not a {{label, text}} object"
     return None
 
@@ -209,8 +237,9 @@ def read_records(path: str | Path, fmt: str = "auto", skipped: list[str] | None 
                 try:
                     items.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise TraceFileError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
-                                         "write one JSON record per line") from e
+                    raise TraceFileError(
+                        f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); write one JSON record per line"
+                    ) from e
     elif path.suffix == ".json":
         try:
             value = json.loads(text)
@@ -262,15 +291,40 @@ def script_json(value) -> str:
     written as ``\\uXXXX`` escapes, so no string (e.g. ``</script>``) can end the tag early; numbers
     that JSON cannot hold are written as strings (``_json_safe``), so the body always parses."""
     text = json.dumps(_json_safe(value), ensure_ascii=False, separators=(",", ":"), default=str, allow_nan=False)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(char, escape)
     return text
 
 
 _VIEW_FIELDS = (
-    "benchmark", "problem_id", "sample", "answer", "pred", "correct", "reward", "mode", "finish_reason", "diagnostic",
-    "format_valid", "format_errors", "parallel_blocks", "branches_per_block", "tokens", "critical_path_tokens",
-    "forward_passes", "wall_time_s", "output", "trace", "block_exec", "extra",
+    "benchmark",
+    "problem_id",
+    "sample",
+    "answer",
+    "pred",
+    "correct",
+    "reward",
+    "mode",
+    "finish_reason",
+    "diagnostic",
+    "format_valid",
+    "format_errors",
+    "parallel_blocks",
+    "branches_per_block",
+    "tokens",
+    "critical_path_tokens",
+    "forward_passes",
+    "wall_time_s",
+    "output",
+    "trace",
+    "block_exec",
+    "extra",
 )
 
 
@@ -331,10 +385,10 @@ def viewer_section(records: list[dict]) -> str:
 def page(title: str, body: str, extra_css: str = "") -> str:
     """A complete HTML document with the shared style sheet."""
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{html.escape(title)}</title><style>{PAGE_CSS}{extra_css}</style></head>"
-        f"<body><header class=\"top\"><h1>{html.escape(title)}</h1></header>{body}</body></html>\n"
+        f'<body><header class="top"><h1>{html.escape(title)}</h1></header>{body}</body></html>\n'
     )
 
 

@@ -20,7 +20,7 @@ def find_boxed(text: str) -> str | None:
             elif c == "}":
                 depth -= 1
                 if depth == 0:
-                    return text[idx + len(_BOXED):i]
+                    return text[idx + len(_BOXED) : i]
             i += 1
         idx = text.rfind(_BOXED, 0, idx)
     return None

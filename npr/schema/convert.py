@@ -22,7 +22,10 @@ _PARALLEL_RE = re.compile(r"<Parallel>(.*?)</Parallel>", re.S)
 
 
 def _elements(name: str, text: str, offset: int) -> list[tuple[str, Span]]:
-    return [(m.group(1), Span(offset + m.start(), offset + m.end())) for m in re.finditer(rf"<{name}>(.*?)</{name}>", text, re.S)]
+    return [
+        (m.group(1), Span(offset + m.start(), offset + m.end()))
+        for m in re.finditer(rf"<{name}>(.*?)</{name}>", text, re.S)
+    ]
 
 
 def _read(text: str, fmt: str, plan_tag: str | None, summary_tag: str) -> ParallelTrace:
@@ -35,17 +38,29 @@ def _read(text: str, fmt: str, plan_tag: str | None, summary_tag: str) -> Parall
             if after:
                 summary = [(after.group(1), Span(end + after.start(), end + after.end()))]
                 end += after.end()
-        plans = tuple(Plan(*_split_label(c), span=s) for c, s in _elements(plan_tag, body, body_start)) if plan_tag else ()
+        plans = (
+            tuple(Plan(*_split_label(c), span=s) for c, s in _elements(plan_tag, body, body_start)) if plan_tag else ()
+        )
         steps = tuple(Step(*_split_label(c), span=s) for c, s in _elements("Path", body, body_start))
-        blocks.append(Block(
-            plans=plans, steps=steps, takeaway=summary[-1][0].strip() if summary else "",
-            span=Span(m.start(), end), preamble=text[cursor:m.start()].strip(),
-            takeaway_span=summary[-1][1] if summary else None,
-        ))
+        blocks.append(
+            Block(
+                plans=plans,
+                steps=steps,
+                takeaway=summary[-1][0].strip() if summary else "",
+                span=Span(m.start(), end),
+                preamble=text[cursor : m.start()].strip(),
+                takeaway_span=summary[-1][1] if summary else None,
+            )
+        )
         cursor = end
     final = text[cursor:]
-    return ParallelTrace(blocks=tuple(blocks), final=final.strip(), answer=find_boxed(final),
-                         final_span=Span(cursor, len(text)), source_format=fmt)
+    return ParallelTrace(
+        blocks=tuple(blocks),
+        final=final.strip(),
+        answer=find_boxed(final),
+        final_span=Span(cursor, len(text)),
+        source_format=fmt,
+    )
 
 
 def from_multiverse(text: str) -> ParallelTrace:

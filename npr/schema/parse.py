@@ -182,7 +182,7 @@ def _split_label(content: str) -> tuple[int | None, str]:
     m = _LABEL_RE.match(content)
     if m is None:
         return None, content
-    return (int(m.group(1)) if m.group(1) else None), content[m.end():].strip()
+    return (int(m.group(1)) if m.group(1) else None), content[m.end() :].strip()
 
 
 class _Scan:
@@ -199,12 +199,19 @@ class _Scan:
         cursor = start
         for n, rb in enumerate(raw):
             self._check_gap(cursor, rb.guideline.open.start, first=(n == 0))
-            self.blocks.append(self._block(rb, tags, preamble=text[cursor:rb.guideline.open.start], max_plans=max_plans))
+            self.blocks.append(
+                self._block(rb, tags, preamble=text[cursor : rb.guideline.open.start], max_plans=max_plans)
+            )
             cursor = rb.takeaway.close.end
         self.final_start = cursor
         self.final = text[cursor:]
         for tag in _tags(text, cursor, len(text)):
-            self._error("tag_in_final", f"{tag.text} after the last complete block; the final text holds no tags", tag.start, True)
+            self._error(
+                "tag_in_final",
+                f"{tag.text} after the last complete block; the final text holds no tags",
+                tag.start,
+                True,
+            )
         self.answer = find_boxed(self.final)
         if self.answer is None or not self.answer.strip():
             what = "an empty \\boxed{}" if self.answer is not None else "no \\boxed{…}"
@@ -223,7 +230,9 @@ class _Scan:
                 self._error("text_before_first_block", "text before the first <guideline>; start with the block", start)
         elif gap_tags or _nonspace(gap):
             what = gap_tags[0].text if gap_tags else repr(gap.strip()[:40])
-            self._error("text_between_blocks", f"{what} between </takeaway> and the next <guideline>", start, bool(gap_tags))
+            self._error(
+                "text_between_blocks", f"{what} between </takeaway> and the next <guideline>", start, bool(gap_tags)
+            )
 
     def _block(self, rb: _RawBlock, tags: list[_Tag], preamble: str, max_plans: int) -> Block:
         text = self.text
@@ -242,37 +251,46 @@ class _Scan:
             self._error(
                 "plan_step_mismatch",
                 f"{len(plan_pairs)} plan(s) but {len(step_pairs)} step(s); write one <step> per <plan>, in order",
-                g.close.end, True,
+                g.close.end,
+                True,
             )
         self._check_between(g.close.end, t.open.start, step_pairs, step_leftover, "text_between_steps", "steps")
 
         plans = tuple(self._element(p, "plan", MIN_PLAN_CHARS, Plan) for p in plan_pairs)
         steps = tuple(self._element(p, "step", MIN_STEP_CHARS, Step) for p in step_pairs)
-        takeaway = text[t.content_start:t.content_end]
+        takeaway = text[t.content_start : t.content_end]
         if _nonspace(takeaway) < MIN_TAKEAWAY_CHARS:
             self._error("short_takeaway", f"takeaway shorter than {MIN_TAKEAWAY_CHARS} characters", t.open.start)
         for tag in _tags(text, t.content_start, t.content_end):
             self._error("tag_in_takeaway", f"{tag.text} inside <takeaway>", tag.start, True)
         return Block(
-            plans=plans, steps=steps, takeaway=takeaway.strip(), span=Span(g.open.start, t.close.end),
-            preamble=preamble, takeaway_span=Span(t.open.start, t.close.end),
+            plans=plans,
+            steps=steps,
+            takeaway=takeaway.strip(),
+            span=Span(g.open.start, t.close.end),
+            preamble=preamble,
+            takeaway_span=Span(t.open.start, t.close.end),
         )
 
     def _check_guideline_text(self, g: _Pair, plans: list[_Pair], leftover: list[_Tag]) -> None:
         if not plans:
             return
-        outside = self.text[g.content_start:plans[0].open.start] + self.text[plans[-1].close.end:g.content_end]
+        outside = self.text[g.content_start : plans[0].open.start] + self.text[plans[-1].close.end : g.content_end]
         outside_tags = [x for x in leftover if x.start < plans[0].open.start or x.start >= plans[-1].close.end]
         if _nonspace(outside):
             what = outside_tags[0].text if outside_tags else "text"
-            self._error("text_in_guideline", f"{what} inside <guideline> outside any <plan>", g.open.start, bool(outside_tags))
+            self._error(
+                "text_in_guideline", f"{what} inside <guideline> outside any <plan>", g.open.start, bool(outside_tags)
+            )
         self._check_between(plans[0].open.start, plans[-1].close.end, plans, leftover, "text_between_plans", "plans")
 
-    def _check_between(self, start: int, end: int, pairs: list[_Pair], leftover: list[_Tag], kind: str, what: str) -> None:
+    def _check_between(
+        self, start: int, end: int, pairs: list[_Pair], leftover: list[_Tag], kind: str, what: str
+    ) -> None:
         """Text or tags in [start, end) that fall outside every pair."""
         cursor, junk = start, ""
         for p in pairs:
-            junk += self.text[cursor:p.open.start]
+            junk += self.text[cursor : p.open.start]
             cursor = p.close.end
         junk += self.text[cursor:end]
         stray = [x for x in leftover if start <= x.start < end]
@@ -287,7 +305,7 @@ class _Scan:
             self._error(kind, msg, offset, bool(stray))
 
     def _element(self, pair: _Pair, name: str, min_chars: int, cls):
-        content = self.text[pair.content_start:pair.content_end]
+        content = self.text[pair.content_start : pair.content_end]
         if _nonspace(content) < min_chars:
             self._error(f"short_{name}", f"<{name}> shorter than {min_chars} characters", pair.open.start)
         for tag in _tags(self.text, pair.content_start, pair.content_end):

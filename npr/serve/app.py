@@ -154,57 +154,97 @@ class Api:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.model_name:
-            raise ApiError(404, f"The model `{name}` does not exist; this server serves `{self.config.model_name}` "
-                           "(GET /v1/models)", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.config.model_name}` (GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
 
-    def sampling(self, request: ChatCompletionRequest | CompletionRequest, prompt_lengths: list[int],
-                 budget: int | None, logprobs: bool, prompt_field: str, top_logprobs: int = 0) -> SamplingParams:
+    def sampling(
+        self,
+        request: ChatCompletionRequest | CompletionRequest,
+        prompt_lengths: list[int],
+        budget: int | None,
+        logprobs: bool,
+        prompt_field: str,
+        top_logprobs: int = 0,
+    ) -> SamplingParams:
         n = request.n or 1
         if n > self.config.max_n:
             raise ApiError(400, f"n={n} is above this server's maximum of {self.config.max_n} (--max-n)", "n")
         context, longest = self.engine.context_length, max(prompt_lengths)
         if context and longest >= context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens, but the prompt has "
-                           f"{longest} tokens; shorten it", prompt_field, "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens, but the prompt has "
+                f"{longest} tokens; shorten it",
+                prompt_field,
+                "context_length_exceeded",
+            )
         if budget is None:
             budget = self.config.default_max_tokens
             if context:
                 budget = min(budget, context - longest)
         elif context and longest + budget > context:
-            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
-                           f"{longest + budget} tokens ({longest} in the prompt, {budget} for the completion); "
-                           "shorten the prompt or lower max_tokens", "max_tokens", "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{longest + budget} tokens ({longest} in the prompt, {budget} for the completion); "
+                "shorten the prompt or lower max_tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         if request.min_tokens and request.min_tokens > budget:
-            raise ApiError(400, f"min_tokens={request.min_tokens} is above the budget of {budget} tokens; lower "
-                           "min_tokens or raise max_tokens", "min_tokens")
+            raise ApiError(
+                400,
+                f"min_tokens={request.min_tokens} is above the budget of {budget} tokens; lower "
+                "min_tokens or raise max_tokens",
+                "min_tokens",
+            )
         processors = request_processors(request.repetition_penalty, request.min_tokens, request.min_p, self.eos_ids)
         params = SamplingParams(
-            max_new_tokens=budget, ignore_eos=bool(request.ignore_eos),
+            max_new_tokens=budget,
+            ignore_eos=bool(request.ignore_eos),
             temperature=1.0 if request.temperature is None else request.temperature,
-            top_p=1.0 if request.top_p is None else request.top_p, top_k=request.top_k or 0, n=n,
-            seed=random.randrange(2**31) if request.seed is None else request.seed, logprobs=logprobs,
-            top_logprobs=top_logprobs, logits_processors=processors + self.config.logits_processors)
+            top_p=1.0 if request.top_p is None else request.top_p,
+            top_k=request.top_k or 0,
+            n=n,
+            seed=random.randrange(2**31) if request.seed is None else request.seed,
+            logprobs=logprobs,
+            top_logprobs=top_logprobs,
+            logits_processors=processors + self.config.logits_processors,
+        )
         # the engine admits by actual use and preempts when the pool runs dry, so only a request that
         # cannot even start (its prompt pages plus one per sample) is refused here
         need = self.engine.scheduler.start_blocks(longest, params)
         if need > self.engine.pool.num_blocks:
-            raise ApiError(400, f"this request needs {need} KV blocks to start ({longest} prompt tokens, n={n}) but "
-                           f"the server's pool has {self.engine.pool.num_blocks}; lower n or shorten the prompt (the "
-                           "pool is sized by --kv-cache-gib)", prompt_field)
+            raise ApiError(
+                400,
+                f"this request needs {need} KV blocks to start ({longest} prompt tokens, n={n}) but "
+                f"the server's pool has {self.engine.pool.num_blocks}; lower n or shorten the prompt (the "
+                "pool is sized by --kv-cache-gib)",
+                prompt_field,
+            )
         if n > self.engine.config.max_num_seqs:
-            raise ApiError(400, f"n={n} exceeds the server's {self.engine.config.max_num_seqs} live streams "
-                           "(--max-num-seqs)", "n")
+            raise ApiError(
+                400, f"n={n} exceeds the server's {self.engine.config.max_num_seqs} live streams (--max-num-seqs)", "n"
+            )
         return params
 
     def chat_prompt(self, request: ChatCompletionRequest | TokenizeChatRequest) -> list[int]:
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in request.messages]
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in request.messages
+        ]
         if self.config.system_prompt == "npr" and not any(m["role"] == "system" for m in messages):
             messages.insert(0, {"role": "system", "content": NPR_INSTRUCTION})
         try:
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=request.add_generation_prompt is not False,
-                **(request.chat_template_kwargs or {}))
+                messages,
+                tokenize=False,
+                add_generation_prompt=request.add_generation_prompt is not False,
+                **(request.chat_template_kwargs or {}),
+            )
         except Exception as e:  # the template rejects this conversation (e.g. roles out of order)
             where = "messages or chat_template_kwargs" if request.chat_template_kwargs else "messages"
             raise ApiError(400, f"the model's chat template rejects these {where}: {e}", "messages") from e
@@ -219,25 +259,42 @@ class Api:
                 raise ApiError(400, f"{where} is empty", "prompt")
             bad = next((t for t in ids if not 0 <= t < self.vocab), None)
             if bad is not None:
-                raise ApiError(400, f"{where}: token id {bad} is outside the vocabulary (0..{self.vocab - 1})",
-                               "prompt")
+                raise ApiError(
+                    400, f"{where}: token id {bad} is outside the vocabulary (0..{self.vocab - 1})", "prompt"
+                )
             prompts.append(list(ids))
         return prompts
 
     # ------------------------------------------------------------------ routes
 
-    async def start(self, prompts: list[list[int]], params: SamplingParams, stops: list[str],
-                    req: ChatCompletionRequest | CompletionRequest) -> Generation:
+    async def start(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stops: list[str],
+        req: ChatCompletionRequest | CompletionRequest,
+    ) -> Generation:
         sink = Sink()
         jobs = [Job(self.loop.new_index(), ids, params, sink) for ids in prompts]
         try:
             self.loop.submit(jobs)
         except Overloaded as e:
-            raise ApiError(503, f"{e}; retry later", code=e.code, kind="server_error",
-                           headers={"Retry-After": str(self.config.retry_after_s)}) from e
-        return Generation(self.loop, jobs, self.tokenizer, self.eos_ids, stops,
-                          skip_special=self.skip_ids if req.skip_special_tokens else frozenset(),
-                          include_stop=bool(req.include_stop_str_in_output))
+            raise ApiError(
+                503,
+                f"{e}; retry later",
+                code=e.code,
+                kind="server_error",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            ) from e
+        return Generation(
+            self.loop,
+            jobs,
+            self.tokenizer,
+            self.eos_ids,
+            stops,
+            skip_special=self.skip_ids if req.skip_special_tokens else frozenset(),
+            include_stop=bool(req.include_stop_str_in_output),
+        )
 
     async def chat_completions(self, request: Request):
         self.authorize(request)
@@ -248,8 +305,12 @@ class Api:
         ids = self.chat_prompt(req)
         top = (req.top_logprobs or 0) if req.logprobs else 0
         params = self.sampling(req, [len(ids)], req.budget(), bool(req.logprobs), "messages", top)
-        fmt = ChatFormat(await self.start([ids], params, stops, req), self.config.model_name, bool(req.logprobs),
-                         reasoning=self.config.reasoning_parser == "npr")
+        fmt = ChatFormat(
+            await self.start([ids], params, stops, req),
+            self.config.model_name,
+            bool(req.logprobs),
+            reasoning=self.config.reasoning_parser == "npr",
+        )
         users = [m.text() for m in req.messages if m.role == "user"]
         self.live.add(fmt, "chat", users[-1] if users else req.messages[-1].text())
         return self.respond(fmt, req)
@@ -262,10 +323,15 @@ class Api:
         stops = req.stop_strings()
         prompts = self.completion_prompts(req)
         logprobs = req.logprobs is not None
-        params = self.sampling(req, [len(p) for p in prompts], req.budget(), logprobs, "prompt",
-                               top_logprobs=req.logprobs or 0)
-        fmt = CompletionFormat(await self.start(prompts, params, stops, req), self.config.model_name, logprobs,
-                               top_logprobs=req.logprobs or 0)
+        params = self.sampling(
+            req, [len(p) for p in prompts], req.budget(), logprobs, "prompt", top_logprobs=req.logprobs or 0
+        )
+        fmt = CompletionFormat(
+            await self.start(prompts, params, stops, req),
+            self.config.model_name,
+            logprobs,
+            top_logprobs=req.logprobs or 0,
+        )
         first = req.prompts()[0]
         self.live.add(fmt, "completions", first if isinstance(first, str) else f"[{len(first)} token ids]")
         return self.respond(fmt, req)
@@ -279,15 +345,24 @@ class Api:
     def respond(fmt: ChatFormat, req):
         if req.stream:
             options = req.stream_options
-            return StreamingResponse(fmt, bool(options and options.include_usage),
-                                     bool(options and options.continuous_usage_stats))
+            return StreamingResponse(
+                fmt, bool(options and options.include_usage), bool(options and options.continuous_usage_stats)
+            )
         return JsonResponse(fmt)
 
     def _model_card(self) -> dict:
-        return {"id": self.config.model_name, "object": "model", "created": self.started, "owned_by": "npr",
-                "max_model_len": self.engine.context_length,
-                "npr": {"mode": self.engine.config.mode, "max_n": self.config.max_n,
-                        "max_branches": self.engine.config.max_branches}}
+        return {
+            "id": self.config.model_name,
+            "object": "model",
+            "created": self.started,
+            "owned_by": "npr",
+            "max_model_len": self.engine.context_length,
+            "npr": {
+                "mode": self.engine.config.mode,
+                "max_n": self.config.max_n,
+                "max_branches": self.engine.config.max_branches,
+            },
+        }
 
     async def models(self, request: Request):
         self.authorize(request)
@@ -300,8 +375,13 @@ class Api:
 
     async def health(self, request: Request):
         status = "failed" if self.loop.failure else ("ok" if self.loop.accepting else "draining")
-        body = {"status": status, "model": self.config.model_name, "mode": self.engine.config.mode,
-                "auth": self.config.api_key is not None, **self.loop.stats()}
+        body = {
+            "status": status,
+            "model": self.config.model_name,
+            "mode": self.engine.config.mode,
+            "auth": self.config.api_key is not None,
+            **self.loop.stats(),
+        }
         if self.loop.failure:
             body["failure"] = self.loop.failure
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
@@ -320,8 +400,9 @@ class Api:
 
     async def metrics(self, request: Request):
         stats = self.loop.stats()
-        text = self.loop.metrics.render(self.config.model_name, stats["running"], stats["queued"],
-                                        stats["kv_blocks_used"], stats["kv_blocks_total"])
+        text = self.loop.metrics.render(
+            self.config.model_name, stats["running"], stats["queued"], stats["kv_blocks_used"], stats["kv_blocks_total"]
+        )
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def tokenize(self, request: Request):
@@ -336,8 +417,9 @@ class Api:
         else:
             ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return JSONResponse({"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids,
-                             "token_strs": strs})
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": self.engine.context_length, "tokens": ids, "token_strs": strs}
+        )
 
     async def detokenize(self, request: Request):
         self.authorize(request)
@@ -400,12 +482,21 @@ def create_app(engine: Engine, config: ServeConfig | None = None) -> Starlette:
     ]
     middleware = []
     if api.config.allowed_origins:  # as vLLM: Starlette's CORS middleware answers the OPTIONS preflight
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(api.config.allowed_origins),
-                                     allow_methods=list(api.config.allowed_methods),
-                                     allow_headers=list(api.config.allowed_headers),
-                                     allow_credentials=api.config.allow_credentials))
-    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={
-        ApiError: _api_error, Exception: _server_error, 404: _not_found, 405: _method_not_allowed})
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(api.config.allowed_origins),
+                allow_methods=list(api.config.allowed_methods),
+                allow_headers=list(api.config.allowed_headers),
+                allow_credentials=api.config.allow_credentials,
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=middleware,
+        exception_handlers={ApiError: _api_error, Exception: _server_error, 404: _not_found, 405: _method_not_allowed},
+    )
     app.state.api = api
     return app
 

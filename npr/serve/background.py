@@ -24,10 +24,12 @@ class BackgroundServer:
         self.sock.listen(2048)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on",
-                                                    timeout_graceful_shutdown=5))
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                        name="npr-serve-background", daemon=True)
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+        )
+        self._thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="npr-serve-background", daemon=True
+        )
 
     def start(self, timeout_s: float = 60.0) -> BackgroundServer:
         self._thread.start()

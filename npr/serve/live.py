@@ -39,15 +39,34 @@ class LiveRequests:
                 continue
             endpoint, label, arrived = self._labels[rid]
             started = any(job.started is not None for job in g.jobs)
-            rows.append({"id": rid, "endpoint": endpoint, "label": label, "age_s": round(now - arrived, 2),
-                         "state": "decoding" if started else "queued", "choices": len(g.streams),
-                         "generated_tokens": sum(s.generated for s in g.streams),
-                         "branches_decoding": sum(len(s.branch_text) for s in g.streams)})
+            rows.append(
+                {
+                    "id": rid,
+                    "endpoint": endpoint,
+                    "label": label,
+                    "age_s": round(now - arrived, 2),
+                    "state": "decoding" if started else "queued",
+                    "choices": len(g.streams),
+                    "generated_tokens": sum(s.generated for s in g.streams),
+                    "branches_decoding": sum(len(s.branch_text) for s in g.streams),
+                }
+            )
             if rid == follow:
-                followed = {"id": rid, "label": label, "choices": [
-                    {"index": c, "content": s.text, "done": s.done,
-                     "branches": [{"block": b, "branch": k, "text": t} for (b, k), t in sorted(s.branch_text.items())]}
-                    for c, s in enumerate(g.streams)]}
+                followed = {
+                    "id": rid,
+                    "label": label,
+                    "choices": [
+                        {
+                            "index": c,
+                            "content": s.text,
+                            "done": s.done,
+                            "branches": [
+                                {"block": b, "branch": k, "text": t} for (b, k), t in sorted(s.branch_text.items())
+                            ],
+                        }
+                        for c, s in enumerate(g.streams)
+                    ],
+                }
         rows.sort(key=lambda r: -r["age_s"])
         total = stats["kv_blocks_total"]
         server = {**stats, "kv_usage": round(stats["kv_blocks_used"] / total, 4) if total else 0.0}

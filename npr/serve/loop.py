@@ -115,8 +115,11 @@ class EngineLoop:
             if not self.accepting:
                 raise Overloaded("the server is shutting down", "shutting_down")
             if self._queued + len(jobs) > self.max_queue:
-                raise Overloaded(f"the server is overloaded: {self._queued} requests are already waiting (the limit "
-                                 f"is {self.max_queue})", "overloaded")
+                raise Overloaded(
+                    f"the server is overloaded: {self._queued} requests are already waiting (the limit "
+                    f"is {self.max_queue})",
+                    "overloaded",
+                )
             self._queued += len(jobs)
             for job in jobs:
                 job.left = job.params.n
@@ -149,16 +152,27 @@ class EngineLoop:
         pool = self.engine.pool
         with self._cond:
             queued = self._queued
-        return {"running": len(self.engine.scheduler.running), "queued": queued, "kv_blocks_used": pool.used_blocks,
-                "kv_blocks_total": pool.num_blocks, "steps": self.steps, "generated_tokens": self.generated_tokens}
+        return {
+            "running": len(self.engine.scheduler.running),
+            "queued": queued,
+            "kv_blocks_used": pool.used_blocks,
+            "kv_blocks_total": pool.num_blocks,
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+        }
 
     # ------------------------------------------------------------------ loop thread
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._inbox or self._cancels or self._cancel_all or self._stopping
-                           or self.engine.scheduler.has_work()):
+                while not (
+                    self._inbox
+                    or self._cancels
+                    or self._cancel_all
+                    or self._stopping
+                    or self.engine.scheduler.has_work()
+                ):
                     self._cond.wait()  # idle: nothing to drain either
                 if not self.one_at_a_time:
                     inbox, self._inbox = self._inbox, []

@@ -32,8 +32,11 @@ class Histogram:
         for bound, n in zip(self.buckets, self.counts):
             running += n
             out.append(f'{name}_bucket{{{labels},le="{bound}"}} {running}')
-        out += [f'{name}_bucket{{{labels},le="+Inf"}} {self.count}', f"{name}_sum{{{labels}}} {self.sum}",
-                f"{name}_count{{{labels}}} {self.count}"]
+        out += [
+            f'{name}_bucket{{{labels},le="+Inf"}} {self.count}',
+            f"{name}_sum{{{labels}}} {self.sum}",
+            f"{name}_count{{{labels}}} {self.count}",
+        ]
         return out
 
 
@@ -77,29 +80,75 @@ class Metrics:
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
         with self._lock:
-            metric("vllm:num_requests_running", "gauge", "Requests decoding in the engine.",
-                   [f"vllm:num_requests_running{{{label}}} {running}"])
-            metric("vllm:num_requests_waiting", "gauge", "Requests waiting to start.",
-                   [f"vllm:num_requests_waiting{{{label}}} {waiting}"])
-            metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage: 1 means 100 percent.",
-                   [f"vllm:kv_cache_usage_perc{{{label}}} {kv_used / kv_total if kv_total else 0.0}"])
-            metric("vllm:prompt_tokens", "counter", "Prompt tokens processed.",
-                   [f"vllm:prompt_tokens_total{{{label}}} {self.prompt_tokens}"])
-            metric("vllm:generation_tokens", "counter", "Tokens generated (every branch).",
-                   [f"vllm:generation_tokens_total{{{label}}} {self.generation_tokens}"])
-            metric("vllm:request_success", "counter", "Samples finished, by finish reason.",
-                   [f'vllm:request_success_total{{{label},finished_reason="{reason}"}} {n}'
-                    for reason, n in sorted(self.finished.items())])
-            metric("vllm:time_to_first_token_seconds", "histogram", "Time to the first token, queueing included.",
-                   self.ttft.lines("vllm:time_to_first_token_seconds", label))
-            metric("vllm:e2e_request_latency_seconds", "histogram", "Request latency, submission to last sample.",
-                   self.e2e.lines("vllm:e2e_request_latency_seconds", label))
-            metric("npr:branches", "counter", "Branches decoded (a block of k plans counts k).",
-                   [f"npr:branches_total{{{label}}} {self.branches}"])
-            metric("npr:parallel_blocks", "counter", "Parallel blocks executed.",
-                   [f"npr:parallel_blocks_total{{{label}}} {self.parallel_blocks}"])
-            metric("npr:invalid_schema", "counter", "Samples ended by an invalid NPR structure.",
-                   [f"npr:invalid_schema_total{{{label}}} {self.finished.get('invalid_schema', 0)}"])
+            metric(
+                "vllm:num_requests_running",
+                "gauge",
+                "Requests decoding in the engine.",
+                [f"vllm:num_requests_running{{{label}}} {running}"],
+            )
+            metric(
+                "vllm:num_requests_waiting",
+                "gauge",
+                "Requests waiting to start.",
+                [f"vllm:num_requests_waiting{{{label}}} {waiting}"],
+            )
+            metric(
+                "vllm:kv_cache_usage_perc",
+                "gauge",
+                "KV-cache usage: 1 means 100 percent.",
+                [f"vllm:kv_cache_usage_perc{{{label}}} {kv_used / kv_total if kv_total else 0.0}"],
+            )
+            metric(
+                "vllm:prompt_tokens",
+                "counter",
+                "Prompt tokens processed.",
+                [f"vllm:prompt_tokens_total{{{label}}} {self.prompt_tokens}"],
+            )
+            metric(
+                "vllm:generation_tokens",
+                "counter",
+                "Tokens generated (every branch).",
+                [f"vllm:generation_tokens_total{{{label}}} {self.generation_tokens}"],
+            )
+            metric(
+                "vllm:request_success",
+                "counter",
+                "Samples finished, by finish reason.",
+                [
+                    f'vllm:request_success_total{{{label},finished_reason="{reason}"}} {n}'
+                    for reason, n in sorted(self.finished.items())
+                ],
+            )
+            metric(
+                "vllm:time_to_first_token_seconds",
+                "histogram",
+                "Time to the first token, queueing included.",
+                self.ttft.lines("vllm:time_to_first_token_seconds", label),
+            )
+            metric(
+                "vllm:e2e_request_latency_seconds",
+                "histogram",
+                "Request latency, submission to last sample.",
+                self.e2e.lines("vllm:e2e_request_latency_seconds", label),
+            )
+            metric(
+                "npr:branches",
+                "counter",
+                "Branches decoded (a block of k plans counts k).",
+                [f"npr:branches_total{{{label}}} {self.branches}"],
+            )
+            metric(
+                "npr:parallel_blocks",
+                "counter",
+                "Parallel blocks executed.",
+                [f"npr:parallel_blocks_total{{{label}}} {self.parallel_blocks}"],
+            )
+            metric(
+                "npr:invalid_schema",
+                "counter",
+                "Samples ended by an invalid NPR structure.",
+                [f"npr:invalid_schema_total{{{label}}} {self.finished.get('invalid_schema', 0)}"],
+            )
         return "\n".join(lines) + "\n"
 
 

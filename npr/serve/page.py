@@ -179,7 +179,7 @@ def chat_page(model_name: str) -> str:
     """The page's HTML; ``model_name`` is what it sends as ``model``."""
     body = (
         '<main class="chat"><p class="hint">Ask a question. Sequential text streams as it is written; each parallel '
-        'block shows its branches side by side while they decode, then its takeaway; the answer in '
+        "block shows its branches side by side while they decode, then its takeaway; the answer in "
         '<code>\\boxed{}</code> is marked. <span id="mode"></span></p>'
         '<section class="server"><div id="srv-stats">Server: …</div><div class="srv-list" id="srv-list"></div>'
         '<div class="follow" id="follow" hidden><div class="lbl" id="follow-title"></div>'

@@ -20,8 +20,15 @@ from npr.validate import invalid_text_field
 class ApiError(Exception):
     """An answer in OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        kind: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
@@ -57,9 +64,27 @@ NEUTRAL = {
     "echo": (None, False),
     "suffix": (None, ""),
 }
-CHAT_ONLY = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
-             "modalities", "audio", "prediction", "store", "metadata", "service_tier", "reasoning_effort", "verbosity",
-             "web_search_options", "prompt_cache_key", "prompt_cache_retention", "safety_identifier", "moderation"}
+CHAT_ONLY = {
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "modalities",
+    "audio",
+    "prediction",
+    "store",
+    "metadata",
+    "service_tier",
+    "reasoning_effort",
+    "verbosity",
+    "web_search_options",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "moderation",
+}
 COMPLETION_ONLY = {"echo", "suffix"}
 
 
@@ -169,16 +194,27 @@ class ChatCompletionRequest(_Sampling):
     """vLLM: end the prompt with the assistant turn's opening (default true)."""
 
     def budget(self) -> int | None:
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise ApiError(400, f"max_tokens={self.max_tokens} and max_completion_tokens={self.max_completion_tokens} "
-                           "disagree; send one of them", "max_completion_tokens")
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise ApiError(
+                400,
+                f"max_tokens={self.max_tokens} and max_completion_tokens={self.max_completion_tokens} "
+                "disagree; send one of them",
+                "max_completion_tokens",
+            )
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)] \
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
         | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    )
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     """The sampled tokens' log-probs, and with k > 0 the k most likely tokens at each position."""
     best_of: Annotated[int, Field(ge=1)] | None = None
@@ -238,11 +274,13 @@ def parse_json_body(raw: bytes) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
-        raise ApiError(400, f"the request body is not valid JSON{where}: {e}; send a JSON object", None,
-                       "invalid_json") from e
+        raise ApiError(
+            400, f"the request body is not valid JSON{where}: {e}; send a JSON object", None, "invalid_json"
+        ) from e
     if not isinstance(body, dict):
-        raise ApiError(400, f"the request body is a JSON {type(body).__name__}; send a JSON object", None,
-                       "invalid_json")
+        raise ApiError(
+            400, f"the request body is a JSON {type(body).__name__}; send a JSON object", None, "invalid_json"
+        )
     bad_text = invalid_text_field(body)  # a "\ud800" escape parses, but no tokenizer can encode it
     if bad_text:
         field, problem = bad_text
@@ -271,8 +309,12 @@ def _validation_error(e: ValidationError) -> ApiError:
     that matched the type but broke a limit, else the list of accepted types."""
     errors = e.errors()
     param = _param(errors[0]["loc"])
-    union = [x for x in errors if _param(x["loc"][:len(errors[0]["loc"]) - 1]) == _param(errors[0]["loc"][:-1])
-             and any(_is_union_label(p) for p in x["loc"])]
+    union = [
+        x
+        for x in errors
+        if _param(x["loc"][: len(errors[0]["loc"]) - 1]) == _param(errors[0]["loc"][:-1])
+        and any(_is_union_label(p) for p in x["loc"])
+    ]
     chosen = next((x for x in union if not x["type"].endswith("_type")), errors[0])
     param = _param(chosen["loc"]) or None
     if chosen["type"] == "missing":
@@ -311,8 +353,13 @@ def _screen(body: dict, fields: set[str], endpoint: str) -> None:
             if _is_neutral(value, NEUTRAL[key]):
                 continue
             allowed = ", ".join(json.dumps(v) for v in NEUTRAL[key])
-            raise ApiError(400, f"'{key}' is not supported by npr serve; it accepts only {allowed} "
-                           "(docs/serving.md lists the supported fields)", key, "unsupported_parameter")
+            raise ApiError(
+                400,
+                f"'{key}' is not supported by npr serve; it accepts only {allowed} "
+                "(docs/serving.md lists the supported fields)",
+                key,
+                "unsupported_parameter",
+            )
         raise ApiError(400, f"Unrecognized request argument supplied: {key}", key, "unrecognized_parameter")
 
 
@@ -326,30 +373,48 @@ def _validate(model: type[BaseModel], body: dict, endpoint: str):
         raise _validation_error(e) from e
 
 
-TEMPLATE_RESERVED = ("messages", "conversation", "tokenize", "add_generation_prompt", "continue_final_message",
-                     "tools", "documents", "return_dict", "chat_template")
+TEMPLATE_RESERVED = (
+    "messages",
+    "conversation",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "tools",
+    "documents",
+    "return_dict",
+    "chat_template",
+)
 
 
 def parse_chat_request(body: dict) -> ChatCompletionRequest:
     request = _validate(ChatCompletionRequest, body, "chat")
     _check_template_kwargs(request)
     if request.top_logprobs and not request.logprobs:
-        raise ApiError(400, f"top_logprobs={request.top_logprobs} needs logprobs: true", "top_logprobs",
-                       "invalid_value")
+        raise ApiError(
+            400, f"top_logprobs={request.top_logprobs} needs logprobs: true", "top_logprobs", "invalid_value"
+        )
     return request
 
 
 def _check_template_kwargs(request) -> None:
     for key in request.chat_template_kwargs or {}:
         if key in TEMPLATE_RESERVED:
-            raise ApiError(400, f"chat_template_kwargs.{key} is set by the server, not by a request"
-                           + (" (send add_generation_prompt at the top level)" if key == "add_generation_prompt"
-                              else ""), f"chat_template_kwargs.{key}", "invalid_value")
+            raise ApiError(
+                400,
+                f"chat_template_kwargs.{key} is set by the server, not by a request"
+                + (" (send add_generation_prompt at the top level)" if key == "add_generation_prompt" else ""),
+                f"chat_template_kwargs.{key}",
+                "invalid_value",
+            )
 
 
 def parse_completion_request(body: dict) -> CompletionRequest:
     request = _validate(CompletionRequest, body, "completions")
     if request.best_of is not None and request.best_of != (request.n or 1):
-        raise ApiError(400, f"best_of={request.best_of} is not supported (npr returns every sample: leave best_of "
-                       "unset or equal to n)", "best_of", "unsupported_parameter")
+        raise ApiError(
+            400,
+            f"best_of={request.best_of} is not supported (npr returns every sample: leave best_of unset or equal to n)",
+            "best_of",
+            "unsupported_parameter",
+        )
     return request

@@ -74,7 +74,7 @@ class ReasoningSplitter:
     def _take(self, upto: int) -> tuple[str, str]:
         """Hand out ``text[_sent:upto]``: the part before the reasoning end as reasoning, the rest as content."""
         cut = min(max(self._sent, self._reasoning_end), upto)
-        reasoning, content = self.text[self._sent:cut], self.text[cut:upto] if upto > cut else ""
+        reasoning, content = self.text[self._sent : cut], self.text[cut:upto] if upto > cut else ""
         self._sent = max(self._sent, upto)
         return reasoning, content
 

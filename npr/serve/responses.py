@@ -30,16 +30,34 @@ def npr_extension(result: Result, content: str, queued_s: float) -> dict:
     """The ``npr`` field of a finished choice: the parsed tree of its content and its engine stats."""
     trace = parse(content, strict=False)
     executed = len(result.blocks)
-    blocks = [{"plans": [p.text for p in b.plans], "branches": [s.text for s in b.steps], "takeaway": b.takeaway,
-               "executed_as_branches": i < executed} for i, b in enumerate(trace.blocks)]
+    blocks = [
+        {
+            "plans": [p.text for p in b.plans],
+            "branches": [s.text for s in b.steps],
+            "takeaway": b.takeaway,
+            "executed_as_branches": i < executed,
+        }
+        for i, b in enumerate(trace.blocks)
+    ]
     s = result.stats
     return {
-        "tree": {"blocks": blocks, "final": trace.final, "answer": trace.answer,
-                 "format_valid": not trace.errors, "format_errors": [str(e) for e in trace.errors]},
-        "stats": {"generated_tokens": s.generated_tokens, "critical_path_tokens": s.critical_path_tokens,
-                  "parallel_blocks": s.parallel_blocks, "branches_per_block": result.branches_per_block,
-                  "forward_passes": s.forward_passes, "wall_time_s": round(s.wall_time_s, 4),
-                  "queued_s": round(queued_s, 4), "mode": result.mode},
+        "tree": {
+            "blocks": blocks,
+            "final": trace.final,
+            "answer": trace.answer,
+            "format_valid": not trace.errors,
+            "format_errors": [str(e) for e in trace.errors],
+        },
+        "stats": {
+            "generated_tokens": s.generated_tokens,
+            "critical_path_tokens": s.critical_path_tokens,
+            "parallel_blocks": s.parallel_blocks,
+            "branches_per_block": result.branches_per_block,
+            "forward_passes": s.forward_passes,
+            "wall_time_s": round(s.wall_time_s, 4),
+            "queued_s": round(queued_s, 4),
+            "mode": result.mode,
+        },
         "finish_detail": result.diagnostic,
     }
 
@@ -47,12 +65,21 @@ def npr_extension(result: Result, content: str, queued_s: float) -> dict:
 class Generation:
     """The jobs of one request; choice ``j * n + i`` is sample i of job j."""
 
-    def __init__(self, loop: EngineLoop, jobs: list[Job], tokenizer, eos_ids: frozenset[int], stops: list[str],
-                 skip_special: frozenset[int] = frozenset(), include_stop: bool = False):
+    def __init__(
+        self,
+        loop: EngineLoop,
+        jobs: list[Job],
+        tokenizer,
+        eos_ids: frozenset[int],
+        stops: list[str],
+        skip_special: frozenset[int] = frozenset(),
+        include_stop: bool = False,
+    ):
         self.loop, self.jobs, self.tokenizer = loop, jobs, tokenizer
         self.n = jobs[0].params.n
-        self.streams = [SampleStream(tokenizer, eos_ids, stops, skip_special, include_stop)
-                        for _ in range(len(jobs) * self.n)]
+        self.streams = [
+            SampleStream(tokenizer, eos_ids, stops, skip_special, include_stop) for _ in range(len(jobs) * self.n)
+        ]
         self._position = {job.index: j for j, job in enumerate(jobs)}
         self._stop_sent: set[int] = set()
         self.created = int(time.time())
@@ -77,8 +104,12 @@ class Generation:
             for items in batches:
                 for item in items:
                     if isinstance(item, Exception):
-                        raise ApiError(500, f"the engine failed on this request: {type(item).__name__}: {item}",
-                                       kind="server_error", code="engine_error")
+                        raise ApiError(
+                            500,
+                            f"the engine failed on this request: {type(item).__name__}: {item}",
+                            kind="server_error",
+                            code="engine_error",
+                        )
                     c = self.choice(item)
                     stream = self.streams[c]
                     if isinstance(item, StreamDelta):
@@ -95,7 +126,7 @@ class Generation:
         """Cancel whatever has not finished (the client left, or the response failed)."""
         self.closed = True
         for j, job in enumerate(self.jobs):
-            if not all(s.done for s in self.streams[j * self.n:(j + 1) * self.n]):
+            if not all(s.done for s in self.streams[j * self.n : (j + 1) * self.n]):
                 self.loop.cancel(job)
 
     def extension(self, c: int) -> dict:
@@ -128,8 +159,9 @@ class ChatFormat:
 
     object_name, chunk_name, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl-"
 
-    def __init__(self, generation: Generation, model: str, logprobs: bool, reasoning: bool = False,
-                 top_logprobs: int = 0):
+    def __init__(
+        self, generation: Generation, model: str, logprobs: bool, reasoning: bool = False, top_logprobs: int = 0
+    ):
         self.g, self.model, self.logprobs, self.top_logprobs = generation, model, logprobs, top_logprobs
         self.id = self.id_prefix + uuid.uuid4().hex
         self.splitters = [ReasoningSplitter() for _ in generation.streams] if reasoning else None
@@ -143,27 +175,51 @@ class ChatFormat:
         position's most likely tokens, best first; ``[]`` unless asked, and for tokens the engine wrote)."""
         if not self.logprobs:
             return None
-        return {"content": [{**self._token(e.token, e.logprob),
-                             "top_logprobs": [self._token(t, lp) for t, lp in e.top]} for e in entries]}
+        return {
+            "content": [
+                {**self._token(e.token, e.logprob), "top_logprobs": [self._token(t, lp) for t, lp in e.top]}
+                for e in entries
+            ]
+        }
 
     def _token(self, token: int, logprob: float | None) -> dict:
         text = self.g.token_text(token)
-        return {"token": text, "logprob": _finite(logprob),
-                "bytes": None if "\ufffd" in text else list(text.encode("utf-8"))}
+        return {
+            "token": text,
+            "logprob": _finite(logprob),
+            "bytes": None if "\ufffd" in text else list(text.encode("utf-8")),
+        }
 
     def opening(self) -> list[dict]:
-        return [{**self._base(self.chunk_name), "choices": [{"index": c, "delta": {"role": "assistant", "content": ""},
-                                                             "logprobs": None, "finish_reason": None}]}
-                for c in range(len(self.g.streams))]
+        return [
+            {
+                **self._base(self.chunk_name),
+                "choices": [
+                    {"index": c, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+            }
+            for c in range(len(self.g.streams))
+        ]
 
-    def _chunk_choice(self, c: int, text: str | None, entries=(), finish: str | None = None,
-                      npr: dict | None = None, reasoning: str = "") -> dict:
+    def _chunk_choice(
+        self,
+        c: int,
+        text: str | None,
+        entries=(),
+        finish: str | None = None,
+        npr: dict | None = None,
+        reasoning: str = "",
+    ) -> dict:
         """One choice of a chunk: new content ``text`` (None: no content in this chunk) and new reasoning."""
         delta = {} if text is None else {"content": text}
         if reasoning:
             delta = {"reasoning_content": reasoning, **({"content": text} if text else {})}
-        choice = {"index": c, "delta": delta, "logprobs": self._logprobs(entries) if entries else None,
-                  "finish_reason": finish}
+        choice = {
+            "index": c,
+            "delta": delta,
+            "logprobs": self._logprobs(entries) if entries else None,
+            "finish_reason": finish,
+        }
         return {**choice, "npr": npr} if npr is not None else choice
 
     def _content_choice(self, c: int, text: str, entries=(), final: bool = False) -> dict | None:
@@ -203,9 +259,15 @@ class ChatFormat:
             if self.splitters is not None:
                 reasoning, content = split_reasoning(stream.text)
                 message = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-            choices.append({"index": c, "message": message,
-                            "logprobs": self._logprobs(stream.content_logprobs()),
-                            "finish_reason": stream.finish_reason(), "npr": self.g.extension(c)})
+            choices.append(
+                {
+                    "index": c,
+                    "message": message,
+                    "logprobs": self._logprobs(stream.content_logprobs()),
+                    "finish_reason": stream.finish_reason(),
+                    "npr": self.g.extension(c),
+                }
+            )
         return {**self._base(self.object_name), "choices": choices, "usage": self.g.usage()}
 
     def usage_chunk(self) -> dict:
@@ -226,9 +288,12 @@ class CompletionFormat(ChatFormat):
         top = None
         if self.top_logprobs:
             top = [{} if e.logprob is None else self._alternatives(e) for e in entries]
-        return {"tokens": [self.g.token_text(e.token) for e in entries],
-                "token_logprobs": [_finite(e.logprob) for e in entries],
-                "top_logprobs": top, "text_offset": [e.offset for e in entries]}
+        return {
+            "tokens": [self.g.token_text(e.token) for e in entries],
+            "token_logprobs": [_finite(e.logprob) for e in entries],
+            "top_logprobs": top,
+            "text_offset": [e.offset for e in entries],
+        }
 
     def _alternatives(self, entry) -> dict[str, float]:
         alternatives: dict[str, float] = {}
@@ -239,16 +304,34 @@ class CompletionFormat(ChatFormat):
     def opening(self) -> list[dict]:
         return []
 
-    def _chunk_choice(self, c: int, text: str | None, entries=(), finish: str | None = None,
-                      npr: dict | None = None, reasoning: str = "") -> dict:
-        choice = {"index": c, "text": text or "", "logprobs": self._logprobs(entries) if entries else None,
-                  "finish_reason": finish}
+    def _chunk_choice(
+        self,
+        c: int,
+        text: str | None,
+        entries=(),
+        finish: str | None = None,
+        npr: dict | None = None,
+        reasoning: str = "",
+    ) -> dict:
+        choice = {
+            "index": c,
+            "text": text or "",
+            "logprobs": self._logprobs(entries) if entries else None,
+            "finish_reason": finish,
+        }
         return {**choice, "npr": npr} if npr is not None else choice
 
     def response(self) -> dict:
-        choices = [{"index": c, "text": s.text, "logprobs": self._logprobs(s.content_logprobs()),
-                    "finish_reason": s.finish_reason(), "npr": self.g.extension(c)}
-                   for c, s in enumerate(self.g.streams)]
+        choices = [
+            {
+                "index": c,
+                "text": s.text,
+                "logprobs": self._logprobs(s.content_logprobs()),
+                "finish_reason": s.finish_reason(),
+                "npr": self.g.extension(c),
+            }
+            for c, s in enumerate(self.g.streams)
+        ]
         return {**self._base(self.object_name), "choices": choices, "usage": self.g.usage()}
 
 
@@ -277,8 +360,11 @@ class StreamingResponse:
         try:
             async with aclosing(self.fmt.g.updates()) as updates:
                 async for batch in updates:
-                    yield "".join(f"data: {_json(self._with_usage(chunk))}\n\n" for c, update in batch
-                                  for chunk in self.fmt.chunks(c, update))
+                    yield "".join(
+                        f"data: {_json(self._with_usage(chunk))}\n\n"
+                        for c, update in batch
+                        for chunk in self.fmt.chunks(c, update)
+                    )
         except ApiError as e:  # headers are sent: report the failure in the stream, as OpenAI does
             yield f"data: {_json(e.body())}\n\n"
         else:
@@ -287,9 +373,17 @@ class StreamingResponse:
         yield "data: [DONE]\n\n"
 
     async def __call__(self, scope, receive, send) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-                                (b"x-accel-buffering", b"no")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),
+                ],
+            }
+        )
         try:
             async with until_disconnect(receive):
                 try:
@@ -308,6 +402,7 @@ async def until_disconnect(receive):
     """Run the body until it ends or the client disconnects, whichever comes first (a disconnect
     cancels the body; the caller's ``finally`` then cancels its engine jobs)."""
     async with anyio.create_task_group() as tasks:
+
         async def watch():
             await _wait_for_disconnect(receive)
             tasks.cancel_scope.cancel()
@@ -338,10 +433,22 @@ class JsonResponse:
             self.fmt.g.close()
         if not body:
             return  # the client disconnected
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
-__all__ = ["ChatFormat", "CompletionFormat", "Generation", "JsonResponse", "StreamingResponse", "error_body",
-           "npr_extension"]
+__all__ = [
+    "ChatFormat",
+    "CompletionFormat",
+    "Generation",
+    "JsonResponse",
+    "StreamingResponse",
+    "error_body",
+    "npr_extension",
+]

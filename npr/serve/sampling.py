@@ -80,8 +80,9 @@ class MinP:
         return logits.masked_fill_(logits < logits.max() + temperature * self.log_min_p, float("-inf"))
 
 
-def request_processors(repetition_penalty: float | None, min_tokens: int | None, min_p: float | None,
-                       eos_ids: frozenset[int]) -> tuple:
+def request_processors(
+    repetition_penalty: float | None, min_tokens: int | None, min_p: float | None, eos_ids: frozenset[int]
+) -> tuple:
     """The processors a request's fields ask for, in vLLM's order (penalties, then EOS, then min-p)."""
     out = []
     if repetition_penalty is not None and repetition_penalty != 1.0:

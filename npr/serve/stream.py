@@ -26,8 +26,13 @@ from typing import NamedTuple
 from npr.engine import Result, StreamDelta
 
 # engine finish reason -> OpenAI finish_reason (invalid_schema and cancelled are documented extensions)
-FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "invalid_schema": "invalid_schema",
-                  "cancelled": "cancelled"}
+FINISH_REASONS = {
+    "eos": "stop",
+    "stop": "stop",
+    "length": "length",
+    "invalid_schema": "invalid_schema",
+    "cancelled": "cancelled",
+}
 
 
 class IncrementalDecoder:
@@ -58,11 +63,11 @@ class IncrementalDecoder:
     def _advance(self, final: bool) -> str:
         if self._read == len(self.tokens):
             return ""
-        before = self._decode(self.tokens[self._prefix:self._read])
-        now = self._decode(self.tokens[self._prefix:])
+        before = self._decode(self.tokens[self._prefix : self._read])
+        now = self._decode(self.tokens[self._prefix :])
         if len(now) > len(before) and (final or not now.endswith("\ufffd")):
             self._prefix, self._read = self._read, len(self.tokens)
-            return now[len(before):]
+            return now[len(before) :]
         return ""
 
 
@@ -94,8 +99,14 @@ class Update:
 class SampleStream:
     """One sample of one request: feed it the sample's ``StreamDelta``s in order, then its ``Result``."""
 
-    def __init__(self, tokenizer, eos_ids: frozenset[int], stops: list[str] = (),
-                 skip_special: frozenset[int] = frozenset(), include_stop: bool = False):
+    def __init__(
+        self,
+        tokenizer,
+        eos_ids: frozenset[int],
+        stops: list[str] = (),
+        skip_special: frozenset[int] = frozenset(),
+        include_stop: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.stops = list(stops)
@@ -118,7 +129,7 @@ class SampleStream:
     @property
     def text(self) -> str:
         """The content handed out so far; after ``finish`` the whole content."""
-        return self._decoded[:self._emitted]
+        return self._decoded[: self._emitted]
 
     @property
     def done(self) -> bool:
@@ -199,8 +210,11 @@ class SampleStream:
         upto = len(self._decoded)
         if self.stops:
             start = max(0, self._searched - self._hold)
-            found = [(i, i + len(s) if self.include_stop else i)
-                     for i, s in ((self._decoded.find(s, start), s) for s in self.stops) if i >= 0]
+            found = [
+                (i, i + len(s) if self.include_stop else i)
+                for i, s in ((self._decoded.find(s, start), s) for s in self.stops)
+                if i >= 0
+            ]
             self._searched = len(self._decoded)
             if found:
                 upto = min(found)[1]
@@ -209,5 +223,5 @@ class SampleStream:
             elif not final:
                 upto = max(self._emitted, len(self._decoded) - self._hold)
         if upto > self._emitted:
-            update.content += self._decoded[self._emitted:upto]
+            update.content += self._decoded[self._emitted : upto]
             self._emitted = upto

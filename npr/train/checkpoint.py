@@ -64,8 +64,10 @@ def load_pt(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         reason = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), type(e).__name__)
-        raise CheckpointError(f"{path} holds an object a checkpoint may not ({reason[:200]}); npr loads checkpoints "
-                              "weights-only and does not unpickle code from them") from None
+        raise CheckpointError(
+            f"{path} holds an object a checkpoint may not ({reason[:200]}); npr loads checkpoints "
+            "weights-only and does not unpickle code from them"
+        ) from None
 
 
 def rng_file(rank: int) -> str:
@@ -93,8 +95,11 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    steps = [int(m.group(1)) for p in root.iterdir()
-             if (m := _STEP_DIR.match(p.name)) and not manifest_problems(p, hashes=False)]
+    steps = [
+        int(m.group(1))
+        for p in root.iterdir()
+        if (m := _STEP_DIR.match(p.name)) and not manifest_problems(p, hashes=False)
+    ]
     return sorted(steps)
 
 
@@ -112,16 +117,19 @@ def resume_point(run_dir: Path) -> tuple[Path | None, str | None]:
     exist but none is complete, naming what is wrong with the newest.
     """
     root = Path(run_dir) / "checkpoints"
-    dirs = sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
-                  if (m := _STEP_DIR.match(p.name)))
+    dirs = sorted(
+        (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ()) if (m := _STEP_DIR.match(p.name))
+    )
     complete = checkpoint_steps(run_dir)
     skipped = [(step, p) for step, p in dirs if not complete or step > complete[-1]]
     problems = [f"{p.name}: {manifest_problems(p, hashes=False)[0]}" for _, p in skipped]
     if not complete:
         if not dirs:
             return None, None
-        raise CheckpointError(f"--resume: {root} holds no complete checkpoint ({problems[-1]}); delete the damaged "
-                              "checkpoint directories to start the run over, or restore them")
+        raise CheckpointError(
+            f"--resume: {root} holds no complete checkpoint ({problems[-1]}); delete the damaged "
+            "checkpoint directories to start the run over, or restore them"
+        )
     note = f"skipped incomplete checkpoint(s): {'; '.join(problems)}" if problems else None
     return root / f"step-{complete[-1]}", note
 
@@ -140,8 +148,11 @@ def verify_checkpoint(checkpoint: Path, accelerator=None) -> dict:
         problems = [p for found in gathered for p in found]
     if problems:
         older = [s for s in checkpoint_steps(checkpoint.parent.parent) if f"step-{s}" != checkpoint.name]
-        hint = (f"delete {checkpoint} to resume from step-{older[-1]}" if older else
-                f"delete {checkpoint} and start the run again without --resume")
+        hint = (
+            f"delete {checkpoint} to resume from step-{older[-1]}"
+            if older
+            else f"delete {checkpoint} and start the run again without --resume"
+        )
         raise CheckpointError(f"checkpoint {checkpoint} is damaged: {problems[0]}; {hint}")
     return read_manifest(checkpoint)
 
@@ -165,8 +176,17 @@ def _save_model_files(accelerator, model, tokenizer, optimizer, partial: Path) -
         tokenizer.save_pretrained(partial)
 
 
-def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir: Path, step: int,
-                    keep: int, progress: dict | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    run_dir: Path,
+    step: int,
+    keep: int,
+    progress: dict | None = None,
+) -> Path:
     """Write ``checkpoints/step-{step}`` from every process (call on all); keep the newest ``keep``.
     ``progress``: the trainer's own position (e.g. generation batches drawn), read back by
     ``saved_progress``."""
@@ -182,16 +202,22 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir
     with _removed_on_failure(partial):
         _save_model_files(accelerator, model, tokenizer, optimizer, partial)
         if accelerator.is_main_process:
-            state = {"step": step, "num_processes": accelerator.num_processes, "scheduler": scheduler.state_dict(),
-                     "progress": dict(progress or {})}
+            state = {
+                "step": step,
+                "num_processes": accelerator.num_processes,
+                "scheduler": scheduler.state_dict(),
+                "progress": dict(progress or {}),
+            }
             if not sharded:
                 state["optimizer"] = optimizer.state_dict()
             torch.save(state, partial / STATE_FILE)
         torch.save(rng_state(), partial / rng_file(accelerator.process_index))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_manifest(partial, {"format": FORMAT, "step": step, "num_processes": accelerator.num_processes,
-                                     "sharded": sharded})
+            write_manifest(
+                partial,
+                {"format": FORMAT, "step": step, "num_processes": accelerator.num_processes, "sharded": sharded},
+            )
             if target.exists():  # a checkpoint of this step from before a crash: replaced whole
                 shutil.rmtree(target)
             partial.rename(target)
@@ -204,22 +230,27 @@ def save_checkpoint(accelerator, model, tokenizer, optimizer, scheduler, run_dir
     return target
 
 
-def _restore_rng(checkpoint: Path, manifest: dict, process_index: int, num_processes: int, seed: int,
-                 step: int) -> str | None:
+def _restore_rng(
+    checkpoint: Path, manifest: dict, process_index: int, num_processes: int, seed: int, step: int
+) -> str | None:
     """Restore this process's RNG; a note when the process count changed (then re-seeded)."""
     saved = int(manifest.get("num_processes", 1))
     if saved == num_processes:
         path = checkpoint / rng_file(process_index)
         if not path.is_file():
-            raise CheckpointError(f"checkpoint {checkpoint} has no {path.name} (the RNG state of process "
-                                  f"{process_index}); it is incomplete: delete it to resume from an earlier one")
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has no {path.name} (the RNG state of process "
+                f"{process_index}); it is incomplete: delete it to resume from an earlier one"
+            )
         set_rng_state(load_pt(path))
         return None
     from accelerate.utils import set_seed
 
     set_seed(seed * 1_000_003 + step * 1_009 + process_index)
-    return (f"{checkpoint} was written by {saved} process(es), this run has {num_processes}: model and optimizer "
-            "state re-shard; each process's RNG is re-seeded from (seed, step, process)")
+    return (
+        f"{checkpoint} was written by {saved} process(es), this run has {num_processes}: model and optimizer "
+        "state re-shard; each process's RNG is re-seeded from (seed, step, process)"
+    )
 
 
 def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler, seed: int) -> tuple[int, str | None]:
@@ -234,9 +265,11 @@ def load_checkpoint(checkpoint: Path, accelerator, model, optimizer, scheduler, 
     manifest = verify_checkpoint(checkpoint, accelerator)
     if bool(manifest.get("sharded")) != is_sharded(model):
         kind = "sharded (FSDP)" if manifest.get("sharded") else "unsharded"
-        raise CheckpointError(f"checkpoint {checkpoint} is {kind} and this run is "
-                              f"{'sharded' if is_sharded(model) else 'not'}; resume with the fsdp setting it was "
-                              "written with")
+        raise CheckpointError(
+            f"checkpoint {checkpoint} is {kind} and this run is "
+            f"{'sharded' if is_sharded(model) else 'not'}; resume with the fsdp setting it was "
+            "written with"
+        )
     state = load_pt(checkpoint / STATE_FILE)
     if is_sharded(model):
         import torch.distributed.checkpoint as dcp

@@ -24,8 +24,9 @@ class BatchOrder:
 
     def __post_init__(self):
         if self.num_examples < 1 or self.batch_size < 1:
-            raise ValueError(f"BatchOrder needs examples and a batch size >= 1, got {self.num_examples}, "
-                             f"{self.batch_size}")
+            raise ValueError(
+                f"BatchOrder needs examples and a batch size >= 1, got {self.num_examples}, {self.batch_size}"
+            )
 
     def epoch_permutation(self, epoch: int) -> list[int]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -38,7 +39,7 @@ class BatchOrder:
         epoch, offset = divmod(start, self.num_examples)
         while len(indices) < self.batch_size:
             permutation = self.epoch_permutation(epoch)
-            indices += permutation[offset:offset + self.batch_size - len(indices)]
+            indices += permutation[offset : offset + self.batch_size - len(indices)]
             epoch, offset = epoch + 1, 0
         return indices
 
@@ -53,7 +54,7 @@ def shard(items: list, rank: int, world_size: int) -> tuple[list, int]:
     same number of items and the union over ranks is ``items`` in order.
     """
     per_rank = len(items) // world_size
-    return items[rank * per_rank:(rank + 1) * per_rank], rank * per_rank
+    return items[rank * per_rank : (rank + 1) * per_rank], rank * per_rank
 
 
 def load_train_problems(spec: str, limit: int | None = None, what: str = "train_data") -> list[Problem]:

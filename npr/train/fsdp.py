@@ -37,26 +37,35 @@ def world_size_from_env() -> int:
 def check_fsdp_launch(config) -> None:
     """FSDP needs several processes: refuse one before anything is loaded, naming the fix."""
     if getattr(config, "fsdp", False) and world_size_from_env() < 2:
-        raise ConfigError("config field 'fsdp': FSDP shards the model over processes and this launch has one; "
-                          "launch N >= 2 processes (torchrun --nproc_per_node N -m npr.cli.main …, or accelerate "
-                          "launch --num_processes N …), or drop --fsdp to train on one process")
+        raise ConfigError(
+            "config field 'fsdp': FSDP shards the model over processes and this launch has one; "
+            "launch N >= 2 processes (torchrun --nproc_per_node N -m npr.cli.main …, or accelerate "
+            "launch --num_processes N …), or drop --fsdp to train on one process"
+        )
 
 
 def layer_classes(model, config) -> list[str]:
     """Names of the layer classes FSDP wraps as units; ``ConfigError`` if the model has none."""
     from accelerate.utils.dataclasses import get_module_class_from_name
 
-    names = ([n.strip() for n in config.fsdp_layer_class.split(",") if n.strip()] if config.fsdp_layer_class
-             else list(getattr(model, "_no_split_modules", None) or []))
+    names = (
+        [n.strip() for n in config.fsdp_layer_class.split(",") if n.strip()]
+        if config.fsdp_layer_class
+        else list(getattr(model, "_no_split_modules", None) or [])
+    )
     if not names:
-        raise ConfigError(f"config field 'fsdp_layer_class': {type(model).__name__} declares no layer class to "
-                          "shard (_no_split_modules is empty); pass --fsdp-layer-class with its decoder layer class "
-                          "name (e.g. Qwen3DecoderLayer), or drop --fsdp")
+        raise ConfigError(
+            f"config field 'fsdp_layer_class': {type(model).__name__} declares no layer class to "
+            "shard (_no_split_modules is empty); pass --fsdp-layer-class with its decoder layer class "
+            "name (e.g. Qwen3DecoderLayer), or drop --fsdp"
+        )
     missing = [n for n in names if get_module_class_from_name(model, n) is None]
     if missing:
-        raise ConfigError(f"config field 'fsdp_layer_class': {type(model).__name__} has no module of class "
-                          f"{', '.join(missing)}, so FSDP cannot wrap it; pass --fsdp-layer-class with the name of its "
-                          "decoder layer class (the class repeated once per layer), or drop --fsdp")
+        raise ConfigError(
+            f"config field 'fsdp_layer_class': {type(model).__name__} has no module of class "
+            f"{', '.join(missing)}, so FSDP cannot wrap it; pass --fsdp-layer-class with the name of its "
+            "decoder layer class (the class repeated once per layer), or drop --fsdp"
+        )
     return names
 
 
@@ -67,11 +76,16 @@ def fsdp_plugin(config, layers: list[str]):
 
     param_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else None
     return FullyShardedDataParallelPlugin(
-        fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=layers,
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=layers,
         mixed_precision_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
-        activation_checkpointing=config.gradient_checkpointing, reshard_after_forward=True,
-        state_dict_type="SHARDED_STATE_DICT", cpu_ram_efficient_loading=False,
-        cpu_offload=_offload_policy(config))
+        activation_checkpointing=config.gradient_checkpointing,
+        reshard_after_forward=True,
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+        cpu_offload=_offload_policy(config),
+    )
 
 
 def _offload_policy(config):

@@ -71,8 +71,9 @@ class TokenLogprobs:
     entropy: torch.Tensor | None = None
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float,
-                  softcap: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: float, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """fp32 logits of one chunk [C, V] after the head's transform, and tanh(z / cap) [C, V] when softcapped."""
     logits = torch.nn.functional.linear(hidden, weight, bias).float()  # [C, V]
     if scale != 1.0:
@@ -87,8 +88,19 @@ class _ChunkedSelectedLogprobs(torch.autograd.Function):
     """log softmax(head(hidden) / temperature)[target] per token, one chunk of tokens at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, inv_temperature: float, scale: float, softcap, chunk: int,
-                want_untempered: bool, want_entropy: bool):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        inv_temperature: float,
+        scale: float,
+        softcap,
+        chunk: int,
+        want_untempered: bool,
+        want_entropy: bool,
+    ):
         dtype = _compute_dtype(hidden, weight)
         w, b = weight.to(dtype), None if bias is None else bias.to(dtype)
         n = hidden.shape[0]
@@ -151,8 +163,18 @@ class _ChunkedSelectedLogprobs(torch.autograd.Function):
             if need_bias:
                 grad_bias.add_(grad.float().sum(0))
             del z, grad, capped  # before the next chunk's logits exist: one chunk alive, not two
-        return (grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None, None, None, None)
+        return (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -163,9 +185,15 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-def selected_logprobs(hidden: torch.Tensor, head: OutputHead, targets: torch.Tensor, temperature: float = 1.0,
-                      chunk_size: int = DEFAULT_LOGPROB_CHUNK, untempered: bool = False,
-                      entropy: bool = False) -> TokenLogprobs:
+def selected_logprobs(
+    hidden: torch.Tensor,
+    head: OutputHead,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+    untempered: bool = False,
+    entropy: bool = False,
+) -> TokenLogprobs:
     """``log p(targets[i] | hidden[i])`` under ``softmax(head(hidden) / temperature)``.
 
     hidden [N, H] (grad flows to it and to the head's weight and bias), targets LongTensor[N];
@@ -177,6 +205,15 @@ def selected_logprobs(hidden: torch.Tensor, head: OutputHead, targets: torch.Ten
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     inv_temperature = 1.0 / temperature if temperature > 0 else 1.0
     logprobs, plain, ent = _ChunkedSelectedLogprobs.apply(
-        hidden, head.weight, head.bias, targets, inv_temperature, head.scale, head.softcap, chunk_size,
-        untempered, entropy)
+        hidden,
+        head.weight,
+        head.bias,
+        targets,
+        inv_temperature,
+        head.scale,
+        head.softcap,
+        chunk_size,
+        untempered,
+        entropy,
+    )
     return TokenLogprobs(logprobs, plain if untempered else None, ent if entropy else None)

@@ -32,11 +32,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from transformers import AttentionInterface
 
-from npr.masks import (TreeIds, attention_bias, dense_tree_mask, tree_block_mask, tree_ids_and_positions,
-                       tree_visible)
+from npr.masks import TreeIds, attention_bias, dense_tree_mask, tree_block_mask, tree_ids_and_positions, tree_visible
 from npr.train.config import ATTENTION_CHOICES
 from npr.train.lm_head import DEFAULT_LOGPROB_CHUNK, output_head, selected_logprobs
 
@@ -70,8 +68,16 @@ def flex_row_length(length: int, device_type: str) -> int:
     return max(128, 1 << (length - 1).bit_length())
 
 
-def flex_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                           scaling: float | None = None, dropout: float = 0.0, **kwargs):
+def flex_attention_forward(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+):
     """The attention of every layer under ``attention: flex``: one ``flex_attention`` call with
     the row's BlockMask, registered with transformers' ``AttentionInterface`` as ``npr_flex``.
 
@@ -81,8 +87,10 @@ def flex_attention_forward(module, query: torch.Tensor, key: torch.Tensor, value
     from torch.nn.attention.flex_attention import BlockMask
 
     if not isinstance(attention_mask, BlockMask):
-        raise TypeError(f"attention {FLEX_ATTENTION_NAME} reads a flex_attention BlockMask, got "
-                        f"{type(attention_mask).__name__}; build it with npr.masks.tree_block_mask")
+        raise TypeError(
+            f"attention {FLEX_ATTENTION_NAME} reads a flex_attention BlockMask, got "
+            f"{type(attention_mask).__name__}; build it with npr.masks.tree_block_mask"
+        )
     if dropout or kwargs.get("softcap") or kwargs.get("s_aux") is not None:
         raise ValueError(f"attention {FLEX_ATTENTION_NAME} supports no dropout, softcap or attention sinks")
     heads, kv_heads = query.shape[1], key.shape[1]
@@ -197,8 +205,9 @@ def _single(ids: torch.Tensor, tree: TreeIds, positions: torch.Tensor, prompt_le
     return TokenSequence(ids, tree, positions, prompt_length, ((prompt_length, len(ids)),))
 
 
-def structured_sequence(prompt_ids: Sequence[int], response_ids: Sequence[int],
-                        tag_ids: Mapping[str, int]) -> TokenSequence:
+def structured_sequence(
+    prompt_ids: Sequence[int], response_ids: Sequence[int], tag_ids: Mapping[str, int]
+) -> TokenSequence:
     """Prompt + response with the tree ids and positions; ``StructureError`` if malformed."""
     ids = torch.tensor([*prompt_ids, *response_ids], dtype=torch.long)  # [L]
     tree, positions = tree_ids_and_positions(ids, tag_ids, response_start=len(prompt_ids))
@@ -245,8 +254,9 @@ def pack_shared_prefix(sequences: Sequence[TokenSequence]) -> TokenSequence:
         spans += [(move(a), move(b - 1) + 1) for a, b in s.spans]
         predictors += [move(s.first_predictor(k)) for k in range(len(s.spans))]
         offset += n
-    return TokenSequence(torch.cat(ids), TreeIds.cat(trees), torch.cat(positions), shared, tuple(spans),
-                         tuple(predictors))
+    return TokenSequence(
+        torch.cat(ids), TreeIds.cat(trees), torch.cat(positions), shared, tuple(spans), tuple(predictors)
+    )
 
 
 def concat_documents(sequences: Sequence[TokenSequence]) -> TokenSequence:
@@ -260,8 +270,14 @@ def concat_documents(sequences: Sequence[TokenSequence]) -> TokenSequence:
         spans += [(a + offset, b + offset) for a, b in s.spans]
         predictors += [s.first_predictor(j) + offset for j in range(len(s.spans))]
         offset += len(s.input_ids)
-    return TokenSequence(torch.cat(ids), TreeIds.cat(trees), torch.cat(positions), sequences[0].context_end,
-                         tuple(spans), tuple(predictors))
+    return TokenSequence(
+        torch.cat(ids),
+        TreeIds.cat(trees),
+        torch.cat(positions),
+        sequences[0].context_end,
+        tuple(spans),
+        tuple(predictors),
+    )
 
 
 def pack_in_budget(sequences: Sequence[TokenSequence], max_tokens: int) -> list[TokenSequence]:
@@ -310,8 +326,12 @@ def segment_pieces(s: TokenSequence, dtype: torch.dtype, device) -> list[Piece]:
     shared = s.context_end
     starts = [shared] + [a for a in range(shared + 1, n) if member[a] != member[a - 1]]
     ranges = list(zip(starts, starts[1:] + [n]))
-    packed = (shared < n and bool((member[:shared] < 0).all())
-              and len({int(member[a]) for a, _ in ranges}) == len(ranges) and bool((member[shared:] >= 0).all()))
+    packed = (
+        shared < n
+        and bool((member[:shared] < 0).all())
+        and len({int(member[a]) for a, _ in ranges}) == len(ranges)
+        and bool((member[shared:] >= 0).all())
+    )
     if not packed:
         ranges, shared = [], n
     pieces = []
@@ -323,24 +343,29 @@ def segment_pieces(s: TokenSequence, dtype: torch.dtype, device) -> list[Piece]:
     return pieces
 
 
-def segmented_attention_forward(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0,
-                                npr_pieces=None, **kwargs):
+def segmented_attention_forward(
+    module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, npr_pieces=None, **kwargs
+):
     """Attention implementation of the ``dense`` layout: per row, SDPA over each ``Piece`` (queries
     of one segment against the keys they may see), concatenated in token order; pad queries past a
     row's pieces get zeros (no real token reads them). query [B, H, L, D] -> ([B, L, H, D], None)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if npr_pieces is None:  # a plain call of the model (its own mask, or none): transformers' sdpa
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     rows = []
     for b, pieces in enumerate(npr_pieces):
         outs = []
         for p in pieces:
-            k = torch.cat([key[b:b + 1, :, a:c] for a, c in p.key_ranges], dim=2)
-            v = torch.cat([value[b:b + 1, :, a:c] for a, c in p.key_ranges], dim=2)
-            outs.append(sdpa_attention_forward(module, query[b:b + 1, :, p.start:p.end], k, v, p.bias,
-                                               dropout=dropout, scaling=scaling)[0])  # [1, q, H, D]
+            k = torch.cat([key[b : b + 1, :, a:c] for a, c in p.key_ranges], dim=2)
+            v = torch.cat([value[b : b + 1, :, a:c] for a, c in p.key_ranges], dim=2)
+            outs.append(
+                sdpa_attention_forward(
+                    module, query[b : b + 1, :, p.start : p.end], k, v, p.bias, dropout=dropout, scaling=scaling
+                )[0]
+            )  # [1, q, H, D]
         pad = query.shape[2] - pieces[-1].end
         if pad:
             outs.append(query.new_zeros(1, pad, query.shape[1], query.shape[3]))
@@ -351,34 +376,40 @@ def segmented_attention_forward(module, query, key, value, attention_mask=None, 
 AttentionInterface.register(SEGMENTS_ATTENTION_NAME, segmented_attention_forward)
 
 
-def _dense_inputs(sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype, device: torch.device
-                  ) -> tuple[dict, int]:
+def _dense_inputs(
+    sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype, device: torch.device
+) -> tuple[dict, int]:
     """The right-padded batch of the dense layout, as model inputs (ids, positions, attention pieces from
     ``segment_pieces``), and its length L."""
     length = max(len(s.input_ids) for s in sequences)
     input_ids = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)  # [B, L]
     position_ids = torch.zeros((len(sequences), length), dtype=torch.long)  # [B, L]
     for b, s in enumerate(sequences):
-        input_ids[b, :len(s.input_ids)] = s.input_ids
-        position_ids[b, :len(s.input_ids)] = s.position_ids
+        input_ids[b, : len(s.input_ids)] = s.input_ids
+        position_ids[b, : len(s.input_ids)] = s.position_ids
     pieces = [segment_pieces(s, dtype, device) for s in sequences]
     return dict(input_ids=input_ids.to(device), position_ids=position_ids.to(device), npr_pieces=pieces), length
 
 
-def _dense_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype
-                  ) -> list[torch.Tensor]:
+def _dense_logits(
+    model, sequences: Sequence[TokenSequence], pad_token_id: int, dtype: torch.dtype
+) -> list[torch.Tensor]:
     """Right-padded batch, attention by pieces (``segment_pieces``); per response its predicting
     logits [T_r, V]."""
     inputs, length = _dense_inputs(sequences, pad_token_id, dtype, next(model.parameters()).device)
     # Only logits from the first predicting token onward are read: skip the (shared) prompt.
     first = min(s.first_predictor(j) for s in sequences for j in range(len(s.spans)))
     logits = model(**inputs, logits_to_keep=length - first, use_cache=False).logits  # [B, L - first, V]
-    return [logits[b].index_select(0, (s.predictors(j) - first).to(logits.device))
-            for b, s in enumerate(sequences) for j in range(len(s.spans))]
+    return [
+        logits[b].index_select(0, (s.predictors(j) - first).to(logits.device))
+        for b, s in enumerate(sequences)
+        for j in range(len(s.spans))
+    ]
 
 
-def _flex_inputs(sequences: Sequence[TokenSequence], pad_token_id: int, device: torch.device
-                 ) -> tuple[TokenSequence, dict, torch.Tensor]:
+def _flex_inputs(
+    sequences: Sequence[TokenSequence], pad_token_id: int, device: torch.device
+) -> tuple[TokenSequence, dict, torch.Tensor]:
     """The flex layout's one packed row (document ids, no padding but the tail to ``flex_row_length``), its model
     inputs (ids, positions, the BlockMask of its tree) and its predicting positions [P]."""
     row = concat_documents(sequences)
@@ -403,21 +434,33 @@ def _layout(model, attention: str):
     """A context in which ``model`` reads the ``attention`` layout's mask (checks first: see the errors)."""
     device = next(model.parameters()).device
     current = model_config(model)._attn_implementation
-    if current != _IMPLEMENTATION[attention] and torch.is_grad_enabled() and getattr(
-            getattr(model, "module", model), "is_gradient_checkpointing", False):
-        raise RuntimeError(f"the model's attention is {current!r}, not the {attention} layout's: with gradient "
-                           "checkpointing the backward pass recomputes attention after this call, so call "
-                           f"set_attention(model, {attention!r}) first")
+    if (
+        current != _IMPLEMENTATION[attention]
+        and torch.is_grad_enabled()
+        and getattr(getattr(model, "module", model), "is_gradient_checkpointing", False)
+    ):
+        raise RuntimeError(
+            f"the model's attention is {current!r}, not the {attention} layout's: with gradient "
+            "checkpointing the backward pass recomputes attention after this call, so call "
+            f"set_attention(model, {attention!r}) first"
+        )
     if attention == "flex" and device.type == "cpu" and torch.is_grad_enabled():
-        raise RuntimeError("flex_attention has no backward on CPU (torch 2.13); train with attention dense "
-                           "(auto picks it on CPU), or run this forward under torch.no_grad()")
+        raise RuntimeError(
+            "flex_attention has no backward on CPU (torch 2.13); train with attention dense "
+            "(auto picks it on CPU), or run this forward under torch.no_grad()"
+        )
     if current == _IMPLEMENTATION[attention]:
         return contextlib.nullcontext()
     return attention_layout(model, attention)
 
 
-def response_logits(model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                    mask_dtype: torch.dtype | None = None, attention: str | None = None) -> list[torch.Tensor]:
+def response_logits(
+    model,
+    sequences: Sequence[TokenSequence],
+    pad_token_id: int,
+    mask_dtype: torch.dtype | None = None,
+    attention: str | None = None,
+) -> list[torch.Tensor]:
     """Per response (in sequence, then span order) the logits that predict its tokens:
     FloatTensor[T_r, V] each, from the ``flex`` or ``dense`` layout. The full-vocabulary path:
     for checks and benchmarks that read logits (training reads ``response_logprobs``)."""
@@ -460,8 +503,13 @@ def _flex_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int) -
     return body_hidden_states(model, **inputs)[0].index_select(0, keep)  # [P, H]
 
 
-def response_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                    mask_dtype: torch.dtype | None = None, attention: str | None = None) -> torch.Tensor:
+def response_hidden(
+    model,
+    sequences: Sequence[TokenSequence],
+    pad_token_id: int,
+    mask_dtype: torch.dtype | None = None,
+    attention: str | None = None,
+) -> torch.Tensor:
     """The body's hidden states at every response token's predicting position, responses in
     sequence then span order: FloatTensor[P, H] (P = all response tokens), from the ``flex`` or
     ``dense`` layout (see ``response_logprobs``)."""
@@ -472,10 +520,16 @@ def response_hidden(model, sequences: Sequence[TokenSequence], pad_token_id: int
         return _dense_hidden(model, sequences, pad_token_id, mask_dtype or next(model.parameters()).dtype)
 
 
-def response_logprobs(model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                      mask_dtype: torch.dtype | None = None, attention: str | None = None,
-                      temperature: float = 1.0, untempered: bool = False,
-                      chunk_size: int = DEFAULT_LOGPROB_CHUNK):
+def response_logprobs(
+    model,
+    sequences: Sequence[TokenSequence],
+    pad_token_id: int,
+    mask_dtype: torch.dtype | None = None,
+    attention: str | None = None,
+    temperature: float = 1.0,
+    untempered: bool = False,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+):
     """Log-probs of every response token under one masked forward of ``model``.
 
     The model's body gives the hidden states at the predicting positions; the output head,

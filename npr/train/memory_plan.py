@@ -100,10 +100,12 @@ class ModelShape:
         return self.embedding_parameters + self.num_hidden_layers * self.layer_parameters
 
     def describe(self) -> str:
-        return (f"{self.parameters / 1e9:.2f} B parameters: {self.num_hidden_layers} layers, hidden "
-                f"{self.hidden_size}, {self.num_attention_heads}/{self.num_key_value_heads} heads of {self.head_dim}, "
-                f"MLP {self.intermediate_size}, vocab {self.vocab_size}"
-                + (", tied embeddings" if self.tie_word_embeddings else ""))
+        return (
+            f"{self.parameters / 1e9:.2f} B parameters: {self.num_hidden_layers} layers, hidden "
+            f"{self.hidden_size}, {self.num_attention_heads}/{self.num_key_value_heads} heads of {self.head_dim}, "
+            f"MLP {self.intermediate_size}, vocab {self.vocab_size}"
+            + (", tied embeddings" if self.tie_word_embeddings else "")
+        )
 
 
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -115,39 +117,85 @@ def shape_from_config(config: Mapping[str, Any], where: str) -> ModelShape:
         config = config["text_config"]
     missing = [k for k in _REQUIRED if not isinstance(config.get(k), int) or config.get(k) < 1]
     if missing:
-        raise MemoryPlanError(f"{where}: no usable {', '.join(missing)}; npr memory needs a decoder-only model's "
-                              f"config.json with {', '.join(_REQUIRED)} (and num_key_value_heads, head_dim)")
+        raise MemoryPlanError(
+            f"{where}: no usable {', '.join(missing)}; npr memory needs a decoder-only model's "
+            f"config.json with {', '.join(_REQUIRED)} (and num_key_value_heads, head_dim)"
+        )
     heads = config["num_attention_heads"]
-    return ModelShape(hidden_size=config["hidden_size"], num_hidden_layers=config["num_hidden_layers"],
-                      num_attention_heads=heads, num_key_value_heads=config.get("num_key_value_heads") or heads,
-                      head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-                      intermediate_size=config["intermediate_size"], vocab_size=config["vocab_size"],
-                      tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                      qk_norm=config.get("model_type") in ("qwen3",))
+    return ModelShape(
+        hidden_size=config["hidden_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        intermediate_size=config["intermediate_size"],
+        vocab_size=config["vocab_size"],
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qk_norm=config.get("model_type") in ("qwen3",),
+    )
 
 
 # config.json fields of models npr memory knows without a download (from their HF model cards' config.json)
 _QWEN3 = dict(model_type="qwen3", vocab_size=151936, head_dim=128, num_key_value_heads=8)
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    "Qwen/Qwen3-0.6B": dict(_QWEN3, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                            num_attention_heads=16, tie_word_embeddings=True),
-    "Qwen/Qwen3-1.7B": dict(_QWEN3, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                            num_attention_heads=16, tie_word_embeddings=True),
-    "Qwen/Qwen3-4B": dict(_QWEN3, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                          num_attention_heads=32, tie_word_embeddings=True),
-    "Qwen/Qwen3-8B": dict(_QWEN3, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                          num_attention_heads=32, tie_word_embeddings=False),
+    "Qwen/Qwen3-0.6B": dict(
+        _QWEN3,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-1.7B": dict(
+        _QWEN3,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-4B": dict(
+        _QWEN3,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        tie_word_embeddings=True,
+    ),
+    "Qwen/Qwen3-8B": dict(
+        _QWEN3,
+        hidden_size=4096,
+        intermediate_size=12288,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        tie_word_embeddings=False,
+    ),
     # the embedded model (npr.models: SmolLM2-135M-Instruct; the 8 NPR tags grow its vocabulary to 49160)
-    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(model_type="llama", vocab_size=49152, hidden_size=576,
-                                                intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                                num_key_value_heads=3, head_dim=64, tie_word_embeddings=True),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
 }
 for _name in ("Qwen/Qwen3-4B-Instruct-2507", "Qwen/Qwen3-4B-Thinking-2507"):  # the 2507 releases: Qwen3-4B's shape
     KNOWN_MODELS[_name] = KNOWN_MODELS["Qwen/Qwen3-4B"]
 KNOWN_MODELS["embedded"] = dict(KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"], vocab_size=49160)
 # npr.models' tiny random models (a byte tokenizer: 3 specials + 256 bytes + the 8 tags)
-_TINY = dict(vocab_size=267, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16)
+_TINY = dict(
+    vocab_size=267,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 KNOWN_MODELS["tiny-random-llama"] = dict(_TINY, model_type="llama", tie_word_embeddings=False)
 KNOWN_MODELS["tiny-random-qwen3"] = dict(_TINY, model_type="qwen3", tie_word_embeddings=True)
 
@@ -158,15 +206,19 @@ def read_model_shape(spec: str) -> tuple[ModelShape, str]:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise MemoryPlanError(f"{path} is a directory without config.json; npr memory reads the model's "
-                                  "config.json: point --model at an HF model directory or a run's final/")
+            raise MemoryPlanError(
+                f"{path} is a directory without config.json; npr memory reads the model's "
+                "config.json: point --model at an HF model directory or a run's final/"
+            )
         path = path / "config.json"
     if path.is_file():
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise MemoryPlanError(f"{path}: cannot read it as JSON ({type(e).__name__}); npr memory needs the "
-                                  "model's config.json (an HF model directory or a run's final/)") from e
+            raise MemoryPlanError(
+                f"{path}: cannot read it as JSON ({type(e).__name__}); npr memory needs the "
+                "model's config.json (an HF model directory or a run's final/)"
+            ) from e
         if not isinstance(config, Mapping):
             raise MemoryPlanError(f"{path}: not a JSON object; npr memory needs the model's config.json")
         return shape_from_config(config, str(path)), str(path)
@@ -176,8 +228,10 @@ def read_model_shape(spec: str) -> tuple[ModelShape, str]:
     if cached is not None:
         return read_model_shape(cached)
     known = ", ".join(k for k in KNOWN_MODELS if "/" in k)
-    raise MemoryPlanError(f"model {spec!r}: no config.json found (not a local directory, not a known name, not in "
-                          f"the HF hub cache); pass --model with a directory holding config.json, or one of {known}")
+    raise MemoryPlanError(
+        f"model {spec!r}: no config.json found (not a local directory, not a known name, not in "
+        f"the HF hub cache); pass --model with a directory holding config.json, or one of {known}"
+    )
 
 
 def _hub_cache_config(spec: str) -> str | None:
@@ -324,7 +378,7 @@ def activation_bytes(shape: ModelShape, inputs: PlanInputs) -> tuple[float, floa
     final = (rb + 4) * shape.hidden_size  # the last layer's output and the final norm's rows
     head_input = inputs.compute_bytes * shape.hidden_size * inputs.predicted_per_pass / max(tokens, 1)
     if inputs.gradient_checkpointing:
-        saved = (layers * rb * shape.hidden_size + final + head_input)
+        saved = layers * rb * shape.hidden_size + final + head_input
         recompute = per_layer + backward_working_bytes(shape, inputs)
         note = f"{layers} layer inputs of {rb * shape.hidden_size / 1024:.1f} KiB/token kept, 1 layer recomputed"
     else:
@@ -333,7 +387,7 @@ def activation_bytes(shape: ModelShape, inputs: PlanInputs) -> tuple[float, floa
         note = f"{layers} layers x {(per_layer + rb * shape.hidden_size) / 1024:.1f} KiB/token saved"
     mask = mask_casts = 0.0
     if inputs.device != "cuda":  # the dense layout's additive mask (fp32), and the bf16 cast of it that
-        squares = inputs.units_per_pass * inputs.unit_tokens ** 2  # attention saves in each layer under autocast
+        squares = inputs.units_per_pass * inputs.unit_tokens**2  # attention saves in each layer under autocast
         mask = squares * inputs.master_bytes
         mask_casts = squares * 2 if inputs.autocast_bf16 else 0.0
     if inputs.gradient_checkpointing:
@@ -354,8 +408,11 @@ def log_prob_bytes(shape: ModelShape, inputs: PlanInputs) -> tuple[float, str]:
     if inputs.logprob_chunk_tokens > 0:
         tokens = min(inputs.logprob_chunk_tokens, inputs.predicted_per_pass)
         if inputs.predicted_per_pass > tokens and CHUNK_LOOP_HOLDS_PREVIOUS:  # the previous chunk's z and grad
-            return 12 * vocab * tokens, f"[{tokens}, {vocab}] chunks: the previous chunk's fp32 and bf16 gradient " \
-                                        "held while the next one's logits are made"
+            return (
+                12 * vocab * tokens,
+                f"[{tokens}, {vocab}] chunks: the previous chunk's fp32 and bf16 gradient "
+                "held while the next one's logits are made",
+            )
         chunk = max(8 * vocab * tokens, 6 * vocab * tokens + 2 * vocab * shape.hidden_size)
         return chunk, f"one [{tokens}, {vocab}] chunk, forward and backward"
     per_token = LOGITS_BACKWARD_BYTES
@@ -392,40 +449,83 @@ def plan_memory(shape: ModelShape, inputs: PlanInputs) -> MemoryPlan:
     if inputs.fsdp:
         gathered = (shape.embedding_parameters + 2 * shape.layer_parameters) * inputs.compute_bytes
         unsharded_grads = (2 * shape.layer_parameters + shape.embedding_parameters) * 4
-        lines.append(MemoryLine("FSDP gathered weights", 0, gathered + unsharded_grads, 0,
-                                "embeddings + 2 layers unsharded, with their fp32 gradients in the backward"))
+        lines.append(
+            MemoryLine(
+                "FSDP gathered weights",
+                0,
+                gathered + unsharded_grads,
+                0,
+                "embeddings + 2 layers unsharded, with their fp32 gradients in the backward",
+            )
+        )
     elif inputs.autocast_bf16 and mb != 2:
         linear = shape.num_hidden_layers * (shape.layer_parameters - 2 * shape.hidden_size) + (
-            shape.vocab_size * shape.hidden_size)  # what autocast casts: the layers' linears and the output head
+            shape.vocab_size * shape.hidden_size
+        )  # what autocast casts: the layers' linears and the output head
         lines.append(MemoryLine("bf16 weight copies", 0, linear * 2, 0, "autocast's cache, the output head's copy"))
     if inputs.decode_rows:
         engine_resident = 0 if inputs.engine_released_for_update else 1
         weights = p * inputs.engine_weight_bytes
-        lines.append(MemoryLine("engine weights", weights, weights * engine_resident, weights * engine_resident,
-                                f"{_dtype(inputs.engine_weight_bytes)} copy" if weights else "reads the policy"))
-        lines.append(MemoryLine("engine KV pool", inputs.kv_pool_bytes, inputs.kv_pool_bytes * engine_resident,
-                                inputs.kv_pool_bytes * engine_resident,
-                                "resident during the update" if engine_resident else "released for the update"))
+        lines.append(
+            MemoryLine(
+                "engine weights",
+                weights,
+                weights * engine_resident,
+                weights * engine_resident,
+                f"{_dtype(inputs.engine_weight_bytes)} copy" if weights else "reads the policy",
+            )
+        )
+        lines.append(
+            MemoryLine(
+                "engine KV pool",
+                inputs.kv_pool_bytes,
+                inputs.kv_pool_bytes * engine_resident,
+                inputs.kv_pool_bytes * engine_resident,
+                "resident during the update" if engine_resident else "released for the update",
+            )
+        )
         decode = inputs.decode_rows * shape.vocab_size * (4 * DECODE_LOGITS_COPIES + 1)
         lines.append(MemoryLine("engine decode step", decode, 0, 0, f"[{inputs.decode_rows}, V] logits"))
     body, recompute, per_token, note = activation_bytes(shape, inputs)
     logits, logits_note = log_prob_bytes(shape, inputs)
     tokens = f"{inputs.tokens_per_pass:,} tokens per pass"
-    lines.append(MemoryLine("activations", 0, int(body), 0,
-                            f"{per_token / 1024:.1f} KiB/token x {tokens}: {note}"))
+    lines.append(MemoryLine("activations", 0, int(body), 0, f"{per_token / 1024:.1f} KiB/token x {tokens}: {note}"))
     # the log-prob step runs before the layers' backward; its memory is freed when the layers recompute
     live_logits = logits >= recompute
-    what = ("one layer's saved tensors, recomputed, + its backward's gradients" if inputs.gradient_checkpointing
-            else "the gradients one layer's backward holds")
-    lines.append(MemoryLine("recomputed layer + its backward" if inputs.gradient_checkpointing else "layer backward",
-                            0, 0 if live_logits else int(recompute), 0,
-                            what + (f"; {recompute / GIB:.2f} GiB, not live with the logits" if live_logits else "")))
-    lines.append(MemoryLine("log-prob logits", 0, int(logits) if live_logits else 0, 0,
-                            logits_note + ("" if live_logits else f"; {logits / GIB:.2f} GiB, not at the peak")))
+    what = (
+        "one layer's saved tensors, recomputed, + its backward's gradients"
+        if inputs.gradient_checkpointing
+        else "the gradients one layer's backward holds"
+    )
+    lines.append(
+        MemoryLine(
+            "recomputed layer + its backward" if inputs.gradient_checkpointing else "layer backward",
+            0,
+            0 if live_logits else int(recompute),
+            0,
+            what + (f"; {recompute / GIB:.2f} GiB, not live with the logits" if live_logits else ""),
+        )
+    )
+    lines.append(
+        MemoryLine(
+            "log-prob logits",
+            0,
+            int(logits) if live_logits else 0,
+            0,
+            logits_note + ("" if live_logits else f"; {logits / GIB:.2f} GiB, not at the peak"),
+        )
+    )
     largest = max(shape.vocab_size, shape.intermediate_size, shape.q_width) * shape.hidden_size  # one weight
     step_temp = p * 4 // share if inputs.device == "cuda" else largest * 4 * 2
-    lines.append(MemoryLine("AdamW step temporaries", 0, 0, on_gpu * step_temp,
-                            "foreach: one state-sized buffer" if inputs.device == "cuda" else "per tensor"))
+    lines.append(
+        MemoryLine(
+            "AdamW step temporaries",
+            0,
+            0,
+            on_gpu * step_temp,
+            "foreach: one state-sized buffer" if inputs.device == "cuda" else "per tensor",
+        )
+    )
     if inputs.device == "cuda":
         lines.append(MemoryLine("CUDA context, NCCL, allocator", *(CUDA_RESERVE_BYTES,) * 3, "estimate"))
     if not inputs.decode_rows:
@@ -445,8 +545,14 @@ def _bytes_of(dtype: str | None) -> int:
     return 2 if dtype in ("bfloat16", "bf16", "float16", "fp16") else 4
 
 
-def inputs_from_config(stage: str, config: Any, shape: ModelShape, gpus: int, device: str = "cuda",
-                       prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> PlanInputs:
+def inputs_from_config(
+    stage: str,
+    config: Any,
+    shape: ModelShape,
+    gpus: int,
+    device: str = "cuda",
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+) -> PlanInputs:
     """``PlanInputs`` of a resolved stage config (``npr.train.config``) on ``gpus`` processes: the only
     place that reads config fields. Worst case lengths: every response at ``max_new_tokens`` (Stage 1/3)
     or every example at ``max_seq_len`` (Stage 2)."""
@@ -482,13 +588,25 @@ def inputs_from_config(stage: str, config: Any, shape: ModelShape, gpus: int, de
         kv = config.kv_cache_tokens * per_kv_token if config.kv_cache_tokens else int(config.kv_cache_gib * GIB)
         rows = config.max_num_seqs
     return PlanInputs(
-        stage=stage, gpus=gpus, fsdp=config.fsdp, device=device, master_bytes=master,
-        autocast_bf16=config.mixed_precision == "bf16", gradient_checkpointing=config.gradient_checkpointing,
-        unit_tokens=unit, predicted_per_unit=predicted, units_per_pass=units, passes_per_step=passes,
-        logprob_chunk_tokens=config.logprob_chunk_size, temperature_scaled=rl and config.temperature not in (0, 1),
-        engine_weight_bytes=engine_bytes, kv_pool_bytes=kv, decode_rows=rows,
+        stage=stage,
+        gpus=gpus,
+        fsdp=config.fsdp,
+        device=device,
+        master_bytes=master,
+        autocast_bf16=config.mixed_precision == "bf16",
+        gradient_checkpointing=config.gradient_checkpointing,
+        unit_tokens=unit,
+        predicted_per_unit=predicted,
+        units_per_pass=units,
+        passes_per_step=passes,
+        logprob_chunk_tokens=config.logprob_chunk_size,
+        temperature_scaled=rl and config.temperature not in (0, 1),
+        engine_weight_bytes=engine_bytes,
+        kv_pool_bytes=kv,
+        decode_rows=rows,
         offload=any(getattr(config, name, False) for name in OFFLOAD_FIELDS),
-        engine_released_for_update=rl and CODE_RELEASES_ENGINE_FOR_UPDATE and _releases_engine(config, device))
+        engine_released_for_update=rl and CODE_RELEASES_ENGINE_FOR_UPDATE and _releases_engine(config, device),
+    )
 
 
 def _releases_engine(config: Any, device: str) -> bool:
@@ -518,12 +636,18 @@ def candidate_changes(inputs: PlanInputs, available: frozenset[str]) -> list[Cha
     if not inputs.gradient_checkpointing:
         changes.append(Change("gradient_checkpointing true", replace(inputs, gradient_checkpointing=True)))
     if inputs.logprob_chunk_tokens == 0 or inputs.logprob_chunk_tokens > 1024:
-        changes.append(Change("logprob_chunk_size 1024", replace(inputs, logprob_chunk_tokens=1024),
-                              "logprob_chunk_size" in available))
+        changes.append(
+            Change(
+                "logprob_chunk_size 1024", replace(inputs, logprob_chunk_tokens=1024), "logprob_chunk_size" in available
+            )
+        )
     if inputs.units_per_pass > 1:
-        changes.append(Change(f"micro_batch_tokens {inputs.unit_tokens} (one sequence per pass)",
-                              replace(inputs, units_per_pass=1,
-                                      passes_per_step=inputs.passes_per_step * inputs.units_per_pass)))
+        changes.append(
+            Change(
+                f"micro_batch_tokens {inputs.unit_tokens} (one sequence per pass)",
+                replace(inputs, units_per_pass=1, passes_per_step=inputs.passes_per_step * inputs.units_per_pass),
+            )
+        )
     if not inputs.fsdp and inputs.gpus > 1:
         changes.append(Change("fsdp true", replace(inputs, fsdp=True)))
     if not inputs.fsdp and inputs.gpus == 1:
@@ -531,22 +655,42 @@ def candidate_changes(inputs: PlanInputs, available: frozenset[str]) -> list[Cha
     if inputs.fsdp and inputs.gpus < 1024:
         changes.append(Change(f"--gpus {inputs.gpus * 2}", replace(inputs, gpus=inputs.gpus * 2)))
     if inputs.fsdp and not inputs.offload:
-        changes.append(Change("cpu_offload true (shards and AdamW states in host memory)", replace(inputs, offload=True),
-                              bool(set(OFFLOAD_FIELDS) & available)))
+        changes.append(
+            Change(
+                "cpu_offload true (shards and AdamW states in host memory)",
+                replace(inputs, offload=True),
+                bool(set(OFFLOAD_FIELDS) & available),
+            )
+        )
     if inputs.fsdp and not inputs.sharded_gradient_accumulation and inputs.passes_per_step > 1:
-        changes.append(Change("sharded gradient accumulation", replace(inputs, sharded_gradient_accumulation=True),
-                              CODE_SHARDS_GRADIENT_ACCUMULATION))
+        changes.append(
+            Change(
+                "sharded gradient accumulation",
+                replace(inputs, sharded_gradient_accumulation=True),
+                CODE_SHARDS_GRADIENT_ACCUMULATION,
+            )
+        )
     if inputs.decode_rows and not inputs.engine_released_for_update:
-        changes.append(Change("release_engine_for_update on",
-                              replace(inputs, engine_released_for_update=True), CODE_RELEASES_ENGINE_FOR_UPDATE))
+        changes.append(
+            Change(
+                "release_engine_for_update on",
+                replace(inputs, engine_released_for_update=True),
+                CODE_RELEASES_ENGINE_FOR_UPDATE,
+            )
+        )
     if inputs.kv_pool_bytes > 2 * GIB:
-        changes.append(Change(f"kv_cache_gib {inputs.kv_pool_bytes / GIB / 2:g}",
-                              replace(inputs, kv_pool_bytes=inputs.kv_pool_bytes // 2)))
+        changes.append(
+            Change(
+                f"kv_cache_gib {inputs.kv_pool_bytes / GIB / 2:g}",
+                replace(inputs, kv_pool_bytes=inputs.kv_pool_bytes // 2),
+            )
+        )
     return changes
 
 
-def fitting_changes(shape: ModelShape, inputs: PlanInputs, gpu_bytes: float, available: frozenset[str]
-                    ) -> tuple[list[tuple[Change, int]], bool]:
+def fitting_changes(
+    shape: ModelShape, inputs: PlanInputs, gpu_bytes: float, available: frozenset[str]
+) -> tuple[list[tuple[Change, int]], bool]:
     """Changes that make the plan fit, each with the peak after it, and whether the last one fits.
 
     Greedy: the change that lowers the peak most, until the plan fits; first among the settings this
@@ -559,16 +703,20 @@ def fitting_changes(shape: ModelShape, inputs: PlanInputs, gpu_bytes: float, ava
     return chosen, False
 
 
-def _greedy(shape: ModelShape, inputs: PlanInputs, gpu_bytes: float, available: frozenset[str],
-            only_available: bool) -> tuple[list[tuple[Change, int]], bool]:
+def _greedy(
+    shape: ModelShape, inputs: PlanInputs, gpu_bytes: float, available: frozenset[str], only_available: bool
+) -> tuple[list[tuple[Change, int]], bool]:
     chosen: list[tuple[Change, int]] = []
     current, taken = inputs, set()
     for _ in range(12):
         peak = plan_memory(shape, current).peak
         if peak <= gpu_bytes:
             return chosen, True
-        options = [c for c in candidate_changes(current, available) if (c.available or not only_available)
-                   and (c.setting.startswith("--gpus") or c.setting not in taken)]
+        options = [
+            c
+            for c in candidate_changes(current, available)
+            if (c.available or not only_available) and (c.setting.startswith("--gpus") or c.setting not in taken)
+        ]
         scored = [(plan_memory(shape, c.inputs).peak, c) for c in options]
         scored = [s for s in scored if s[0] < peak]
         if not scored:

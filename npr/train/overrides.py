@@ -49,8 +49,10 @@ def check_field(cls: type, name: str, where: str) -> None:
     """Raise ``ConfigError`` when ``name`` is not a field of ``cls``; ``where`` says where it was found."""
     valid = [f.name for f in fields(cls)]
     if name not in valid:
-        raise ConfigError(f"{where}: unknown config field {name!r} for {cls.__name__}{_suggest(name, valid)}; "
-                          f"valid fields: {', '.join(valid)}")
+        raise ConfigError(
+            f"{where}: unknown config field {name!r} for {cls.__name__}{_suggest(name, valid)}; "
+            f"valid fields: {', '.join(valid)}"
+        )
 
 
 def _example(cls: type, name: str, base: type) -> str:
@@ -67,8 +69,10 @@ def convert_value(cls: type, name: str, value: Any, where: str) -> Any:
     if value is None or (optional and text in _NONE):
         if optional:
             return None
-        raise ConfigError(f"{where}: config field {name!r} cannot be empty (null); give a {base.__name__}, "
-                          f"e.g. `{_example(cls, name, base)}`")
+        raise ConfigError(
+            f"{where}: config field {name!r} cannot be empty (null); give a {base.__name__}, "
+            f"e.g. `{_example(cls, name, base)}`"
+        )
     try:
         if isinstance(value, (dict, list, tuple, set)):
             raise ValueError  # a YAML mapping or list where a single value belongs
@@ -94,9 +98,11 @@ def convert_value(cls: type, name: str, value: Any, where: str) -> Any:
         return value
     kind = "true or false" if base is bool else "a finite number" if base is float else f"a {base.__name__}"
     shape = {dict: "a mapping", list: "a list"}.get(type(value), "")
-    raise ConfigError(f"{where}: config field {name!r} must be {kind}{' or null' if optional else ''}, got "
-                      f"{shape + ' ' if shape else ''}{value!r}; write it as one value, e.g. "
-                      f"`{_example(cls, name, base)}`")
+    raise ConfigError(
+        f"{where}: config field {name!r} must be {kind}{' or null' if optional else ''}, got "
+        f"{shape + ' ' if shape else ''}{value!r}; write it as one value, e.g. "
+        f"`{_example(cls, name, base)}`"
+    )
 
 
 def _yaml_items(path: Path, text: str) -> list[tuple[str, Any, int]]:
@@ -118,8 +124,9 @@ def _yaml_items(path: Path, text: str) -> list[tuple[str, Any, int]]:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); "
-                          "write one `field: value` per line") from e
+        raise ConfigError(
+            f"{where}: not valid YAML ({getattr(e, 'problem', None) or e}); write one `field: value` per line"
+        ) from e
     finally:
         loader.dispose()
 
@@ -184,9 +191,15 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-def resolve_config(stage: str, cls: type, preset: str | None = None, config_path: str | Path | None = None,
-                   flags: dict[str, Any] | None = None, base: dict[str, Any] | None = None,
-                   base_origins: dict[str, str] | None = None) -> Any:
+def resolve_config(
+    stage: str,
+    cls: type,
+    preset: str | None = None,
+    config_path: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+    base_origins: dict[str, str] | None = None,
+) -> Any:
     """The config of ``stage``: ``base`` (or defaults) < preset < YAML < flags; errors say which
     of them set the offending field."""
     preset_layer = preset_overrides(stage, preset, cls)
@@ -221,15 +234,23 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         names = [f"--{f.name.replace('_', '-')}"] + ([f"--{f.name}"] if "_" in f.name else [])
         default = f.default if f.default is not MISSING else None
         choices = f.metadata.get("choices")
-        help_text = f.metadata.get("help", "") + f" [default: {default}" + (
-            f"; one of {', '.join(map(str, choices))}]" if choices else "]")
-        group.add_argument(*names, dest=FLAG_PREFIX + f.name, default=argparse.SUPPRESS,
-                           metavar=_metavar(cls, f.name), help=help_text.replace("%", "%%"))
+        help_text = (
+            f.metadata.get("help", "")
+            + f" [default: {default}"
+            + (f"; one of {', '.join(map(str, choices))}]" if choices else "]")
+        )
+        group.add_argument(
+            *names,
+            dest=FLAG_PREFIX + f.name,
+            default=argparse.SUPPRESS,
+            metavar=_metavar(cls, f.name),
+            help=help_text.replace("%", "%%"),
+        )
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, str]:
     """The config fields given on the command line, as raw strings."""
-    return {k[len(FLAG_PREFIX):]: v for k, v in vars(args).items() if k.startswith(FLAG_PREFIX)}
+    return {k[len(FLAG_PREFIX) :]: v for k, v in vars(args).items() if k.startswith(FLAG_PREFIX)}
 
 
 def unknown_flag_error(unknown: list[str], cls: type, command: str) -> ConfigError:
@@ -237,8 +258,10 @@ def unknown_flag_error(unknown: list[str], cls: type, command: str) -> ConfigErr
     flag = next((u for u in unknown if u.startswith("--")), unknown[0])
     name = flag.lstrip("-").split("=")[0].replace("-", "_")
     valid = [f.name for f in fields(cls)]
-    return ConfigError(f"{command}: unknown flag {flag!r}: {cls.__name__} has no field {name!r}"
-                       f"{_suggest(name, valid)}; see `{command} --help` for the fields")
+    return ConfigError(
+        f"{command}: unknown flag {flag!r}: {cls.__name__} has no field {name!r}"
+        f"{_suggest(name, valid)}; see `{command} --help` for the fields"
+    )
 
 
 # ----------------------------------------------------------------------------- YAML out
@@ -261,7 +284,7 @@ def written_values(path: str | Path) -> dict[str, Any] | None:
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if line.startswith(WRITTEN_MARK):
             try:
-                return json.loads(line[len(WRITTEN_MARK):])
+                return json.loads(line[len(WRITTEN_MARK) :])
             except ValueError:
                 return None
     return None
@@ -276,10 +299,15 @@ def config_differences(a: Any, b: Any) -> dict[str, tuple[Any, Any]]:
 # ----------------------------------------------------------------------------- --show-config
 
 
-def resolve_config_with_sources(stage: str, cls: type, preset: str | None = None,
-                                config_path: str | Path | None = None, flags: dict[str, Any] | None = None,
-                                base: dict[str, Any] | None = None, base_label: str = "run config"
-                                ) -> tuple[dict[str, Any], dict[str, str], ConfigError | None]:
+def resolve_config_with_sources(
+    stage: str,
+    cls: type,
+    preset: str | None = None,
+    config_path: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+    base_label: str = "run config",
+) -> tuple[dict[str, Any], dict[str, str], ConfigError | None]:
     """What ``resolve_config`` resolves, as ``(values, sources, error)``: every field's value; the
     layer that set it (``default``, ``preset NAME``, ``file PATH``, ``flag``, or ``base_label`` for
     ``base``, e.g. a resumed run's config); and the error the config class raises on these

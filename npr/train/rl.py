@@ -17,14 +17,28 @@ from npr.rewards import accuracy_reward
 from npr.tokens import tag_token_ids
 from npr.train.config import ConfigError, RLConfig
 from npr.train.data import BatchOrder, load_train_problems, rollout_seed, shard
-from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
-from npr.train.rollout import (SMOKE_BRANCH_TOKENS, Rollout, RolloutWorker, append_rollouts, release_wanted,
-                               rollout_metrics, rollout_sums, score)
 from npr.train.fsdp import copy_full_weights, full_copy, is_sharded
+from npr.train.logprobs import TokenSequence, causal_sequence, pack_in_budget, structured_sequence
+from npr.train.rollout import (
+    SMOKE_BRANCH_TOKENS,
+    Rollout,
+    RolloutWorker,
+    append_rollouts,
+    release_wanted,
+    rollout_metrics,
+    rollout_sums,
+    score,
+)
 from npr.train.session import RunOptions, TrainSession, open_session
 from npr.train.tracking import truncate_jsonl
-from npr.train.update import (PolicyBatch, gather_floats, global_sum, is_count_metric, old_policy_logprobs,
-                              policy_backward)
+from npr.train.update import (
+    PolicyBatch,
+    gather_floats,
+    global_sum,
+    is_count_metric,
+    old_policy_logprobs,
+    policy_backward,
+)
 
 EVAL_SEED_OFFSET = 7_919  # eval draws from its own seeds, the same before and after training
 
@@ -62,17 +76,19 @@ def policy_loss_fn(config: RLConfig) -> Callable:
 def start_rl_run(stage: str, config: RLConfig, options: RunOptions, mode: str) -> RLRun:
     """Load the data (errors before any compute), open the session, build the engine."""
     problems = load_train_problems(config.train_data, config.train_limit)
-    eval_problems = (load_train_problems(config.eval_data, config.eval_limit, "eval_data")
-                     if config.eval_data else [])
+    eval_problems = load_train_problems(config.eval_data, config.eval_limit, "eval_data") if config.eval_data else []
     order = BatchOrder(len(problems), config.prompts_per_step, config.seed)
     data_batches = config.num_epochs * order.steps_per_epoch() if config.num_epochs else None
     session = open_session(stage, config, options, data_batches or config.max_steps)
     world = session.accelerator.num_processes
     if config.prompts_per_step % world:
-        raise ConfigError(f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
-                          f"{world} processes; use a multiple of {world}")
-    worker = RolloutWorker(rollout_policy(session), session.tokenizer, config, mode,
-                           policy_is_trained=not is_sharded(session.model))
+        raise ConfigError(
+            f"config field 'prompts_per_step': {config.prompts_per_step} does not divide among "
+            f"{world} processes; use a multiple of {world}"
+        )
+    worker = RolloutWorker(
+        rollout_policy(session), session.tokenizer, config, mode, policy_is_trained=not is_sharded(session.model)
+    )
     truncate_jsonl(rollouts_path(session), session.start_step)  # a resumed run writes later steps again
     prompts = encode_prompts(session.tokenizer, problems, config)
     return RLRun(session, worker, problems, prompts, order, policy_loss_fn(config), eval_problems, data_batches)
@@ -127,8 +143,9 @@ def rollouts_path(session: TrainSession):
     return session.run_dir / f"rollouts{f'.rank{acc.process_index}' if acc.num_processes > 1 else ''}.jsonl"
 
 
-def generate_round(run: RLRun, step: int, reward: Callable[[str, Problem], float]
-                   ) -> tuple[list[Rollout], list[float], float]:
+def generate_round(
+    run: RLRun, step: int, reward: Callable[[str, Problem], float]
+) -> tuple[list[Rollout], list[float], float]:
     """This rank's share of the next generation batch's rollouts, scored (for step ``step``);
     the global ``rollout_sums`` of the batch and the wall-clock seconds of decoding.
 
@@ -138,8 +155,9 @@ def generate_round(run: RLRun, step: int, reward: Callable[[str, Problem], float
     acc = session.accelerator
     batch = run.gen_batches
     indices, first = shard(run.order.batch(batch), acc.process_index, acc.num_processes)
-    params = sampling_params(run, config.samples_per_prompt, rollout_seed(config.seed, batch), first,
-                             [run.problems[i] for i in indices])
+    params = sampling_params(
+        run, config.samples_per_prompt, rollout_seed(config.seed, batch), first, [run.problems[i] for i in indices]
+    )
     started = time.perf_counter()
     results = run.worker.generate([run.prompts[i] for i in indices], first, params)
     wall = time.perf_counter() - started
@@ -177,13 +195,20 @@ def global_advantages(accelerator, estimator: str, rewards: torch.Tensor, groups
     all_groups, _ = gather_floats(accelerator, groups.tolist())
     if not all_rewards:
         return torch.zeros(0)
-    advantages = get_advantage_estimator(estimator)(torch.tensor(all_rewards, dtype=rewards.dtype),
-                                                    torch.tensor(all_groups, dtype=torch.long))  # [N_global]
-    return advantages[offset:offset + len(rewards)]  # [K]
+    advantages = get_advantage_estimator(estimator)(
+        torch.tensor(all_rewards, dtype=rewards.dtype), torch.tensor(all_groups, dtype=torch.long)
+    )  # [N_global]
+    return advantages[offset : offset + len(rewards)]  # [K]
 
 
-def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structured: bool, tag_ids: dict[str, int],
-                 loss_on_prefilled: bool, pack_tokens: int = 0) -> PolicyBatch:
+def policy_batch(
+    rollouts: Sequence[Rollout],
+    advantages: torch.Tensor,
+    structured: bool,
+    tag_ids: dict[str, int],
+    loss_on_prefilled: bool,
+    pack_tokens: int = 0,
+) -> PolicyBatch:
     """Token sequences, loss masks and advantages of the selected rollouts.
 
     ``structured``: tree mask + positions from the schema (parallel rollouts), else causal.
@@ -193,14 +218,23 @@ def policy_batch(rollouts: Sequence[Rollout], advantages: torch.Tensor, structur
     sequences: list[TokenSequence] = []
     for r in rollouts:
         res = r.result
-        seq = (structured_sequence(res.prompt_ids, res.token_ids, tag_ids) if structured
-               else causal_sequence(res.prompt_ids, res.token_ids))
-        if seq.position_ids[seq.response_start:].tolist() != list(res.position_ids):
-            raise RuntimeError(f"rollout of prompt {res.prompt_index} sample {res.sample_index}: the mask's position "
-                               "ids differ from the engine's; npr.masks and npr.engine disagree on the layout")
+        seq = (
+            structured_sequence(res.prompt_ids, res.token_ids, tag_ids)
+            if structured
+            else causal_sequence(res.prompt_ids, res.token_ids)
+        )
+        if seq.position_ids[seq.response_start :].tolist() != list(res.position_ids):
+            raise RuntimeError(
+                f"rollout of prompt {res.prompt_index} sample {res.sample_index}: the mask's position "
+                "ids differ from the engine's; npr.masks and npr.engine disagree on the layout"
+            )
         sequences.append(seq)
-    masks = [torch.ones(len(r.result.token_ids), dtype=torch.bool) if loss_on_prefilled
-             else torch.tensor(r.result.sampled, dtype=torch.bool) for r in rollouts]
+    masks = [
+        torch.ones(len(r.result.token_ids), dtype=torch.bool)
+        if loss_on_prefilled
+        else torch.tensor(r.result.sampled, dtype=torch.bool)
+        for r in rollouts
+    ]
     engine_logprobs = [torch.tensor(r.result.logprobs, dtype=torch.float32) for r in rollouts]
     return PolicyBatch(pack_in_budget(sequences, pack_tokens), masks, advantages.float(), engine_logprobs)
 
@@ -231,13 +265,24 @@ def combine_step_metrics(updates: Sequence[dict[str, float]]) -> dict[str, float
     """One step's metrics from its optimizer steps' (each a global mean over its mini-batch):
     means weighted by the mini-batches' loss units, ratio extremes over all, mean grad norm."""
     units = sum(u["loss_units"] for u in updates)
-    out = {k: (sum(u[k] for u in updates) if is_count_metric(k)
-               else sum(u[k] * u["loss_units"] for u in updates) / max(units, 1.0))
-           for k in updates[0] if k not in ("loss_units", "ratio_max", "ratio_min", "grad_norm", "lr", "skipped_steps")}
-    out.update(loss_units=units, ratio_max=max(u["ratio_max"] for u in updates),
-               ratio_min=min(u["ratio_min"] for u in updates), lr=updates[0]["lr"],
-               grad_norm=sum(u["grad_norm"] for u in updates) / len(updates), optimizer_steps=float(len(updates)),
-               skipped_steps=sum(u.get("skipped_steps", 0.0) for u in updates))
+    out = {
+        k: (
+            sum(u[k] for u in updates)
+            if is_count_metric(k)
+            else sum(u[k] * u["loss_units"] for u in updates) / max(units, 1.0)
+        )
+        for k in updates[0]
+        if k not in ("loss_units", "ratio_max", "ratio_min", "grad_norm", "lr", "skipped_steps")
+    }
+    out.update(
+        loss_units=units,
+        ratio_max=max(u["ratio_max"] for u in updates),
+        ratio_min=min(u["ratio_min"] for u in updates),
+        lr=updates[0]["lr"],
+        grad_norm=sum(u["grad_norm"] for u in updates) / len(updates),
+        optimizer_steps=float(len(updates)),
+        skipped_steps=sum(u.get("skipped_steps", 0.0) for u in updates),
+    )
     return out
 
 
@@ -251,7 +296,7 @@ def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, 
     way, so lr follows the step index."""
     session, config = run.session, run.session.config
     acc = session.accelerator
-    total, = global_sum(acc, [len(kept)])
+    (total,) = global_sum(acc, [len(kept)])
     if total == 0:
         session.optimizer.zero_grad(set_to_none=True)
         session.optimizer.step()  # no gradients: AdamW leaves every parameter and its state alone
@@ -260,12 +305,24 @@ def apply_update(run: RLRun, kept: Sequence[Rollout], advantages: torch.Tensor, 
     if release_wanted(config.release_engine_for_update, acc.device):
         run.worker.release_memory()  # rebuilt by sync_rollout_weights below
     pad = session.tokenizer.pad_token_id
-    passes = dict(micro_batch_size=config.micro_batch_size, forward_context=session.forward_context,
-                  micro_batch_tokens=config.micro_batch_tokens, temperature=config.temperature,
-                  logprob_chunk_size=config.logprob_chunk_size)
-    batches = [policy_batch([kept[i] for i in part], advantages[torch.tensor(part, dtype=torch.long)], structured,
-                            tag_ids_of(run), config.loss_on_prefilled, config.pack_group_tokens)
-               for part in mini_batch_parts(acc, kept, config.mini_batch_size)]
+    passes = dict(
+        micro_batch_size=config.micro_batch_size,
+        forward_context=session.forward_context,
+        micro_batch_tokens=config.micro_batch_tokens,
+        temperature=config.temperature,
+        logprob_chunk_size=config.logprob_chunk_size,
+    )
+    batches = [
+        policy_batch(
+            [kept[i] for i in part],
+            advantages[torch.tensor(part, dtype=torch.long)],
+            structured,
+            tag_ids_of(run),
+            config.loss_on_prefilled,
+            config.pack_group_tokens,
+        )
+        for part in mini_batch_parts(acc, kept, config.mini_batch_size)
+    ]
     if (len(batches) > 1 or config.ppo_epochs > 1) and config.policy_loss in RATIO_LOSSES:
         for batch in batches:  # all before the first update: the policy that drew the rollouts
             batch.old_logprobs = old_policy_logprobs(acc, session.model, batch, pad, **passes)
@@ -287,7 +344,7 @@ def evaluate(run: RLRun) -> dict[str, float]:
     problems = run.eval_problems
     per_rank = -(-len(problems) // acc.num_processes)
     first = acc.process_index * per_rank
-    mine = problems[first:first + per_rank]
+    mine = problems[first : first + per_rank]
     prompts = encode_prompts(session.tokenizer, mine, config)
     params = sampling_params(run, config.eval_samples, config.seed + EVAL_SEED_OFFSET, first, mine)
     results = run.worker.generate(prompts, first, params)
@@ -302,11 +359,13 @@ def run_eval_if_due(run: RLRun, when: str) -> None:
         return
     if when == "before" and session.start_step == 0:
         session.record(0, evaluate(run))
-    elif (when == "after" and session.end_step in (session.total_steps, session.data_end)
-          and session.start_step < session.end_step):
+    elif (
+        when == "after"
+        and session.end_step in (session.total_steps, session.data_end)
+        and session.start_step < session.end_step
+    ):
         session.record(session.end_step, evaluate(run))
 
 
 def tag_ids_of(run: RLRun) -> dict[str, int]:
     return tag_token_ids(run.session.tokenizer)
-

@@ -59,8 +59,9 @@ class RolloutWorker:
     ``policy_is_trained``: ``policy`` is the trained module itself (False: a gathered copy of
     sharded weights, which ``release_memory`` may free like a ``rollout_dtype`` copy)."""
 
-    def __init__(self, policy: torch.nn.Module, tokenizer, config: RolloutConfig, mode: str,
-                 policy_is_trained: bool = True):
+    def __init__(
+        self, policy: torch.nn.Module, tokenizer, config: RolloutConfig, mode: str, policy_is_trained: bool = True
+    ):
         self.policy, self.tokenizer, self.config = policy, tokenizer, config
         policy_dtype = next(policy.parameters()).dtype
         dtype = resolve_dtype(config.rollout_dtype) if config.rollout_dtype else policy_dtype
@@ -69,9 +70,16 @@ class RolloutWorker:
         else:
             self.model = copy.deepcopy(policy).to(dtype).eval().requires_grad_(False)
         self.owns_weights = self.model is not policy or not policy_is_trained
-        self.engine = Engine(self.model, tokenizer, EngineConfig(
-            mode=mode, kv_cache_tokens=config.kv_cache_tokens, kv_cache_gib=config.kv_cache_gib,
-            max_num_seqs=config.max_num_seqs))
+        self.engine = Engine(
+            self.model,
+            tokenizer,
+            EngineConfig(
+                mode=mode,
+                kv_cache_tokens=config.kv_cache_tokens,
+                kv_cache_gib=config.kv_cache_gib,
+                max_num_seqs=config.max_num_seqs,
+            ),
+        )
         self._released: _Released | None = None
 
     @property
@@ -141,8 +149,15 @@ class RolloutWorker:
     def sampling_params(self, n: int, seed: int) -> SamplingParams:
         c = self.config
         forcer = build_forcer(self.tokenizer, c.rollout_forcing)
-        return SamplingParams(max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                              n=n, seed=seed, logits_processors=(forcer,) if forcer else ())
+        return SamplingParams(
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            n=n,
+            seed=seed,
+            logits_processors=(forcer,) if forcer else (),
+        )
 
 
 @dataclass
@@ -173,15 +188,29 @@ def count_blocks(result: Result) -> int:
     return result.stats.parallel_blocks
 
 
-def score(results: Sequence[Result], problems: Sequence[Problem], first_index: int,
-          reward: Callable[[str, Problem], float], group_base: int = 0) -> list[Rollout]:
+def score(
+    results: Sequence[Result],
+    problems: Sequence[Problem],
+    first_index: int,
+    reward: Callable[[str, Problem], float],
+    group_base: int = 0,
+) -> list[Rollout]:
     """Rollouts with reward, correctness and format validity; ``problems[i - first_index]`` is
     the problem of global prompt index i, whose group id is ``group_base + i``."""
     out = []
     for r in results:
         problem = problems[r.prompt_index - first_index]
-        out.append(Rollout(problem, r, float(reward(r.text, problem)), is_correct(r.text, problem),
-                           not validate(r.text), count_blocks(r), group_base))
+        out.append(
+            Rollout(
+                problem,
+                r,
+                float(reward(r.text, problem)),
+                is_correct(r.text, problem),
+                not validate(r.text),
+                count_blocks(r),
+                group_base,
+            )
+        )
     return out
 
 
@@ -190,30 +219,50 @@ ROLLOUT_SUMS = ("rollouts", "reward", "correct", "format_valid", "triggered", "r
 
 def rollout_sums(rollouts: Sequence[Rollout]) -> list[float]:
     """Sums over this rank's rollouts, in the order of ``ROLLOUT_SUMS`` (reduce, then divide)."""
-    return [float(len(rollouts)), sum(r.reward for r in rollouts), float(sum(r.correct for r in rollouts)),
-            float(sum(r.format_valid for r in rollouts)), float(sum(r.parallel_blocks >= 1 for r in rollouts)),
-            float(sum(len(r.result.token_ids) for r in rollouts)),
-            float(sum(r.result.finish_reason == "length" for r in rollouts))]
+    return [
+        float(len(rollouts)),
+        sum(r.reward for r in rollouts),
+        float(sum(r.correct for r in rollouts)),
+        float(sum(r.format_valid for r in rollouts)),
+        float(sum(r.parallel_blocks >= 1 for r in rollouts)),
+        float(sum(len(r.result.token_ids) for r in rollouts)),
+        float(sum(r.result.finish_reason == "length" for r in rollouts)),
+    ]
 
 
 def rollout_metrics(totals: Sequence[float], prefix: str = "") -> dict[str, float]:
     """Means from global ``rollout_sums``: reward, accuracy, format-valid, trigger, length, truncation."""
     t = dict(zip(ROLLOUT_SUMS, totals))
     n = max(t["rollouts"], 1.0)
-    return {f"{prefix}reward": t["reward"] / n, f"{prefix}accuracy": t["correct"] / n,
-            f"{prefix}format_valid_rate": t["format_valid"] / n, f"{prefix}trigger_rate": t["triggered"] / n,
-            f"{prefix}response_length": t["response_tokens"] / n, f"{prefix}truncated_rate": t["truncated"] / n,
-            f"{prefix}rollouts": t["rollouts"]}
+    return {
+        f"{prefix}reward": t["reward"] / n,
+        f"{prefix}accuracy": t["correct"] / n,
+        f"{prefix}format_valid_rate": t["format_valid"] / n,
+        f"{prefix}trigger_rate": t["triggered"] / n,
+        f"{prefix}response_length": t["response_tokens"] / n,
+        f"{prefix}truncated_rate": t["truncated"] / n,
+        f"{prefix}rollouts": t["rollouts"],
+    }
 
 
 def rollout_record(step: int, rollout: Rollout) -> dict:
     """One line of ``rollouts.jsonl`` (fields of npr.eval's sample records, for ``npr view``)."""
     r = rollout.result
-    return {"step": step, "problem_id": rollout.problem.id, "sample": r.sample_index, "reward": rollout.reward,
-            "correct": rollout.correct, "format_valid": rollout.format_valid, "finish_reason": r.finish_reason,
-            "diagnostic": r.diagnostic, "parallel_blocks": rollout.parallel_blocks,
-            "branches_per_block": r.branches_per_block, "tokens": len(r.token_ids),
-            "critical_path_tokens": r.stats.critical_path_tokens, "output": r.text}
+    return {
+        "step": step,
+        "problem_id": rollout.problem.id,
+        "sample": r.sample_index,
+        "reward": rollout.reward,
+        "correct": rollout.correct,
+        "format_valid": rollout.format_valid,
+        "finish_reason": r.finish_reason,
+        "diagnostic": r.diagnostic,
+        "parallel_blocks": rollout.parallel_blocks,
+        "branches_per_block": r.branches_per_block,
+        "tokens": len(r.token_ids),
+        "critical_path_tokens": r.stats.critical_path_tokens,
+        "output": r.text,
+    }
 
 
 def append_rollouts(path: Path, step: int, rollouts: Sequence[Rollout]) -> None:

@@ -4,7 +4,8 @@ From the NPR-Zero model, draw ``tries`` samples per problem (engine ``plain`` mo
 ``parallel`` with ``rollout_mode``; NPR prompt), all at once, or with ``stop_when_kept`` one
 try at a time until the problem has ``max_kept_per_problem`` accepted samples (NPR's code:
 ``--max_trajectory_per_problem 1 --max_sample_trial 8``). A sample is kept when it is correct AND
-format-valid (``format_score == 0``); it is rendered in the canonical form (``npr.schema.render``) and written with its provenance. Every
+format-valid (``format_score == 0``); it is rendered in the canonical form (``npr.schema.render``) and written
+with its provenance. Every
 other sample is counted under the first reason that applies: ``truncated`` (hit the token
 budget), ``format_invalid``, ``wrong``, ``too_few_branches`` (a block with fewer plans than
 ``min_branches``), ``over_quota`` (``max_kept_per_problem`` or
@@ -48,8 +49,13 @@ DROP_REASONS = ("truncated", "format_invalid", "wrong", "too_few_branches", "ove
 SUMMARY_FILE = "summary.json"
 
 
-WRAP_PLANS = ("solve the problem directly", "solve it again on its own, as a check", "work it out a third way",
-              "recompute it step by step", "verify the result independently")
+WRAP_PLANS = (
+    "solve the problem directly",
+    "solve it again on its own, as a check",
+    "work it out a third way",
+    "recompute it step by step",
+    "verify the result independently",
+)
 
 
 def wrap_trace(answers: Sequence[str], final: str) -> str:
@@ -58,11 +64,15 @@ def wrap_trace(answers: Sequence[str], final: str) -> str:
     zero = Span(0, 0)
     k = len(answers)
     agree = "Both steps give" if k == 2 else ("All steps give" if k > 2 else "The step gives")
-    block = Block(plans=tuple(Plan(i + 1, WRAP_PLANS[i], zero) for i in range(k)),
-                  steps=tuple(Step(i + 1, text.strip(), zero) for i, text in enumerate(answers)),
-                  takeaway=f"{agree} {final}.", span=zero)
-    return render(ParallelTrace(blocks=(block,), final=f"The answer is \\boxed{{{final}}}.", answer=final,
-                                final_span=zero))
+    block = Block(
+        plans=tuple(Plan(i + 1, WRAP_PLANS[i], zero) for i in range(k)),
+        steps=tuple(Step(i + 1, text.strip(), zero) for i, text in enumerate(answers)),
+        takeaway=f"{agree} {final}.",
+        span=zero,
+    )
+    return render(
+        ParallelTrace(blocks=(block,), final=f"The answer is \\boxed{{{final}}}.", answer=final, final_span=zero)
+    )
 
 
 def decomposed_trace(plans: Sequence[str], steps: Sequence[str], results: Sequence[str]) -> str:
@@ -77,16 +87,21 @@ def decomposed_trace(plans: Sequence[str], steps: Sequence[str], results: Sequen
     """
     zero = Span(0, 0)
     listed = ", ".join(results[:-1]) + f" and {results[-1]}" if len(results) > 1 else results[0]
-    block = Block(plans=tuple(Plan(i + 1, text, zero) for i, text in enumerate(plans)),
-                  steps=tuple(Step(i + 1, f"{plans[i]}\n{text.strip()}", zero) for i, text in enumerate(steps)),
-                  takeaway=f"In order, the parts give {listed}.", span=zero)
+    block = Block(
+        plans=tuple(Plan(i + 1, text, zero) for i, text in enumerate(plans)),
+        steps=tuple(Step(i + 1, f"{plans[i]}\n{text.strip()}", zero) for i, text in enumerate(steps)),
+        takeaway=f"In order, the parts give {listed}.",
+        span=zero,
+    )
     answer = "(" + ", ".join(results) + ")"
-    return render(ParallelTrace(blocks=(block,), final=f"The answer is \\boxed{{{answer}}}.", answer=answer,
-                                final_span=zero))
+    return render(
+        ParallelTrace(blocks=(block,), final=f"The answer is \\boxed{{{answer}}}.", answer=answer, final_span=zero)
+    )
 
 
-def judge(result: Result, problem: Problem, require_correct: bool, wrap: bool = False, min_branches: int = 1
-          ) -> tuple[str | None, str | None, bool, bool]:
+def judge(
+    result: Result, problem: Problem, require_correct: bool, wrap: bool = False, min_branches: int = 1
+) -> tuple[str | None, str | None, bool, bool]:
     """(drop reason or None, first format-error kind or None, correct, format-valid) of one sample."""
     correct = is_correct(result.text, problem)
     errors = validate(result.text)
@@ -106,13 +121,29 @@ def judge(result: Result, problem: Problem, require_correct: bool, wrap: bool = 
 
 def sample_record(result: Result, problem: Problem, config: SampleConfig, correct: bool) -> dict[str, Any]:
     """One line of data.jsonl: the canonical response and where it came from."""
-    return {"id": f"{problem.id}/try{result.sample_index}", "problem_id": problem.id, "try": result.sample_index,
-            "problem": problem.problem, "answer": problem.answer, "response": render(parse(result.text)),
-            "reward": 1.0 if correct else -1.0, "source": problem.source, "model": config.model, "seed": config.seed}
+    return {
+        "id": f"{problem.id}/try{result.sample_index}",
+        "problem_id": problem.id,
+        "try": result.sample_index,
+        "problem": problem.problem,
+        "answer": problem.answer,
+        "response": render(parse(result.text)),
+        "reward": 1.0 if correct else -1.0,
+        "source": problem.source,
+        "model": config.model,
+        "seed": config.seed,
+    }
 
 
-def select(results: Sequence[Result], problems: Sequence[Problem], first: int, config: SampleConfig,
-           counts: Counter, format_errors: Counter, per_problem: Counter | None = None) -> list[dict]:
+def select(
+    results: Sequence[Result],
+    problems: Sequence[Problem],
+    first: int,
+    config: SampleConfig,
+    counts: Counter,
+    format_errors: Counter,
+    per_problem: Counter | None = None,
+) -> list[dict]:
     """Kept records of one batch of results (ordered by problem, then try); updates the counts.
 
     ``per_problem`` (problem id -> samples kept so far) carries the quota across calls (the
@@ -128,8 +159,11 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
         counts["samples"] += 1
         counts["correct"] += correct
         counts["format_valid"] += valid
-        if reason is None and config.max_kept_per_problem is not None \
-                and per_problem[problem.id] >= config.max_kept_per_problem:
+        if (
+            reason is None
+            and config.max_kept_per_problem is not None
+            and per_problem[problem.id] >= config.max_kept_per_problem
+        ):
             reason = "over_quota"
         if reason is not None:
             counts[reason] += 1
@@ -148,11 +182,15 @@ def select(results: Sequence[Result], problems: Sequence[Problem], first: int, c
                 counts["unwrapped"] += len(rs)
                 per_problem.pop(problem_id)
                 continue
-            chosen = rs[:config.wrap_branches]
+            chosen = rs[: config.wrap_branches]
             counts["over_quota"] += len(rs) - len(chosen)
             record = sample_record(chosen[0], by_id[problem_id], config, True)
-            record.update(id=f"{problem_id}/wrap", tries=[r.sample_index for r in chosen], kind="wrapped",
-                          response=wrap_trace([r.text for r in chosen], final_answer(chosen[0].text)))
+            record.update(
+                id=f"{problem_id}/wrap",
+                tries=[r.sample_index for r in chosen],
+                kind="wrapped",
+                response=wrap_trace([r.text for r in chosen], final_answer(chosen[0].text)),
+            )
             kept.append(record)
     if not rounds:
         counts["problems_with_kept"] += len(per_problem)
@@ -167,11 +205,12 @@ def shorter_half(texts: Sequence[str]) -> list[str]:
     half keeps every step the model's own words while the traces it learns from, and so every
     later rollout, get ~1/3 shorter (docs/results.md)."""
     ordered = sorted(texts, key=len)
-    return ordered[:max(1, (len(ordered) + 1) // 2)]
+    return ordered[: max(1, (len(ordered) + 1) // 2)]
 
 
-def decompose_wrap(worker: RolloutWorker, tokenizer, problems: Sequence[Problem], first: int, config: SampleConfig,
-                   counts: Counter) -> list[dict]:
+def decompose_wrap(
+    worker: RolloutWorker, tokenizer, problems: Sequence[Problem], first: int, config: SampleConfig, counts: Counter
+) -> list[dict]:
     """The decomposing cold start (``wrap_mode decompose``, not the paper) over ``problems``.
 
     Every distinct part of the problems (``decompose``: ``3 + 4`` of ``Work out …: 3 + 4, 9 - 5``)
@@ -187,12 +226,13 @@ def decompose_wrap(worker: RolloutWorker, tokenizer, problems: Sequence[Problem]
     from npr.data.generated import decompose
 
     parts = {p.id: decompose(p) for p in problems}
-    distinct = sorted({part.expression: part for ps in parts.values() for part in ps}.values(),
-                      key=lambda part: part.expression)
+    distinct = sorted(
+        {part.expression: part for ps in parts.values() for part in ps}.values(), key=lambda part: part.expression
+    )
     usable: dict[str, list[str]] = {}
     params = worker.sampling_params(config.tries, config.seed)
     for lo in range(0, len(distinct), config.prompts_per_batch):
-        batch = distinct[lo:lo + config.prompts_per_batch]
+        batch = distinct[lo : lo + config.prompts_per_batch]
         prompts = [encode_prompt(tokenizer, part.question, config.prompt_style) for part in batch]
         # parts are keyed after the problems' own indices, so their seeds never collide across ranks
         for r in worker.generate(prompts, first * 8 + lo, params):
@@ -212,11 +252,23 @@ def decompose_wrap(worker: RolloutWorker, tokenizer, problems: Sequence[Problem]
             counts["unwrapped"] += 1
             continue
         steps = [pool[(first + i) % len(pool)] for pool in map(shorter_half, answers)]
-        response = decomposed_trace([part.plan for part in parts[problem.id]], steps,
-                                    [final_answer(text) for text in steps])
-        kept.append({"id": f"{problem.id}/decomposed", "problem_id": problem.id, "problem": problem.problem,
-                     "answer": problem.answer, "response": response, "reward": 1.0, "kind": "decomposed",
-                     "source": problem.source, "model": config.model, "seed": config.seed})
+        response = decomposed_trace(
+            [part.plan for part in parts[problem.id]], steps, [final_answer(text) for text in steps]
+        )
+        kept.append(
+            {
+                "id": f"{problem.id}/decomposed",
+                "problem_id": problem.id,
+                "problem": problem.problem,
+                "answer": problem.answer,
+                "response": response,
+                "reward": 1.0,
+                "kind": "decomposed",
+                "source": problem.source,
+                "model": config.model,
+                "seed": config.seed,
+            }
+        )
     counts["problems_with_kept"] += len(kept)
     counts["traces"] += len(kept)
     return kept
@@ -232,12 +284,13 @@ def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=
     problems = load_train_problems(config.train_data, config.train_limit)
     set_cpu_threads(config.cpu_threads)
     accelerator = make_accelerator()
-    model, tokenizer = load_model_and_tokenizer(config.model, dtype=config.rollout_dtype or "float32",
-                                                device=accelerator.device)
+    model, tokenizer = load_model_and_tokenizer(
+        config.model, dtype=config.rollout_dtype or "float32", device=accelerator.device
+    )
     worker = RolloutWorker(model, tokenizer, config, mode=config.rollout_mode)
     per_rank = -(-len(problems) // accelerator.num_processes)
     start = accelerator.process_index * per_rank
-    mine = problems[start:start + per_rank]
+    mine = problems[start : start + per_rank]
     out_dir.mkdir(parents=True, exist_ok=True)
     part = out_dir / f".{SAMPLE_FILE}.rank{accelerator.process_index}"
     counts, format_errors = Counter(), Counter()
@@ -265,12 +318,21 @@ def run_sample(config: SampleConfig, out_dir: Path, command: str = "", progress=
     return summary
 
 
-def _sample_all_tries(worker: RolloutWorker, tokenizer, problems: Sequence[Problem], first: int,
-                      config: SampleConfig, counts: Counter, format_errors: Counter, sink, progress) -> None:
+def _sample_all_tries(
+    worker: RolloutWorker,
+    tokenizer,
+    problems: Sequence[Problem],
+    first: int,
+    config: SampleConfig,
+    counts: Counter,
+    format_errors: Counter,
+    sink,
+    progress,
+) -> None:
     """All ``tries`` of ``prompts_per_batch`` problems at a time; kept records go to ``sink``."""
     options = config.prompt_options()
     for lo in range(0, len(problems), config.prompts_per_batch):
-        batch = problems[lo:lo + config.prompts_per_batch]
+        batch = problems[lo : lo + config.prompts_per_batch]
         prompts = [encode_prompt(tokenizer, p.problem, config.prompt_style, **options) for p in batch]
         results = worker.generate(prompts, first + lo, worker.sampling_params(config.tries, config.seed))
         for record in select(results, batch, first + lo, config, counts, format_errors):
@@ -284,8 +346,9 @@ def _sample_all_tries(worker: RolloutWorker, tokenizer, problems: Sequence[Probl
 TRY_STRIDE = 1 << 24
 
 
-def _generate_indexed(worker: RolloutWorker, prompts: Sequence[Sequence[int]], indices: Sequence[int],
-                      params) -> list[Result]:
+def _generate_indexed(
+    worker: RolloutWorker, prompts: Sequence[Sequence[int]], indices: Sequence[int], params
+) -> list[Result]:
     """``worker.generate`` with explicit prompt indices (which key the results and the seeds)."""
     model = worker.model
     was_training = model.training
@@ -300,8 +363,17 @@ def _generate_indexed(worker: RolloutWorker, prompts: Sequence[Sequence[int]], i
     return results
 
 
-def _sample_until_kept(worker: RolloutWorker, tokenizer, problems: Sequence[Problem], first: int,
-                       config: SampleConfig, counts: Counter, format_errors: Counter, sink, progress) -> None:
+def _sample_until_kept(
+    worker: RolloutWorker,
+    tokenizer,
+    problems: Sequence[Problem],
+    first: int,
+    config: SampleConfig,
+    counts: Counter,
+    format_errors: Counter,
+    sink,
+    progress,
+) -> None:
     """Rounds of one try per open problem (at most ``prompts_per_batch`` open at once, refilled as
     problems close); a problem closes with ``max_kept_per_problem`` accepted samples or after
     ``tries`` tries. Writes kept records to ``sink`` as they come (NPR's rejection_sampling.py loop)."""
@@ -317,9 +389,15 @@ def _sample_until_kept(worker: RolloutWorker, tokenizer, problems: Sequence[Prob
         open_now = sorted(tries)
         key = {first + j + tries[j] * TRY_STRIDE: j for j in open_now}
         results = _generate_indexed(worker, [encoded[j] for j in open_now], list(key), params)
-        decoded = sorted((dataclasses.replace(r, prompt_index=first + key[r.prompt_index],
-                                              sample_index=tries[key[r.prompt_index]]) for r in results),
-                         key=lambda r: r.prompt_index)
+        decoded = sorted(
+            (
+                dataclasses.replace(
+                    r, prompt_index=first + key[r.prompt_index], sample_index=tries[key[r.prompt_index]]
+                )
+                for r in results
+            ),
+            key=lambda r: r.prompt_index,
+        )
         for record in select(decoded, problems, first, config, counts, format_errors, per_problem=kept):
             sink.write(json.dumps(record, ensure_ascii=False) + "\n")
         closed = 0
@@ -338,11 +416,19 @@ def _summary(totals: dict[str, float], format_errors: Counter, num_problems: int
     dropped = {k: int(totals[k]) for k in DROP_REASONS}
     decomposed = config.wrap and config.wrap_mode == "decompose"  # kept counts traces, samples count part answers
     kept = int(totals["traces"]) if decomposed else int(totals["samples"]) - sum(dropped.values())
-    return {"problems": num_problems, "samples": int(totals["samples"]), "kept": kept, "dropped": dropped,
-            "problems_with_kept": int(totals["problems_with_kept"]),
-            "format_valid_rate": totals["format_valid"] / samples, "accuracy": totals["correct"] / samples,
-            "format_errors_main_process": dict(format_errors.most_common()), "tries": config.tries,
-            "model": config.model, **({"wrap_mode": "decompose"} if decomposed else {})}
+    return {
+        "problems": num_problems,
+        "samples": int(totals["samples"]),
+        "kept": kept,
+        "dropped": dropped,
+        "problems_with_kept": int(totals["problems_with_kept"]),
+        "format_valid_rate": totals["format_valid"] / samples,
+        "accuracy": totals["correct"] / samples,
+        "format_errors_main_process": dict(format_errors.most_common()),
+        "tries": config.tries,
+        "model": config.model,
+        **({"wrap_mode": "decompose"} if decomposed else {}),
+    }
 
 
 def _merge_parts(out_dir: Path, num_processes: int) -> None:

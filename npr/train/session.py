@@ -25,13 +25,26 @@ import torch
 from npr.extras import install_hint
 from npr.fsio import atomic_write_text
 from npr.models import load_model_and_tokenizer
-from npr.train.checkpoint import (CheckpointError, checkpoint_steps, load_checkpoint, resume_point, save_checkpoint,
-                                  save_final, saved_progress)
+from npr.train.checkpoint import (
+    CheckpointError,
+    checkpoint_steps,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+    save_final,
+    saved_progress,
+)
 from npr.train.config import RESUMABLE_FIELDS, ConfigError
 from npr.train.fsdp import check_fsdp_launch, fsdp_plugin, layer_classes, make_fsdp_accelerator
 from npr.train.logprobs import resolve_attention, set_attention
-from npr.train.overrides import (build_config, config_differences, config_to_yaml, read_yaml_layer, resolve_config,
-                                  written_values)
+from npr.train.overrides import (
+    build_config,
+    config_differences,
+    config_to_yaml,
+    read_yaml_layer,
+    resolve_config,
+    written_values,
+)
 from npr.train.schedule import build_optimizer, build_scheduler
 from npr.train.trackers import resolve_report_to, start_trackers
 from npr.train.tracking import MetricsLog, truncate_jsonl
@@ -50,8 +63,15 @@ class RunOptions:
     command: str = ""  # the command line, for the header of config.yaml
 
 
-def resolve_run_config(stage: str, cls: type, out_dir: Path, resume: bool, preset: str | None,
-                       config_path: str | None, flags: dict[str, Any]) -> Any:
+def resolve_run_config(
+    stage: str,
+    cls: type,
+    out_dir: Path,
+    resume: bool,
+    preset: str | None,
+    config_path: str | None,
+    flags: dict[str, Any],
+) -> Any:
     """The config of a run; on ``resume`` the saved ``config.yaml`` is the base (with
     ``stop_after`` cleared), and only ``RESUMABLE_FIELDS`` may differ from it. A fresh run
     refuses a directory that holds checkpoints or a final model.
@@ -63,23 +83,30 @@ def resolve_run_config(stage: str, cls: type, out_dir: Path, resume: bool, prese
     saved_path = out_dir / CONFIG_FILE
     if not resume:
         if checkpoint_steps(out_dir) or (out_dir / "final").exists():
-            raise ConfigError(f"{out_dir} already holds a run (checkpoints or final/); pass --resume to continue it, "
-                              "or choose another --out")
+            raise ConfigError(
+                f"{out_dir} already holds a run (checkpoints or final/); pass --resume to continue it, "
+                "or choose another --out"
+            )
         return resolve_config(stage, cls, preset, config_path, flags)
     if not saved_path.is_file():
-        raise CheckpointError(f"--resume: {saved_path} does not exist; point --out at the directory of the run to "
-                              "continue, or drop --resume to start one")
+        raise CheckpointError(
+            f"--resume: {saved_path} does not exist; point --out at the directory of the run to "
+            "continue, or drop --resume to start one"
+        )
     values, origins = read_yaml_layer(saved_path, cls)
     _refuse_edits(cls, saved_path, values, origins)
     saved = build_config(cls, values, origins=origins)
     # a planned interruption applies to the process that was interrupted, not to the resumed one
-    config = resolve_config(stage, cls, preset, config_path, flags, base={**asdict(saved), "stop_after": None},
-                            base_origins=origins)
+    config = resolve_config(
+        stage, cls, preset, config_path, flags, base={**asdict(saved), "stop_after": None}, base_origins=origins
+    )
     changed = {k: v for k, v in config_differences(saved, config).items() if k not in RESUMABLE_FIELDS}
     if changed:
         listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise ConfigError(f"--resume: the run in {out_dir} was trained with a different config ({listing}); "
-                          f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume")
+        raise ConfigError(
+            f"--resume: the run in {out_dir} was trained with a different config ({listing}); "
+            f"only {', '.join(sorted(RESUMABLE_FIELDS))} may change on resume"
+        )
     return config
 
 
@@ -96,10 +123,12 @@ def _refuse_edits(cls: type, saved_path: Path, values: dict[str, Any], origins: 
             continue
         where = origins.get(name, str(saved_path))
         how = f"changed from {old!r} to {new!r}" if name in values else f"removed (it was {old!r})"
-        raise ConfigError(f"{where}: config field {name!r} was {how} after the run wrote {saved_path}; its "
-                          f"checkpoints were trained with {old!r}. Put the value back, or start a new run (another "
-                          f"--out) with it; on --resume only {', '.join(sorted(RESUMABLE_FIELDS))} may change, "
-                          "as flags (e.g. --save-every 10)")
+        raise ConfigError(
+            f"{where}: config field {name!r} was {how} after the run wrote {saved_path}; its "
+            f"checkpoints were trained with {old!r}. Put the value back, or start a new run (another "
+            f"--out) with it; on --resume only {', '.join(sorted(RESUMABLE_FIELDS))} may change, "
+            "as flags (e.g. --save-every 10)"
+        )
 
 
 def resume_checkpoint(config, options: RunOptions) -> Path | None:
@@ -199,11 +228,20 @@ class TrainSession:
         non-finite gradient norms (a skipped step is noted; ``max_skipped_steps`` in a row end the run)."""
         if self.skip_guard is None:
             self.skip_guard = NonFiniteGuard(self.config.max_skipped_steps)
-        metrics = optimizer_step(self.accelerator, self.model, self.optimizer, self.scheduler,
-                                 self.config.max_grad_norm, advance_schedule, self.skip_guard)
+        metrics = optimizer_step(
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.config.max_grad_norm,
+            advance_schedule,
+            self.skip_guard,
+        )
         if metrics["skipped_steps"]:
-            self.log.note(f"{self.stage}: optimizer step skipped: gradient norm {metrics['grad_norm']} "
-                          f"({self.skip_guard.in_a_row} in a row, {self.skip_guard.skipped} in all)")
+            self.log.note(
+                f"{self.stage}: optimizer step skipped: gradient norm {metrics['grad_norm']} "
+                f"({self.skip_guard.in_a_row} in a row, {self.skip_guard.skipped} in all)"
+            )
         return metrics
 
     def after_step(self, step: int, metrics: dict[str, Any]) -> None:
@@ -215,8 +253,17 @@ class TrainSession:
             self.checkpoint(count)
 
     def checkpoint(self, count: int) -> Path:
-        path = save_checkpoint(self.accelerator, self.model, self.tokenizer, self.optimizer, self.scheduler,
-                               self.run_dir, count, self.config.keep_checkpoints, self.progress)
+        path = save_checkpoint(
+            self.accelerator,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self.run_dir,
+            count,
+            self.config.keep_checkpoints,
+            self.progress,
+        )
         self.log.note(f"checkpoint {path}")
         return path
 
@@ -228,8 +275,9 @@ class TrainSession:
         final = None
         if count in (self.total_steps, self.data_end):
             final = save_final(self.accelerator, self.model, self.tokenizer, self.run_dir / "final")
-            used_up = f" (train_data used up after {count} of {self.total_steps} steps)" if count != self.total_steps \
-                else ""
+            used_up = (
+                f" (train_data used up after {count} of {self.total_steps} steps)" if count != self.total_steps else ""
+            )
             self.log.note(f"{self.stage}: done{used_up}, model in {final}")
         else:
             self.log.note(f"{self.stage}: stopped after step {count} of {self.total_steps}; continue with --resume")
@@ -241,8 +289,10 @@ def _prepare_model(accelerator, model, config):
     """Attention layout, gradient checkpointing and (FSDP) the layer classes, before ``prepare``."""
     attention = resolve_attention(config.attention, accelerator.device)
     if attention == "flex" and accelerator.device.type == "cpu":
-        raise ConfigError("config field 'attention': flex on CPU cannot train (torch 2.13's flex_attention has no "
-                          "backward on CPU); use auto (dense on CPU, flex on CUDA) or dense")
+        raise ConfigError(
+            "config field 'attention': flex on CPU cannot train (torch 2.13's flex_attention has no "
+            "backward on CPU); use auto (dense on CPU, flex on CUDA) or dense"
+        )
     set_attention(model, attention)
     model.config.use_cache = False
     if config.fsdp:
@@ -265,8 +315,9 @@ def open_session(stage: str, config, options: RunOptions, total_steps: int) -> T
     run_dir = Path(options.out_dir)
     checkpoint = resume_checkpoint(config, options)
     set_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(model_source(config, options), dtype=config.dtype,
-                                                device=accelerator.device)
+    model, tokenizer = load_model_and_tokenizer(
+        model_source(config, options), dtype=config.dtype, device=accelerator.device
+    )
     attention = _prepare_model(accelerator, model, config)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -283,22 +334,34 @@ def open_session(stage: str, config, options: RunOptions, total_steps: int) -> T
     if accelerator.is_main_process:  # a resumed run logs its later steps again; a restarted one all of them
         truncate_jsonl(run_dir / "metrics.jsonl", start if checkpoint is not None else -1)
     accelerator.wait_for_everyone()
-    trackers = (start_trackers(report_to, run_dir, stage, {f.name: getattr(config, f.name) for f in fields(config)})
-                if accelerator.is_main_process and report_to else [])
+    trackers = (
+        start_trackers(report_to, run_dir, stage, {f.name: getattr(config, f.name) for f in fields(config)})
+        if accelerator.is_main_process and report_to
+        else []
+    )
     log = MetricsLog(run_dir, stage, total_steps, accelerator.is_main_process, options.quiet, trackers)
     if tensorboard_missing:
         log.note(f"tensorboard is not installed ({install_hint('trackers')}); metrics go to metrics.jsonl only")
-    mode = f"FSDP over {accelerator.num_processes} processes" if config.fsdp else f"{accelerator.num_processes} process(es)"
-    log.note(f"{stage}: {mode} on {accelerator.device.type}, attention {attention}"
-             + (", gradient checkpointing" if config.gradient_checkpointing else ""))
+    mode = (
+        f"FSDP over {accelerator.num_processes} processes"
+        if config.fsdp
+        else f"{accelerator.num_processes} process(es)"
+    )
+    log.note(
+        f"{stage}: {mode} on {accelerator.device.type}, attention {attention}"
+        + (", gradient checkpointing" if config.gradient_checkpointing else "")
+    )
     if checkpoint is not None:
         skipped = resume_point(run_dir)[1]
-        log.note(f"{stage}: resumed from {checkpoint} (step {start} of {total_steps})"
-                 + "".join(f"; {n}" for n in (note, skipped) if n))
+        log.note(
+            f"{stage}: resumed from {checkpoint} (step {start} of {total_steps})"
+            + "".join(f"; {n}" for n in (note, skipped) if n)
+        )
     elif options.resume:
         log.note(f"{stage}: no complete checkpoint in {run_dir}/checkpoints; starting the run over")
-    return TrainSession(stage, config, run_dir, accelerator, model, tokenizer, optimizer, scheduler, total_steps,
-                        start, log, progress)
+    return TrainSession(
+        stage, config, run_dir, accelerator, model, tokenizer, optimizer, scheduler, total_steps, start, log, progress
+    )
 
 
 class StepTimer:
@@ -312,4 +375,3 @@ class StepTimer:
         now = time.perf_counter()
         self.times[f"time_{phase}_s"] = self.times.get(f"time_{phase}_s", 0.0) + now - self._start
         self._start = now
-

@@ -51,12 +51,18 @@ class TokenizedExample:
 
 def _field(row: dict, name: str, path: str, lineno: int) -> str:
     if name not in row:
-        raise DataFileError(path, lineno, name, "missing", f"every line needs {', '.join(SFT_FIELDS)} "
-                            "(the layout `npr sample` writes)")
+        raise DataFileError(
+            path, lineno, name, "missing", f"every line needs {', '.join(SFT_FIELDS)} (the layout `npr sample` writes)"
+        )
     value = row[name]
     if not isinstance(value, str) or not value.strip():
-        raise DataFileError(path, lineno, name, f"must be a non-empty string, got {json.dumps(value)[:40]}",
-                            "fill it in or delete the line")
+        raise DataFileError(
+            path,
+            lineno,
+            name,
+            f"must be a non-empty string, got {json.dumps(value)[:40]}",
+            "fill it in or delete the line",
+        )
     from npr.validate import unicode_problem
 
     if unicode_problem(value):
@@ -69,8 +75,9 @@ def read_sft_jsonl(path: str | Path, allow_empty: bool = False) -> list[SftExamp
     (and on a file without examples unless ``allow_empty``)."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file; give the JSONL that `npr sample` wrote "
-                        "(its --out directory holds data.jsonl)")
+        raise DataError(
+            f"{path}: no such file; give the JSONL that `npr sample` wrote (its --out directory holds data.jsonl)"
+        )
     examples = []
     for lineno, line in enumerate(decode_utf8(path.read_bytes(), str(path)).split("\n"), 1):
         if not line.strip():
@@ -78,14 +85,21 @@ def read_sft_jsonl(path: str | Path, allow_empty: bool = False) -> list[SftExamp
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataFileError(str(path), lineno, None, f"not valid JSON ({e.msg} at column {e.colno})",
-                                "write one JSON object per line") from e
+            raise DataFileError(
+                str(path),
+                lineno,
+                None,
+                f"not valid JSON ({e.msg} at column {e.colno})",
+                "write one JSON object per line",
+            ) from e
         if not isinstance(row, dict):
             raise DataFileError(str(path), lineno, None, "not a JSON object", "write one object per line")
         examples.append(SftExample(*(_field(row, name, str(path), lineno) for name in SFT_FIELDS)))
     if not examples and not allow_empty:
-        raise DataError(f"{path} holds no examples (an empty dataset): rejection sampling kept nothing? "
-                        "Check `npr sample`'s summary.json, sample more tries, or train Stage 1 longer")
+        raise DataError(
+            f"{path} holds no examples (an empty dataset): rejection sampling kept nothing? "
+            "Check `npr sample`'s summary.json, sample more tries, or train Stage 1 longer"
+        )
     return examples
 
 
@@ -96,22 +110,26 @@ def synthetic_examples(spec: str) -> list[SftExample]:
     ``synthetic:chain_sum?size=64&seed=3&terms=2&digits=1``: the problems of that reasoning-gym
     spec (2 terms), computed directly in one branch and by counting in the other.
     """
-    kind, _, query = spec[len(SYNTHETIC_PREFIX):].partition("?")
+    kind, _, query = spec[len(SYNTHETIC_PREFIX) :].partition("?")
     if kind == "chain_sum":
         return _chain_sum_traces(query)
     if kind != "arith":
-        raise DataError(f"{spec!r}: unknown synthetic set {kind!r}; use synthetic:arith?n=N&seed=S or "
-                        "synthetic:chain_sum?size=N&seed=S&terms=2&digits=1")
+        raise DataError(
+            f"{spec!r}: unknown synthetic set {kind!r}; use synthetic:arith?n=N&seed=S or "
+            "synthetic:chain_sum?size=N&seed=S&terms=2&digits=1"
+        )
     params = dict(parse_qsl(query))
     rng = random.Random(int(params.get("seed", 0)))
     examples = []
     for i in range(int(params.get("n", 12))):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         tens, units = (a // 10 + b // 10) * 10, a % 10 + b % 10
-        response = (f"<guideline>\n<plan>1: add the tens of {a} and {b}</plan>\n<plan>2: add the units</plan>\n"
-                    f"</guideline>\n<step>\n1: {a // 10 * 10} + {b // 10 * 10} = {tens}\n</step>\n"
-                    f"<step>\n2: {a % 10} + {b % 10} = {units}\n</step>\n<takeaway>\n{tens} + {units} = {a + b}\n"
-                    f"</takeaway>\nThe answer is \\boxed{{{a + b}}}.")
+        response = (
+            f"<guideline>\n<plan>1: add the tens of {a} and {b}</plan>\n<plan>2: add the units</plan>\n"
+            f"</guideline>\n<step>\n1: {a // 10 * 10} + {b // 10 * 10} = {tens}\n</step>\n"
+            f"<step>\n2: {a % 10} + {b % 10} = {units}\n</step>\n<takeaway>\n{tens} + {units} = {a + b}\n"
+            f"</takeaway>\nThe answer is \\boxed{{{a + b}}}."
+        )
         examples.append(SftExample(f"arith-{i}", f"What is {a} + {b}?", str(a + b), response))
     return examples
 
@@ -131,11 +149,16 @@ def _chain_sum_traces(query: str) -> list[SftExample]:
         step = 1 if op == "+" else -1
         counted = ", ".join(str(int(a) + step * k) for k in range(int(b) + 1)) + f": {b} step(s) from {a}"
         inverse = f"{p.answer} {'-+'[op == '-']} {b} = {a}"
-        plan2, step2 = ((f"count from {a} by {'ones' if op == '+' else 'minus ones'}, {b} times", counted)
-                        if int(b) <= 12 else ("check with the inverse operation", inverse))
-        response = (f"<guideline>\n<plan>1: compute {a} {op} {b} directly</plan>\n<plan>2: {plan2}</plan>\n"
-                    f"</guideline>\n<step>\n1: {a} {op} {b} = {p.answer}\n</step>\n<step>\n2: {step2}\n</step>\n"
-                    f"<takeaway>\nboth steps end at {p.answer}\n</takeaway>\nThe answer is \\boxed{{{p.answer}}}.")
+        plan2, step2 = (
+            (f"count from {a} by {'ones' if op == '+' else 'minus ones'}, {b} times", counted)
+            if int(b) <= 12
+            else ("check with the inverse operation", inverse)
+        )
+        response = (
+            f"<guideline>\n<plan>1: compute {a} {op} {b} directly</plan>\n<plan>2: {plan2}</plan>\n"
+            f"</guideline>\n<step>\n1: {a} {op} {b} = {p.answer}\n</step>\n<step>\n2: {step2}\n</step>\n"
+            f"<takeaway>\nboth steps end at {p.answer}\n</takeaway>\nThe answer is \\boxed{{{p.answer}}}."
+        )
         examples.append(SftExample(f"synthetic-{p.id}", p.problem, p.answer, response))
     return examples
 
@@ -150,8 +173,9 @@ def load_sft_examples(spec: str, limit: int | None = None, allow_empty: bool = F
     return examples if limit is None else examples[:limit]
 
 
-def tokenize_examples(examples: list[SftExample], tokenizer, tag_ids: dict[str, int], max_seq_len: int,
-                      prompt_options: dict | None = None) -> tuple[list[TokenizedExample], Counter]:
+def tokenize_examples(
+    examples: list[SftExample], tokenizer, tag_ids: dict[str, int], max_seq_len: int, prompt_options: dict | None = None
+) -> tuple[list[TokenizedExample], Counter]:
     """Tokenized examples whose structure holds, and the count of dropped ones by reason
     (``schema_structural``: tags out of place in the text; ``structure``: the token sequence
     does not form the tree; ``too_long``: over ``max_seq_len``). ``prompt_options``: the

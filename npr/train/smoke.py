@@ -35,8 +35,9 @@ class AnswerChoiceForcer:
         self.eos = tokenizer.eos_token_id
         self.endings: dict[int, tuple[list[int], list[int]]] = {}
         for index, answer in answers.items():
-            right, wrong = (tokenizer.encode(f" \\boxed{{{a}}}", add_special_tokens=False)
-                            for a in answer_candidates(answer))
+            right, wrong = (
+                tokenizer.encode(f" \\boxed{{{a}}}", add_special_tokens=False) for a in answer_candidates(answer)
+            )
             self.endings[int(index)] = (right, wrong)
 
     @staticmethod
@@ -52,7 +53,7 @@ class AnswerChoiceForcer:
         if stream.kind != "main" or written < end or slots[end] != self.eos:
             return self.structure(stream, logits)
         right, wrong = self.endings[stream.prompt_index]
-        tail = stream.tokens[skip + end:]  # what this stream wrote of the box so far
+        tail = stream.tokens[skip + end :]  # what this stream wrote of the box so far
         k = len(tail)
         for candidate in (right, wrong):
             if tail == candidate[:k] and k < len(candidate):

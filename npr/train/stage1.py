@@ -25,8 +25,15 @@ from npr.algos import dynamic_sampling_filter, overlong_penalty
 from npr.masks import has_complete_blocks
 from npr.rewards import get_reward
 from npr.train.config import Stage1Config
-from npr.train.rl import (apply_update, generate_round, global_advantages, rollout_step_metrics, run_eval_if_due,
-                          start_rl_run, tag_ids_of)
+from npr.train.rl import (
+    apply_update,
+    generate_round,
+    global_advantages,
+    rollout_step_metrics,
+    run_eval_if_due,
+    start_rl_run,
+    tag_ids_of,
+)
 from npr.train.rollout import ROLLOUT_SUMS, Rollout
 from npr.train.session import RunOptions, StepTimer
 from npr.train.update import gather_floats, global_sum
@@ -37,13 +44,15 @@ def shaped_rewards(rollouts: Sequence[Rollout], config: Stage1Config) -> torch.T
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float32)  # [N]
     if config.overlong_penalty > 0 and rollouts:
         lengths = torch.tensor([len(r.result.token_ids) for r in rollouts])  # [N]
-        rewards = rewards + overlong_penalty(lengths, config.max_new_tokens, config.overlong_buffer,
-                                             config.overlong_penalty)
+        rewards = rewards + overlong_penalty(
+            lengths, config.max_new_tokens, config.overlong_buffer, config.overlong_penalty
+        )
     return rewards
 
 
-def dapo_round(accelerator, rollouts: Sequence[Rollout], structured: bool, tags: dict[str, int], config: Stage1Config,
-               wanted: int) -> tuple[list[Rollout], dict[str, float]]:
+def dapo_round(
+    accelerator, rollouts: Sequence[Rollout], structured: bool, tags: dict[str, int], config: Stage1Config, wanted: int
+) -> tuple[list[Rollout], dict[str, float]]:
     """One generation round's contribution to the step: this rank's rollouts of the groups kept
     by dynamic sampling, at most ``wanted`` groups over all ranks (in rank order, as verl's
     refill concatenates and trims); every rank must call it.
@@ -53,19 +62,25 @@ def dapo_round(accelerator, rollouts: Sequence[Rollout], structured: bool, tags:
     on its ``score``; a group of size 1 is kept (verl). In parallel mode rollouts without
     complete blocks are dropped first (no tree mask describes them). Returns the kept rollouts
     and global counts: groups kept, rollouts dropped for structure."""
-    trainable = [r for r in rollouts if not structured
-                 or has_complete_blocks(r.result.prompt_ids, r.result.token_ids, tags)]
+    trainable = [
+        r for r in rollouts if not structured or has_complete_blocks(r.result.prompt_ids, r.result.token_ids, tags)
+    ]
     scores = torch.tensor([r.reward for r in trainable], dtype=torch.float32)  # [N]
     groups = torch.tensor([r.group for r in trainable], dtype=torch.long)  # [N]
-    keep = (dynamic_sampling_filter(scores, groups) if config.dynamic_sampling and trainable
-            else torch.ones(len(trainable), dtype=torch.bool))  # [N]
+    keep = (
+        dynamic_sampling_filter(scores, groups)
+        if config.dynamic_sampling and trainable
+        else torch.ones(len(trainable), dtype=torch.bool)
+    )  # [N]
     kept = [r for r, k in zip(trainable, keep.tolist()) if k]
     mine = list(dict.fromkeys(r.group for r in kept))
     counts, rank = gather_floats(accelerator, [len(mine)])
-    allowed = set(mine[:max(0, min(len(mine), wanted - int(sum(counts[:rank]))))])
-    unstructured, = global_sum(accelerator, [float(len(rollouts) - len(trainable))])
-    return ([r for r in kept if r.group in allowed],
-            {"groups": float(min(sum(counts), wanted)), "unstructured": unstructured})
+    allowed = set(mine[: max(0, min(len(mine), wanted - int(sum(counts[:rank]))))])
+    (unstructured,) = global_sum(accelerator, [float(len(rollouts) - len(trainable))])
+    return (
+        [r for r in kept if r.group in allowed],
+        {"groups": float(min(sum(counts), wanted)), "unstructured": unstructured},
+    )
 
 
 def refill_done(run, config: Stage1Config, rounds: int, groups: float) -> bool:
@@ -74,8 +89,12 @@ def refill_done(run, config: Stage1Config, rounds: int, groups: float) -> bool:
     drawn (0: no limit), or the data of ``num_epochs`` is used up. Unlike verl, which raises
     when the limit is hit, the step then trains on the groups it has (or skips the update)."""
     limit = config.max_gen_batches
-    return (groups >= config.prompts_per_step or not config.dynamic_sampling or (limit and rounds >= limit)
-            or not run.data_left())
+    return (
+        groups >= config.prompts_per_step
+        or not config.dynamic_sampling
+        or (limit and rounds >= limit)
+        or not run.data_left()
+    )
 
 
 def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
@@ -106,13 +125,18 @@ def train_stage1(config: Stage1Config, options: RunOptions) -> Path | None:
         rewards = shaped_rewards(kept, config)  # [K]
         groups_of = torch.tensor([r.group for r in kept], dtype=torch.long)  # [K]
         advantages = global_advantages(acc, config.advantage, rewards, groups_of)  # [K]
-        kept_count, = global_sum(acc, [float(len(kept))])
+        (kept_count,) = global_sum(acc, [float(len(kept))])
         update = apply_update(run, kept, advantages, structured)
         timer.lap("update")
         metrics = rollout_step_metrics(totals, wall, rounds)
-        metrics.update(shaped_reward=shaped_sum / max(metrics["rollouts"], 1.0), dropped_structure=unstructured,
-                       kept_rate=kept_count / max(metrics["rollouts"], 1.0), kept_groups=groups, **update,
-                       **timer.times)
+        metrics.update(
+            shaped_reward=shaped_sum / max(metrics["rollouts"], 1.0),
+            dropped_structure=unstructured,
+            kept_rate=kept_count / max(metrics["rollouts"], 1.0),
+            kept_groups=groups,
+            **update,
+            **timer.times,
+        )
         session.after_step(step, metrics)
     run_eval_if_due(run, "after")
     return session.finish()

@@ -37,33 +37,50 @@ def train_stage2(config: Stage2Config, options: RunOptions) -> Path | None:
     if config.primer_data:
         examples += load_sft_examples(config.primer_data)
     tokenizer = load_tokenizer(model_source(config, options))
-    kept, dropped = tokenize_examples(examples, tokenizer, tag_token_ids(tokenizer), config.max_seq_len,
-                                      config.prompt_options())
+    kept, dropped = tokenize_examples(
+        examples, tokenizer, tag_token_ids(tokenizer), config.max_seq_len, config.prompt_options()
+    )
     if not kept:
-        raise DataError(f"{config.train_data}: all {len(examples)} examples were dropped ({dict(dropped)}); "
-                        "nothing to train on. Check the file's responses (npr.schema.validate) or raise max_seq_len")
+        raise DataError(
+            f"{config.train_data}: all {len(examples)} examples were dropped ({dict(dropped)}); "
+            "nothing to train on. Check the file's responses (npr.schema.validate) or raise max_seq_len"
+        )
     session = open_session("stage2", config, options, total_sft_steps(config, len(kept)))
     acc = session.accelerator
     if config.batch_size % acc.num_processes:
-        raise ConfigError(f"config field 'batch_size': {config.batch_size} does not divide among "
-                          f"{acc.num_processes} processes; use a multiple of {acc.num_processes}")
-    session.log.note(f"stage2: {len(kept)} of {len(examples)} examples usable"
-                     + (f"; dropped {dict(dropped)}" if dropped else ""))
+        raise ConfigError(
+            f"config field 'batch_size': {config.batch_size} does not divide among "
+            f"{acc.num_processes} processes; use a multiple of {acc.num_processes}"
+        )
+    session.log.note(
+        f"stage2: {len(kept)} of {len(examples)} examples usable" + (f"; dropped {dict(dropped)}" if dropped else "")
+    )
     tags = tag_token_ids(session.tokenizer)
     order = BatchOrder(len(kept), config.batch_size, config.seed)
     for step in session.steps():
         timer = StepTimer()
         indices, _ = shard(order.batch(step), acc.process_index, acc.num_processes)
-        sequences = pack_in_budget([structured_sequence(kept[i].prompt_ids, kept[i].response_ids, tags)
-                                    for i in indices], config.pack_tokens)
-        metrics = sft_backward(acc, session.model, sequences, session.tokenizer.pad_token_id, config.micro_batch_size,
-                               forward_context=session.forward_context, micro_batch_tokens=config.micro_batch_tokens,
-                               logprob_chunk_size=config.logprob_chunk_size)
+        sequences = pack_in_budget(
+            [structured_sequence(kept[i].prompt_ids, kept[i].response_ids, tags) for i in indices], config.pack_tokens
+        )
+        metrics = sft_backward(
+            acc,
+            session.model,
+            sequences,
+            session.tokenizer.pad_token_id,
+            config.micro_batch_size,
+            forward_context=session.forward_context,
+            micro_batch_tokens=config.micro_batch_tokens,
+            logprob_chunk_size=config.logprob_chunk_size,
+        )
         metrics.update(session.optimizer_step())
         timer.lap("step")
-        metrics.update(epoch=step * config.batch_size / len(kept), examples=len(kept),
-                       dropped=sum(dropped.values()), tokens_per_s=metrics["tokens"] / timer.times["time_step_s"],
-                       **timer.times)
+        metrics.update(
+            epoch=step * config.batch_size / len(kept),
+            examples=len(kept),
+            dropped=sum(dropped.values()),
+            tokens_per_s=metrics["tokens"] / timer.times["time_step_s"],
+            **timer.times,
+        )
         session.after_step(step, metrics)
     return session.finish()
-

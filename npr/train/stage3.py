@@ -27,8 +27,15 @@ from npr.train.session import RunOptions, StepTimer
 from npr.train.update import global_sum
 
 # Why a rollout is dropped, in the order checked (a fixed list: every rank reports every key).
-DROP_REASONS = ("finish_length", "finish_invalid_schema", "finish_stop", "structure", "schema_structural",
-                "schema_no_block", "schema_other")
+DROP_REASONS = (
+    "finish_length",
+    "finish_invalid_schema",
+    "finish_stop",
+    "structure",
+    "schema_structural",
+    "schema_no_block",
+    "schema_other",
+)
 
 
 def drop_reason(rollout: Rollout, tag_ids: dict[str, int], config: Stage3Config) -> str | None:
@@ -49,8 +56,9 @@ def drop_reason(rollout: Rollout, tag_ids: dict[str, int], config: Stage3Config)
     return None
 
 
-def select_papo(rollouts: Sequence[Rollout], tag_ids: dict[str, int], config: Stage3Config
-                ) -> tuple[list[Rollout], dict[str, int]]:
+def select_papo(
+    rollouts: Sequence[Rollout], tag_ids: dict[str, int], config: Stage3Config
+) -> tuple[list[Rollout], dict[str, int]]:
     """Schema-level filter: the kept rollouts and the count of dropped ones by reason."""
     drops = dict.fromkeys(DROP_REASONS, 0)
     kept = []

@@ -32,8 +32,9 @@ def parse_report_to(value: str) -> tuple[str, ...]:
         return ()
     unknown = [n for n in names if n not in TRACKER_MODULES]
     if unknown:
-        raise ValueError(f"unknown tracker(s) {unknown}; use a comma-separated list of {', '.join(TRACKER_MODULES)}, "
-                         "or none")
+        raise ValueError(
+            f"unknown tracker(s) {unknown}; use a comma-separated list of {', '.join(TRACKER_MODULES)}, or none"
+        )
     return tuple(dict.fromkeys(names))
 
 
@@ -84,5 +85,8 @@ def tracked_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def tracked_values(record: dict[str, Any]) -> dict[str, float]:
     """The numeric fields of a metrics line (not ``step``, not booleans, finite only)."""
-    return {k: v for k, v in record.items()
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: v
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }

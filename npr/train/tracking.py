@@ -21,9 +21,17 @@ from npr.train.trackers import tracked_values
 LOGGER = logging.getLogger("npr.train")
 
 # what the live display shows, in order: metric key -> label
-DISPLAY = {"reward": "reward", "accuracy": "acc", "format_valid_rate": "fmt-valid", "trigger_rate": "trigger",
-           "loss": "loss", "kept_rate": "kept", "gen_rounds": "rounds",
-           "tokens_per_s": "tok/s", "rollout_tokens_per_s": "tok/s"}
+DISPLAY = {
+    "reward": "reward",
+    "accuracy": "acc",
+    "format_valid_rate": "fmt-valid",
+    "trigger_rate": "trigger",
+    "loss": "loss",
+    "kept_rate": "kept",
+    "gen_rounds": "rounds",
+    "tokens_per_s": "tok/s",
+    "rollout_tokens_per_s": "tok/s",
+}
 
 
 def is_wall_clock(key: str) -> bool:
@@ -79,8 +87,9 @@ class MetricsLog:
     """Appends metrics lines, mirrors them to the trackers and the live display (main process only).
     ``trackers``: started accelerate trackers (``npr.train.trackers.start_trackers``), finished by ``close``."""
 
-    def __init__(self, run_dir: Path, stage: str, total_steps: int, enabled: bool, quiet: bool,
-                 trackers: Sequence[Any] = ()):
+    def __init__(
+        self, run_dir: Path, stage: str, total_steps: int, enabled: bool, quiet: bool, trackers: Sequence[Any] = ()
+    ):
         self.path = run_dir / "metrics.jsonl"
         self.stage, self.total, self.enabled = stage, total_steps, enabled
         self.display = LiveDisplay(stage, total_steps) if enabled and not quiet and sys.stdout.isatty() else None
@@ -168,8 +177,13 @@ class LiveDisplay:
 
         self._group, self._text = Group, Text
         self.console = Console()
-        self.progress = Progress(TextColumn(f"[bold]{stage}[/]"), BarColumn(), MofNCompleteColumn(),
-                                 TimeRemainingColumn(), console=self.console)
+        self.progress = Progress(
+            TextColumn(f"[bold]{stage}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
         self.task = self.progress.add_task(stage, total=total_steps)
         self.live = Live(Group(self.progress, Text("rolling out…")), console=self.console, refresh_per_second=4)
         self.live.start()

@@ -25,8 +25,20 @@ from npr.train.lm_head import DEFAULT_LOGPROB_CHUNK
 from npr.train.logprobs import TokenSequence, causal_sequence, response_logprobs
 
 # Metrics policy_backward adds beside the loss's own; a loss may not return these names.
-TRAINER_POLICY_METRICS = frozenset({"loss", "logprob_drift", "drift_tokens", "ratio_max", "ratio_min", "loss_units",
-                                    "grad_norm", "lr", "skipped_steps", "optimizer_steps"})
+TRAINER_POLICY_METRICS = frozenset(
+    {
+        "loss",
+        "logprob_drift",
+        "drift_tokens",
+        "ratio_max",
+        "ratio_min",
+        "loss_units",
+        "grad_norm",
+        "lr",
+        "skipped_steps",
+        "optimizer_steps",
+    }
+)
 
 
 def is_count_metric(name: str) -> bool:
@@ -89,7 +101,7 @@ def gather_floats(accelerator, values: Sequence[float]) -> tuple[list[float], in
         return values, 0
     lists: list[list[float]] = [[] for _ in range(accelerator.num_processes)]
     torch.distributed.all_gather_object(lists, values)  # one list per process, in process order
-    offset = sum(len(v) for v in lists[:accelerator.process_index])
+    offset = sum(len(v) for v in lists[: accelerator.process_index])
     return [v for part in lists for v in part], offset
 
 
@@ -111,8 +123,9 @@ def global_extremes(accelerator, largest: float, smallest: float) -> tuple[float
 def _zero_loss(model, pad_token_id: int, chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> torch.Tensor:
     """A zero-weight forward (in the run's attention layout), so a rank without data still
     joins DDP/FSDP's collectives."""
-    logprobs, _ = response_logprobs(model, [causal_sequence([pad_token_id], [pad_token_id])], pad_token_id,
-                                    chunk_size=chunk_size)
+    logprobs, _ = response_logprobs(
+        model, [causal_sequence([pad_token_id], [pad_token_id])], pad_token_id, chunk_size=chunk_size
+    )
     return logprobs.sum() * 0.0
 
 
@@ -123,8 +136,9 @@ def micro_batches(lengths: Sequence[int], micro_batch_size: int, micro_batch_tok
     chunks: list[list[int]] = []
     tokens = 0
     for i, n in enumerate(lengths):
-        full = chunks and (len(chunks[-1]) >= micro_batch_size
-                           or (micro_batch_tokens > 0 and tokens + n > micro_batch_tokens))
+        full = chunks and (
+            len(chunks[-1]) >= micro_batch_size or (micro_batch_tokens > 0 and tokens + n > micro_batch_tokens)
+        )
         if not chunks or full:
             chunks.append([])
             tokens = 0
@@ -133,9 +147,14 @@ def micro_batches(lengths: Sequence[int], micro_batch_size: int, micro_batch_tok
     return chunks
 
 
-def backward_micro_batches(accelerator, model, chunks: list[list[int]], pad_token_id: int,
-                           micro_loss: Callable[[list[int]], torch.Tensor],
-                           chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> None:
+def backward_micro_batches(
+    accelerator,
+    model,
+    chunks: list[list[int]],
+    pad_token_id: int,
+    micro_loss: Callable[[list[int]], torch.Tensor],
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+) -> None:
     """Backward ``micro_loss(indices)`` over this rank's micro-batches, which every rank makes
     together. DDP synchronises gradients once, on the last pass. FSDP2 reduce-scatters every
     pass into this rank's gradient shard, as verl does: its ``no_sync`` would keep each pass's
@@ -173,12 +192,20 @@ class NonFiniteGuard:
         if self.in_a_row >= self.limit:
             raise TrainingDiverged(
                 f"training diverged: the gradient norm was {norm} in {self.in_a_row} optimizer steps in a row (each "
-                f"skipped, {self.skipped} in all); lower learning_rate, check the data, or raise max_skipped_steps")
+                f"skipped, {self.skipped} in all); lower learning_rate, check the data, or raise max_skipped_steps"
+            )
         return False
 
 
-def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: float,
-                   advance_schedule: bool = True, guard: NonFiniteGuard | None = None) -> dict[str, float]:
+def optimizer_step(
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    max_grad_norm: float,
+    advance_schedule: bool = True,
+    guard: NonFiniteGuard | None = None,
+) -> dict[str, float]:
     """Clip, step, advance the schedule (unless ``advance_schedule`` is False: a mini-batch step
     whose rollout batch advances it once); returns the pre-clip gradient norm, the lr used and
     ``skipped_steps``: 1.0 when the norm was not finite and the step was skipped (no parameter
@@ -200,9 +227,16 @@ def optimizer_step(accelerator, model, optimizer, scheduler, max_grad_norm: floa
     return {"grad_norm": norm, "lr": lr, "skipped_steps": 0.0 if take else 1.0}
 
 
-def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_token_id: int,
-                 micro_batch_size: int, forward_context: Callable = contextlib.nullcontext,
-                 micro_batch_tokens: int = 0, logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> dict[str, float]:
+def sft_backward(
+    accelerator,
+    model,
+    sequences: Sequence[TokenSequence],
+    pad_token_id: int,
+    micro_batch_size: int,
+    forward_context: Callable = contextlib.nullcontext,
+    micro_batch_tokens: int = 0,
+    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+) -> dict[str, float]:
     """Gradients of the token-mean NLL of every response token over the global batch.
 
     Returns ``loss`` (global token-mean NLL) and ``tokens`` (global response tokens).
@@ -211,30 +245,38 @@ def sft_backward(accelerator, model, sequences: Sequence[TokenSequence], pad_tok
     forward (e.g. bf16 autocast); ``logprob_chunk_size``: tokens per chunk of the output head.
     """
     local_tokens = sum(s.response_length for s in sequences)
-    total_tokens, = global_sum(accelerator, [local_tokens])
+    (total_tokens,) = global_sum(accelerator, [local_tokens])
     scale = accelerator.num_processes / max(total_tokens, 1.0)
     nll_sum = 0.0
 
     def micro_loss(indices: list[int]) -> torch.Tensor:
         nonlocal nll_sum
         with forward_context():
-            logprobs, mask = response_logprobs(model, [sequences[i] for i in indices], pad_token_id,
-                                               chunk_size=logprob_chunk_size)  # [b, T]
+            logprobs, mask = response_logprobs(
+                model, [sequences[i] for i in indices], pad_token_id, chunk_size=logprob_chunk_size
+            )  # [b, T]
         nll = -torch.where(mask, logprobs, torch.zeros_like(logprobs)).sum()  # []
         nll_sum += float(nll.detach())
         return nll * scale
 
     chunks = micro_batches([len(s.input_ids) for s in sequences], micro_batch_size, micro_batch_tokens)
     backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss, logprob_chunk_size)
-    global_nll, = global_sum(accelerator, [nll_sum])
+    (global_nll,) = global_sum(accelerator, [nll_sum])
     return {"loss": global_nll / max(total_tokens, 1.0), "tokens": total_tokens}
 
 
 @torch.no_grad()
-def old_policy_logprobs(accelerator, model, batch: PolicyBatch, pad_token_id: int, micro_batch_size: int,
-                        forward_context: Callable = contextlib.nullcontext, micro_batch_tokens: int = 0,
-                        temperature: float = 1.0, logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK
-                        ) -> list[torch.Tensor]:
+def old_policy_logprobs(
+    accelerator,
+    model,
+    batch: PolicyBatch,
+    pad_token_id: int,
+    micro_batch_size: int,
+    forward_context: Callable = contextlib.nullcontext,
+    micro_batch_tokens: int = 0,
+    temperature: float = 1.0,
+    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+) -> list[torch.Tensor]:
     """The current policy's log-probs of every response of ``batch`` (no grad): the old
     log-probs of PPO's ratio, computed once per rollout batch before its first update.
 
@@ -249,17 +291,31 @@ def old_policy_logprobs(accelerator, model, batch: PolicyBatch, pad_token_id: in
             _zero_loss(model, pad_token_id, logprob_chunk_size)
             continue
         with forward_context():
-            logprobs, _ = response_logprobs(model, [batch.sequences[j] for j in chunks[i]], pad_token_id,
-                                            temperature=temperature, chunk_size=logprob_chunk_size)  # [r, T]
+            logprobs, _ = response_logprobs(
+                model,
+                [batch.sequences[j] for j in chunks[i]],
+                pad_token_id,
+                temperature=temperature,
+                chunk_size=logprob_chunk_size,
+            )  # [r, T]
         for row, r in enumerate(batch.response_rows(chunks[i])):
-            rows.append(logprobs[row, :len(batch.loss_masks[r])].float().cpu())  # [T_r]
+            rows.append(logprobs[row, : len(batch.loss_masks[r])].float().cpu())  # [T_r]
     return rows
 
 
-def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, pad_token_id: int,
-                    micro_batch_size: int, forward_context: Callable = contextlib.nullcontext,
-                    micro_batch_tokens: int = 0, temperature: float = 1.0,
-                    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> dict[str, float]:
+def policy_backward(
+    accelerator,
+    model,
+    batch: PolicyBatch,
+    loss_fn,
+    agg: str,
+    pad_token_id: int,
+    micro_batch_size: int,
+    forward_context: Callable = contextlib.nullcontext,
+    micro_batch_tokens: int = 0,
+    temperature: float = 1.0,
+    logprob_chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+) -> dict[str, float]:
     """Gradients of the policy loss ``loss_fn`` aggregated by ``agg`` over the global batch.
 
     The old log-probs are ``batch.old_logprobs`` (several updates per rollout batch), else the
@@ -274,7 +330,7 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
     if clash:
         raise ValueError(f"policy loss metric(s) {clash} clash with the trainer's own {sorted(TRAINER_POLICY_METRICS)}")
     units = [aggregation_units(m[None], agg) for m in batch.loss_masks]
-    total_units, = global_sum(accelerator, [sum(units)])
+    (total_units,) = global_sum(accelerator, [sum(units)])
     scale = accelerator.num_processes / max(total_units, 1.0)
     sums: dict[str, float] = {}
     extremes = [float("-inf"), float("inf")]  # ratio max, min
@@ -282,15 +338,28 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
     def micro_loss(indices: list[int]) -> torch.Tensor:
         rows = batch.response_rows(indices)
         with forward_context():
-            logprobs, mask, plain = response_logprobs(model, [batch.sequences[i] for i in indices], pad_token_id,
-                                                      temperature=temperature, untempered=True,
-                                                      chunk_size=logprob_chunk_size)  # [r, T] each
+            logprobs, mask, plain = response_logprobs(
+                model,
+                [batch.sequences[i] for i in indices],
+                pad_token_id,
+                temperature=temperature,
+                untempered=True,
+                chunk_size=logprob_chunk_size,
+            )  # [r, T] each
         width = logprobs.shape[1]
         loss_mask = padded([batch.loss_masks[r] for r in rows], width, False).to(mask.device) & mask  # [r, T]
-        old = (logprobs.detach() if batch.old_logprobs is None
-               else padded([batch.old_logprobs[r] for r in rows], width).to(logprobs.device))  # [r, T]
-        loss, metrics = loss_fn(logprobs=logprobs, old_logprobs=old,
-                                advantages=batch.advantages[rows].to(logprobs.device), mask=loss_mask, agg=agg)
+        old = (
+            logprobs.detach()
+            if batch.old_logprobs is None
+            else padded([batch.old_logprobs[r] for r in rows], width).to(logprobs.device)
+        )  # [r, T]
+        loss, metrics = loss_fn(
+            logprobs=logprobs,
+            old_logprobs=old,
+            advantages=batch.advantages[rows].to(logprobs.device),
+            mask=loss_mask,
+            agg=agg,
+        )
         if loss_mask.any():
             ratio = (logprobs.detach() - old)[loss_mask].exp()  # [n]
             extremes[0], extremes[1] = max(extremes[0], float(ratio.max())), min(extremes[1], float(ratio.min()))
@@ -299,8 +368,10 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
         seen = loss_mask & ~engine.isnan()  # [r, T]
         drift = (plain - engine).abs()[seen].sum()
         if set(metrics) != set(loss_keys):
-            raise ValueError(f"the policy loss returned metrics {sorted(metrics)}, not {list(loss_keys)}: a loss "
-                             "returns the same metric names on every call")
+            raise ValueError(
+                f"the policy loss returned metrics {sorted(metrics)}, not {list(loss_keys)}: a loss "
+                "returns the same metric names on every call"
+            )
         for key, value in (*metrics.items(), ("loss", float(loss.detach()))):
             sums[key] = sums.get(key, 0.0) + (value if is_count_metric(key) else value * weight)
         sums["logprob_drift"] = sums.get("logprob_drift", 0.0) + float(drift)
@@ -311,8 +382,11 @@ def policy_backward(accelerator, model, batch: PolicyBatch, loss_fn, agg: str, p
     backward_micro_batches(accelerator, model, chunks, pad_token_id, micro_loss, logprob_chunk_size)
     keys = sorted({"loss", *loss_keys, "logprob_drift", "drift_tokens"})  # the same list on every rank
     reduced = dict(zip(keys, global_sum(accelerator, [sums.get(k, 0.0) for k in keys])))
-    out = {k: reduced[k] if is_count_metric(k) else reduced[k] / max(total_units, 1.0)
-           for k in keys if k not in ("logprob_drift", "drift_tokens")}
+    out = {
+        k: reduced[k] if is_count_metric(k) else reduced[k] / max(total_units, 1.0)
+        for k in keys
+        if k not in ("logprob_drift", "drift_tokens")
+    }
     out["logprob_drift"] = reduced["logprob_drift"] / max(reduced["drift_tokens"], 1.0)
     out["ratio_max"], out["ratio_min"] = global_extremes(accelerator, *extremes)
     out["loss_units"] = total_units

@@ -59,18 +59,24 @@ def check_micro_batch(micro_batch, ulysses_size: int = 1, forward_only: bool = T
         if tu.get_non_tensor_data(data=micro_batch, key=flag, default=False):
             raise NprError(f"npr's tree-attention actor does not support {flag}=True; set {fix}")
     if not forward_only and tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False):
-        raise NprError("npr's tree-attention actor has no entropy gradient; set actor_rollout_ref.actor."
-                       "entropy_coeff=0 and calculate_entropy=False (PAPO has no entropy term)")
+        raise NprError(
+            "npr's tree-attention actor has no entropy gradient; set actor_rollout_ref.actor."
+            "entropy_coeff=0 and calculate_entropy=False (PAPO has no entropy term)"
+        )
     if not tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
-        raise NprError("npr's tree-attention actor reads verl's no-padding batches; set "
-                       "actor_rollout_ref.model.use_remove_padding=True")
+        raise NprError(
+            "npr's tree-attention actor reads verl's no-padding batches; set "
+            "actor_rollout_ref.model.use_remove_padding=True"
+        )
     if len(micro_batch.get("multi_modal_inputs", [])):
         raise NprError("npr's tree-attention actor is text-only; multi-modal inputs are not supported")
     if micro_batch["position_ids"].dim() == 3:
         raise NprError("npr's tree-attention actor rebuilds 1-D positions; 3-D (mrope) position ids are not supported")
     if ulysses_size > 1:
-        raise NprError("npr's tree-attention actor runs whole sequences per rank; set "
-                       "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1")
+        raise NprError(
+            "npr's tree-attention actor runs whole sequences per rank; set "
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"
+        )
 
 
 def uniform_temperature(temperature) -> float:
@@ -91,8 +97,9 @@ def prompt_lengths(micro_batch) -> list[int]:
     return micro_batch["attention_mask"][:, : prompts.shape[1]].sum(dim=1).tolist()
 
 
-def tree_sequences(rows: Sequence[torch.Tensor], prompt_lens: Sequence[int], tag_ids: dict[str, int]
-                   ) -> tuple[list[TokenSequence], int]:
+def tree_sequences(
+    rows: Sequence[torch.Tensor], prompt_lens: Sequence[int], tag_ids: dict[str, int]
+) -> tuple[list[TokenSequence], int]:
     """npr's flat sequences (tree ids and positions) of verl's rows, and how many fell back to causal."""
     sequences, causal = [], 0
     for ids, p in zip(rows, prompt_lens):
@@ -114,9 +121,17 @@ class TreeLogProbs:
     causal_fallbacks: int
 
 
-def tree_log_probs(model, input_ids: torch.Tensor, prompt_lens: Sequence[int], tag_ids: dict[str, int],
-                   temperature: float = 1.0, pad_token_id: int = 0, attention: str | None = None,
-                   entropy: bool = False, chunk_size: int = DEFAULT_LOGPROB_CHUNK) -> TreeLogProbs:
+def tree_log_probs(
+    model,
+    input_ids: torch.Tensor,
+    prompt_lens: Sequence[int],
+    tag_ids: dict[str, int],
+    temperature: float = 1.0,
+    pad_token_id: int = 0,
+    attention: str | None = None,
+    entropy: bool = False,
+    chunk_size: int = DEFAULT_LOGPROB_CHUNK,
+) -> TreeLogProbs:
     """Log-probs (and entropies) of verl's no-padding batch under npr's tree attention, in verl's layout.
 
     input_ids: nested LongTensor [B, j] (prompt + response per sample), prompt_lens: B ints. The forward is
@@ -130,8 +145,12 @@ def tree_log_probs(model, input_ids: torch.Tensor, prompt_lens: Sequence[int], t
     hidden = response_hidden(model, sequences, pad_token_id, attention=attention)  # [P, H]
     targets = torch.cat([s.input_ids[a:b] for s in sequences for a, b in s.spans]).to(hidden.device)  # [P]
     token = selected_logprobs(hidden, output_head(model), targets, temperature, chunk_size, entropy=entropy)
-    index = torch.cat([torch.arange(int(o) + p - 1, int(o) + len(row) - 1)
-                       for o, p, row in zip(offsets[:-1].tolist(), prompt_lens, rows)]).to(hidden.device)  # [P]
+    index = torch.cat(
+        [
+            torch.arange(int(o) + p - 1, int(o) + len(row) - 1)
+            for o, p, row in zip(offsets[:-1].tolist(), prompt_lens, rows)
+        ]
+    ).to(hidden.device)  # [P]
 
     def layout(values: torch.Tensor) -> torch.Tensor:
         flat = values.new_zeros(int(offsets[-1])).index_copy(0, index, values)  # [total], differentiable
@@ -161,12 +180,19 @@ class NprTreeFSDPEngine(FSDPEngineWithLMHead):
         device = next(self.module.parameters()).device  # verl's current device on a GPU rank; also runs on CPU
         micro_batch = micro_batch.to(device)
         autocast_dtype = getattr(self, "_autocast_dtype", torch.bfloat16)
-        autocast = nullcontext() if autocast_dtype == torch.float32 else torch.autocast(
-            device_type=device.type, dtype=autocast_dtype)
+        autocast = (
+            nullcontext()
+            if autocast_dtype == torch.float32
+            else torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        )
         with autocast:
             scored = tree_log_probs(
-                self.module, micro_batch["input_ids"], prompt_lengths(micro_batch), tag_ids,
-                temperature=uniform_temperature(micro_batch["temperature"]), pad_token_id=self._npr_pad,
+                self.module,
+                micro_batch["input_ids"],
+                prompt_lengths(micro_batch),
+                tag_ids,
+                temperature=uniform_temperature(micro_batch["temperature"]),
+                pad_token_id=self._npr_pad,
                 attention=self._npr_layout,
                 entropy=bool(tu.get_non_tensor_data(data=micro_batch, key="calculate_entropy", default=False)),
             )
@@ -174,8 +200,9 @@ class NprTreeFSDPEngine(FSDPEngineWithLMHead):
             if scored.entropy is not None:
                 model_output["entropy"] = scored.entropy
             if loss_function is not None:
-                loss, metrics = loss_function(model_output=model_output, data=micro_batch,
-                                              dp_group=self.get_data_parallel_group())
+                loss, metrics = loss_function(
+                    model_output=model_output, data=micro_batch, dp_group=self.get_data_parallel_group()
+                )
             else:
                 assert forward_only, "forward_only must be True when loss_function is None"
                 loss, metrics = torch.tensor(1.0, device=device), {}

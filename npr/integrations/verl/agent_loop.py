@@ -191,9 +191,15 @@ class _Run:
         return 0
 
 
-async def fork_join(generate: Generate, prompt_ids: Sequence[int], scaffold: Scaffold, budget: int,
-                    sampling_params: dict[str, Any], limits: ForkJoinLimits = ForkJoinLimits(),
-                    stop_token_ids: Sequence[int] = ()) -> ForkJoinResult:
+async def fork_join(
+    generate: Generate,
+    prompt_ids: Sequence[int],
+    scaffold: Scaffold,
+    budget: int,
+    sampling_params: dict[str, Any],
+    limits: ForkJoinLimits = ForkJoinLimits(),
+    stop_token_ids: Sequence[int] = (),
+) -> ForkJoinResult:
     """Decode one NPR sample through ``generate`` (verl's server interface); see the module docstring.
 
     ``generate(request_id=, prompt_ids=, sampling_params=)`` returns an object with ``token_ids`` and
@@ -206,8 +212,12 @@ async def fork_join(generate: Generate, prompt_ids: Sequence[int], scaffold: Sca
 
     async def request(context: list[int], stops: Sequence[int]):
         run.out.requests += 1
-        params = {**sampling_params, "max_tokens": run.remaining,
-                  "stop_token_ids": sorted({*stops, *user_stops}), "logprobs": True}
+        params = {
+            **sampling_params,
+            "max_tokens": run.remaining,
+            "stop_token_ids": sorted({*stops, *user_stops}),
+            "logprobs": True,
+        }
         output = await generate(request_id=uuid4().hex, prompt_ids=context, sampling_params=params)
         logprobs = output.log_probs or [0.0] * len(output.token_ids)
         return list(output.token_ids), list(logprobs)
@@ -250,11 +260,15 @@ async def fork_join(generate: Generate, prompt_ids: Sequence[int], scaffold: Sca
     return run.out
 
 
-def stage3_drop_reason(prompt_ids: Sequence[int], result: ForkJoinResult, text: str, settings: Stage3Filter
-                       ) -> str | None:
+def stage3_drop_reason(
+    prompt_ids: Sequence[int], result: ForkJoinResult, text: str, settings: Stage3Filter
+) -> str | None:
     """npr's Stage-3 filter (``npr.train.stage3.drop_reason``, imported) on a loop result: None when it trains."""
-    rollout = SimpleNamespace(result=SimpleNamespace(finish_reason=result.finish_reason, prompt_ids=list(prompt_ids),
-                                                     token_ids=result.token_ids, text=text))
+    rollout = SimpleNamespace(
+        result=SimpleNamespace(
+            finish_reason=result.finish_reason, prompt_ids=list(prompt_ids), token_ids=result.token_ids, text=text
+        )
+    )
     return drop_reason(rollout, settings.tag_ids, settings)
 
 
@@ -269,8 +283,9 @@ class Stage3Filter:
     loss_on_prefilled: bool = _stage3_setting("loss_on_prefilled")
 
 
-def join_gap(rollout_logprobs: torch.Tensor, actor_logprobs: torch.Tensor, response_mask: torch.Tensor,
-             after_join: torch.Tensor) -> dict[str, float]:
+def join_gap(
+    rollout_logprobs: torch.Tensor, actor_logprobs: torch.Tensor, response_mask: torch.Tensor, after_join: torch.Tensor
+) -> dict[str, float]:
     """Mean |rollout - actor| log-prob over sampled tokens before any join and after one.
 
     All [B, T]; after_join is 1 on tokens decoded from a re-prefilled join. The gap before the joins is the
@@ -281,8 +296,11 @@ def join_gap(rollout_logprobs: torch.Tensor, actor_logprobs: torch.Tensor, respo
     late = sampled & after_join.bool()
     early = sampled & ~after_join.bool()
     mean = lambda m: float(gap[m].mean()) if bool(m.any()) else 0.0  # noqa: E731
-    return {"npr/join_gap_before": mean(early), "npr/join_gap_after": mean(late),
-            "npr/after_join_fraction": float(late.sum()) / max(1, int(sampled.sum()))}
+    return {
+        "npr/join_gap_before": mean(early),
+        "npr/join_gap_after": mean(late),
+        "npr/after_join_fraction": float(late.sum()) / max(1, int(sampled.sum())),
+    }
 
 
 class EngineServer:
@@ -295,13 +313,15 @@ class EngineServer:
 
     def __init__(self, engine, processors_for: Callable[[list[int]], Sequence[Any]] | None = None) -> None:
         if engine.config.mode != "plain":
-            raise ValueError(f"EngineServer stands in for a stock server: its engine must run mode plain, "
-                             f"not {engine.config.mode!r}")
+            raise ValueError(
+                f"EngineServer stands in for a stock server: its engine must run mode plain, not {engine.config.mode!r}"
+            )
         self.engine, self.processors_for = engine, processors_for
         self._lock = asyncio.Lock()
 
-    async def generate(self, request_id: str, prompt_ids: list[int], sampling_params: dict[str, Any],
-                       **unused: Any) -> TokenOutput:
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], sampling_params: dict[str, Any], **unused: Any
+    ) -> TokenOutput:
         params = SamplingParams(
             max_new_tokens=int(sampling_params["max_tokens"]),
             temperature=float(sampling_params.get("temperature", 1.0)),
@@ -328,8 +348,11 @@ class NprParallelAgentLoop(AgentLoopBase):
     """
 
     def __init__(self, *args, **kwargs):
-        npr_fields = {k: kwargs.pop(k) for k in list(kwargs)
-                      if k in ForkJoinLimits.__dataclass_fields__ or k in Stage3Filter.__dataclass_fields__}
+        npr_fields = {
+            k: kwargs.pop(k)
+            for k in list(kwargs)
+            if k in ForkJoinLimits.__dataclass_fields__ or k in Stage3Filter.__dataclass_fields__
+        }
         super().__init__(*args, **kwargs)
         self.response_length = self.rollout_config.response_length
         self.configure(self.tokenizer, **npr_fields)
@@ -337,8 +360,9 @@ class NprParallelAgentLoop(AgentLoopBase):
     def configure(self, tokenizer, **fields: Any) -> None:
         """Set the limits, scaffold and filter for ``tokenizer`` (``__init__`` calls it; tests call it alone)."""
         self.limits = ForkJoinLimits(**{k: v for k, v in fields.items() if k in ForkJoinLimits.__dataclass_fields__})
-        self.filter = Stage3Filter(tag_token_ids(tokenizer),
-                                   **{k: v for k, v in fields.items() if k in Stage3Filter.__dataclass_fields__})
+        self.filter = Stage3Filter(
+            tag_token_ids(tokenizer), **{k: v for k, v in fields.items() if k in Stage3Filter.__dataclass_fields__}
+        )
         self.scaffold = Scaffold.of(tokenizer, self.limits.max_branches)
         self.decoder = TagKeepingDecoder(tokenizer, self.scaffold.eos_ids)
 
@@ -348,8 +372,9 @@ class NprParallelAgentLoop(AgentLoopBase):
 
     async def run_tokens(self, prompt_ids: list[int], sampling_params: dict[str, Any]) -> AgentLoopOutput:
         """``run`` after the chat template: the sample's AgentLoopOutput for ``prompt_ids``."""
-        result = await fork_join(self.server_manager.generate, prompt_ids, self.scaffold, self.response_length,
-                                 sampling_params, self.limits)
+        result = await fork_join(
+            self.server_manager.generate, prompt_ids, self.scaffold, self.response_length, sampling_params, self.limits
+        )
         dropped = stage3_drop_reason(prompt_ids, result, self.decoder.decode(result.token_ids), self.filter)
         if dropped is not None:
             mask = [0] * len(result.token_ids)
@@ -362,7 +387,12 @@ class NprParallelAgentLoop(AgentLoopBase):
             response_logprobs=result.logprobs,
             num_turns=2,
             metrics={},
-            extra_fields={"npr_finish_reason": result.finish_reason, "npr_drop_reason": dropped,
-                          "npr_blocks": result.blocks, "npr_requests": result.requests,
-                          "npr_sampled": result.sampled, "npr_after_join": result.after_join},
+            extra_fields={
+                "npr_finish_reason": result.finish_reason,
+                "npr_drop_reason": dropped,
+                "npr_blocks": result.blocks,
+                "npr_requests": result.requests,
+                "npr_sampled": result.sampled,
+                "npr_after_join": result.after_join,
+            },
         )

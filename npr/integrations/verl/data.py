@@ -18,21 +18,29 @@ from npr.data import Problem, load_problems
 from npr.prompts import build_messages
 
 
-def verl_rows(problems: Sequence[Problem], style: str = "npr", instruction: str | None = None,
-              placement: str = "system") -> list[dict[str, Any]]:
+def verl_rows(
+    problems: Sequence[Problem], style: str = "npr", instruction: str | None = None, placement: str = "system"
+) -> list[dict[str, Any]]:
     """One verl row per problem, its prompt built as npr builds it (``npr.prompts.build_messages``)."""
-    return [{
-        "data_source": p.source,
-        "prompt": build_messages(p.problem, style, instruction, placement),
-        "reward_model": {"style": "rule", "ground_truth": p.answer},
-        "extra_info": {"index": p.id, "problem": p.problem,
-                       "rg_entry_json": json.dumps(p.rg_entry, default=str) if p.rg_entry is not None else ""},
-    } for p in problems]
+    return [
+        {
+            "data_source": p.source,
+            "prompt": build_messages(p.problem, style, instruction, placement),
+            "reward_model": {"style": "rule", "ground_truth": p.answer},
+            "extra_info": {
+                "index": p.id,
+                "problem": p.problem,
+                "rg_entry_json": json.dumps(p.rg_entry, default=str) if p.rg_entry is not None else "",
+            },
+        }
+        for p in problems
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m npr.integrations.verl.data",
-                                     description="Write npr problems as a verl RL parquet file.")
+    parser = argparse.ArgumentParser(
+        prog="python -m npr.integrations.verl.data", description="Write npr problems as a verl RL parquet file."
+    )
     parser.add_argument("spec", help="npr's problem spec: a benchmark, a .jsonl file, rg:<task>?…, gen:…, hf:…")
     parser.add_argument("out", help="the .parquet file to write")
     parser.add_argument("--limit", type=int, default=None)

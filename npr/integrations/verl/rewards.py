@@ -104,16 +104,19 @@ class NprRewardManager(NaiveRewardManager):
                 "reward.reward_manager.name=npr needs reward.custom_reward_function.path=pkg://npr.integrations.verl."
                 "rewards and .name=compute_score_stage1 or compute_score_stage3 (docs/verl.md)"
             )
-        super().__init__(config, TagKeepingDecoder(tokenizer), compute_score, reward_router_address,
-                         reward_model_tokenizer)
+        super().__init__(
+            config, TagKeepingDecoder(tokenizer), compute_score, reward_router_address, reward_model_tokenizer
+        )
         kwargs = (config.reward.get("reward_kwargs") or {}) if config is not None else {}
         buffer = kwargs.get("overlong_buffer_cfg") or {}
         self.overlong = None
         if buffer.get("enable", False):
             max_len = kwargs.get("max_resp_len")
             if max_len is None:
-                raise NprError("reward.reward_kwargs.overlong_buffer_cfg.enable needs "
-                               "reward.reward_kwargs.max_resp_len (the rollout's response_length)")
+                raise NprError(
+                    "reward.reward_kwargs.overlong_buffer_cfg.enable needs "
+                    "reward.reward_kwargs.max_resp_len (the rollout's response_length)"
+                )
             self.overlong = (int(max_len), int(buffer.get("len", 0)), float(buffer.get("penalty_factor", 1.0)))
 
     async def run_single(self, data: DataProto) -> dict:
