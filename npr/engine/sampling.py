@@ -5,8 +5,7 @@ draw how, their settings and noise) travels in the step's one upload (``plan_sam
 transfer back is the final token ids and log-probs (one per step, not one per row).
 
 **Reproducible noise.** A row draws one uniform number from a counter-based hash of its *key*
-``(seed, sample, block, branch, offset)`` (``row_uniforms``: splitmix64's finalizer chained over the
-key's words, in unsigned 64-bit arithmetic, for every row of a step at once): no generator state exists, so what a
+``(seed, sample, block, branch, offset)`` (``row_uniform``, blake2b): no generator state exists, so what a
 stream samples does not depend on which other streams share the batch, on the engine mode, or on
 a preemption that recomputed its KV. The token is then the inverse CDF of the row's (filtered)
 distribution at that number:
@@ -23,11 +22,11 @@ distribution at that number:
 
 from __future__ import annotations
 
-import itertools
+import hashlib
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from npr.engine.upload import StepUpload
@@ -35,38 +34,20 @@ from npr.engine.upload import StepUpload
 CANDIDATES = 256  # top-k/top-p rows look at this many tokens first
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX = (np.uint64(30), np.uint64(0xBF58476D1CE4E5B9), np.uint64(27), np.uint64(0x94D049BB133111EB), np.uint64(31))
-
-
-def row_uniforms(keys: Sequence[Sequence[int]]) -> list[float]:
-    """A uniform number in [0, 1) per integer key (rows of equal length): ``h = mix(h + golden + word)`` over
-    the key's words from ``h = 0``, splitmix64's finalizer as ``mix``, then the top 53 bits. Words are taken
-    modulo 2**64 (a negative one as its two's complement); the arithmetic wraps, identically on every platform."""
-    if not keys:
-        return []
-    width = len(keys[0])
-    try:
-        words = np.fromiter(itertools.chain.from_iterable(keys), dtype=np.int64, count=width * len(keys))
-    except OverflowError:  # a word beyond int64: reduce it first (the hash reads words modulo 2**64)
-        words = np.asarray(
-            [w % 2**64 - (2**64 if w % 2**64 >= 2**63 else 0) for key in keys for w in key], dtype=np.int64
-        )
-    words = words.reshape(len(keys), width).view(np.uint64)
-    s1, m1, s2, m2, s3 = _MIX
-    h = np.zeros(len(words), dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(words.shape[1]):
-            z = h + _GOLDEN + words[:, j]
-            z = (z ^ (z >> s1)) * m1
-            z = (z ^ (z >> s2)) * m2
-            h = z ^ (z >> s3)
-    return ((h >> np.uint64(11)).astype(np.float64) * 2.0**-53).tolist()
+_INT63 = 0x7FFF_FFFF_FFFF_FFFF
 
 
 def row_uniform(*key: int) -> float:
-    """``row_uniforms`` of one key."""
-    return row_uniforms([key])[0]
+    """A uniform number in [0, 1) from an integer key (blake2b: identical on every platform)."""
+    if min(key) < 0 or max(key) > _INT63:
+        key = tuple(k & _INT63 for k in key)
+    digest = hashlib.blake2b(struct.pack(f"<{len(key)}q", *key), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) * 2.0**-53
+
+
+def row_uniforms(keys: Sequence[Sequence[int]]) -> list[float]:
+    """``row_uniform`` of each key (a step's drawing rows)."""
+    return [row_uniform(*key) for key in keys]
 
 
 @dataclass
