@@ -161,8 +161,8 @@ def test_join_matches_the_tree_mask_on_the_dequantised_model(gguf, tok, embedded
     import numpy as np
     import torch
 
-    from npr.masks import attention_bias, parallel_mask_and_positions
     from npr.tokens import tag_token_ids
+    from tests.test_engine_top_logprobs import flat_log_softmax
 
     model = copy.deepcopy(embedded[0])
     reader = gguf_lib.GGUFReader(gguf)
@@ -173,21 +173,8 @@ def test_join_matches_the_tree_mask_on_the_dequantised_model(gguf, tok, embedded
         model.get_input_embeddings().weight[tags] = torch.from_numpy(rows[tags])  # tied: the head's rows too
     params = SamplingParams(max_new_tokens=200, temperature=0, logits_processors=(forced(tok),))
     (r, _) = make(gguf, tok).generate(prompts(tok), params)
-    ids = torch.tensor(r.prompt_ids + r.token_ids)
-    p = len(r.prompt_ids)
-    allowed, positions = parallel_mask_and_positions(ids, tag_token_ids(tok), response_start=p)
-    with torch.no_grad():
-        logits = (
-            model(
-                input_ids=ids[None],
-                position_ids=positions[None],
-                attention_mask=attention_bias(allowed, model.dtype)[None, None],
-            )
-            .logits[0]
-            .float()
-        )
-    logp = torch.log_softmax(logits, -1)
-    flat = [logp[p + i - 1, t].item() for i, t in enumerate(r.token_ids)]
+    logp = flat_log_softmax(model, tok, r)  # [len(token_ids), V], the training-style flat forward
+    flat = [logp[i, t].item() for i, t in enumerate(r.token_ids)]
     diffs = [abs(a - b) for a, b, s in zip(flat, r.logprobs, r.sampled) if s]
     start = r.token_ids.index(tag_token_ids(tok)["<takeaway>"]) + 1
     after_join = [abs(flat[i] - r.logprobs[i]) for i in range(start, start + 6) if r.sampled[i]]
